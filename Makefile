@@ -1,0 +1,29 @@
+# One command each, from a fresh clone:
+#   make test   set up .venv, install, lint, type-check, run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test setup lint typecheck pytest clean
+
+test: setup lint typecheck pytest
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,35 @@
+"""Typed errors for user mistakes; the server maps each to an OpenAI error object.
+
+Internal invariants may `assert`; anything a user can cause (a bad request, a bad
+model or adapter folder, an unknown adapter) raises one of these, with a message
+that names the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+
+class LoraserveError(Exception):
+    """Base of every error a user can cause."""
+
+
+class InvalidRequestError(LoraserveError, ValueError):
+    """A request that cannot be served as asked (bad sampling values, prompt too long)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownAdapterError(LoraserveError, KeyError):
+    """A request or call names an adapter that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelLoadError(LoraserveError, ValueError):
+    """The base model folder is missing, incomplete or of an unsupported kind."""
+
+
+class AdapterError(LoraserveError, ValueError):
+    """A PEFT adapter folder that loraserve refuses; nothing of it was registered."""

@@ -1,0 +1,48 @@
+"""The scheduler's view of the page pool: counts and page ids, no tensors.
+
+The scheduler decides *which* requests run and *how many* pages they hold; the
+memory manager (memory/) owns the free list and adapter residency and implements
+this protocol. Keeping the seam this small is what lets the scheduler be tested
+with a fake pool and no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class PoolAccounting(Protocol):
+    """What the scheduler may ask of, and do to, the unified page pool."""
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV page."""
+        ...
+
+    @property
+    def num_total_pages(self) -> int:
+        """Pages in the pool (KV and adapters together)."""
+        ...
+
+    def can_allocate(self, num_pages: int, adapter: str | None = None) -> bool:
+        """Whether `num_pages` KV pages, plus the pages of `adapter` if it is not
+        resident yet, can be had now. Idle resident adapters count as reclaimable."""
+        ...
+
+    def allocate(self, num_pages: int) -> list[int]:
+        """Take `num_pages` KV pages, evicting idle adapters (LRU) if needed.
+        Raises `MemoryError` if they cannot be had (call `can_allocate` first)."""
+        ...
+
+    def free(self, pages: list[int]) -> None:
+        """Return KV pages to the free list."""
+        ...
+
+    def acquire_adapter(self, adapter: str | None) -> None:
+        """Pin `adapter` for one more running request, making it resident
+        (pages reserved now, weights copied in by `memory.prepare`). None is a no-op."""
+        ...
+
+    def release_adapter(self, adapter: str | None) -> None:
+        """Unpin `adapter` for one request; it stays resident until evicted."""
+        ...

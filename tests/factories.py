@@ -1,0 +1,172 @@
+"""Tiny models, tokenizers and PEFT adapters, built offline in a few seconds.
+
+Every test that needs a model folder or an adapter folder makes it here, with
+Hugging Face `transformers`, `tokenizers` and `peft` writing the files exactly as
+they would for a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CORPUS = [
+    "hello world, this is a tiny corpus for a tiny tokenizer.",
+    "SELECT name FROM users WHERE id = 42;",
+    "Bonjour le monde, comment allez-vous aujourd'hui ?",
+    "The quick brown fox jumps over the lazy dog 0123456789.",
+    "LoRA adapters share one base model and one page pool.",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 320) -> int:
+    """Train a byte-level BPE on CORPUS, write tokenizer.json + tokenizer_config.json.
+
+    Returns the tokenizer's vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tokenizer.get_vocab_size()
+
+
+def tiny_config(kind: str, vocab_size: int, **overrides: Any):
+    """A transformers config for a tiny model of one family.
+
+    kind: `llama` (MHA), `llama-gqa`, `llama3` (GQA + llama3 rope scaling),
+    `mistral`, `qwen2` (q/k/v bias, tied embeddings)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,  # wide logits: greedy choices far from ties
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    if kind == "llama":
+        config = LlamaConfig(**{**common, **overrides})
+    elif kind == "llama-gqa":
+        config = LlamaConfig(**{**common, "num_key_value_heads": 2, **overrides})
+    elif kind == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        config = LlamaConfig(
+            **{**common, "num_key_value_heads": 2, "rope_parameters": rope, **overrides}
+        )
+    elif kind == "mistral":
+        config = MistralConfig(
+            **{**common, "num_key_value_heads": 2, "sliding_window": 4096, **overrides}
+        )
+    elif kind == "qwen2":
+        config = Qwen2Config(
+            **{**common, "num_key_value_heads": 2, "tie_word_embeddings": True, **overrides}
+        )
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}")
+    return config
+
+
+def make_model(
+    folder: Path,
+    kind: str = "llama",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **overrides: Any,
+):
+    """Write a random tiny model + tokenizer to `folder`; returns the HF model (float32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    vocab_size = make_tokenizer(folder)
+    config = tiny_config(kind, vocab_size, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+def make_adapter(base_model, folder: Path, seed: int = 0, **lora_config: Any) -> Path:
+    """Write a PEFT LoRA adapter for `base_model` with random (non-zero) A and B.
+
+    `lora_config` goes to `peft.LoraConfig` (r, lora_alpha, target_modules,
+    use_rslora, rank_pattern, alpha_pattern, ...)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **lora_config)
+    peft_model = get_peft_model(copy.deepcopy(base_model), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # scale up so adapters visibly change greedy outputs
+                param.mul_(4.0)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def peft_model_for(base_model, adapter_folder: Path):
+    """The PEFT reference: `base_model` with one adapter loaded, float32, eval."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_folder)).eval()
+
+
+def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int):
+    """Greedy tokens and per-step logits of an HF/PEFT model for one prompt, no cache tricks."""
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    tokens = out.sequences[0, len(prompt_ids) :].tolist()
+    logits = torch.stack([step[0] for step in out.logits]).float()  # [new_tokens, vocab]
+    return tokens, logits
