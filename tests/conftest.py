@@ -1,0 +1,29 @@
+"""Test set-up shared by every test.
+
+TRITON_INTERPRET must be set before any `@triton.jit` function is defined, so it
+is set here, at import, whenever no CUDA device is present: the Triton kernels
+then run on the CPU through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))  # `import factories` from any test
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
