@@ -43,4 +43,11 @@ def select_kernels(backend: str, device: torch.device | str) -> Kernels:
 
 
 def _triton_kernels() -> Kernels:
-    raise NotImplementedError("the Triton kernels are not written yet")
+    # Imported here, not at the top: Triton reads TRITON_INTERPRET when a kernel is
+    # defined, and the torch backend must work where Triton is not even importable.
+    from loraserve.kernels.kv_write import write_kv
+    from loraserve.kernels.lora_expand import lora_expand
+    from loraserve.kernels.lora_shrink import lora_shrink
+    from loraserve.kernels.paged_attention import paged_attention
+
+    return Kernels("triton", lora_shrink, lora_expand, write_kv, paged_attention)

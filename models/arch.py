@@ -53,7 +53,9 @@ class ModelArch:
     """None, or the rope scaling dict (`rope_type` in linear | llama3 | dynamic ...)."""
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    """True when q/k/v projections carry a bias (Qwen2)."""
+    """True when q/k/v projections carry a bias (Qwen2; Llama with `attention_bias`)."""
+    o_proj_bias: bool = False
+    """True when o_proj carries a bias too (Llama with `attention_bias`; never Qwen2)."""
     sliding_window: int | None = None
     torch_dtype: str = "float32"
     """The dtype the checkpoint was saved in (`dtype` or `torch_dtype`)."""

@@ -26,7 +26,9 @@ class PoolAccounting(Protocol):
 
     def can_allocate(self, num_pages: int, adapter: str | None = None) -> bool:
         """Whether `num_pages` KV pages, plus the pages of `adapter` if it is not
-        resident yet, can be had now. Idle resident adapters count as reclaimable."""
+        resident yet, can be had now, i.e. after `acquire_adapter(adapter)` then
+        `allocate(num_pages)`. Idle resident adapters count as reclaimable, except
+        `adapter` itself: acquiring it pins it, so its pages cannot also serve as KV."""
         ...
 
     def allocate(self, num_pages: int) -> list[int]:

@@ -154,19 +154,15 @@ def peft_model_for(base_model, adapter_folder: Path):
 
 
 def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int):
-    """Greedy tokens and per-step logits of an HF/PEFT model for one prompt, no cache tricks."""
-    ids = torch.tensor([prompt_ids])
+    """Greedy tokens and per-step logits of an HF/PEFT model for one prompt.
+
+    A plain loop over full forward passes: no EOS handling (like `ignore_eos`), no
+    logits processors, no cache, so what it returns is the model's own argmax."""
+    ids = list(prompt_ids)
+    step_logits = []
     with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-    tokens = out.sequences[0, len(prompt_ids) :].tolist()
-    logits = torch.stack([step[0] for step in out.logits]).float()  # [new_tokens, vocab]
-    return tokens, logits
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()  # [vocab]
+            step_logits.append(logits)
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids) :], torch.stack(step_logits)  # [new_tokens], [new_tokens, vocab]

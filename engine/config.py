@@ -1,0 +1,149 @@
+"""The engine's configuration: one frozen dataclass per part, gathered in `EngineConfig`.
+
+Each field's docstring doubles as its `--help` text in the CLI. Values found at run
+time (the page count after profiling, the model's EOS ids) live in `RuntimeInfo`,
+never written back here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loraserve.kernels.dispatch import KERNEL_BACKENDS
+from loraserve.scheduler.config import SchedulerConfig
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model and where it runs."""
+
+    model: str
+    """Local Hugging Face model folder (config.json, safetensors, tokenizer.json)."""
+    device: str = "auto"
+    """`cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available)."""
+    dtype: str = "auto"
+    """float32 | float16 | bfloat16 | auto (the checkpoint's dtype on CUDA, float32 on CPU)."""
+    max_model_len: int | None = None
+    """Longest prompt + output, in tokens (default: the model's max_position_embeddings)."""
+    kernel_backend: str = "auto"
+    """auto (Triton on CUDA, torch elsewhere) | triton | torch."""
+    served_model_name: str | None = None
+    """Name of the base model in the API (default: the folder's name)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dtype == "auto" or self.dtype in DTYPES,
+            f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}",
+        )
+        _check(
+            self.kernel_backend in KERNEL_BACKENDS,
+            f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}",
+        )
+        _check(
+            self.max_model_len is None or self.max_model_len >= 2,
+            f"max_model_len must be >= 2, got {self.max_model_len}",
+        )
+        _check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.torch_device().type == "cpu":
+            return torch.float32
+        return DTYPES.get(checkpoint_dtype, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The unified page pool shared by the KV cache and resident adapters."""
+
+    block_size: int = 16
+    """Tokens per KV page."""
+    pool_pages: int | None = None
+    """Pages in the pool; overrides pool_memory_gib and gpu_memory_utilization."""
+    pool_memory_gib: float | None = None
+    """Pool size in GiB (default on CPU: 1 GiB; on CUDA: from gpu_memory_utilization)."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's memory loraserve may use (weights, pool and activations)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.block_size in (8, 16, 32, 64),
+            f"block_size must be 8, 16, 32 or 64, got {self.block_size}",
+        )
+        _check(
+            self.pool_pages is None or self.pool_pages >= 2,
+            f"pool_pages must be >= 2, got {self.pool_pages}",
+        )
+        _check(
+            self.pool_memory_gib is None or self.pool_memory_gib > 0,
+            f"pool_memory_gib must be > 0, got {self.pool_memory_gib}",
+        )
+        _check(
+            0 < self.gpu_memory_utilization <= 1,
+            f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Limits on the adapters that can be registered and resident."""
+
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted; sizes the pool's pages."""
+    max_resident_adapters: int = 128
+    """Adapters that may hold pool pages at once (rows of the offset table)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            1 <= self.max_lora_rank <= 512,
+            f"max_lora_rank must be in 1..512, got {self.max_lora_rank}",
+        )
+        _check(
+            self.max_resident_adapters >= 1,
+            f"max_resident_adapters must be >= 1, got {self.max_resident_adapters}",
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is built from."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Values the engine finds at start-up."""
+
+    device: torch.device
+    dtype: torch.dtype
+    num_pages: int
+    page_numel: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    served_model_name: str

@@ -1,0 +1,135 @@
+"""Per-request sampling parameters, with vLLM's names, defaults and meanings.
+
+A `SamplingParams` is built once per request (by the server from the OpenAI
+body, or directly by a library user) and validated on construction: a bad value
+raises `InvalidRequestError` naming the field, the value and the allowed range,
+which the server turns into a 400 with `param` set.
+
+Range choices:
+- `temperature` is any value >= 0, as in vLLM (OpenAI documents 0..2; an HTTP
+  layer that wants that limit applies it itself). Below `GREEDY_EPSILON` the
+  request is greedy: argmax, and top_k / top_p / min_p / seed play no part.
+- `top_k` 0 and -1 both mean "off" (vLLM accepts both).
+- `logprobs` is limited to `MAX_LOGPROBS` (20, vLLM's default `max_logprobs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraserve.errors import InvalidRequestError
+
+GREEDY_EPSILON = 1e-5
+"""Temperatures below this are greedy; dividing logits by them would only overflow."""
+
+MAX_LOGPROBS = 20
+"""Most top logprobs a request may ask for per generated token."""
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each generated token of one request, and when to stop."""
+
+    n: int = 1
+    """Number of completions to generate for the prompt."""
+    max_tokens: int | None = 16
+    """Most tokens to generate; None = up to the model's context limit."""
+    min_tokens: int = 0
+    """EOS and `stop_token_ids` cannot be sampled before this many tokens are out."""
+    temperature: float = 1.0
+    """Logits are divided by it; 0 = greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability is >= top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 or -1 = off."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the top token's."""
+    seed: int | None = None
+    """Seed of this request's own random generator: same seed, same tokens, whatever the batch."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation when they appear in the output text (a str is wrapped)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end generation when sampled (the token is kept in the output ids)."""
+    ignore_eos: bool = False
+    """Keep generating after EOS (benchmarks)."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the output text."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in prompt or output (positive logits divided, negative multiplied)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already in the output."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it is already in the output."""
+    logprobs: int | None = None
+    """Top logprobs returned per generated token; 0 = only the chosen token's; None = none."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the output text."""
+
+    def __post_init__(self) -> None:
+        # Accept what JSON bodies and vLLM callers pass: a bare string, None, tuples.
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are chosen by argmax (temperature ~ 0)."""
+        return self.temperature < GREEDY_EPSILON
+
+    @property
+    def effective_top_k(self) -> int:
+        """top_k with "off" spelled as 0 whichever way the caller said it."""
+        return max(self.top_k, 0)
+
+    def _validate(self) -> None:
+        _require(self.n >= 1, "n", self.n, "must be >= 1")
+        if self.max_tokens is not None:
+            _require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1 or null")
+        _require(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
+        if self.max_tokens is not None:
+            _require(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                self.min_tokens,
+                f"must be <= max_tokens ({self.max_tokens})",
+            )
+        _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        _require(self.top_k >= -1, "top_k", self.top_k, "must be -1 or 0 (off), or >= 1")
+        _require(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
+        _require(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "must be > 0",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(-2 <= value <= 2, name, value, "must be in [-2, 2]")
+        if self.logprobs is not None:
+            _require(
+                0 <= self.logprobs <= MAX_LOGPROBS,
+                "logprobs",
+                self.logprobs,
+                f"must be in [0, {MAX_LOGPROBS}] or null",
+            )
+        for stop in self.stop:
+            _require(
+                isinstance(stop, str) and stop != "", "stop", stop, "must be non-empty strings"
+            )
+        for token_id in self.stop_token_ids:
+            _require(
+                isinstance(token_id, int) and token_id >= 0,
+                "stop_token_ids",
+                token_id,
+                "must be token ids >= 0",
+            )
+
+
+def _require(condition: bool, param: str, value: Any, expectation: str) -> None:
+    """Raise InvalidRequestError for `param` unless `condition` holds.
+
+    Callers write the condition positively (`x >= 0`), so NaN fails it too."""
+    if not condition:
+        raise InvalidRequestError(f"{param} {expectation}, got {value!r}", param=param)

@@ -1,0 +1,108 @@
+"""KV write: scatter the new tokens' keys and values into their pages of the pool.
+
+Semantics: kv_pages[s // B, layer, 0, s % B] = key[t]; same for value at 1; s = slot_mapping[t].
+
+Grid: (token, K or V). One program moves one token's `[num_kv_heads, head_dim]`
+block (a few KB), reading key/value through their strides (the engine passes
+`v` as a column slice of the fused qkv output) and writing through kv_pages'
+strides (a view of the pool whose page stride is the page size, not the KV
+block size). A negative slot marks a padding token and is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from loraserve.kernels.triton_utils import FLOAT_DTYPES, check_same_device
+
+
+@triton.jit
+def _kv_write_kernel(
+    key_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    value_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    kv_ptr,  # kv_pages[:, layer]: [num_pages, 2, block_size, num_kv_heads, head_dim]
+    slot_mapping_ptr,  # [num_tokens] int64, page * block_size + position in the page
+    num_kv_heads,
+    head_dim,
+    block_size,
+    stride_key_token,
+    stride_key_head,
+    stride_value_token,
+    stride_value_head,
+    stride_kv_page,
+    stride_kv_which,  # between K and V
+    stride_kv_position,
+    stride_kv_head,
+    BLOCK_H: tl.constexpr,  # power of two >= num_kv_heads
+    BLOCK_D: tl.constexpr,  # power of two >= head_dim
+):
+    token = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(1)  # 0: key, 1: value
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads < num_kv_heads)[:, None] & (dims < head_dim)[None, :]
+    if which == 0:
+        source = key_ptr + token * stride_key_token + heads[:, None] * stride_key_head
+    else:
+        source = value_ptr + token * stride_value_token + heads[:, None] * stride_value_head
+    block = tl.load(source + dims[None, :], mask=mask)
+    page, position = slot // block_size, slot % block_size
+    target = kv_ptr + page * stride_kv_page + which * stride_kv_which + position * stride_kv_position
+    target += heads[:, None] * stride_kv_head + dims[None, :]
+    tl.store(target, block.to(kv_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(
+    kv_pages: torch.Tensor,
+    layer: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Semantics: kv_pages[s // B, layer, 0, s % B] = key[t]; same for value at 1; s = slot_mapping[t].
+
+    kv_pages:     [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim], any page stride,
+                  unit stride along head_dim
+    key, value:   [num_tokens, num_kv_heads, head_dim], unit stride along head_dim
+    slot_mapping: [num_tokens] int64, page * block_size + position in the page; < 0 = skip
+    """
+    check_same_device(kv_pages=kv_pages, key=key, value=value, slot_mapping=slot_mapping)
+    if kv_pages.dim() != 6 or kv_pages.stride(5) != 1 or kv_pages.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"kv_pages must be a 6-D float view with unit head_dim stride, got {kv_pages.shape}")
+    num_kv_heads, head_dim = kv_pages.shape[4], kv_pages.shape[5]
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.shape != (key.shape[0], num_kv_heads, head_dim) or tensor.stride(2) != 1:
+            raise ValueError(f"{name} must be [num_tokens, {num_kv_heads}, {head_dim}], got {tensor.shape}")
+    if slot_mapping.shape != (key.shape[0],) or slot_mapping.dtype != torch.int64:
+        raise ValueError(f"slot_mapping must be int64 [{key.shape[0]}], got {slot_mapping.dtype}")
+    if not 0 <= layer < kv_pages.shape[1]:
+        raise ValueError(f"layer must be in [0, {kv_pages.shape[1]}), got {layer}")
+    if key.shape[0] == 0:
+        return
+    layer_pages = kv_pages[:, layer]  # [num_pages, 2, block_size, num_kv_heads, head_dim]
+    _kv_write_kernel[(key.shape[0], 2)](
+        key,
+        value,
+        layer_pages,
+        slot_mapping,
+        num_kv_heads,
+        head_dim,
+        kv_pages.shape[3],
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        layer_pages.stride(0),
+        layer_pages.stride(1),
+        layer_pages.stride(2),
+        layer_pages.stride(3),
+        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        # A 32 x 128 block is 4096 elements: 8 warps give each thread 16 of them.
+        num_warps=8 if num_kv_heads * head_dim >= 4096 else 4,
+    )

@@ -1,0 +1,284 @@
+"""Paged attention for prefill, extend and decode: causal, GQA, K/V read through block tables.
+
+Semantics: out[t] = softmax(q[t] @ K[seq(t), :p(t)+1].T * scale) @ V[seq(t), :p(t)+1].
+
+Sequence s has `context_lens[s]` tokens in the pool (its new ones included), the
+last `q_len = query_starts[s+1] - query_starts[s]` being its queries, so query i
+sits at position p = context_len - q_len + i and sees keys 0..p. Its K/V live in
+the pages `block_tables[s]` of the 6-D `kv_pages` view of the pool, read through
+its strides (its page stride is the pool's page size, not the KV block's).
+
+One kernel, flash-attention style: a program owns BLOCK_M query rows = up to
+BLOCK_M // GROUP tokens x the GROUP query heads that share one KV head (GQA), so
+every K/V tile it loads serves GROUP heads; it walks the keys in BLOCK_N steps,
+gathering each key's page from the block table, with an online softmax in
+float32 (base-2 exponentials, the scale folded into log2(e)).
+
+Grid: (query tiles, KV head, KV partition).
+- Decode (as many tokens as sequences): one program per sequence, which loops
+  over its query tiles (one, when each sequence brings one token).
+- Prefill/extend: (sequence, query tile) pairs found on the device
+  (`triton_utils.segment_tile` over query_starts), no host sync.
+- Partitions: when (query tiles x KV heads) would not fill the GPU (small decode
+  batches, long contexts), the keys are cut into partitions of equal length,
+  each program writes an unnormalised partial result, and
+  `paged_attention_combine` merges them (flash-decoding). The partition length
+  comes from `block_tables.shape[1]` (the padded context), not from a sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from loraserve.kernels.paged_attention_combine import combine_partitions
+from loraserve.kernels.triton_utils import (
+    FLOAT_DTYPES,
+    check_same_device,
+    dot_precision,
+    num_virtual_tiles,
+    programs_to_fill,
+    search_block,
+    segment_tile,
+)
+
+MIN_PARTITION = 256  # keys per partition below which splitting costs more than it gains
+
+
+@triton.jit
+def _paged_attention_kernel(
+    query_ptr,  # [num_tokens, num_heads, head_dim]
+    out_ptr,  # [num_tokens, num_heads, head_dim], written when NUM_SPLITS == 1
+    partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_heads, head_dim] float32, else
+    partial_max_ptr,  # [NUM_SPLITS, num_tokens, num_heads] float32 (log2 units)
+    partial_sum_ptr,  # [NUM_SPLITS, num_tokens, num_heads] float32
+    kv_ptr,  # kv_pages[:, layer]: [num_pages, 2, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks] int32 pages of each sequence
+    query_starts_ptr,  # [num_seqs + 1] first query token of each sequence
+    context_lens_ptr,  # [num_seqs] tokens of each sequence in the pool, new ones included
+    num_seqs,
+    num_tokens,
+    num_heads,
+    head_dim,
+    partition_size,  # keys per partition (a multiple of BLOCK_N)
+    qk_scale,  # scale * log2(e)
+    stride_query_token,
+    stride_query_head,
+    stride_out_token,
+    stride_out_head,
+    stride_table_seq,
+    stride_table_block,
+    stride_kv_page,
+    stride_kv_which,  # between K and V
+    stride_kv_position,
+    stride_kv_head,
+    GROUP: tl.constexpr,  # query heads per KV head
+    BLOCK_SIZE: tl.constexpr,  # tokens per KV page
+    BLOCK_M: tl.constexpr,  # query rows (tokens x GROUP heads) per program
+    BLOCK_N: tl.constexpr,  # keys per step
+    BLOCK_D: tl.constexpr,  # power of two >= head_dim
+    SEARCH_BLOCK: tl.constexpr,  # see segment_tile
+    PER_SEQUENCE: tl.constexpr,  # True: axis 0 is the sequence (decode)
+    NUM_SPLITS: tl.constexpr,  # KV partitions (axis 2); 1 writes out directly
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32
+):
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
+    if PER_SEQUENCE:
+        seq = tl.program_id(0)
+        span_start = tl.load(query_starts_ptr + seq)
+        span_end = tl.load(query_starts_ptr + seq + 1)
+    else:
+        seq, span_start, span_end = segment_tile(
+            tl.program_id(0), query_starts_ptr, num_seqs, BLOCK_Q, SEARCH_BLOCK
+        )
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    first_token = tl.load(query_starts_ptr + seq)
+    # Position of the sequence's first query: the queries are its last tokens.
+    first_position = tl.load(context_lens_ptr + seq) - (tl.load(query_starts_ptr + seq + 1) - first_token)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+    kv_head_ptr = kv_ptr + kv_head * stride_kv_head
+    rows = tl.arange(0, BLOCK_M)  # row = (token of the tile, head of the group)
+    heads = kv_head * GROUP + rows % GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+
+    # One tile, or none for a spare virtual tile; all of a sequence's tiles in decode.
+    for tile_start in range(span_start, span_end, BLOCK_Q):
+        tile_end = tl.minimum(tile_start + BLOCK_Q, span_end)
+        tokens = (tile_start + rows // GROUP).to(tl.int64)
+        row_mask = tokens < tile_end
+        positions = first_position + (tokens - first_token)  # [BLOCK_M]
+        query = tl.load(
+            query_ptr + tokens[:, None] * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
+            mask=row_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
+        # Keys of this partition that any row of the tile may see (causal: up to its last row).
+        key_start = split * partition_size
+        key_end = tl.minimum(key_start + partition_size, first_position + (tile_end - first_token))
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        accumulator = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for block_start in range(key_start, key_end, BLOCK_N):
+            keys = block_start + tl.arange(0, BLOCK_N)
+            key_mask = keys < key_end
+            pages = tl.load(table + (keys // BLOCK_SIZE) * stride_table_block, mask=key_mask, other=0)
+            key_rows = kv_head_ptr + pages.to(tl.int64) * stride_kv_page + (keys % BLOCK_SIZE) * stride_kv_position
+            kv_mask = key_mask[:, None] & dim_mask[None, :]
+            key_tile = tl.load(key_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+            value_tile = tl.load(key_rows[:, None] + stride_kv_which + dims[None, :], mask=kv_mask, other=0.0)
+            scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
+            visible = key_mask[None, :] & (keys[None, :] <= positions[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            # A row with no visible key yet keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            probabilities = tl.exp2(scores - safe_max[:, None])
+            rescale = tl.exp2(row_max - safe_max)
+            row_sum = row_sum * rescale + tl.sum(probabilities, axis=1)
+            accumulator = accumulator * rescale[:, None] + tl.dot(
+                probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION
+            )
+            row_max = new_max
+
+        out_mask = row_mask[:, None] & dim_mask[None, :]
+        if NUM_SPLITS == 1:
+            out = out_ptr + tokens[:, None] * stride_out_token + heads[:, None] * stride_out_head + dims[None, :]
+            tl.store(out, (accumulator / row_sum[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:  # unnormalised, with max and sum, for paged_attention_combine
+            partial_rows = (split * num_tokens + tokens) * num_heads + heads  # [BLOCK_M] int64
+            tl.store(partial_max_ptr + partial_rows, row_max, mask=row_mask)
+            tl.store(partial_sum_ptr + partial_rows, row_sum, mask=row_mask)
+            partial = partial_out_ptr + partial_rows[:, None] * head_dim + dims[None, :]
+            tl.store(partial, accumulator, mask=out_mask)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_pages: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Semantics: out[t] = softmax(q[t] @ K[seq(t), :p(t)+1].T * scale) @ V[seq(t), :p(t)+1].
+
+    query:        [num_tokens, num_heads, head_dim] contiguous, kv_pages' dtype
+    kv_pages:     [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim], any
+                  strides but a unit one along head_dim
+    block_tables: [num_seqs, max_blocks] int32, pages of each sequence in order
+    query_starts: [num_seqs + 1] int32, from 0 to num_tokens
+    context_lens: [num_seqs] int32, at most max_blocks * block_size
+    out:          optional [num_tokens, num_heads, head_dim] buffer, query's dtype
+    num_splits:   KV partitions per query tile; None picks enough to fill the GPU
+    returns:      [num_tokens, num_heads, head_dim], query's dtype
+    """
+    _check(query, kv_pages, layer, block_tables, query_starts, context_lens)
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs, block_size, num_kv_heads = context_lens.shape[0], kv_pages.shape[3], kv_pages.shape[4]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(query.shape)} {query.dtype}, got {out.shape} {out.dtype}")
+    if num_tokens == 0:
+        return out
+    per_sequence = num_tokens == num_seqs  # decode: one token per sequence
+    # Decode: the GROUP rows of one token, padded to tl.dot's 16. Prefill: 64 rows,
+    # enough to reuse each K/V tile across 64 queries without spilling at head_dim 128.
+    block_m = max(16 if per_sequence else 64, triton.next_power_of_2(group))
+    block_n = 64  # keys per step: a 16 KB bf16 K tile at head_dim 128
+    if per_sequence:
+        num_tiles = num_seqs
+    else:
+        num_tiles = num_virtual_tiles(num_tokens, num_seqs, block_m // group)
+    max_keys = block_tables.shape[1] * block_size
+    if num_splits is None:
+        wanted = triton.cdiv(programs_to_fill(query.device), num_tiles * num_kv_heads)
+        num_splits = max(1, min(wanted, max_keys // MIN_PARTITION))
+    partition_size = triton.cdiv(triton.cdiv(max_keys, max(1, num_splits)), block_n) * block_n
+    num_splits = max(1, triton.cdiv(max_keys, partition_size))
+    partials = _partials(num_splits, query)
+    layer_pages = kv_pages[:, layer]  # [num_pages, 2, block_size, num_kv_heads, head_dim]
+    _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
+        query,
+        out,
+        *partials,
+        layer_pages,
+        block_tables,
+        query_starts,
+        context_lens,
+        num_seqs,
+        num_tokens,
+        num_heads,
+        head_dim,
+        partition_size,
+        scale * math.log2(math.e),
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        block_tables.stride(1),
+        layer_pages.stride(0),
+        layer_pages.stride(1),
+        layer_pages.stride(2),
+        layer_pages.stride(3),
+        GROUP=group,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        SEARCH_BLOCK=search_block(num_seqs),
+        PER_SEQUENCE=per_sequence,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        combine_partitions(out, *partials)
+    return out
+
+
+def _partials(num_splits: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Buffers of the per-partition results; never written (1-element dummies) when unsplit."""
+    if num_splits == 1:
+        dummy = torch.empty(1, dtype=torch.float32, device=query.device)
+        return dummy, dummy, dummy
+    rows = (num_splits, *query.shape[:2])  # [num_splits, num_tokens, num_heads]
+    partial_out = torch.empty(*rows, query.shape[2], dtype=torch.float32, device=query.device)
+    partial_max = torch.empty(rows, dtype=torch.float32, device=query.device)
+    return partial_out, partial_max, torch.empty_like(partial_max)
+
+
+def _check(
+    query: torch.Tensor,
+    kv_pages: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
+    """Raise ValueError on a shape, dtype or layout the kernel cannot read."""
+    check_same_device(query=query, kv_pages=kv_pages, tables=block_tables, starts=query_starts, lens=context_lens)
+    if query.dim() != 3 or not query.is_contiguous() or query.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"query must be a contiguous float [num_tokens, heads, head_dim], got {query.shape}")
+    if kv_pages.dim() != 6 or kv_pages.stride(5) != 1 or kv_pages.dtype != query.dtype:
+        raise ValueError(f"kv_pages must be 6-D, unit head_dim stride, {query.dtype}, got {kv_pages.shape}")
+    if kv_pages.shape[5] != query.shape[2] or query.shape[1] % kv_pages.shape[4] != 0:
+        raise ValueError(f"query heads {tuple(query.shape[1:])} do not match kv_pages {kv_pages.shape}")
+    if not 0 <= layer < kv_pages.shape[1]:
+        raise ValueError(f"layer must be in [0, {kv_pages.shape[1]}), got {layer}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != context_lens.shape[0]:
+        raise ValueError(f"block_tables must be [num_seqs, max_blocks], got {block_tables.shape}")
+    if query_starts.shape != (context_lens.shape[0] + 1,):
+        raise ValueError("query_starts must have one more entry than context_lens")

@@ -1,0 +1,53 @@
+"""What one forward pass receives: a flat batch of tokens from many sequences.
+
+Built once per step by the engine. Example with two sequences, one prefilling
+4 new tokens on top of 16 cached ones (block size 16) and one decoding its 10th token:
+
+    input_ids      [t0 t1 t2 t3 | u9]         num_tokens = 5
+    positions      [16 17 18 19 | 9]
+    query_starts   [0, 4, 5]                  where each sequence's new tokens begin
+    context_lens   [20, 10]                   tokens in the pool after this step's write
+    block_tables   [[7, 2], [5, -]]           pages of each sequence (padded)
+    slot_mapping   [2*16+0 .. 2*16+3, 5*16+9] where each new token's K/V goes
+    logits_indices [3, 4]                     the tokens whose logits are sampled
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.models.arch import NUM_LORA_MODULES
+
+
+@dataclass
+class LoraBatch:
+    """Which adapter each token uses and where the adapters' weights are.
+
+    Example: 4 sequences with adapter slots [-1, 0, 2, 1] and 3, 10, 5, 2 tokens ->
+    segment_starts [0, 3, 13, 18, 20], segment_slots [-1, 0, 2, 1]."""
+
+    segment_starts: torch.Tensor  # [num_segments + 1] int32
+    segment_slots: torch.Tensor  # [num_segments] int32, NO_ADAPTER for base-model runs
+    pool: torch.Tensor  # [num_pages, page_numel]
+    offsets: torch.Tensor  # [num_slots, num_layers, NUM_LORA_MODULES, 2] int64 (A, B)
+    ranks: torch.Tensor  # [num_slots, num_layers, NUM_LORA_MODULES] int32
+    max_rank: int  # largest rank among the batch's adapters
+
+    def __post_init__(self) -> None:
+        assert self.offsets.shape[2] == NUM_LORA_MODULES
+
+
+@dataclass
+class ForwardBatch:
+    """The tensors of one step; see the module docstring for an example."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    query_starts: torch.Tensor  # [num_seqs + 1] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    logits_indices: torch.Tensor  # [num_logits] int64
+    lora: LoraBatch | None  # None when no token of the batch uses an adapter

@@ -1,0 +1,250 @@
+"""Continuous batching: which requests compute which tokens this step, and who holds pages.
+
+One token budget per step. Running requests come first, oldest first: each computes
+the rest of its known tokens (a decode is 1; a prefill is chunked by the budget).
+When the pool cannot give a running request its next pages, the latest-arrived
+running request is preempted (recompute: its pages are freed and it is re-prefilled
+later, generated tokens included). Then waiting requests are admitted in strict
+arrival order while budget, `max_num_seqs` and pages allow.
+
+Example, budget 8, block_size 4, A decoding (10 tokens, 9 computed), B waiting
+with a 12-token prompt:
+    step 1: A 1 token (samples), B 7 tokens (prefill chunk, B takes 2 pages)
+    step 2: A 1 token (samples), B 5 tokens (rest of prompt, samples; B has 3 pages)
+    step 3: A 1, B 1 (both decode)
+
+No torch here: the pool is reached only through `PoolAccounting`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from itertools import count
+
+from loraserve.scheduler.config import SchedulerConfig
+from loraserve.scheduler.interfaces import PoolAccounting
+from loraserve.scheduler.request import SequenceState, SequenceStatus
+
+
+@dataclass(eq=False)
+class ScheduledChunk:
+    """`num_tokens` tokens of `seq` computed this step, from position `start`.
+
+    `start` and `samples` are taken from `seq` when the chunk is made (in `schedule`),
+    so they still describe this step after `update_after_step` has advanced `seq`.
+    """
+
+    seq: SequenceState
+    num_tokens: int
+    start: int = field(init=False)
+    """`seq.num_computed_tokens` before this step: the position of the chunk's first token."""
+    samples: bool = field(init=False)
+    """Whether the chunk reaches the end of `seq.token_ids`, so a token is sampled after it."""
+
+    def __post_init__(self) -> None:
+        self.start = self.seq.num_computed_tokens
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The chunk's input tokens."""
+        return self.seq.token_ids[self.start : self.start + self.num_tokens]
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan: the chunks in batch order (running first, then new admissions)."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    """Request ids preempted this step (back to waiting, their KV to be recomputed)."""
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """FCFS continuous batching with chunked prefill and preemption by recompute.
+
+    Invariants (tested): running requests are ordered by arrival and all arrived
+    before every waiting one; a running request pins its adapter exactly once and
+    holds ceil(num_computed_tokens / block_size) pages between steps (as many as its
+    scheduled chunk needs during one); waiting and finished requests hold nothing.
+    """
+
+    def __init__(self, config: SchedulerConfig, pool: PoolAccounting) -> None:
+        self.config = config
+        self._pool = pool
+        self._waiting: deque[SequenceState] = deque()
+        self._running: list[SequenceState] = []
+        self._requests: dict[str, SequenceState] = {}  # every unfinished request, by id
+        self._arrivals = count()
+
+    # -- requests in and out -------------------------------------------------------------
+
+    def add(self, seq: SequenceState) -> None:
+        """Queue a new request. The engine has checked that it fits the pool alone
+        (its longest KV plus its adapter's pages); one that does not would wait forever."""
+        if seq.request_id in self._requests:
+            raise ValueError(f"request id {seq.request_id!r} is already scheduled")
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
+            raise ValueError(f"request {seq.request_id!r} is not new (status {seq.status.name})")
+        seq.arrival_index = next(self._arrivals)
+        self._requests[seq.request_id] = seq
+        self._waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request, freeing what it holds; False if unknown
+        (already finished, say: a client may disconnect as its request ends)."""
+        if request_id not in self._requests:
+            return False
+        self.finish(request_id, SequenceStatus.FINISHED_ABORTED)
+        return True
+
+    def finish(self, request_id: str, status: SequenceStatus) -> None:
+        """End a request for `status` (the engine decides stops and lengths): its pages
+        are freed and its adapter released. Raises KeyError for an unknown id."""
+        if not status.is_finished:
+            raise ValueError(f"finish needs a FINISHED_* status, got {status.name}")
+        seq = self._requests.pop(request_id)
+        if seq.status is SequenceStatus.RUNNING:
+            self._running.remove(seq)
+            self._release(seq)
+        else:
+            self._waiting.remove(seq)  # waiting requests hold no pages and no pin
+        seq.status = status
+
+    # -- the step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step and take the pages it needs.
+
+        Returns an empty output when nothing can run: nothing is waiting or running,
+        or nothing runs and the head of waiting cannot be admitted (the pool is
+        smaller than it; the engine rejects such requests before `add`).
+        """
+        output = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        # (1) Running requests, oldest first: they already hold pages, and the oldest
+        # always progresses (it may preempt every later one), so nothing livelocks.
+        index = 0
+        while index < len(self._running) and budget > 0:
+            seq = self._running[index]
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            assert num_tokens > 0, f"running request {seq.request_id} has nothing to compute"
+            if not self._grow_or_preempt(seq, num_tokens, output.preempted):
+                break  # `seq` preempted itself: it was the last running request
+            output.chunks.append(ScheduledChunk(seq, num_tokens))
+            budget -= num_tokens
+            index += 1
+        # (2) Waiting requests in strict arrival order (head-of-line blocking is the
+        # fairness we want). Not after a preemption: the victim would be readmitted
+        # into the pages it just lost and thrash.
+        while (
+            self._waiting
+            and budget > 0
+            and len(self._running) < self.config.max_num_seqs
+            and not output.preempted
+        ):
+            seq = self._waiting[0]
+            num_tokens = min(seq.num_tokens, budget)
+            num_pages = self._num_new_pages(seq, num_tokens)
+            if not self._pool.can_allocate(num_pages, seq.adapter):
+                break
+            self._waiting.popleft()
+            self._pool.acquire_adapter(seq.adapter)  # before allocate: the pin reserves its pages
+            seq.block_table.extend(self._pool.allocate(num_pages))
+            seq.status = SequenceStatus.RUNNING
+            self._running.append(seq)
+            output.chunks.append(ScheduledChunk(seq, num_tokens))
+            budget -= num_tokens
+        return output
+
+    def update_after_step(
+        self, output: SchedulerOutput, sampled: Mapping[str, int]
+    ) -> list[SequenceState]:
+        """Record that the step of `output` ran: each chunk's tokens are computed, and
+        each sampling chunk's request gets its token from `sampled` (by request id).
+
+        Returns the requests that got a token, in batch order, for the engine to check
+        stop conditions and call `finish`. Chunks of requests aborted since `schedule`
+        are skipped.
+        """
+        grown = []
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += chunk.num_tokens
+            if chunk.samples:
+                seq.token_ids.append(sampled[seq.request_id])
+                grown.append(seq)
+        return grown
+
+    # -- counts for the engine and metrics -----------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def is_full(self) -> bool:
+        """Whether the waiting queue is at `max_waiting_requests` (refuse new requests)."""
+        return len(self._waiting) >= self.config.max_waiting_requests
+
+    def running_adapters(self) -> list[str]:
+        """Distinct adapters of running requests, sorted (the base model is not one)."""
+        return sorted({seq.adapter for seq in self._running if seq.adapter is not None})
+
+    def waiting_adapters(self) -> list[str]:
+        """Distinct adapters of waiting requests, sorted (the base model is not one)."""
+        return sorted({seq.adapter for seq in self._waiting if seq.adapter is not None})
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _num_new_pages(self, seq: SequenceState, num_tokens: int) -> int:
+        """Pages `seq` lacks to hold the KV of its next `num_tokens` tokens."""
+        block_size = self._pool.block_size
+        needed = (seq.num_computed_tokens + num_tokens + block_size - 1) // block_size
+        return needed - len(seq.block_table)
+
+    def _grow_or_preempt(self, seq: SequenceState, num_tokens: int, preempted: list[str]) -> bool:
+        """Give running `seq` the pages for `num_tokens` more tokens, preempting the
+        latest-arrived running requests until they fit. False if `seq` itself was
+        preempted (it was the latest left). Victims always come after `seq` in
+        `_running`, so none of them was scheduled earlier in this step."""
+        num_pages = self._num_new_pages(seq, num_tokens)
+        while not self._pool.can_allocate(num_pages):
+            victim = self._running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is seq:
+                return False
+        seq.block_table.extend(self._pool.allocate(num_pages))
+        return True
+
+    def _preempt(self, seq: SequenceState) -> None:
+        """Back to the front of waiting, holding nothing; its KV is recomputed later.
+        Victims are taken latest first, so pushing each to the front keeps arrival order."""
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self._waiting.appendleft(seq)
+
+    def _release(self, seq: SequenceState) -> None:
+        """Free a running request's pages and unpin its adapter."""
+        self._pool.free(seq.block_table)
+        seq.block_table = []
+        self._pool.release_adapter(seq.adapter)

@@ -1,0 +1,135 @@
+"""Every failure as OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`.
+
+Routes raise loraserve's typed errors (or `APIError` for HTTP-only cases); the
+handlers installed here turn each into the right status. FastAPI's own 422 for a
+body that does not validate becomes a 400 of the same shape, as OpenAI answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraserve.engine.async_engine import EngineDeadError, EngineError, QueueFullError
+from loraserve.errors import AdapterError, InvalidRequestError, LoraserveError, UnknownAdapterError
+
+logger = logging.getLogger(__name__)
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error with its HTTP status, in OpenAI's terms."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body OpenAI sends (also used as an SSE `data:` event mid-stream)."""
+        error_type = ERROR_TYPES.get(self.status, "invalid_request_error")
+        return {
+            "error": {
+                "message": self.message,
+                "type": error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def model_not_found(name: str) -> APIError:
+    """The same 404 for a model that does not exist and one the tenant may not use."""
+    return APIError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it.",
+        "model",
+        "model_not_found",
+    )
+
+
+def to_api_error(error: BaseException) -> APIError:
+    """The APIError for any exception a route or the engine raised."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, QueueFullError):
+        retry = str(error.retry_after_seconds)
+        return APIError(429, str(error), code="queue_full", headers={"Retry-After": retry})
+    if isinstance(error, UnknownAdapterError):
+        return APIError(404, str(error), "model", "model_not_found")
+    if isinstance(error, InvalidRequestError):
+        return APIError(400, str(error), error.param)
+    if isinstance(error, AdapterError):
+        return APIError(400, str(error), "lora_path", "invalid_adapter")
+    if isinstance(error, LoraserveError):
+        return APIError(400, str(error))
+    if isinstance(error, EngineDeadError):
+        return APIError(503, str(error), code="engine_dead")
+    if isinstance(error, EngineError):
+        return APIError(500, str(error), code="engine_error")
+    logger.error("unexpected error", exc_info=error)
+    return APIError(500, f"internal error: {error!r}", code="internal_error")
+
+
+def validation_error(error: RequestValidationError) -> APIError:
+    """A 400 naming the first field that failed, e.g. `max_tokens: Input should be ...`."""
+    first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "malformed JSON")
+        return APIError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid request")
+    return APIError(400, f"{param}: {message}" if param else message, param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception to the OpenAI error object."""
+
+    async def on_validation(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        return validation_error(error).response()
+
+    async def on_http(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        message = str(error.detail) or HTTPStatus(error.status_code).phrase
+        return APIError(error.status_code, message, headers=dict(error.headers or {})).response()
+
+    async def on_other(request: Request, error: Exception) -> JSONResponse:
+        return to_api_error(error).response()
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    # Known kinds are handled inside the app; the catch-all also sees the rest.
+    for kind in (APIError, LoraserveError, EngineError, Exception):
+        app.add_exception_handler(kind, on_other)

@@ -1,0 +1,121 @@
+"""loraserve's greedy outputs equal PEFT's, for many adapters mixed in one batch.
+
+For each model family, one `generate` call mixes adapters of different ranks
+(odd, rsLoRA, rank_pattern/alpha_pattern, different target subsets) with base-model
+requests; every request must produce the tokens PEFT produces for that adapter
+alone, with logprobs equal to 1e-4. Also under a pool so small that requests are
+preempted and recomputed, and with prompts chunked by a tiny token budget.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import greedy_reference, make_adapter, make_model, peft_model_for
+
+from loraserve import LLM, SamplingParams
+
+NEW_TOKENS = 32
+ADAPTERS = {
+    "attn8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "all7": dict(
+        r=7,
+        lora_alpha=14,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    ),
+    "mlp16rs": dict(
+        r=16, lora_alpha=8, use_rslora=True, target_modules=["gate_proj", "up_proj", "down_proj"]
+    ),
+    "pattern": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 12},
+        alpha_pattern={"down_proj": 3},
+    ),
+}
+# (adapter, prompt text); None = base model. Adapters appear twice so segments repeat.
+REQUESTS = [
+    ("attn8", "hello world"),
+    (None, "SELECT name FROM users"),
+    ("all7", "Bonjour le monde"),
+    ("mlp16rs", "The quick brown fox jumps over the lazy dog"),
+    ("pattern", "LoRA adapters share"),
+    ("all7", "this is a tiny corpus"),
+    (None, "hello"),
+    ("pattern", "0123456789 SELECT id FROM users WHERE id = 42; Bonjour"),
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "llama-gqa", "qwen2"])
+def family(request, tmp_path_factory):
+    """A tiny model of one family, its adapters, and PEFT's answer for every request."""
+    root = tmp_path_factory.mktemp(request.param)
+    base = make_model(root / "model", request.param, seed=1)
+    folders = {
+        name: make_adapter(base, root / name, seed=10 + i, **config)
+        for i, (name, config) in enumerate(ADAPTERS.items())
+    }
+    llm = LLM(root / "model", adapters=folders, device="cpu", dtype="float32")
+    prompts = [llm.tokenizer.encode(text) for _, text in REQUESTS]
+    references = {}
+    peft_models = {name: peft_model_for(base, folder) for name, folder in folders.items()}
+    for index, (adapter, _) in enumerate(REQUESTS):
+        model = base if adapter is None else peft_models[adapter]
+        references[index] = greedy_reference(model, prompts[index], NEW_TOKENS)
+    return root, folders, prompts, references
+
+
+def check_against_peft(llm: LLM, prompts, references, num_logprobs: int = 20) -> None:
+    params = SamplingParams(
+        max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=num_logprobs
+    )
+    outputs = llm.generate(
+        prompt_token_ids=prompts, sampling_params=params, adapter=[a for a, _ in REQUESTS]
+    )
+    for index, output in enumerate(outputs):
+        tokens, logits = references[index]
+        assert output.token_ids == tokens, (
+            f"request {index} ({REQUESTS[index][0]}) differs from PEFT"
+        )
+        assert output.finish_reason == "length"
+        reference_logprobs = torch.log_softmax(logits, dim=-1)  # [new_tokens, vocab]
+        for step, entry in enumerate(output.outputs[0].logprobs or []):
+            ids = [token for token, _ in entry.top_logprobs]
+            ours = torch.tensor([logprob for _, logprob in entry.top_logprobs])
+            torch.testing.assert_close(ours, reference_logprobs[step, ids], atol=1e-4, rtol=0)
+            assert abs(entry.logprob - reference_logprobs[step, entry.token_id].item()) < 1e-4
+
+
+def test_mixed_batch_equals_peft(family) -> None:
+    root, folders, prompts, references = family
+    llm = LLM(root / "model", adapters=folders, device="cpu", dtype="float32")
+    check_against_peft(llm, prompts, references)
+    llm.engine.memory.check_invariants()
+    assert llm.engine.memory.num_kv_pages == 0
+
+
+def test_exact_under_preemption_and_chunked_prefill(family) -> None:
+    """A pool of a few pages forces preemption (recompute); a budget of 8 tokens chunks prompts."""
+    root, folders, prompts, references = family
+    llm = LLM(
+        root / "model",
+        adapters=folders,
+        device="cpu",
+        dtype="float32",
+        block_size=8,
+        pool_pages=14,
+        max_num_batched_tokens=8,
+        max_num_seqs=8,
+    )
+    check_against_peft(llm, prompts, references, num_logprobs=5)
+    assert llm.engine.num_preemptions > 0, "the pool was meant to be too small for all requests"
+    llm.engine.memory.check_invariants()

@@ -1,0 +1,91 @@
+"""A pure-Python `PoolAccounting`: a free list, adapters of a few pages each, LRU eviction.
+
+It follows the contract of memory/manager.py without tensors: an adapter is pinned
+while any running request uses it, stays resident when idle, and idle adapters are
+evicted least recently used first when pages are needed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class FakePool:
+    def __init__(self, num_pages: int, block_size: int, adapter_pages: dict[str, int]) -> None:
+        self.block_size = block_size
+        self.num_total_pages = num_pages
+        self.adapter_pages = adapter_pages  # name -> pages its weights take
+        self.free_pages = list(range(num_pages - 1, -1, -1))  # pop() hands out 0, 1, 2...
+        self.kv_pages: set[int] = set()
+        self.resident: OrderedDict[str, list[int]] = OrderedDict()  # least recent first
+        self.users: dict[str, int] = {}
+        self.evictions: list[str] = []
+
+    # -- PoolAccounting ------------------------------------------------------------------
+
+    def can_allocate(self, num_pages: int, adapter: str | None = None) -> bool:
+        needed = num_pages
+        if adapter is not None and adapter not in self.resident:
+            needed += self.adapter_pages[adapter]
+        # `adapter` itself is not reclaimable, even if idle now: acquiring it pins it.
+        reclaimable = self.num_reclaimable_pages(excluding=adapter)
+        return needed <= len(self.free_pages) + reclaimable
+
+    def allocate(self, num_pages: int) -> list[int]:
+        pages = self._take(num_pages)
+        self.kv_pages.update(pages)
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        assert len(set(pages)) == len(pages), f"pages freed twice in one call: {pages}"
+        for page in pages:
+            assert page in self.kv_pages, f"page {page} freed but not allocated"
+            self.kv_pages.remove(page)
+            self.free_pages.append(page)
+
+    def acquire_adapter(self, adapter: str | None) -> None:
+        if adapter is None:
+            return
+        if adapter not in self.resident:
+            self.resident[adapter] = self._take(self.adapter_pages[adapter])
+            self.users[adapter] = 0
+        self.users[adapter] += 1
+        self.resident.move_to_end(adapter)
+
+    def release_adapter(self, adapter: str | None) -> None:
+        if adapter is None:
+            return
+        assert self.users.get(adapter, 0) > 0, f"adapter {adapter} released more than acquired"
+        self.users[adapter] -= 1
+
+    # -- for tests -----------------------------------------------------------------------
+
+    def num_reclaimable_pages(self, excluding: str | None = None) -> int:
+        """Pages of idle resident adapters (but `excluding`)."""
+        return sum(
+            len(pages)
+            for name, pages in self.resident.items()
+            if not self.users[name] and name != excluding
+        )
+
+    def num_adapter_pages(self) -> int:
+        return sum(len(pages) for pages in self.resident.values())
+
+    def check_invariants(self) -> None:
+        """Pages in use + pages free == pages total, and no page is in two places."""
+        adapter_pages = [page for pages in self.resident.values() for page in pages]
+        every_page = [*self.free_pages, *self.kv_pages, *adapter_pages]
+        assert len(self.kv_pages) + len(adapter_pages) + len(self.free_pages) == (
+            self.num_total_pages
+        ), "page leak"
+        assert sorted(every_page) == list(range(self.num_total_pages)), "page in two places"
+
+    def _take(self, num_pages: int) -> list[int]:
+        while len(self.free_pages) < num_pages:
+            idle = next((name for name in self.resident if not self.users[name]), None)
+            if idle is None:
+                raise MemoryError(f"{num_pages} pages wanted, {len(self.free_pages)} free")
+            self.free_pages.extend(self.resident.pop(idle))
+            del self.users[idle]
+            self.evictions.append(idle)
+        return [self.free_pages.pop() for _ in range(num_pages)]

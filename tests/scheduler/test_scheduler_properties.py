@@ -1,0 +1,168 @@
+"""Random workloads through a simulated engine loop; pool and scheduler invariants every step.
+
+The loop is the engine's: add arrivals, abort some, schedule, "run" the step, sample
+a token (the sequence's position, so lost or duplicated tokens show), finish requests
+at their max length. Pools are small so that admission blocks, adapters get evicted
+and decodes preempt.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from fake_pool import FakePool
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from loraserve.scheduler import Scheduler, SchedulerConfig, SequenceState, SequenceStatus
+
+
+@dataclass
+class Spec:
+    """One request of a workload."""
+
+    num_prompt_tokens: int
+    max_output_tokens: int
+    adapter: str | None
+    arrival_step: int
+    abort_step: int | None
+    abort_mid_step: bool  # abort between schedule() and update_after_step()
+
+
+@dataclass
+class Workload:
+    block_size: int
+    num_pages: int
+    adapter_pages: dict[str, int]
+    config: SchedulerConfig
+    specs: list[Spec]
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> Workload:
+    adapter_pages = {f"lora{i}": draw(st.integers(1, 5)) for i in range(draw(st.integers(0, 4)))}
+    max_num_seqs = draw(st.integers(1, 6))
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=draw(st.integers(max_num_seqs, 32)),
+    )
+    spec = st.builds(
+        Spec,
+        num_prompt_tokens=st.integers(1, 40),
+        max_output_tokens=st.integers(1, 12),
+        adapter=st.sampled_from([None, *adapter_pages]),
+        arrival_step=st.integers(0, 15),
+        abort_step=st.none() | st.integers(0, 60),
+        abort_mid_step=st.booleans(),
+    )
+    return Workload(
+        block_size=draw(st.sampled_from([1, 2, 4, 8])),
+        num_pages=draw(st.integers(4, 40)),
+        adapter_pages=adapter_pages,
+        config=config,
+        specs=draw(st.lists(spec, min_size=1, max_size=12)),
+    )
+
+
+def pages_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def fits_alone(spec: Spec, workload: Workload) -> bool:
+    """The engine's check before `add`: the request's longest KV (the last sampled token
+    is never computed) plus its adapter fit the pool with nothing else in it."""
+    longest = spec.num_prompt_tokens + spec.max_output_tokens - 1
+    adapter = workload.adapter_pages.get(spec.adapter, 0) if spec.adapter else 0
+    return pages_for(longest, workload.block_size) + adapter <= workload.num_pages
+
+
+def check_step(scheduler: Scheduler, pool: FakePool, seqs: list[SequenceState]) -> None:
+    """What must hold between steps."""
+    pool.check_invariants()
+    running = [seq for seq in seqs if seq.status is SequenceStatus.RUNNING]
+    waiting = [seq for seq in seqs if seq.status is SequenceStatus.WAITING]
+    assert (scheduler.num_running(), scheduler.num_waiting()) == (len(running), len(waiting))
+    assert len(running) <= scheduler.config.max_num_seqs
+    held = [page for seq in running for page in seq.block_table]
+    assert sorted(held) == sorted(pool.kv_pages), "KV pages held == the running block tables"
+    assert pool.num_adapter_pages() == sum(pool.adapter_pages[name] for name in pool.resident)
+    for seq in running:
+        assert len(seq.block_table) == pages_for(seq.num_computed_tokens, pool.block_size)
+        assert seq.num_computed_tokens < seq.num_tokens
+    for seq in seqs:
+        if seq.status is not SequenceStatus.RUNNING:
+            assert seq.block_table == [] and (
+                seq.status.is_finished or seq.num_computed_tokens == 0
+            )
+    pins = Counter(seq.adapter for seq in running if seq.adapter is not None)
+    assert {name: users for name, users in pool.users.items() if users} == dict(pins)
+    if running and waiting:  # FCFS: every running request arrived before every waiting one
+        assert max(seq.arrival_index for seq in running) < min(s.arrival_index for s in waiting)
+
+
+def engine_step(
+    scheduler: Scheduler,
+    pool: FakePool,
+    spec_of: dict[str, Spec],
+    mid_step_aborts: list[SequenceState],
+) -> None:
+    """schedule, check the plan, abort some requests mid-step, sample, finish at max length."""
+    output = scheduler.schedule()
+    assert output.num_batched_tokens <= scheduler.config.max_num_batched_tokens
+    assert len({id(chunk.seq) for chunk in output.chunks}) == len(output.chunks)
+    for chunk in output.chunks:
+        assert chunk.num_tokens >= 1 and chunk.start == chunk.seq.num_computed_tokens
+        end = chunk.start + chunk.num_tokens
+        assert len(chunk.seq.block_table) == pages_for(end, pool.block_size)
+        assert chunk.samples == (end == chunk.seq.num_tokens)
+    if output.preempted:
+        event("preempted")
+    for seq in mid_step_aborts:
+        scheduler.abort(seq.request_id)
+    # The token sampled at position i is i, so a lost or repeated token shows.
+    sampled = {c.seq.request_id: c.seq.num_tokens for c in output.chunks if c.samples}
+    for seq in scheduler.update_after_step(output, sampled):
+        if seq.num_output_tokens >= spec_of[seq.request_id].max_output_tokens:
+            scheduler.finish(seq.request_id, SequenceStatus.FINISHED_LENGTH)
+
+
+@settings(max_examples=200, deadline=None)
+@given(workloads())
+def test_random_workloads_keep_the_invariants_and_finish(workload: Workload) -> None:
+    pool = FakePool(workload.num_pages, workload.block_size, workload.adapter_pages)
+    scheduler = Scheduler(workload.config, pool)
+    accepted = [spec for spec in workload.specs if fits_alone(spec, workload)]
+    last_arrival = max(spec.arrival_step for spec in workload.specs)
+    seqs: list[SequenceState] = []
+    spec_of: dict[str, Spec] = {}
+    # Liveness bound: each step the oldest running request (or the head admitted when
+    # none runs) computes >= 1 token and is never preempted; it needs < P + M of them.
+    max_steps = last_arrival + 1 + sum(s.num_prompt_tokens + s.max_output_tokens for s in accepted)
+    for step in range(max_steps + 1):
+        if step > last_arrival and not scheduler.has_unfinished():
+            break
+        for index, spec in enumerate(accepted):
+            if spec.arrival_step == step:
+                seq = SequenceState(f"r{index}", spec.adapter, list(range(spec.num_prompt_tokens)))
+                scheduler.add(seq)
+                seqs.append(seq)
+                spec_of[seq.request_id] = spec
+        aborts = [seq for seq in seqs if spec_of[seq.request_id].abort_step == step]
+        for seq in aborts:
+            if not spec_of[seq.request_id].abort_mid_step:
+                scheduler.abort(seq.request_id)
+        mid_step = [seq for seq in aborts if spec_of[seq.request_id].abort_mid_step]
+        engine_step(scheduler, pool, spec_of, mid_step)
+        check_step(scheduler, pool, seqs)
+    else:
+        raise AssertionError(f"livelock: requests left after {max_steps} steps")
+
+    for seq in seqs:
+        assert seq.status.is_finished
+        if seq.status is SequenceStatus.FINISHED_LENGTH:
+            assert seq.num_output_tokens == spec_of[seq.request_id].max_output_tokens
+        assert seq.token_ids == list(range(seq.num_tokens))
+    # Only idle resident adapters hold pages at the end.
+    assert pool.kv_pages == set() and not any(pool.users.values())
+    assert len(pool.free_pages) + pool.num_adapter_pages() == pool.num_total_pages
