@@ -51,7 +51,8 @@ def build_batch(
     slot_mapping: list[int] = []
     positions: list[int] = []
     query_starts, context_lens, logits_indices = [0], [], []
-    segment_starts, segment_slots = [0], []
+    segment_starts: list[int] = [0]
+    segment_slots: list[int] = []
     for chunk in chunks:
         seq = chunk.seq
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens

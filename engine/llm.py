@@ -81,7 +81,7 @@ class LLM:
         else:
             raise ValueError("generate needs prompts or prompt_token_ids")
         params = _per_prompt(sampling_params, len(texts), SamplingParams(), "sampling_params")
-        adapters = _per_prompt(adapter, len(texts), None, "adapter")
+        adapters: list[str | None] = _per_prompt(adapter, len(texts), None, "adapter")  # type: ignore[arg-type]
         request_ids = self._add_all(texts, ids, params, adapters)
         return self._run(request_ids)
 

@@ -52,7 +52,9 @@ def _kv_write_kernel(
         source = value_ptr + token * stride_value_token + heads[:, None] * stride_value_head
     block = tl.load(source + dims[None, :], mask=mask)
     page, position = slot // block_size, slot % block_size
-    target = kv_ptr + page * stride_kv_page + which * stride_kv_which + position * stride_kv_position
+    target = (
+        kv_ptr + page * stride_kv_page + which * stride_kv_which + position * stride_kv_position
+    )
     target += heads[:, None] * stride_kv_head + dims[None, :]
     tl.store(target, block.to(kv_ptr.dtype.element_ty), mask=mask)
 
@@ -73,11 +75,15 @@ def write_kv(
     """
     check_same_device(kv_pages=kv_pages, key=key, value=value, slot_mapping=slot_mapping)
     if kv_pages.dim() != 6 or kv_pages.stride(5) != 1 or kv_pages.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"kv_pages must be a 6-D float view with unit head_dim stride, got {kv_pages.shape}")
+        raise ValueError(
+            f"kv_pages must be a 6-D float view with unit head_dim stride, got {kv_pages.shape}"
+        )
     num_kv_heads, head_dim = kv_pages.shape[4], kv_pages.shape[5]
     for name, tensor in (("key", key), ("value", value)):
         if tensor.shape != (key.shape[0], num_kv_heads, head_dim) or tensor.stride(2) != 1:
-            raise ValueError(f"{name} must be [num_tokens, {num_kv_heads}, {head_dim}], got {tensor.shape}")
+            raise ValueError(
+                f"{name} must be [num_tokens, {num_kv_heads}, {head_dim}], got {tensor.shape}"
+            )
     if slot_mapping.shape != (key.shape[0],) or slot_mapping.dtype != torch.int64:
         raise ValueError(f"slot_mapping must be int64 [{key.shape[0]}], got {slot_mapping.dtype}")
     if not 0 <= layer < kv_pages.shape[1]:

@@ -22,6 +22,7 @@ tensor cores) and added to `out` in float32, rounded once to out's dtype.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -79,7 +80,9 @@ def _lora_expand_kernel(
     if (rank == 0) | (column_start >= end_column):
         return
 
-    b_offset = tl.load(b_offsets_ptr + slot * stride_offset_slot + slice_index * stride_offset_slice)
+    b_offset = tl.load(
+        b_offsets_ptr + slot * stride_offset_slot + slice_index * stride_offset_slice
+    )
     width = end_column - first_column  # row length of B
     tokens = (tile_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     token_mask = tokens < tile_end
@@ -91,7 +94,9 @@ def _lora_expand_kernel(
     for rank_start in range(0, rank, BLOCK_R):
         ranks = rank_start + tl.arange(0, BLOCK_R)
         rank_mask = ranks < rank
-        y = tl.load(y_rows + ranks[None, :], mask=token_mask[:, None] & rank_mask[None, :], other=0.0)
+        y = tl.load(
+            y_rows + ranks[None, :], mask=token_mask[:, None] & rank_mask[None, :], other=0.0
+        )
         b = tl.load(
             b_columns + ranks.to(tl.int64)[:, None] * width,
             mask=rank_mask[:, None] & column_mask[None, :],
@@ -181,13 +186,15 @@ def _slice_starts(
         return slice_starts.to(device=out.device, dtype=torch.int32), out.shape[1]
     starts = tuple(int(column) for column in slice_starts)
     if len(starts) != num_slices + 1 or starts[0] != 0 or starts[-1] != out.shape[1]:
-        raise ValueError(f"slice_starts {starts} must go from 0 to {out.shape[1]} in {num_slices} steps")
-    if any(last <= first for first, last in zip(starts, starts[1:])):
+        raise ValueError(
+            f"slice_starts {starts} must go from 0 to {out.shape[1]} in {num_slices} steps"
+        )
+    if any(last <= first for first, last in itertools.pairwise(starts)):
         raise ValueError(f"slice_starts {starts} must be increasing")
     key = (starts, out.device)
     if key not in _SLICE_STARTS_CACHE:  # a handful of layouts per model: q/k/v, o, gate/up, down
         _SLICE_STARTS_CACHE[key] = torch.tensor(starts, dtype=torch.int32, device=out.device)
-    widest = max(last - first for first, last in zip(starts, starts[1:]))
+    widest = max(last - first for first, last in itertools.pairwise(starts))
     return _SLICE_STARTS_CACHE[key], widest
 
 
@@ -202,16 +209,33 @@ def _check(
 ) -> None:
     """Raise ValueError on a shape, dtype or layout the kernel cannot read."""
     check_same_device(
-        out=out, y=y, pool=pool, b_offsets=b_offsets, ranks=ranks, starts=segment_starts, slots=segment_slots
+        out=out,
+        y=y,
+        pool=pool,
+        b_offsets=b_offsets,
+        ranks=ranks,
+        starts=segment_starts,
+        slots=segment_slots,
     )
     if out.dim() != 2 or out.stride(1) != 1 or out.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"out must be a float [num_tokens, out_dim] with unit column stride, got {out.shape}")
-    if y.dim() != 3 or y.dtype != torch.float32 or not y.is_contiguous() or y.shape[0] != out.shape[0]:
-        raise ValueError(f"y must be contiguous float32 [num_tokens, num_slices, max_rank], got {y.shape}")
+        raise ValueError(
+            f"out must be a float [num_tokens, out_dim] with unit column stride, got {out.shape}"
+        )
+    if (
+        y.dim() != 3
+        or y.dtype != torch.float32
+        or not y.is_contiguous()
+        or y.shape[0] != out.shape[0]
+    ):
+        raise ValueError(
+            f"y must be contiguous float32 [num_tokens, num_slices, max_rank], got {y.shape}"
+        )
     if not pool.is_contiguous() or pool.dtype not in FLOAT_DTYPES:
         raise ValueError("pool must be a contiguous float tensor: offsets are flat element offsets")
     if b_offsets.shape != (b_offsets.shape[0], y.shape[1]) or b_offsets.dtype != torch.int64:
-        raise ValueError(f"b_offsets must be int64 [num_slots, {y.shape[1]}], got {b_offsets.shape}")
+        raise ValueError(
+            f"b_offsets must be int64 [num_slots, {y.shape[1]}], got {b_offsets.shape}"
+        )
     if ranks.shape != b_offsets.shape or ranks.dtype != torch.int32:
         raise ValueError(f"ranks must be int32 {tuple(b_offsets.shape)}, got {ranks.dtype}")
     if segment_starts.shape != (segment_slots.shape[0] + 1,):

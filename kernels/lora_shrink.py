@@ -94,7 +94,9 @@ def _lora_shrink_kernel(
             tl.store(y_ptrs, tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), mask=y_mask)
         return
 
-    a_offset = tl.load(a_offsets_ptr + slot * stride_offset_slot + slice_index * stride_offset_slice)
+    a_offset = tl.load(
+        a_offsets_ptr + slot * stride_offset_slot + slice_index * stride_offset_slice
+    )
     a_rows = pool_ptr + a_offset + columns.to(tl.int64)[:, None] * in_dim  # row c of A: rank c
     x_rows = x_ptr + tokens[:, None] * stride_x_token
     k_start = tl.program_id(2) * k_per_split
@@ -102,8 +104,14 @@ def _lora_shrink_kernel(
     accumulator = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + ks[None, :], mask=(tokens < tile_end)[:, None] & (ks < k_end)[None, :], other=0.0)
-        a = tl.load(a_rows + ks[None, :], mask=(columns < rank)[:, None] & (ks < k_end)[None, :], other=0.0)
+        x = tl.load(
+            x_rows + ks[None, :],
+            mask=(tokens < tile_end)[:, None] & (ks < k_end)[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_rows + ks[None, :], mask=(columns < rank)[:, None] & (ks < k_end)[None, :], other=0.0
+        )
         accumulator = tl.dot(x, tl.trans(a), accumulator, input_precision=DOT_PRECISION)
     # Columns in [rank, rank_start + BLOCK_R) hold exact zeros (their A rows were masked).
     if ATOMIC:

@@ -98,7 +98,9 @@ def _paged_attention_kernel(
     split = tl.program_id(2)
     first_token = tl.load(query_starts_ptr + seq)
     # Position of the sequence's first query: the queries are its last tokens.
-    first_position = tl.load(context_lens_ptr + seq) - (tl.load(query_starts_ptr + seq + 1) - first_token)
+    first_position = tl.load(context_lens_ptr + seq) - (
+        tl.load(query_starts_ptr + seq + 1) - first_token
+    )
     table = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
     kv_head_ptr = kv_ptr + kv_head * stride_kv_head
     rows = tl.arange(0, BLOCK_M)  # row = (token of the tile, head of the group)
@@ -113,7 +115,10 @@ def _paged_attention_kernel(
         row_mask = tokens < tile_end
         positions = first_position + (tokens - first_token)  # [BLOCK_M]
         query = tl.load(
-            query_ptr + tokens[:, None] * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
+            query_ptr
+            + tokens[:, None] * stride_query_token
+            + heads[:, None] * stride_query_head
+            + dims[None, :],
             mask=row_mask[:, None] & dim_mask[None, :],
             other=0.0,
         )
@@ -126,11 +131,19 @@ def _paged_attention_kernel(
         for block_start in range(key_start, key_end, BLOCK_N):
             keys = block_start + tl.arange(0, BLOCK_N)
             key_mask = keys < key_end
-            pages = tl.load(table + (keys // BLOCK_SIZE) * stride_table_block, mask=key_mask, other=0)
-            key_rows = kv_head_ptr + pages.to(tl.int64) * stride_kv_page + (keys % BLOCK_SIZE) * stride_kv_position
+            pages = tl.load(
+                table + (keys // BLOCK_SIZE) * stride_table_block, mask=key_mask, other=0
+            )
+            key_rows = (
+                kv_head_ptr
+                + pages.to(tl.int64) * stride_kv_page
+                + (keys % BLOCK_SIZE) * stride_kv_position
+            )
             kv_mask = key_mask[:, None] & dim_mask[None, :]
             key_tile = tl.load(key_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
-            value_tile = tl.load(key_rows[:, None] + stride_kv_which + dims[None, :], mask=kv_mask, other=0.0)
+            value_tile = tl.load(
+                key_rows[:, None] + stride_kv_which + dims[None, :], mask=kv_mask, other=0.0
+            )
             scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
             visible = key_mask[None, :] & (keys[None, :] <= positions[:, None])
             scores = tl.where(visible, scores, float("-inf"))
@@ -147,8 +160,15 @@ def _paged_attention_kernel(
 
         out_mask = row_mask[:, None] & dim_mask[None, :]
         if NUM_SPLITS == 1:
-            out = out_ptr + tokens[:, None] * stride_out_token + heads[:, None] * stride_out_head + dims[None, :]
-            tl.store(out, (accumulator / row_sum[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            out = (
+                out_ptr
+                + tokens[:, None] * stride_out_token
+                + heads[:, None] * stride_out_head
+                + dims[None, :]
+            )
+            tl.store(
+                out, (accumulator / row_sum[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask
+            )
         else:  # unnormalised, with max and sum, for paged_attention_combine
             partial_rows = (split * num_tokens + tokens) * num_heads + heads  # [BLOCK_M] int64
             tl.store(partial_max_ptr + partial_rows, row_max, mask=row_mask)
@@ -188,7 +208,9 @@ def paged_attention(
     if out is None:
         out = torch.empty_like(query)
     elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
-        raise ValueError(f"out must be {tuple(query.shape)} {query.dtype}, got {out.shape} {out.dtype}")
+        raise ValueError(
+            f"out must be {tuple(query.shape)} {query.dtype}, got {out.shape} {out.dtype}"
+        )
     if num_tokens == 0:
         return out
     per_sequence = num_tokens == num_seqs  # decode: one token per sequence
@@ -249,7 +271,9 @@ def paged_attention(
     return out
 
 
-def _partials(num_splits: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _partials(
+    num_splits: int, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Buffers of the per-partition results; never written (1-element dummies) when unsplit."""
     if num_splits == 1:
         dummy = torch.empty(1, dtype=torch.float32, device=query.device)
@@ -269,13 +293,21 @@ def _check(
     context_lens: torch.Tensor,
 ) -> None:
     """Raise ValueError on a shape, dtype or layout the kernel cannot read."""
-    check_same_device(query=query, kv_pages=kv_pages, tables=block_tables, starts=query_starts, lens=context_lens)
+    check_same_device(
+        query=query, kv_pages=kv_pages, tables=block_tables, starts=query_starts, lens=context_lens
+    )
     if query.dim() != 3 or not query.is_contiguous() or query.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"query must be a contiguous float [num_tokens, heads, head_dim], got {query.shape}")
+        raise ValueError(
+            f"query must be a contiguous float [num_tokens, heads, head_dim], got {query.shape}"
+        )
     if kv_pages.dim() != 6 or kv_pages.stride(5) != 1 or kv_pages.dtype != query.dtype:
-        raise ValueError(f"kv_pages must be 6-D, unit head_dim stride, {query.dtype}, got {kv_pages.shape}")
+        raise ValueError(
+            f"kv_pages must be 6-D, unit head_dim stride, {query.dtype}, got {kv_pages.shape}"
+        )
     if kv_pages.shape[5] != query.shape[2] or query.shape[1] % kv_pages.shape[4] != 0:
-        raise ValueError(f"query heads {tuple(query.shape[1:])} do not match kv_pages {kv_pages.shape}")
+        raise ValueError(
+            f"query heads {tuple(query.shape[1:])} do not match kv_pages {kv_pages.shape}"
+        )
     if not 0 <= layer < kv_pages.shape[1]:
         raise ValueError(f"layer must be in [0, {kv_pages.shape[1]}), got {layer}")
     if block_tables.dim() != 2 or block_tables.shape[0] != context_lens.shape[0]:

@@ -35,15 +35,25 @@ def _combine_kernel(
     splits = tl.arange(0, BLOCK_SPLITS)
     split_mask = splits < num_splits
     dims = tl.arange(0, BLOCK_D)
-    maxima = tl.load(partial_max_ptr + splits * stride_split + row, mask=split_mask, other=float("-inf"))
+    maxima = tl.load(
+        partial_max_ptr + splits * stride_split + row, mask=split_mask, other=float("-inf")
+    )
     sums = tl.load(partial_sum_ptr + splits * stride_split + row, mask=split_mask, other=0.0)
-    partial_ptrs = partial_out_ptr + (splits[:, None] * stride_split + row) * head_dim + dims[None, :]
-    partials = tl.load(partial_ptrs, mask=split_mask[:, None] & (dims < head_dim)[None, :], other=0.0)
+    partial_ptrs = (
+        partial_out_ptr + (splits[:, None] * stride_split + row) * head_dim + dims[None, :]
+    )
+    partials = tl.load(
+        partial_ptrs, mask=split_mask[:, None] & (dims < head_dim)[None, :], other=0.0
+    )
     overall_max = tl.max(maxima, axis=0)
     weights = tl.where(maxima == float("-inf"), 0.0, tl.exp2(maxima - overall_max))
     total = tl.sum(weights * sums, axis=0)
     result = tl.sum(weights[:, None] * partials, axis=0) / total
-    out = out_ptr + tl.program_id(0).to(tl.int64) * stride_out_token + tl.program_id(1) * stride_out_head
+    out = (
+        out_ptr
+        + tl.program_id(0).to(tl.int64) * stride_out_token
+        + tl.program_id(1) * stride_out_head
+    )
     tl.store(out + dims, result.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
 
 

@@ -91,8 +91,10 @@ def check_against_peft(llm: LLM, prompts, references, num_logprobs: int = 20) ->
         for step, entry in enumerate(output.outputs[0].logprobs or []):
             ids = [token for token, _ in entry.top_logprobs]
             ours = torch.tensor([logprob for _, logprob in entry.top_logprobs])
-            torch.testing.assert_close(ours, reference_logprobs[step, ids], atol=1e-4, rtol=0)
-            assert abs(entry.logprob - reference_logprobs[step, entry.token_id].item()) < 1e-4
+            torch.testing.assert_close(ours, reference_logprobs[step, ids], atol=1e-4, rtol=1e-4)
+            assert entry.logprob == pytest.approx(
+                reference_logprobs[step, entry.token_id].item(), abs=1e-4, rel=1e-4
+            )
 
 
 def test_mixed_batch_equals_peft(family) -> None:

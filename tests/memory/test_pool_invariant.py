@@ -63,6 +63,7 @@ def test_pages_used_plus_free_is_total(assets, actions, pool_pages) -> None:
         block_size=8,
         pool_pages=pool_pages,
         max_num_batched_tokens=24,
+        max_num_seqs=8,
     )
     engine, memory = llm.engine, llm.engine.memory
     added: list[str] = []

@@ -1,0 +1,179 @@
+"""The host-RAM adapter store: every registered adapter, already in the pool's layout.
+
+An adapter is read from its PEFT folder once (memory/peft_format.py), converted to
+the pool's dtype with its scaling folded into B, and packed into page-sized slabs,
+so that bringing it into the GPU pool is one copy per page.
+
+Layout inside `HostAdapter.pages` (the contract with the LoRA kernels): every matrix
+is row-major `[rank, dim]`: A as PEFT stores it (`[r, in_features]`), B transposed
+with the scaling folded in (`(scaling * lora_B).T`, `[r, out_features]`). Matrices
+are packed greedily in (layer, module, A then B) order, each starting at a multiple
+of MATRIX_ALIGNMENT elements of its page and never straddling two pages. Example,
+rank 7, hidden 64, kv 32, page_numel 768:
+
+    A q_proj [7, 64] (448 elements)  -> page 0 at 0                 offset 0
+    B q_proj [7, 64] (448)           -> 448 + 448 > 768: page 1 at 0 offset 768
+    A k_proj [7, 64] (448)           -> page 2 at 0                 offset 1536
+    B k_proj [7, 32] (224)           -> page 2 at 448 (7 * 64)      offset 1984
+
+Unused elements are zero.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraserve.errors import AdapterError, UnknownAdapterError
+from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
+from loraserve.memory.peft_format import LoraModule, read_peft_lora, refuse
+from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
+
+NOT_TARGETED = -1
+"""`local_offsets` entry of a module the adapter does not adapt."""
+
+
+@dataclass(frozen=True)
+class HostAdapter:
+    """A registered adapter in host RAM, in the pool's dtype and page layout."""
+
+    name: str
+    path: str
+    pages: torch.Tensor
+    """[num_pages, page_numel], pool dtype, CPU (pinned when the store pins)."""
+    local_offsets: torch.Tensor
+    """[num_layers, NUM_LORA_MODULES, 2] int64: element offset of A (0) and B (1) from the
+    start of `pages` (page index * page_numel + offset in page); NOT_TARGETED (-1) elsewhere."""
+    ranks: torch.Tensor
+    """[num_layers, NUM_LORA_MODULES] int32; 0 where the module is not adapted."""
+    max_rank: int
+    target_modules: tuple[str, ...]
+    """Names (LORA_MODULES order) of the modules adapted in at least one layer."""
+
+    @property
+    def num_pages(self) -> int:
+        """Pages the adapter takes in the pool."""
+        return int(self.pages.shape[0])
+
+
+def pack_matrices(sizes: Sequence[int], page_numel: int) -> tuple[list[int], int]:
+    """Greedy placement of matrices of `sizes` elements: (offset of each from the first page, pages used)."""
+    offsets: list[int] = []
+    page, cursor = 0, 0
+    for numel in sizes:
+        assert numel <= page_numel, f"a {numel}-element matrix cannot fit a {page_numel} page"
+        start = round_up(cursor, MATRIX_ALIGNMENT)
+        if start + numel > page_numel:
+            page, start = page + 1, 0
+        offsets.append(page * page_numel + start)
+        cursor = start + numel
+    return offsets, page + 1 if sizes else 0
+
+
+class AdapterStore:
+    """Every registered adapter, by name, in host RAM."""
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        geometry: PoolGeometry,
+        max_lora_rank: int,
+        dtype: torch.dtype,
+        pin_memory: bool = False,
+    ) -> None:
+        assert geometry.page_numel >= max_lora_rank * arch.max_module_dim(), (
+            f"page of {geometry.page_numel} elements cannot hold a rank-{max_lora_rank} matrix"
+        )
+        self.arch = arch
+        self.geometry = geometry
+        self.max_lora_rank = max_lora_rank
+        self.dtype = dtype
+        self.pin_memory = pin_memory
+        self._adapters: dict[str, HostAdapter] = {}
+        # Registration may come from a server thread while the engine reads.
+        self._lock = threading.Lock()
+
+    def register(self, name: str, path: str | Path) -> HostAdapter:
+        """Load and check a PEFT LoRA folder, then add it under `name`; AdapterError if refused."""
+        if any(char.isspace() for char in name) or "," in name:
+            # Names end up in comma-joined metric labels.
+            raise AdapterError(f"adapter name {name!r} must not contain whitespace or ','")
+        self._check_free(name)
+        folder = Path(path)
+        modules = read_peft_lora(folder, self.arch, self.max_lora_rank)
+        host = self._pack(name, folder, modules)
+        with self._lock:
+            self._check_free(name)  # another thread may have taken it while we loaded
+            self._adapters[name] = host
+        return host
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter; UnknownAdapterError if it is not registered."""
+        with self._lock:
+            if name not in self._adapters:
+                raise UnknownAdapterError(f"adapter {name!r} is not registered")
+            del self._adapters[name]
+
+    def get(self, name: str) -> HostAdapter:
+        """The registered adapter `name`; UnknownAdapterError if absent."""
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered")
+        return adapter
+
+    def names(self) -> list[str]:
+        """Registered names, in registration order."""
+        return list(self._adapters)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def _check_free(self, name: str) -> None:
+        if name in self._adapters:
+            raise AdapterError(f"adapter {name!r} is already registered")
+
+    def _pack(self, name: str, folder: Path, modules: list[LoraModule]) -> HostAdapter:
+        """Convert every module's matrices to the pool layout and pack them into pages."""
+        matrices = [matrix for module in modules for matrix in self._host_matrices(folder, module)]
+        offsets, num_pages = pack_matrices([m.numel() for m in matrices], self.geometry.page_numel)
+        pages = torch.zeros(  # [num_pages, page_numel]
+            num_pages, self.geometry.page_numel, dtype=self.dtype, pin_memory=self.pin_memory
+        )
+        flat = pages.view(-1)
+        for matrix, offset in zip(matrices, offsets, strict=True):
+            flat[offset : offset + matrix.numel()] = matrix.reshape(-1)
+        shape = (self.arch.num_layers, NUM_LORA_MODULES)
+        local_offsets = torch.full((*shape, 2), NOT_TARGETED, dtype=torch.int64)
+        ranks = torch.zeros(shape, dtype=torch.int32)
+        for index, module in enumerate(modules):
+            local_offsets[module.layer, module.module] = torch.tensor(
+                offsets[2 * index : 2 * index + 2]
+            )
+            ranks[module.layer, module.module] = module.rank
+        targeted = {module.module for module in modules}
+        return HostAdapter(
+            name=name,
+            path=str(folder),
+            pages=pages,
+            local_offsets=local_offsets,
+            ranks=ranks,
+            max_rank=max(module.rank for module in modules),
+            target_modules=tuple(LORA_MODULES[index] for index in sorted(targeted)),
+        )
+
+    def _host_matrices(self, folder: Path, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [r, in] and scaled, transposed B [r, out], in the pool dtype."""
+        lora_a = module.lora_a.to(self.dtype)  # [r, in]
+        # Fold the scaling in float32, then round once to the pool dtype.
+        lora_b = (module.lora_b * module.scaling).T.contiguous().to(self.dtype)  # [r, out]
+        for tensor_name, matrix in ((module.a_name, lora_a), (module.b_name, lora_b)):
+            if not torch.isfinite(matrix).all():
+                raise refuse(folder, f"tensor {tensor_name} overflows {self.dtype} once scaled")
+        return lora_a, lora_b

@@ -1,0 +1,374 @@
+"""Reading and validating a PEFT LoRA adapter folder, exactly as PEFT writes it.
+
+A folder holds `adapter_config.json` and `adapter_model.safetensors`, with tensors
+named like `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`
+(`lora_A` is `[r, in_features]`, `lora_B` is `[out_features, r]`).
+
+Which modules a config targets, and with which rank and alpha, follows PEFT 0.21
+(`tuners_utils.check_target_module_exists`, `utils.other.get_pattern_key`) applied
+to the module names PEFT matches against: those of the Hugging Face model,
+`model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.down_proj`, ...
+Everything is checked before anything is returned, so a refused folder leaves no trace.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from loraserve.errors import AdapterError
+from loraserve.models.arch import LORA_MODULES, MODULE_INDEX, O_GROUP, QKV_GROUP, ModelArch
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+
+# Config fields that change what an adapter computes in ways loraserve does not
+# implement; each is refused when set (truthy).
+UNSUPPORTED_FEATURES: dict[str, str] = {
+    "use_dora": "DoRA (use_dora) is not supported",
+    "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
+    "lora_bias": "a bias on lora_B (lora_bias) is not supported",
+    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
+    "layer_replication": "layer_replication is not supported",
+    "fan_in_fan_out": "fan_in_fan_out (transposed, Conv1D-style weights) is not supported",
+    "trainable_token_indices": "trainable_token_indices (embedding edits) is not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "use_qalora": "QALoRA (use_qalora) is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+    "kasa_config": "KaSA (kasa_config) is not supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
+}
+
+# `lora_A.default.weight`: some tools keep PEFT's in-memory adapter name.
+TENSOR_NAME = re.compile(
+    r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)"
+    r"\.(?P<module>\w+)\.lora_(?P<which>[AB])(?:\.default)?\.weight"
+)
+ATTENTION_MODULES = {LORA_MODULES[index] for index in (*QKV_GROUP, *O_GROUP)}
+PARENT = {name: "self_attn" if name in ATTENTION_MODULES else "mlp" for name in LORA_MODULES}
+"""The submodule of a decoder layer that holds each LoRA module."""
+ALL_LINEAR = "all-linear"
+"""PEFT's shorthand for every linear layer but the output head."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted linear layer of one decoder layer, as the file holds it (float32)."""
+
+    layer: int
+    module: int
+    """Index into LORA_MODULES."""
+    rank: int
+    scaling: float
+    """lora_alpha / rank, or lora_alpha / sqrt(rank) with rsLoRA (per module)."""
+    lora_a: torch.Tensor
+    """[rank, in_features]"""
+    lora_b: torch.Tensor
+    """[out_features, rank]"""
+    a_name: str
+    b_name: str
+
+
+@dataclass(frozen=True)
+class _Target:
+    key: str
+    rank: int
+    scaling: float
+
+
+def refuse(folder: Path, reason: str) -> AdapterError:
+    """The error for a refused folder: names the folder, then the reason."""
+    return AdapterError(f"adapter folder '{folder}': {reason}")
+
+
+def read_peft_lora(folder: Path, arch: ModelArch, max_lora_rank: int) -> list[LoraModule]:
+    """Every adapted module of a PEFT LoRA folder, sorted by (layer, module); AdapterError if refused."""
+    config = read_config(folder)
+    check_features(config, folder)
+    targets = resolve_targets(config, arch, max_lora_rank, folder)
+    tensors = load_tensors(folder)
+    pairs = pair_tensors(tensors, arch, folder)
+    strays = sorted(pairs.keys() - targets.keys())
+    if strays:
+        name = min(pairs[strays[0]].values())
+        raise refuse(folder, f"tensor {name} is for a module that {CONFIG_FILE} does not target")
+    missing = sorted(targets.keys() - pairs.keys())
+    if missing:
+        key = targets[missing[0]].key
+        raise refuse(folder, f"{CONFIG_FILE} targets {key} but the weights have no tensors for it")
+    return [
+        _checked_module(folder, arch, where, targets[where], pairs[where], tensors)
+        for where in sorted(targets)
+    ]
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """adapter_config.json as a dict, once the folder holds a LoRA config and safetensors weights."""
+    if not folder.exists():
+        raise refuse(folder, "no such folder")
+    if not folder.is_dir():
+        raise refuse(folder, "not a folder")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise refuse(folder, f"{CONFIG_FILE} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise refuse(folder, f"{CONFIG_FILE} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise refuse(folder, f"{CONFIG_FILE} is not a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise refuse(folder, f"peft_type is {config.get('peft_type')!r}; only LORA is supported")
+    if not (folder / SAFETENSORS_FILE).is_file():
+        if (folder / PICKLE_FILE).is_file():
+            # Never unpickle: a pickle runs arbitrary code on load.
+            raise refuse(
+                folder,
+                f"only {PICKLE_FILE} found; convert it to {SAFETENSORS_FILE} "
+                "(load it with PEFT where you trust it and save_pretrained again)",
+            )
+        raise refuse(folder, f"{SAFETENSORS_FILE} is missing")
+    return config
+
+
+def check_features(config: dict[str, Any], folder: Path) -> None:
+    """Refuse configs that use a feature loraserve does not compute."""
+    for field, reason in UNSUPPORTED_FEATURES.items():
+        if config.get(field):
+            raise refuse(folder, f"{reason} ({field} = {config[field]!r})")
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise refuse(folder, f"bias {bias!r} is not supported (only 'none')")
+
+
+def base_module_names(arch: ModelArch) -> Iterator[str]:
+    """The names of `named_modules()` of a Llama-family HF model, which PEFT matches targets to."""
+    yield from ("model", "model.embed_tokens", "model.layers")
+    for layer in range(arch.num_layers):
+        prefix = f"model.layers.{layer}"
+        yield from (prefix, f"{prefix}.self_attn", f"{prefix}.mlp", f"{prefix}.mlp.act_fn")
+        yield from (f"{prefix}.{PARENT[name]}.{name}" for name in LORA_MODULES)
+        yield f"{prefix}.input_layernorm"
+        yield f"{prefix}.post_attention_layernorm"
+    yield from ("model.norm", "model.rotary_emb", "lm_head")
+
+
+def resolve_targets(
+    config: dict[str, Any], arch: ModelArch, max_lora_rank: int, folder: Path
+) -> dict[tuple[int, int], _Target]:
+    """(layer, module index) -> rank and scaling of every module the config targets."""
+    rank, alpha = _number(config, "r", folder), _number(config, "lora_alpha", folder)
+    rank_pattern = _pattern(config, "rank_pattern", folder)
+    alpha_pattern = _pattern(config, "alpha_pattern", folder)
+    try:
+        keys = [key for key in base_module_names(arch) if _is_targeted(config, key, folder)]
+    except re.error as error:
+        raise refuse(folder, f"a target or layer pattern is not a valid regex ({error})") from None
+    if not keys:
+        raise refuse(folder, f"target_modules {config.get('target_modules')!r} matches no module")
+    targets = {}
+    for key in keys:
+        where = _lora_module(key, folder)
+        module_rank = rank_pattern.get(get_pattern_key(rank_pattern, key), rank)
+        module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, key), alpha)
+        if not isinstance(module_rank, int) or module_rank < 1:
+            raise refuse(folder, f"rank of {key} is {module_rank!r}; expected a positive integer")
+        if module_rank > max_lora_rank:
+            raise refuse(
+                folder, f"rank {module_rank} of {key} is above max_lora_rank {max_lora_rank}"
+            )
+        root = math.sqrt(module_rank) if config.get("use_rslora") else module_rank
+        targets[where] = _Target(key, module_rank, module_alpha / root)
+    return targets
+
+
+def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
+    """PEFT's `get_pattern_key`: the first pattern that matches a dot-bounded suffix of the key."""
+    for pattern in pattern_keys:
+        if re.match(rf"(.*\.)?({pattern})$", key_to_match):
+            return pattern
+    return key_to_match
+
+
+def _is_targeted(config: dict[str, Any], key: str, folder: Path) -> bool:
+    """PEFT's `check_target_module_exists` (exclude_modules, layers_to_transform included)."""
+    target_modules = config.get("target_modules")
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        target_modules = list(LORA_MODULES)
+    if _is_excluded(config.get("exclude_modules"), key):
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    if not isinstance(target_modules, list):
+        raise refuse(folder, f"target_modules is {target_modules!r}; expected a list or a regex")
+    if key in target_modules:
+        return True
+    found = any(key.endswith(f".{target}") for target in target_modules)
+    layers = config.get("layers_to_transform")
+    if not found or layers is None or layers == []:
+        return found
+    layer = _layer_index(key, config.get("layers_pattern"))
+    if layer is None:
+        return False
+    return layer == layers if isinstance(layers, int) else layer in layers
+
+
+def _is_excluded(exclude: Any, key: str) -> bool:
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, key) is not None
+    return key in exclude or any(key.endswith(f".{name}") for name in exclude)
+
+
+def _layer_index(key: str, layers_pattern: Any) -> int | None:
+    """The layer number in a module key, found as PEFT finds it (the first numbered segment)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _lora_module(key: str, folder: Path) -> tuple[int, int]:
+    """(layer, module index) of a targeted module key; refuses anything but the 7 LoRA linears."""
+    if key == "model.embed_tokens":
+        raise refuse(
+            folder, "targets the embedding (embed_tokens); embedding LoRA is not supported"
+        )
+    if key == "lm_head":
+        raise refuse(folder, "targets lm_head; LoRA on the output head is not supported")
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)", key)
+    if match is None or match.group(3) not in MODULE_INDEX:
+        raise refuse(
+            folder,
+            f"target_modules matches {key}, which is not one of the layers loraserve "
+            f"adapts ({', '.join(LORA_MODULES)})",
+        )
+    return int(match.group(1)), MODULE_INDEX[match.group(3)]
+
+
+def _number(config: dict[str, Any], field: str, folder: Path) -> int | float:
+    value = config.get(field)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise refuse(folder, f"{field} is {value!r}; expected a number")
+    return value
+
+
+def _pattern(config: dict[str, Any], field: str, folder: Path) -> dict[str, Any]:
+    pattern = config.get(field) or {}
+    if not isinstance(pattern, dict):
+        raise refuse(folder, f"{field} is {pattern!r}; expected an object")
+    for key in pattern:
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise refuse(folder, f"{field} key {key!r} is not a valid regex ({error})") from None
+    return pattern
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of adapter_model.safetensors (CPU)."""
+    try:
+        return load_file(folder / SAFETENSORS_FILE, device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise refuse(folder, f"cannot read {SAFETENSORS_FILE} ({error})") from None
+
+
+def pair_tensors(
+    tensors: dict[str, torch.Tensor], arch: ModelArch, folder: Path
+) -> dict[tuple[int, int], dict[str, str]]:
+    """(layer, module index) -> {"A": tensor name, "B": tensor name}; refuses strays and orphans."""
+    pairs: dict[tuple[int, int], dict[str, str]] = {}
+    for name in sorted(tensors):  # sorted: the same message for the same folder
+        layer, module, which = _parse_tensor_name(name, arch, folder)
+        pair = pairs.setdefault((layer, module), {})
+        if which in pair:
+            raise refuse(folder, f"tensors {pair[which]} and {name} are the same weight")
+        pair[which] = name
+    for pair in pairs.values():
+        if len(pair) == 1:
+            ((which, name),) = pair.items()
+            partner = "lora_B" if which == "A" else "lora_A"
+            raise refuse(folder, f"tensor {name} has no matching {partner}")
+    return pairs
+
+
+def _parse_tensor_name(name: str, arch: ModelArch, folder: Path) -> tuple[int, int, str]:
+    if "lora_embedding" in name or "embed_tokens" in name:
+        raise refuse(folder, f"tensor {name} adapts the embedding; not supported")
+    if "lm_head" in name:
+        raise refuse(folder, f"tensor {name} adapts lm_head; not supported")
+    match = TENSOR_NAME.fullmatch(name)
+    module = match.group("module") if match else ""
+    if match is None or PARENT.get(module) != match.group("parent"):
+        raise refuse(
+            folder, f"unexpected tensor {name} (not a LoRA A/B of {', '.join(LORA_MODULES)})"
+        )
+    layer = int(match.group("layer"))
+    if layer >= arch.num_layers:
+        raise refuse(
+            folder, f"tensor {name} is for layer {layer}, the model has {arch.num_layers} layers"
+        )
+    return layer, MODULE_INDEX[module], match.group("which")
+
+
+def _checked_module(
+    folder: Path,
+    arch: ModelArch,
+    where: tuple[int, int],
+    target: _Target,
+    pair: dict[str, str],
+    tensors: dict[str, torch.Tensor],
+) -> LoraModule:
+    """One module's A and B once their shapes, ranks and values are checked."""
+    in_features, out_features = arch.module_dims(LORA_MODULES[where[1]])
+    a_name, b_name = pair["A"], pair["B"]
+    lora_a, lora_b = tensors[a_name], tensors[b_name]  # [r, in], [out, r]
+    _check_shape(folder, a_name, lora_a, 1, (target.rank, in_features))
+    _check_shape(folder, b_name, lora_b, 0, (out_features, target.rank))
+    if lora_a.shape[0] != lora_b.shape[1]:
+        raise refuse(
+            folder, f"{a_name} has rank {lora_a.shape[0]} but {b_name} has rank {lora_b.shape[1]}"
+        )
+    if lora_a.shape[0] != target.rank:
+        raise refuse(
+            folder,
+            f"{a_name} has rank {lora_a.shape[0]} but {CONFIG_FILE} gives {target.key} "
+            f"rank {target.rank}",
+        )
+    for name, tensor in ((a_name, lora_a), (b_name, lora_b)):
+        if not tensor.is_floating_point():
+            raise refuse(folder, f"tensor {name} has dtype {tensor.dtype}; expected floats")
+        if not torch.isfinite(tensor).all():
+            raise refuse(folder, f"tensor {name} contains NaN or inf")
+    return LoraModule(
+        *where, target.rank, target.scaling, lora_a.float(), lora_b.float(), a_name, b_name
+    )
+
+
+def _check_shape(
+    folder: Path, name: str, tensor: torch.Tensor, model_dim: int, expected: tuple[int, int]
+) -> None:
+    """Refuse a tensor whose base-model side (dim `model_dim`) does not fit the base model."""
+    if tensor.ndim != 2 or tensor.shape[model_dim] != expected[model_dim]:
+        raise refuse(
+            folder,
+            f"tensor {name} has shape {tuple(tensor.shape)}, expected {expected} "
+            "for this base model",
+        )

@@ -1,0 +1,185 @@
+"""The FastAPI app: OpenAI-compatible routes over an `AsyncEngine`.
+
+Routes are thin: they check who is calling and what was sent, then hand over to
+the engine (completions.py, chat.py) or answer from its state. The engine thread
+starts and stops with the app (its lifespan).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.server.auth import OPEN_TENANT, Tenant, Tenants
+from loraserve.server.chat import create_chat_completion
+from loraserve.server.completions import create_completion
+from loraserve.server.config import ServerConfig
+from loraserve.server.errors import APIError, install_error_handlers
+from loraserve.server.metrics import ServerMetrics, StaticInfo
+from loraserve.server.middleware import AuthMiddleware, BodyLimitMiddleware
+from loraserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    ModelCard,
+    ModelList,
+    UnloadAdapterRequest,
+)
+from loraserve.server.serving import Served
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    engine: AsyncEngine, config: ServerConfig, tenants: Tenants | None = None
+) -> FastAPI:
+    """The server for `engine`; without `tenants` every caller may do everything."""
+    served = _served(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if tenants is None:
+            logger.warning(
+                "no --api-keys file: the server is open; anyone who can reach it may use "
+                "every adapter and load or unload adapters"
+            )
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="loraserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.served = served
+    app.state.adapter_roots = tuple(Path(root).resolve() for root in config.adapter_roots())
+    install_error_handlers(app)
+    app.add_middleware(AuthMiddleware, tenants=tenants)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    _add_routes(app)
+    return app
+
+
+def _served(engine: AsyncEngine) -> Served:
+    info, config = engine.engine.info, engine.engine.config
+    static = StaticInfo(
+        block_size=config.cache.block_size,
+        num_pages=info.num_pages,
+        max_lora=config.lora.max_resident_adapters,
+        gpu_memory_utilization=config.cache.gpu_memory_utilization,
+        dtype=str(info.dtype).removeprefix("torch."),
+    )
+    return Served(engine, ServerMetrics(static), info.served_model_name, info.max_model_len)
+
+
+def tenant_of(request: Request) -> Tenant:
+    """The caller, as AuthMiddleware found it."""
+    return getattr(request.state, "tenant", OPEN_TENANT)
+
+
+def admin_of(request: Request) -> Tenant:
+    tenant = tenant_of(request)
+    if not tenant.admin:
+        raise APIError(403, "this route needs an admin key", code="admin_required")
+    return tenant
+
+
+CallerTenant = Annotated[Tenant, Depends(tenant_of)]
+AdminTenant = Annotated[Tenant, Depends(admin_of)]
+
+
+def served_of(request: Request) -> Served:
+    return request.app.state.served  # type: ignore[no-any-return]
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.post("/v1/completions", response_model=None)
+    async def completions(
+        body: CompletionRequest, request: Request, tenant: CallerTenant
+    ) -> Response:
+        tenant.check_rate()
+        return await create_completion(served_of(request), body, tenant, request)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, tenant: CallerTenant
+    ) -> Response:
+        tenant.check_rate()
+        return await create_chat_completion(served_of(request), body, tenant, request)
+
+    @app.get("/v1/models")
+    async def models(request: Request, tenant: CallerTenant) -> ModelList:
+        return _model_list(served_of(request), tenant)
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(body: LoadAdapterRequest, request: Request, _: AdminTenant) -> str:
+        path = adapter_path(body.lora_path, request.app.state.adapter_roots)
+        await served_of(request).engine.register_adapter(body.lora_name, path)
+        logger.info("loaded adapter %s from %s", body.lora_name, path)
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(
+        body: UnloadAdapterRequest, request: Request, _: AdminTenant
+    ) -> str:
+        await served_of(request).engine.unregister_adapter(body.lora_name)
+        logger.info("unloaded adapter %s", body.lora_name)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        if not served_of(request).engine.is_healthy:
+            raise APIError(503, "the engine is not running", code="engine_dead")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        served = served_of(request)
+        served.metrics.update(await served.engine.stats(), served.engine.is_healthy)
+        return Response(served.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _model_list(served: Served, tenant: Tenant) -> ModelList:
+    """The base model and the adapters this tenant may use (adapters name their parent)."""
+    cards = []
+    if tenant.may_use(None):
+        cards.append(ModelCard(id=served.base_model, max_model_len=served.max_model_len))
+    for name, path in sorted(served.engine.adapters.items()):
+        if tenant.may_use(name):
+            cards.append(
+                ModelCard(
+                    id=name,
+                    root=str(path),
+                    parent=served.base_model,
+                    max_model_len=served.max_model_len,
+                )
+            )
+    return ModelList(data=cards)
+
+
+def adapter_path(requested: str, roots: tuple[Path, ...]) -> Path:
+    """The folder to load, which must lie under an allowed root (403 otherwise).
+    A relative path is taken under the first root; links are resolved before the
+    check, so a symlink cannot lead outside."""
+    if not roots:
+        raise APIError(
+            403,
+            "loading adapters at run time is off: start the server with --adapter-dir "
+            "or --allowed-adapter-root",
+            "lora_path",
+            "adapter_loading_disabled",
+        )
+    path = Path(requested).expanduser()
+    resolved = (path if path.is_absolute() else roots[0] / path).resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise APIError(
+            403,
+            f"lora_path {requested!r} is outside the folders adapters may be loaded from",
+            "lora_path",
+            "path_not_allowed",
+        )
+    return resolved

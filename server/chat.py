@@ -1,0 +1,163 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.sampler import TokenLogprobs
+from loraserve.errors import InvalidRequestError
+from loraserve.models.tokenizer import Tokenizer
+from loraserve.server.auth import Tenant
+from loraserve.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    Delta,
+    TopLogprob,
+)
+from loraserve.server.serving import (
+    EventStreamResponse,
+    Prompt,
+    Served,
+    TokenNamer,
+    Tracker,
+    collect,
+    follow,
+    sampling_params,
+    sse,
+    until_disconnect,
+)
+
+
+async def create_chat_completion(
+    served: Served, body: ChatCompletionRequest, tenant: Tenant, request: Request
+) -> JSONResponse | EventStreamResponse:
+    """Validate, render and queue the conversation, then stream or wait for the answer."""
+    adapter = served.resolve_adapter(body.model, tenant)
+    _refuse_unsupported(body)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = sampling_params(body, max_tokens, _num_top_logprobs(body))
+    prompt = await render(served.tokenizer, body)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    streams = await served.start(request_id, [prompt], params, adapter)
+    tracker = Tracker(served.metrics, body.model, len(prompt.token_ids))
+    if body.stream:
+        events = _events(served, body, request_id, follow(streams, tracker), tracker)
+        return EventStreamResponse(events, streams)
+    finals = await until_disconnect(request, collect(streams, tracker))
+    name = served.token_namer(body.return_tokens_as_token_ids)
+    choices = [
+        _choice(index, output, body.logprobs, name) for (_, index), output in sorted(finals.items())
+    ]
+    response = ChatCompletionResponse(
+        id=request_id, model=body.model, choices=choices, usage=tracker.usage()
+    )
+    return JSONResponse(response.model_dump())
+
+
+async def render(tokenizer: Tokenizer, body: ChatCompletionRequest) -> Prompt:
+    """The prompt text and ids; template rendering and tokenizing run off the event loop."""
+    messages = [message.template_dict() for message in body.messages]
+
+    def render_and_encode() -> Prompt:
+        text = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+        # The template writes BOS itself, so no special tokens are added again.
+        return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
+
+    return await asyncio.to_thread(render_and_encode)
+
+
+def _num_top_logprobs(body: ChatCompletionRequest) -> int | None:
+    """The engine's `logprobs`: None unless `logprobs: true`, then `top_logprobs` (0 default)."""
+    if body.logprobs:
+        return body.top_logprobs or 0
+    if body.top_logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    return None
+
+
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    if body.tools and body.tool_choice != "none":
+        raise InvalidRequestError("tool calling is not supported", "tools")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise InvalidRequestError("only response_format type text is supported", "response_format")
+
+
+def _choice(index: int, output: RequestOutput, with_logprobs: bool, name: TokenNamer) -> ChatChoice:
+    completion = output.outputs[0]
+    logprobs = chat_logprobs(completion.logprobs or [], name) if with_logprobs else None
+    return ChatChoice(
+        index=index,
+        message=AssistantMessage(content=completion.text),
+        logprobs=logprobs,
+        finish_reason=completion.finish_reason,
+        stop_reason=completion.stop_reason,
+    )
+
+
+def chat_logprobs(entries: Sequence[TokenLogprobs], name: TokenNamer) -> ChatLogprobs:
+    """OpenAI's chat format: one object per token with its top alternatives."""
+
+    def top(token_id: int, logprob: float) -> TopLogprob:
+        token = name(token_id)
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    content = []
+    for entry in entries:
+        chosen = top(entry.token_id, entry.logprob)
+        alternatives = [top(i, p) for i, p in entry.top_logprobs]
+        content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
+    return ChatLogprobs(content=content)
+
+
+async def _events(
+    served: Served,
+    body: ChatCompletionRequest,
+    request_id: str,
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    tracker: Tracker,
+) -> AsyncIterator[str]:
+    """A role chunk per choice, then content deltas, finish reasons, and usage if asked."""
+    created = int(time.time())
+
+    def chunk(choices: list[ChatChunkChoice]) -> str:
+        return sse(
+            ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=choices)
+        )
+
+    for index in range(body.n):
+        yield chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+    async for _, output in outputs:
+        completion = output.outputs[0]
+        logprobs = None
+        if body.logprobs:
+            entries = completion.logprobs or []
+            new = entries[len(entries) - len(completion.new_token_ids) :]
+            logprobs = chat_logprobs(new, served.token_namer(body.return_tokens_as_token_ids))
+        if not (completion.new_text or completion.finish_reason or logprobs):
+            continue  # text held back (a partial character or a possible stop string)
+        choice = ChatChunkChoice(
+            index=completion.index,
+            delta=Delta(content=completion.new_text),
+            logprobs=logprobs,
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+        )
+        yield chunk([choice])
+    if body.stream_options is not None and body.stream_options.include_usage:
+        usage = ChatCompletionChunk(
+            id=request_id, created=created, model=body.model, choices=[], usage=tracker.usage()
+        )
+        yield sse(usage)

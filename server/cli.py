@@ -1,0 +1,194 @@
+"""The `loraserve` command: `loraserve serve --model DIR ...` and `loraserve demo`.
+
+Options are generated from the config dataclasses (model, pool, LoRA, scheduler,
+server): one `--flag` per field, its docstring as help, its default shown. Only
+options given on the command line are passed on, so every default lives in one
+place, the dataclass. Unknown or abbreviated options are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
+import logging
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
+from loraserve.engine.llm import build_config
+from loraserve.errors import LoraserveError
+from loraserve.scheduler.config import SchedulerConfig
+from loraserve.server.config import ServerConfig
+
+ENGINE_CONFIGS: tuple[type, ...] = (ModelConfig, CacheConfig, LoraConfig, SchedulerConfig)
+PEFT_CONFIG_FILE = "adapter_config.json"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command")
+    try:
+        engine_options, server_config = _split_options(args)
+        if command == "demo":
+            model, adapters = _demo_assets(engine_options)
+        else:
+            model = engine_options.pop("model")
+            adapters = {}
+        adapters.update(adapters_of(server_config))
+        engine_config = build_config(model, **engine_options)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        serve(engine_config, server_config, adapters)
+    except (LoraserveError, ValueError, OSError) as error:
+        print(f"loraserve: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraserve", description="Serve many LoRA adapters of one base model."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = commands.add_parser(
+        "serve",
+        help="serve a local model folder and its adapters",
+        description="Serve a local Hugging Face model folder and PEFT adapters over "
+        "an OpenAI-compatible API.",
+        allow_abbrev=False,
+    )
+    demo_parser = commands.add_parser(
+        "demo",
+        help="build a tiny model and adapters locally (no download) and serve them",
+        description="Build (once, cached) a tiny model and adapters that behave visibly "
+        "differently, and serve them on the CPU.",
+        allow_abbrev=False,
+    )
+    for sub, needs_model in ((serve_parser, True), (demo_parser, False)):
+        for config in (*ENGINE_CONFIGS, ServerConfig):
+            add_config_options(sub, config, needs_model)
+    return parser
+
+
+def add_config_options(parser: argparse.ArgumentParser, config: type, needs_model: bool) -> None:
+    """One option per field of `config`, in a group titled by the class docstring."""
+    title = (config.__doc__ or config.__name__).strip().splitlines()[0]
+    group = parser.add_argument_group(title)
+    docs, hints = field_docs(config), typing.get_type_hints(config)
+    for field in dataclasses.fields(config):
+        if field.name == "model" and not needs_model:
+            continue
+        help_text = docs.get(field.name, "").replace("%", "%%")
+        flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+        kwargs = _argument_kwargs(hints[field.name])
+        if field.name == "model" and needs_model:
+            group.add_argument(flag, dest=field.name, required=True, help=help_text, **kwargs)
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else None
+        if default not in (None, ()):
+            help_text += f" (default: {default})"
+        group.add_argument(
+            flag, dest=field.name, default=argparse.SUPPRESS, help=help_text, **kwargs
+        )
+
+
+def field_docs(config: type) -> dict[str, str]:
+    """Field name -> the docstring written under it in the class body."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(config)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _argument_kwargs(hint: Any) -> dict[str, Any]:
+    """argparse's type/action for a field's type: X, X | None, bool, tuple[str, ...]."""
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is tuple:
+        return {"action": "append", "type": typing.get_args(hint)[0]}
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return {"type": hint}
+
+
+def _split_options(args: dict[str, Any]) -> tuple[dict[str, Any], ServerConfig]:
+    """Engine options (for `build_config`) and the ServerConfig, from parsed options."""
+    server_fields = {field.name for field in dataclasses.fields(ServerConfig)}
+    server = {name: args.pop(name) for name in list(args) if name in server_fields}
+    for name, value in server.items():
+        if isinstance(value, list):
+            server[name] = tuple(value)
+    return args, ServerConfig(**server)
+
+
+def adapters_of(config: ServerConfig) -> dict[str, Path]:
+    """--adapter NAME=DIR entries, then every PEFT folder under --adapter-dir."""
+    adapters: dict[str, Path] = {}
+    for spec in config.adapters:
+        name, _, path = spec.partition("=")
+        if name in adapters:
+            raise ValueError(f"adapter name {name!r} is given twice")
+        adapters[name] = Path(path)
+    if config.adapter_dir is not None:
+        root = Path(config.adapter_dir)
+        if not root.is_dir():
+            raise ValueError(f"--adapter-dir {root} is not a folder")
+        for folder in sorted(root.iterdir()):
+            if (folder / PEFT_CONFIG_FILE).is_file():
+                if folder.name in adapters:
+                    raise ValueError(f"adapter name {folder.name!r} is given twice")
+                adapters[folder.name] = folder
+    return adapters
+
+
+def _demo_assets(engine_options: dict[str, Any]) -> tuple[str, dict[str, Path]]:
+    """The demo's model folder and adapters, built on first use; the CPU unless told."""
+    from loraserve.server.demo_assets import ensure_demo_assets
+
+    engine_options.setdefault("device", "cpu")
+    model, adapters = ensure_demo_assets()
+    return str(model), dict(adapters)
+
+
+def serve(engine_config: EngineConfig, config: ServerConfig, adapters: dict[str, Path]) -> None:
+    """Load the model and adapters, then serve until interrupted."""
+    import uvicorn
+
+    from loraserve.engine.async_engine import AsyncEngine
+    from loraserve.engine.engine import LLMEngine
+    from loraserve.server.app import create_app
+    from loraserve.server.auth import Tenants
+
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    tenants = Tenants.from_file(config.api_keys) if config.api_keys else None  # fail early
+    engine = LLMEngine(engine_config)
+    async_engine = AsyncEngine(engine, adapters)
+    names = ", ".join([engine.info.served_model_name, *adapters])
+    logging.getLogger(__name__).info("serving %s on http://%s:%d", names, config.host, config.port)
+    app = create_app(async_engine, config, tenants)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""POST /v1/completions: prompts in, OpenAI's `text_completion` objects out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.sampler import TokenLogprobs
+from loraserve.errors import InvalidRequestError
+from loraserve.models.tokenizer import Tokenizer
+from loraserve.server.auth import Tenant
+from loraserve.server.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from loraserve.server.serving import (
+    EventStreamResponse,
+    Prompt,
+    Served,
+    TokenNamer,
+    Tracker,
+    collect,
+    follow,
+    sampling_params,
+    sse,
+    until_disconnect,
+)
+
+
+async def create_completion(
+    served: Served, body: CompletionRequest, tenant: Tenant, request: Request
+) -> JSONResponse | EventStreamResponse:
+    """Validate, queue every prompt, then stream or wait for the whole answer."""
+    adapter = served.resolve_adapter(body.model, tenant)
+    _refuse_unsupported(body)
+    params = sampling_params(body, body.max_tokens, body.logprobs)
+    prompts = await prompts_of(served.tokenizer, body.prompt)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    streams = await served.start(request_id, prompts, params, adapter)
+    num_prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
+    tracker = Tracker(served.metrics, body.model, num_prompt_tokens)
+    if body.stream:
+        events = _events(served, body, request_id, follow(streams, tracker), tracker)
+        return EventStreamResponse(events, streams)
+    finals = await until_disconnect(request, collect(streams, tracker))
+    name = served.token_namer(body.return_tokens_as_token_ids)
+    choices = [
+        _choice(prompt * body.n + index, output, body.logprobs is not None, name)
+        for (prompt, index), output in sorted(finals.items())
+    ]
+    response = CompletionResponse(
+        id=request_id, model=body.model, choices=choices, usage=tracker.usage()
+    )
+    return JSONResponse(response.model_dump())
+
+
+async def prompts_of(
+    tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[Prompt]:
+    """OpenAI's four prompt forms as Prompts; text is tokenized off the event loop."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be empty", "prompt")
+    if all(isinstance(item, int) for item in prompt):
+        return [Prompt(None, [int(item) for item in prompt])]  # type: ignore[arg-type]
+    if all(isinstance(item, list) for item in prompt):
+        return [Prompt(None, list(item)) for item in prompt]  # type: ignore[arg-type]
+    texts = [str(item) for item in prompt]
+    encoded = await asyncio.to_thread(lambda: [tokenizer.encode(text) for text in texts])
+    return [Prompt(text, ids) for text, ids in zip(texts, encoded, strict=True)]
+
+
+def _refuse_unsupported(body: CompletionRequest) -> None:
+    if body.echo:
+        raise InvalidRequestError("echo is not supported", "echo")
+    if body.suffix:
+        raise InvalidRequestError("suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidRequestError("best_of other than n is not supported", "best_of")
+
+
+def _choice(
+    index: int, output: RequestOutput, with_logprobs: bool, name: TokenNamer
+) -> CompletionChoice:
+    completion = output.outputs[0]
+    logprobs = None
+    if with_logprobs:
+        logprobs = completion_logprobs(completion.logprobs or [], name, 0)
+    return CompletionChoice(
+        index=index,
+        text=completion.text,
+        logprobs=logprobs,
+        finish_reason=completion.finish_reason,
+        stop_reason=completion.stop_reason,
+    )
+
+
+def completion_logprobs(
+    entries: Sequence[TokenLogprobs], name: TokenNamer, text_offset: int
+) -> CompletionLogprobs:
+    """The legacy format: parallel lists; `text_offset` of each token in the choice's text."""
+    result = CompletionLogprobs()
+    for entry in entries:
+        token = name(entry.token_id)
+        result.tokens.append(token)
+        result.token_logprobs.append(entry.logprob)
+        top = {name(token_id): logprob for token_id, logprob in entry.top_logprobs}
+        result.top_logprobs.append(top)
+        result.text_offset.append(text_offset)
+        text_offset += len(token)
+    return result
+
+
+async def _events(
+    served: Served,
+    body: CompletionRequest,
+    request_id: str,
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    tracker: Tracker,
+) -> AsyncIterator[str]:
+    """One chunk per completion per step; a usage chunk last when asked for."""
+    created = int(time.time())
+    async for prompt_index, output in outputs:
+        completion = output.outputs[0]
+        logprobs = None
+        if body.logprobs is not None:
+            entries = completion.logprobs or []
+            new = entries[len(entries) - len(completion.new_token_ids) :]
+            offset = len(completion.text) - len(completion.new_text)
+            name = served.token_namer(body.return_tokens_as_token_ids)
+            logprobs = completion_logprobs(new, name, offset)
+        choice = CompletionChoice(
+            index=prompt_index * body.n + completion.index,
+            text=completion.new_text,
+            logprobs=logprobs,
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+        )
+        yield sse(
+            CompletionChunk(id=request_id, created=created, model=body.model, choices=[choice])
+        )
+    if body.stream_options is not None and body.stream_options.include_usage:
+        chunk = CompletionChunk(
+            id=request_id, created=created, model=body.model, choices=[], usage=tracker.usage()
+        )
+        yield sse(chunk)

@@ -1,0 +1,200 @@
+"""Prometheus metrics at /metrics.
+
+Two families of names:
+- vLLM's, which Kubernetes' Gateway API Inference Extension reads to route by
+  queue length, KV-cache usage and adapter affinity: `vllm:num_requests_running`,
+  `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (a fraction, 1 = full,
+  as in vLLM), `vllm:lora_requests_info` (value = now, labels = running/waiting
+  adapters comma-joined, `max_lora`), `vllm:cache_config_info`.
+- loraserve's own `loraserve_*`: pool pages by use, adapter loads/evictions and
+  load latency, resident adapters, request latency histograms, token counters,
+  requests per model (adapter).
+
+Engine gauges are read at scrape time from an `EngineStats` the engine thread took,
+so a scrape shows one consistent step boundary. Each app has its own registry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loraserve.engine.async_engine import EngineStats
+
+# The `*_created` series only repeat the start time, once per metric; vLLM leaves them out too.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+)
+
+
+@dataclass(frozen=True)
+class StaticInfo:
+    """What the metrics say about the configuration (fixed at start-up)."""
+
+    block_size: int
+    num_pages: int
+    max_lora: int
+    gpu_memory_utilization: float
+    dtype: str
+
+
+class ServerMetrics:
+    """The app's registry: request-side metrics observed by routes, engine-side ones
+    collected from the latest `EngineStats`."""
+
+    def __init__(self, info: StaticInfo) -> None:
+        self.registry = CollectorRegistry()
+        self.stats = EngineStats()
+        self.healthy = True
+        self.registry.register(_EngineCollector(self, info))
+        self.adapter_load_seconds = Histogram(
+            "loraserve_adapter_load_seconds",
+            "Time to copy an adapter from host RAM into the pool.",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "loraserve_time_to_first_token_seconds",
+            "From request arrival to its first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "loraserve_time_per_output_token_seconds",
+            "Mean time between generated tokens after the first, per completion.",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e_latency = Histogram(
+            "loraserve_e2e_request_latency_seconds",
+            "From request arrival to its last token.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "loraserve_prompt_tokens", "Prompt tokens of served requests.", registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "loraserve_generation_tokens", "Tokens generated.", registry=self.registry
+        )
+        self.requests = Counter(
+            "loraserve_requests",
+            "Requests by model (base model or adapter) and outcome "
+            "(finished; aborted: the client went away; failed).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+
+    def update(self, stats: EngineStats, healthy: bool) -> None:
+        """Take a fresh engine picture (call before `render`)."""
+        self.stats = stats
+        self.healthy = healthy
+        for seconds in stats.new_adapter_load_seconds:
+            self.adapter_load_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """Gauges and counters read from the latest EngineStats at scrape time."""
+
+    def __init__(self, metrics: ServerMetrics, info: StaticInfo) -> None:
+        self.metrics = metrics
+        self.info = info
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.metrics.stats
+        yield from self._vllm(stats)
+        yield from self._pool(stats)
+
+    def _vllm(self, stats: EngineStats) -> Iterator[Metric]:
+        yield _gauge("vllm:num_requests_running", "Requests running.", stats.num_running)
+        yield _gauge("vllm:num_requests_waiting", "Requests waiting.", stats.num_waiting)
+        usage = _usage(stats)
+        yield _gauge("vllm:kv_cache_usage_perc", "Pool usage, 1 = full.", usage)
+        # The older name, still read by earlier Gateway API Inference Extension releases.
+        yield _gauge("vllm:gpu_cache_usage_perc", "Pool usage, 1 = full.", usage)
+        lora = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running and waiting adapters (value: time of the reading).",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        running, waiting = ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)
+        lora.add_metric([running, waiting, str(self.info.max_lora)], time.time())
+        yield lora
+        config = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "The pool's configuration.",
+            labels=["block_size", "num_gpu_blocks", "gpu_memory_utilization", "cache_dtype"],
+        )
+        info = self.info
+        labels = [info.block_size, info.num_pages, info.gpu_memory_utilization, info.dtype]
+        config.add_metric([str(value) for value in labels], 1)
+        yield config
+
+    def _pool(self, stats: EngineStats) -> Iterator[Metric]:
+        pages = GaugeMetricFamily(
+            "loraserve_pool_pages", "Pool pages by use (kv, adapter, free).", labels=["use"]
+        )
+        pages.add_metric(["kv"], stats.num_kv_pages)
+        pages.add_metric(["adapter"], stats.num_adapter_pages)
+        pages.add_metric(["free"], stats.num_free_pages)
+        yield pages
+        yield _gauge("loraserve_pool_pages_total", "Pages in the pool.", stats.num_total_pages)
+        yield _gauge(
+            "loraserve_resident_adapters",
+            "Adapters whose weights are in the pool.",
+            len(stats.resident_adapters),
+        )
+        yield _counter("loraserve_adapter_loads", "Adapters copied in.", stats.num_adapter_loads)
+        yield _counter(
+            "loraserve_adapter_evictions", "Adapters evicted.", stats.num_adapter_evictions
+        )
+        yield _counter("loraserve_preemptions", "Requests preempted.", stats.num_preemptions)
+        yield _gauge(
+            "loraserve_engine_healthy", "1 while the engine runs.", int(self.metrics.healthy)
+        )
+
+
+def _usage(stats: EngineStats) -> float:
+    """KV pages plus pinned adapter pages over all pages. Idle resident adapters
+    count as free: they are evicted as soon as the pages are wanted."""
+    if not stats.num_total_pages:
+        return 0.0
+    return (stats.num_kv_pages + stats.num_pinned_adapter_pages) / stats.num_total_pages
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)

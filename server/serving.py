@@ -1,0 +1,286 @@
+"""What both generation routes share: choosing the adapter, building sampling params,
+handing prompts to the engine, following their outputs, SSE framing, disconnects.
+
+One HTTP request may carry several prompts (completions) and `n` completions per
+prompt; each prompt is one engine request (its `n` completions are sub-requests),
+and a choice's index is `prompt_index * n + completion_index`, as OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
+
+from loraserve.engine.async_engine import AsyncEngine, RequestStream
+from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.models.tokenizer import Tokenizer
+from loraserve.server.auth import Tenant
+from loraserve.server.errors import APIError, model_not_found, to_api_error
+from loraserve.server.metrics import ServerMetrics
+from loraserve.server.protocol import SamplingFields, Usage
+
+T = TypeVar("T")
+TokenNamer = Callable[[int], str]
+"""How logprobs name a token id: its text, or `token_id:ID`."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt, tokenized (text kept for the engine's outputs when there is one)."""
+
+    text: str | None
+    token_ids: list[int]
+
+
+@dataclass
+class Served:
+    """The engine and what the routes need to know about it."""
+
+    engine: AsyncEngine
+    metrics: ServerMetrics
+    base_model: str
+    max_model_len: int
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.engine.tokenizer
+
+    def token_namer(self, as_token_ids: bool) -> TokenNamer:
+        if as_token_ids:
+            return lambda token_id: f"token_id:{token_id}"
+        tokenizer = self.tokenizer
+        return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def resolve_adapter(self, model: str, tenant: Tenant) -> str | None:
+        """The adapter `model` names (None = the base model); 404 if unknown or not the
+        tenant's, with the same message so that other tenants' adapters stay unseen."""
+        if model == self.base_model:
+            adapter = None
+        elif model in self.engine.adapters:
+            adapter = model
+        else:
+            raise model_not_found(model)
+        if not tenant.may_use(adapter):
+            raise model_not_found(model)
+        return adapter
+
+    async def start(
+        self, request_id: str, prompts: list[Prompt], params: SamplingParams, adapter: str | None
+    ) -> list[RequestStream]:
+        """Queue every prompt, or none: a refused one withdraws those already queued."""
+        streams: list[RequestStream] = []
+        try:
+            for index, prompt in enumerate(prompts):
+                sub_id = request_id if len(prompts) == 1 else f"{request_id}-p{index}"
+                streams.append(
+                    await self.engine.add_request(
+                        sub_id, prompt.text, params, adapter, prompt.token_ids
+                    )
+                )
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        return streams
+
+
+def sampling_params(
+    body: SamplingFields, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    """The engine's params from the body; InvalidRequestError (400) names a bad field."""
+    values: dict[str, Any] = {
+        "n": body.n,
+        "min_tokens": body.min_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "seed": body.seed,
+        "stop": body.stop,
+        "stop_token_ids": body.stop_token_ids,
+        "ignore_eos": body.ignore_eos,
+        "include_stop_str_in_output": body.include_stop_str_in_output,
+        "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "logprobs": logprobs,
+        "skip_special_tokens": body.skip_special_tokens,
+    }
+    # null means "the default", except for max_tokens (null = up to the context limit).
+    given = {name: value for name, value in values.items() if value is not None}
+    return SamplingParams(**given, max_tokens=max_tokens)
+
+
+@dataclass
+class Tracker:
+    """Latency and token accounting of one HTTP request, for the metrics."""
+
+    metrics: ServerMetrics
+    model: str
+    num_prompt_tokens: int
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    completions: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
+    """(prompt, completion) -> (time of its first token, tokens so far)."""
+
+    def observe(self, prompt_index: int, output: RequestOutput) -> None:
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+            self.metrics.time_to_first_token.observe(now - self.arrival)
+        key = (prompt_index, output.outputs[0].index)
+        started, _ = self.completions.get(key, (now, 0))
+        self.completions[key] = (started, len(output.token_ids))
+        if output.finished and len(output.token_ids) > 1:
+            mean = (now - started) / (len(output.token_ids) - 1)
+            self.metrics.time_per_output_token.observe(mean)
+
+    def close(self, outcome: str) -> None:
+        """Record the request's end: `finished`, `aborted` (client gone) or `failed`."""
+        metrics = self.metrics
+        metrics.e2e_latency.observe(time.perf_counter() - self.arrival)
+        metrics.prompt_tokens.inc(self.num_prompt_tokens)
+        metrics.generation_tokens.inc(sum(count for _, count in self.completions.values()))
+        metrics.requests.labels(model=self.model, outcome=outcome).inc()
+
+    def usage(self) -> Usage:
+        completion_tokens = sum(count for _, count in self.completions.values())
+        return Usage(
+            prompt_tokens=self.num_prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=self.num_prompt_tokens + completion_tokens,
+        )
+
+
+async def follow(
+    streams: list[RequestStream], tracker: Tracker
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) of every stream as they come; aborts all on exit."""
+    outcome = "failed"
+    try:
+        if len(streams) == 1:
+            async with streams[0]:
+                async for output in streams[0]:
+                    tracker.observe(0, output)
+                    yield 0, output
+        else:
+            async for index, output in _merge(streams):
+                tracker.observe(index, output)
+                yield index, output
+        outcome = "finished"
+    except (asyncio.CancelledError, GeneratorExit):
+        outcome = "aborted"
+        raise
+    finally:
+        for stream in streams:
+            stream.abort()
+        tracker.close(outcome)
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several streams; one task per stream feeds a shared queue."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+            queue.put_nowait((index, None))
+        except Exception as error:
+            queue.put_nowait((index, error))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(
+    streams: list[RequestStream], tracker: Tracker
+) -> dict[tuple[int, int], RequestOutput]:
+    """Every completion's final output, by (prompt index, completion index)."""
+    finals: dict[tuple[int, int], RequestOutput] = {}
+    async for prompt_index, output in follow(streams, tracker):
+        finals[(prompt_index, output.outputs[0].index)] = output
+    return finals
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (which aborts its
+    engine requests). A non-streaming response has no other way to notice."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        # Nobody will read this; the status is what access logs show.
+        raise APIError(499, "the client closed the connection", code="client_closed")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse(data: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event, as OpenAI frames them."""
+    text = data.model_dump_json() if isinstance(data, BaseModel) else _json(data)
+    return f"data: {text}\n\n"
+
+
+async def _with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The events, then `[DONE]`; an error after the 200 went out becomes an error event."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as error:
+        yield sse(to_api_error(error).body())
+    yield "data: [DONE]\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE that aborts its engine requests however the response ends, even when the
+    client is gone before the first event was pulled from the generators."""
+
+    def __init__(self, events: AsyncIterator[str], streams: list[RequestStream]) -> None:
+        super().__init__(_with_done(events), media_type="text/event-stream")
+        self.streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for stream in self.streams:
+                stream.abort()
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))

@@ -1,0 +1,194 @@
+"""The Triton paged attention and KV write kernels against the torch references.
+
+The KV cache is the 6-D view of a real pool (`pool[:, :kv_numel].view(...)`, so
+its page stride is the pool's page size), NaN wherever nothing was written
+(other layers, other pages, the tail of each sequence's last page); sequences
+own shuffled pages; context lengths are not multiples of the block size.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from loraserve.kernels import reference
+from loraserve.kernels.kv_write import write_kv
+from loraserve.kernels.paged_attention import paged_attention
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),  # the interpreter's bf16 is wrong
+]
+TOLERANCES = {  # float32 softmax; half precision rounds the probabilities before P @ V
+    torch.float32: (1e-4, 1e-4),  # (rtol, atol)
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+NUM_LAYERS, LAYER = 3, 2
+# (query tokens, context length) of each sequence.
+BATCHES = {
+    "decode": [(1, 1), (1, 17), (1, 100), (1, 33), (1, 64)],
+    "prefill": [(17, 17), (1, 1), (40, 40)],
+    "extend": [(4, 20), (17, 50), (1, 33), (2, 2)],  # cached prefix + new tokens, and a decode
+}
+HEADS = [(4, 4), (8, 2), (16, 2)]  # (query heads, KV heads): GQA ratios 1, 4, 8
+LAYOUTS = [(64, 16), (128, 32)]  # (head_dim, block_size)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+@dataclass
+class PagedCache:
+    """A NaN pool, its KV view and the page tables of a batch of sequences."""
+
+    pool: torch.Tensor  # [num_pages, page_numel]
+    kv_pages: (
+        torch.Tensor
+    )  # [num_pages, NUM_LAYERS, 2, block_size, kv_heads, head_dim] view of pool
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+
+
+@pytest.fixture
+def generator(request: pytest.FixtureRequest) -> torch.Generator:
+    """Fresh random numbers per test, the same on every run of that test."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+
+
+def make_cache(
+    context_lens: list[int],
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+) -> PagedCache:
+    """Pages for every sequence, shuffled, out of a pool with more pages than needed."""
+    blocks = [-(-length // block_size) for length in context_lens]
+    num_pages = sum(blocks) + 5
+    kv_numel = NUM_LAYERS * 2 * block_size * kv_heads * head_dim
+    pool = torch.full((num_pages, kv_numel + 40), float("nan"), dtype=dtype, device=DEVICE)
+    kv_pages = pool[:, :kv_numel].view(num_pages, NUM_LAYERS, 2, block_size, kv_heads, head_dim)
+    pages = torch.randperm(num_pages, generator=generator)
+    # Padded with a page that holds NaN: entries past a sequence's blocks must not be read.
+    block_tables = torch.full(
+        (len(context_lens), max(blocks) + 1), int(pages[-1]), dtype=torch.int32
+    )
+    used = 0
+    for seq, count in enumerate(blocks):
+        block_tables[seq, :count] = pages[used : used + count]
+        used += count
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    return PagedCache(pool, kv_pages, block_tables.to(DEVICE), lens.to(DEVICE))
+
+
+def slot_mapping(cache: PagedCache, first: list[int], last: list[int]) -> torch.Tensor:
+    """Pool slots of positions first[s]..last[s]-1 of every sequence s, in order."""
+    block_size = cache.kv_pages.shape[3]
+    tables = cache.block_tables.cpu()
+    slots = [
+        int(tables[seq, position // block_size]) * block_size + position % block_size
+        for seq in range(len(first))
+        for position in range(first[seq], last[seq])
+    ]
+    return torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+
+
+def fill_cache(cache: PagedCache, generator: torch.Generator) -> None:
+    """Write random K/V for every position of every sequence (with the reference writer)."""
+    lens = cache.context_lens.tolist()
+    slots = slot_mapping(cache, [0] * len(lens), lens)
+    kv_heads, head_dim = cache.kv_pages.shape[4:]
+    for layer in (LAYER, 0):  # another layer too: reading the wrong one must show
+        key, value = torch.randn(2, len(slots), kv_heads, head_dim, generator=generator).to(
+            DEVICE, cache.pool.dtype
+        )
+        reference.write_kv(cache.kv_pages, layer, key, value, slots)
+
+
+def run_attention(
+    batch: list[tuple[int, int]],
+    heads: tuple[int, int],
+    layout: tuple[int, int],
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, reference output) on a fresh cache."""
+    (num_heads, kv_heads), (head_dim, block_size) = heads, layout
+    query_lens, context_lens = zip(*batch, strict=True)
+    cache = make_cache(list(context_lens), kv_heads, head_dim, block_size, dtype, generator)
+    fill_cache(cache, generator)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    query_starts = torch.tensor(
+        [0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32
+    )
+    args = (
+        query,
+        cache.kv_pages,
+        LAYER,
+        cache.block_tables,
+        query_starts.to(DEVICE),
+        cache.context_lens,
+    )
+    out = torch.full_like(query, float("nan"))
+    paged_attention(*args, head_dim**-0.5, out=out, num_splits=num_splits)
+    return out, reference.paged_attention(*args, head_dim**-0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"d{layout[0]}-bs{layout[1]}")
+@pytest.mark.parametrize("heads", HEADS, ids=lambda heads: f"h{heads[0]}-kv{heads[1]}")
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_paged_attention_matches_reference(kind: str, heads, layout, dtype: torch.dtype, generator):
+    out, expected = run_attention(BATCHES[kind], heads, layout, dtype, generator)
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("kind", ["decode", "extend"])
+def test_paged_attention_split_kv_matches_reference(kind: str, num_splits: int, generator):
+    out, expected = run_attention(
+        BATCHES[kind], (8, 2), (64, 16), torch.float16, generator, num_splits
+    )
+    assert_close(out, expected, torch.float16)
+
+
+def test_paged_attention_rejects_bad_inputs(generator):
+    cache = make_cache([5], 2, 64, 16, torch.float32, generator)
+    query = torch.randn(1, 6, 64, device=DEVICE)  # GQA group of 3
+    starts = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="layer"):
+        paged_attention(
+            query, cache.kv_pages, NUM_LAYERS, cache.block_tables, starts, cache.context_lens, 1.0
+        )
+    with pytest.raises(ValueError, match="kv_pages"):
+        paged_attention(
+            query.half(), cache.kv_pages, 0, cache.block_tables, starts, cache.context_lens, 1.0
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"d{layout[0]}-bs{layout[1]}")
+def test_write_kv_matches_reference(layout, dtype: torch.dtype, generator):
+    head_dim, block_size = layout
+    kv_heads = 3
+    cache = make_cache([5, 40, 1], kv_heads, head_dim, block_size, dtype, generator)
+    slots = slot_mapping(cache, [0, 31, 0], [5, 40, 1])  # a prefill, an extend, a decode
+    # value is a column slice of a fused projection, as the engine passes it.
+    fused = torch.randn(len(slots), 3 * kv_heads * head_dim, generator=generator).to(DEVICE, dtype)
+    key = torch.randn(len(slots), kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    value = fused[:, kv_heads * head_dim : 2 * kv_heads * head_dim].view(-1, kv_heads, head_dim)
+    expected = cache.pool.clone()
+    expected_pages = expected[:, : cache.kv_pages[0].numel()].view(cache.kv_pages.shape)
+    reference.write_kv(expected_pages, LAYER, key, value, slots)
+    write_kv(cache.kv_pages, LAYER, key, value, slots)
+    torch.testing.assert_close(cache.pool, expected, rtol=0, atol=0, equal_nan=True)

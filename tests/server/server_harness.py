@@ -1,0 +1,159 @@
+"""What the server tests share: one tiny model and its adapters per session, real
+servers (uvicorn on a free 127.0.0.1 port, in a thread of the test process), and
+helpers to read /metrics. The fixtures reach tests through conftest.py.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from factories import make_adapter, make_model
+
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.llm import build_config
+from loraserve.server.app import create_app
+from loraserve.server.auth import Tenants
+from loraserve.server.config import ServerConfig
+
+ADAPTERS = {
+    "attn8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "mlp4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "all6": dict(
+        r=6,
+        lora_alpha=3,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+    ),
+}
+ENGINE_OPTIONS: dict[str, Any] = dict(device="cpu", pool_pages=96)
+STARTUP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Model folder, the served adapters' root, and a root of spare adapters for loading."""
+
+    model: Path
+    adapter_dir: Path
+    spare_dir: Path
+    base_model: Any  # the transformers model, to make more adapters
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        return {name: self.adapter_dir / name for name in ADAPTERS}
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    root = tmp_path_factory.mktemp("server-assets")
+    base_model = make_model(root / "tiny-llama", "llama")
+    for seed, (name, config) in enumerate(ADAPTERS.items()):
+        make_adapter(base_model, root / "adapters" / name, seed=seed, **config)
+    spare = root / "spare"
+    make_adapter(base_model, spare / "extra", seed=9, r=5, lora_alpha=10, target_modules=["v_proj"])
+    return Assets(root / "tiny-llama", root / "adapters", spare, base_model)
+
+
+class ServerThread:
+    """uvicorn serving `app` from a background thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, app: Any) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(STARTUP_TIMEOUT_S)
+        self._socket.close()
+
+    def client(self, api_key: str = "unused", **options: Any) -> openai.OpenAI:
+        """The official client; no retries, so that a 429 or 5xx shows as it is."""
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **options)
+
+    def http(self, **options: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30.0, **options)
+
+
+@dataclass
+class Running:
+    """A started server and its engine (tests may reach in to inject faults)."""
+
+    server: ServerThread
+    engine: AsyncEngine
+
+
+def start_server(
+    assets: Assets,
+    engine_options: dict[str, Any] | None = None,
+    tenants: Tenants | None = None,
+    **server_options: Any,
+) -> Running:
+    """A server over a fresh engine with the session's adapters registered."""
+    options = {**ENGINE_OPTIONS, **(engine_options or {})}
+    engine = AsyncEngine(LLMEngine(build_config(str(assets.model), **options)), assets.adapters)
+    app = create_app(engine, ServerConfig(**server_options), tenants)
+    return Running(ServerThread(app), engine)
+
+
+@pytest.fixture(scope="module")
+def running(assets: Assets) -> Iterator[Running]:
+    """The module's open server, which may load adapters from the spare root."""
+    server = start_server(
+        assets, allowed_adapter_roots=(str(assets.spare_dir),), max_request_body_bytes=32 * 1024
+    )
+    yield server
+    server.server.stop()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text (0 when absent, as for a fresh counter)."""
+    for line in text.splitlines():
+        match = re.fullmatch(r"([^\s{]+)(\{(.*)\})?\s+(\S+)", line)
+        if line.startswith("#") or match is None or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(3) or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            return float(match.group(4))
+    return 0.0
+
+
+def series_labels(text: str, name: str) -> dict[str, str]:
+    """The labels of the first series named `name`."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            return dict(re.findall(r'(\w+)="([^"]*)"', line))
+    raise AssertionError(f"no series {name} in /metrics")
+
+
+def wait_for(condition: Any, timeout_s: float = 20.0, interval_s: float = 0.05) -> bool:
+    """Poll `condition()` until true, at most `timeout_s`; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
