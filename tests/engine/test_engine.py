@@ -1,0 +1,124 @@
+"""The engine's request handling: the LLM API, stops, seeds, errors, adapters."""
+
+from __future__ import annotations
+
+import pytest
+from factories import make_adapter, make_model
+
+from loraserve import LLM, SamplingParams
+from loraserve.errors import AdapterError, InvalidRequestError, UnknownAdapterError
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    base = make_model(root / "model", "llama-gqa", seed=5)
+    sql = make_adapter(
+        base, root / "sql", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+    )
+    fr = make_adapter(base, root / "fr", seed=2, r=5, lora_alpha=5, target_modules=["down_proj"])
+    return root, {"sql": sql, "fr": fr}
+
+
+@pytest.fixture(scope="module")
+def llm(assets) -> LLM:
+    root, adapters = assets
+    return LLM(root / "model", adapters=adapters, device="cpu", dtype="float32")
+
+
+def test_issue_example(llm: LLM) -> None:
+    outs = llm.generate(
+        ["SELECT", "Bonjour", "hello"],
+        SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
+        adapter=["sql", "fr", None],
+    )
+    assert [len(out.token_ids) for out in outs] == [32, 32, 32]
+    assert all(out.finish_reason == "length" for out in outs)
+    assert outs[0].text == llm.tokenizer.decode(outs[0].token_ids)
+    # The adapters change the output: each differs from the base model on the same prompt.
+    base = llm.generate(
+        ["SELECT", "Bonjour"], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    )
+    assert outs[0].token_ids != base[0].token_ids
+    assert outs[1].token_ids != base[1].token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = llm.generate(["hello world"], params, adapter="sql")[0]
+    crowd = llm.generate(
+        ["hello world", "SELECT", "Bonjour"],
+        [params, SamplingParams(max_tokens=5), params],
+        adapter=["sql", "fr", None],
+    )
+    assert crowd[0].token_ids == alone.token_ids
+
+
+def test_n_completions_differ_and_are_indexed(llm: LLM) -> None:
+    out = llm.generate(
+        ["hello"], SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    )[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_stop_string_truncates_text(llm: LLM) -> None:
+    free = llm.generate(["hello"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[
+        0
+    ]
+    stop = free.text[5:8]
+    assert stop.strip(), "the greedy text should have some visible characters to stop on"
+    out = llm.generate(
+        ["hello"], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop])
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.outputs[0].stop_reason == stop
+    assert out.text == free.text[: free.text.index(stop)]
+
+
+def test_stop_token_id(llm: LLM) -> None:
+    free = llm.generate(["hello"], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[
+        0
+    ]
+    token = free.token_ids[3]
+    out = llm.generate(
+        ["hello"],
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop_token_ids=[token]),
+    )[0]
+    first = free.token_ids.index(token)
+    assert out.token_ids == free.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == token
+
+
+def test_prompt_too_long_names_both_numbers(llm: LLM) -> None:
+    limit = llm.engine.info.max_model_len
+    with pytest.raises(InvalidRequestError, match=f"{limit + 5} tokens.*{limit}"):
+        llm.generate(prompt_token_ids=[[3] * (limit + 5)])
+    with pytest.raises(InvalidRequestError, match="maximum context length"):
+        llm.generate(prompt_token_ids=[[3] * 10], sampling_params=SamplingParams(max_tokens=limit))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_unknown_adapter_and_bad_tokens_are_refused_whole(llm: LLM) -> None:
+    with pytest.raises(UnknownAdapterError, match="nope"):
+        llm.generate(["a", "b"], adapter=["sql", "nope"])
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        llm.generate(prompt_token_ids=[[1, 2, 10**6]])
+    assert not llm.engine.has_unfinished_requests()  # the good one was withdrawn too
+    llm.engine.memory.check_invariants()
+    assert llm.engine.memory.num_kv_pages == 0
+
+
+def test_register_and_unregister_adapters(llm: LLM, assets) -> None:
+    _, adapters = assets
+    llm.engine.register_adapter("sql2", adapters["sql"])
+    same = llm.generate(
+        ["SELECT"] * 2, SamplingParams(max_tokens=8, temperature=0.0), adapter=["sql", "sql2"]
+    )
+    assert same[0].token_ids == same[1].token_ids
+    llm.engine.unregister_adapter("sql2")
+    with pytest.raises(UnknownAdapterError):
+        llm.generate(["SELECT"], adapter="sql2")
+    with pytest.raises(AdapterError, match="already registered"):
+        llm.engine.register_adapter("sql", adapters["fr"])
+    llm.engine.memory.check_invariants()
