@@ -121,3 +121,28 @@ def test_exact_under_preemption_and_chunked_prefill(family) -> None:
     check_against_peft(llm, prompts, references, num_logprobs=5)
     assert llm.engine.num_preemptions > 0, "the pool was meant to be too small for all requests"
     llm.engine.memory.check_invariants()
+
+
+def test_triton_backend_equals_peft(family) -> None:
+    """The Triton kernels in the engine (the interpreter on CPU): same greedy tokens as PEFT.
+
+    The interpreter is slow, so one family, 8 new tokens, mixed adapters and chunked prefill."""
+    root, folders, prompts, references = family
+    if root.name.rstrip("0123456789") != "llama-gqa":
+        pytest.skip("one family is enough under the interpreter")
+    llm = LLM(
+        root / "model",
+        adapters=folders,
+        device="cpu",
+        dtype="float32",
+        kernel_backend="triton",
+        max_num_batched_tokens=16,
+        max_num_seqs=8,
+    )
+    assert llm.engine.kernels.name == "triton"
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate(
+        prompt_token_ids=prompts, sampling_params=params, adapter=[a for a, _ in REQUESTS]
+    )
+    for index, output in enumerate(outputs):
+        assert output.token_ids == references[index][0][:8], f"request {index} differs from PEFT"
