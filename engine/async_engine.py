@@ -114,10 +114,6 @@ class RequestStream:
         self._queue = queue
         self._num_unfinished = len(sub_ids)
 
-    @property
-    def finished(self) -> bool:
-        return self._num_unfinished == 0
-
     def __aiter__(self) -> RequestStream:
         return self
 
@@ -167,7 +163,6 @@ class AsyncEngine:
         self._sinks: dict[str, _Sink] = {}  # engine thread only: sub-request id -> sink
         self._stopping = False
         self._dead: EngineDeadError | None = None
-        self._num_loads_reported = 0
         self._last_stats = EngineStats()
         self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
 
@@ -192,6 +187,10 @@ class AsyncEngine:
     def adapters(self) -> dict[str, Path]:
         """Registered adapters, name -> folder (a copy)."""
         return dict(self._adapters)
+
+    def has_adapter(self, name: str) -> bool:
+        """Whether `name` is registered (no copy: this runs on every request)."""
+        return name in self._adapters
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -363,9 +362,7 @@ class AsyncEngine:
     def _collect_stats(self, engine: LLMEngine) -> EngineStats:
         memory, scheduler = engine.memory, engine.scheduler
         resident = tuple(memory.resident_adapters())
-        load_seconds = memory.stats.adapter_load_seconds
-        new_loads = tuple(load_seconds[self._num_loads_reported :])
-        self._num_loads_reported = len(load_seconds)
+        new_loads = tuple(memory.stats.drain_load_seconds())
         return EngineStats(
             num_running=scheduler.num_running(),
             num_waiting=scheduler.num_waiting(),
@@ -455,13 +452,3 @@ def _resolve(command: _Command, result: Any = None, error: BaseException | None 
 
     with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting
         command.loop.call_soon_threadsafe(settle)
-
-
-__all__ = [
-    "AsyncEngine",
-    "EngineDeadError",
-    "EngineError",
-    "EngineStats",
-    "QueueFullError",
-    "RequestStream",
-]

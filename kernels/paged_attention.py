@@ -51,10 +51,10 @@ MIN_PARTITION = 256  # keys per partition below which splitting costs more than 
 @triton.jit
 def _paged_attention_kernel(
     query_ptr,  # [num_tokens, num_heads, head_dim]
-    out_ptr,  # [num_tokens, num_heads, head_dim], written when NUM_SPLITS == 1
-    partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_heads, head_dim] float32, else
-    partial_max_ptr,  # [NUM_SPLITS, num_tokens, num_heads] float32 (log2 units)
-    partial_sum_ptr,  # [NUM_SPLITS, num_tokens, num_heads] float32
+    out_ptr,  # [num_tokens, num_heads, head_dim], written unless SPLIT_KV
+    partial_out_ptr,  # [num_splits, num_tokens, num_heads, head_dim] float32 if SPLIT_KV
+    partial_max_ptr,  # [num_splits, num_tokens, num_heads] float32 (log2 units)
+    partial_sum_ptr,  # [num_splits, num_tokens, num_heads] float32
     kv_ptr,  # kv_pages[:, layer]: [num_pages, 2, block_size, num_kv_heads, head_dim]
     block_tables_ptr,  # [num_seqs, max_blocks] int32 pages of each sequence
     query_starts_ptr,  # [num_seqs + 1] first query token of each sequence
@@ -82,7 +82,7 @@ def _paged_attention_kernel(
     BLOCK_D: tl.constexpr,  # power of two >= head_dim
     SEARCH_BLOCK: tl.constexpr,  # see segment_tile
     PER_SEQUENCE: tl.constexpr,  # True: axis 0 is the sequence (decode)
-    NUM_SPLITS: tl.constexpr,  # KV partitions (axis 2); 1 writes out directly
+    SPLIT_KV: tl.constexpr,  # True: axis 2 cuts the keys into partitions, write partials
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
@@ -159,7 +159,7 @@ def _paged_attention_kernel(
             row_max = new_max
 
         out_mask = row_mask[:, None] & dim_mask[None, :]
-        if NUM_SPLITS == 1:
+        if not SPLIT_KV:
             out = (
                 out_ptr
                 + tokens[:, None] * stride_out_token
@@ -261,7 +261,7 @@ def paged_attention(
         BLOCK_D=triton.next_power_of_2(head_dim),
         SEARCH_BLOCK=search_block(num_seqs),
         PER_SEQUENCE=per_sequence,
-        NUM_SPLITS=num_splits,
+        SPLIT_KV=num_splits > 1,
         DOT_PRECISION=dot_precision(query.dtype),
         num_warps=4,
         num_stages=2,

@@ -13,7 +13,7 @@ then the least recently used goes first.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +45,15 @@ class MemoryStats:
 
     adapter_loads: int = 0
     adapter_evictions: int = 0
-    adapter_load_seconds: list[float] = field(default_factory=list)
+    adapter_load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    """Latencies of loads not yet taken by `drain_load_seconds` (bounded: with no
+    metrics reader, as under `LLM`, the oldest are dropped)."""
+
+    def drain_load_seconds(self) -> list[float]:
+        """The load latencies recorded since the last call; they are forgotten here."""
+        taken = list(self.adapter_load_seconds)
+        self.adapter_load_seconds.clear()
+        return taken
 
 
 class MemoryManager:

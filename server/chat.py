@@ -45,6 +45,7 @@ async def create_chat_completion(
     served: Served, body: ChatCompletionRequest, tenant: Tenant, request: Request
 ) -> JSONResponse | EventStreamResponse:
     """Validate, render and queue the conversation, then stream or wait for the answer."""
+    arrival = time.perf_counter()
     adapter = served.resolve_adapter(body.model, tenant)
     _refuse_unsupported(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -52,7 +53,7 @@ async def create_chat_completion(
     prompt = await render(served.tokenizer, body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await served.start(request_id, [prompt], params, adapter)
-    tracker = Tracker(served.metrics, body.model, len(prompt.token_ids))
+    tracker = Tracker(served.metrics, body.model, len(prompt.token_ids), arrival)
     if body.stream:
         events = _events(served, body, request_id, follow(streams, tracker), tracker)
         return EventStreamResponse(events, streams)

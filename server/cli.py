@@ -30,6 +30,7 @@ from loraserve.server.config import ServerConfig
 
 ENGINE_CONFIGS: tuple[type, ...] = (ModelConfig, CacheConfig, LoraConfig, SchedulerConfig)
 PEFT_CONFIG_FILE = "adapter_config.json"
+DEMO_MODEL_NAME = "loraserve-demo"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_config_options(parser: argparse.ArgumentParser, config: type, needs_model: bool) -> None:
     """One option per field of `config`, in a group titled by the class docstring."""
-    title = (config.__doc__ or config.__name__).strip().splitlines()[0]
+    title = (config.__doc__ or config.__name__).strip().splitlines()[0].rstrip(".")
     group = parser.add_argument_group(title)
     docs, hints = field_docs(config), typing.get_type_hints(config)
     for field in dataclasses.fields(config):
@@ -91,6 +92,8 @@ def add_config_options(parser: argparse.ArgumentParser, config: type, needs_mode
         help_text = docs.get(field.name, "").replace("%", "%%")
         flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
         kwargs = _argument_kwargs(hints[field.name])
+        if "metavar" in field.metadata:
+            kwargs["metavar"] = field.metadata["metavar"]
         if field.name == "model" and needs_model:
             group.add_argument(flag, dest=field.name, required=True, help=help_text, **kwargs)
             continue
@@ -165,7 +168,9 @@ def _demo_assets(engine_options: dict[str, Any]) -> tuple[str, dict[str, Path]]:
     from loraserve.server.demo_assets import ensure_demo_assets
 
     engine_options.setdefault("device", "cpu")
-    model, adapters = ensure_demo_assets()
+    engine_options.setdefault("served_model_name", DEMO_MODEL_NAME)
+    # Flushed: the first build takes a minute, and stdout may be a pipe or a file.
+    model, adapters = ensure_demo_assets(progress=lambda line: print(line, flush=True))
     return str(model), dict(adapters)
 
 

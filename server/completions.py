@@ -40,6 +40,7 @@ async def create_completion(
     served: Served, body: CompletionRequest, tenant: Tenant, request: Request
 ) -> JSONResponse | EventStreamResponse:
     """Validate, queue every prompt, then stream or wait for the whole answer."""
+    arrival = time.perf_counter()
     adapter = served.resolve_adapter(body.model, tenant)
     _refuse_unsupported(body)
     params = sampling_params(body, body.max_tokens, body.logprobs)
@@ -47,7 +48,7 @@ async def create_completion(
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await served.start(request_id, prompts, params, adapter)
     num_prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
-    tracker = Tracker(served.metrics, body.model, num_prompt_tokens)
+    tracker = Tracker(served.metrics, body.model, num_prompt_tokens, arrival)
     if body.stream:
         events = _events(served, body, request_id, follow(streams, tracker), tracker)
         return EventStreamResponse(events, streams)

@@ -15,15 +15,17 @@ class ServerConfig:
     """Address to listen on (0.0.0.0 to accept connections from other machines)."""
     port: int = 8000
     """TCP port to listen on."""
-    adapters: tuple[str, ...] = field(default=(), metadata={"flag": "--adapter"})
-    """NAME=DIR: serve the PEFT adapter in DIR as model NAME (repeatable)."""
-    adapter_dir: str | None = None
+    adapters: tuple[str, ...] = field(
+        default=(), metadata={"flag": "--adapter", "metavar": "NAME=DIR"}
+    )
+    """Serve the PEFT adapter in folder DIR as model NAME (repeatable)."""
+    adapter_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Serve every PEFT folder under DIR, named by its folder; /v1/load_lora_adapter may load from under it."""
     allowed_adapter_roots: tuple[str, ...] = field(
-        default=(), metadata={"flag": "--allowed-adapter-root"}
+        default=(), metadata={"flag": "--allowed-adapter-root", "metavar": "DIR"}
     )
     """A folder /v1/load_lora_adapter may load adapters from (repeatable; --adapter-dir is one too)."""
-    api_keys: str | None = None
+    api_keys: str | None = field(default=None, metadata={"metavar": "FILE"})
     """YAML/JSON file of API keys -> tenant (name, adapters, requests_per_minute, admin); without it the server is open."""
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     """Largest request body accepted; larger ones get HTTP 413."""

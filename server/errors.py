@@ -32,6 +32,7 @@ ERROR_TYPES = {
     500: "server_error",
     503: "service_unavailable",
 }
+MAX_LISTED_ERRORS = 4
 
 
 class APIError(Exception):
@@ -102,15 +103,24 @@ def to_api_error(error: BaseException) -> APIError:
 
 
 def validation_error(error: RequestValidationError) -> APIError:
-    """A 400 naming the first field that failed, e.g. `max_tokens: Input should be ...`."""
-    first = error.errors()[0] if error.errors() else {}
+    """A 400 naming the first field that failed, e.g. `max_tokens: Input should be ...`.
+
+    A field of several accepted types (a union) fails once per type; those
+    failures are listed together."""
+    errors = error.errors()
+    first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "malformed JSON")
         return APIError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    message = first.get("msg", "invalid request")
-    return APIError(400, f"{param}: {message}" if param else message, param)
+    path = _location(first)
+    param = path[0] if path else None
+    same_field = [e for e in errors if _location(e)[:1] == path[:1]][:MAX_LISTED_ERRORS]
+    message = "; ".join(f"{'.'.join(_location(e))}: {e.get('msg', 'invalid')}" for e in same_field)
+    return APIError(400, message or "invalid request", param)
+
+
+def _location(error: Any) -> list[str]:
+    return [str(part) for part in error.get("loc", ()) if part != "body"]
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -67,7 +67,7 @@ class Served:
         tenant's, with the same message so that other tenants' adapters stay unseen."""
         if model == self.base_model:
             adapter = None
-        elif model in self.engine.adapters:
+        elif self.engine.has_adapter(model):
             adapter = model
         else:
             raise model_not_found(model)
@@ -130,6 +130,7 @@ class Tracker:
     model: str
     num_prompt_tokens: int
     arrival: float = field(default_factory=time.perf_counter)
+    """When the request came in (`time.perf_counter()`), before tokenizing and queueing."""
     first_token: float | None = None
     completions: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
     """(prompt, completion) -> (time of its first token, tokens so far)."""

@@ -206,7 +206,7 @@ def test_shrink_matches_reference(group: Group, popularity: str, dtype: torch.dt
     assert_close(y, expected, dtype)
 
 
-@pytest.mark.parametrize("split_k", [3, 8])
+@pytest.mark.parametrize("split_k", [1, 3, 8])  # 1: plain stores, even on a GPU
 @pytest.mark.parametrize("lengths", [DECODE_MIX, PREFILL], ids=["decode_mix", "prefill"])
 def test_shrink_split_k_matches_reference(lengths: tuple[int, ...], split_k: int, generator):
     batch = make_batch(GROUPS[1], lengths, "uniform", torch.float32, generator)

@@ -5,17 +5,17 @@ failure: test_api_overload.py.)"""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from server_harness import Assets, Running, start_server
 from factories import make_adapter
 from safetensors.torch import load_file, save_file
+from server_harness import Assets, Running, start_server
 
 BAD_ADAPTERS = ("missing-weights", "bad-config", "rank-too-high", "wrong-shapes")
 
@@ -40,7 +40,7 @@ def assert_still_serving(running: Running, model: str = "attn8") -> None:
 
 def post(running: Running, path: str, body: Any, **options: Any) -> httpx.Response:
     with running.server.http() as http:
-        if isinstance(body, bytes | str):
+        if not isinstance(body, dict):  # raw bytes, or an iterator of them (chunked)
             headers = {"content-type": "application/json"}
             return http.post(path, content=body, headers=headers, **options)
         return http.post(path, json=body, **options)
@@ -199,7 +199,9 @@ def test_a_relative_path_is_taken_under_the_root(running: Running) -> None:
     body = {"lora_name": "extra-relative", "lora_path": "extra"}
     assert post(running, "/v1/load_lora_adapter", body).status_code == 200
     assert_still_serving(running, "extra-relative")
-    assert post(running, "/v1/unload_lora_adapter", {"lora_name": "extra-relative"}).status_code == 200
+    assert (
+        post(running, "/v1/unload_lora_adapter", {"lora_name": "extra-relative"}).status_code == 200
+    )
 
 
 @pytest.mark.parametrize("folder", BAD_ADAPTERS)

@@ -165,6 +165,19 @@ def test_stream_include_usage_ends_with_a_usage_chunk(running: Running, kind: st
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
+def test_max_completion_tokens_wins_over_max_tokens(running: Running) -> None:
+    response = running.server.client().chat.completions.create(
+        model="attn8",
+        messages=_messages("hello"),
+        max_tokens=9,
+        max_completion_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert response.usage is not None and response.usage.completion_tokens == 5
+    assert response.choices[0].finish_reason == "length"
+
+
 def test_prompt_lists_and_token_ids_give_one_choice_each(running: Running, reference) -> None:
     client = running.server.client()
     tokenizer = running.engine.engine.tokenizer
