@@ -303,15 +303,30 @@ def _messages(rng: random.Random, text: str) -> list[dict[str, str]]:
     return messages
 
 
-def _batch(
+def _batches(
     rng: random.Random, tokenizer: Tokenizer, task: DemoTask, size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (input ids, labels) batches, both [size, longest]; only answers are labelled.
+
+    Examples are drawn BUCKETS batches at a time and sorted by length, so that each
+    batch holds examples of about one length: padding to the longest then costs
+    little, and a step costs time in proportion to its padded length."""
+    while True:
+        examples = [_example(rng, tokenizer, task) for _ in range(size * BUCKETS)]
+        examples.sort(key=lambda example: len(example[0]) + len(example[1]))
+        starts = list(range(0, len(examples), size))
+        rng.shuffle(starts)
+        for start in starts:
+            yield _collate(examples[start : start + size], tokenizer.token_to_id(EOS))
+
+
+def _collate(
+    examples: list[tuple[list[int], list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, labels), both [size, longest]; only answer tokens carry a label."""
-    examples = [_example(rng, tokenizer, task) for _ in range(size)]
+    """(input ids, labels) of (prompt, answer) examples, right-padded with `pad_id`."""
     length = max(len(prompt) + len(answer) for prompt, answer in examples)
-    eos_id = tokenizer.token_to_id(EOS)
-    input_ids = torch.full((size, length), eos_id)  # right padding: causal, so never attended
-    labels = torch.full((size, length), -100)
+    input_ids = torch.full((len(examples), length), pad_id)  # causal: padding is never attended
+    labels = torch.full((len(examples), length), -100)  # -100: cross_entropy's ignore_index
     for row, (prompt, answer) in enumerate(examples):
         input_ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
         labels[row, len(prompt) : len(prompt) + len(answer)] = torch.tensor(answer)
@@ -461,6 +476,7 @@ def remove_lora(model: nn.Module, wrapped: dict[str, LoraLinear]) -> None:
 # --- training and writing --------------------------------------------------------------
 
 BATCH_SIZE = 64
+BUCKETS = 2  # batches drawn, and sorted by length, at a time
 WARMUP_STEPS = 20
 
 
@@ -473,8 +489,9 @@ def _train(model: TinyLlama, tokenizer: Tokenizer, task: DemoTask, steps: int, s
         optimizer,
         lambda step: min(1.0, (step + 1) / WARMUP_STEPS) * max(0.05, 1.0 - step / steps),
     )
+    batches = _batches(rng, tokenizer, task, BATCH_SIZE)
     for _ in range(steps):
-        input_ids, labels = _batch(rng, tokenizer, task, BATCH_SIZE)
+        input_ids, labels = next(batches)
         logits = model(input_ids)  # [batch, length, vocab]
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         loss.backward()

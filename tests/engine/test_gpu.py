@@ -31,6 +31,7 @@ def test_cuda_float32_equals_peft(assets, kernel_backend: str) -> None:
         device="cuda",
         dtype="float32",
         kernel_backend=kernel_backend,
+        pool_pages=512,  # several engines in one process: do not size the pool by free memory
     )
     prompts = [llm.tokenizer.encode(text) for _, text in REQUESTS]
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
@@ -53,7 +54,12 @@ def test_cuda_half_precision_runs_mixed_batches(assets, dtype: str) -> None:
     results = {}
     for backend in ("triton", "torch"):
         llm = LLM(
-            root / "model", adapters=folders, device="cuda", dtype=dtype, kernel_backend=backend
+            root / "model",
+            adapters=folders,
+            device="cuda",
+            dtype=dtype,
+            kernel_backend=backend,
+            pool_pages=512,
         )
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         outs = llm.generate(
