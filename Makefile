@@ -1,9 +1,10 @@
 # One command each, from a fresh clone:
 #   make test   set up .venv, install, lint, type-check, run the tests
+#   make demo   set up .venv, install, build the demo model and adapters (once), serve them
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test setup lint typecheck pytest clean
+.PHONY: test demo setup lint typecheck pytest clean
 
 test: setup lint typecheck pytest
 
@@ -14,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/loraserve demo
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from loraserve.engine.sampling_params import per_completion
 from loraserve.errors import InvalidRequestError, LoraserveError, UnknownAdapterError
 
 if TYPE_CHECKING:
@@ -345,11 +346,9 @@ class AsyncEngine:
             )
         added: list[str] = []
         try:
-            for index, sub_id in enumerate(sub_ids):
-                sub_params = params
-                if params.n > 1:  # each completion is its own request, seeded apart
-                    seed = None if params.seed is None else params.seed + index
-                    sub_params = dataclasses.replace(params, n=1, seed=seed)
+            for index, (sub_id, sub_params) in enumerate(
+                zip(sub_ids, per_completion(params), strict=True)
+            ):
                 self.engine.add_request(sub_id, prompt, sub_params, adapter, prompt_token_ids)
                 added.append(sub_id)
                 self._sinks[sub_id] = dataclasses.replace(sink, index=index)

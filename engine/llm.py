@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.outputs import RequestOutput
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.sampling_params import SamplingParams, per_completion
 from loraserve.scheduler.config import SchedulerConfig
 
 T = TypeVar("T")
@@ -92,13 +92,8 @@ class LLM:
             for text, prompt_ids, param, name in zip(texts, ids, params, adapters, strict=True):
                 base = str(next(self._ids))
                 subs = [f"{base}-{i}" for i in range(param.n)]
-                for index, sub in enumerate(subs):
-                    seeded = (
-                        param
-                        if param.seed is None
-                        else dataclasses.replace(param, seed=param.seed + index)
-                    )
-                    self.engine.add_request(sub, text, seeded, name, prompt_ids)
+                for sub, sub_params in zip(subs, per_completion(param), strict=True):
+                    self.engine.add_request(sub, text, sub_params, name, prompt_ids)
                 request_ids.append(subs)
         except Exception:
             for sub in itertools.chain.from_iterable(request_ids):

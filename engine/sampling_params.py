@@ -15,7 +15,7 @@ Range choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loraserve.errors import InvalidRequestError
@@ -133,3 +133,14 @@ def _require(condition: bool, param: str, value: Any, expectation: str) -> None:
     Callers write the condition positively (`x >= 0`), so NaN fails it too."""
     if not condition:
         raise InvalidRequestError(f"{param} {expectation}, got {value!r}", param=param)
+
+
+def per_completion(params: SamplingParams) -> list[SamplingParams]:
+    """The params of each of a request's `n` completions: the engine runs each as its own
+    request (n=1), seeded apart (seed, seed + 1, ...) so that they differ yet reproduce."""
+    if params.n == 1:
+        return [params]
+    return [
+        replace(params, n=1, seed=None if params.seed is None else params.seed + index)
+        for index in range(params.n)
+    ]
