@@ -2,16 +2,13 @@
 #   make test   set up .venv, install, lint, type-check, run the tests
 #   make demo   set up .venv, install, build the demo model and adapters (once), serve them
 VENV ?= .venv
-PY := $(VENV)/bin/python
 
 .PHONY: test demo setup lint typecheck pytest clean
 
 test: setup lint typecheck pytest
 
-$(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+$(VENV)/.installed: pyproject.toml deploy/install.sh
+	sh deploy/install.sh $(VENV) -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.kernels import reference
+from loraserve.kernels import cpu
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 
@@ -23,23 +23,24 @@ class Kernels:
     paged_attention: Callable[..., torch.Tensor]
 
 
-REFERENCE_KERNELS = Kernels(
+# The torch backend: the references' semantics with fewer calls per step (kernels/cpu.py).
+TORCH_KERNELS = Kernels(
     "torch",
-    reference.lora_shrink,
-    reference.lora_expand,
-    reference.write_kv,
-    reference.paged_attention,
+    cpu.lora_shrink,
+    cpu.lora_expand,
+    cpu.write_kv,
+    cpu.paged_attention,
 )
 
 
 def select_kernels(backend: str, device: torch.device | str) -> Kernels:
-    """`auto`: Triton on CUDA, torch references elsewhere; `triton` / `torch` force one.
+    """`auto`: Triton on CUDA, the torch path elsewhere; `triton` / `torch` force one.
 
     `triton` on a CPU works only under TRITON_INTERPRET=1 (slow: for tests)."""
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
-    return _triton_kernels() if use_triton else REFERENCE_KERNELS
+    return _triton_kernels() if use_triton else TORCH_KERNELS
 
 
 def _triton_kernels() -> Kernels:

@@ -1,4 +1,5 @@
-"""The Triton paged attention and KV write kernels against the torch references.
+"""The Triton paged attention and KV write kernels, and the CPU path's attention,
+against the torch references.
 
 The KV cache is the 6-D view of a real pool (`pool[:, :kv_numel].view(...)`, so
 its page stride is the pool's page size), NaN wherever nothing was written
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loraserve.kernels import reference
+from loraserve.kernels import cpu, reference
 from loraserve.kernels.kv_write import write_kv
 from loraserve.kernels.paged_attention import paged_attention
 
@@ -192,3 +193,28 @@ def test_write_kv_matches_reference(layout, dtype: torch.dtype, generator):
     reference.write_kv(expected_pages, LAYER, key, value, slots)
     write_kv(cache.kv_pages, LAYER, key, value, slots)
     torch.testing.assert_close(cache.pool, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda heads: f"h{heads[0]}-kv{heads[1]}")
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_cpu_path_attention_matches_reference(kind: str, heads, dtype: torch.dtype, generator):
+    """kernels/cpu.py: decodes batched (NaN pages past each context), the rest as the reference."""
+    (num_heads, kv_heads), (head_dim, block_size) = heads, LAYOUTS[0]
+    query_lens, context_lens = zip(*BATCHES[kind], strict=True)
+    cache = make_cache(list(context_lens), kv_heads, head_dim, block_size, dtype, generator)
+    fill_cache(cache, generator)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    query_starts = torch.tensor(
+        [0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32
+    )
+    args = (
+        query,
+        cache.kv_pages,
+        LAYER,
+        cache.block_tables,
+        query_starts.to(DEVICE),
+        cache.context_lens,
+    )
+    out = cpu.paged_attention(*args, head_dim**-0.5)
+    assert_close(out, reference.paged_attention(*args, head_dim**-0.5), dtype)

@@ -1,4 +1,5 @@
-"""The Triton LoRA shrink/expand kernels against the torch references (punica style).
+"""The Triton LoRA shrink/expand kernels, and the CPU path's, against the torch
+references (punica style).
 
 Every test builds a real unified pool: NaN everywhere, adapter matrices written
 at shuffled, non-contiguous pages (several small matrices may share a page), an
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loraserve.kernels import reference
+from loraserve.kernels import cpu, reference
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.kernels.dispatch import select_kernels
 from loraserve.kernels.lora_expand import lora_expand
@@ -300,3 +301,47 @@ def test_dispatch_selects_these_kernels():
     kernels = select_kernels("triton", DEVICE)
     assert kernels.name == "triton"
     assert kernels.lora_shrink is lora_shrink and kernels.lora_expand is lora_expand
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lengths", [DECODE_MIX, PREFILL], ids=["decode_mix", "prefill"])
+@pytest.mark.parametrize("popularity", POPULARITIES)
+def test_cpu_path_matches_reference(popularity: str, lengths, dtype: torch.dtype, generator):
+    """kernels/cpu.py: the same products through cached pool views, in place."""
+    group = GROUPS[0]
+    batch = make_batch(group, lengths, popularity, dtype, generator)
+    num_tokens = int(batch.segment_starts[-1])
+    x = torch.randn(num_tokens, group.in_dim, generator=generator).to(DEVICE, dtype)
+    a_offsets, ranks = batch.views(group, 0)
+    segments = (batch.segment_starts, batch.segment_slots)
+    y = cpu.lora_shrink(x, batch.pool, a_offsets, ranks, *segments, batch.max_rank)
+    expected_y = reference.lora_shrink(x, batch.pool, a_offsets, ranks, *segments, batch.max_rank)
+    assert_close(y, expected_y, dtype)
+    b_offsets, ranks = batch.views(group, 1)
+    slice_starts = [0, *torch.tensor(group.widths).cumsum(0).tolist()]
+    before = torch.randn(num_tokens, slice_starts[-1], generator=generator).to(DEVICE, dtype)
+    out, expected = before.clone(), before.clone()
+    for implementation, target in ((cpu, out), (reference, expected)):
+        implementation.lora_expand(
+            target, expected_y, batch.pool, b_offsets, ranks, *segments, slice_starts
+        )
+    assert_close(out, expected, dtype)
+    base_tokens = token_slots(batch) == NO_ADAPTER
+    assert torch.equal(out[base_tokens], before[base_tokens])
+
+
+def test_cpu_path_reads_what_the_pool_holds_now(generator):
+    """Views are cached across calls: a slot refilled with another adapter must show."""
+    group = GROUPS[3]
+    batch = make_batch(group, (2, 3), "uniform", torch.float32, generator)
+    x = torch.randn(5, group.in_dim, generator=generator)
+    a_offsets, ranks = batch.views(group, 0)
+    args = (batch.pool, a_offsets, ranks, batch.segment_starts, batch.segment_slots, batch.max_rank)
+    first = cpu.lora_shrink(x, *args)
+    batch.pool.mul_(2.0)  # NaN stays NaN; every stored matrix doubles
+    assert_close(cpu.lora_shrink(x, *args), 2 * first, torch.float32)
+
+
+def test_dispatch_selects_the_cpu_path_on_cpu():
+    kernels = select_kernels("auto", "cpu")
+    assert kernels.name == "torch" and kernels.lora_shrink is cpu.lora_shrink

@@ -1,0 +1,253 @@
+"""loraserve against the PEFT baseline on the same trace, in one run, with one table.
+
+    python -m bench.compare --preset cpu-s2                   # one run, both systems
+    python -m bench.compare --preset cpu-s2 --sweep 1,8,64,512   # and the adapter sweep
+
+For each number of adapters: build (or reuse, from the cache) the preset's model and
+adapters, draw the trace, start loraserve as a real server process on a free port of
+127.0.0.1, replay the trace over HTTP, stop it, then run the same trace through the
+PEFT baseline in this process. Both run one after the other on the same machine,
+never at once. Results go to `bench/results/<date>-compare-<preset>.json`, and a
+sweep also draws `bench/results/<date>-compare-<preset>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench.metrics import run_metadata, summarize
+from bench.models import SHAPES, build_adapter, build_model
+from bench.peft_baseline import PeftBaseline
+from bench.replay import replay
+from bench.trace import PRESETS, Preset, TraceRequest, adapter_name, generate_trace
+
+RESULTS = Path(__file__).parent / "results"
+BASE_MODEL_NAME = "base"
+SERVER_STARTUP_TIMEOUT_S = 600.0  # registering 512 adapters reads them all from disk
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "loraserve" / "bench"
+
+
+def ensure_assets(
+    preset: Preset, num_adapters: int, cache_dir: Path, dtype: str
+) -> tuple[Path, dict[str, Path]]:
+    """(model folder, {adapter name: folder}) of the preset, built on first use.
+
+    Adapter i has rank `ranks[i % len(ranks)]` and seed i, so the first n adapters
+    of a bigger set are the n adapters of a smaller one."""
+    shape = SHAPES[preset.model]
+    root = cache_dir / f"{preset.model}-{dtype}"
+    model = root / "model"
+    torch_dtype = getattr(torch, dtype)
+    if not (model / "config.json").is_file():
+        print(f"building the {preset.model} model into {model}", flush=True)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        build_model(model, shape, torch_dtype, device)
+    adapters = {}
+    for index in range(num_adapters):
+        rank = preset.ranks[index % len(preset.ranks)]
+        name = adapter_name(index)
+        folder = root / "adapters" / f"r{rank}" / name
+        if not (folder / "adapter_config.json").is_file():
+            build_adapter(folder, shape, rank, seed=index, dtype=torch_dtype)
+        adapters[name] = folder
+    return model, adapters
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def loraserve_server(
+    model: Path, adapters: dict[str, Path], server_args: list[str]
+) -> Iterator[str]:
+    """A `loraserve serve` process on a free port; yields its URL, stops it on exit."""
+    port = free_port()
+    command = [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(model)]
+    command += ["--served-model-name", BASE_MODEL_NAME, "--port", str(port), *server_args]
+    for name, folder in adapters.items():
+        command += ["--adapter", f"{name}={folder}"]
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_until_healthy(url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"loraserve exited with code {process.returncode} at start-up")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"loraserve did not become healthy within {SERVER_STARTUP_TIMEOUT_S} s")
+
+
+def run_loraserve(model, adapters, requests, args) -> dict:
+    server_args = ["--device", args.device, "--dtype", args.dtype, *args.server_arg]
+    with loraserve_server(model, adapters, server_args) as url:
+        records, duration = asyncio.run(replay(url, requests, base_model=BASE_MODEL_NAME))
+    return summarize(records, duration, args.slo_ttft)
+
+
+def run_peft(model, adapters, requests, args) -> dict:
+    baseline = PeftBaseline(
+        model, adapters, args.device, getattr(torch, args.dtype), args.peft_max_batch
+    )
+    records, duration = baseline.run(requests)
+    return summarize(records, duration, args.slo_ttft)
+
+
+def run_point(preset: Preset, num_adapters: int, args) -> dict:
+    """Both systems on one trace with `num_adapters` adapters."""
+    vocab_size = SHAPES[preset.model].vocab_size
+    params = replace(
+        preset.trace, num_adapters=num_adapters, vocab_size=vocab_size, **_overrides(args)
+    )
+    requests: list[TraceRequest] = generate_trace(params)
+    model, adapters = ensure_assets(preset, num_adapters, args.cache_dir, args.dtype)
+    point: dict = {
+        "num_adapters": num_adapters,
+        "trace": asdict(params),
+        "num_requests": len(requests),
+    }
+    print(f"--- {num_adapters} adapters, {len(requests)} requests: loraserve", flush=True)
+    point["loraserve"] = run_loraserve(model, adapters, requests, args)
+    if not args.skip_peft:
+        print(f"--- {num_adapters} adapters: PEFT baseline", flush=True)
+        point["peft"] = run_peft(model, adapters, requests, args)
+    return point
+
+
+def _overrides(args) -> dict:
+    names = ("req_rate", "duration", "seed", "cv", "alpha")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+COLUMNS = (  # (header, width, format, where in a summary)
+    ("req/s", 8, ".2f", ("throughput_req_s",)),
+    ("tok/s", 9, ".1f", ("output_tokens_per_s",)),
+    ("TTFT p50", 10, ".3f", ("ttft_s", "p50")),
+    ("p90", 8, ".3f", ("ttft_s", "p90")),
+    ("p99", 8, ".3f", ("ttft_s", "p99")),
+    ("TPOT p50", 10, ".4f", ("tpot_s", "p50")),
+    ("SLO", 7, ".2f", ("slo_attainment",)),
+    ("errors", 7, "d", ("errors",)),
+)
+
+
+def print_table(points: list[dict]) -> None:
+    """One row per (system, number of adapters), and the throughput ratio per point."""
+    print(f"{'system':<10}{'adapters':>9}" + "".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS))
+    for point in points:
+        for system in ("loraserve", "peft"):
+            if system in point:
+                cells = "".join(_cell(point[system], *column[1:]) for column in COLUMNS)
+                print(f"{system:<10}{point['num_adapters']:>9}{cells}")
+        if "peft" in point and point["peft"]["throughput_req_s"] > 0:
+            ratio = point["loraserve"]["throughput_req_s"] / point["peft"]["throughput_req_s"]
+            point["throughput_ratio"] = ratio
+            print(f"{'':<10}{point['num_adapters']:>9}  loraserve / PEFT throughput: {ratio:.2f}x")
+
+
+def _cell(summary: dict, width: int, spec: str, keys: tuple[str, ...]) -> str:
+    value = summary
+    for key in keys:
+        value = value[key]
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    preset = PRESETS[args.preset]
+    counts = (
+        [int(n) for n in args.sweep.split(",")]
+        if args.sweep
+        else [args.num_adapters or preset.trace.num_adapters]
+    )
+    points = [run_point(preset, n, args) for n in counts]
+    print_table(points)
+    date = datetime.date.today().isoformat()
+    output = (
+        args.output
+        or RESULTS / f"{date}-compare-{args.preset}{'-sweep' if args.sweep else ''}.json"
+    )
+    result = {
+        **run_metadata(),
+        "preset": args.preset,
+        "model": preset.model,
+        "args": _jsonable(vars(args)),
+        "points": points,
+    }
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output}")
+    if len(points) > 1:
+        from bench.plot import plot_sweep
+
+        print(f"wrote {plot_sweep(result, output.with_suffix('.png'))}")
+
+
+def _jsonable(values: dict) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-s2")
+    parser.add_argument("--num-adapters", type=int, help="default: the preset's")
+    parser.add_argument("--sweep", help="comma-separated numbers of adapters, e.g. 1,8,64,512")
+    parser.add_argument("--req-rate", type=float, help="default: the preset's")
+    parser.add_argument("--duration", type=float, help="default: the preset's")
+    parser.add_argument("--cv", type=float, help="default: the preset's")
+    parser.add_argument("--alpha", type=float, help="default: the preset's")
+    parser.add_argument("--seed", type=int, help="default: the preset's")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--slo-ttft", type=float, default=6.0, help="TTFT bound of the SLO, s")
+    parser.add_argument("--peft-max-batch", type=int, default=32)
+    parser.add_argument("--skip-peft", action="store_true", help="loraserve only")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `loraserve serve` argument (repeatable), e.g. --server-arg=--max-num-seqs=64",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--output", type=Path)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The CPU path: the semantics of kernels/reference.py, with fewer torch calls per step.
+
+On a CPU at the sizes loraserve serves there, a step's time goes to the number of
+torch calls, not to arithmetic: the reference spends ~7 calls per (segment, slice)
+of LoRA and ~12 per sequence of attention, so 64 adapters or 256 sequences in a
+batch cost more in dispatch than in math. Here:
+
+- LoRA shrink/expand still read each adapter's matrices straight from the pool
+  (no gather copy: at hidden 256 a copy costs more than the product), but the
+  `[rank, dim]` views of the pool are made once and reused across steps, and each
+  (segment, slice) is one BLAS call writing into its place (`mm(..., out=)`,
+  `addmm_`) instead of a product plus a copy. A view is address arithmetic on the
+  pool, valid whatever adapter is stored there later, so the cache is never stale.
+- Decode attention (one query per sequence) runs for all decoding sequences at
+  once, over their block tables padded to the longest context; prefill and extend
+  sequences, a few per step, go through the reference one at a time.
+
+tests/kernels/test_cpu_kernels.py holds these to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraserve.kernels import reference
+from loraserve.kernels.reference import write_kv
+
+__all__ = ["lora_expand", "lora_shrink", "paged_attention", "write_kv"]
+
+MAX_CACHED_VIEWS = 1 << 16  # (pool, offset, shape) keys; cleared past this, rebuilt on demand
+
+
+class _PoolViews:
+    """`[rows, cols]` views of the flat pool at element offsets, made once each."""
+
+    def __init__(self) -> None:
+        self._views: dict[tuple[int, int, int, int], torch.Tensor] = {}
+
+    def get(self, pool: torch.Tensor, offset: int, rows: int, cols: int) -> torch.Tensor:
+        key = (pool.data_ptr(), offset, rows, cols)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= MAX_CACHED_VIEWS:
+                self._views.clear()
+            flat = pool.view(-1)
+            view = self._views[key] = flat[offset : offset + rows * cols].view(rows, cols)
+        return view
+
+
+_pool_views = _PoolViews()
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    segment_starts: torch.Tensor,
+    segment_slots: torch.Tensor,
+    max_rank: int,
+) -> torch.Tensor:
+    """Semantics (as reference.lora_shrink): y[t, i, :r] = x[t] @ A[slot(t), i].T.
+
+    x:      [num_tokens, in_dim]; returns y: [num_tokens, num_slices, max_rank] float32."""
+    num_slices = a_offsets.shape[1]
+    y = torch.zeros(x.shape[0], num_slices, max_rank, dtype=torch.float32, device=x.device)
+    x = x.float()  # no copy when it already is
+    offsets, slot_ranks = a_offsets.tolist(), ranks.tolist()
+    for start, end, slot in reference._segments(segment_starts, segment_slots):
+        x_segment = x[start:end]  # [segment_len, in_dim]
+        for index, rank in enumerate(slot_ranks[slot]):
+            if rank:
+                a = _pool_views.get(pool, offsets[slot][index], rank, x.shape[1])  # [rank, in]
+                torch.mm(x_segment, a.t().float(), out=y[start:end, index, :rank])
+    return y
+
+
+def lora_expand(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    pool: torch.Tensor,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    segment_starts: torch.Tensor,
+    segment_slots: torch.Tensor,
+    slice_starts: list[int],
+) -> None:
+    """Semantics (as reference.lora_expand): out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i].
+
+    out: [num_tokens, slice_starts[-1]], updated in place; y from lora_shrink."""
+    offsets, slot_ranks = b_offsets.tolist(), ranks.tolist()
+    exact_dtype = out.dtype == torch.float32 and pool.dtype == torch.float32
+    for start, end, slot in reference._segments(segment_starts, segment_slots):
+        for index, rank in enumerate(slot_ranks[slot]):
+            if not rank:
+                continue
+            first, last = slice_starts[index], slice_starts[index + 1]
+            b = _pool_views.get(pool, offsets[slot][index], rank, last - first)  # [rank, out_i]
+            if exact_dtype:
+                out[start:end, first:last].addmm_(y[start:end, index, :rank], b)
+            else:  # summed in float32, rounded once, as the reference does
+                delta = y[start:end, index, :rank] @ b.float()
+                out[start:end, first:last] += delta.to(out.dtype)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_pages: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Semantics (as reference.paged_attention): causal attention of each sequence's
+    new tokens over its cached prefix, K/V read through `block_tables`.
+
+    query: [num_tokens, num_heads, head_dim]; returns the same shape, query's dtype."""
+    query_lens = query_starts[1:] - query_starts[:-1]  # [num_seqs]
+    decoding = query_lens == 1
+    if bool(decoding.all()):
+        return _decode_attention(query, kv_pages, layer, block_tables, context_lens, scale)
+    out = torch.empty_like(query)
+    if bool(decoding.any()):
+        rows = decoding.nonzero().squeeze(1)  # sequences with one query each
+        tokens = query_starts[rows].long()
+        out[tokens] = _decode_attention(
+            query[tokens], kv_pages, layer, block_tables[rows], context_lens[rows], scale
+        )
+    rows = (~decoding).nonzero().squeeze(1)
+    for seq in rows.tolist():
+        start, end = int(query_starts[seq]), int(query_starts[seq + 1])
+        out[start:end] = reference.paged_attention(
+            query[start:end],
+            kv_pages,
+            layer,
+            block_tables[seq : seq + 1],
+            query_starts.new_tensor([0, end - start]),
+            context_lens[seq : seq + 1],
+            scale,
+        )
+    return out
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    kv_pages: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence, all sequences in one batched product.
+
+    query: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks]."""
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = kv_pages.shape[3], kv_pages.shape[4]
+    group = num_heads // num_kv_heads
+    max_context = int(context_lens.max())
+    num_blocks = (max_context + block_size - 1) // block_size
+    pages = block_tables[:, :num_blocks].long()  # [seqs, blocks]; padding entries are masked
+    context = num_blocks * block_size
+    # Gathered apart, K and V come out contiguous: [seqs, context, kv_heads, head_dim] views.
+    key = kv_pages[pages, layer, 0].view(num_seqs, context, num_kv_heads, head_dim).float()
+    value = kv_pages[pages, layer, 1].view(num_seqs, context, num_kv_heads, head_dim).float()
+    valid = torch.arange(context, device=query.device) < context_lens[:, None]  # [seqs, context]
+    # Slots past a sequence's end hold whatever the pool held, NaN included: masking
+    # their scores is not enough (NaN - inf is NaN, 0 * NaN is NaN), so they are zeroed.
+    for gathered in (key, value):
+        gathered.masked_fill_(~valid[:, :, None, None], 0.0)
+    out = F.scaled_dot_product_attention(  # [seqs, heads, 1, head_dim]
+        query.float().view(num_seqs, num_heads, 1, head_dim),
+        key.transpose(1, 2),  # [seqs, kv_heads, context, head_dim], a view
+        value.transpose(1, 2),
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
+        enable_gqa=group > 1,  # query head h reads KV head h // group
+    )
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
