@@ -153,7 +153,12 @@ def run_point(preset: Preset, num_adapters: int, args) -> dict:
 
 def _overrides(args) -> dict:
     names = ("req_rate", "duration", "seed", "cv", "alpha")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    for name in ("input_range", "output_range"):
+        if getattr(args, name):
+            low, high = (int(part) for part in getattr(args, name).split(","))
+            overrides[name] = (low, high)
+    return overrides
 
 
 COLUMNS = (  # (header, width, format, where in a summary)
@@ -233,6 +238,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cv", type=float, help="default: the preset's")
     parser.add_argument("--alpha", type=float, help="default: the preset's")
     parser.add_argument("--seed", type=int, help="default: the preset's")
+    parser.add_argument("--input-range", help="LOW,HIGH prompt tokens (default: the preset's)")
+    parser.add_argument("--output-range", help="LOW,HIGH output tokens (default: the preset's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--slo-ttft", type=float, default=6.0, help="TTFT bound of the SLO, s")

@@ -31,8 +31,8 @@ MAX_OBJECT_NAME_LENGTH = 253
 """Object names are RFC 1123 subdomains: at most 253 characters of [a-z0-9.-]."""
 HEADER = """\
 # One InferenceModelRewrite per adapter, written by deploy/k8s/generate_adapters.py from the
-# adapter folders (here: the demo's). Rewrite it when adapters change; edit a rule's targets
-# to split an adapter's traffic between versions.
+# adapter folders. Write it again when adapters change; edit a rule's targets to split an
+# adapter's traffic between versions.
 """
 
 
@@ -87,7 +87,7 @@ def model_rewrites(adapters: Sequence[str], pool: str) -> list[dict[str, Any]]:
 
 def render(objects: Sequence[dict[str, Any]]) -> str:
     """The objects as one multi-document YAML file, fields in the order written."""
-    return HEADER + "---\n" + yaml.safe_dump_all(objects, sort_keys=False, explicit_start=False)
+    return HEADER + "---\n" + yaml.safe_dump_all(objects, sort_keys=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -115,6 +115,32 @@ def fill_cache(cache: PagedCache, generator: torch.Generator) -> None:
         reference.write_kv(cache.kv_pages, layer, key, value, slots)
 
 
+def attention_inputs(
+    batch: list[tuple[int, int]],
+    heads: tuple[int, int],
+    layout: tuple[int, int],
+    dtype: torch.dtype,
+    generator: torch.Generator,
+) -> tuple:
+    """(query, kv_pages, layer, block_tables, query_starts, context_lens) on a fresh cache."""
+    (num_heads, kv_heads), (head_dim, block_size) = heads, layout
+    query_lens, context_lens = zip(*batch, strict=True)
+    cache = make_cache(list(context_lens), kv_heads, head_dim, block_size, dtype, generator)
+    fill_cache(cache, generator)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    query_starts = torch.tensor(
+        [0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32
+    )
+    return (
+        query,
+        cache.kv_pages,
+        LAYER,
+        cache.block_tables,
+        query_starts.to(DEVICE),
+        cache.context_lens,
+    )
+
+
 def run_attention(
     batch: list[tuple[int, int]],
     heads: tuple[int, int],
@@ -124,25 +150,11 @@ def run_attention(
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel output, reference output) on a fresh cache."""
-    (num_heads, kv_heads), (head_dim, block_size) = heads, layout
-    query_lens, context_lens = zip(*batch, strict=True)
-    cache = make_cache(list(context_lens), kv_heads, head_dim, block_size, dtype, generator)
-    fill_cache(cache, generator)
-    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
-    query_starts = torch.tensor(
-        [0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32
-    )
-    args = (
-        query,
-        cache.kv_pages,
-        LAYER,
-        cache.block_tables,
-        query_starts.to(DEVICE),
-        cache.context_lens,
-    )
-    out = torch.full_like(query, float("nan"))
-    paged_attention(*args, head_dim**-0.5, out=out, num_splits=num_splits)
-    return out, reference.paged_attention(*args, head_dim**-0.5)
+    args = attention_inputs(batch, heads, layout, dtype, generator)
+    scale = layout[0] ** -0.5
+    out = torch.full_like(args[0], float("nan"))
+    paged_attention(*args, scale, out=out, num_splits=num_splits)
+    return out, reference.paged_attention(*args, scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -195,26 +207,17 @@ def test_write_kv_matches_reference(layout, dtype: torch.dtype, generator):
     torch.testing.assert_close(cache.pool, expected, rtol=0, atol=0, equal_nan=True)
 
 
+# 70 decodes beside a prefill: the CPU path splits the decodes into groups by context.
+MANY_DECODES = [(1, 1 + (37 * seq) % 150) for seq in range(70)] + [(9, 30)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda heads: f"h{heads[0]}-kv{heads[1]}")
-@pytest.mark.parametrize("kind", list(BATCHES))
+@pytest.mark.parametrize("kind", [*BATCHES, "many_decodes"])
 def test_cpu_path_attention_matches_reference(kind: str, heads, dtype: torch.dtype, generator):
     """kernels/cpu.py: decodes batched (NaN pages past each context), the rest as the reference."""
-    (num_heads, kv_heads), (head_dim, block_size) = heads, LAYOUTS[0]
-    query_lens, context_lens = zip(*BATCHES[kind], strict=True)
-    cache = make_cache(list(context_lens), kv_heads, head_dim, block_size, dtype, generator)
-    fill_cache(cache, generator)
-    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
-    query_starts = torch.tensor(
-        [0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32
-    )
-    args = (
-        query,
-        cache.kv_pages,
-        LAYER,
-        cache.block_tables,
-        query_starts.to(DEVICE),
-        cache.context_lens,
-    )
+    batch = MANY_DECODES if kind == "many_decodes" else BATCHES[kind]
+    args = attention_inputs(batch, heads, LAYOUTS[0], dtype, generator)
+    head_dim = LAYOUTS[0][0]
     out = cpu.paged_attention(*args, head_dim**-0.5)
     assert_close(out, reference.paged_attention(*args, head_dim**-0.5), dtype)

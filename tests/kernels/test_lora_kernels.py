@@ -334,7 +334,7 @@ def test_cpu_path_reads_what_the_pool_holds_now(generator):
     """Views are cached across calls: a slot refilled with another adapter must show."""
     group = GROUPS[3]
     batch = make_batch(group, (2, 3), "uniform", torch.float32, generator)
-    x = torch.randn(5, group.in_dim, generator=generator)
+    x = torch.randn(5, group.in_dim, generator=generator).to(DEVICE)
     a_offsets, ranks = batch.views(group, 0)
     args = (batch.pool, a_offsets, ranks, batch.segment_starts, batch.segment_slots, batch.max_rank)
     first = cpu.lora_shrink(x, *args)

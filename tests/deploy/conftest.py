@@ -1,0 +1,40 @@
+"""A live server's /metrics for the tests that check the names the deployment files query.
+
+The server comes from tests/server's harness (a tiny model on 127.0.0.1), not a copy of it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_files import DEPLOY
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
+
+from server_harness import ADAPTERS, Running, assets, start_server
+
+__all__ = ["assets", "exposition"]
+
+
+@pytest.fixture(scope="module")
+def exposition(assets) -> Iterator[str]:
+    """/metrics of a server that has served one adapter request and one base one (so that
+    labelled series and histogram buckets exist), scraped at the path the compose stack's
+    Prometheus scrapes."""
+    (scrape,) = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())[
+        "scrape_configs"
+    ]
+    running: Running = start_server(assets)
+    try:
+        client = running.server.client()
+        base = running.engine.engine.info.served_model_name
+        for model in (next(iter(ADAPTERS)), base):
+            client.completions.create(model=model, prompt="hello", max_tokens=4, temperature=0)
+        with running.server.http() as http:
+            yield http.get(scrape.get("metrics_path", "/metrics")).raise_for_status().text
+    finally:
+        running.server.stop()

@@ -1,0 +1,364 @@
+"""deploy/k8s: the GPU overlay renders as kubectl would; its core objects pass
+`kubernetes-validate --strict`; its custom resources match schemas written from the Gateway
+API Inference Extension's v1.4.0 CRDs (and Gateway API's, Prometheus Operator's); and the
+objects refer to each other and to loraserve's CLI correctly."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from deploy_files import K8S, REPO, tool
+from k8s_render import Object, find, load_documents, render
+
+from loraserve.server.auth import Tenants
+from loraserve.server.cli import build_parser
+
+# The oldest Kubernetes deploy/README.md claims, and the newest kubernetes-validate bundles.
+KUBERNETES_VERSIONS = ("1.32.0", "1.37.0")
+CRD_GROUPS = {
+    "inference.networking.k8s.io",
+    "inference.networking.x-k8s.io",
+    "gateway.networking.k8s.io",
+    "monitoring.coreos.com",
+}
+
+
+def shape(required: list[str], **properties: Any) -> dict[str, Any]:
+    """A JSON schema of an object with these properties and no others."""
+    return {
+        "type": "object",
+        "required": required,
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+NAME = {"type": "string", "minLength": 1, "maxLength": 253}
+TEXT = {"type": "string"}
+PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+LABELS = {"type": "object", "additionalProperties": TEXT}
+POOL_REF = shape(["name"], group={"const": "inference.networking.k8s.io"}, kind=TEXT, name=NAME)
+# spec schemas by (apiVersion, kind), from the CRDs' openAPIV3Schema (deploy/README.md).
+SPEC_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("inference.networking.k8s.io/v1", "InferencePool"): shape(
+        ["selector", "targetPorts", "endpointPickerRef"],
+        selector=shape(["matchLabels"], matchLabels=LABELS),
+        targetPorts={
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 8,
+            "items": shape(["number"], number=PORT),
+        },
+        appProtocol={"enum": ["http", "kubernetes.io/h2c"]},
+        # `port` is required when the picker is a Service.
+        endpointPickerRef=shape(
+            ["name", "port"],
+            group=TEXT,
+            kind={"const": "Service"},
+            name=NAME,
+            port=shape(["number"], number=PORT),
+            failureMode={"enum": ["FailOpen", "FailClose"]},
+        ),
+    ),
+    ("inference.networking.x-k8s.io/v1alpha2", "InferenceModelRewrite"): shape(
+        ["poolRef", "rules"],
+        poolRef=POOL_REF,
+        rules={
+            "type": "array",
+            "items": shape(
+                [],
+                matches={
+                    "type": "array",
+                    "items": shape(
+                        ["model"],
+                        model=shape(
+                            ["value"],
+                            type={"enum": ["Exact"]},
+                            value={"type": "string", "minLength": 1},
+                        ),
+                    ),
+                },
+                targets={
+                    "type": "array",
+                    "minItems": 1,
+                    "items": shape(
+                        ["modelRewrite"],
+                        modelRewrite={"type": "string", "minLength": 1},
+                        weight={"type": "integer", "minimum": 1, "maximum": 1000000},
+                    ),
+                },
+            ),
+        },
+    ),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): shape(
+        ["parentRefs", "rules"],
+        parentRefs={
+            "type": "array",
+            "items": shape(["name"], group=TEXT, kind=TEXT, name=NAME, namespace=TEXT),
+        },
+        rules={
+            "type": "array",
+            "items": shape(
+                ["backendRefs"],
+                matches={
+                    "type": "array",
+                    "items": shape(
+                        [],
+                        path=shape(["value"], type={"enum": ["Exact", "PathPrefix"]}, value=TEXT),
+                    ),
+                },
+                backendRefs={
+                    "type": "array",
+                    "items": shape(
+                        ["name"], group=TEXT, kind=TEXT, name=NAME, weight={"type": "integer"}
+                    ),
+                },
+                timeouts=shape([], request=TEXT, backendRequest=TEXT),
+            ),
+        },
+    ),
+    ("monitoring.coreos.com/v1", "PodMonitor"): shape(
+        ["selector", "podMetricsEndpoints"],
+        selector=shape(["matchLabels"], matchLabels=LABELS),
+        podMetricsEndpoints={
+            "type": "array",
+            "items": shape(["port"], port=TEXT, path=TEXT, interval=TEXT),
+        },
+    ),
+}
+EPP_CONFIG_SCHEMA = shape(
+    ["apiVersion", "kind", "plugins", "schedulingProfiles"],
+    apiVersion={"const": "inference.networking.x-k8s.io/v1alpha1"},
+    kind={"const": "EndpointPickerConfig"},
+    plugins={
+        "type": "array",
+        "items": shape(["type"], type=TEXT, name=TEXT, parameters={"type": "object"}),
+    },
+    schedulingProfiles={
+        "type": "array",
+        "items": shape(
+            ["name", "plugins"],
+            name=TEXT,
+            plugins={
+                "type": "array",
+                "items": shape(["pluginRef"], pluginRef=TEXT, weight={"type": "number"}),
+            },
+        ),
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[Object]:
+    return render(K8S / "overlays" / "gpu")
+
+
+def api_group(obj: Object) -> str:
+    return obj["apiVersion"].rpartition("/")[0]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+def pod_spec(objects: list[Object], name: str) -> dict[str, Any]:
+    return find(objects, "Deployment", name)["spec"]["template"]["spec"]
+
+
+def serve_options(args: list[str]) -> dict[str, Any]:
+    """The options of `loraserve serve ARGS`, parsed by loraserve's own parser."""
+    return vars(build_parser().parse_args(["serve", *args]))
+
+
+def by_kind_and_name(objects: list[Object]) -> dict[tuple[str, str], Object]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def assert_kubectl_renders(folder: Path, objects: list[Object]) -> None:
+    """`kubectl kustomize folder` gives the same objects (where kubectl is installed)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    command = [kubectl, "kustomize", str(folder)]
+    rendered = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    theirs = [o for o in yaml.safe_load_all(rendered) if o]
+    assert by_kind_and_name(objects) == by_kind_and_name(theirs)
+
+
+def test_render_equals_kubectl_kustomize(objects: list[Object]) -> None:
+    assert_kubectl_renders(K8S / "overlays" / "gpu", objects)
+
+
+def test_render_sets_images_as_kustomize_edit_writes_them(tmp_path: Path) -> None:
+    image = {"name": "loraserve", "newName": "registry.example/loraserve", "newTag": "1.2"}
+    resource = os.path.relpath(K8S / "overlays" / "gpu", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": [resource], "images": [image]})
+    )
+    objects = render(tmp_path)
+    (server,) = pod_spec(objects, "loraserve")["containers"]
+    (epp,) = pod_spec(objects, "loraserve-epp")["containers"]
+    assert server["image"] == "registry.example/loraserve:1.2"
+    assert epp["image"].startswith("registry.k8s.io/gateway-api-inference-extension/epp:")
+    if shutil.which("kubectl"):
+        assert_kubectl_renders(tmp_path, objects)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_core_objects_pass_kubernetes_validate_strict(
+    objects: list[Object], version: str, tmp_path: Path
+) -> None:
+    core = [o for o in objects if api_group(o) not in CRD_GROUPS]
+    core += load_documents(K8S / "api-keys.example.yaml")
+    assert {o["kind"] for o in core} >= {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    manifest = tmp_path / "core.yaml"
+    manifest.write_text(yaml.safe_dump_all(core))
+    validate = [tool("kubernetes-validate"), "--strict", "--kubernetes-version", version]
+    result = subprocess.run([*validate, str(manifest)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_custom_resources_match_their_crds(objects: list[Object]) -> None:
+    custom = [o for o in objects if api_group(o) in CRD_GROUPS]
+    kinds = {(o["apiVersion"], o["kind"]) for o in custom}
+    assert kinds == set(SPEC_SCHEMAS), "a custom resource without a schema here"
+    for obj in custom:
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", obj["metadata"]["name"])
+        jsonschema.validate(obj["spec"], SPEC_SCHEMAS[obj["apiVersion"], obj["kind"]])
+
+
+def test_endpoint_picker_config_refers_to_its_plugins(objects: list[Object]) -> None:
+    config_map = find(objects, "ConfigMap", "loraserve-epp")
+    (text,) = config_map["data"].values()
+    config = yaml.safe_load(text)
+    jsonschema.validate(config, EPP_CONFIG_SCHEMA)
+    declared = {plugin.get("name", plugin["type"]) for plugin in config["plugins"]}
+    for profile in config["schedulingProfiles"]:
+        assert {ref["pluginRef"] for ref in profile["plugins"]} <= declared
+    assert "lora-affinity-scorer" in declared
+
+
+def test_pool_selects_the_loraserve_pods_and_names_its_picker(objects: list[Object]) -> None:
+    pool = find(objects, "InferencePool", "loraserve")["spec"]
+    server = find(objects, "Deployment", "loraserve")["spec"]["template"]
+    assert selects(pool["selector"]["matchLabels"], server["metadata"]["labels"])
+    (container,) = server["spec"]["containers"]
+    (target,) = pool["targetPorts"]
+    assert target["number"] == serve_options(container["args"])["port"]
+    assert target["number"] in [port["containerPort"] for port in container["ports"]]
+    picker = pool["endpointPickerRef"]
+    service = find(objects, "Service", picker["name"])["spec"]
+    (epp,) = pod_spec(objects, "loraserve-epp")["containers"]
+    epp_ports = {port["name"]: port["containerPort"] for port in epp["ports"]}
+    (service_port,) = [p for p in service["ports"] if p["port"] == picker["port"]["number"]]
+    assert epp_ports[service_port["targetPort"]] == picker["port"]["number"]
+    epp_pods = find(objects, "Deployment", "loraserve-epp")["spec"]["template"]
+    assert selects(service["selector"], epp_pods["metadata"]["labels"])
+    assert "--pool-name=loraserve" in epp["args"]
+    assert f"--grpc-port={picker['port']['number']}" in epp["args"]
+
+
+def test_epp_reads_its_config_and_may_watch_what_it_needs(objects: list[Object]) -> None:
+    spec = pod_spec(objects, "loraserve-epp")
+    (epp,) = spec["containers"]
+    (config_path,) = [a.partition("=")[2] for a in epp["args"] if a.startswith("--config-file=")]
+    (mount,) = [m for m in epp["volumeMounts"] if config_path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    data = find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+    assert Path(config_path).name in data
+    binding = find(objects, "RoleBinding", "loraserve-epp")
+    account = {"kind": "ServiceAccount", "name": spec["serviceAccountName"]}
+    assert {**account, "namespace": "loraserve"} in binding["subjects"]
+    granted = set()
+    for rule in find(objects, "Role", binding["roleRef"]["name"])["rules"]:
+        if "watch" in rule["verbs"]:
+            granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted >= {
+        ("inference.networking.k8s.io", "inferencepools"),
+        ("inference.networking.x-k8s.io", "inferencemodelrewrites"),
+        ("", "pods"),
+    }
+
+
+def test_route_and_rewrites_name_the_pool(objects: list[Object]) -> None:
+    route = find(objects, "HTTPRoute", "loraserve")["spec"]
+    refs = [ref for rule in route["rules"] for ref in rule["backendRefs"]]
+    pool = {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "loraserve"}
+    assert refs == [pool]
+    rewrites = [o for o in objects if o["kind"] == "InferenceModelRewrite"]
+    assert rewrites and all(o["spec"]["poolRef"]["name"] == "loraserve" for o in rewrites)
+
+
+def test_gpu_pod(objects: list[Object]) -> None:
+    spec = pod_spec(objects, "loraserve")
+    (container,) = spec["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    options = serve_options(container["args"])
+    assert (options["device"], options["host"]) == ("cuda", "0.0.0.0")
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+
+
+def test_base_alone_serves_on_the_cpu() -> None:
+    (deployment,) = [o for o in render(K8S / "base") if o["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert serve_options(container["args"])["device"] == "cpu"
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+
+
+def test_probes_security_and_volumes(objects: list[Object]) -> None:
+    spec = pod_spec(objects, "loraserve")
+    (container,) = spec["containers"]
+    port_names = {port["name"] for port in container["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+        assert container[probe]["httpGet"]["port"] in port_names
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # to load a model
+    user = re.search(r"^USER (\d+)", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert user is not None and spec["securityContext"]["runAsUser"] == int(user.group(1))
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert "/cache" in mounts and not mounts["/cache"].get("readOnly"), "the image's HOME"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    options = serve_options(container["args"])
+    for path in (options["model"], options["adapter_dir"]):
+        claim = volumes[mounts[path]["name"]]["persistentVolumeClaim"]
+        assert mounts[path]["readOnly"] and claim["readOnly"]
+        find(objects, "PersistentVolumeClaim", claim["claimName"])
+
+
+def test_api_keys_come_from_the_secret(objects: list[Object], tmp_path: Path) -> None:
+    spec = pod_spec(objects, "loraserve")
+    (container,) = spec["containers"]
+    keys = Path(serve_options(container["args"])["api_keys"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(keys.parent)]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    (example,) = load_documents(K8S / "api-keys.example.yaml")
+    assert volume["secret"]["secretName"] == example["metadata"]["name"]
+    (tmp_path / keys.name).write_text(example["stringData"][keys.name])
+    Tenants.from_file(tmp_path / keys.name)  # the example is a file the server accepts
+
+
+def test_monitoring_scaling_and_disruptions_target_the_pods(objects: list[Object]) -> None:
+    template = find(objects, "Deployment", "loraserve")["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    port_names = {p["name"] for p in template["spec"]["containers"][0]["ports"]}
+    monitor = find(objects, "PodMonitor", "loraserve")["spec"]
+    assert selects(monitor["selector"]["matchLabels"], labels)
+    assert {e["port"] for e in monitor["podMetricsEndpoints"]} <= port_names
+    budget = find(objects, "PodDisruptionBudget", "loraserve")["spec"]
+    assert selects(budget["selector"]["matchLabels"], labels)
+    service = find(objects, "Service", "loraserve")["spec"]
+    assert selects(service["selector"], labels)
+    assert {p["targetPort"] for p in service["ports"]} <= port_names
+    target = find(objects, "HorizontalPodAutoscaler", "loraserve")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "loraserve")

@@ -1,0 +1,107 @@
+"""Every metric name the deployment files query is one a live server exports: the Grafana
+dashboard's PromQL, the HPA's metric through the Prometheus adapter's rule, and the vLLM
+names deploy/README.md says the endpoint picker reads."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from deploy_files import DEPLOY, K8S
+
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool"}
+PROMQL_KEYWORDS |= {"and", "or", "unless", "offset"}
+# The dashboard's topics, each by the metric that shows it.
+DASHBOARD_MUST_SHOW = {
+    "loraserve_requests_total",
+    "vllm:num_requests_waiting",
+    "loraserve_time_to_first_token_seconds_bucket",
+    "loraserve_time_per_output_token_seconds_bucket",
+    "loraserve_pool_pages",
+    "loraserve_adapter_loads_total",
+    "loraserve_adapter_evictions_total",
+    "loraserve_resident_adapters",
+}
+
+
+def exported_names(exposition: str) -> set[str]:
+    """Names of the samples in Prometheus text (histograms as their _bucket/_sum/_count)."""
+    names = set()
+    for line in exposition.splitlines():
+        match = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line)
+        if match and not line.startswith("#"):
+            names.add(match.group())
+    return names
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: identifiers outside strings, label
+    matchers, ranges and label lists that are neither function calls nor keywords."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", " ", expr)
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    # Not after a digit or a dot: the unit of a duration (5m) or part of a number.
+    for match in re.finditer(r"(?<![\w.])[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+        is_call = expr[match.end() :].lstrip().startswith("(")
+        if not is_call and match.group() not in PROMQL_KEYWORDS:
+            names.add(match.group())
+    return names
+
+
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads((DEPLOY / "grafana" / "loraserve.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+@pytest.mark.parametrize(
+    "expr, names",
+    [
+        (
+            'histogram_quantile(0.9, sum by (le) (rate(a_bucket{x="y"}[$__rate_interval])))',
+            {"a_bucket"},
+        ),
+        (
+            "sum(vllm:num_requests_waiting) / on (pod) group_left max(b_total)",
+            {"vllm:num_requests_waiting", "b_total"},
+        ),
+        ('sum without (use) (c{use=~"kv|free"}) offset 5m', {"c"}),
+    ],
+)
+def test_metric_names_of_promql(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names
+
+
+def test_dashboard_queries_only_exported_metrics(exposition: str) -> None:
+    exported = exported_names(exposition)
+    for expr in dashboard_exprs():
+        assert metric_names(expr), f"no metric in {expr!r}"
+        assert metric_names(expr) <= exported, f"{expr!r} queries what /metrics lacks"
+
+
+def test_dashboard_shows_every_topic() -> None:
+    queried = set().union(*map(metric_names, dashboard_exprs()))
+    assert queried >= DASHBOARD_MUST_SHOW
+
+
+def test_hpa_metric_is_served_by_the_adapter_from_an_exported_series(exposition: str) -> None:
+    hpa = yaml.safe_load((K8S / "base" / "hpa.yaml").read_text())
+    (metric,) = hpa["spec"]["metrics"]
+    wanted = metric["pods"]["metric"]["name"]
+    adapter = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = [r for r in adapter["rules"]["custom"] if r["name"]["as"] == wanted]
+    (series,) = metric_names(rule["seriesQuery"])
+    assert re.fullmatch(rule["name"]["matches"], series)
+    assert series == "vllm:num_requests_waiting"
+    assert series in exported_names(exposition)
+
+
+def test_metrics_the_endpoint_picker_reads_are_exported(exposition: str) -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    named = set(re.findall(r"`(vllm:[a-z_]+)", readme))
+    assert named >= {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}
+    assert "vllm:lora_requests_info" in named
+    assert named <= exported_names(exposition)
