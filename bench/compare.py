@@ -47,23 +47,23 @@ def default_cache_dir() -> Path:
 
 
 def ensure_assets(
-    preset: Preset, num_adapters: int, cache_dir: Path, dtype: str
+    model_name: str, ranks: tuple[int, ...], num_adapters: int, cache_dir: Path, dtype: str
 ) -> tuple[Path, dict[str, Path]]:
-    """(model folder, {adapter name: folder}) of the preset, built on first use.
+    """(model folder, {adapter name: folder}) of a bench/models.py shape, built on first use.
 
     Adapter i has rank `ranks[i % len(ranks)]` and seed i, so the first n adapters
     of a bigger set are the n adapters of a smaller one."""
-    shape = SHAPES[preset.model]
-    root = cache_dir / f"{preset.model}-{dtype}"
+    shape = SHAPES[model_name]
+    root = cache_dir / f"{model_name}-{dtype}"
     model = root / "model"
     torch_dtype = getattr(torch, dtype)
     if not (model / "config.json").is_file():
-        print(f"building the {preset.model} model into {model}", flush=True)
+        print(f"building the {model_name} model into {model}", flush=True)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         build_model(model, shape, torch_dtype, device)
     adapters = {}
     for index in range(num_adapters):
-        rank = preset.ranks[index % len(preset.ranks)]
+        rank = ranks[index % len(ranks)]
         name = adapter_name(index)
         folder = root / "adapters" / f"r{rank}" / name
         if not (folder / "adapter_config.json").is_file():
@@ -137,7 +137,9 @@ def run_point(preset: Preset, num_adapters: int, args) -> dict:
         preset.trace, num_adapters=num_adapters, vocab_size=vocab_size, **_overrides(args)
     )
     requests: list[TraceRequest] = generate_trace(params)
-    model, adapters = ensure_assets(preset, num_adapters, args.cache_dir, args.dtype)
+    model, adapters = ensure_assets(
+        preset.model, preset.ranks, num_adapters, args.cache_dir, args.dtype
+    )
     point: dict = {
         "num_adapters": num_adapters,
         "trace": asdict(params),

@@ -19,12 +19,18 @@ and tokenizer_config.json.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from loraserve.models.hf_files import (
+    generation_config,
+    llama_config,
+    lora_adapter_config,
+    write_json,
+)
 
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -128,56 +134,28 @@ def build_adapter(
             weights[f"{prefix}.lora_A.weight"] = lora_a.to(dtype)  # [r, in]
             weights[f"{prefix}.lora_B.weight"] = lora_b.to(dtype)  # [out, r]
     save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "lora_dropout": 0.0,
-        "target_modules": list(target_modules),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
-    _write_json(folder / "adapter_config.json", config)
+    config = lora_adapter_config(rank, 2 * rank, list(target_modules))
+    write_json(folder / "adapter_config.json", config)
     return folder
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
 def _write_config(folder: Path, shape: ModelShape, dtype: torch.dtype) -> None:
-    dtype_name = str(dtype).removeprefix("torch.")
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": shape.vocab_size,
-        "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
-        "num_hidden_layers": shape.num_layers,
-        "num_attention_heads": shape.num_heads,
-        "num_key_value_heads": shape.num_kv_heads,
-        "head_dim": shape.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": shape.max_position_embeddings,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": shape.rope_theta},
-        "rope_theta": shape.rope_theta,  # the key transformers < 5 reads
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "dtype": dtype_name,
-        "torch_dtype": dtype_name,
-    }
-    _write_json(folder / "config.json", config)
-    _write_json(folder / "generation_config.json", {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID})
+    config = llama_config(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_theta=shape.rope_theta,
+        rms_norm_eps=1e-5,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    write_json(folder / "config.json", config)
+    write_json(folder / "generation_config.json", generation_config(BOS_ID, EOS_ID))
 
 
 def _write_tokenizer(folder: Path, shape: ModelShape) -> None:
@@ -192,7 +170,7 @@ def _write_tokenizer(folder: Path, shape: ModelShape) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    _write_json(folder / "tokenizer_config.json", config)
+    write_json(folder / "tokenizer_config.json", config)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from bench.compare import default_cache_dir
+from bench.compare import default_cache_dir, ensure_assets
 from bench.metrics import run_metadata
-from bench.models import ATTENTION_MODULES, SHAPES, ModelShape, build_adapter, build_model
+from bench.models import ATTENTION_MODULES, SHAPES, ModelShape
 
 
 def copy_bandwidth(device: torch.device, numel: int = 1 << 28) -> float:
@@ -80,18 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     from loraserve import LLM
 
     shape = SHAPES[args.shape]
-    root = args.cache_dir / f"{args.shape}-{args.dtype}"
-    if not (root / "model" / "config.json").is_file():
-        build_model(root / "model", shape, getattr(torch, args.dtype), args.device)
-    names = [f"overhead-r{args.rank}-{index:03d}" for index in range(args.num_adapters)]
-    adapters = {}
-    for index, name in enumerate(names):
-        folder = root / "adapters" / name
-        if not (folder / "adapter_config.json").is_file():
-            build_adapter(folder, shape, args.rank, seed=index, dtype=getattr(torch, args.dtype))
-        adapters[name] = folder
+    model, adapters = ensure_assets(
+        args.shape, (args.rank,), args.num_adapters, args.cache_dir, args.dtype
+    )
+    names = list(adapters)
     llm = LLM(
-        str(root / "model"),
+        str(model),
         adapters,
         device=args.device,
         dtype=args.dtype,

@@ -69,7 +69,7 @@ def lora_shrink(
     y = torch.zeros(x.shape[0], num_slices, max_rank, dtype=torch.float32, device=x.device)
     x = x.float()  # no copy when it already is
     offsets, slot_ranks = a_offsets.tolist(), ranks.tolist()
-    for start, end, slot in reference._segments(segment_starts, segment_slots):
+    for start, end, slot in reference.adapter_segments(segment_starts, segment_slots):
         x_segment = x[start:end]  # [segment_len, in_dim]
         for index, rank in enumerate(slot_ranks[slot]):
             if rank:
@@ -93,7 +93,7 @@ def lora_expand(
     out: [num_tokens, slice_starts[-1]], updated in place; y from lora_shrink."""
     offsets, slot_ranks = b_offsets.tolist(), ranks.tolist()
     exact_dtype = out.dtype == torch.float32 and pool.dtype == torch.float32
-    for start, end, slot in reference._segments(segment_starts, segment_slots):
+    for start, end, slot in reference.adapter_segments(segment_starts, segment_slots):
         for index, rank in enumerate(slot_ranks[slot]):
             if not rank:
                 continue

@@ -24,7 +24,7 @@ import torch
 from loraserve.kernels.constants import NO_ADAPTER
 
 
-def _segments(
+def adapter_segments(
     segment_starts: torch.Tensor, segment_slots: torch.Tensor
 ) -> Iterator[tuple[int, int, int]]:
     """(start, end, slot) of every segment that uses an adapter."""
@@ -61,7 +61,7 @@ def lora_shrink(
     num_slices = a_offsets.shape[1]
     y = torch.zeros(x.shape[0], num_slices, max_rank, dtype=torch.float32, device=x.device)
     offsets, slot_ranks = a_offsets.tolist(), ranks.tolist()
-    for start, end, slot in _segments(segment_starts, segment_slots):
+    for start, end, slot in adapter_segments(segment_starts, segment_slots):
         for index in range(num_slices):
             rank = slot_ranks[slot][index]
             if rank == 0:
@@ -93,7 +93,7 @@ def lora_expand(
     slice_starts:   [num_slices + 1] column where each slice's output begins in `out`
     """
     offsets, slot_ranks = b_offsets.tolist(), ranks.tolist()
-    for start, end, slot in _segments(segment_starts, segment_slots):
+    for start, end, slot in adapter_segments(segment_starts, segment_slots):
         for index in range(b_offsets.shape[1]):
             rank = slot_ranks[slot][index]
             if rank == 0:

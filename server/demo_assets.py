@@ -32,7 +32,6 @@ existing caches are rebuilt rather than reused.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -44,6 +43,12 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from loraserve.models.hf_files import (
+    generation_config,
+    llama_config,
+    lora_adapter_config,
+    write_json,
+)
 from loraserve.server.demo_training import (
     ADAPTER_TASKS,
     BASE_TASK,
@@ -183,10 +188,6 @@ def _training_threads() -> Iterator[None]:
 # --- writing the files ---------------------------------------------------------------
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
 def _write_model(folder: Path, model: TinyLlama, tokenizer: Tokenizer) -> None:
     """config.json, generation_config.json, model.safetensors and the tokenizer files."""
     folder.mkdir(parents=True)
@@ -194,39 +195,24 @@ def _write_model(folder: Path, model: TinyLlama, tokenizer: Tokenizer) -> None:
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     shape = model.shape
     bos_id, eos_id = token_id(tokenizer, BOS), token_id(tokenizer, EOS)
-    _write_json(folder / "config.json", {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": shape.vocab_size,
-        "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
-        "num_hidden_layers": shape.num_layers,
-        "num_attention_heads": shape.num_heads,
-        "num_key_value_heads": shape.num_heads,
-        "head_dim": shape.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": shape.max_position_embeddings,
-        "rms_norm_eps": shape.rms_norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": shape.rope_theta},
-        "rope_theta": shape.rope_theta,  # the key transformers < 5 reads
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": 0.02,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": eos_id,
-        "dtype": "float32",
-        "torch_dtype": "float32",
-        "use_cache": True,
-    })  # fmt: skip
-    _write_json(
-        folder / "generation_config.json",
-        {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id},
+    config = llama_config(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_theta=shape.rope_theta,
+        rms_norm_eps=shape.rms_norm_eps,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        dtype="float32",
     )
+    write_json(folder / "config.json", config)
+    write_json(folder / "generation_config.json", generation_config(bos_id, eos_id))
     tokenizer.save(str(folder / "tokenizer.json"))
-    _write_json(folder / "tokenizer_config.json", {
+    write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
         "eos_token": EOS,
@@ -246,23 +232,5 @@ def _write_adapter(folder: Path, wrapped: dict[str, LoraLinear], rank: int) -> N
         weights[f"{prefix}.lora_A.weight"] = lora.lora_A.weight.detach().contiguous()  # [r, in]
         weights[f"{prefix}.lora_B.weight"] = lora.lora_B.weight.detach().contiguous()  # [out, r]
     save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    _write_json(folder / "adapter_config.json", {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
-        "r": rank,
-        "lora_alpha": lora_alpha(rank),
-        "lora_dropout": 0.0,
-        "target_modules": list(LORA_TARGET_MODULES),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    })  # fmt: skip
+    config = lora_adapter_config(rank, lora_alpha(rank), list(LORA_TARGET_MODULES))
+    write_json(folder / "adapter_config.json", config)
