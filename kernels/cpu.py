@@ -14,12 +14,16 @@ batch cost more in dispatch than in math. Here:
 - Decode attention (one query per sequence) runs as a few batched SDPA calls, over
   K/V gathered through the block tables of sequences of similar context length;
   prefill and extend sequences, a few per step, go through the reference one at
-  a time. The gather is most of the time: this layout has no contiguous K/V.
+  a time. The gather is most of the time: this layout has no contiguous K/V. How a
+  step's sequences split into those calls is worked out once per step, not per layer.
 
-tests/kernels/test_cpu_kernels.py holds these to the reference.
+tests/kernels/test_lora_kernels.py and test_attention_kernels.py (`test_cpu_path_*`)
+hold these to the references.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -118,18 +122,16 @@ def paged_attention(
     """Semantics (as reference.paged_attention): causal attention of each sequence's
     new tokens over its cached prefix, K/V read through `block_tables`.
 
-    query: [num_tokens, num_heads, head_dim]; returns the same shape, query's dtype."""
-    query_lens = query_starts[1:] - query_starts[:-1]  # [num_seqs]
-    decoding = query_lens == 1
+    query: [num_tokens, num_heads, head_dim]; returns the same shape, query's dtype.
+    `block_tables`, `query_starts` and `context_lens` are a step's, shared by its layers
+    and never changed in place (the engine makes new ones each step)."""
+    plan = _attention_plan(block_tables, query_starts, context_lens)
     out = torch.empty_like(query)
-    for rows in _context_groups(decoding.nonzero().squeeze(1), context_lens):
-        tokens = query_starts[rows].long()  # the one query of each of these sequences
-        out[tokens] = _decode_attention(
-            query[tokens], kv_pages, layer, block_tables[rows], context_lens[rows], scale
+    for group in plan.decode_groups:
+        out[group.tokens] = _decode_attention(
+            query[group.tokens], kv_pages, layer, group.block_tables, group.context_lens, scale
         )
-    rows = (~decoding).nonzero().squeeze(1)
-    for seq in rows.tolist():
-        start, end = int(query_starts[seq]), int(query_starts[seq + 1])
+    for seq, start, end in plan.prefills:
         out[start:end] = reference.paged_attention(
             query[start:end],
             kv_pages,
@@ -140,6 +142,47 @@ def paged_attention(
             scale,
         )
     return out
+
+
+@dataclass(frozen=True)
+class _DecodeGroup:
+    tokens: torch.Tensor  # [seqs] the one query token of each sequence
+    block_tables: torch.Tensor  # [seqs, max_blocks]
+    context_lens: torch.Tensor  # [seqs]
+
+
+@dataclass(frozen=True)
+class _AttentionPlan:
+    """How one step's sequences split into batched decode groups and single prefills."""
+
+    batch: tuple[torch.Tensor, ...]  # the step's tensors it was made from (held: ids stay unique)
+    decode_groups: list[_DecodeGroup]
+    prefills: list[tuple[int, int, int]]  # (sequence, first token, end token)
+
+
+_last_plan: _AttentionPlan | None = None
+
+
+def _attention_plan(
+    block_tables: torch.Tensor, query_starts: torch.Tensor, context_lens: torch.Tensor
+) -> _AttentionPlan:
+    """The plan of this step; every layer passes the same tensors, so it is made once."""
+    global _last_plan
+    batch = (block_tables, query_starts, context_lens)
+    last = _last_plan  # read once: another engine's thread may replace it meanwhile
+    if last is not None and all(a is b for a, b in zip(last.batch, batch, strict=True)):
+        return last
+    decoding = (query_starts[1:] - query_starts[:-1]) == 1  # [num_seqs]
+    groups = [
+        _DecodeGroup(query_starts[rows].long(), block_tables[rows], context_lens[rows])
+        for rows in _context_groups(decoding.nonzero().squeeze(1), context_lens)
+    ]
+    starts = query_starts.tolist()
+    prefills = [
+        (seq, starts[seq], starts[seq + 1]) for seq in (~decoding).nonzero().squeeze(1).tolist()
+    ]
+    plan = _last_plan = _AttentionPlan(batch, groups, prefills)
+    return plan
 
 
 def _context_groups(rows: torch.Tensor, context_lens: torch.Tensor) -> list[torch.Tensor]:
@@ -164,7 +207,7 @@ def _decode_attention(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence, all sequences in one batched product.
+    """One query per sequence, these sequences in one batched product.
 
     query: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks]."""
     num_seqs, num_heads, head_dim = query.shape
