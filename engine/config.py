@@ -39,7 +39,7 @@ class ModelConfig:
     max_model_len: int | None = None
     """Longest prompt + output, in tokens (default: the model's max_position_embeddings)."""
     kernel_backend: str = "auto"
-    """auto (Triton on CUDA, torch elsewhere) | triton | torch."""
+    """auto (Triton on CUDA, torch elsewhere) | triton | torch | reference (plain, slow)."""
     served_model_name: str | None = None
     """Name of the base model in the API (default: the folder's name)."""
 

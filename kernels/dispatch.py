@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.kernels import cpu
+from loraserve.kernels import cpu, reference
 
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+KERNEL_BACKENDS = ("auto", "triton", "torch", "reference")
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,25 @@ TORCH_KERNELS = Kernels(
     cpu.write_kv,
     cpu.paged_attention,
 )
+# The plain references themselves: the yardstick, for checking and measuring the others.
+REFERENCE_KERNELS = Kernels(
+    "reference",
+    reference.lora_shrink,
+    reference.lora_expand,
+    reference.write_kv,
+    reference.paged_attention,
+)
 
 
 def select_kernels(backend: str, device: torch.device | str) -> Kernels:
-    """`auto`: Triton on CUDA, the torch path elsewhere; `triton` / `torch` force one.
+    """`auto`: Triton on CUDA, the torch path elsewhere; `triton` / `torch` / `reference`
+    force one.
 
     `triton` on a CPU works only under TRITON_INTERPRET=1 (slow: for tests)."""
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return REFERENCE_KERNELS
     use_triton = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
     return _triton_kernels() if use_triton else TORCH_KERNELS
 

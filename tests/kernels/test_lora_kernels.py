@@ -345,3 +345,4 @@ def test_cpu_path_reads_what_the_pool_holds_now(generator):
 def test_dispatch_selects_the_cpu_path_on_cpu():
     kernels = select_kernels("auto", "cpu")
     assert kernels.name == "torch" and kernels.lora_shrink is cpu.lora_shrink
+    assert select_kernels("reference", "cpu").lora_shrink is reference.lora_shrink
