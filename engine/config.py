@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from loraserve.kernels.dispatch import KERNEL_BACKENDS
+from loraserve.kernels.constants import KERNEL_BACKENDS
+from loraserve.models.arch import ModelArch
 from loraserve.scheduler.config import SchedulerConfig
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -39,9 +34,11 @@ class ModelConfig:
     max_model_len: int | None = None
     """Longest prompt + output, in tokens (default: the model's max_position_embeddings)."""
     kernel_backend: str = "auto"
-    """auto (Triton on CUDA, torch elsewhere) | triton | torch | reference (plain, slow)."""
+    """auto (Triton on CUDA, native C kernels on a CPU) | triton | native | torch | reference (plain, slow)."""
     served_model_name: str | None = None
     """Name of the base model in the API (default: the folder's name)."""
+    enforce_eager: bool = False
+    """On CUDA, run every step eagerly instead of replaying captured decode graphs."""
 
     def __post_init__(self) -> None:
         _check(
@@ -60,18 +57,6 @@ class ModelConfig:
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        if self.torch_device().type == "cpu":
-            return torch.float32
-        return DTYPES.get(checkpoint_dtype, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -138,12 +123,26 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class RuntimeInfo:
-    """Values the engine finds at start-up."""
+    """Values the engine finds at start-up (plain values: the front-end process reads them)."""
 
-    device: torch.device
-    dtype: torch.dtype
+    device: str
+    dtype: str
+    kernel_backend: str
+    """The kernels chosen (`kernel_backend` resolved: triton, native, torch or reference)."""
     num_pages: int
     page_numel: int
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     served_model_name: str
+
+
+def resolve_max_model_len(arch: ModelArch, requested: int | None) -> int:
+    """The context limit: as asked, within the model's positions and sliding window."""
+    limit = arch.max_position_embeddings
+    if arch.sliding_window is not None:
+        # Beyond the window, attention would differ from the model's; loraserve
+        # does not implement the window, so it does not let contexts grow past it.
+        limit = min(limit, arch.sliding_window)
+    if requested is not None and requested > limit:
+        raise ValueError(f"max_model_len={requested} is above the model's limit of {limit} tokens")
+    return requested or limit

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
-from loraserve.engine.engine import LLMEngine
-from loraserve.engine.outputs import RequestOutput
-from loraserve.engine.sampling_params import SamplingParams, per_completion
+from loraserve.engine.core import EngineCore
+from loraserve.engine.output_processor import OutputProcessor, sub_request_ids
+from loraserve.engine.outputs import CompletionOutput, RequestOutput
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.models.tokenizer import Tokenizer
 from loraserve.scheduler.config import SchedulerConfig
 
 T = TypeVar("T")
@@ -52,14 +54,12 @@ class LLM:
         dtype: str = "auto",
         **options: Any,
     ) -> None:
-        self.engine = LLMEngine(build_config(str(model), device=device, dtype=dtype, **options))
+        self.engine = EngineCore(build_config(str(model), device=device, dtype=dtype, **options))
         for name, path in (adapters or {}).items():
             self.engine.register_adapter(name, path)
+        self.tokenizer = Tokenizer.from_folder(model)
+        self._processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
 
     def generate(
         self,
@@ -74,53 +74,46 @@ class LLM:
         adapter None is the base model. Returns outputs in prompt order."""
         if prompt_token_ids is not None:
             texts: list[str | None] = [None] * len(prompt_token_ids)
-            ids: list[list[int] | None] = [list(p) for p in prompt_token_ids]
+            ids = [list(p) for p in prompt_token_ids]
         elif prompts is not None:
             texts = [prompts] if isinstance(prompts, str) else list(prompts)
-            ids = [None] * len(texts)
+            ids = [self.tokenizer.encode(text) for text in texts]  # type: ignore[arg-type]
         else:
             raise ValueError("generate needs prompts or prompt_token_ids")
         params = _per_prompt(sampling_params, len(texts), SamplingParams(), "sampling_params")
         adapters: list[str | None] = _per_prompt(adapter, len(texts), None, "adapter")  # type: ignore[arg-type]
-        request_ids = self._add_all(texts, ids, params, adapters)
-        return self._run(request_ids)
+        results = [
+            RequestOutput(str(next(self._ids)), text, prompt, name, [])
+            for text, prompt, name in zip(texts, ids, adapters, strict=True)
+        ]
+        self._add_all(results, params)
+        return self._run(results)
 
-    def _add_all(self, texts, ids, params, adapters) -> list[list[str]]:
-        """Queue every prompt (n sub-requests each); on a bad one, withdraw all and raise."""
-        request_ids: list[list[str]] = []
+    def _add_all(self, results: list[RequestOutput], params: list[SamplingParams]) -> None:
+        """Queue every prompt's completions; on a refused one, withdraw all and raise."""
+        added: list[str] = []
         try:
-            for text, prompt_ids, param, name in zip(texts, ids, params, adapters, strict=True):
-                base = str(next(self._ids))
-                subs = [f"{base}-{i}" for i in range(param.n)]
-                for sub, sub_params in zip(subs, per_completion(param), strict=True):
-                    self.engine.add_request(sub, text, sub_params, name, prompt_ids)
-                request_ids.append(subs)
+            for result, param in zip(results, params, strict=True):
+                subs = self._processor.add_request(result.request_id, result.prompt_token_ids, param)
+                result.outputs = [CompletionOutput(index) for index in range(len(subs))]
+                for sub_id, sub_params in subs:
+                    self.engine.add_request(
+                        sub_id, result.prompt_token_ids, sub_params, result.adapter
+                    )
+                    added.append(sub_id)
         except Exception:
-            for sub in itertools.chain.from_iterable(request_ids):
-                self.engine.abort_request(sub)
+            for result in results:
+                self._processor.forget(sub_request_ids(result.request_id, len(result.outputs)))
+            for sub_id in added:
+                self.engine.abort_request(sub_id)
             raise
-        return request_ids
 
-    def _run(self, request_ids: list[list[str]]) -> list[RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
+    def _run(self, results: list[RequestOutput]) -> list[RequestOutput]:
+        by_id = {result.request_id: result for result in results}
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
-        results = []
-        for subs in request_ids:
-            first = finished[subs[0]]
-            completions = [finished[sub].outputs[0] for sub in subs]
-            for index, completion in enumerate(completions):
-                completion.index = index
-            results.append(
-                RequestOutput(
-                    subs[0].rsplit("-", 1)[0],
-                    first.prompt,
-                    first.prompt_token_ids,
-                    first.adapter,
-                    completions,
-                    True,
-                )
-            )
+            processed = self._processor.process(self.engine.step())
+            for sub_id in processed.aborts:
+                self.engine.abort_request(sub_id)
+            for request_id, delta in processed.deltas:
+                by_id[request_id].outputs[delta.index].add(delta)
         return results

@@ -1,40 +1,103 @@
-"""What the engine hands back: one `RequestOutput` per request per step it advanced."""
+"""What crosses from the engine core to the front end, and what the front end hands out.
+
+Plain records (no torch): the core's outputs travel to the front-end process as
+they are (engine/ipc.py serializes them).
+
+- `EngineOutput`: one request's progress in one step, from the core: the token(s)
+  it gained, their logprobs, and how it finished. Deltas only: nothing the front
+  end already has is sent again.
+- `CompletionDelta`: the same, turned into text by the front end's output processor
+  (detokenized, stop strings applied), for a stream of one of the request's `n`.
+- `CompletionOutput` / `RequestOutput`: whole results, as `LLM.generate` returns them.
+- `EngineStats`: a consistent picture of the core for /metrics.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loraserve.engine.sampler import TokenLogprobs
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs of one generated token, from the raw model logits."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    """1 + the number of tokens whose logprob is strictly higher than the chosen one's."""
+    top_logprobs: list[tuple[int, float]]
+    """The `logprobs` most likely (token id, logprob), most likely first."""
+
+
+@dataclass
+class EngineOutput:
+    """A request's progress in one step, as the engine core reports it."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    """None while running; `stop` (EOS or a stop token), `length`, `abort` or `error`."""
+    stop_reason: int | None = None
+    """The stop token id that ended it, if one did (EOS is not reported, as in vLLM)."""
+    error: str | None = None
+    """With finish_reason `error`: why this request failed (the others carry on)."""
+
+
+@dataclass
+class CompletionDelta:
+    """What one of a request's `n` completions gained in one step, as text."""
+
+    index: int
+    """Which completion (0 .. n-1)."""
+    new_text: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+    """The stop string or stop token id that ended it, if any."""
+    num_tokens: int
+    """Tokens this completion has generated so far (for usage)."""
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
 class CompletionOutput:
-    """One generated sequence: all its tokens and text so far."""
+    """One generated sequence, whole."""
 
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    """None while running; `stop` (EOS, a stop token or string), `length` or `abort`."""
+    """`stop` (EOS, a stop token or string), `length`, `abort` or `error`."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended it, if any."""
     logprobs: list[TokenLogprobs] | None = None
-    new_text: str = ""
-    """Text added by the step that produced this output (for streaming)."""
-    new_token_ids: list[int] = field(default_factory=list)
+
+    def add(self, delta: CompletionDelta) -> None:
+        """Append a step's delta."""
+        self.text += delta.new_text
+        self.token_ids += delta.new_token_ids
+        if delta.new_logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.new_logprobs
+        self.finish_reason = delta.finish_reason
+        self.stop_reason = delta.stop_reason
 
 
 @dataclass
 class RequestOutput:
-    """A request's state after a step; `text`/`token_ids`/`finish_reason` are those of
-    its first (usually only) completion."""
+    """A finished request; `text`/`token_ids`/`finish_reason` are its first completion's."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     adapter: str | None
     outputs: list[CompletionOutput]
-    finished: bool = False
+    finished: bool = True
 
     @property
     def text(self) -> str:
@@ -47,3 +110,25 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A consistent picture of the engine core between two steps (for /metrics)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    num_total_pages: int = 0
+    num_kv_pages: int = 0
+    num_adapter_pages: int = 0
+    num_free_pages: int = 0
+    num_pinned_adapter_pages: int = 0
+    """Pages of resident adapters that running requests use (not reclaimable now)."""
+    resident_adapters: tuple[str, ...] = ()
+    num_adapter_loads: int = 0
+    num_adapter_evictions: int = 0
+    num_preemptions: int = 0
+    new_adapter_load_seconds: tuple[float, ...] = ()
+    """Load latencies recorded since the previous reading (each reported once)."""

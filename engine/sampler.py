@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from loraserve.engine.outputs import TokenLogprobs
 from loraserve.engine.sampling_params import SamplingParams
 
 _SEED_MASK = (1 << 64) - 1  # torch seeds are 64-bit; any Python int maps into that range
@@ -45,18 +46,6 @@ class SequenceTokens:
 
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs of one generated token, from the raw model logits."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    """1 + the number of tokens whose logprob is strictly higher than the chosen one's."""
-    top_logprobs: list[tuple[int, float]]
-    """The `logprobs` most likely (token id, logprob), most likely first."""
 
 
 @dataclass

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.kernels import cpu, reference
-
-KERNEL_BACKENDS = ("auto", "triton", "torch", "reference")
+from loraserve.kernels.constants import KERNEL_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,9 @@ REFERENCE_KERNELS = Kernels(
 )
 
 
-def select_kernels(backend: str, device: torch.device | str) -> Kernels:
+def select_kernels(
+    backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> Kernels:
     """`auto`: Triton on CUDA, the torch path elsewhere; `triton` / `torch` / `reference`
     force one.
 

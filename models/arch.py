@@ -30,6 +30,9 @@ QKV_GROUP = (0, 1, 2)
 O_GROUP = (3,)
 GATE_UP_GROUP = (4, 5)
 DOWN_GROUP = (6,)
+LORA_GROUPS = (QKV_GROUP, O_GROUP, GATE_UP_GROUP, DOWN_GROUP)
+"""The groups in layer order; `LoraBatch.tables[layer][i]` is group i's."""
+QKV, O, GATE_UP, DOWN = range(len(LORA_GROUPS))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,34 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.models.arch import NUM_LORA_MODULES
+
+
+@dataclass(frozen=True)
+class LoraTables:
+    """The offset and rank tables of one module group of one layer, as the kernels read them.
+
+    Views of the runner's `[slots, layers, modules, 2]` offset table and `[slots, layers,
+    modules]` rank table, made once at start-up (the tables never move)."""
+
+    a_offsets: torch.Tensor  # [num_slots, num_slices] int64, element offset of each A
+    b_offsets: torch.Tensor  # [num_slots, num_slices] int64, element offset of each B
+    ranks: torch.Tensor  # [num_slots, num_slices] int32, 0 = slice not adapted
+
+
+def lora_tables(
+    offsets: torch.Tensor, ranks: torch.Tensor, groups: tuple[tuple[int, ...], ...]
+) -> list[list[LoraTables]]:
+    """`[layer][group]` views of the offset table `[slots, layers, modules, 2]` and the rank
+    table `[slots, layers, modules]`, one per module group (q/k/v, o, gate/up, down)."""
+    tables = []
+    for layer in range(offsets.shape[1]):
+        row = []
+        for group in groups:
+            first, last = group[0], group[-1] + 1
+            pairs = offsets[:, layer, first:last]  # [slots, num_slices, 2]
+            row.append(LoraTables(pairs[..., 0], pairs[..., 1], ranks[:, layer, first:last]))
+        tables.append(row)
+    return tables
 
 
 @dataclass
@@ -31,12 +58,8 @@ class LoraBatch:
     segment_starts: torch.Tensor  # [num_segments + 1] int32
     segment_slots: torch.Tensor  # [num_segments] int32, NO_ADAPTER for base-model runs
     pool: torch.Tensor  # [num_pages, page_numel]
-    offsets: torch.Tensor  # [num_slots, num_layers, NUM_LORA_MODULES, 2] int64 (A, B)
-    ranks: torch.Tensor  # [num_slots, num_layers, NUM_LORA_MODULES] int32
+    tables: list[list[LoraTables]]  # [layer][module group], see `lora_tables`
     max_rank: int  # largest rank among the batch's adapters
-
-    def __post_init__(self) -> None:
-        assert self.offsets.shape[2] == NUM_LORA_MODULES
 
 
 @dataclass

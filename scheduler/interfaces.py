@@ -8,7 +8,7 @@ with a fake pool and no torch.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class PoolAccounting(Protocol):
@@ -47,4 +47,14 @@ class PoolAccounting(Protocol):
 
     def release_adapter(self, adapter: str | None) -> None:
         """Unpin `adapter` for one request; it stays resident until evicted."""
+        ...
+
+    def slot_of(self, adapter: str | None) -> int:
+        """The table row a resident `adapter` occupies (an opaque int to the scheduler;
+        the base model has its own). Chunks of one adapter are grouped by it."""
+        ...
+
+    def take_loads(self) -> list[Any]:
+        """Weight copies decided since the last call (adapters made resident), handed
+        out once each; the scheduler passes them to the runner in its plan."""
         ...

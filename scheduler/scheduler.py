@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 from loraserve.scheduler.config import SchedulerConfig
 from loraserve.scheduler.interfaces import PoolAccounting
@@ -38,6 +39,8 @@ class ScheduledChunk:
 
     seq: SequenceState
     num_tokens: int
+    slot: int = 0
+    """The adapter's table row in the pool (`PoolAccounting.slot_of`), set by `schedule`."""
     start: int = field(init=False)
     """`seq.num_computed_tokens` before this step: the position of the chunk's first token."""
     samples: bool = field(init=False)
@@ -55,11 +58,14 @@ class ScheduledChunk:
 
 @dataclass
 class SchedulerOutput:
-    """One step's plan: the chunks in batch order (running first, then new admissions)."""
+    """One step's plan: the chunks in batch order, those of one adapter next to each other
+    (ordered by slot), and the adapter weights to copy in before the forward pass."""
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     """Request ids preempted this step (back to waiting, their KV to be recomputed)."""
+    adapter_loads: list[Any] = field(default_factory=list)
+    """`PoolAccounting.take_loads()` after this step's admissions: copies the runner makes first."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -165,7 +171,7 @@ class Scheduler:
             self._running.append(seq)
             output.chunks.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
-        return output
+        return self._finish_plan(output)
 
     def update_after_step(
         self, output: SchedulerOutput, sampled: Mapping[str, int]
@@ -212,6 +218,14 @@ class Scheduler:
         return sorted({seq.adapter for seq in self._waiting if seq.adapter is not None})
 
     # -- internals -----------------------------------------------------------------------
+
+    def _finish_plan(self, output: SchedulerOutput) -> SchedulerOutput:
+        """Group the chunks by adapter (one LoRA segment each) and attach the step's loads."""
+        for chunk in output.chunks:
+            chunk.slot = self._pool.slot_of(chunk.seq.adapter)
+        output.chunks.sort(key=lambda chunk: chunk.slot)  # stable: arrival order within a slot
+        output.adapter_loads = self._pool.take_loads()
+        return output
 
     def _num_new_pages(self, seq: SequenceState, num_tokens: int) -> int:
         """Pages `seq` lacks to hold the KV of its next `num_tokens` tokens."""

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from loraserve.engine.outputs import RequestOutput
-from loraserve.engine.sampler import TokenLogprobs
+from loraserve.engine.outputs import TokenLogprobs
 from loraserve.errors import InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant

@@ -143,7 +143,7 @@ def test_triton_backend_equals_peft(family) -> None:
         max_num_batched_tokens=16,
         max_num_seqs=8,
     )
-    assert llm.engine.kernels.name == "triton"
+    assert llm.engine.info.kernel_backend == "triton"
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     outputs = llm.generate(
         prompt_token_ids=prompts, sampling_params=params, adapter=[a for a, _ in REQUESTS]

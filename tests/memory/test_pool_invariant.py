@@ -76,10 +76,9 @@ def test_pages_used_plus_free_is_total(assets, actions, pool_pages) -> None:
             try:
                 engine.add_request(
                     request_id,
-                    None,
+                    list(range(2, 2 + prompt_len)),
                     SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
                     adapter,
-                    list(range(2, 2 + prompt_len)),
                 )
                 added.append(request_id)
             except InvalidRequestError:

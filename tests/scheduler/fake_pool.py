@@ -20,6 +20,8 @@ class FakePool:
         self.resident: OrderedDict[str, list[int]] = OrderedDict()  # least recent first
         self.users: dict[str, int] = {}
         self.evictions: list[str] = []
+        self.slots: dict[str, int] = {}  # resident adapter -> its slot
+        self.loads: list[str] = []  # made resident since the last take_loads()
 
     # -- PoolAccounting ------------------------------------------------------------------
 
@@ -49,6 +51,8 @@ class FakePool:
         if adapter not in self.resident:
             self.resident[adapter] = self._take(self.adapter_pages[adapter])
             self.users[adapter] = 0
+            self.slots[adapter] = min(set(range(len(self.slots) + 1)) - set(self.slots.values()))
+            self.loads.append(adapter)
         self.users[adapter] += 1
         self.resident.move_to_end(adapter)
 
@@ -57,6 +61,13 @@ class FakePool:
             return
         assert self.users.get(adapter, 0) > 0, f"adapter {adapter} released more than acquired"
         self.users[adapter] -= 1
+
+    def slot_of(self, adapter: str | None) -> int:
+        return -1 if adapter is None else self.slots[adapter]
+
+    def take_loads(self) -> list[str]:
+        loads, self.loads = self.loads, []
+        return loads
 
     # -- for tests -----------------------------------------------------------------------
 
@@ -86,6 +97,8 @@ class FakePool:
             if idle is None:
                 raise MemoryError(f"{num_pages} pages wanted, {len(self.free_pages)} free")
             self.free_pages.extend(self.resident.pop(idle))
-            del self.users[idle]
+            del self.users[idle], self.slots[idle]
+            if idle in self.loads:
+                self.loads.remove(idle)
             self.evictions.append(idle)
         return [self.free_pages.pop() for _ in range(num_pages)]

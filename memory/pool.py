@@ -1,29 +1,54 @@
-"""The unified page pool: KV blocks and resident adapters share one allocation.
+"""The unified page pool's bookkeeping: which pages hold KV, which hold adapters, which are free.
 
-`MemoryManager` owns the pool tensor, its free list and adapter residency. It is
-the scheduler's `PoolAccounting` (page counts and ids), and `prepare()` does the
-data movement the scheduler's decisions imply (copying newly resident adapters
-in from host RAM, writing their rows of the offset tables the LoRA kernels read).
+Pure Python (no torch): the pool tensor itself, its KV view and the LoRA offset
+tables belong to the model runner (engine/device_pool.py), which copies what this
+bookkeeping decides. `UnifiedPool` is the scheduler's `PoolAccounting`.
 
 Residency: an adapter is pinned while any running request uses it; idle resident
 adapters stay (a later request finds them loaded) until pages or slots are needed,
-then the least recently used goes first.
+then the least recently used goes first. Making an adapter resident reserves its
+pages and a slot (a row of the runner's offset tables) at once, and queues an
+`AdapterLoad`; the scheduler hands the step's loads to the runner in its plan, so
+weights are copied before the forward pass that first reads them.
+
+Invariant (tested after every step): KV pages + adapter pages + free pages == total.
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-
-import torch
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from loraserve.errors import UnknownAdapterError
 from loraserve.kernels.constants import NO_ADAPTER
-from loraserve.memory.adapter_store import AdapterStore, HostAdapter
 from loraserve.memory.allocator import PageAllocator
-from loraserve.memory.geometry import PoolGeometry
-from loraserve.models.arch import NUM_LORA_MODULES
+
+
+class SizedAdapter(Protocol):
+    """What the bookkeeping needs of a registered adapter (memory/adapter_store.HostAdapter)."""
+
+    @property
+    def num_pages(self) -> int: ...
+
+
+class AdapterCatalog(Protocol):
+    """Registered adapters by name (memory/adapter_store.AdapterStore)."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def get(self, name: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class AdapterLoad:
+    """Copy `adapter`'s host pages into pool `pages` and point offset-table row `slot` at them."""
+
+    name: str
+    slot: int
+    pages: tuple[int, ...]
+    adapter: Any
+    """The host copy (a `HostAdapter`): page-sized slabs, local offsets, ranks."""
 
 
 @dataclass
@@ -33,73 +58,38 @@ class ResidentAdapter:
     name: str
     slot: int
     pages: list[int]
-    host: HostAdapter
     num_users: int = 0
-    loaded: bool = False
-    """False until `prepare()` has copied the weights in."""
 
 
 @dataclass
-class MemoryStats:
-    """Counters for metrics; updated as adapters come and go."""
+class PoolStats:
+    """Counters for metrics."""
 
     adapter_loads: int = 0
     adapter_evictions: int = 0
-    adapter_load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
-    """Latencies of loads not yet taken by `drain_load_seconds` (bounded: with no
-    metrics reader, as under `LLM`, the oldest are dropped)."""
-
-    def drain_load_seconds(self) -> list[float]:
-        """The load latencies recorded since the last call; they are forgotten here."""
-        taken = list(self.adapter_load_seconds)
-        self.adapter_load_seconds.clear()
-        return taken
 
 
-class MemoryManager:
-    """The pool, its free list, and which adapters are resident where."""
+class UnifiedPool:
+    """Pages of the pool (KV blocks and adapter slabs alike) and adapter residency."""
 
     def __init__(
-        self,
-        geometry: PoolGeometry,
-        num_pages: int,
-        store: AdapterStore,
-        dtype: torch.dtype,
-        device: torch.device,
-        max_resident_adapters: int,
+        self, num_pages: int, block_size: int, max_resident_adapters: int, adapters: AdapterCatalog
     ) -> None:
-        self.geometry = geometry
-        self.store = store
-        self.device = device
         self.allocator = PageAllocator(num_pages)
-        # [num_pages, page_numel]: the one device allocation (untouched pages cost nothing on CPU)
-        self.pool = torch.empty(num_pages, geometry.page_numel, dtype=dtype, device=device)
-        # [num_pages, layers, 2, block_size, kv_heads, head_dim]: the KV view of every page
-        self.kv_pages = self.pool[:, : geometry.kv_block_numel].view(
-            num_pages, *geometry.kv_shape()
-        )
-        num_layers = geometry.num_layers
-        # [slots, layers, modules, 2]: element offsets of A and B; -1 = not targeted
-        self.lora_offsets = torch.full(
-            (max_resident_adapters, num_layers, NUM_LORA_MODULES, 2),
-            -1,
-            dtype=torch.int64,
-            device=device,
-        )
-        # [slots, layers, modules]: rank of each matrix pair; 0 = not targeted
-        self.lora_ranks = torch.zeros(
-            (max_resident_adapters, num_layers, NUM_LORA_MODULES), dtype=torch.int32, device=device
-        )
+        self._block_size = block_size
+        self.adapters = adapters
+        self.max_resident_adapters = max_resident_adapters
         self._free_slots = list(range(max_resident_adapters - 1, -1, -1))
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU first
+        self._pending_loads: list[AdapterLoad] = []
         self.num_kv_pages = 0
-        self.stats = MemoryStats()
+        self.stats = PoolStats()
 
     # -- the scheduler's view (PoolAccounting) -------------------------------------------
 
     @property
     def block_size(self) -> int:
-        return self.geometry.block_size
+        return self._block_size
 
     @property
     def num_total_pages(self) -> int:
@@ -113,7 +103,7 @@ class MemoryManager:
             return num_pages <= available
         if not self._free_slots and not reclaimable:
             return False
-        return num_pages + self.store.get(adapter).num_pages <= available
+        return num_pages + self.adapters.get(adapter).num_pages <= available
 
     def allocate(self, num_pages: int) -> list[int]:
         self._reclaim(num_pages)
@@ -141,23 +131,21 @@ class MemoryManager:
         assert resident.num_users > 0, f"adapter {adapter} released more than acquired"
         resident.num_users -= 1
 
-    # -- data movement and lookups for the engine ----------------------------------------
-
-    def prepare(self) -> None:
-        """Copy in the weights of adapters made resident since the last call."""
-        for resident in self._resident.values():
-            if not resident.loaded:
-                self._load(resident)
-
     def slot_of(self, adapter: str | None) -> int:
         """The offset-table row of a resident adapter; NO_ADAPTER for the base model."""
         return NO_ADAPTER if adapter is None else self._resident[adapter].slot
 
-    def max_rank_of(self, adapter: str | None) -> int:
-        return 0 if adapter is None else self.store.get(adapter).max_rank
+    def take_loads(self) -> list[AdapterLoad]:
+        """The copies decided since the last call, for the runner to make before its next
+        forward pass; each is handed out once."""
+        loads, self._pending_loads = self._pending_loads, []
+        self.stats.adapter_loads += len(loads)
+        return loads
+
+    # -- lookups for the engine and metrics ----------------------------------------------
 
     def evict_if_idle(self, adapter: str) -> bool:
-        """Drop an idle adapter's pages now (used when it is unregistered)."""
+        """Drop an idle adapter's pages now (used when it is unregistered); False if in use."""
         resident = self._resident.get(adapter)
         if resident is None or resident.num_users:
             return resident is None
@@ -177,6 +165,11 @@ class MemoryManager:
         return sum(len(r.pages) for r in self._resident.values())
 
     @property
+    def num_pinned_adapter_pages(self) -> int:
+        """Pages of resident adapters that running requests use (not reclaimable now)."""
+        return sum(len(r.pages) for r in self._resident.values() if r.num_users)
+
+    @property
     def num_free_pages(self) -> int:
         return self.allocator.num_free
 
@@ -191,15 +184,16 @@ class MemoryManager:
     # -- internals -----------------------------------------------------------------------
 
     def _make_resident(self, name: str) -> ResidentAdapter:
-        if name not in self.store:
+        if name not in self.adapters:
             raise UnknownAdapterError(f"adapter {name!r} is not registered")
-        host = self.store.get(name)
+        host = self.adapters.get(name)
         if not self._free_slots:
             self._evict(self._least_recent_idle())
         self._reclaim(host.num_pages)
         pages = self.allocator.allocate(host.num_pages)
-        resident = ResidentAdapter(name, self._free_slots.pop(), pages, host)
+        resident = ResidentAdapter(name, self._free_slots.pop(), pages)
         self._resident[name] = resident
+        self._pending_loads.append(AdapterLoad(name, resident.slot, tuple(pages), host))
         return resident
 
     def _reclaim(self, num_pages: int) -> None:
@@ -216,21 +210,8 @@ class MemoryManager:
     def _evict(self, resident: ResidentAdapter) -> None:
         del self._resident[resident.name]
         self.allocator.free(resident.pages)
-        self.lora_offsets[resident.slot] = -1
-        self.lora_ranks[resident.slot] = 0
         self._free_slots.append(resident.slot)
-        self.stats.adapter_evictions += int(resident.loaded)
-
-    def _load(self, resident: ResidentAdapter) -> None:
-        """One copy per page from host RAM, then the adapter's offset-table rows."""
-        started = time.perf_counter()
-        host, page_numel = resident.host, self.geometry.page_numel
-        pages = torch.tensor(resident.pages, dtype=torch.int64, device=self.device)
-        self.pool[pages] = host.pages.to(self.device, non_blocking=True)
-        local = host.local_offsets.to(self.device)  # [layers, modules, 2]
-        global_offsets = pages[local.clamp(min=0) // page_numel] * page_numel + local % page_numel
-        self.lora_offsets[resident.slot] = torch.where(local >= 0, global_offsets, -1)
-        self.lora_ranks[resident.slot] = host.ranks.to(self.device)
-        resident.loaded = True
-        self.stats.adapter_loads += 1
-        self.stats.adapter_load_seconds.append(time.perf_counter() - started)
+        pending = [load for load in self._pending_loads if load.name != resident.name]
+        if len(pending) == len(self._pending_loads):
+            self.stats.adapter_evictions += 1  # its weights had been handed to the runner
+        self._pending_loads = pending

@@ -1,0 +1,240 @@
+"""The engine core: requests, the scheduler, the pool's bookkeeping, the model runner.
+
+One step is three calls, and no part reaches back into another:
+
+    plan = scheduler.schedule()       which chunks run, grouped by adapter, adapters to load
+    sampled = runner.execute(plan)    copies, metadata, forward, sampling (the device side)
+    outputs = postprocess(plan, sampled)   tokens appended, stops and lengths, pages freed
+
+The core works in token ids: tokenizing, detokenizing and stop strings are the
+front end's (engine/output_processor.py), in the server's process or in `LLM`.
+It is not thread-safe: one thread drives it (the engine-core process's loop, or
+`LLM.generate`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from loraserve.engine.config import EngineConfig, RuntimeInfo, resolve_max_model_len
+from loraserve.engine.outputs import EngineOutput, EngineStats
+from loraserve.engine.runner import ModelRunner, TorchModelRunner
+from loraserve.engine.sampler import SamplerOutput
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.errors import InvalidRequestError, UnknownAdapterError
+from loraserve.memory.adapter_store import AdapterStore, HostAdapter
+from loraserve.memory.geometry import PoolGeometry
+from loraserve.memory.pool import UnifiedPool
+from loraserve.models.arch import ModelArch
+from loraserve.models.config import load_arch
+from loraserve.models.tokenizer import Tokenizer
+from loraserve.scheduler.request import SequenceState, SequenceStatus
+from loraserve.scheduler.scheduler import Scheduler, SchedulerOutput
+
+FINISHED = {"stop": SequenceStatus.FINISHED_STOPPED, "length": SequenceStatus.FINISHED_LENGTH}
+RunnerFactory = Callable[[EngineConfig, ModelArch, PoolGeometry, tuple[int, ...]], ModelRunner]
+
+
+@dataclass
+class RequestState:
+    """The core's side of a request: its sampling params and its tokens (in `seq`)."""
+
+    params: SamplingParams
+    seq: SequenceState
+    stop_token_ids: frozenset[int]
+    """Tokens that end it once `min_tokens` are out: its stop_token_ids, plus EOS unless ignored."""
+
+
+class EngineCore:
+    """Many requests of many adapters, batched together step by step."""
+
+    def __init__(self, config: EngineConfig, runner_factory: RunnerFactory = TorchModelRunner):
+        self.config = config
+        folder = config.model.model
+        self.arch = load_arch(folder)
+        tokenizer = Tokenizer.from_folder(folder)
+        eos = tuple(sorted({*self.arch.eos_token_ids, *tokenizer.eos_token_ids}))
+        lora = config.lora
+        self.geometry = PoolGeometry.for_model(
+            self.arch, config.cache.block_size, lora.max_lora_rank
+        )
+        self.runner = runner_factory(config, self.arch, self.geometry, eos)
+        runner = self.runner
+        self.store = AdapterStore(
+            self.arch,
+            self.geometry,
+            lora.max_lora_rank,
+            runner.dtype,
+            pin_memory=runner.device.type == "cuda",  # host-to-device copies from pinned pages
+        )
+        self.memory = UnifiedPool(
+            self.runner.num_pages, config.cache.block_size, lora.max_resident_adapters, self.store
+        )
+        self.scheduler = Scheduler(config.scheduler, self.memory)
+        self.info = RuntimeInfo(
+            device=str(runner.device),
+            dtype=str(runner.dtype).removeprefix("torch."),
+            kernel_backend=self.runner.kernel_backend,
+            num_pages=self.runner.num_pages,
+            page_numel=self.geometry.page_numel,
+            max_model_len=resolve_max_model_len(self.arch, config.model.max_model_len),
+            eos_token_ids=eos,
+            served_model_name=config.model.served_model_name or Path(folder).resolve().name,
+        )
+        self.requests: dict[str, RequestState] = {}
+        self.num_preemptions = 0
+        """Preemptions since start (each one recomputes a request's KV later)."""
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def register_adapter(self, name: str, path: str | Path) -> HostAdapter:
+        """Load a PEFT folder into host RAM (AdapterError if refused; nothing registered)."""
+        return self.store.register(name, path)
+
+    def unregister_adapter(self, name: str) -> None:
+        """Forget an adapter; refused while requests use it."""
+        if name not in self.store:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered")
+        if self.memory.is_in_use(name) or any(
+            state.seq.adapter == name for state in self.requests.values()
+        ):
+            raise InvalidRequestError(f"adapter {name!r} has requests in flight; unload it later")
+        self.memory.evict_if_idle(name)
+        self.store.unregister(name)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+    ) -> None:
+        """Queue a request; raises InvalidRequestError / UnknownAdapterError if it cannot run."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if adapter is not None and adapter not in self.store:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
+        max_tokens = self._check_lengths(prompt_token_ids, params, adapter)
+        if max_tokens != params.max_tokens:
+            params = replace(params, max_tokens=max_tokens)
+        seq = SequenceState(request_id=request_id, adapter=adapter, token_ids=prompt_token_ids)
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops.update(self.info.eos_token_ids)
+        self.requests[request_id] = RequestState(params, seq, frozenset(stops))
+        self.runner.add_request(request_id, params)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now; its pages go back to the pool. False if it was not running."""
+        if self.requests.pop(request_id, None) is None:
+            return False
+        self.scheduler.abort(request_id)
+        self.runner.remove_request(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[EngineOutput]:
+        """Run one forward pass over the scheduled chunks; outputs of requests that advanced."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        sampled = self.runner.execute(plan)
+        return self._postprocess(plan, sampled)
+
+    def _postprocess(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[EngineOutput]:
+        """Append each sampled token, finish the requests that stop, report what changed."""
+        self.num_preemptions += len(plan.preempted)
+        sampling = [chunk.seq for chunk in plan.chunks if chunk.samples]
+        tokens = dict(zip((seq.request_id for seq in sampling), sampled.token_ids, strict=True))
+        self.scheduler.update_after_step(plan, tokens)
+        outputs = []
+        for seq, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs, strict=True):
+            state = self.requests[seq.request_id]
+            output = EngineOutput(seq.request_id, [token], None if logprobs is None else [logprobs])
+            output.finish_reason = self._finish_reason(state, token, output)
+            if output.finish_reason is not None:
+                self._finish(state, FINISHED[output.finish_reason])
+            outputs.append(output)
+        return outputs
+
+    def _finish_reason(self, state: RequestState, token: int, output: EngineOutput) -> str | None:
+        """`stop` for EOS / stop tokens, `length` at max_tokens or the context limit."""
+        seq, params = state.seq, state.params
+        num_outputs = seq.num_output_tokens
+        if num_outputs > params.min_tokens and token in state.stop_token_ids:
+            output.stop_reason = None if token in self.info.eos_token_ids else token
+            return "stop"
+        if num_outputs >= (params.max_tokens or 0) or seq.num_tokens >= self.info.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, state: RequestState, status: SequenceStatus) -> None:
+        request_id = state.seq.request_id
+        self.scheduler.finish(request_id, status)
+        self.runner.remove_request(request_id)
+        del self.requests[request_id]
+
+    # -- statistics ------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """Counts for /metrics, between two steps."""
+        memory, scheduler = self.memory, self.scheduler
+        return EngineStats(
+            num_running=scheduler.num_running(),
+            num_waiting=scheduler.num_waiting(),
+            running_adapters=tuple(scheduler.running_adapters()),
+            waiting_adapters=tuple(scheduler.waiting_adapters()),
+            num_total_pages=memory.num_total_pages,
+            num_kv_pages=memory.num_kv_pages,
+            num_adapter_pages=memory.num_adapter_pages,
+            num_free_pages=memory.num_free_pages,
+            num_pinned_adapter_pages=memory.num_pinned_adapter_pages,
+            resident_adapters=tuple(memory.resident_adapters()),
+            num_adapter_loads=memory.stats.adapter_loads,
+            num_adapter_evictions=memory.stats.adapter_evictions,
+            num_preemptions=self.num_preemptions,
+            new_adapter_load_seconds=tuple(self.runner.drain_load_seconds()),
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _check_lengths(self, prompt: list[int], params: SamplingParams, adapter: str | None) -> int:
+        """Validate the prompt against the context and the pool; returns max_tokens."""
+        limit, vocab = self.info.max_model_len, self.arch.vocab_size
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if len(prompt) >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt)} tokens; this model's maximum context length is "
+                f"{limit} tokens, prompt and output together",
+                "prompt",
+            )
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(prompt)
+        if len(prompt) + max_tokens > limit:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {limit} tokens; you asked for "
+                f"{len(prompt) + max_tokens} ({len(prompt)} in the prompt, {max_tokens} to generate)",
+                "max_tokens",
+            )
+        pages = math.ceil((len(prompt) + max_tokens) / self.geometry.block_size)
+        if adapter is not None:
+            pages += self.store.get(adapter).num_pages
+        if pages > self.info.num_pages:
+            raise InvalidRequestError(
+                f"the request needs {pages} pages of the pool at most, which has only "
+                f"{self.info.num_pages}; send a shorter prompt or fewer max_tokens",
+                "max_tokens",
+            )
+        return max_tokens

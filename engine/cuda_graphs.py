@@ -1,0 +1,95 @@
+"""Decode steps captured as CUDA graphs, one per batch-size bucket.
+
+A decode step launches a few hundred small kernels; eagerly, the host's launch
+cost sets its time. Captured once per bucket of batch sizes and replayed, the
+step costs one launch. What makes replay valid:
+- every input is a view of a buffer whose address never changes (the runner's
+  `BatchMetadata` and `DevicePool`), refilled in place before each replay;
+- every shape is the bucket's: a batch is padded to its bucket with sequences
+  whose results are never read, block tables have their full width and LoRA
+  the largest rank, so the kernels' grids are the captured ones (idle programs
+  return early);
+- the forward pass has no data-dependent Python control flow and no host syncs
+  (models/llama.py); sampling happens after the replay, outside the graph.
+
+Only steps where every sequence computes one token and samples it are replayed;
+prefill and mixed steps run eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+BUCKET_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+WARMUP_RUNS = 2
+
+
+class DecodeChunk(Protocol):
+    num_tokens: int
+    samples: bool
+
+
+class Builder(Protocol):
+    def build(self, chunks: Sequence[Any], adapters: Any, pad_to: int | None = None) -> Any: ...
+
+
+class DecodeGraphs:
+    """Captured decode forwards by bucket; with no buckets (CPU, or graphs turned off) every
+    step runs eagerly."""
+
+    def __init__(self, buckets: Sequence[int], forward: Callable[[Any], torch.Tensor]) -> None:
+        self.buckets = sorted(buckets)
+        self._forward = forward
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._memory_pool: Any = None
+
+    @classmethod
+    def for_device(
+        cls,
+        device: torch.device,
+        enabled: bool,
+        max_batch_size: int,
+        forward: Callable[[Any], torch.Tensor],
+    ) -> DecodeGraphs:
+        """Buckets up to `max_batch_size` sequences on CUDA when enabled, none otherwise."""
+        if device.type != "cuda" or not enabled:
+            return cls((), forward)
+        buckets = [size for size in BUCKET_SIZES if size < max_batch_size] + [max_batch_size]
+        return cls(sorted(set(buckets)), forward)
+
+    def bucket_for(self, chunks: Sequence[DecodeChunk]) -> int | None:
+        """The smallest bucket holding this batch, if it is a decode batch; else None."""
+        if not self.buckets or len(chunks) > self.buckets[-1]:
+            return None
+        if not all(chunk.num_tokens == 1 and chunk.samples for chunk in chunks):
+            return None
+        return next(size for size in self.buckets if size >= len(chunks))
+
+    def capture_all(self, metadata: Builder, adapters: Any) -> None:
+        """Capture every bucket, largest first (the largest sets the shared memory pool)."""
+        for bucket in reversed(self.buckets):
+            self._capture(bucket, metadata.build([], adapters, pad_to=bucket))
+
+    def replay(self, bucket: int, batch: Any) -> torch.Tensor:
+        """The logits `[bucket, vocab]` of `batch` (already written into the static buffers)."""
+        graph, logits = self._graphs[bucket]
+        del batch  # its tensors are the captured graph's inputs, refilled in place
+        graph.replay()
+        return logits
+
+    def _capture(self, bucket: int, batch: Any) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: Triton compiles, allocator settles
+            for _ in range(WARMUP_RUNS):
+                self._forward(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._memory_pool):
+            logits = self._forward(batch)
+        if self._memory_pool is None:
+            self._memory_pool = graph.pool()
+        self._graphs[bucket] = (graph, logits)

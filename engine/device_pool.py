@@ -1,0 +1,88 @@
+"""The device side of the unified pool: the one allocation, its KV view, the LoRA tables.
+
+The bookkeeping (which page holds what) is memory/pool.py's, in pure Python; this
+class owns the tensors and makes the copies the bookkeeping decided, as the model
+runner applies a step's plan: each `AdapterLoad` copies the adapter's host pages
+into its pool pages (one copy per page, from pinned memory on CUDA) and points its
+slot's rows of the offset and rank tables at them. A slot's rows are rewritten by
+every load into it, so rows of evicted adapters need no clearing: no batch names
+a slot that was not loaded before the forward pass that reads it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+from loraserve.memory.geometry import PoolGeometry
+from loraserve.memory.pool import AdapterLoad
+from loraserve.models.arch import LORA_GROUPS, NUM_LORA_MODULES
+from loraserve.models.batch import lora_tables
+
+MAX_RECORDED_LOADS = 10_000
+
+
+class DevicePool:
+    """The pool tensor, its KV view, and the offset / rank tables the LoRA kernels read."""
+
+    def __init__(
+        self,
+        geometry: PoolGeometry,
+        num_pages: int,
+        max_resident_adapters: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.geometry = geometry
+        self.device = device
+        # [num_pages, page_numel]: the one device allocation (untouched pages cost nothing on CPU)
+        self.pages = torch.empty(num_pages, geometry.page_numel, dtype=dtype, device=device)
+        # [num_pages, layers, 2, block_size, kv_heads, head_dim]: the KV view of every page
+        self.kv_pages = self.pages[:, : geometry.kv_block_numel].view(
+            num_pages, *geometry.kv_shape()
+        )
+        num_layers = geometry.num_layers
+        # [slots, layers, modules, 2]: element offsets of A and B; -1 = not targeted
+        self.lora_offsets = torch.full(
+            (max_resident_adapters, num_layers, NUM_LORA_MODULES, 2),
+            -1,
+            dtype=torch.int64,
+            device=device,
+        )
+        # [slots, layers, modules]: rank of each matrix pair; 0 = not targeted
+        self.lora_ranks = torch.zeros(
+            (max_resident_adapters, num_layers, NUM_LORA_MODULES), dtype=torch.int32, device=device
+        )
+        self.lora = lora_tables(self.lora_offsets, self.lora_ranks, LORA_GROUPS)
+        """Per layer and module group, the views of both tables the LoRA kernels read."""
+        self.slot_max_rank = [0] * max_resident_adapters
+        """Largest rank of the adapter last loaded into each slot (host side, for batch shapes)."""
+        self.load_seconds: deque[float] = deque(maxlen=MAX_RECORDED_LOADS)
+        """Latencies of loads not yet taken by `drain_load_seconds` (bounded: with no
+        metrics reader, as under `LLM`, the oldest are dropped)."""
+
+    def load(self, loads: Sequence[AdapterLoad]) -> None:
+        """Copy each adapter's host pages into its pool pages and write its table rows."""
+        for load in loads:
+            started = time.perf_counter()
+            self._load(load)
+            self.load_seconds.append(time.perf_counter() - started)
+
+    def drain_load_seconds(self) -> list[float]:
+        """The load latencies recorded since the last call; they are forgotten here."""
+        taken = list(self.load_seconds)
+        self.load_seconds.clear()
+        return taken
+
+    def _load(self, load: AdapterLoad) -> None:
+        host, page_numel = load.adapter, self.geometry.page_numel
+        pages = torch.tensor(load.pages, dtype=torch.int64, device=self.device)
+        self.pages[pages] = host.pages.to(self.device, non_blocking=True)
+        local = host.local_offsets.to(self.device)  # [layers, modules, 2]
+        global_offsets = pages[local.clamp(min=0) // page_numel] * page_numel + local % page_numel
+        self.lora_offsets[load.slot] = torch.where(local >= 0, global_offsets, -1)
+        self.lora_ranks[load.slot] = host.ranks.to(self.device)
+        self.slot_max_rank[load.slot] = host.max_rank

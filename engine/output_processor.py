@@ -1,0 +1,110 @@
+"""The front end's side of the engine's outputs: `n` fan-out, detokenizing, stop strings.
+
+Shared by `LLM` (in-process) and the server's front-end process. A request with
+`n` completions runs in the engine core as `n` requests, `{request_id}-{index}`
+(the one id scheme of both), seeded apart (`per_completion`). The core reports token
+deltas (`EngineOutput`); this turns each into a `CompletionDelta` of text, and
+ends a completion when one of its stop strings appears: the core, which knows
+nothing of text, is then told to abort it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from loraserve.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
+from loraserve.engine.outputs import CompletionDelta, EngineOutput
+from loraserve.engine.sampling_params import SamplingParams, per_completion
+
+
+def sub_request_ids(request_id: str, n: int) -> list[str]:
+    """The engine-core ids of a request's `n` completions."""
+    return [f"{request_id}-{index}" for index in range(n)]
+
+
+@dataclass
+class _Completion:
+    request_id: str
+    index: int
+    detokenizer: IncrementalDetokenizer
+    num_tokens: int = 0
+
+
+@dataclass
+class Processed:
+    """One batch of engine outputs, as the front end hands them on."""
+
+    deltas: list[tuple[str, CompletionDelta]] = field(default_factory=list)
+    """(request id, delta of one of its completions), in the order the core reported them."""
+    aborts: list[str] = field(default_factory=list)
+    """Engine-core ids that a stop string ended: abort them in the core."""
+
+
+class OutputProcessor:
+    """Text deltas of every running completion."""
+
+    def __init__(self, tokenizer: TokenDecoder) -> None:
+        self.tokenizer = tokenizer
+        self._completions: dict[str, _Completion] = {}  # engine-core id -> its state
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> list[tuple[str, SamplingParams]]:
+        """Fan a request out into its completions; (engine-core id, params) of each."""
+        subs = list(zip(sub_request_ids(request_id, params.n), per_completion(params), strict=True))
+        for index, (sub_id, sub_params) in enumerate(subs):
+            detokenizer = IncrementalDetokenizer.from_params(
+                self.tokenizer, prompt_token_ids, sub_params
+            )
+            self._completions[sub_id] = _Completion(request_id, index, detokenizer)
+        return subs
+
+    def forget(self, sub_ids: Iterable[str]) -> None:
+        """Drop completions (aborted, or refused by the core)."""
+        for sub_id in sub_ids:
+            self._completions.pop(sub_id, None)
+
+    def process(self, outputs: Iterable[EngineOutput]) -> Processed:
+        """The text deltas of a step's outputs; outputs of forgotten completions are skipped
+        (a completion the front end ended may still advance one step in the core)."""
+        processed = Processed()
+        for output in outputs:
+            completion = self._completions.get(output.request_id)
+            if completion is None:
+                continue
+            delta = self._delta(completion, output)
+            if delta.finished:
+                del self._completions[output.request_id]
+                if output.finish_reason is None:  # a stop string: the core does not know
+                    processed.aborts.append(output.request_id)
+            processed.deltas.append((completion.request_id, delta))
+        return processed
+
+    def _delta(self, completion: _Completion, output: EngineOutput) -> CompletionDelta:
+        detokenizer = completion.detokenizer
+        text, token_ids = "", []
+        for token in output.new_token_ids:
+            token_ids.append(token)
+            text += detokenizer.add_token(token)
+            if detokenizer.stopped:
+                break
+        finish_reason, stop_reason = output.finish_reason, output.stop_reason
+        if detokenizer.stopped:
+            finish_reason, stop_reason = "stop", detokenizer.stop_reason
+        elif finish_reason is not None:
+            text += detokenizer.flush()
+        logprobs = output.new_logprobs
+        if logprobs is not None:
+            logprobs = logprobs[: len(token_ids)]
+        completion.num_tokens += len(token_ids)
+        return CompletionDelta(
+            index=completion.index,
+            new_text=text,
+            new_token_ids=token_ids,
+            new_logprobs=logprobs,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            num_tokens=completion.num_tokens,
+            error=output.error,
+        )

@@ -1,0 +1,223 @@
+"""The model runner: everything of a step that touches the device.
+
+The engine core decides (requests, scheduler, pool bookkeeping, stops); the runner
+executes: it owns the model, the kernels, the device side of the unified pool,
+the per-step metadata buffers, the sampler's device state (seeded generators) and,
+on CUDA, the captured decode graphs. One call per step:
+
+    sampled = runner.execute(plan)    # plan = scheduler.schedule()
+
+copies the adapters the plan brings in, builds the batch metadata once, runs the
+forward pass and samples one token for each chunk that reaches its sequence's end.
+`ModelRunner` is the engine's view of it (tests drive the engine with a fake one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from loraserve.engine.batch_metadata import BatchMetadata, Chunk
+from loraserve.engine.config import EngineConfig, resolve_max_model_len
+from loraserve.engine.cuda_graphs import DecodeGraphs
+from loraserve.engine.device_pool import DevicePool
+from loraserve.engine.sampler import SamplerOutput, make_generator, sample
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.kernels.dispatch import select_kernels
+from loraserve.memory.geometry import PoolGeometry
+from loraserve.models.arch import ModelArch
+from loraserve.models.llama import LlamaModel
+from loraserve.models.weights import load_weights
+
+CPU_DEFAULT_POOL_GIB = 1.0
+MAX_GRAPH_BATCH_SIZE = 512  # larger decode batches run eagerly (their launch cost is amortized)
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Plan(Protocol):
+    """A step's plan (the scheduler's `SchedulerOutput`)."""
+
+    chunks: list
+    adapter_loads: list
+
+
+class ModelRunner(Protocol):
+    """What the engine core needs of the device side."""
+
+    num_pages: int
+    """Pages of the unified pool (fixed at start-up)."""
+    kernel_backend: str
+    """The kernels in use (triton, native, torch or reference)."""
+    device: torch.device
+    dtype: torch.dtype
+    """The pool's and the activations' dtype (the adapter store converts to it)."""
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        """Set up a request's sampling state (its seeded generator) before it first runs."""
+        ...
+
+    def remove_request(self, request_id: str) -> None:
+        """Forget a finished or aborted request's sampling state."""
+        ...
+
+    def execute(self, plan: Plan) -> SamplerOutput:
+        """Run one step: load adapters, forward, sample one token per sampling chunk
+        (in plan order)."""
+        ...
+
+    def drain_load_seconds(self) -> list[float]:
+        """Adapter copy latencies recorded since the last call (for metrics)."""
+        ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when there is one; a CUDA device on a CPU-only torch is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this torch has no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on a CPU, the checkpoint's dtype on CUDA."""
+    if name != "auto":
+        return TORCH_DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return TORCH_DTYPES.get(checkpoint_dtype, torch.bfloat16)
+
+
+@dataclass
+class _Request:
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+class TorchModelRunner:
+    """The runner of a Llama-family model on one device, in torch."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        arch: ModelArch,
+        geometry: PoolGeometry,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.config, self.arch = config, arch
+        self.eos_token_ids = eos_token_ids
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, arch.torch_dtype, self.device)
+        weights = load_weights(config.model.model, arch, self.dtype, self.device)
+        self.kernels = select_kernels(config.model.kernel_backend, self.device, self.dtype)
+        self.kernel_backend = self.kernels.name
+        self.model = LlamaModel(arch, weights, self.kernels)
+        del weights
+        self.num_pages = self._num_pages(geometry)
+        lora = config.lora
+        self.pool = DevicePool(
+            geometry, self.num_pages, lora.max_resident_adapters, self.dtype, self.device
+        )
+        scheduler = config.scheduler
+        max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
+        max_blocks = -(-max_model_len // geometry.block_size)
+        self.metadata = BatchMetadata(
+            scheduler.max_num_batched_tokens,
+            scheduler.max_num_seqs,
+            max_blocks,
+            geometry.block_size,
+            lora.max_lora_rank,
+            self.device,
+        )
+        self.graphs = DecodeGraphs.for_device(
+            self.device,
+            not config.model.enforce_eager,
+            min(scheduler.max_num_seqs, MAX_GRAPH_BATCH_SIZE),
+            self._forward,
+        )
+        self.graphs.capture_all(self.metadata, self.pool)
+        self._requests: dict[str, _Request] = {}
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        generator = None if params.seed is None else make_generator(params.seed, self.device)
+        self._requests[request_id] = _Request(params, generator)
+
+    def remove_request(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def execute(self, plan: Plan) -> SamplerOutput:
+        self.pool.load(plan.adapter_loads)
+        logits = self._logits(plan.chunks)  # [num_sampling_chunks, vocab]
+        sampling = [chunk for chunk in plan.chunks if chunk.samples]
+        rows = [self._requests[chunk.seq.request_id] for chunk in sampling]
+        histories = [_History(chunk.seq.token_ids, chunk.seq.num_prompt_tokens) for chunk in sampling]
+        return sample(
+            logits,
+            [row.params for row in rows],
+            histories,
+            [row.generator for row in rows],
+            self.eos_token_ids,
+        )
+
+    def drain_load_seconds(self) -> list[float]:
+        return self.pool.drain_load_seconds()
+
+    def _logits(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """Logits of the sampling chunks: a graph replay for a decode batch it covers."""
+        bucket = self.graphs.bucket_for(chunks)
+        if bucket is not None:
+            batch = self.metadata.build(chunks, self.pool, pad_to=bucket)
+            return self.graphs.replay(bucket, batch)[: sum(chunk.samples for chunk in chunks)]
+        return self._forward(self.metadata.build(chunks, self.pool))
+
+    def _forward(self, batch) -> torch.Tensor:
+        return self.model.forward(batch, self.pool.kv_pages)
+
+    def _num_pages(self, geometry: PoolGeometry) -> int:
+        """Pages in the pool: as configured, or what memory allows."""
+        cache = self.config.cache
+        page_bytes = geometry.page_numel * torch.empty((), dtype=self.dtype).element_size()
+        if cache.pool_pages is not None:
+            return cache.pool_pages
+        if cache.pool_memory_gib is not None or self.device.type != "cuda":
+            gib = cache.pool_memory_gib or CPU_DEFAULT_POOL_GIB
+            return max(2, int(gib * 2**30) // page_bytes)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * cache.gpu_memory_utilization - (total - free)
+        budget -= self._activation_reserve_bytes()
+        if budget < 2 * page_bytes:
+            raise ValueError(
+                f"gpu_memory_utilization={cache.gpu_memory_utilization} leaves no room for the pool "
+                f"after the weights ({(total - free) / 2**30:.1f} GiB used of {total / 2**30:.1f})"
+            )
+        return int(budget // page_bytes)
+
+    def _activation_reserve_bytes(self) -> int:
+        """A generous bound on one step's activations (float32 logits included)."""
+        arch, tokens = self.arch, self.config.scheduler.max_num_batched_tokens
+        per_token = 4 * (6 * arch.hidden_size + 4 * arch.intermediate_size + arch.vocab_size)
+        return tokens * per_token + 512 * 2**20
+
+
+@dataclass(frozen=True)
+class _History:
+    """A sequence's prompt and output tokens, as the penalties read them (sliced on demand)."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
