@@ -1,139 +1,96 @@
-"""`AsyncEngine`: the synchronous engine on its own thread, bridged to asyncio.
+"""`AsyncEngine`: the front end's handle on the engine core, which runs in its own process.
 
-`LLMEngine` is not thread-safe, so exactly one thread (the engine thread) ever
-touches it. The event loop talks to that thread through a command queue guarded
-by a condition variable: adding a request, aborting one, registering an adapter,
-reading statistics are all commands. The thread runs the commands that arrived,
-then one engine step, and sleeps on the condition when it has nothing to do.
-Outputs travel back to each request's `asyncio.Queue` with
-`loop.call_soon_threadsafe`, so the event loop never waits on model work.
+The event loop and the engine's step never share a GIL: the core runs in a child
+process (engine/core_process.py) and the two talk over ZeroMQ (engine/ipc.py). On
+this side, a receiver thread blocks on the core's channel and hands each decoded
+message to the event loop, where all state lives: the output processor (fan-out,
+detokenizing, stop strings), the streams of running requests, the pending calls.
+Requests are sent as token ids; what comes back is one message per step.
 
-If a step raises, the engine state can no longer be trusted: every request in
-flight fails with `EngineError`, later calls fail at once with `EngineDeadError`
-and `is_healthy` turns False (the server's /health reports it).
+If the core process dies or reports a fault, every request in flight fails with
+`EngineError`, later calls fail at once with `EngineDeadError`, and `is_healthy`
+turns False (the server's /health reports it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import itertools
 import logging
+import multiprocessing
+import os
+import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-from loraserve.engine.sampling_params import per_completion
-from loraserve.errors import InvalidRequestError, LoraserveError, UnknownAdapterError
+import zmq
 
-if TYPE_CHECKING:
-    from loraserve.engine.engine import LLMEngine
-    from loraserve.engine.outputs import RequestOutput
-    from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine import ipc
+from loraserve.engine.config import EngineConfig, RuntimeInfo
+from loraserve.engine.core_process import run_engine_core
+from loraserve.engine.output_processor import OutputProcessor
+from loraserve.engine.outputs import CompletionDelta, EngineStats
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.errors import (
+    AdapterError,
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    ModelLoadError,
+)
+from loraserve.models.tokenizer import Tokenizer
 
-T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-IDLE_RETRY_SECONDS = 0.01
-"""Pause when requests wait but nothing could be scheduled, so the thread does not spin."""
-QUEUE_FULL_RETRY_SECONDS = 1
-"""Retry-After suggested to clients refused because the waiting queue is full."""
-
-
-class EngineError(RuntimeError):
-    """The engine failed while this request was in flight (HTTP 500)."""
-
-
-class EngineDeadError(EngineError):
-    """The engine thread has stopped; nothing can run until a restart (HTTP 503)."""
-
-
-class QueueFullError(LoraserveError):
-    """The waiting queue is at `max_waiting_requests`; try again later (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after_seconds: int = QUEUE_FULL_RETRY_SECONDS) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A consistent picture of the engine, taken on the engine thread (for /metrics)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    running_adapters: tuple[str, ...] = ()
-    waiting_adapters: tuple[str, ...] = ()
-    num_total_pages: int = 0
-    num_kv_pages: int = 0
-    num_adapter_pages: int = 0
-    num_free_pages: int = 0
-    num_pinned_adapter_pages: int = 0
-    """Pages of resident adapters that running requests use (not reclaimable now)."""
-    resident_adapters: tuple[str, ...] = ()
-    num_adapter_loads: int = 0
-    num_adapter_evictions: int = 0
-    num_preemptions: int = 0
-    new_adapter_load_seconds: tuple[float, ...] = ()
-    """Load latencies recorded since the previous `stats()` call (each reported once)."""
-
-
-@dataclass
-class _Command:
-    """Work for the engine thread; its result or error goes to `future` on `loop`."""
-
-    run: Callable[[], Any]
-    loop: asyncio.AbstractEventLoop | None = None
-    future: asyncio.Future[Any] | None = None
-
-
-@dataclass
-class _Sink:
-    """Where the engine thread delivers one sub-request's outputs."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Any]
-    index: int
-    parent_id: str
+STARTUP_TIMEOUT_SECONDS = 600.0  # loading a large model and many adapters takes a while
+RECEIVE_POLL_SECONDS = 0.2
+"""How often the receiver thread checks that the core process is still alive."""
+SHUTDOWN_TIMEOUT_SECONDS = 10.0
 
 
 class RequestStream:
-    """Outputs of one request, step by step, until all its `n` completions finish.
+    """The deltas of one request's `n` completions, step by step, until all finish.
 
-    Each item is a `RequestOutput` holding one completion (its `index` says which)
-    with cumulative `text`/`token_ids` and this step's `new_text`/`new_token_ids`.
-    Use it as `async with stream: async for output in stream: ...`; leaving the
-    block early (error, cancellation, client gone) aborts what is unfinished.
+    Each item is a list of `CompletionDelta`s (those that arrived since the last
+    item; a consumer slower than the engine gets several at once). Use it as
+    `async with stream: async for deltas in stream: ...`; leaving the block early
+    (error, cancellation, client gone) aborts what is unfinished.
     """
 
-    def __init__(self, engine: AsyncEngine, sub_ids: list[str], queue: asyncio.Queue[Any]) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, num_completions: int) -> None:
         self._engine = engine
-        self._sub_ids = sub_ids
-        self._queue = queue
-        self._num_unfinished = len(sub_ids)
+        self.request_id = request_id
+        self.queue: asyncio.Queue[CompletionDelta | BaseException] = asyncio.Queue()
+        self._num_unfinished = num_completions
 
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self) -> RequestOutput:
+    async def __anext__(self) -> list[CompletionDelta]:
         if self._num_unfinished == 0:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._num_unfinished = 0  # the engine forgot this request already
-            raise item
-        if item.finished:
-            self._num_unfinished -= 1
-        return item  # type: ignore[no-any-return]
+        items = [await self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        deltas = []
+        for item in items:
+            if isinstance(item, BaseException):
+                self._num_unfinished = 0  # the engine forgot this request already
+                raise item
+            self._num_unfinished -= item.finished
+            deltas.append(item)
+        return deltas
 
     def abort(self) -> None:
         """Stop every unfinished completion now; safe to call more than once."""
         if self._num_unfinished:
             self._num_unfinished = 0
-            self._engine.abort(*self._sub_ids)
+            self._engine.abort(self.request_id)
 
     async def __aenter__(self) -> RequestStream:
         return self
@@ -148,41 +105,93 @@ class RequestStream:
         self.abort()
 
 
-class AsyncEngine:
-    """An `LLMEngine` driven by its own thread, used from asyncio."""
+@dataclass
+class _Running:
+    stream: RequestStream
+    sub_ids: list[str]
+    num_unfinished: int
 
-    def __init__(self, engine: LLMEngine, adapters: Mapping[str, str | Path] | None = None) -> None:
-        """Wrap `engine` and register `adapters` (name -> PEFT folder) before the thread
-        starts; an AdapterError here means the server must not start."""
-        self.engine = engine
+
+class AsyncEngine:
+    """The engine core in a child process, used from asyncio."""
+
+    def __init__(self, config: EngineConfig, adapters: Mapping[str, str | Path] | None = None):
+        """Nothing starts yet: `start()` launches the core with the model and `adapters`
+        (name -> PEFT folder); an error there means the server must not start."""
+        self.config = config
+        self._initial_adapters = {name: str(path) for name, path in (adapters or {}).items()}
+        self.tokenizer = Tokenizer.from_folder(config.model.model)
+        self.processor = OutputProcessor(self.tokenizer)
+        self.info: RuntimeInfo | None = None
         self._adapters: dict[str, Path] = {}
-        for name, path in (adapters or {}).items():
-            engine.register_adapter(name, path)
-            self._adapters[name] = Path(path)
-        self._wakeup = threading.Condition()
-        self._commands: list[_Command] = []
-        self._sinks: dict[str, _Sink] = {}  # engine thread only: sub-request id -> sink
-        self._stopping = False
+        self._running: dict[str, _Running] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: EngineDeadError | None = None
-        self._last_stats = EngineStats()
-        self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
+        self._started = threading.Event()
+        self._startup_error: Exception | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
+        """Launch the core process and wait until it has loaded everything (idempotent).
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the thread after its current step; requests in flight fail with EngineDeadError."""
-        with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        Raises the core's start-up error (ModelLoadError, AdapterError, ValueError...)."""
+        if self._process is not None:
+            return
+        folder = tempfile.mkdtemp(prefix="loraserve-")
+        to_core, to_front_end = f"ipc://{folder}/to-core", f"ipc://{folder}/to-front-end"
+        self._context = zmq.Context()
+        self._sender = self._context.socket(zmq.PUSH)
+        self._sender.bind(to_core)
+        self._receiver = self._context.socket(zmq.PULL)
+        self._receiver.bind(to_front_end)
+        self._codec = ipc.Codec(ipc.ToFrontEnd)
+        log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core,
+            args=(self.config, self._initial_adapters, to_core, to_front_end, os.getpid(), log_level),
+            name="loraserve-engine-core",
+            daemon=True,
+        )
+        self._process.start()
+        self._thread = threading.Thread(target=self._receive, name="loraserve-receiver", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            self.shutdown()
+            raise EngineError(f"the engine core did not start within {timeout:.0f} s")
+        if self._startup_error is not None:
+            self.shutdown()
+            raise self._startup_error
+        self._adapters = {name: Path(path) for name, path in self._initial_adapters.items()}
+
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_SECONDS) -> None:
+        """Stop the core after its current step; requests in flight fail with EngineDeadError."""
+        if self._process is None or self._stopping:
+            return
+        self._stopping = True
+        with contextlib.suppress(zmq.ZMQError):
+            self._sender.send(self._codec.encode(ipc.Shutdown()), zmq.NOBLOCK)
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._thread.join(timeout)
+        self._sender.close(linger=0)
+        self._context.term()
+        self._fail_all(EngineDeadError("the engine is shutting down"))
 
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return (
+            self._dead is None
+            and self._process is not None
+            and self._process.is_alive()
+            and not self._stopping
+        )
 
     @property
     def adapters(self) -> dict[str, Path]:
@@ -198,256 +207,187 @@ class AsyncEngine:
     async def add_request(
         self,
         request_id: str,
-        prompt: str | None,
+        prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: str | None = None,
-        prompt_token_ids: list[int] | None = None,
     ) -> RequestStream:
-        """Queue a request (its `params.n` completions); raises what `LLMEngine.add_request`
-        raises, or QueueFullError, before any output exists."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        sub_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
-
-        def add() -> None:
-            self._add_on_thread(
-                sub_ids,
-                prompt,
-                params,
-                adapter,
-                prompt_token_ids,
-                _Sink(loop, queue, 0, request_id),
-            )
-
+        """Queue a request (its `params.n` completions); raises what the core refuses
+        (InvalidRequestError, UnknownAdapterError, QueueFullError) before any output exists."""
+        self._bind_loop()
+        if request_id in self._running:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        subs = self.processor.add_request(request_id, prompt_token_ids, params)
+        sub_ids = [sub_id for sub_id, _ in subs]
+        stream = RequestStream(self, request_id, len(subs))
+        self._running[request_id] = _Running(stream, sub_ids, len(subs))
+        call_id = next(self._call_ids)
         try:
-            await self._submit(add, loop)
-        except asyncio.CancelledError:
-            self.abort(*sub_ids)  # it may have been added just before we were cancelled
+            await self._call(call_id, ipc.AddRequest(call_id, subs, prompt_token_ids, adapter))
+        except BaseException as error:
+            self._running.pop(request_id, None)
+            self.processor.forget(sub_ids)
+            if isinstance(error, asyncio.CancelledError):
+                self._send(ipc.Abort(sub_ids))  # it may have been added just before
             raise
-        return RequestStream(self, sub_ids, queue)
+        return stream
 
     async def generate(
         self,
         request_id: str,
-        prompt: str | None,
+        prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: str | None = None,
-        prompt_token_ids: list[int] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """The outputs of one request; closing or cancelling the iterator aborts it."""
-        stream = await self.add_request(request_id, prompt, params, adapter, prompt_token_ids)
+    ) -> AsyncIterator[CompletionDelta]:
+        """The deltas of one request; closing or cancelling the iterator aborts it."""
+        stream = await self.add_request(request_id, prompt_token_ids, params, adapter)
         async with stream:
-            async for output in stream:
-                yield output
+            async for deltas in stream:
+                for delta in deltas:
+                    yield delta
 
     def abort(self, *request_ids: str) -> None:
-        """Abort requests by (sub-)request id; unknown or finished ids are ignored."""
+        """Abort requests by id; unknown or finished ids are ignored."""
+        sub_ids: list[str] = []
+        for request_id in request_ids:
+            running = self._running.pop(request_id, None)
+            if running is not None:
+                sub_ids += running.sub_ids
+        self.processor.forget(sub_ids)
+        if sub_ids and self._dead is None:
+            self._send(ipc.Abort(sub_ids))
 
-        def abort() -> None:
-            for request_id in request_ids:
-                self._sinks.pop(request_id, None)
-                self.engine.abort_request(request_id)
-
-        if self._dead is None:
-            self._enqueue(_Command(abort))
-
-    # -- admin calls, run on the engine thread -----------------------------------------------
-
-    async def call(self, function: Callable[[LLMEngine], T]) -> T:
-        """Run `function(engine)` on the engine thread and return its result."""
-        return await self._submit(lambda: function(self.engine), asyncio.get_running_loop())
+    # -- admin calls, run by the core between two steps --------------------------------------
 
     async def register_adapter(self, name: str, path: str | Path) -> None:
-        """Load a PEFT folder (AdapterError if refused; InvalidRequestError if the name is taken)."""
-
-        def register(engine: LLMEngine) -> None:
-            if name in self._adapters:
-                raise InvalidRequestError(f"adapter {name!r} is already registered", "lora_name")
-            engine.register_adapter(name, path)
-            self._adapters[name] = Path(path)
-
-        await self.call(register)
+        """Load a PEFT folder (AdapterError if refused or the name is taken)."""
+        await self._request("register_adapter", name, str(path))
+        self._adapters[name] = Path(path)
 
     async def unregister_adapter(self, name: str) -> None:
         """Forget an adapter (UnknownAdapterError; InvalidRequestError while requests use it)."""
-
-        def unregister(engine: LLMEngine) -> None:
-            if name not in self._adapters:
-                raise UnknownAdapterError(f"adapter {name!r} is not registered")
-            engine.unregister_adapter(name)
-            del self._adapters[name]
-
-        await self.call(unregister)
+        await self._request("unregister_adapter", name)
+        self._adapters.pop(name, None)
 
     async def stats(self) -> EngineStats:
-        """Counts for /metrics; the last known ones once the engine is dead."""
+        """Counts for /metrics; an empty picture once the engine is dead."""
         if self._dead is not None:
-            return self._last_stats
-        with contextlib.suppress(EngineError):  # if it died meanwhile, report what we saw last
-            self._last_stats = await self.call(self._collect_stats)
-        return self._last_stats
+            return EngineStats()
+        return ipc.stats_from(await self._request("stats"))
 
-    # -- the engine thread -------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while (commands := self._next_commands()) is not None:
-                for command in commands:
-                    self._execute(command)
-                if self.engine.has_unfinished_requests():
-                    self._step()
-        except BaseException as error:  # the engine's state is unknown now: stop serving
-            logger.exception("engine step failed; failing every request in flight")
-            self._die(EngineError(f"the engine failed: {error!r}"))
-            return
-        self._die(EngineError("the engine is shutting down"))
-
-    def _next_commands(self) -> list[_Command] | None:
-        """The commands queued so far, sleeping while there is nothing at all to do;
-        None when asked to stop."""
-        with self._wakeup:
-            while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
-                self._wakeup.wait()
-            if self._stopping:
-                return None
-            commands, self._commands = self._commands, []
-        return commands
-
-    def _step(self) -> None:
-        outputs = self.engine.step()
-        for output in outputs:
-            sink = self._sinks.get(output.request_id)
-            if sink is None:
-                continue  # aborted after this step was scheduled
-            if output.finished:
-                del self._sinks[output.request_id]
-            _deliver(sink, _snapshot(output, sink))
-        if not outputs and self.engine.scheduler.num_running() == 0:
-            # Requests wait but none could be admitted (pages are all taken);
-            # pause instead of spinning until a command or a retry changes that.
-            with self._wakeup:
-                if not self._commands and not self._stopping:
-                    self._wakeup.wait(IDLE_RETRY_SECONDS)
-
-    def _add_on_thread(
-        self,
-        sub_ids: list[str],
-        prompt: str | None,
-        params: SamplingParams,
-        adapter: str | None,
-        prompt_token_ids: list[int] | None,
-        sink: _Sink,
-    ) -> None:
-        """Add every sub-request of one request, or none of them."""
-        if self.engine.scheduler.is_full():
-            raise QueueFullError(
-                f"the server has {self.engine.scheduler.num_waiting()} requests waiting, "
-                "its limit; retry later"
-            )
-        added: list[str] = []
-        try:
-            for index, (sub_id, sub_params) in enumerate(
-                zip(sub_ids, per_completion(params), strict=True)
-            ):
-                self.engine.add_request(sub_id, prompt, sub_params, adapter, prompt_token_ids)
-                added.append(sub_id)
-                self._sinks[sub_id] = dataclasses.replace(sink, index=index)
-        except BaseException:
-            for sub_id in added:
-                self._sinks.pop(sub_id, None)
-                self.engine.abort_request(sub_id)
-            raise
-
-    def _collect_stats(self, engine: LLMEngine) -> EngineStats:
-        memory, scheduler = engine.memory, engine.scheduler
-        resident = tuple(memory.resident_adapters())
-        new_loads = tuple(memory.stats.drain_load_seconds())
-        return EngineStats(
-            num_running=scheduler.num_running(),
-            num_waiting=scheduler.num_waiting(),
-            running_adapters=tuple(scheduler.running_adapters()),
-            waiting_adapters=tuple(scheduler.waiting_adapters()),
-            num_total_pages=memory.num_total_pages,
-            num_kv_pages=memory.num_kv_pages,
-            num_adapter_pages=memory.num_adapter_pages,
-            num_free_pages=memory.num_free_pages,
-            num_pinned_adapter_pages=sum(
-                engine.store.get(name).num_pages for name in resident if memory.is_in_use(name)
-            ),
-            resident_adapters=resident,
-            num_adapter_loads=memory.stats.adapter_loads,
-            num_adapter_evictions=memory.stats.adapter_evictions,
-            num_preemptions=engine.num_preemptions,
-            new_adapter_load_seconds=new_loads,
-        )
+    async def _request(self, method: str, *args: Any) -> Any:
+        self._bind_loop()
+        call_id = next(self._call_ids)
+        return await self._call(call_id, ipc.Call(call_id, method, list(args)))
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _submit(self, run: Callable[[], T], loop: asyncio.AbstractEventLoop) -> asyncio.Future[T]:
-        future: asyncio.Future[T] = loop.create_future()
-        self._enqueue(_Command(run, loop, future))
-        return future
+    def _bind_loop(self) -> None:
+        """Deliver the core's messages to the running event loop: the first one used (or,
+        once it is closed, the next); using the engine from two loops at once is a bug."""
+        if self._process is None:
+            self.start()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed() and self._running:
+                raise RuntimeError("this AsyncEngine serves another event loop")
+            self._loop = loop
 
-    def _enqueue(self, command: _Command) -> None:
-        with self._wakeup:
-            if self._dead is not None:
-                _resolve(command, error=self._dead)
-                return
-            self._commands.append(command)
-            self._wakeup.notify()
-
-    def _execute(self, command: _Command) -> None:
+    async def _call(self, call_id: int, message: Any) -> Any:
+        if self._dead is not None:
+            raise self._dead
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        self._send(message)
         try:
-            result = command.run()
-        except Exception as error:  # the caller's error (bad request, bad adapter...)
-            _resolve(command, error=error)
-        else:
-            _resolve(command, result=result)
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
 
-    def _die(self, error: EngineError) -> None:
-        """Fail everything in flight and refuse what comes later."""
-        with self._wakeup:
-            self._dead = EngineDeadError(f"the engine is not running ({error})")
-            commands, self._commands = self._commands, []
-        for command in commands:
-            _resolve(command, error=self._dead)
-        for sink in self._sinks.values():
-            _deliver(sink, error)
-        self._sinks.clear()
+    def _send(self, message: Any) -> None:
+        self._sender.send(self._codec.encode(message))
 
+    def _receive(self) -> None:
+        """The receiver thread: decode each message from the core, hand it to the loop."""
+        poller = zmq.Poller()
+        poller.register(self._receiver, zmq.POLLIN)
+        while True:
+            if poller.poll(RECEIVE_POLL_SECONDS * 1000):
+                message = self._codec.decode(self._receiver.recv())
+                if isinstance(message, ipc.Ready | ipc.StartupFailed):
+                    self._on_startup(message)
+                else:
+                    self._to_loop(self._on_message, message)
+            elif self._process is not None and not self._process.is_alive():
+                break
+        self._receiver.close(linger=0)
+        if not self._started.is_set():  # died while loading
+            self._startup_error = EngineError("the engine core exited while starting")
+            self._started.set()
+        elif not self._stopping:
+            code = self._process.exitcode if self._process is not None else None
+            self._to_loop(self._on_death, f"the engine core process exited (code {code})")
 
-def _snapshot(output: RequestOutput, sink: _Sink) -> RequestOutput:
-    """A copy the event loop may read while the engine keeps appending to the original."""
-    completion = output.outputs[0]
-    copy = dataclasses.replace(
-        completion,
-        index=sink.index,
-        token_ids=list(completion.token_ids),
-        new_token_ids=list(completion.new_token_ids),
-        logprobs=None if completion.logprobs is None else list(completion.logprobs),
-    )
-    return dataclasses.replace(output, request_id=sink.parent_id, outputs=[copy])
-
-
-def _deliver(sink: _Sink, item: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening
-        sink.loop.call_soon_threadsafe(sink.queue.put_nowait, item)
-
-
-def _resolve(command: _Command, result: Any = None, error: BaseException | None = None) -> None:
-    if command.loop is None or command.future is None:
-        if error is not None and not isinstance(error, EngineError):
-            raise error  # a fire-and-forget command (abort) failed: the engine is broken
-        return
-    future = command.future
-
-    def settle() -> None:
-        if future.cancelled():
+    def _to_loop(self, callback: Any, argument: Any) -> None:
+        loop = self._loop
+        if loop is None:
             return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening
+            loop.call_soon_threadsafe(callback, argument)
 
-    with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting
-        command.loop.call_soon_threadsafe(settle)
+    def _on_startup(self, message: ipc.Ready | ipc.StartupFailed) -> None:
+        if isinstance(message, ipc.Ready):
+            self.info = RuntimeInfo(**message.info)
+        else:
+            self._startup_error = _startup_error(message)
+        self._started.set()
+
+    def _on_message(self, message: Any) -> None:
+        if isinstance(message, ipc.Outputs):
+            self._on_outputs(message)
+        elif isinstance(message, ipc.CallResult):
+            future = self._calls.get(message.call_id)
+            if future is not None and not future.done():
+                if message.error is not None:
+                    future.set_exception(ipc.rebuild_error(*message.error))
+                else:
+                    future.set_result(message.value)
+        elif isinstance(message, ipc.Fatal):
+            logger.error("the engine core failed:\n%s", message.message)
+            self._on_death("the engine failed")
+
+    def _on_outputs(self, message: ipc.Outputs) -> None:
+        processed = self.processor.process(message.outputs)
+        if processed.aborts:
+            self._send(ipc.Abort(processed.aborts))
+        for request_id, delta in processed.deltas:
+            running = self._running.get(request_id)
+            if running is None:
+                continue
+            running.stream.queue.put_nowait(delta)
+            if delta.finished:
+                running.num_unfinished -= 1
+                if running.num_unfinished == 0:
+                    del self._running[request_id]
+
+    def _on_death(self, reason: str) -> None:
+        self._dead = EngineDeadError(f"the engine is not running ({reason})")
+        self._fail_all(EngineError(reason))
+
+    def _fail_all(self, error: Exception) -> None:
+        if self._dead is None:
+            self._dead = EngineDeadError(f"the engine is not running ({error})")
+        for running in self._running.values():
+            running.stream.queue.put_nowait(error)
+        self._running.clear()
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(self._dead)
+
+
+def _startup_error(message: ipc.StartupFailed) -> Exception:
+    """The error to raise in the front end for a core that could not start."""
+    if message.kind == "ModelLoadError":
+        return ModelLoadError(message.message)
+    if message.kind == "AdapterError":
+        return AdapterError(message.message)
+    return ValueError(message.message)

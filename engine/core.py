@@ -24,7 +24,7 @@ from loraserve.engine.outputs import EngineOutput, EngineStats
 from loraserve.engine.runner import ModelRunner, TorchModelRunner
 from loraserve.engine.sampler import SamplerOutput
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.errors import InvalidRequestError, UnknownAdapterError
+from loraserve.errors import InvalidRequestError, QueueFullError, UnknownAdapterError
 from loraserve.memory.adapter_store import AdapterStore, HostAdapter
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.pool import UnifiedPool
@@ -130,6 +130,30 @@ class EngineCore:
         self.runner.add_request(request_id, params)
         self.scheduler.add(seq)
 
+    def add_requests(
+        self,
+        sub_requests: list[tuple[str, SamplingParams]],
+        prompt_token_ids: list[int],
+        adapter: str | None = None,
+    ) -> None:
+        """Queue the completions of one request, all or none; QueueFullError if the waiting
+        queue has no room for all of them (each completion counts)."""
+        room = self.config.scheduler.max_waiting_requests - self.scheduler.num_waiting()
+        if len(sub_requests) > room:
+            raise QueueFullError(
+                f"the server has {self.scheduler.num_waiting()} requests waiting and room for "
+                f"{max(room, 0)} more; this one needs {len(sub_requests)}: retry later"
+            )
+        added: list[str] = []
+        try:
+            for request_id, params in sub_requests:
+                self.add_request(request_id, prompt_token_ids, params, adapter)
+                added.append(request_id)
+        except BaseException:
+            for request_id in added:
+                self.abort_request(request_id)
+            raise
+
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now; its pages go back to the pool. False if it was not running."""
         if self.requests.pop(request_id, None) is None:
@@ -185,6 +209,10 @@ class EngineCore:
         del self.requests[request_id]
 
     # -- statistics ------------------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        """Registered adapters, in registration order."""
+        return self.store.names()
 
     def stats(self) -> EngineStats:
         """Counts for /metrics, between two steps."""

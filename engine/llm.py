@@ -96,7 +96,7 @@ class LLM:
             for result, param in zip(results, params, strict=True):
                 subs = self._processor.add_request(result.request_id, result.prompt_token_ids, param)
                 result.outputs = [CompletionOutput(index) for index in range(len(subs))]
-                for sub_id, sub_params in subs:
+                for sub_id, sub_params in subs:  # no waiting-queue limit offline
                     self.engine.add_request(
                         sub_id, result.prompt_token_ids, sub_params, result.adapter
                     )

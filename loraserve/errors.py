@@ -33,3 +33,23 @@ class ModelLoadError(LoraserveError, ValueError):
 
 class AdapterError(LoraserveError, ValueError):
     """A PEFT adapter folder that loraserve refuses; nothing of it was registered."""
+
+
+QUEUE_FULL_RETRY_SECONDS = 1
+"""Retry-After suggested to clients refused because the waiting queue is full."""
+
+
+class QueueFullError(LoraserveError):
+    """The waiting queue is at `max_waiting_requests`; try again later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_seconds: int = QUEUE_FULL_RETRY_SECONDS) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class EngineError(RuntimeError):
+    """The engine failed while this request was in flight (HTTP 500)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine-core process has stopped; nothing can run until a restart (HTTP 503)."""

@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 def create_app(
     engine: AsyncEngine, config: ServerConfig, tenants: Tenants | None = None
 ) -> FastAPI:
-    """The server for `engine`; without `tenants` every caller may do everything."""
+    """The server for `engine` (started here if it is not yet: the routes need what it
+    loaded); without `tenants` every caller may do everything."""
+    engine.start()
     served = _served(engine)
 
     @asynccontextmanager
@@ -50,7 +52,6 @@ def create_app(
                 "no --api-keys file: the server is open; anyone who can reach it may use "
                 "every adapter and load or unload adapters"
             )
-        engine.start()
         yield
         engine.shutdown()
 
@@ -65,7 +66,8 @@ def create_app(
 
 
 def _served(engine: AsyncEngine) -> Served:
-    info, config = engine.engine.info, engine.engine.config
+    info, config = engine.info, engine.config
+    assert info is not None, "the engine is started"
     static = StaticInfo(
         block_size=config.cache.block_size,
         num_pages=info.num_pages,

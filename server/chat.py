@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.outputs import CompletionDelta, CompletionOutput
 from loraserve.engine.outputs import TokenLogprobs
 from loraserve.errors import InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
@@ -35,6 +35,7 @@ from loraserve.server.serving import (
     Tracker,
     collect,
     follow,
+    merge_deltas,
     sampling_params,
     sse,
     until_disconnect,
@@ -60,7 +61,8 @@ async def create_chat_completion(
     finals = await until_disconnect(request, collect(streams, tracker))
     name = served.token_namer(body.return_tokens_as_token_ids)
     choices = [
-        _choice(index, output, body.logprobs, name) for (_, index), output in sorted(finals.items())
+        _choice(index, completion, body.logprobs, name)
+        for (_, index), completion in sorted(finals.items())
     ]
     response = ChatCompletionResponse(
         id=request_id, model=body.model, choices=choices, usage=tracker.usage()
@@ -96,8 +98,9 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
         raise InvalidRequestError("only response_format type text is supported", "response_format")
 
 
-def _choice(index: int, output: RequestOutput, with_logprobs: bool, name: TokenNamer) -> ChatChoice:
-    completion = output.outputs[0]
+def _choice(
+    index: int, completion: CompletionOutput, with_logprobs: bool, name: TokenNamer
+) -> ChatChoice:
     logprobs = chat_logprobs(completion.logprobs or [], name) if with_logprobs else None
     return ChatChoice(
         index=index,
@@ -127,11 +130,12 @@ async def _events(
     served: Served,
     body: ChatCompletionRequest,
     request_id: str,
-    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    outputs: AsyncIterator[tuple[int, list[CompletionDelta]]],
     tracker: Tracker,
 ) -> AsyncIterator[str]:
     """A role chunk per choice, then content deltas, finish reasons, and usage if asked."""
     created = int(time.time())
+    name = served.token_namer(body.return_tokens_as_token_ids)
 
     def chunk(choices: list[ChatChunkChoice]) -> str:
         return sse(
@@ -140,23 +144,21 @@ async def _events(
 
     for index in range(body.n):
         yield chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
-    async for _, output in outputs:
-        completion = output.outputs[0]
-        logprobs = None
-        if body.logprobs:
-            entries = completion.logprobs or []
-            new = entries[len(entries) - len(completion.new_token_ids) :]
-            logprobs = chat_logprobs(new, served.token_namer(body.return_tokens_as_token_ids))
-        if not (completion.new_text or completion.finish_reason or logprobs):
-            continue  # text held back (a partial character or a possible stop string)
-        choice = ChatChunkChoice(
-            index=completion.index,
-            delta=Delta(content=completion.new_text),
-            logprobs=logprobs,
-            finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason,
-        )
-        yield chunk([choice])
+    async for _, deltas in outputs:
+        for delta in merge_deltas(deltas):  # one chunk per choice, as OpenAI sends them
+            logprobs = None
+            if body.logprobs:
+                logprobs = chat_logprobs(delta.new_logprobs or [], name)
+            if not (delta.new_text or delta.finish_reason or logprobs):
+                continue  # text held back (a partial character or a possible stop string)
+            choice = ChatChunkChoice(
+                index=delta.index,
+                delta=Delta(content=delta.new_text),
+                logprobs=logprobs,
+                finish_reason=delta.finish_reason,
+                stop_reason=delta.stop_reason,
+            )
+            yield chunk([choice])
     if body.stream_options is not None and body.stream_options.include_usage:
         usage = ChatCompletionChunk(
             id=request_id, created=created, model=body.model, choices=[], usage=tracker.usage()

@@ -179,7 +179,6 @@ def serve(engine_config: EngineConfig, config: ServerConfig, adapters: dict[str,
     import uvicorn
 
     from loraserve.engine.async_engine import AsyncEngine
-    from loraserve.engine.engine import LLMEngine
     from loraserve.server.app import create_app
     from loraserve.server.auth import Tenants
 
@@ -187,9 +186,10 @@ def serve(engine_config: EngineConfig, config: ServerConfig, adapters: dict[str,
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     tenants = Tenants.from_file(config.api_keys) if config.api_keys else None  # fail early
-    engine = LLMEngine(engine_config)
-    async_engine = AsyncEngine(engine, adapters)
-    names = ", ".join([engine.info.served_model_name, *adapters])
+    async_engine = AsyncEngine(engine_config, adapters)
+    async_engine.start()  # loads the model and adapters in the engine-core process
+    assert async_engine.info is not None
+    names = ", ".join([async_engine.info.served_model_name, *adapters])
     logging.getLogger(__name__).info("serving %s on http://%s:%d", names, config.host, config.port)
     app = create_app(async_engine, config, tenants)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)

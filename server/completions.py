@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.outputs import CompletionDelta, CompletionOutput
 from loraserve.engine.outputs import TokenLogprobs
 from loraserve.errors import InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
@@ -30,6 +30,7 @@ from loraserve.server.serving import (
     Tracker,
     collect,
     follow,
+    merge_deltas,
     sampling_params,
     sse,
     until_disconnect,
@@ -55,8 +56,8 @@ async def create_completion(
     finals = await until_disconnect(request, collect(streams, tracker))
     name = served.token_namer(body.return_tokens_as_token_ids)
     choices = [
-        _choice(prompt * body.n + index, output, body.logprobs is not None, name)
-        for (prompt, index), output in sorted(finals.items())
+        _choice(prompt * body.n + index, completion, body.logprobs is not None, name)
+        for (prompt, index), completion in sorted(finals.items())
     ]
     response = CompletionResponse(
         id=request_id, model=body.model, choices=choices, usage=tracker.usage()
@@ -91,9 +92,8 @@ def _refuse_unsupported(body: CompletionRequest) -> None:
 
 
 def _choice(
-    index: int, output: RequestOutput, with_logprobs: bool, name: TokenNamer
+    index: int, completion: CompletionOutput, with_logprobs: bool, name: TokenNamer
 ) -> CompletionChoice:
-    completion = output.outputs[0]
     logprobs = None
     if with_logprobs:
         logprobs = completion_logprobs(completion.logprobs or [], name, 0)
@@ -126,30 +126,32 @@ async def _events(
     served: Served,
     body: CompletionRequest,
     request_id: str,
-    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    outputs: AsyncIterator[tuple[int, list[CompletionDelta]]],
     tracker: Tracker,
 ) -> AsyncIterator[str]:
-    """One chunk per completion per step; a usage chunk last when asked for."""
+    """One chunk per completion per batch of deltas (what arrived since the last event),
+    as OpenAI sends them; a usage chunk last when asked for."""
     created = int(time.time())
-    async for prompt_index, output in outputs:
-        completion = output.outputs[0]
-        logprobs = None
-        if body.logprobs is not None:
-            entries = completion.logprobs or []
-            new = entries[len(entries) - len(completion.new_token_ids) :]
-            offset = len(completion.text) - len(completion.new_text)
-            name = served.token_namer(body.return_tokens_as_token_ids)
-            logprobs = completion_logprobs(new, name, offset)
-        choice = CompletionChoice(
-            index=prompt_index * body.n + completion.index,
-            text=completion.new_text,
-            logprobs=logprobs,
-            finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason,
-        )
-        yield sse(
-            CompletionChunk(id=request_id, created=created, model=body.model, choices=[choice])
-        )
+    text_lengths: dict[tuple[int, int], int] = {}  # (prompt, completion) -> characters sent
+    name = served.token_namer(body.return_tokens_as_token_ids)
+    async for prompt_index, deltas in outputs:
+        for delta in merge_deltas(deltas):
+            key = (prompt_index, delta.index)
+            offset = text_lengths.get(key, 0)
+            text_lengths[key] = offset + len(delta.new_text)
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(delta.new_logprobs or [], name, offset)
+            choice = CompletionChoice(
+                index=prompt_index * body.n + delta.index,
+                text=delta.new_text,
+                logprobs=logprobs,
+                finish_reason=delta.finish_reason,
+                stop_reason=delta.stop_reason,
+            )
+            yield sse(
+                CompletionChunk(id=request_id, created=created, model=body.model, choices=[choice])
+            )
     if body.stream_options is not None and body.stream_options.include_usage:
         chunk = CompletionChunk(
             id=request_id, created=created, model=body.model, choices=[], usage=tracker.usage()

@@ -16,8 +16,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraserve.engine.async_engine import EngineDeadError, EngineError, QueueFullError
-from loraserve.errors import AdapterError, InvalidRequestError, LoraserveError, UnknownAdapterError
+from loraserve.errors import (
+    AdapterError,
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    LoraserveError,
+    QueueFullError,
+    UnknownAdapterError,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loraserve.engine.async_engine import EngineStats
+from loraserve.engine.outputs import EngineStats
 
 # The `*_created` series only repeat the start time, once per metric; vLLM leaves them out too.
 disable_created_metrics()

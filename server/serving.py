@@ -22,10 +22,11 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from loraserve.engine.async_engine import AsyncEngine, RequestStream
-from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.outputs import CompletionDelta, CompletionOutput
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant
+from loraserve.errors import EngineError
 from loraserve.server.errors import APIError, model_not_found, to_api_error
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.protocol import SamplingFields, Usage
@@ -54,7 +55,7 @@ class Served:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     def token_namer(self, as_token_ids: bool) -> TokenNamer:
         if as_token_ids:
@@ -84,9 +85,7 @@ class Served:
             for index, prompt in enumerate(prompts):
                 sub_id = request_id if len(prompts) == 1 else f"{request_id}-p{index}"
                 streams.append(
-                    await self.engine.add_request(
-                        sub_id, prompt.text, params, adapter, prompt.token_ids
-                    )
+                    await self.engine.add_request(sub_id, prompt.token_ids, params, adapter)
                 )
         except BaseException:
             for stream in streams:
@@ -135,16 +134,16 @@ class Tracker:
     completions: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
     """(prompt, completion) -> (time of its first token, tokens so far)."""
 
-    def observe(self, prompt_index: int, output: RequestOutput) -> None:
+    def observe(self, prompt_index: int, delta: CompletionDelta) -> None:
         now = time.perf_counter()
         if self.first_token is None:
             self.first_token = now
             self.metrics.time_to_first_token.observe(now - self.arrival)
-        key = (prompt_index, output.outputs[0].index)
+        key = (prompt_index, delta.index)
         started, _ = self.completions.get(key, (now, 0))
-        self.completions[key] = (started, len(output.token_ids))
-        if output.finished and len(output.token_ids) > 1:
-            mean = (now - started) / (len(output.token_ids) - 1)
+        self.completions[key] = (started, delta.num_tokens)
+        if delta.finished and delta.num_tokens > 1:
+            mean = (now - started) / (delta.num_tokens - 1)
             self.metrics.time_per_output_token.observe(mean)
 
     def close(self, outcome: str) -> None:
@@ -164,21 +163,36 @@ class Tracker:
         )
 
 
+def merge_deltas(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
+    """One delta per completion, in order of first appearance: a consumer slower than the
+    engine sends one event for what several steps produced, not one per step."""
+    merged: dict[int, CompletionDelta] = {}
+    for delta in deltas:
+        first = merged.get(delta.index)
+        if first is None:
+            merged[delta.index] = delta
+            continue
+        first.new_text += delta.new_text
+        first.new_token_ids = first.new_token_ids + delta.new_token_ids
+        if delta.new_logprobs is not None:
+            first.new_logprobs = (first.new_logprobs or []) + delta.new_logprobs
+        first.finish_reason, first.stop_reason = delta.finish_reason, delta.stop_reason
+        first.num_tokens, first.error = delta.num_tokens, delta.error
+    return list(merged.values())
+
+
 async def follow(
     streams: list[RequestStream], tracker: Tracker
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) of every stream as they come; aborts all on exit."""
+) -> AsyncIterator[tuple[int, list[CompletionDelta]]]:
+    """(prompt index, deltas of that prompt's completions) as they come; aborts all on exit."""
     outcome = "failed"
     try:
-        if len(streams) == 1:
-            async with streams[0]:
-                async for output in streams[0]:
-                    tracker.observe(0, output)
-                    yield 0, output
-        else:
-            async for index, output in _merge(streams):
-                tracker.observe(index, output)
-                yield index, output
+        async for index, deltas in _merge(streams):
+            for delta in deltas:
+                if delta.error is not None:
+                    raise EngineError(f"the request failed: {delta.error}")
+                tracker.observe(index, delta)
+            yield index, deltas
         outcome = "finished"
     except (asyncio.CancelledError, GeneratorExit):
         outcome = "aborted"
@@ -189,14 +203,23 @@ async def follow(
         tracker.close(outcome)
 
 
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several streams; one task per stream feeds a shared queue."""
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+async def _merge(
+    streams: list[RequestStream],
+) -> AsyncIterator[tuple[int, list[CompletionDelta]]]:
+    """Interleave several streams (one task per stream feeds a shared queue); one stream
+    is read directly."""
+    if len(streams) == 1:
+        async for deltas in streams[0]:
+            yield 0, deltas
+        return
+    queue: asyncio.Queue[tuple[int, list[CompletionDelta] | BaseException | None]] = (
+        asyncio.Queue()
+    )
 
     async def pump(index: int, stream: RequestStream) -> None:
         try:
-            async for output in stream:
-                queue.put_nowait((index, output))
+            async for deltas in stream:
+                queue.put_nowait((index, deltas))
             queue.put_nowait((index, None))
         except Exception as error:
             queue.put_nowait((index, error))
@@ -219,11 +242,13 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 
 async def collect(
     streams: list[RequestStream], tracker: Tracker
-) -> dict[tuple[int, int], RequestOutput]:
-    """Every completion's final output, by (prompt index, completion index)."""
-    finals: dict[tuple[int, int], RequestOutput] = {}
-    async for prompt_index, output in follow(streams, tracker):
-        finals[(prompt_index, output.outputs[0].index)] = output
+) -> dict[tuple[int, int], CompletionOutput]:
+    """Every completion, whole, by (prompt index, completion index)."""
+    finals: dict[tuple[int, int], CompletionOutput] = {}
+    async for prompt_index, deltas in follow(streams, tracker):
+        for delta in deltas:
+            key = (prompt_index, delta.index)
+            finals.setdefault(key, CompletionOutput(delta.index)).add(delta)
     return finals
 
 

@@ -22,7 +22,6 @@ from bench.metrics import summarize
 from bench.replay import replay
 from bench.trace import TraceParams, TraceRequest, adapter_name, generate_trace
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.engine import LLMEngine
 from loraserve.engine.llm import build_config
 from loraserve.server.app import create_app
 from loraserve.server.config import ServerConfig
@@ -48,7 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
     config = build_config(
         str(root / "model"), device="cpu", pool_pages=96, served_model_name=BASE_MODEL
     )
-    engine = AsyncEngine(LLMEngine(config), adapters)
+    engine = AsyncEngine(config, adapters)
     thread = ServerThread(create_app(engine, ServerConfig()))
     yield thread.url, base.config.vocab_size
     thread.stop()

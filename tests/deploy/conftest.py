@@ -31,7 +31,7 @@ def exposition(assets) -> Iterator[str]:
     running: Running = start_server(assets)
     try:
         client = running.server.client()
-        base = running.engine.engine.info.served_model_name
+        base = running.engine.info.served_model_name
         for model in (next(iter(ADAPTERS)), base):
             client.completions.create(model=model, prompt="hello", max_tokens=4, temperature=0)
         with running.server.http() as http:

@@ -21,7 +21,6 @@ import uvicorn
 from factories import make_adapter, make_model
 
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.engine import LLMEngine
 from loraserve.engine.llm import build_config
 from loraserve.server.app import create_app
 from loraserve.server.auth import Tenants
@@ -113,7 +112,7 @@ def start_server(
 ) -> Running:
     """A server over a fresh engine with the session's adapters registered."""
     options = {**ENGINE_OPTIONS, **(engine_options or {})}
-    engine = AsyncEngine(LLMEngine(build_config(str(assets.model), **options)), assets.adapters)
+    engine = AsyncEngine(build_config(str(assets.model), **options), assets.adapters)
     app = create_app(engine, ServerConfig(**server_options), tenants)
     return Running(ServerThread(app), engine)
 

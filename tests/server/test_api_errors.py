@@ -111,7 +111,7 @@ def test_unknown_model_is_404(running: Running) -> None:
 
 
 def test_prompt_longer_than_the_context_is_400_with_both_numbers(running: Running) -> None:
-    tokenizer = running.engine.engine.tokenizer
+    tokenizer = running.engine.tokenizer
     prompt = "hello world " * 200
     num_tokens = len(tokenizer.encode(prompt))
     assert num_tokens > 256
@@ -185,7 +185,7 @@ def test_load_use_and_unload_an_adapter(running: Running, assets: Assets) -> Non
     response = post(running, "/v1/load_lora_adapter", body)
     assert response.status_code == 200, response.text
     models = {m.id: m for m in client.models.list().data}
-    assert getattr(models["extra"], "parent", None) == running.engine.engine.info.served_model_name
+    assert getattr(models["extra"], "parent", None) == running.engine.info.served_model_name
     assert_still_serving(running, "extra")
     response = post(running, "/v1/unload_lora_adapter", {"lora_name": "extra"})
     assert response.status_code == 200, response.text

@@ -96,7 +96,7 @@ def chat(client: openai.OpenAI, model: str, prompt: str, stream: bool) -> Answer
 
 def test_models_lists_the_base_model_and_every_adapter_with_its_parent(running: Running) -> None:
     models = {m.id: m for m in running.server.client().models.list().data}
-    base = running.engine.engine.info.served_model_name
+    base = running.engine.info.served_model_name
     assert set(models) == {base, *ADAPTERS}
     assert getattr(models[base], "parent", None) is None
     assert all(getattr(models[name], "parent", None) == base for name in ADAPTERS)
@@ -106,7 +106,7 @@ def test_concurrent_adapters_streaming_and_not_match_llm(running: Running, refer
     """16 requests at once: every adapter and the base model, completion and chat,
     streaming and not; each must equal the LLM class's answer for its adapter."""
     client = running.server.client()
-    base = running.engine.engine.info.served_model_name
+    base = running.engine.info.served_model_name
     jobs = [
         (kind, adapter, stream)
         for kind in ("completion", "chat")
@@ -138,7 +138,7 @@ def test_usage_counts_prompt_and_generated_tokens(running: Running, reference) -
     response = client.completions.create(
         model="attn8", prompt=PROMPTS["attn8"], max_tokens=MAX_TOKENS, temperature=0
     )
-    tokenizer = running.engine.engine.tokenizer
+    tokenizer = running.engine.tokenizer
     assert response.usage is not None
     assert response.usage.prompt_tokens == len(tokenizer.encode(PROMPTS["attn8"]))
     assert response.usage.completion_tokens == len(reference[("completion", "attn8")].token_ids)
@@ -180,7 +180,7 @@ def test_max_completion_tokens_wins_over_max_tokens(running: Running) -> None:
 
 def test_prompt_lists_and_token_ids_give_one_choice_each(running: Running, reference) -> None:
     client = running.server.client()
-    tokenizer = running.engine.engine.tokenizer
+    tokenizer = running.engine.tokenizer
     prompts = [PROMPTS["attn8"], tokenizer.encode(PROMPTS["attn8"])]
     for prompt in (prompts[0], prompts[1]):
         assert complete(client, "attn8", prompt, False) == reference[("completion", "attn8")]

@@ -3,10 +3,10 @@ flight (500) and later ones (503) instead of hanging, and /health says so."""
 
 from __future__ import annotations
 
-import threading
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import openai
 import pytest
@@ -40,35 +40,32 @@ def test_a_full_queue_is_429_with_retry_after(one_at_a_time: Running) -> None:
 
 
 @pytest.fixture
-def failing(assets: Assets) -> Iterator[tuple[Running, threading.Event]]:
-    """A server whose engine step raises once the event is set."""
+def failing(assets: Assets) -> Iterator[Running]:
+    """A server whose engine-core process the test kills."""
     server = start_server(assets)
-    engine = server.engine.engine
-    fail = threading.Event()
-    step = engine.step
-
-    def faulty_step() -> Any:
-        if fail.is_set():
-            raise RuntimeError("injected fault")
-        return step()
-
-    engine.step = faulty_step  # type: ignore[method-assign]
-    yield server, fail
+    yield server
     server.server.stop()
 
 
-def test_an_engine_failure_fails_requests_in_flight_then_503(
-    failing: tuple[Running, threading.Event],
-) -> None:
-    running, fail = failing
+def num_running(running: Running) -> float:
+    with running.server.http() as http:
+        return metric(http.get("/metrics").text, "vllm:num_requests_running")
+
+
+def test_an_engine_failure_fails_requests_in_flight_then_503(failing: Running) -> None:
+    """The engine core dies mid-step (killed, as by the OOM killer): what is in flight
+    fails at once rather than hanging, later requests get 503, /health says so."""
+    running = failing
     client = running.server.client(timeout=30)
     with ThreadPoolExecutor(1) as pool:
         stream = client.completions.create(model="attn8", prompt="a", stream=True, **LONG)
         chunks = iter(stream)
         next(chunks)  # the engine is stepping
         plain = pool.submit(client.completions.create, model="mlp4", prompt="b", **LONG)
-        assert wait_for(lambda: running.engine.engine.scheduler.num_running() == 2)
-        fail.set()
+        assert wait_for(lambda: num_running(running) == 2)
+        process = running.engine._process
+        assert process is not None and process.pid is not None
+        os.kill(process.pid, signal.SIGKILL)
         with pytest.raises(openai.APIError, match="engine"):
             for _ in chunks:  # the error arrives as an SSE error event
                 pass

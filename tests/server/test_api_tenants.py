@@ -46,7 +46,7 @@ def complete(running: Running, key: str, model: str) -> str:
 
 
 def test_each_tenant_sees_only_its_models(running: Running) -> None:
-    base = running.engine.engine.info.served_model_name
+    base = running.engine.info.served_model_name
     assert visible(running, "sk-alpha") == {base, "attn8", "all6"}
     assert visible(running, "sk-alpha-2") == {base, "attn8", "all6"}
     assert visible(running, "sk-beta") == {"mlp4"}
@@ -62,7 +62,7 @@ def test_another_tenants_adapter_is_404_like_a_missing_one(running: Running) -> 
     hidden, missing = errors
     assert hidden == {**missing, "message": missing["message"].replace("no-such-adapter", "mlp4")}
     with pytest.raises(openai.NotFoundError):
-        complete(running, "sk-beta", running.engine.engine.info.served_model_name)
+        complete(running, "sk-beta", running.engine.info.served_model_name)
     assert complete(running, "sk-alpha", "attn8") == complete(running, "sk-ops", "attn8")
 
 

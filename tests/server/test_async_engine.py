@@ -1,11 +1,12 @@
-"""The asyncio bridge on its own: outputs arrive, errors come back to the caller,
-a cancelled consumer aborts its request and frees its pages, admin calls run on the
-engine thread, a failing step fails everyone instead of hanging, an idle thread sleeps."""
+"""The front end's handle on the engine-core process, on its own: deltas arrive, errors come
+back to the caller, a cancelled consumer aborts its request and frees its pages, admin
+calls run in the core, a dead core fails everyone instead of hanging, an idle core sleeps."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,16 @@ import pytest
 from server_harness import ENGINE_OPTIONS, Assets
 
 from loraserve import SamplingParams
-from loraserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineError, QueueFullError
-from loraserve.engine.engine import LLMEngine
+from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.llm import build_config
-from loraserve.errors import InvalidRequestError, UnknownAdapterError
+from loraserve.errors import (
+    AdapterError,
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    QueueFullError,
+    UnknownAdapterError,
+)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 LONG = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
@@ -25,33 +32,35 @@ LONG = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture
 def engine(assets: Assets) -> Iterator[AsyncEngine]:
-    engine = AsyncEngine(
-        LLMEngine(build_config(str(assets.model), **ENGINE_OPTIONS)), assets.adapters
-    )
+    engine = AsyncEngine(build_config(str(assets.model), **ENGINE_OPTIONS), assets.adapters)
     engine.start()
     yield engine
     engine.shutdown()
 
 
-def test_generate_streams_to_the_end(engine: AsyncEngine) -> None:
-    async def run() -> list[int]:
-        outputs = [out async for out in engine.generate("r", "hello", GREEDY, "attn8")]
-        assert [len(out.token_ids) for out in outputs] == list(range(1, 9))
-        assert outputs[-1].finished and outputs[-1].finish_reason == "length"
-        assert "".join(out.outputs[0].new_text for out in outputs) == outputs[-1].text
-        return outputs[-1].token_ids
+def prompt(engine: AsyncEngine, text: str = "hello") -> list[int]:
+    return engine.tokenizer.encode(text)
 
-    assert len(asyncio.run(run())) == 8
-    assert not engine.engine.has_unfinished_requests()  # the thread is idle: safe to read
+
+def test_generate_streams_deltas_to_the_end(engine: AsyncEngine) -> None:
+    async def run() -> None:
+        deltas = [d async for d in engine.generate("r", prompt(engine), GREEDY, "attn8")]
+        assert [d.num_tokens for d in deltas] == list(range(1, 9))
+        assert all(len(d.new_token_ids) == 1 for d in deltas)  # deltas, never the whole
+        assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+        token_ids = [token for d in deltas for token in d.new_token_ids]
+        assert "".join(d.new_text for d in deltas) == engine.tokenizer.decode(token_ids)
+
+    asyncio.run(run())
 
 
 def test_n_completions_arrive_with_their_index(engine: AsyncEngine) -> None:
     params = SamplingParams(n=3, max_tokens=4, temperature=1.0, seed=3)
 
     async def run() -> set[int]:
-        stream = await engine.add_request("r", "hello", params, "mlp4")
+        stream = await engine.add_request("r", prompt(engine), params, "mlp4")
         async with stream:
-            return {out.outputs[0].index async for out in stream if out.finished}
+            return {d.index async for deltas in stream for d in deltas if d.finished}
 
     assert asyncio.run(run()) == {0, 1, 2}
 
@@ -59,14 +68,14 @@ def test_n_completions_arrive_with_their_index(engine: AsyncEngine) -> None:
 def test_add_errors_are_raised_in_the_caller(engine: AsyncEngine) -> None:
     async def run() -> None:
         with pytest.raises(UnknownAdapterError):
-            await engine.add_request("a", "hello", GREEDY, "missing")
-        with pytest.raises(InvalidRequestError):
-            await engine.add_request("b", "hello " * 600, GREEDY, None)
-        stream = await engine.add_request("c", "hello", GREEDY)
+            await engine.add_request("a", prompt(engine), GREEDY, "missing")
+        with pytest.raises(InvalidRequestError, match="maximum context length"):
+            await engine.add_request("b", prompt(engine, "hello " * 600), GREEDY, None)
+        stream = await engine.add_request("c", prompt(engine), GREEDY)
         with pytest.raises(InvalidRequestError, match="already in use"):
-            await engine.add_request("c", "hello", GREEDY)
+            await engine.add_request("c", prompt(engine), GREEDY)
         async with stream:
-            assert [out async for out in stream][-1].finished
+            assert [deltas async for deltas in stream][-1][-1].finished
 
     asyncio.run(run())
 
@@ -76,7 +85,7 @@ def test_a_cancelled_consumer_aborts_and_frees_its_pages(engine: AsyncEngine) ->
         baseline = (await engine.stats()).num_kv_pages
 
         async def consume() -> None:
-            async for _ in engine.generate("long", "hello", LONG, "all6"):
+            async for _ in engine.generate("long", prompt(engine), LONG, "all6"):
                 pass
 
         task = asyncio.create_task(consume())
@@ -93,35 +102,38 @@ def test_a_cancelled_consumer_aborts_and_frees_its_pages(engine: AsyncEngine) ->
     assert after == baseline
 
 
-def test_admin_calls_run_on_the_engine_thread(engine: AsyncEngine, assets: Assets) -> None:
-    async def run() -> str:
+def test_admin_calls_change_the_core(engine: AsyncEngine, assets: Assets) -> None:
+    async def run() -> None:
         await engine.register_adapter("extra", assets.spare_dir / "extra")
-        with pytest.raises(InvalidRequestError):
+        with pytest.raises(AdapterError, match="already registered"):
             await engine.register_adapter("extra", assets.spare_dir / "extra")
-        name = await engine.call(lambda _: threading.current_thread().name)
+        deltas = [d async for d in engine.generate("x", prompt(engine), GREEDY, "extra")]
+        assert deltas[-1].finish_reason == "length"
         await engine.unregister_adapter("extra")
         with pytest.raises(UnknownAdapterError):
             await engine.unregister_adapter("extra")
-        return name
 
-    assert asyncio.run(run()) == "loraserve-engine"
+    asyncio.run(run())
     assert "extra" not in engine.adapters
 
 
-def test_a_full_queue_is_refused(assets: Assets) -> None:
+def test_a_full_queue_is_refused_counting_every_completion(assets: Assets) -> None:
     config = build_config(
-        str(assets.model), **ENGINE_OPTIONS, max_num_seqs=1, max_waiting_requests=1
+        str(assets.model), **ENGINE_OPTIONS, max_num_seqs=1, max_waiting_requests=2
     )
-    engine = AsyncEngine(LLMEngine(config))
+    engine = AsyncEngine(config)
     engine.start()
 
     async def run() -> None:
-        first = await engine.add_request("1", "hello", LONG)
-        second = await engine.add_request("2", "hello", LONG)
-        with pytest.raises(QueueFullError):
-            await engine.add_request("3", "hello", GREEDY)
-        first.abort()
-        second.abort()
+        first = await engine.add_request("1", prompt(engine), LONG)
+        while (await engine.stats()).num_running == 0:
+            await asyncio.sleep(0.01)
+        second = await engine.add_request("2", prompt(engine), LONG)  # waits: room for 1 more
+        with pytest.raises(QueueFullError):  # two completions do not fit
+            await engine.add_request("3", prompt(engine), SamplingParams(n=2, max_tokens=2))
+        third = await engine.add_request("4", prompt(engine), GREEDY)  # one does
+        for stream in (first, second, third):
+            stream.abort()
 
     try:
         asyncio.run(run())
@@ -129,36 +141,28 @@ def test_a_full_queue_is_refused(assets: Assets) -> None:
         engine.shutdown()
 
 
-def test_a_failing_step_fails_every_request_and_later_calls(engine: AsyncEngine) -> None:
-    real_step = engine.engine.step
-    fail = threading.Event()
-
-    def step():  # type: ignore[no-untyped-def]
-        if fail.is_set():
-            raise RuntimeError("injected")
-        return real_step()
-
-    engine.engine.step = step  # type: ignore[method-assign]
-
+def test_a_dead_core_fails_every_request_and_later_calls(engine: AsyncEngine) -> None:
     async def run() -> None:
-        streams = [await engine.add_request(str(i), "hello", LONG, "attn8") for i in range(3)]
+        streams = [await engine.add_request(str(i), prompt(engine), LONG, "attn8") for i in range(3)]
         await anext(streams[0])
-        fail.set()
+        assert engine._process is not None and engine._process.pid is not None
+        os.kill(engine._process.pid, signal.SIGKILL)
         for stream in streams:
-            with pytest.raises(EngineError, match="injected"):
+            with pytest.raises(EngineError, match="exited"):
                 async for _ in stream:
                     pass
         with pytest.raises(EngineDeadError):
-            await engine.add_request("late", "hello", GREEDY)
+            await engine.add_request("late", prompt(engine), GREEDY)
 
     asyncio.run(asyncio.wait_for(run(), timeout=30))
     assert not engine.is_healthy
 
 
-def test_an_idle_engine_thread_sleeps(engine: AsyncEngine) -> None:
-    """No busy loop: over half a second idle, the thread uses (almost) no CPU."""
+def test_an_idle_core_sleeps(engine: AsyncEngine) -> None:
+    """No busy loop: over half a second idle, the core process uses (almost) no CPU."""
     asyncio.run(engine.stats())  # make sure it started and went idle
-    stat = Path(f"/proc/self/task/{engine._thread.native_id}/stat")
+    assert engine._process is not None
+    stat = Path(f"/proc/{engine._process.pid}/stat")
     if not stat.exists():
         pytest.skip("needs Linux /proc")
 
@@ -166,6 +170,7 @@ def test_an_idle_engine_thread_sleeps(engine: AsyncEngine) -> None:
         fields = stat.read_text().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])  # utime + stime
 
+    time.sleep(0.2)
     before = cpu_ticks()
     time.sleep(0.5)
-    assert cpu_ticks() - before <= 2  # a spinning thread would use ~50 ticks
+    assert cpu_ticks() - before <= 2  # a spinning process would use ~50 ticks
