@@ -49,7 +49,7 @@ def _decode_steps(llm, batch: int, names: list[str], count_calls: bool) -> list[
     prompts = [[3 + (i + j) % 900 for j in range(PROMPT_TOKENS)] for i in range(batch)]
     adapters = [names[i % len(names)] for i in range(batch)]
     for index, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):
-        engine.add_request(f"profile-{count_calls}-{index}", None, params, adapter, prompt)
+        engine.add_request(f"profile-{count_calls}-{index}", prompt, params, adapter)
     figures = []
     while engine.has_unfinished_requests():
         decoding = engine.scheduler.num_waiting() == 0 and all(
@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     batches = [int(b) for b in args.batches.split(",")]
     counts = [int(n) for n in args.adapters.split(",")]
-    model, adapters = ensure_assets(preset.model, preset.ranks, max(counts), args.cache_dir, "float32")
+    model, adapters = ensure_assets(
+        preset.model, preset.ranks, max(counts), args.cache_dir, "float32"
+    )
     llm = LLM(str(model), adapters, device="cpu", dtype="float32")
     points = []
     print(f"{'batch':>6}{'adapters':>10}{'ms/step':>10}{'torch calls/step':>18}")

@@ -48,7 +48,7 @@ from loraserve.models.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 600.0  # loading a large model and many adapters takes a while
-RECEIVE_POLL_SECONDS = 0.2
+RECEIVE_POLL_MS = 200
 """How often the receiver thread checks that the core process is still alive."""
 SHUTDOWN_TIMEOUT_SECONDS = 10.0
 
@@ -153,12 +153,21 @@ class AsyncEngine:
         log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core,
-            args=(self.config, self._initial_adapters, to_core, to_front_end, os.getpid(), log_level),
+            args=(
+                self.config,
+                self._initial_adapters,
+                to_core,
+                to_front_end,
+                os.getpid(),
+                log_level,
+            ),
             name="loraserve-engine-core",
             daemon=True,
         )
         self._process.start()
-        self._thread = threading.Thread(target=self._receive, name="loraserve-receiver", daemon=True)
+        self._thread = threading.Thread(
+            target=self._receive, name="loraserve-receiver", daemon=True
+        )
         self._thread.start()
         if not self._started.wait(timeout):
             self.shutdown()
@@ -311,7 +320,7 @@ class AsyncEngine:
         poller = zmq.Poller()
         poller.register(self._receiver, zmq.POLLIN)
         while True:
-            if poller.poll(RECEIVE_POLL_SECONDS * 1000):
+            if poller.poll(RECEIVE_POLL_MS):
                 message = self._codec.decode(self._receiver.recv())
                 if isinstance(message, ipc.Ready | ipc.StartupFailed):
                     self._on_startup(message)

@@ -18,7 +18,7 @@ Worked example, block size 4, three chunks in slot order:
     positions       [5 | 0 1 2 | 8]
     query_starts    [0, 1, 4, 5]
     context_lens    [6, 3, 9]
-    block_tables    [[7, 2, 0], [5, 0, 0], [1, 4, 6]]   (padded with page 0; never read)
+    block_tables    [[7, 2, 0], [5, 0, 0], [1, 4, 6]]   (entries past a table never read)
     slot_mapping    [2*4+1 | 5*4+0, 5*4+1, 5*4+2 | 6*4+0]
     logits_indices  [0, 3, 4]                         (every chunk reaches its end)
     segment_starts  [0, 1, 5]    segment_slots [NO_ADAPTER, 0]   (B and C share slot 0)
@@ -159,10 +159,14 @@ class BatchMetadata:
             offset = 0
             for chunk in chunks:
                 end = offset + chunk.num_tokens
-                input_ids[offset:end] = chunk.seq.token_ids[chunk.start : chunk.start + chunk.num_tokens]
+                input_ids[offset:end] = chunk.seq.token_ids[
+                    chunk.start : chunk.start + chunk.num_tokens
+                ]
                 offset = end
         seq_of_token = np.repeat(np.arange(len(chunks)), lens)  # [num_tokens]
-        token_offsets = np.arange(num_tokens) - np.repeat(self.query_starts.host[: len(chunks)], lens)
+        token_offsets = np.arange(num_tokens) - np.repeat(
+            self.query_starts.host[: len(chunks)], lens
+        )
         positions = self.positions.host[:num_tokens]
         positions[:] = starts[seq_of_token] + token_offsets
         pages = self.block_tables.host[seq_of_token, positions // self.block_size]

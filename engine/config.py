@@ -7,7 +7,9 @@ never written back here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from loraserve.kernels.constants import KERNEL_BACKENDS
 from loraserve.models.arch import ModelArch
@@ -146,3 +148,16 @@ def resolve_max_model_len(arch: ModelArch, requested: int | None) -> int:
     if requested is not None and requested > limit:
         raise ValueError(f"max_model_len={requested} is above the model's limit of {limit} tokens")
     return requested or limit
+
+
+def build_config(model: str, **options: Any) -> EngineConfig:
+    """An EngineConfig from flat keyword options, each routed to the part that owns it."""
+    parts: dict[str, Any] = {}
+    for name, cls in (("cache", CacheConfig), ("lora", LoraConfig), ("scheduler", SchedulerConfig)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        parts[name] = cls(**{k: options.pop(k) for k in list(options) if k in fields})
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(options) - model_fields)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}")
+    return EngineConfig(model=ModelConfig(model=model, **options), **parts)

@@ -4,7 +4,7 @@ The front-end process (FastAPI, tokenizing, detokenizing, SSE) starts this proce
 with `spawn`; here the core loads the model and adapters, says `Ready` (or
 `StartupFailed`), then loops: handle every message that has arrived, run one step
 if any request is unfinished, send the step's outputs as one message. With nothing
-to do it blocks on its inbox, waking every `PARENT_CHECK_SECONDS` to exit if the
+to do it blocks on its inbox, waking every `PARENT_CHECK_MS` to exit if the
 front end is gone. A step that raises is an engine fault: the core sends `Fatal`
 and exits, and the front end fails what is in flight and reports itself unhealthy.
 """
@@ -16,18 +16,20 @@ import logging
 import os
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from loraserve.engine import ipc
 from loraserve.engine.config import EngineConfig
-from loraserve.engine.core import EngineCore
+
+if TYPE_CHECKING:
+    from loraserve.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
-PARENT_CHECK_SECONDS = 1.0
-IDLE_RETRY_SECONDS = 0.01
+PARENT_CHECK_MS = 1000
+IDLE_RETRY_MS = 10
 """Pause when requests wait but none could be scheduled (pages all taken), so the loop does not spin."""
 
 
@@ -49,11 +51,13 @@ def run_engine_core(
     codec = ipc.Codec(ipc.ToCore)
     try:
         try:
+            from loraserve.engine.core import EngineCore  # torch: the front end never imports it
+
             core = EngineCore(config)
             for name, path in adapters.items():
                 core.register_adapter(name, Path(path))
         except Exception as error:
-            kind, message, _ = ipc.error_fields(error)
+            _, message, _ = ipc.error_fields(error)
             outbox.send(codec.encode(ipc.StartupFailed(type(error).__name__, message)))
             return
         outbox.send(codec.encode(ipc.Ready(dataclasses.asdict(core.info))))
@@ -96,11 +100,11 @@ class CoreLoop:
                 self._send(ipc.Outputs(outputs))
             elif self.core.scheduler.num_running() == 0:
                 # Requests wait but none could be admitted: pause rather than spin.
-                self.inbox.poll(IDLE_RETRY_SECONDS * 1000)
+                self.inbox.poll(IDLE_RETRY_MS)
 
     def _receive(self, wait: bool) -> None:
         """Handle every message that has arrived; when `wait`, block until one does."""
-        while wait and not self.inbox.poll(PARENT_CHECK_SECONDS * 1000):
+        while wait and not self.inbox.poll(PARENT_CHECK_MS):
             if os.getppid() != self.parent_pid:  # the front end is gone: nobody to serve
                 self.stopping = True
                 return

@@ -3,34 +3,19 @@ adapter, runs through the same continuous-batching engine the server uses."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
+from loraserve.engine.config import build_config
 from loraserve.engine.core import EngineCore
 from loraserve.engine.output_processor import OutputProcessor, sub_request_ids
 from loraserve.engine.outputs import CompletionOutput, RequestOutput
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.models.tokenizer import Tokenizer
-from loraserve.scheduler.config import SchedulerConfig
 
 T = TypeVar("T")
-
-
-def build_config(model: str, **options: Any) -> EngineConfig:
-    """An EngineConfig from flat keyword options, each routed to the part that owns it."""
-    parts: dict[str, Any] = {}
-    for name, cls in (("cache", CacheConfig), ("lora", LoraConfig), ("scheduler", SchedulerConfig)):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        parts[name] = cls(**{k: options.pop(k) for k in list(options) if k in fields})
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(options) - model_fields)
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown}")
-    return EngineConfig(model=ModelConfig(model=model, **options), **parts)
 
 
 def _per_prompt(value: T | Sequence[T] | None, count: int, default: T, name: str) -> list[T]:
@@ -94,7 +79,9 @@ class LLM:
         added: list[str] = []
         try:
             for result, param in zip(results, params, strict=True):
-                subs = self._processor.add_request(result.request_id, result.prompt_token_ids, param)
+                subs = self._processor.add_request(
+                    result.request_id, result.prompt_token_ids, param
+                )
                 result.outputs = [CompletionOutput(index) for index in range(len(subs))]
                 for sub_id, sub_params in subs:  # no waiting-queue limit offline
                     self.engine.add_request(

@@ -135,7 +135,8 @@ class TorchModelRunner:
         )
         self.graphs = DecodeGraphs.for_device(
             self.device,
-            not config.model.enforce_eager,
+            # The torch paths read metadata on the host (syncs): only Triton can be captured.
+            not config.model.enforce_eager and self.kernel_backend == "triton",
             min(scheduler.max_num_seqs, MAX_GRAPH_BATCH_SIZE),
             self._forward,
         )
@@ -158,7 +159,9 @@ class TorchModelRunner:
         logits = self._logits(plan.chunks)  # [num_sampling_chunks, vocab]
         sampling = [chunk for chunk in plan.chunks if chunk.samples]
         rows = [self._requests[chunk.seq.request_id] for chunk in sampling]
-        histories = [_History(chunk.seq.token_ids, chunk.seq.num_prompt_tokens) for chunk in sampling]
+        histories = [
+            _History(chunk.seq.token_ids, chunk.seq.num_prompt_tokens) for chunk in sampling
+        ]
         return sample(
             logits,
             [row.params for row in rows],

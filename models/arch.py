@@ -32,7 +32,10 @@ GATE_UP_GROUP = (4, 5)
 DOWN_GROUP = (6,)
 LORA_GROUPS = (QKV_GROUP, O_GROUP, GATE_UP_GROUP, DOWN_GROUP)
 """The groups in layer order; `LoraBatch.tables[layer][i]` is group i's."""
-QKV, O, GATE_UP, DOWN = range(len(LORA_GROUPS))
+QKV, O_PROJ, GATE_UP, DOWN = range(len(LORA_GROUPS))
+
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "dynamic")
+"""`rope_type`s models/rope.py implements."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass(frozen=True)
 class LoraTables:
     """The offset and rank tables of one module group of one layer, as the kernels read them.

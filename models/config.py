@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraserve.errors import ModelLoadError
-from loraserve.models.arch import ModelArch
-from loraserve.models.rope import SUPPORTED_ROPE_TYPES
+from loraserve.models.arch import SUPPORTED_ROPE_TYPES, ModelArch
 
 # architecture -> model_type; model_type -> architecture when `architectures` is absent.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {

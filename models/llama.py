@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.kernels.dispatch import Kernels
-from loraserve.models.arch import DOWN, GATE_UP, O, QKV, ModelArch
+from loraserve.models.arch import DOWN, GATE_UP, O_PROJ, QKV, ModelArch
 from loraserve.models.batch import ForwardBatch, LoraBatch
 from loraserve.models.rope import rope_attention_scaling, rope_inv_freq
 
@@ -92,7 +92,12 @@ class LlamaModel:
         self.cos_sin = torch.stack((angles.cos(), angles.sin()), dim=1).mul(scaling)
         self.cos_sin = self.cos_sin.to(self.embed.dtype)
         self.qkv_split = [arch.q_size, arch.kv_size, arch.kv_size]
-        self.qkv_slices = [0, arch.q_size, arch.q_size + arch.kv_size, arch.q_size + 2 * arch.kv_size]
+        self.qkv_slices = [
+            0,
+            arch.q_size,
+            arch.q_size + arch.kv_size,
+            arch.q_size + 2 * arch.kv_size,
+        ]
         self.gate_up_slices = [0, arch.intermediate_size, 2 * arch.intermediate_size]
         self.hidden_slices = [0, arch.hidden_size]
 
@@ -125,7 +130,7 @@ class LlamaModel:
         self._add_lora(lora, index, QKV, x, qkv, self.qkv_slices)
         attn = self._attention(index, qkv, cos, sin, batch, kv_pages)  # [num_tokens, q_size]
         out = F.linear(attn, layer.o, layer.o_bias)
-        self._add_lora(lora, index, O, attn, out, self.hidden_slices)
+        self._add_lora(lora, index, O_PROJ, attn, out, self.hidden_slices)
         hidden = hidden + out
         x = rms_norm(hidden, layer.post_norm, eps)
         gate_up = F.linear(x, layer.gate_up)  # [num_tokens, 2 * intermediate]

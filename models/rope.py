@@ -19,9 +19,7 @@ import math
 
 import torch
 
-from loraserve.models.arch import ModelArch
-
-SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "dynamic")
+from loraserve.models.arch import SUPPORTED_ROPE_TYPES, ModelArch
 
 
 def rope_type(arch: ModelArch) -> str:

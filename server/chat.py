@@ -10,8 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from loraserve.engine.outputs import CompletionDelta, CompletionOutput
-from loraserve.engine.outputs import TokenLogprobs
+from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
 from loraserve.errors import InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant

@@ -22,8 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
-from loraserve.engine.llm import build_config
+from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, build_config
 from loraserve.errors import LoraserveError
 from loraserve.scheduler.config import SchedulerConfig
 from loraserve.server.config import ServerConfig

@@ -24,9 +24,9 @@ from starlette.types import Receive, Scope, Send
 from loraserve.engine.async_engine import AsyncEngine, RequestStream
 from loraserve.engine.outputs import CompletionDelta, CompletionOutput
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.errors import EngineError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant
-from loraserve.errors import EngineError
 from loraserve.server.errors import APIError, model_not_found, to_api_error
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.protocol import SamplingFields, Usage
@@ -212,9 +212,7 @@ async def _merge(
         async for deltas in streams[0]:
             yield 0, deltas
         return
-    queue: asyncio.Queue[tuple[int, list[CompletionDelta] | BaseException | None]] = (
-        asyncio.Queue()
-    )
+    queue: asyncio.Queue[tuple[int, list[CompletionDelta] | BaseException | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: RequestStream) -> None:
         try:

@@ -22,7 +22,7 @@ from bench.metrics import summarize
 from bench.replay import replay
 from bench.trace import TraceParams, TraceRequest, adapter_name, generate_trace
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.llm import build_config
+from loraserve.engine.config import build_config
 from loraserve.server.app import create_app
 from loraserve.server.config import ServerConfig
 

@@ -21,7 +21,7 @@ import uvicorn
 from factories import make_adapter, make_model
 
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.llm import build_config
+from loraserve.engine.config import build_config
 from loraserve.server.app import create_app
 from loraserve.server.auth import Tenants
 from loraserve.server.config import ServerConfig

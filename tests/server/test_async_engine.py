@@ -16,7 +16,7 @@ from server_harness import ENGINE_OPTIONS, Assets
 
 from loraserve import SamplingParams
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.llm import build_config
+from loraserve.engine.config import build_config
 from loraserve.errors import (
     AdapterError,
     EngineDeadError,
@@ -143,7 +143,9 @@ def test_a_full_queue_is_refused_counting_every_completion(assets: Assets) -> No
 
 def test_a_dead_core_fails_every_request_and_later_calls(engine: AsyncEngine) -> None:
     async def run() -> None:
-        streams = [await engine.add_request(str(i), prompt(engine), LONG, "attn8") for i in range(3)]
+        streams = [
+            await engine.add_request(str(i), prompt(engine), LONG, "attn8") for i in range(3)
+        ]
         await anext(streams[0])
         assert engine._process is not None and engine._process.pid is not None
         os.kill(engine._process.pid, signal.SIGKILL)

@@ -1,0 +1,56 @@
+"""A `ModelRunner` without a model: the next token of a sequence is (its last token + 1) mod
+the vocabulary. Deterministic and cheap, so engine-core tests check the step's flow, stops
+and page accounting without torch's arithmetic in the way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loraserve.engine.config import EngineConfig
+from loraserve.engine.sampler import SamplerOutput
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.memory.geometry import PoolGeometry
+from loraserve.models.arch import ModelArch
+
+
+@dataclass
+class FakeRunner:
+    config: EngineConfig
+    arch: ModelArch
+    geometry: PoolGeometry
+    eos_token_ids: tuple[int, ...]
+    num_pages: int = 0
+    kernel_backend: str = "fake"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    requests: dict[str, SamplingParams] = field(default_factory=dict)
+    plans: list[Any] = field(default_factory=list)
+    """Every plan executed, in order."""
+    loaded: list[tuple[str, int]] = field(default_factory=list)
+    """(adapter, slot) of every load the plans carried."""
+
+    def __post_init__(self) -> None:
+        self.num_pages = self.config.cache.pool_pages or 64
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        assert request_id not in self.requests
+        self.requests[request_id] = params
+
+    def remove_request(self, request_id: str) -> None:
+        del self.requests[request_id]
+
+    def execute(self, plan: Any) -> SamplerOutput:
+        self.plans.append(plan)
+        self.loaded += [(load.name, load.slot) for load in plan.adapter_loads]
+        tokens = []
+        for chunk in plan.chunks:
+            assert chunk.seq.request_id in self.requests, "executing an unknown request"
+            if chunk.samples:
+                tokens.append((chunk.seq.token_ids[-1] + 1) % self.arch.vocab_size)
+        return SamplerOutput(token_ids=tokens, logprobs=[None] * len(tokens))
+
+    def drain_load_seconds(self) -> list[float]:
+        return []

@@ -1,0 +1,102 @@
+"""The step's batch metadata: the worked example of engine/batch_metadata.py, buffers that keep
+their addresses from step to step, and padding to a CUDA-graph bucket."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loraserve.engine.batch_metadata import BatchMetadata
+from loraserve.kernels.constants import NO_ADAPTER
+from loraserve.scheduler.request import SequenceState
+
+
+@dataclass
+class Chunk:
+    seq: SequenceState
+    num_tokens: int
+    slot: int
+    start: int = field(init=False)
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start = self.seq.num_computed_tokens
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class Adapters:
+    pages: torch.Tensor = field(default_factory=lambda: torch.zeros(1))
+    lora: list = field(default_factory=list)
+    slot_max_rank: list[int] = field(default_factory=lambda: [8, 0, 0])
+
+
+def seq(name: str, num_tokens: int, computed: int, pages: list[int]) -> SequenceState:
+    state = SequenceState(name, None, [100 * (ord(name) - 64) + i for i in range(num_tokens)])
+    state.num_computed_tokens = computed
+    state.block_table = pages
+    return state
+
+
+def example() -> list[Chunk]:
+    """The module docstring's example: block size 4, chunks A (base, decode), B (slot 0,
+    3-token prompt), C (slot 0, decode)."""
+    return [
+        Chunk(seq("A", 6, 5, [7, 2]), 1, NO_ADAPTER),
+        Chunk(seq("B", 3, 0, [5]), 3, 0),
+        Chunk(seq("C", 9, 8, [1, 4, 6]), 1, 0),
+    ]
+
+
+def builder() -> BatchMetadata:
+    return BatchMetadata(
+        max_num_tokens=32,
+        max_num_seqs=8,
+        max_blocks_per_seq=6,
+        block_size=4,
+        max_lora_rank=16,
+        device=torch.device("cpu"),
+    )
+
+
+def test_the_worked_example() -> None:
+    batch = builder().build(example(), Adapters())
+    assert batch.input_ids.tolist() == [105, 200, 201, 202, 308]
+    assert batch.positions.tolist() == [5, 0, 1, 2, 8]
+    assert batch.query_starts.tolist() == [0, 1, 4, 5]
+    assert batch.context_lens.tolist() == [6, 3, 9]
+    assert batch.block_tables.tolist() == [[7, 2, 0], [5, 0, 0], [1, 4, 6]]
+    assert batch.slot_mapping.tolist() == [2 * 4 + 1, 5 * 4, 5 * 4 + 1, 5 * 4 + 2, 6 * 4]
+    assert batch.logits_indices.tolist() == [0, 3, 4]
+    assert batch.lora is not None
+    assert batch.lora.segment_starts.tolist() == [0, 1, 5]
+    assert batch.lora.segment_slots.tolist() == [NO_ADAPTER, 0]
+    assert batch.lora.max_rank == 8
+
+
+def test_buffers_keep_their_addresses_and_stale_rows_are_overwritten() -> None:
+    metadata = builder()
+    first = metadata.build(example(), Adapters())
+    chunks = [Chunk(seq("D", 4, 0, [3]), 2, NO_ADAPTER)]  # a chunked prefill: no logits
+    second = metadata.build(chunks, Adapters())
+    assert second.input_ids.data_ptr() == first.input_ids.data_ptr()
+    assert second.block_tables.data_ptr() == first.block_tables.data_ptr()
+    assert second.input_ids.tolist() == [400, 401]
+    assert second.block_tables.tolist() == [[3]]
+    assert second.logits_indices.tolist() == []
+    assert second.lora is None  # no adapter in the batch: LoRA is skipped
+
+
+def test_a_decode_batch_padded_to_its_bucket() -> None:
+    chunks = [Chunk(seq("A", 6, 5, [7, 2]), 1, NO_ADAPTER), Chunk(seq("C", 9, 8, [1, 4, 6]), 1, 0)]
+    batch = builder().build(chunks, Adapters(), pad_to=4)
+    assert batch.input_ids.shape == (4,) and batch.block_tables.shape == (4, 6)
+    assert batch.slot_mapping.tolist()[2:] == [-1, -1]  # padding writes no KV
+    assert batch.context_lens.tolist() == [6, 9, 1, 1]
+    assert batch.query_starts.tolist() == [0, 1, 2, 3, 4]
+    assert batch.logits_indices.tolist() == [0, 1, 2, 3]
+    assert batch.lora is not None and batch.lora.max_rank == 16  # the graph's largest rank
+    # The real tokens keep their segments; one NO_ADAPTER segment takes the padding.
+    assert batch.lora.segment_starts.tolist() == [0, 1, 2, 4, 4]
+    assert batch.lora.segment_slots.tolist() == [NO_ADAPTER, 0, NO_ADAPTER, NO_ADAPTER]

@@ -1,0 +1,76 @@
+"""The engine-core process's loop, in this process over in-process sockets: calls are answered
+with the core's typed errors, a failing step sends `Fatal` and stops the loop."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import zmq
+
+from loraserve.engine import ipc
+from loraserve.engine.core_process import CoreLoop
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.errors import InvalidRequestError, UnknownAdapterError
+
+
+class BrokenCore:
+    """A core whose step raises once a request is in."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def add_requests(self, subs: list[Any], prompt: list[int], adapter: str | None) -> None:
+        if adapter == "nope":
+            raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        self.requests += [sub_id for sub_id, _ in subs]
+
+    def step(self) -> list[Any]:
+        raise RuntimeError("a kernel failed")
+
+
+@pytest.fixture
+def channel():
+    context = zmq.Context()
+    to_core, to_front = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    to_core.bind("inproc://to-core")
+    to_front.bind("inproc://to-front")
+    inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    inbox.connect("inproc://to-core")
+    outbox.connect("inproc://to-front")
+    yield to_core, to_front, inbox, outbox
+    for socket in (to_core, to_front, inbox, outbox):
+        socket.close(linger=0)
+    context.term()
+
+
+def test_calls_are_answered_and_a_failing_step_is_fatal(channel) -> None:
+    to_core, to_front, inbox, outbox = channel
+    front_end, core_side = ipc.Codec(ipc.ToFrontEnd), ipc.Codec(ipc.ToCore)
+    params = SamplingParams(max_tokens=2)
+    for message in (
+        ipc.AddRequest(1, [("a-0", params)], [3], "nope"),
+        ipc.AddRequest(2, [("b-0", params)], [], None),
+        ipc.AddRequest(3, [("c-0", params)], [3], None),
+    ):
+        to_core.send(front_end.encode(message))
+    loop = CoreLoop(BrokenCore(), inbox, outbox, core_side, os.getppid())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        loop.run()
+    replies = [front_end.decode(to_front.recv()) for _ in range(4)]
+    assert replies[0] == ipc.CallResult(
+        1, error=("unknown_adapter", "adapter 'nope' is not registered", None)
+    )
+    assert replies[1] == ipc.CallResult(
+        2, error=("invalid_request", "the prompt is empty", "prompt")
+    )
+    assert replies[2] == ipc.CallResult(3)
+    assert isinstance(replies[3], ipc.Fatal) and "a kernel failed" in replies[3].message
+    rebuilt = ipc.rebuild_error(*replies[1].error)
+    assert isinstance(rebuilt, InvalidRequestError) and rebuilt.param == "prompt"
