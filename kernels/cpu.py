@@ -1,21 +1,13 @@
-"""The CPU path: the semantics of kernels/reference.py, with fewer torch calls per step.
+"""The torch path: the semantics of kernels/reference.py in fewer torch calls, for a CPU
+where the native kernels (kernels/native.py) cannot be built, or a dtype they do not take.
 
-On a CPU at the sizes loraserve serves there, a step's time goes to the number of
-torch calls, not to arithmetic: the reference spends ~7 calls per (segment, slice)
-of LoRA and ~12 per sequence of attention, so 64 adapters or 256 sequences in a
-batch cost more in dispatch than in math. Here:
-
-- LoRA shrink/expand still read each adapter's matrices straight from the pool
-  (no gather copy: at hidden 256 a copy costs more than the product), but the
-  `[rank, dim]` views of the pool are made once and reused across steps, and each
-  (segment, slice) is one BLAS call writing into its place (`mm(..., out=)`,
-  `addmm_`) instead of a product plus a copy. A view is address arithmetic on the
-  pool, valid whatever adapter is stored there later, so the cache is never stale.
+- LoRA shrink/expand read each adapter's matrices straight from the pool (views, no
+  gather copy), one BLAS call per (segment, slice) writing into its place
+  (`mm(..., out=)`, `addmm_`). Its cost grows with the number of distinct adapters
+  (a Python loop over segments): the native kernels do not have that loop.
 - Decode attention (one query per sequence) runs as a few batched SDPA calls, over
   K/V gathered through the block tables of sequences of similar context length;
-  prefill and extend sequences, a few per step, go through the reference one at
-  a time. The gather is most of the time: this layout has no contiguous K/V. How a
-  step's sequences split into those calls is worked out once per step, not per layer.
+  prefill and extend sequences go through the reference one at a time.
 
 tests/kernels/test_lora_kernels.py and test_attention_kernels.py (`test_cpu_path_*`)
 hold these to the references.
@@ -33,28 +25,12 @@ from loraserve.kernels.reference import write_kv
 
 __all__ = ["lora_expand", "lora_shrink", "paged_attention", "write_kv"]
 
-MAX_CACHED_VIEWS = 1 << 16  # (pool, offset, shape) keys; cleared past this, rebuilt on demand
 MAX_DECODE_GROUPS, MIN_DECODE_GROUP = 4, 32  # decode attention batches (see _context_groups)
 
 
-class _PoolViews:
-    """`[rows, cols]` views of the flat pool at element offsets, made once each."""
-
-    def __init__(self) -> None:
-        self._views: dict[tuple[int, int, int, int], torch.Tensor] = {}
-
-    def get(self, pool: torch.Tensor, offset: int, rows: int, cols: int) -> torch.Tensor:
-        key = (pool.data_ptr(), offset, rows, cols)
-        view = self._views.get(key)
-        if view is None:
-            if len(self._views) >= MAX_CACHED_VIEWS:
-                self._views.clear()
-            flat = pool.view(-1)
-            view = self._views[key] = flat[offset : offset + rows * cols].view(rows, cols)
-        return view
-
-
-_pool_views = _PoolViews()
+def _matrix(pool: torch.Tensor, offset: int, rows: int, cols: int) -> torch.Tensor:
+    """The `[rows, cols]` matrix at element `offset` of the flat pool: a view, no copy."""
+    return pool.view(-1)[offset : offset + rows * cols].view(rows, cols)
 
 
 def lora_shrink(
@@ -77,7 +53,7 @@ def lora_shrink(
         x_segment = x[start:end]  # [segment_len, in_dim]
         for index, rank in enumerate(slot_ranks[slot]):
             if rank:
-                a = _pool_views.get(pool, offsets[slot][index], rank, x.shape[1])  # [rank, in]
+                a = _matrix(pool, offsets[slot][index], rank, x.shape[1])  # [rank, in]
                 torch.mm(x_segment, a.t().float(), out=y[start:end, index, :rank])
     return y
 
@@ -102,7 +78,7 @@ def lora_expand(
             if not rank:
                 continue
             first, last = slice_starts[index], slice_starts[index + 1]
-            b = _pool_views.get(pool, offsets[slot][index], rank, last - first)  # [rank, out_i]
+            b = _matrix(pool, offsets[slot][index], rank, last - first)  # [rank, out_i]
             if exact_dtype:
                 out[start:end, first:last].addmm_(y[start:end, index, :rank], b)
             else:  # summed in float32, rounded once, as the reference does
@@ -155,23 +131,14 @@ class _DecodeGroup:
 class _AttentionPlan:
     """How one step's sequences split into batched decode groups and single prefills."""
 
-    batch: tuple[torch.Tensor, ...]  # the step's tensors it was made from (held: ids stay unique)
     decode_groups: list[_DecodeGroup]
     prefills: list[tuple[int, int, int]]  # (sequence, first token, end token)
-
-
-_last_plan: _AttentionPlan | None = None
 
 
 def _attention_plan(
     block_tables: torch.Tensor, query_starts: torch.Tensor, context_lens: torch.Tensor
 ) -> _AttentionPlan:
-    """The plan of this step; every layer passes the same tensors, so it is made once."""
-    global _last_plan
-    batch = (block_tables, query_starts, context_lens)
-    last = _last_plan  # read once: another engine's thread may replace it meanwhile
-    if last is not None and all(a is b for a, b in zip(last.batch, batch, strict=True)):
-        return last
+    """How this call's sequences split (made per call: this path keeps no state across calls)."""
     decoding = (query_starts[1:] - query_starts[:-1]) == 1  # [num_seqs]
     groups = [
         _DecodeGroup(query_starts[rows].long(), block_tables[rows], context_lens[rows])
@@ -181,8 +148,7 @@ def _attention_plan(
     prefills = [
         (seq, starts[seq], starts[seq + 1]) for seq in (~decoding).nonzero().squeeze(1).tolist()
     ]
-    plan = _last_plan = _AttentionPlan(batch, groups, prefills)
-    return plan
+    return _AttentionPlan(groups, prefills)
 
 
 def _context_groups(rows: torch.Tensor, context_lens: torch.Tensor) -> list[torch.Tensor]:
