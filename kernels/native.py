@@ -1,0 +1,438 @@
+"""The native CPU kernels: C (OpenMP) LoRA shrink/expand, KV write and paged attention.
+
+Semantics, argument conventions and results are those of kernels/reference.py;
+these wrappers check shapes, dtypes and devices (ValueError) and hand pointers and
+strides to the C code (`native_lora.c`, `native_attention.c`), which reads adapter
+weights and K/V in place in the pool through the offset tables and block tables:
+no gather, no copy, no loop over segments or sequences in Python. float32 on the
+CPU only. The library is compiled on first use (kernels/native_build.py).
+
+Why C: on a CPU at the sizes loraserve serves, a step's time went to the number of
+torch calls (one BLAS call per segment and slice, ~5 us each, and K/V gathers
+through the block tables), not to arithmetic. One C call per projection group or
+per attention layer costs a few microseconds of Python and ctypes, then only the
+FLOPs and the bytes the batch needs (bench/cpu_kernels.py measures both).
+
+Long prefills (more than LONG_PREFILL_TOKENS queries in one sequence) are where
+BLAS beats a hand-written loop: those few sequences go through torch's SDPA over
+a gather of that one sequence's K/V; every other sequence of the step (decodes,
+short extends) is done in one C call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from loraserve.kernels import native_build
+from loraserve.kernels.constants import NO_ADAPTER
+
+__all__ = ["available", "lora_expand", "lora_shrink", "paged_attention", "write_kv"]
+
+LONG_PREFILL_TOKENS = 128  # queries of one sequence above which SDPA is faster (bench/)
+FLOAT_BYTES = 4
+
+# The C functions' parameters, one letter each (see their comments in the .c files):
+# p pointer, i int64_t, f float, n int (the number of OpenMP threads).
+_SIGNATURES = {
+    "loraserve_lora_shrink": "piiipipiipiiiippiipn",
+    "loraserve_lora_expand": "piipipipiipiiiipppin",
+    "loraserve_write_kv": "piiiiiiiipiipiipiin",
+    "loraserve_paged_attention": "piipiiiiiiiiipiiippiifipiin",
+}
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float, "n": ctypes.c_int}
+_library: ctypes.CDLL | None = None
+
+
+def available() -> bool:
+    """Whether the native kernels can run here (builds the library on the first call)."""
+    try:
+        _native()
+    except native_build.NativeKernelsUnavailable:
+        return False
+    return True
+
+
+def _native() -> ctypes.CDLL:
+    global _library
+    if _library is None:
+        library = native_build.load()
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes = [_CTYPES[letter] for letter in argtypes]
+            function.restype = ctypes.c_int
+        _library = library
+    return _library
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    segment_starts: torch.Tensor,
+    segment_slots: torch.Tensor,
+    max_rank: int,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics: y[t, i, :r] = x[t] @ A[slot(t), i].T, for each token t and slice i.
+
+    x:              [num_tokens, in_dim] float32, unit column stride (any row stride)
+    pool:           [num_pages, page_numel] float32 contiguous
+    a_offsets:      [num_slots, num_slices] int64, element offset of A (`[r, in_dim]`); any strides
+    ranks:          [num_slots, num_slices] int32, 0 where the slice is not targeted; any strides
+    segment_starts: [num_segments + 1] int32 (others are converted), from 0 to num_tokens
+    segment_slots:  [num_segments] int32, NO_ADAPTER segments get y = 0
+    max_rank:       at least every rank used by the batch
+    out:            optional [num_tokens, num_slices, max_rank] float32 contiguous buffer for y
+    returns y:      [num_tokens, num_slices, max_rank] float32, zero beyond each rank
+    """
+    _check_cpu_float32(x=x, pool=pool)
+    _check_table(a_offsets, ranks)
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be [num_tokens, in_dim] with unit column stride, got {x.shape}")
+    starts, slots = _segments(segment_starts, segment_slots)
+    num_tokens, in_dim = x.shape
+    num_slots, num_slices = a_offsets.shape
+    shape = (num_tokens, num_slices, max_rank)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    elif out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor {shape}, got {out.shape}")
+    status = _native().loraserve_lora_shrink(
+        x.data_ptr(), x.stride(0), num_tokens, in_dim, pool.data_ptr(), pool.numel(),
+        a_offsets.data_ptr(), *a_offsets.stride(), ranks.data_ptr(), *ranks.stride(),
+        num_slots, num_slices, starts.data_ptr(), slots.data_ptr(), slots.shape[0],
+        max_rank, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        _raise_lora_error(status, starts, slots, a_offsets, ranks, max_rank, pool)
+    return out
+
+
+def lora_expand(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    pool: torch.Tensor,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    segment_starts: torch.Tensor,
+    segment_slots: torch.Tensor,
+    slice_starts: Sequence[int] | torch.Tensor,
+) -> None:
+    """Semantics: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i], for each token t and slice i.
+
+    out:            [num_tokens, slice_starts[-1]] float32, unit column stride, updated in place
+    y:              [num_tokens, num_slices, max_rank] float32 contiguous (from lora_shrink)
+    pool:           [num_pages, page_numel] float32 contiguous
+    b_offsets:      [num_slots, num_slices] int64, element offset of B (`[r, out_i]`); any strides
+    ranks:          [num_slots, num_slices] int32, 0 where the slice is not targeted; any strides
+    segment_starts: [num_segments + 1] int32 (others are converted), from 0 to num_tokens
+    segment_slots:  [num_segments] int32, NO_ADAPTER segments leave out untouched
+    slice_starts:   [num_slices + 1] column where each slice's output begins in `out`
+    """
+    _check_cpu_float32(out=out, y=y, pool=pool)
+    _check_table(b_offsets, ranks)
+    if out.dim() != 2 or out.stride(1) != 1:
+        raise ValueError(f"out must be [num_tokens, out_dim], unit column stride, got {out.shape}")
+    num_slots, num_slices = b_offsets.shape
+    if y.dim() != 3 or y.shape[:2] != (out.shape[0], num_slices) or not y.is_contiguous():
+        raise ValueError(
+            f"y must be contiguous [{out.shape[0]}, {num_slices}, max_rank], got {y.shape}"
+        )
+    columns = _slice_starts(slice_starts, num_slices, out.shape[1])
+    starts, slots = _segments(segment_starts, segment_slots)
+    status = _native().loraserve_lora_expand(
+        out.data_ptr(), out.stride(0), out.shape[0], y.data_ptr(), y.shape[2], pool.data_ptr(),
+        pool.numel(), b_offsets.data_ptr(), *b_offsets.stride(), ranks.data_ptr(),
+        *ranks.stride(), num_slots, num_slices, columns.data_ptr(), starts.data_ptr(),
+        slots.data_ptr(), slots.shape[0], torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        _raise_lora_error(status, starts, slots, b_offsets, ranks, y.shape[2], pool)
+
+
+def write_kv(
+    kv_pages: torch.Tensor,
+    layer: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Semantics: kv_pages[s // B, layer, 0, s % B] = key[t]; same for value at 1; s = slot_mapping[t].
+
+    kv_pages:     [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim] float32, any
+                  strides but a unit one along head_dim
+    key, value:   [num_tokens, num_kv_heads, head_dim] float32, unit stride along head_dim
+    slot_mapping: [num_tokens] int64, page * block_size + position in the page; < 0 = skip
+    """
+    _check_cpu_float32(kv_pages=kv_pages, key=key, value=value)
+    _check_kv_pages(kv_pages, layer)
+    heads = kv_pages.shape[4:]
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.shape != (key.shape[0], *heads) or tensor.stride(2) != 1:
+            raise ValueError(
+                f"{name} must be [num_tokens, {heads[0]}, {heads[1]}], got {tensor.shape}"
+            )
+    if slot_mapping.shape != (key.shape[0],) or slot_mapping.dtype != torch.int64:
+        raise ValueError(f"slot_mapping must be int64 [{key.shape[0]}], got {slot_mapping.dtype}")
+    if not slot_mapping.is_cpu:
+        raise ValueError(f"slot_mapping must be on the CPU, got {slot_mapping.device}")
+    status = _native().loraserve_write_kv(
+        _layer_pointer(kv_pages, layer), *_kv_strides(kv_pages), kv_pages.shape[0],
+        kv_pages.shape[3], *heads, key.data_ptr(), key.stride(0), key.stride(1),
+        value.data_ptr(), value.stride(0), value.stride(1), slot_mapping.data_ptr(),
+        slot_mapping.stride(0), key.shape[0], torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise ValueError(
+            f"slot_mapping must be < num_pages * block_size = "
+            f"{kv_pages.shape[0] * kv_pages.shape[3]}, got max {int(slot_mapping.max())}"
+        )
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_pages: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics: out[t] = softmax(q[t] @ K[seq(t), :p(t)+1].T * scale) @ V[seq(t), :p(t)+1].
+
+    Causal, GQA, any number of query tokens per sequence (as reference.paged_attention).
+    query:        [num_tokens, num_heads, head_dim] float32, unit stride along head_dim (a
+                  view of the fused qkv buffer is fine)
+    kv_pages:     [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim] float32, any
+                  strides but a unit one along head_dim
+    block_tables: [num_seqs, max_blocks] int32, pages of each sequence in order; any strides
+    query_starts: [num_seqs + 1] int32 (others are converted), from 0 to num_tokens
+    context_lens: [num_seqs] int32 (others are converted), at most max_blocks * block_size
+    out:          optional [num_tokens, num_heads, head_dim] float32, unit stride on head_dim
+    returns:      out, or a new contiguous tensor
+    """
+    _check_cpu_float32(query=query, kv_pages=kv_pages)
+    _check_kv_pages(kv_pages, layer)
+    num_tokens, num_heads, head_dim = _check_query(query, kv_pages)
+    if out is None:
+        out = torch.empty(query.shape, dtype=torch.float32)
+    elif out.shape != query.shape or out.dtype != torch.float32 or out.stride(2) != 1:
+        raise ValueError(f"out must be float32 {tuple(query.shape)}, got {out.shape} {out.dtype}")
+    tables = _int32(block_tables, "block_tables", contiguous=False)
+    starts, lens = _int32(query_starts, "query_starts"), _int32(context_lens, "context_lens")
+    if (
+        tables.dim() != 2
+        or tables.shape[0] != lens.shape[0]
+        or starts.shape != (lens.shape[0] + 1,)
+    ):
+        raise ValueError(
+            f"block_tables [num_seqs, max_blocks], query_starts [num_seqs + 1] and context_lens "
+            f"[num_seqs] disagree: {tuple(tables.shape)}, {tuple(starts.shape)}, {tuple(lens.shape)}"
+        )
+    status = _native().loraserve_paged_attention(
+        query.data_ptr(), query.stride(0), query.stride(1), _layer_pointer(kv_pages, layer),
+        *_kv_strides(kv_pages), kv_pages.shape[0], kv_pages.shape[3], num_heads,
+        kv_pages.shape[4], head_dim, tables.data_ptr(), *tables.stride(), tables.shape[1],
+        starts.data_ptr(), lens.data_ptr(), lens.shape[0], num_tokens, scale,
+        LONG_PREFILL_TOKENS, out.data_ptr(), out.stride(0), out.stride(1),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        _raise_attention_error(status, starts, lens, tables, kv_pages)
+    if num_tokens > LONG_PREFILL_TOKENS:
+        _long_prefills(query, kv_pages, layer, tables, starts, lens, scale, out)
+    return out
+
+
+def _long_prefills(
+    query: torch.Tensor,
+    kv_pages: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """The sequences with more than LONG_PREFILL_TOKENS queries (the C call skipped them):
+    each through SDPA over a gather of its own K/V, causal with its cached prefix."""
+    starts, lens = query_starts.tolist(), context_lens.tolist()
+    num_kv_heads, head_dim = kv_pages.shape[4:]
+    for seq, (start, end) in enumerate(itertools.pairwise(starts)):
+        if end - start <= LONG_PREFILL_TOKENS:
+            continue
+        context = lens[seq]
+        pages = block_tables[seq, : -(-context // kv_pages.shape[3])].long()
+        kv = kv_pages[pages, layer]  # [blocks, 2, block_size, kv_heads, head_dim], a copy
+        key, value = (
+            kv[:, which].reshape(-1, num_kv_heads, head_dim)[:context] for which in (0, 1)
+        )
+        positions = torch.arange(context)
+        visible = positions[None, :] <= positions[context - (end - start) :, None]  # [q, ctx]
+        result = F.scaled_dot_product_attention(  # [heads, q_len, head_dim]
+            query[start:end].transpose(0, 1),
+            key.transpose(0, 1),
+            value.transpose(0, 1),
+            attn_mask=visible,
+            scale=scale,
+            enable_gqa=query.shape[1] != num_kv_heads,
+        )
+        out[start:end] = result.transpose(0, 1)
+
+
+def _check_cpu_float32(**tensors: torch.Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32 or not tensor.is_cpu:
+            raise ValueError(
+                f"the native kernels take float32 CPU tensors: {name} is {tensor.dtype} on "
+                f"{tensor.device} (use kernel_backend=torch for other dtypes)"
+            )
+
+
+def _check_table(offsets: torch.Tensor, ranks: torch.Tensor) -> None:
+    """The per-layer views of the adapter offset and rank tables."""
+    if offsets.dim() != 2 or offsets.dtype != torch.int64 or not offsets.is_cpu:
+        raise ValueError(
+            f"offsets must be int64 [num_slots, num_slices] on the CPU, got {offsets.dtype} {offsets.shape}"
+        )
+    if ranks.shape != offsets.shape or ranks.dtype != torch.int32 or not ranks.is_cpu:
+        raise ValueError(
+            f"ranks must be int32 {tuple(offsets.shape)} on the CPU, got {ranks.dtype} {ranks.shape}"
+        )
+
+
+def _int32(tensor: torch.Tensor, name: str, contiguous: bool = True) -> torch.Tensor:
+    """`tensor` as int32 on the CPU (no copy when it already is), contiguous if asked."""
+    if not tensor.is_cpu:
+        raise ValueError(f"{name} must be on the CPU, got {tensor.device}")
+    if tensor.dtype is not torch.int32:
+        if tensor.is_floating_point() or tensor.is_complex():
+            raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
+        tensor = tensor.to(torch.int32)
+    return tensor.contiguous() if contiguous else tensor
+
+
+def _segments(starts: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    starts, slots = _int32(starts, "segment_starts"), _int32(slots, "segment_slots")
+    if slots.dim() != 1 or starts.shape != (slots.shape[0] + 1,):
+        raise ValueError(
+            f"segment_starts must have one more entry than segment_slots, got "
+            f"{tuple(starts.shape)} and {tuple(slots.shape)}"
+        )
+    return starts, slots
+
+
+_SLICE_STARTS: dict[tuple[int, ...], torch.Tensor] = {}  # a handful: q/k/v, o, gate/up, down
+
+
+def _slice_starts(
+    slice_starts: Sequence[int] | torch.Tensor, num_slices: int, width: int
+) -> torch.Tensor:
+    """slice_starts as an int64 tensor, checked: 0 to the width of out, increasing."""
+    starts = tuple(
+        slice_starts.tolist() if isinstance(slice_starts, torch.Tensor) else slice_starts
+    )
+    columns = _SLICE_STARTS.get(starts)
+    if columns is None:
+        increasing = all(first < last for first, last in itertools.pairwise(starts))
+        if len(starts) != num_slices + 1 or starts[0] != 0 or not increasing:
+            raise ValueError(f"slice_starts {starts} must increase from 0 in {num_slices} steps")
+        columns = _SLICE_STARTS[starts] = torch.tensor(starts, dtype=torch.int64)
+    if starts[-1] != width:
+        raise ValueError(f"slice_starts {starts} must end at out's width {width}")
+    return columns
+
+
+def _check_kv_pages(kv_pages: torch.Tensor, layer: int) -> None:
+    if kv_pages.dim() != 6 or kv_pages.stride(5) != 1 or kv_pages.shape[2] != 2:
+        raise ValueError(
+            "kv_pages must be [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim] "
+            f"with unit head_dim stride, got {tuple(kv_pages.shape)}"
+        )
+    if not 0 <= layer < kv_pages.shape[1]:
+        raise ValueError(f"layer must be in [0, {kv_pages.shape[1]}), got {layer}")
+
+
+def _check_query(query: torch.Tensor, kv_pages: torch.Tensor) -> tuple[int, int, int]:
+    if query.dim() != 3 or query.stride(2) != 1:
+        raise ValueError(
+            f"query must be [num_tokens, num_heads, head_dim], unit stride on head_dim, "
+            f"got {tuple(query.shape)}"
+        )
+    num_tokens, num_heads, head_dim = query.shape
+    if head_dim != kv_pages.shape[5] or num_heads % kv_pages.shape[4] != 0:
+        raise ValueError(
+            f"query heads {tuple(query.shape[1:])} do not match kv_pages {tuple(kv_pages.shape)}: "
+            "head_dim must agree and num_heads be a multiple of num_kv_heads"
+        )
+    return num_tokens, num_heads, head_dim
+
+
+def _layer_pointer(kv_pages: torch.Tensor, layer: int) -> int:
+    """Address of kv_pages[0, layer, 0, 0, 0, 0]."""
+    return kv_pages.data_ptr() + FLOAT_BYTES * layer * kv_pages.stride(1)
+
+
+def _kv_strides(kv_pages: torch.Tensor) -> tuple[int, int, int, int]:
+    """Element strides along page, K/V, position and head."""
+    strides = kv_pages.stride()
+    return strides[0], strides[2], strides[3], strides[4]
+
+
+def _raise_lora_error(
+    status: int,
+    starts: torch.Tensor,
+    slots: torch.Tensor,
+    offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    max_rank: int,
+    pool: torch.Tensor,
+) -> None:
+    if status == _STATUS_NO_MEMORY:
+        raise MemoryError("the native LoRA kernel could not allocate its work list")
+    raise ValueError(
+        {
+            _STATUS_BAD_STARTS: f"segment_starts must increase from 0 to num_tokens, got {starts}",
+            _STATUS_BAD_SLOT: f"segment_slots must be in [0, {offsets.shape[0]}) or NO_ADAPTER "
+            f"({NO_ADAPTER}), got {slots}",
+            _STATUS_BAD_RANK: f"the ranks of the slots used must be in [0, max_rank={max_rank}], "
+            f"got {ranks}",
+            _STATUS_BAD_OFFSET: "every adapter matrix of the slots used must lie inside the pool "
+            f"({pool.numel()} elements), got offsets {offsets} and ranks {ranks}",
+        }[status]
+    )
+
+
+def _raise_attention_error(
+    status: int,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    tables: torch.Tensor,
+    kv_pages: torch.Tensor,
+) -> None:
+    if status == _STATUS_NO_MEMORY:
+        raise MemoryError("the native attention kernel could not allocate its scratch")
+    limit = tables.shape[1] * kv_pages.shape[3]
+    raise ValueError(
+        {
+            _STATUS_BAD_STARTS: f"query_starts must increase from 0 to num_tokens, got {starts}",
+            _STATUS_BAD_CONTEXT: "context_lens must be at least each sequence's query tokens and "
+            f"at most max_blocks * block_size = {limit}, got {lens} for query_starts {starts}",
+            _STATUS_BAD_PAGE: f"block_tables must name pages in [0, {kv_pages.shape[0]}) for "
+            f"every block of each context, got {tables}",
+        }[status]
+    )
+
+
+# The C kernels' status codes (native_common.h).
+_STATUS_NO_MEMORY, _STATUS_BAD_STARTS, _STATUS_BAD_SLOT, _STATUS_BAD_RANK = 1, 2, 3, 4
+_STATUS_BAD_OFFSET, _STATUS_BAD_CONTEXT, _STATUS_BAD_PAGE = 5, 6, 7
