@@ -33,7 +33,10 @@ from loraserve.kernels.constants import NO_ADAPTER
 
 __all__ = ["available", "lora_expand", "lora_shrink", "paged_attention", "write_kv"]
 
-LONG_PREFILL_TOKENS = 128  # queries of one sequence above which SDPA is faster (bench/)
+# Queries of one sequence above which torch's SDPA (its flash kernel) beats the C loop, the
+# gather of that sequence's K/V included: measured crossovers 512-1024 at head_dim 64 and 128
+# on 2 threads, 256-512 on one (bench/cpu_kernels.py, bench/results/README.md).
+LONG_PREFILL_TOKENS = 512
 FLOAT_BYTES = 4
 
 # The C functions' parameters, one letter each (see their comments in the .c files):
@@ -276,17 +279,22 @@ def _long_prefills(
         key, value = (
             kv[:, which].reshape(-1, num_kv_heads, head_dim)[:context] for which in (0, 1)
         )
-        positions = torch.arange(context)
-        visible = positions[None, :] <= positions[context - (end - start) :, None]  # [q, ctx]
-        result = F.scaled_dot_product_attention(  # [heads, q_len, head_dim]
-            query[start:end].transpose(0, 1),
-            key.transpose(0, 1),
-            value.transpose(0, 1),
+        # A whole prompt is plain causal attention (torch's flash kernel); an extend sees its
+        # cached prefix too, which only an explicit mask can say.
+        visible = None
+        if end - start < context:
+            positions = torch.arange(context)
+            visible = positions[None, :] <= positions[context - (end - start) :, None]  # [q, ctx]
+        result = F.scaled_dot_product_attention(  # [1, heads, q_len, head_dim]
+            query[None, start:end].transpose(1, 2),  # 4-D: 3-D inputs take the slow math path
+            key[None].transpose(1, 2),
+            value[None].transpose(1, 2),
             attn_mask=visible,
+            is_causal=visible is None,
             scale=scale,
             enable_gqa=query.shape[1] != num_kv_heads,
         )
-        out[start:end] = result.transpose(0, 1)
+        out[start:end] = result[0].transpose(0, 1)
 
 
 def _check_cpu_float32(**tensors: torch.Tensor) -> None:

@@ -16,7 +16,7 @@
  * the max grows): its memory is rows x (block_size + head_dim) floats, whatever the
  * context, in a scratch allocated once per thread per call. Scores come from 4x4 dot tiles
  * (4 positions x 4 rows) or, for fewer than 3 rows, 8x1 tiles; P @ V from axpy tiles that
- * keep two rows of the accumulator in registers. Positions past a row's own are given
+ * keep up to four rows of the accumulator in registers. Positions past a row's own are given
  * weight 0; positions past the context are never read (they may hold anything, NaN too).
  */
 #include <math.h>
@@ -27,23 +27,31 @@
 
 #define QUERY_BLOCK 16 /* query tokens per item: prefill items reuse each K/V row 16x */
 
-/* exp(x) for x <= 0 (arguments of a softmax after subtracting the max), vectorisable:
- * Cody-Waite range reduction and a degree-6 polynomial (Cephes expf), relative error
- * ~2e-7; x below -87 (and -inf) gives ~1e-38, not 0, which no caller relies on. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
+/* exp(x) lane-wise for x <= 0 (a softmax's arguments after subtracting the max), in plain
+ * vector arithmetic: Cody-Waite range reduction, a degree-6 polynomial (Cephes expf), 2^n
+ * built in the exponent bits; relative error ~2e-7. x below -87 (and -inf) gives ~1e-38:
+ * callers that need an exact 0 mask it. Rounding to the nearest integer adds and subtracts
+ * 1.5 * 2^23 (exact without -ffast-math, which this library is never built with). */
+ALWAYS_INLINE vec_t exp_nonpositive(vec_t x) {
+    const float round_magic = 12582912.0f;
+    x = select_vec(x < splat(-87.0f), splat(-87.0f), x);
+    vec_t shifted = x * 1.44269504088896341f + round_magic;
+    vec_t n = shifted - round_magic;
+    vec_t r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vec_t p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two_to_n;
-    memcpy(&two_to_n, &bits, sizeof two_to_n);
+    ivec_t n_bits, magic_bits;
+    memcpy(&n_bits, &shifted, sizeof n_bits);
+    vec_t magic = splat(round_magic);
+    memcpy(&magic_bits, &magic, sizeof magic_bits);
+    ivec_t exponent = (n_bits - magic_bits + 127) << 23; /* n >= -126: a normal 2^n */
+    vec_t two_to_n;
+    memcpy(&two_to_n, &exponent, sizeof two_to_n);
     return p * two_to_n;
 }
 
@@ -107,9 +115,10 @@ typedef struct { /* everything an item reads; one per call */
     int64_t out_token_stride, out_head_stride;
 } Attention;
 
-typedef struct { /* one thread's scratch: rows x (block_size + head_dim + 3) */
+typedef struct { /* one thread's scratch: rows x (score_stride + head_dim + 3) */
+    int64_t score_stride; /* block_size rounded up to whole vectors */
     const float** q_rows; /* [rows] where each row's query vector is */
-    float* scores;  /* [rows, block_size] scores, then weights, of the current page */
+    float* scores;  /* [rows, score_stride] scores, then weights, of the current page */
     float* acc;     /* [rows, head_dim] unnormalised output */
     float* row_max; /* [rows] running max of the scaled scores */
     float* row_sum; /* [rows] running sum of exp(score - row_max) */
@@ -118,7 +127,7 @@ typedef struct { /* one thread's scratch: rows x (block_size + head_dim + 3) */
 /* scores[r][p] = dot(q_r, K[p]) for p < n, all rows of an item, K rows from one page. */
 static void page_scores(const float* const* q_rows, int64_t num_rows, const float* k,
                         int64_t position_stride, int64_t n, int64_t head_dim,
-                        int64_t block_size, float* scores) {
+                        int64_t score_stride, float* scores) {
     if (num_rows < 3) {
         for (int64_t r = 0; r < num_rows; r++)
             for (int64_t p = 0; p < n; p += 8) {
@@ -126,7 +135,7 @@ static void page_scores(const float* const* q_rows, int64_t num_rows, const floa
                 float out[8];
                 for (int u = 0; u < 8; u++) keys[u] = k + min_i64(p + u, n - 1) * position_stride;
                 dot_tile_8x1(keys, q_rows[r], head_dim, out);
-                for (int64_t u = 0; u < min_i64(8, n - p); u++) scores[r * block_size + p + u] = out[u];
+                for (int64_t u = 0; u < min_i64(8, n - p); u++) scores[r * score_stride + p + u] = out[u];
             }
         return;
     }
@@ -140,33 +149,41 @@ static void page_scores(const float* const* q_rows, int64_t num_rows, const floa
             dot_tile_4x4(keys, rows, head_dim, out);
             for (int64_t u = 0; u < min_i64(4, n - p); u++)
                 for (int64_t v = 0; v < min_i64(4, num_rows - r); v++)
-                    scores[(r + v) * block_size + p + u] = out[u][v];
+                    scores[(r + v) * score_stride + p + u] = out[u][v];
         }
     }
 }
 
-/* Online softmax step of one row over one page: scores -> weights (0 past `visible`),
- * running max and sum updated, the row's accumulator rescaled. */
+/* Online softmax step of one row over one page: scores (the row's first n, in a buffer
+ * padded to whole vectors) -> weights, 0 from `visible` on (causal mask); running max and
+ * sum updated; the row's accumulator rescaled when the max grows. */
 static void softmax_step(float* scores, int64_t n, int64_t visible, float scale, float* row_max,
                          float* row_sum, float* acc, int64_t head_dim) {
-    float page_max = -INFINITY;
-    for (int64_t p = 0; p < visible; p++) page_max = fmaxf(page_max, scores[p] * scale);
-    float new_max = fmaxf(*row_max, page_max);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t p = 0; p < visible; p++) {
-        float weight = exp_nonpositive(scores[p] * scale - new_max);
-        scores[p] = weight;
+    int64_t padded = (n + VEC_WIDTH - 1) / VEC_WIDTH * VEC_WIDTH;
+    for (int64_t p = visible; p < padded; p++) scores[p] = -INFINITY;
+    vec_t page_max = splat(-INFINITY);
+    for (int64_t p = 0; p < padded; p += VEC_WIDTH) {
+        vec_t score = load_vec(scores + p) * scale;
+        store_vec(scores + p, score);
+        page_max = select_vec(score > page_max, score, page_max);
+    }
+    float new_max = max_lanes(page_max);
+    new_max = new_max > *row_max ? new_max : *row_max;
+    vec_t sum = splat(0.0f);
+    for (int64_t p = 0; p < padded; p += VEC_WIDTH) {
+        vec_t score = load_vec(scores + p);
+        vec_t weight = exp_nonpositive(score - new_max);
+        weight = select_vec(score > splat(-INFINITY), weight, splat(0.0f));
+        store_vec(scores + p, weight);
         sum += weight;
     }
-    for (int64_t p = visible; p < n; p++) scores[p] = 0.0f;
     if (new_max > *row_max) { /* the first page too: acc and sum are 0, alpha ~0 */
-        float alpha = exp_nonpositive(*row_max - new_max);
+        float alpha = exp_nonpositive(splat(*row_max - new_max))[0];
         for (int64_t e = 0; e < head_dim; e++) acc[e] *= alpha;
         *row_sum *= alpha;
         *row_max = new_max;
     }
-    *row_sum += sum;
+    *row_sum += sum_vec(sum);
 }
 
 static void attention_item(const Attention* a, const AttentionItem* item, Scratch* scratch) {
@@ -189,20 +206,22 @@ static void attention_item(const Attention* a, const AttentionItem* item, Scratc
         int64_t n = min_i64(a->block_size, limit - start);
         const float* k = a->kv_layer + table[start / a->block_size * a->table_block_stride]
                                            * a->page_stride + item->kv_head * a->head_stride;
-        page_scores(q_rows, num_rows, k, a->position_stride, n, a->head_dim, a->block_size,
+        page_scores(q_rows, num_rows, k, a->position_stride, n, a->head_dim, scratch->score_stride,
                     scratch->scores);
         for (int64_t r = 0; r < num_rows; r++) {
             int64_t visible = min_i64(n, first_position + r / a->group + 1 - start);
-            softmax_step(scratch->scores + r * a->block_size, n, max_i64(visible, 0), a->scale,
+            softmax_step(scratch->scores + r * scratch->score_stride, n, max_i64(visible, 0), a->scale,
                          &scratch->row_max[r], &scratch->row_sum[r],
                          scratch->acc + r * a->head_dim, a->head_dim);
         }
-        for (int64_t r = 0; r < num_rows; r += 2) {
-            int rows = num_rows - r >= 2 ? 2 : 1;
-            float* const acc[2] = {scratch->acc + r * a->head_dim,
-                                   scratch->acc + (r + rows - 1) * a->head_dim};
-            const float* const w[2] = {scratch->scores + r * a->block_size,
-                                       scratch->scores + (r + rows - 1) * a->block_size};
+        for (int64_t r = 0; r < num_rows; r += MAX_AXPY_ROWS) {
+            int rows = (int)min_i64(MAX_AXPY_ROWS, num_rows - r);
+            float* acc[MAX_AXPY_ROWS];
+            const float* w[MAX_AXPY_ROWS];
+            for (int u = 0; u < rows; u++) {
+                acc[u] = scratch->acc + (r + u) * a->head_dim;
+                w[u] = scratch->scores + (r + u) * scratch->score_stride;
+            }
             axpy_rows(acc, w, rows, k + a->which_stride, a->position_stride, n, a->head_dim);
         }
     }
@@ -267,12 +286,13 @@ static AttentionItem* attention_items(const Attention* a, int64_t num_seqs, int6
 /* One thread's scratch for items of up to max_rows rows, in one allocation (NULL: no memory). */
 static void* scratch_alloc(Scratch* scratch, int64_t max_rows, int64_t block_size,
                            int64_t head_dim) {
-    size_t floats = (size_t)(max_rows * (block_size + head_dim + 2));
+    scratch->score_stride = (block_size + VEC_WIDTH - 1) / VEC_WIDTH * VEC_WIDTH;
+    size_t floats = (size_t)(max_rows * (scratch->score_stride + head_dim + 2));
     char* memory = malloc(sizeof(float*) * (size_t)max_rows + sizeof(float) * floats);
     if (memory == NULL) return NULL;
     scratch->q_rows = (const float**)memory;
     scratch->scores = (float*)(memory + sizeof(float*) * (size_t)max_rows);
-    scratch->acc = scratch->scores + max_rows * block_size;
+    scratch->acc = scratch->scores + max_rows * scratch->score_stride;
     scratch->row_max = scratch->acc + max_rows * head_dim;
     scratch->row_sum = scratch->row_max + max_rows;
     return memory;

@@ -198,8 +198,8 @@ static ColumnBlock* column_blocks(const int64_t* slice_starts, int64_t num_slice
     return blocks;
 }
 
-/* Expand of one chunk and one column block: out rows += y rows @ B[:, block], two tokens at
- * a time so that each B vector loaded feeds two accumulators. */
+/* Expand of one chunk and one column block: out rows += y rows @ B[:, block], up to
+ * MAX_AXPY_ROWS tokens at a time so that each B vector loaded feeds as many accumulators. */
 static void expand_item(float* out, int64_t out_stride, const float* y, int64_t num_slices,
                         int64_t max_rank, const float* pool, const AdapterTable* table,
                         const int64_t* slice_starts, const Chunk* chunk,
@@ -209,12 +209,14 @@ static void expand_item(float* out, int64_t out_stride, const float* y, int64_t 
     int64_t width = slice_starts[block->slice + 1] - slice_starts[block->slice];
     const float* b = pool + table_offset(table, chunk->slot, block->slice) + block->first;
     int64_t column = slice_starts[block->slice] + block->first;
-    for (int64_t t = chunk->first; t < chunk->end; t += 2) {
-        int num_rows = chunk->end - t >= 2 ? 2 : 1;
-        int64_t last = t + num_rows - 1;
-        float* const acc[2] = {out + t * out_stride + column, out + last * out_stride + column};
-        const float* const w[2] = {y + (t * num_slices + block->slice) * max_rank,
-                                   y + (last * num_slices + block->slice) * max_rank};
+    for (int64_t t = chunk->first; t < chunk->end; t += MAX_AXPY_ROWS) {
+        int num_rows = (int)min_i64(MAX_AXPY_ROWS, chunk->end - t);
+        float* acc[MAX_AXPY_ROWS];
+        const float* w[MAX_AXPY_ROWS];
+        for (int u = 0; u < num_rows; u++) {
+            acc[u] = out + (t + u) * out_stride + column;
+            w[u] = y + ((t + u) * num_slices + block->slice) * max_rank;
+        }
         axpy_rows(acc, w, num_rows, b, width, rank, block->end - block->first);
     }
 }

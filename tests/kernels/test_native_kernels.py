@@ -144,15 +144,17 @@ HEAD_LAYOUTS = [  # (query heads, KV heads, head_dim, block_size)
     (6, 3, 40, 64),
     (3, 1, 67, 16),  # odd head_dim and group
 ]
-# (query tokens, context length) per sequence: decodes, short extends, prefills up to the
-# C path's limit and past it (those go through SDPA), in one call.
-MIXED_STEP = [(1, 1), (1, 90), (300, 300), (5, 77), (1, 33), (129, 200), (128, 128), (16, 40)]
+# (query tokens, context length) per sequence: decodes, short extends and prefills, and two
+# past the C path's limit (run at 100 here), which go through SDPA, in one call.
+MIXED_STEP = [(1, 1), (1, 90), (130, 130), (5, 77), (1, 33), (101, 200), (100, 100), (16, 40)]
 
 
+@pytest.mark.parametrize("long_prefill", [100, 1 << 20], ids=["sdpa-past-100", "all-in-c"])
 @pytest.mark.parametrize(
     "layout", HEAD_LAYOUTS, ids=lambda layout: "h{}-kv{}-d{}-bs{}".format(*layout)
 )
-def test_attention_mixed_step_strided_query_and_out(layout, generator):
+def test_attention_mixed_step_strided_query_and_out(layout, long_prefill, generator, monkeypatch):
+    monkeypatch.setattr(native, "LONG_PREFILL_TOKENS", long_prefill)
     num_heads, kv_heads, head_dim, block_size = layout
     query, *rest = attention_inputs(
         MIXED_STEP, (num_heads, kv_heads), (head_dim, block_size), F32, generator
