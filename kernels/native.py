@@ -320,12 +320,14 @@ def _check_table(offsets: torch.Tensor, ranks: torch.Tensor) -> None:
 
 def _int32(tensor: torch.Tensor, name: str, contiguous: bool = True) -> torch.Tensor:
     """`tensor` as int32 on the CPU (no copy when it already is), contiguous if asked."""
+    ready = tensor.dtype is torch.int32 and tensor.is_cpu
+    if ready and (not contiguous or tensor.is_contiguous()):
+        return tensor  # the engine's case: nothing to do, no torch call
     if not tensor.is_cpu:
         raise ValueError(f"{name} must be on the CPU, got {tensor.device}")
-    if tensor.dtype is not torch.int32:
-        if tensor.is_floating_point() or tensor.is_complex():
-            raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
-        tensor = tensor.to(torch.int32)
+    if tensor.is_floating_point() or tensor.is_complex():
+        raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
+    tensor = tensor.to(torch.int32)
     return tensor.contiguous() if contiguous else tensor
 
 

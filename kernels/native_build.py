@@ -56,7 +56,7 @@ def load() -> ctypes.CDLL:
     with _lock:
         if _library is None and _error is None:
             try:
-                _library = ctypes.CDLL(str(_build()))
+                _library = ctypes.CDLL(str(build()))
             except NativeKernelsUnavailable as error:
                 _error = error
         if _error is not None:
@@ -103,7 +103,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
         raise NativeKernelsUnavailable(f"{command[0]} could not run: {error}") from error
 
 
-def _build() -> Path:
+def build() -> Path:
     """Path of a library built from the current sources for this machine and compiler."""
     compiler = _compiler()
     version = _run([compiler, "--version"]).stdout
