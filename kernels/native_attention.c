@@ -173,7 +173,7 @@ static void softmax_step(float* scores, int64_t n, int64_t visible, float scale,
     for (int64_t p = 0; p < padded; p += VEC_WIDTH) {
         vec_t score = load_vec(scores + p);
         vec_t weight = exp_nonpositive(score - new_max);
-        weight = select_vec(score > splat(-INFINITY), weight, splat(0.0f));
+        weight = select_vec(score != splat(-INFINITY), weight, splat(0.0f)); /* NaN stays NaN */
         store_vec(scores + p, weight);
         sum += weight;
     }

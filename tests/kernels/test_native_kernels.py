@@ -239,3 +239,14 @@ def test_same_results_on_one_thread(generator):
             torch.set_num_threads(threads)
     for many, one in zip(*results, strict=True):
         assert torch.equal(many, one)
+
+
+def test_attention_nan_query_stays_its_own(generator):
+    """A NaN in one token's query makes that token's output NaN (as the reference), no other."""
+    args = attention_inputs([(1, 20), (1, 7), (3, 9)], (4, 2), (64, 16), F32, generator)
+    query = args[0].clone()
+    query[1, 0, 5] = float("nan")
+    out = native.paged_attention(query, *args[1:], 0.125)
+    expected = reference.paged_attention(query, *args[1:], 0.125)
+    assert out[1, 0].isnan().all() and expected[1, 0].isnan().all()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, equal_nan=True)
