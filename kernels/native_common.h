@@ -11,8 +11,10 @@
 
 #include <stdint.h>
 
-/* Multiply-adds below which a call runs on one thread: waking the pool costs more. */
-#define PARALLEL_MIN_FMAS (1 << 15)
+/* Multiply-adds below which a call runs on one thread (~5 us of work): waking the pool and
+ * joining it cost a few microseconds on a quiet machine, and a whole scheduler slice when
+ * another process holds a core the pool needs. */
+#define PARALLEL_MIN_FMAS (1 << 18)
 
 #ifndef NO_ADAPTER
 #define NO_ADAPTER (-1) /* kernels/native.py passes -DNO_ADAPTER from kernels/constants.py */
