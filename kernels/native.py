@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.kernels import native_build
-from loraserve.kernels.constants import NO_ADAPTER
+from loraserve.kernels import native_checks as checks
 
 __all__ = ["available", "lora_expand", "lora_shrink", "paged_attention", "write_kv"]
 
@@ -95,11 +95,11 @@ def lora_shrink(
     out:            optional [num_tokens, num_slices, max_rank] float32 contiguous buffer for y
     returns y:      [num_tokens, num_slices, max_rank] float32, zero beyond each rank
     """
-    _check_cpu_float32(x=x, pool=pool)
-    _check_table(a_offsets, ranks)
+    checks.check_cpu_float32(x=x, pool=pool)
+    checks.check_table(a_offsets, ranks)
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be [num_tokens, in_dim] with unit column stride, got {x.shape}")
-    starts, slots = _segments(segment_starts, segment_slots)
+    starts, slots = checks.segments(segment_starts, segment_slots)
     num_tokens, in_dim = x.shape
     num_slots, num_slices = a_offsets.shape
     shape = (num_tokens, num_slices, max_rank)
@@ -114,7 +114,7 @@ def lora_shrink(
         max_rank, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if status:
-        _raise_lora_error(status, starts, slots, a_offsets, ranks, max_rank, pool)
+        checks.raise_lora_error(status, starts, slots, a_offsets, ranks, max_rank, pool)
     return out
 
 
@@ -139,8 +139,8 @@ def lora_expand(
     segment_slots:  [num_segments] int32, NO_ADAPTER segments leave out untouched
     slice_starts:   [num_slices + 1] column where each slice's output begins in `out`
     """
-    _check_cpu_float32(out=out, y=y, pool=pool)
-    _check_table(b_offsets, ranks)
+    checks.check_cpu_float32(out=out, y=y, pool=pool)
+    checks.check_table(b_offsets, ranks)
     if out.dim() != 2 or out.stride(1) != 1:
         raise ValueError(f"out must be [num_tokens, out_dim], unit column stride, got {out.shape}")
     num_slots, num_slices = b_offsets.shape
@@ -148,8 +148,8 @@ def lora_expand(
         raise ValueError(
             f"y must be contiguous [{out.shape[0]}, {num_slices}, max_rank], got {y.shape}"
         )
-    columns = _slice_starts(slice_starts, num_slices, out.shape[1])
-    starts, slots = _segments(segment_starts, segment_slots)
+    columns = checks.slice_starts(slice_starts, num_slices, out.shape[1])
+    starts, slots = checks.segments(segment_starts, segment_slots)
     status = _native().loraserve_lora_expand(
         out.data_ptr(), out.stride(0), out.shape[0], y.data_ptr(), y.shape[2], pool.data_ptr(),
         pool.numel(), b_offsets.data_ptr(), *b_offsets.stride(), ranks.data_ptr(),
@@ -157,7 +157,7 @@ def lora_expand(
         slots.data_ptr(), slots.shape[0], torch.get_num_threads(),
     )  # fmt: skip
     if status:
-        _raise_lora_error(status, starts, slots, b_offsets, ranks, y.shape[2], pool)
+        checks.raise_lora_error(status, starts, slots, b_offsets, ranks, y.shape[2], pool)
 
 
 def write_kv(
@@ -174,8 +174,8 @@ def write_kv(
     key, value:   [num_tokens, num_kv_heads, head_dim] float32, unit stride along head_dim
     slot_mapping: [num_tokens] int64, page * block_size + position in the page; < 0 = skip
     """
-    _check_cpu_float32(kv_pages=kv_pages, key=key, value=value)
-    _check_kv_pages(kv_pages, layer)
+    checks.check_cpu_float32(kv_pages=kv_pages, key=key, value=value)
+    checks.check_kv_pages(kv_pages, layer)
     heads = kv_pages.shape[4:]
     for name, tensor in (("key", key), ("value", value)):
         if tensor.shape != (key.shape[0], *heads) or tensor.stride(2) != 1:
@@ -223,15 +223,18 @@ def paged_attention(
     out:          optional [num_tokens, num_heads, head_dim] float32, unit stride on head_dim
     returns:      out, or a new contiguous tensor
     """
-    _check_cpu_float32(query=query, kv_pages=kv_pages)
-    _check_kv_pages(kv_pages, layer)
-    num_tokens, num_heads, head_dim = _check_query(query, kv_pages)
+    checks.check_cpu_float32(query=query, kv_pages=kv_pages)
+    checks.check_kv_pages(kv_pages, layer)
+    num_tokens, num_heads, head_dim = checks.check_query(query, kv_pages)
     if out is None:
         out = torch.empty(query.shape, dtype=torch.float32)
     elif out.shape != query.shape or out.dtype != torch.float32 or out.stride(2) != 1:
         raise ValueError(f"out must be float32 {tuple(query.shape)}, got {out.shape} {out.dtype}")
-    tables = _int32(block_tables, "block_tables", contiguous=False)
-    starts, lens = _int32(query_starts, "query_starts"), _int32(context_lens, "context_lens")
+    tables = checks.int32(block_tables, "block_tables", contiguous=False)
+    starts, lens = (
+        checks.int32(query_starts, "query_starts"),
+        checks.int32(context_lens, "context_lens"),
+    )
     if (
         tables.dim() != 2
         or tables.shape[0] != lens.shape[0]
@@ -250,7 +253,7 @@ def paged_attention(
         torch.get_num_threads(),
     )  # fmt: skip
     if status:
-        _raise_attention_error(status, starts, lens, tables, kv_pages)
+        checks.raise_attention_error(status, starts, lens, tables, kv_pages)
     if num_tokens > LONG_PREFILL_TOKENS:
         _long_prefills(query, kv_pages, layer, tables, starts, lens, scale, out)
     return out
@@ -297,96 +300,6 @@ def _long_prefills(
         out[start:end] = result[0].transpose(0, 1)
 
 
-def _check_cpu_float32(**tensors: torch.Tensor) -> None:
-    for name, tensor in tensors.items():
-        if tensor.dtype != torch.float32 or not tensor.is_cpu:
-            raise ValueError(
-                f"the native kernels take float32 CPU tensors: {name} is {tensor.dtype} on "
-                f"{tensor.device} (use kernel_backend=torch for other dtypes)"
-            )
-
-
-def _check_table(offsets: torch.Tensor, ranks: torch.Tensor) -> None:
-    """The per-layer views of the adapter offset and rank tables."""
-    if offsets.dim() != 2 or offsets.dtype != torch.int64 or not offsets.is_cpu:
-        raise ValueError(
-            f"offsets must be int64 [num_slots, num_slices] on the CPU, got {offsets.dtype} {offsets.shape}"
-        )
-    if ranks.shape != offsets.shape or ranks.dtype != torch.int32 or not ranks.is_cpu:
-        raise ValueError(
-            f"ranks must be int32 {tuple(offsets.shape)} on the CPU, got {ranks.dtype} {ranks.shape}"
-        )
-
-
-def _int32(tensor: torch.Tensor, name: str, contiguous: bool = True) -> torch.Tensor:
-    """`tensor` as int32 on the CPU (no copy when it already is), contiguous if asked."""
-    ready = tensor.dtype is torch.int32 and tensor.is_cpu
-    if ready and (not contiguous or tensor.is_contiguous()):
-        return tensor  # the engine's case: nothing to do, no torch call
-    if not tensor.is_cpu:
-        raise ValueError(f"{name} must be on the CPU, got {tensor.device}")
-    if tensor.is_floating_point() or tensor.is_complex():
-        raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
-    tensor = tensor.to(torch.int32)
-    return tensor.contiguous() if contiguous else tensor
-
-
-def _segments(starts: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    starts, slots = _int32(starts, "segment_starts"), _int32(slots, "segment_slots")
-    if slots.dim() != 1 or starts.shape != (slots.shape[0] + 1,):
-        raise ValueError(
-            f"segment_starts must have one more entry than segment_slots, got "
-            f"{tuple(starts.shape)} and {tuple(slots.shape)}"
-        )
-    return starts, slots
-
-
-_SLICE_STARTS: dict[tuple[int, ...], torch.Tensor] = {}  # a handful: q/k/v, o, gate/up, down
-
-
-def _slice_starts(
-    slice_starts: Sequence[int] | torch.Tensor, num_slices: int, width: int
-) -> torch.Tensor:
-    """slice_starts as an int64 tensor, checked: 0 to the width of out, increasing."""
-    starts = tuple(
-        slice_starts.tolist() if isinstance(slice_starts, torch.Tensor) else slice_starts
-    )
-    columns = _SLICE_STARTS.get(starts)
-    if columns is None:
-        increasing = all(first < last for first, last in itertools.pairwise(starts))
-        if len(starts) != num_slices + 1 or starts[0] != 0 or not increasing:
-            raise ValueError(f"slice_starts {starts} must increase from 0 in {num_slices} steps")
-        columns = _SLICE_STARTS[starts] = torch.tensor(starts, dtype=torch.int64)
-    if starts[-1] != width:
-        raise ValueError(f"slice_starts {starts} must end at out's width {width}")
-    return columns
-
-
-def _check_kv_pages(kv_pages: torch.Tensor, layer: int) -> None:
-    if kv_pages.dim() != 6 or kv_pages.stride(5) != 1 or kv_pages.shape[2] != 2:
-        raise ValueError(
-            "kv_pages must be [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim] "
-            f"with unit head_dim stride, got {tuple(kv_pages.shape)}"
-        )
-    if not 0 <= layer < kv_pages.shape[1]:
-        raise ValueError(f"layer must be in [0, {kv_pages.shape[1]}), got {layer}")
-
-
-def _check_query(query: torch.Tensor, kv_pages: torch.Tensor) -> tuple[int, int, int]:
-    if query.dim() != 3 or query.stride(2) != 1:
-        raise ValueError(
-            f"query must be [num_tokens, num_heads, head_dim], unit stride on head_dim, "
-            f"got {tuple(query.shape)}"
-        )
-    num_tokens, num_heads, head_dim = query.shape
-    if head_dim != kv_pages.shape[5] or num_heads % kv_pages.shape[4] != 0:
-        raise ValueError(
-            f"query heads {tuple(query.shape[1:])} do not match kv_pages {tuple(kv_pages.shape)}: "
-            "head_dim must agree and num_heads be a multiple of num_kv_heads"
-        )
-    return num_tokens, num_heads, head_dim
-
-
 def _layer_pointer(kv_pages: torch.Tensor, layer: int) -> int:
     """Address of kv_pages[0, layer, 0, 0, 0, 0]."""
     return kv_pages.data_ptr() + FLOAT_BYTES * layer * kv_pages.stride(1)
@@ -396,53 +309,3 @@ def _kv_strides(kv_pages: torch.Tensor) -> tuple[int, int, int, int]:
     """Element strides along page, K/V, position and head."""
     strides = kv_pages.stride()
     return strides[0], strides[2], strides[3], strides[4]
-
-
-def _raise_lora_error(
-    status: int,
-    starts: torch.Tensor,
-    slots: torch.Tensor,
-    offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    max_rank: int,
-    pool: torch.Tensor,
-) -> None:
-    if status == _STATUS_NO_MEMORY:
-        raise MemoryError("the native LoRA kernel could not allocate its work list")
-    raise ValueError(
-        {
-            _STATUS_BAD_STARTS: f"segment_starts must increase from 0 to num_tokens, got {starts}",
-            _STATUS_BAD_SLOT: f"segment_slots must be in [0, {offsets.shape[0]}) or NO_ADAPTER "
-            f"({NO_ADAPTER}), got {slots}",
-            _STATUS_BAD_RANK: f"the ranks of the slots used must be in [0, max_rank={max_rank}], "
-            f"got {ranks}",
-            _STATUS_BAD_OFFSET: "every adapter matrix of the slots used must lie inside the pool "
-            f"({pool.numel()} elements), got offsets {offsets} and ranks {ranks}",
-        }[status]
-    )
-
-
-def _raise_attention_error(
-    status: int,
-    starts: torch.Tensor,
-    lens: torch.Tensor,
-    tables: torch.Tensor,
-    kv_pages: torch.Tensor,
-) -> None:
-    if status == _STATUS_NO_MEMORY:
-        raise MemoryError("the native attention kernel could not allocate its scratch")
-    limit = tables.shape[1] * kv_pages.shape[3]
-    raise ValueError(
-        {
-            _STATUS_BAD_STARTS: f"query_starts must increase from 0 to num_tokens, got {starts}",
-            _STATUS_BAD_CONTEXT: "context_lens must be at least each sequence's query tokens and "
-            f"at most max_blocks * block_size = {limit}, got {lens} for query_starts {starts}",
-            _STATUS_BAD_PAGE: f"block_tables must name pages in [0, {kv_pages.shape[0]}) for "
-            f"every block of each context, got {tables}",
-        }[status]
-    )
-
-
-# The C kernels' status codes (native_common.h).
-_STATUS_NO_MEMORY, _STATUS_BAD_STARTS, _STATUS_BAD_SLOT, _STATUS_BAD_RANK = 1, 2, 3, 4
-_STATUS_BAD_OFFSET, _STATUS_BAD_CONTEXT, _STATUS_BAD_PAGE = 5, 6, 7
