@@ -14,9 +14,14 @@ per attention layer costs a few microseconds of Python and ctypes, then only the
 FLOPs and the bytes the batch needs (bench/cpu_kernels.py measures both).
 
 Long prefills (more than LONG_PREFILL_TOKENS queries in one sequence) are where
-BLAS beats a hand-written loop: those few sequences go through torch's SDPA over
-a gather of that one sequence's K/V; every other sequence of the step (decodes,
-short extends) is done in one C call.
+torch's flash-attention kernel beats the C loop: those few sequences go through
+SDPA over a gather of that one sequence's K/V; every other sequence of the step
+(decodes, extends, short prefills) is done in one C call.
+
+Threads: each call runs on `torch.get_num_threads()` OpenMP threads of the runtime
+torch loaded (the library links the same libgomp), read at every call, so
+`torch.set_num_threads` governs these kernels as it does torch's own. Every output
+element is computed by one thread: results do not depend on the thread count.
 """
 
 from __future__ import annotations
