@@ -1,10 +1,11 @@
 """Offline engine throughput: a batch of requests through `LLM.generate`, no HTTP.
 
 Measures one kernel backend at a time on a preset's model and adapters, so the CPU
-path (`torch`) can be set against the plain references (`reference`):
+paths (`native` C kernels, `torch`) can be set against the plain references (`reference`):
 
     python -m bench.engine_throughput --preset cpu-s2 --num-adapters 64 --kernel-backend reference
     python -m bench.engine_throughput --preset cpu-s2 --num-adapters 64 --kernel-backend torch
+    python -m bench.engine_throughput --preset cpu-s2 --num-adapters 64 --kernel-backend native
 
 Every request is queued at once (`--requests`, prompt and output lengths drawn from
 the preset's ranges, adapters uniformly), so the engine runs at its largest batches.
@@ -20,6 +21,7 @@ from pathlib import Path
 from bench.compare import default_cache_dir, ensure_assets
 from bench.models import SHAPES
 from bench.trace import PRESETS
+from loraserve.kernels.dispatch import KERNEL_BACKENDS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,9 +67,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-s2")
     parser.add_argument("--num-adapters", type=int, default=64)
     parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument(
-        "--kernel-backend", default="torch", choices=["torch", "reference", "triton", "auto"]
-    )
+    parser.add_argument("--kernel-backend", default="torch", choices=KERNEL_BACKENDS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""The one place that chooses between the Triton kernels and the torch references."""
+"""The one place that chooses the kernels: Triton, native C (CPU), the torch path, the references."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.kernels import cpu, reference
+from loraserve.kernels import cpu, native, native_build, reference
 from loraserve.kernels.constants import KERNEL_BACKENDS
 
 
@@ -22,7 +22,16 @@ class Kernels:
     paged_attention: Callable[..., torch.Tensor]
 
 
-# The torch backend: the references' semantics with fewer calls per step (kernels/cpu.py).
+# The native backend: C kernels for float32 on the CPU (kernels/native.py), built on first use.
+NATIVE_KERNELS = Kernels(
+    "native",
+    native.lora_shrink,
+    native.lora_expand,
+    native.write_kv,
+    native.paged_attention,
+)
+# The torch backend: the references' semantics with fewer calls per step (kernels/cpu.py),
+# for CPUs without a C compiler and dtypes other than float32.
 TORCH_KERNELS = Kernels(
     "torch",
     cpu.lora_shrink,
@@ -41,18 +50,33 @@ REFERENCE_KERNELS = Kernels(
 
 
 def select_kernels(
-    backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32
+    backend: str, device: torch.device | str, dtype: torch.dtype | None = None
 ) -> Kernels:
-    """`auto`: Triton on CUDA, the torch path elsewhere; `triton` / `torch` / `reference`
+    """`auto`: Triton on CUDA; on a CPU the native C kernels when `dtype` is float32 and a
+    C compiler is there, else the torch path. `triton` / `native` / `torch` / `reference`
     force one.
 
-    `triton` on a CPU works only under TRITON_INTERPRET=1 (slow: for tests)."""
+    `dtype` is the pool's (and the model's); None (not known) keeps `auto` off `native`.
+    `triton` on a CPU works only under TRITON_INTERPRET=1 (slow: for tests). `native`
+    raises ValueError off the CPU or off float32, and native_build.NativeKernelsUnavailable
+    (with the compiler's message) where the library cannot be built."""
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    on_cuda = torch.device(device).type == "cuda"
     if backend == "reference":
         return REFERENCE_KERNELS
-    use_triton = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
-    return _triton_kernels() if use_triton else TORCH_KERNELS
+    if backend == "triton" or (backend == "auto" and on_cuda):
+        return _triton_kernels()
+    if backend == "native":
+        if on_cuda or dtype not in (None, torch.float32):
+            raise ValueError(
+                f"kernel_backend=native runs float32 on the CPU, got {dtype} on {device}"
+            )
+        native_build.load()  # fail here, with the compiler's message, not in the first step
+        return NATIVE_KERNELS
+    if backend == "auto" and dtype == torch.float32 and native.available():
+        return NATIVE_KERNELS
+    return TORCH_KERNELS
 
 
 def _triton_kernels() -> Kernels:

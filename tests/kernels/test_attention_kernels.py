@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loraserve.kernels import cpu, reference
+from loraserve.kernels import cpu, native, reference
 from loraserve.kernels.kv_write import write_kv
 from loraserve.kernels.paged_attention import paged_attention
 
@@ -211,13 +211,22 @@ def test_write_kv_matches_reference(layout, dtype: torch.dtype, generator):
 MANY_DECODES = [(1, 1 + (37 * seq) % 150) for seq in range(70)] + [(9, 30)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# The CPU paths: kernels/cpu.py (torch, any dtype) and kernels/native.py (C, float32 only).
+CPU_PATHS = [
+    pytest.param((cpu, dtype), id=f"torch-{str(dtype)[6:]}")
+    for dtype in (torch.float32, torch.float16)
+] + [pytest.param((native, torch.float32), id="native-float32")]
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("heads", HEADS, ids=lambda heads: f"h{heads[0]}-kv{heads[1]}")
 @pytest.mark.parametrize("kind", [*BATCHES, "many_decodes"])
-def test_cpu_path_attention_matches_reference(kind: str, heads, dtype: torch.dtype, generator):
-    """kernels/cpu.py: decodes batched (NaN pages past each context), the rest as the reference."""
+def test_cpu_path_attention_matches_reference(kind: str, heads, path, generator):
+    """kernels/cpu.py: decodes batched, the rest as the reference; kernels/native.py: all in C.
+    NaN pages past each context."""
+    implementation, dtype = path
     batch = MANY_DECODES if kind == "many_decodes" else BATCHES[kind]
     args = attention_inputs(batch, heads, LAYOUTS[0], dtype, generator)
     head_dim = LAYOUTS[0][0]
-    out = cpu.paged_attention(*args, head_dim**-0.5)
+    out = implementation.paged_attention(*args, head_dim**-0.5)
     assert_close(out, reference.paged_attention(*args, head_dim**-0.5), dtype)

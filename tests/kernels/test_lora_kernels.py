@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loraserve.kernels import cpu, reference
+from loraserve.kernels import cpu, native, reference
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.kernels.dispatch import select_kernels
 from loraserve.kernels.lora_expand import lora_expand
@@ -303,26 +303,34 @@ def test_dispatch_selects_these_kernels():
     assert kernels.lora_shrink is lora_shrink and kernels.lora_expand is lora_expand
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# The CPU paths: kernels/cpu.py (torch, any dtype) and kernels/native.py (C, float32 only).
+CPU_PATHS = [
+    pytest.param((cpu, dtype), id=f"torch-{str(dtype)[6:]}")
+    for dtype in (torch.float32, torch.float16)
+] + [pytest.param((native, torch.float32), id="native-float32")]
+
+
 @pytest.mark.parametrize("lengths", [DECODE_MIX, PREFILL], ids=["decode_mix", "prefill"])
 @pytest.mark.parametrize("popularity", POPULARITIES)
-def test_cpu_path_matches_reference(popularity: str, lengths, dtype: torch.dtype, generator):
-    """kernels/cpu.py: the same products through cached pool views, in place."""
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_cpu_path_matches_reference(path, popularity: str, lengths, generator):
+    """kernels/cpu.py and kernels/native.py: the references' products, weights read in place."""
+    implementation, dtype = path
     group = GROUPS[0]
     batch = make_batch(group, lengths, popularity, dtype, generator)
     num_tokens = int(batch.segment_starts[-1])
     x = torch.randn(num_tokens, group.in_dim, generator=generator).to(DEVICE, dtype)
     a_offsets, ranks = batch.views(group, 0)
     segments = (batch.segment_starts, batch.segment_slots)
-    y = cpu.lora_shrink(x, batch.pool, a_offsets, ranks, *segments, batch.max_rank)
+    y = implementation.lora_shrink(x, batch.pool, a_offsets, ranks, *segments, batch.max_rank)
     expected_y = reference.lora_shrink(x, batch.pool, a_offsets, ranks, *segments, batch.max_rank)
     assert_close(y, expected_y, dtype)
     b_offsets, ranks = batch.views(group, 1)
     slice_starts = [0, *torch.tensor(group.widths).cumsum(0).tolist()]
     before = torch.randn(num_tokens, slice_starts[-1], generator=generator).to(DEVICE, dtype)
     out, expected = before.clone(), before.clone()
-    for implementation, target in ((cpu, out), (reference, expected)):
-        implementation.lora_expand(
+    for kernels, target in ((implementation, out), (reference, expected)):
+        kernels.lora_expand(
             target, expected_y, batch.pool, b_offsets, ranks, *segments, slice_starts
         )
     assert_close(out, expected, dtype)
@@ -330,16 +338,17 @@ def test_cpu_path_matches_reference(popularity: str, lengths, dtype: torch.dtype
     assert torch.equal(out[base_tokens], before[base_tokens])
 
 
-def test_cpu_path_reads_what_the_pool_holds_now(generator):
-    """Views are cached across calls: a slot refilled with another adapter must show."""
+@pytest.mark.parametrize("implementation", [cpu, native], ids=["torch", "native"])
+def test_cpu_path_reads_what_the_pool_holds_now(implementation, generator):
+    """Nothing is cached across calls: a slot refilled with another adapter must show."""
     group = GROUPS[3]
     batch = make_batch(group, (2, 3), "uniform", torch.float32, generator)
     x = torch.randn(5, group.in_dim, generator=generator).to(DEVICE)
     a_offsets, ranks = batch.views(group, 0)
     args = (batch.pool, a_offsets, ranks, batch.segment_starts, batch.segment_slots, batch.max_rank)
-    first = cpu.lora_shrink(x, *args)
+    first = implementation.lora_shrink(x, *args)
     batch.pool.mul_(2.0)  # NaN stays NaN; every stored matrix doubles
-    assert_close(cpu.lora_shrink(x, *args), 2 * first, torch.float32)
+    assert_close(implementation.lora_shrink(x, *args), 2 * first, torch.float32)
 
 
 def test_dispatch_selects_the_cpu_path_on_cpu():

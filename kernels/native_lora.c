@@ -1,0 +1,268 @@
+/* LoRA shrink and expand (SGMV) on the CPU: float32, adapter weights read in place.
+ *
+ * Semantics (as kernels/reference.py):
+ *   lora_shrink: y[t, i, :r] = x[t] @ A[slot(t), i].T; y[t, i, r:] = 0; y[t] = 0 when
+ *                slot(t) is NO_ADAPTER. r = ranks[slot, i] (0: slice i not targeted).
+ *   lora_expand: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i]; NO_ADAPTER tokens and
+ *                untargeted slices leave out untouched.
+ * A (`[r, in_dim]`) and B (`[r, c_{i+1} - c_i]`, scaling folded in) are row-major at element
+ * offsets into the flat pool, found through the offset table of the slot: no gather, no copy.
+ *
+ * Work: every segment (a run of tokens sharing an adapter slot) is cut into chunks of at
+ * most TOKEN_BLOCK tokens; a work item is (chunk, slice) for shrink and (chunk, block of at
+ * most COLUMN_BLOCK output columns of one slice) for expand. Items run in parallel (OpenMP,
+ * torch's thread pool: the runtime is the one torch loaded); inside an item the A rows of a
+ * 4-row tile stay in L1 while every token of the chunk passes, and the B block of an
+ * expand item is reused by every token of the chunk. The cost of a batch is its FLOPs and
+ * the bytes of its adapters' weights, whatever the number of distinct adapters: nothing
+ * is launched or gathered per segment.
+ */
+#include <stdlib.h>
+
+#include "native_common.h"
+#include "native_tiles.h"
+
+#define TOKEN_BLOCK 16    /* tokens per work item: enough items for the threads, A stays hot */
+#define COLUMN_BLOCK 256  /* output columns per expand item: a 1 KiB run of each B row */
+
+typedef struct {
+    int64_t first, end; /* tokens [first, end) of one segment */
+    int32_t slot;       /* its adapter slot, or NO_ADAPTER */
+} Chunk;
+
+typedef struct {
+    const int64_t* offsets;                 /* [num_slots, num_slices] element offsets */
+    int64_t offset_slot_stride, offset_slice_stride;
+    const int32_t* ranks;                   /* [num_slots, num_slices] */
+    int64_t rank_slot_stride, rank_slice_stride;
+} AdapterTable;
+
+static inline int32_t table_rank(const AdapterTable* table, int32_t slot, int64_t slice) {
+    return table->ranks[slot * table->rank_slot_stride + slice * table->rank_slice_stride];
+}
+
+static inline int64_t table_offset(const AdapterTable* table, int32_t slot, int64_t slice) {
+    return table->offsets[slot * table->offset_slot_stride + slice * table->offset_slice_stride];
+}
+
+/* Status of segment bounds and slots; *fmas gets the batch's multiply-adds (for the
+ * decision to fork) once every (slot, slice) used is checked against max_rank and the pool.
+ * Rows of slice i's matrices hold in_dim elements (A) or, given slice_starts, that slice's
+ * width (B). */
+static int check_batch(const int32_t* starts, const int32_t* slots, int64_t num_segments,
+                       int64_t num_tokens, int64_t num_slots, const AdapterTable* table,
+                       int64_t num_slices, int64_t in_dim, const int64_t* slice_starts,
+                       int64_t max_rank, int64_t pool_numel, int64_t* fmas) {
+    if (starts[0] != 0 || starts[num_segments] != num_tokens) return STATUS_BAD_STARTS;
+    *fmas = 0;
+    for (int64_t s = 0; s < num_segments; s++) {
+        if (starts[s + 1] < starts[s]) return STATUS_BAD_STARTS;
+        int32_t slot = slots[s];
+        if (slot == NO_ADAPTER) continue;
+        if (slot < 0 || slot >= num_slots) return STATUS_BAD_SLOT;
+        for (int64_t i = 0; i < num_slices; i++) {
+            int64_t rank = table_rank(table, slot, i);
+            if (rank < 0 || rank > max_rank) return STATUS_BAD_RANK;
+            if (rank == 0) continue;
+            int64_t row_length = slice_starts ? slice_starts[i + 1] - slice_starts[i] : in_dim;
+            int64_t offset = table_offset(table, slot, i);
+            if (offset < 0 || offset > pool_numel - rank * row_length) return STATUS_BAD_OFFSET;
+            *fmas += (starts[s + 1] - starts[s]) * rank * row_length;
+        }
+    }
+    return STATUS_OK;
+}
+
+/* Chunks of at most TOKEN_BLOCK tokens of every non-empty segment (NO_ADAPTER ones only
+ * when keep_no_adapter); NULL when out of memory. The caller frees. */
+static Chunk* token_chunks(const int32_t* starts, const int32_t* slots, int64_t num_segments,
+                           int keep_no_adapter, int64_t* num_chunks) {
+    int64_t count = 0;
+    for (int64_t s = 0; s < num_segments; s++)
+        if (keep_no_adapter || slots[s] != NO_ADAPTER)
+            count += (starts[s + 1] - starts[s] + TOKEN_BLOCK - 1) / TOKEN_BLOCK;
+    Chunk* chunks = malloc(sizeof(Chunk) * (size_t)max_i64(count, 1));
+    if (chunks == NULL) return NULL;
+    int64_t n = 0;
+    for (int64_t s = 0; s < num_segments; s++) {
+        if (!keep_no_adapter && slots[s] == NO_ADAPTER) continue;
+        for (int64_t t = starts[s]; t < starts[s + 1]; t += TOKEN_BLOCK)
+            chunks[n++] = (Chunk){t, min_i64(t + TOKEN_BLOCK, starts[s + 1]), slots[s]};
+    }
+    *num_chunks = n;
+    return chunks;
+}
+
+/* y_rows[t][j] = dot(a[j], x_rows[t]) for j < rank and the tokens of one chunk. */
+static void shrink_tile_rows(const float* a, int64_t in_dim, int64_t rank, const float* x,
+                             int64_t x_stride, float* y, int64_t y_stride, int64_t num_tokens) {
+    for (int64_t t = 0; t < num_tokens; t += 4) {
+        int64_t tile_tokens = min_i64(4, num_tokens - t);
+        if (tile_tokens == 1) { /* decode: 8 rows of A against one token */
+            for (int64_t j = 0; j < rank; j += 8) {
+                const float* rows[8];
+                float out[8];
+                for (int r = 0; r < 8; r++) rows[r] = a + min_i64(j + r, rank - 1) * in_dim;
+                dot_tile_8x1(rows, x + t * x_stride, in_dim, out);
+                for (int64_t r = 0; r < min_i64(8, rank - j); r++) y[t * y_stride + j + r] = out[r];
+            }
+            continue;
+        }
+        const float* tokens[4];
+        for (int u = 0; u < 4; u++) tokens[u] = x + min_i64(t + u, num_tokens - 1) * x_stride;
+        for (int64_t j = 0; j < rank; j += 4) {
+            const float* rows[4];
+            float out[4][4];
+            for (int r = 0; r < 4; r++) rows[r] = a + min_i64(j + r, rank - 1) * in_dim;
+            dot_tile_4x4(rows, tokens, in_dim, out);
+            for (int64_t r = 0; r < min_i64(4, rank - j); r++)
+                for (int64_t u = 0; u < tile_tokens; u++) y[(t + u) * y_stride + j + r] = out[r][u];
+        }
+    }
+}
+
+/* Shrink of one chunk and one slice: y rows of the chunk's tokens, zero past the rank. */
+static void shrink_item(const float* x, int64_t x_stride, int64_t in_dim, const float* pool,
+                        const AdapterTable* table, const Chunk* chunk, int64_t slice,
+                        int64_t num_slices, int64_t max_rank, float* y) {
+    int64_t rank = chunk->slot == NO_ADAPTER ? 0 : table_rank(table, chunk->slot, slice);
+    int64_t y_stride = num_slices * max_rank;
+    float* y_first = y + chunk->first * y_stride + slice * max_rank;
+    for (int64_t t = 0; t < chunk->end - chunk->first; t++)
+        memset(y_first + t * y_stride + rank, 0, sizeof(float) * (size_t)(max_rank - rank));
+    if (rank == 0) return;
+    const float* a = pool + table_offset(table, chunk->slot, slice);
+    shrink_tile_rows(a, in_dim, rank, x + chunk->first * x_stride, x_stride, y_first, y_stride,
+                     chunk->end - chunk->first);
+}
+
+int loraserve_lora_shrink(
+    const float* x,                /* [num_tokens, in_dim], row stride x_stride, unit columns */
+    int64_t x_stride,              /* elements between consecutive tokens of x */
+    int64_t num_tokens,            /* rows of x and y */
+    int64_t in_dim,                /* columns of x, row length of every A */
+    const float* pool,             /* the flat unified pool */
+    int64_t pool_numel,            /* its elements: every A must lie inside */
+    const int64_t* a_offsets,      /* [num_slots, num_slices] element offset of each A */
+    int64_t offset_slot_stride,    /* a_offsets' strides (a strided view of the table) */
+    int64_t offset_slice_stride,
+    const int32_t* ranks,          /* [num_slots, num_slices] rank of each A, 0: untargeted */
+    int64_t rank_slot_stride,      /* ranks' strides */
+    int64_t rank_slice_stride,
+    int64_t num_slots,             /* rows of the two tables */
+    int64_t num_slices,            /* columns of the two tables: q/k/v = 3 */
+    const int32_t* segment_starts, /* [num_segments + 1] token boundaries, 0 .. num_tokens */
+    const int32_t* segment_slots,  /* [num_segments] slot of each segment, or NO_ADAPTER */
+    int64_t num_segments,
+    int64_t max_rank,              /* last dimension of y: at least every rank used */
+    float* y,                      /* [num_tokens, num_slices, max_rank] contiguous, written */
+    int num_threads)               /* OpenMP threads (torch.get_num_threads()) */
+{
+    AdapterTable table = {a_offsets, offset_slot_stride, offset_slice_stride,
+                          ranks,     rank_slot_stride,   rank_slice_stride};
+    int64_t fmas, num_chunks;
+    int status = check_batch(segment_starts, segment_slots, num_segments, num_tokens, num_slots,
+                             &table, num_slices, in_dim, NULL, max_rank, pool_numel, &fmas);
+    if (status != STATUS_OK) return status;
+    Chunk* chunks = token_chunks(segment_starts, segment_slots, num_segments, 1, &num_chunks);
+    if (chunks == NULL) return STATUS_NO_MEMORY;
+    int64_t num_items = num_chunks * num_slices;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) \
+    if (num_items > 1 && fmas >= PARALLEL_MIN_FMAS)
+    for (int64_t item = 0; item < num_items; item++)
+        shrink_item(x, x_stride, in_dim, pool, &table, &chunks[item / num_slices],
+                    item % num_slices, num_slices, max_rank, y);
+    free(chunks);
+    return STATUS_OK;
+}
+
+typedef struct {
+    int64_t slice, first, end; /* columns [first, end) of slice `slice`, relative to it */
+} ColumnBlock;
+
+/* Blocks of at most COLUMN_BLOCK columns of every slice; NULL when out of memory. */
+static ColumnBlock* column_blocks(const int64_t* slice_starts, int64_t num_slices,
+                                  int64_t* num_blocks) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < num_slices; i++)
+        count += (slice_starts[i + 1] - slice_starts[i] + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
+    ColumnBlock* blocks = malloc(sizeof(ColumnBlock) * (size_t)max_i64(count, 1));
+    if (blocks == NULL) return NULL;
+    int64_t n = 0;
+    for (int64_t i = 0; i < num_slices; i++) {
+        int64_t width = slice_starts[i + 1] - slice_starts[i];
+        for (int64_t c = 0; c < width; c += COLUMN_BLOCK)
+            blocks[n++] = (ColumnBlock){i, c, min_i64(c + COLUMN_BLOCK, width)};
+    }
+    *num_blocks = n;
+    return blocks;
+}
+
+/* Expand of one chunk and one column block: out rows += y rows @ B[:, block], up to
+ * MAX_AXPY_ROWS tokens at a time so that each B vector loaded feeds as many accumulators. */
+static void expand_item(float* out, int64_t out_stride, const float* y, int64_t num_slices,
+                        int64_t max_rank, const float* pool, const AdapterTable* table,
+                        const int64_t* slice_starts, const Chunk* chunk,
+                        const ColumnBlock* block) {
+    int64_t rank = table_rank(table, chunk->slot, block->slice);
+    if (rank == 0) return;
+    int64_t width = slice_starts[block->slice + 1] - slice_starts[block->slice];
+    const float* b = pool + table_offset(table, chunk->slot, block->slice) + block->first;
+    int64_t column = slice_starts[block->slice] + block->first;
+    for (int64_t t = chunk->first; t < chunk->end; t += MAX_AXPY_ROWS) {
+        int num_rows = (int)min_i64(MAX_AXPY_ROWS, chunk->end - t);
+        float* acc[MAX_AXPY_ROWS];
+        const float* w[MAX_AXPY_ROWS];
+        for (int u = 0; u < num_rows; u++) {
+            acc[u] = out + (t + u) * out_stride + column;
+            w[u] = y + ((t + u) * num_slices + block->slice) * max_rank;
+        }
+        axpy_rows(acc, w, num_rows, b, width, rank, block->end - block->first);
+    }
+}
+
+int loraserve_lora_expand(
+    float* out,                    /* [num_tokens, slice_starts[num_slices]], row stride */
+    int64_t out_stride,            /* elements between consecutive tokens of out */
+    int64_t num_tokens,            /* rows of out and y */
+    const float* y,                /* [num_tokens, num_slices, max_rank] contiguous */
+    int64_t max_rank,              /* last dimension of y: at least every rank used */
+    const float* pool,             /* the flat unified pool */
+    int64_t pool_numel,            /* its elements: every B must lie inside */
+    const int64_t* b_offsets,      /* [num_slots, num_slices] element offset of each B */
+    int64_t offset_slot_stride,    /* b_offsets' strides (a strided view of the table) */
+    int64_t offset_slice_stride,
+    const int32_t* ranks,          /* [num_slots, num_slices] rank of each B, 0: untargeted */
+    int64_t rank_slot_stride,      /* ranks' strides */
+    int64_t rank_slice_stride,
+    int64_t num_slots,             /* rows of the two tables */
+    int64_t num_slices,            /* columns of the two tables */
+    const int64_t* slice_starts,   /* [num_slices + 1] first column of each slice in out */
+    const int32_t* segment_starts, /* [num_segments + 1] token boundaries, 0 .. num_tokens */
+    const int32_t* segment_slots,  /* [num_segments] slot of each segment, or NO_ADAPTER */
+    int64_t num_segments,
+    int num_threads)               /* OpenMP threads (torch.get_num_threads()) */
+{
+    AdapterTable table = {b_offsets, offset_slot_stride, offset_slice_stride,
+                          ranks,     rank_slot_stride,   rank_slice_stride};
+    int64_t fmas, num_chunks, num_blocks;
+    int status = check_batch(segment_starts, segment_slots, num_segments, num_tokens, num_slots,
+                             &table, num_slices, 0, slice_starts, max_rank, pool_numel, &fmas);
+    if (status != STATUS_OK) return status;
+    Chunk* chunks = token_chunks(segment_starts, segment_slots, num_segments, 0, &num_chunks);
+    ColumnBlock* blocks = column_blocks(slice_starts, num_slices, &num_blocks);
+    if (chunks == NULL || blocks == NULL) {
+        free(chunks);
+        free(blocks);
+        return STATUS_NO_MEMORY;
+    }
+    int64_t num_items = num_chunks * num_blocks;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) \
+    if (num_items > 1 && fmas >= PARALLEL_MIN_FMAS)
+    for (int64_t item = 0; item < num_items; item++)
+        expand_item(out, out_stride, y, num_slices, max_rank, pool, &table, slice_starts,
+                    &chunks[item / num_blocks], &blocks[item % num_blocks]);
+    free(chunks);
+    free(blocks);
+    return STATUS_OK;
+}
