@@ -4,12 +4,13 @@
     python -m bench.step_profile --batches 1,16,64 --adapters 1,64 --output result.json
 
 For each (batch, adapters) point, `batch` requests of a 16-token prompt each run
-through `LLM.generate` together (adapters dealt out round-robin, ranks of the
-preset in turn); every step in which every request decodes one token is a decode
-step. Two passes over the same requests: one timed (wall time of `engine.step()`,
-median over decode steps), one counting the torch calls a decode step makes (every
-torch function and tensor method seen by a `TorchFunctionMode`, which adds its own
-cost, hence two passes). On a CPU the wall time is host time: the device is the host.
+through the engine together (adapters dealt out round-robin, ranks of the preset in
+turn); every step in which every request decodes one token is a decode step. Two
+passes over the same requests: one timed (wall time of `engine.step()`, median over
+decode steps), one counting the torch operators a decode step dispatches (every ATen
+operator seen by a `TorchDispatchMode`, which adds its own cost, hence two passes;
+calls of the native C kernels are not torch operators and are not counted). On a CPU
+the wall time is host time: the device is the host.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.compare import default_cache_dir, ensure_assets
 from bench.metrics import run_metadata
@@ -30,12 +31,14 @@ PROMPT_TOKENS = 16
 DECODE_TOKENS = 24
 
 
-class _CallCounter(TorchFunctionMode):
+class _CallCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched: each is one kernel call (on CUDA, a launch)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls += 1
         return func(*args, **(kwargs or {}))
 

@@ -99,9 +99,18 @@ def check_against_peft(llm: LLM, prompts, references, num_logprobs: int = 20) ->
             )
 
 
-def test_mixed_batch_equals_peft(family) -> None:
+@pytest.mark.parametrize("kernel_backend", ["native", "torch"])
+def test_mixed_batch_equals_peft(family, kernel_backend: str) -> None:
+    """The CPU's two kernel paths: the native C kernels (`auto` on a CPU) and torch's."""
     root, folders, prompts, references = family
-    llm = LLM(root / "model", adapters=folders, device="cpu", dtype="float32")
+    llm = LLM(
+        root / "model",
+        adapters=folders,
+        device="cpu",
+        dtype="float32",
+        kernel_backend=kernel_backend,
+    )
+    assert llm.engine.info.kernel_backend == kernel_backend
     check_against_peft(llm, prompts, references)
     llm.engine.memory.check_invariants()
     assert llm.engine.memory.num_kv_pages == 0
