@@ -96,13 +96,17 @@ class UnifiedPool:
         return self.allocator.num_pages
 
     def can_allocate(self, num_pages: int, adapter: str | None = None) -> bool:
+        resident = adapter is None or adapter in self._resident
+        if resident and num_pages <= self.allocator.num_free:
+            return True  # the common case (a decode step), without looking at the adapters
         # The request's own adapter is not reclaimable: acquiring it pins its pages.
         reclaimable = [r for r in self._resident.values() if r.num_users == 0 and r.name != adapter]
         available = self.allocator.num_free + sum(len(r.pages) for r in reclaimable)
-        if adapter is None or adapter in self._resident:
+        if resident:
             return num_pages <= available
         if not self._free_slots and not reclaimable:
             return False
+        assert adapter is not None
         return num_pages + self.adapters.get(adapter).num_pages <= available
 
     def allocate(self, num_pages: int) -> list[int]:
