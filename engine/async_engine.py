@@ -8,9 +8,14 @@ then one engine step, and sleeps on the condition when it has nothing to do.
 Outputs travel back to each request's `asyncio.Queue` with
 `loop.call_soon_threadsafe`, so the event loop never waits on model work.
 
-If a step raises, the engine state can no longer be trusted: every request in
-flight fails with `EngineError`, later calls fail at once with `EngineDeadError`
-and `is_healthy` turns False (the server's /health reports it).
+A request the engine failed alone (`finish_reason` `error`: its sampling broke
+down) raises `RequestFailedError` in its own stream; nothing else notices. If a
+step raises, the engine state can no longer be trusted: every request in flight
+fails with `EngineError`, later calls fail at once with `EngineDeadError` and
+`is_healthy` turns False (the server's /health reports it).
+
+A request's `n` completions are `n` engine requests: they count as `n` against
+`max_waiting_requests`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from loraserve.engine.sampling_params import per_completion
-from loraserve.errors import InvalidRequestError, LoraserveError, UnknownAdapterError
+from loraserve.errors import (
+    InvalidRequestError,
+    LoraserveError,
+    RequestFailedError,
+    UnknownAdapterError,
+)
 
 if TYPE_CHECKING:
     from loraserve.engine.engine import LLMEngine
@@ -123,7 +133,9 @@ class RequestStream:
             raise StopAsyncIteration
         item = await self._queue.get()
         if isinstance(item, BaseException):
-            self._num_unfinished = 0  # the engine forgot this request already
+            # One completion failed (or the engine died): the request has failed, so its
+            # other completions stop too; ids the engine already forgot are ignored.
+            self.abort()
             raise item
         if item.finished:
             self._num_unfinished -= 1
@@ -321,7 +333,8 @@ class AsyncEngine:
                 continue  # aborted after this step was scheduled
             if output.finished:
                 del self._sinks[output.request_id]
-            _deliver(sink, _snapshot(output, sink))
+            error = output.outputs[0].error
+            _deliver(sink, _snapshot(output, sink) if error is None else RequestFailedError(error))
         if not outputs and self.engine.scheduler.num_running() == 0:
             # Requests wait but none could be admitted (pages are all taken);
             # pause instead of spinning until a command or a retry changes that.
@@ -339,10 +352,12 @@ class AsyncEngine:
         sink: _Sink,
     ) -> None:
         """Add every sub-request of one request, or none of them."""
-        if self.engine.scheduler.is_full():
+        scheduler = self.engine.scheduler
+        if scheduler.is_full(len(sub_ids)):
             raise QueueFullError(
-                f"the server has {self.engine.scheduler.num_waiting()} requests waiting, "
-                "its limit; retry later"
+                f"the server has {scheduler.num_waiting()} requests waiting and room for "
+                f"{scheduler.config.max_waiting_requests}; this one would add {len(sub_ids)} "
+                "(one per completion); retry later"
             )
         added: list[str] = []
         try:

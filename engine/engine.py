@@ -2,10 +2,16 @@
 
 `LLMEngine` is used as is by the `LLM` class and, on its own thread, by the async
 engine behind the HTTP server. It is not thread-safe: one thread drives it.
+
+A failure that belongs to one request (the sampler could not sample its row, its
+output could not be recorded) ends that request alone with `finish_reason`
+`error` (see `fail_request`); the step goes on for the others. Anything else a
+step raises is an engine fault and propagates.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,8 @@ from loraserve.models.tokenizer import Tokenizer
 from loraserve.models.weights import load_weights
 from loraserve.scheduler.request import SequenceState, SequenceStatus
 from loraserve.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_POOL_GIB = 1.0
 FINISHED = {"stop": SequenceStatus.FINISHED_STOPPED, "length": SequenceStatus.FINISHED_LENGTH}
@@ -129,6 +137,10 @@ class LLMEngine:
                 raise InvalidRequestError("a request needs a prompt or prompt_token_ids", "prompt")
             prompt_token_ids = self.tokenizer.encode(prompt)
         max_tokens = self._check_lengths(prompt_token_ids, params, adapter)
+        if any(not token_id < self.arch.vocab_size for token_id in params.stop_token_ids):
+            raise InvalidRequestError(
+                f"stop_token_ids must be in [0, {self.arch.vocab_size})", "stop_token_ids"
+            )
         if max_tokens != params.max_tokens:
             params = _with_max_tokens(params, max_tokens)
         seq = SequenceState(
@@ -148,6 +160,26 @@ class LLMEngine:
             return False
         self.scheduler.abort(request_id)
         return True
+
+    def fail_request(self, request_id: str, message: str) -> RequestOutput | None:
+        """End one request with an error (its pages go back to the pool); the engine and
+        every other request go on. Returns its last output, finished with
+        `finish_reason` `error` and `error` = message; None if it was not running."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.abort(request_id)
+        completion = state.completion
+        completion.finish_reason, completion.error = "error", message
+        completion.new_text, completion.new_token_ids = "", []
+        return RequestOutput(
+            request_id,
+            state.prompt,
+            state.prompt_token_ids,
+            state.seq.adapter,
+            [completion],
+            finished=True,
+        )
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -172,16 +204,33 @@ class LLMEngine:
             self.info.eos_token_ids,
         )
         self.num_preemptions += len(scheduled.preempted)
-        tokens = {
-            state.request_id: token for state, token in zip(sampling, result.token_ids, strict=True)
-        }
-        self.scheduler.update_after_step(scheduled, tokens)
-        return [
-            self._record_token(state, token, logprobs)
-            for state, token, logprobs in zip(
-                sampling, result.token_ids, result.logprobs, strict=True
-            )
+        failed = [
+            self.fail_request(state.request_id, f"sampling failed: {failure}")
+            for state, failure in zip(sampling, result.failures, strict=True)
+            if failure is not None
         ]
+        sampled = [
+            (state, token, logprobs)
+            for state, token, logprobs, failure in zip(
+                sampling, result.token_ids, result.logprobs, result.failures, strict=True
+            )
+            if failure is None
+        ]
+        tokens = {state.request_id: token for state, token, _ in sampled}
+        self.scheduler.update_after_step(scheduled, tokens)
+        outputs = [self._record_or_fail(*row) for row in sampled]
+        return [output for output in failed + outputs if output is not None]
+
+    def _record_or_fail(
+        self, state: RequestState, token: int, logprobs: TokenLogprobs | None
+    ) -> RequestOutput | None:
+        """`_record_token`, but an error there (the detokenizer, a stop check) ends this
+        request alone."""
+        try:
+            return self._record_token(state, token, logprobs)
+        except Exception as error:
+            logger.exception("request %s failed after a step", state.request_id)
+            return self.fail_request(state.request_id, f"internal error: {error!r}")
 
     def _record_token(
         self, state: RequestState, token: int, logprobs: TokenLogprobs | None
@@ -238,14 +287,14 @@ class LLMEngine:
         limit, vocab = self.info.max_model_len, self.arch.vocab_size
         if not prompt:
             raise InvalidRequestError("the prompt is empty", "prompt")
-        if any(not 0 <= token < vocab for token in prompt):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if len(prompt) >= limit:
+        if len(prompt) >= limit:  # before looking at each token: the list may be huge
             raise InvalidRequestError(
                 f"the prompt has {len(prompt)} tokens; this model's maximum context length is "
                 f"{limit} tokens, prompt and output together",
                 "prompt",
             )
+        if any(not 0 <= token < vocab for token in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(prompt)
         if len(prompt) + max_tokens > limit:
             raise InvalidRequestError(

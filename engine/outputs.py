@@ -15,13 +15,16 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    """None while running; `stop` (EOS, a stop token or string), `length` or `abort`."""
+    """None while running; `stop` (EOS, a stop token or string), `length`, `abort`, or
+    `error` (this request alone failed; `error` says why)."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended it, if any."""
     logprobs: list[TokenLogprobs] | None = None
     new_text: str = ""
     """Text added by the step that produced this output (for streaming)."""
     new_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+    """Why the request failed, when `finish_reason` is `error`."""
 
 
 @dataclass

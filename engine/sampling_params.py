@@ -5,12 +5,22 @@ body, or directly by a library user) and validated on construction: a bad value
 raises `InvalidRequestError` naming the field, the value and the allowed range,
 which the server turns into a 400 with `param` set.
 
-Range choices:
-- `temperature` is any value >= 0, as in vLLM (OpenAI documents 0..2; an HTTP
-  layer that wants that limit applies it itself). Below `GREEDY_EPSILON` the
-  request is greedy: argmax, and top_k / top_p / min_p / seed play no part.
-- `top_k` 0 and -1 both mean "off" (vLLM accepts both).
+Every value must be one the sampler can compute with in float32, so that no
+request can make a step fail (vLLM's ranges, narrowed where float32 needs it):
+- `temperature` in [0, `MAX_TEMPERATURE`] (vLLM: >= 0, no upper bound; OpenAI: 0..2).
+  Above 100 a float32 softmax is as flat as it gets; at 1e39 the value is infinite in
+  float32 and -inf / inf is NaN. Below `GREEDY_EPSILON` the request is greedy:
+  argmax, and top_k / top_p / min_p / seed play no part.
+- `top_p` in (0, 1]. A value so small that float32 rounds it to 0 still keeps the
+  most likely token: the sampler always keeps it (see sampler.py).
+- `top_k` 0 and -1 both mean "off" (vLLM accepts both); otherwise 1..`MAX_TOP_K` (int32).
+- `repetition_penalty` in [`MIN_REPETITION_PENALTY`, 2]: vLLM's (0, 2], with a
+  floor, since dividing a logit by 1e-38 overflows float32.
+- `presence_penalty`, `frequency_penalty` in [-2, 2] (OpenAI's and vLLM's).
 - `logprobs` is limited to `MAX_LOGPROBS` (20, vLLM's default `max_logprobs`).
+- `max_tokens` >= 1 or None, as in vLLM (0 is refused, not read as "no limit").
+Counts and lengths (how many stop strings, how large `n`) are the server's limits
+(server/limits.py): a library caller may ask for what its machine can hold.
 """
 
 from __future__ import annotations
@@ -25,6 +35,16 @@ GREEDY_EPSILON = 1e-5
 
 MAX_LOGPROBS = 20
 """Most top logprobs a request may ask for per generated token."""
+
+MAX_TEMPERATURE = 100.0
+"""Highest temperature; hotter only flattens the distribution further, until it overflows."""
+
+MAX_TOP_K = 2**31 - 1
+"""Largest top_k (int32); anything above the vocabulary size keeps every token anyway."""
+
+MIN_REPETITION_PENALTY = 1e-4
+"""Smallest repetition penalty: far below any useful value, far above those that divide a
+logit past float32's range (1e-38 does)."""
 
 
 @dataclass
@@ -94,15 +114,25 @@ class SamplingParams:
                 self.min_tokens,
                 f"must be <= max_tokens ({self.max_tokens})",
             )
-        _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        _require(
+            0 <= self.temperature <= MAX_TEMPERATURE,
+            "temperature",
+            self.temperature,
+            f"must be in [0, {MAX_TEMPERATURE:g}]",
+        )
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _require(self.top_k >= -1, "top_k", self.top_k, "must be -1 or 0 (off), or >= 1")
+        _require(
+            -1 <= self.top_k <= MAX_TOP_K,
+            "top_k",
+            self.top_k,
+            f"must be -1 or 0 (off), or in [1, {MAX_TOP_K}]",
+        )
         _require(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         _require(
-            self.repetition_penalty > 0,
+            MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2,
             "repetition_penalty",
             self.repetition_penalty,
-            "must be > 0",
+            f"must be in [{MIN_REPETITION_PENALTY:g}, 2]",
         )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)

@@ -33,3 +33,8 @@ class ModelLoadError(LoraserveError, ValueError):
 
 class AdapterError(LoraserveError, ValueError):
     """A PEFT adapter folder that loraserve refuses; nothing of it was registered."""
+
+
+class RequestFailedError(LoraserveError):
+    """The engine ended this request alone (e.g. its sampling distribution broke down:
+    NaN logits); the engine and every other request go on."""

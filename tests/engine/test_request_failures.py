@@ -1,0 +1,85 @@
+"""A request that fails in a step fails alone: it finishes with `error`, its pages go back,
+and the requests batched with it get the tokens they get without it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from factories import make_adapter, make_model
+
+from loraserve import LLM, SamplingParams
+from loraserve.engine.sampler import NO_TOKEN_LEFT
+from loraserve.errors import InvalidRequestError
+
+NORMAL = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=10, temperature=0.9, seed=3, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    root = tmp_path_factory.mktemp("failures")
+    base = make_model(root / "model", "llama", seed=2)
+    make_adapter(base, root / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    return LLM(root / "model", adapters={"a": root / "a"}, device="cpu", dtype="float32")
+
+
+def assert_pool_is_back(llm: LLM) -> None:
+    assert not llm.engine.has_unfinished_requests()
+    llm.engine.memory.check_invariants()
+    assert llm.engine.memory.num_kv_pages == 0
+
+
+def test_a_row_the_sampler_cannot_sample_fails_alone(llm: LLM) -> None:
+    everything = list(range(llm.engine.arch.vocab_size))
+    doomed = SamplingParams(max_tokens=10, min_tokens=3, stop_token_ids=everything)
+    alone = llm.generate(["hello", "SELECT"], [NORMAL, SEEDED], adapter=[None, "a"])
+    outs = llm.generate(
+        ["hello", "hello world", "SELECT"], [NORMAL, doomed, SEEDED], adapter=[None, "a", "a"]
+    )
+    assert outs[1].finish_reason == "error" and outs[1].token_ids == []
+    assert NO_TOKEN_LEFT in (outs[1].outputs[0].error or "")
+    assert [outs[0].token_ids, outs[2].token_ids] == [alone[0].token_ids, alone[1].token_ids]
+    assert outs[0].finish_reason == outs[2].finish_reason == "length"
+    assert_pool_is_back(llm)
+
+
+def test_an_error_while_recording_a_token_fails_that_request_alone(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = llm.engine
+    add = engine.add_request
+
+    def add_with_a_broken_detokenizer(request_id: str, *args: Any, **kwargs: Any) -> None:
+        add(request_id, *args, **kwargs)
+        if engine.requests[request_id].prompt == "broken":
+            state = engine.requests[request_id]
+
+            def explode(token: int) -> str:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+
+            monkeypatch.setattr(state.detokenizer, "add_token", explode)
+
+    monkeypatch.setattr(engine, "add_request", add_with_a_broken_detokenizer)
+    alone = llm.generate(["hello"], NORMAL)[0]
+    outs = llm.generate(["hello", "broken"], NORMAL)
+    assert outs[0].token_ids == alone.token_ids
+    assert outs[1].finish_reason == "error" and "injected" in (outs[1].outputs[0].error or "")
+    assert_pool_is_back(llm)
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(llm: LLM) -> None:
+    vocab_size = llm.engine.arch.vocab_size
+    with pytest.raises(InvalidRequestError) as caught:
+        llm.generate(["hello"], SamplingParams(stop_token_ids=[3, vocab_size]))
+    assert caught.value.param == "stop_token_ids"
+    assert_pool_is_back(llm)
+
+
+def test_a_huge_token_list_is_refused_by_its_length_first(llm: LLM) -> None:
+    """Out-of-vocabulary ids too, but the length is what is reported: it is checked
+    before the ids are looked at one by one."""
+    limit = llm.engine.info.max_model_len
+    with pytest.raises(InvalidRequestError, match=f"{limit * 4} tokens"):
+        llm.generate(prompt_token_ids=[[10**9] * (limit * 4)])
+    assert_pool_is_back(llm)
