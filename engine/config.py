@@ -62,9 +62,25 @@ class ModelConfig:
         )
 
     def torch_device(self) -> torch.device:
+        """The device; ValueError for a CUDA device this torch cannot use."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                build = (
+                    f"for CUDA {torch.version.cuda}" if torch.version.cuda else "for the CPU only"
+                )
+                raise ValueError(
+                    f"device {self.device}: no CUDA device is available (torch "
+                    f"{torch.__version__} is built {build}); use --device cpu"
+                )
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"device {self.device}: only {torch.cuda.device_count()} CUDA device(s) "
+                    "are visible"
+                )
+        return device
 
     def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
         if self.dtype != "auto":

@@ -137,10 +137,7 @@ class LLMEngine:
                 raise InvalidRequestError("a request needs a prompt or prompt_token_ids", "prompt")
             prompt_token_ids = self.tokenizer.encode(prompt)
         max_tokens = self._check_lengths(prompt_token_ids, params, adapter)
-        if any(not token_id < self.arch.vocab_size for token_id in params.stop_token_ids):
-            raise InvalidRequestError(
-                f"stop_token_ids must be in [0, {self.arch.vocab_size})", "stop_token_ids"
-            )
+        self._check_stop_token_ids(params)
         if max_tokens != params.max_tokens:
             params = _with_max_tokens(params, max_tokens)
         seq = SequenceState(
@@ -264,16 +261,16 @@ class LLMEngine:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _stop_ids(self, state: RequestState) -> set[int]:
-        ids = set(state.params.stop_token_ids)
-        if not state.params.ignore_eos:
+    def _stop_ids_of(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
             ids.update(self.info.eos_token_ids)
         return ids
 
     def _stop_reason(self, state: RequestState, token: int) -> str | None:
         """`stop` for EOS / stop tokens, `length` at max_tokens or the context limit."""
         num_outputs = len(state.seq.output_token_ids)
-        if num_outputs > state.params.min_tokens and token in self._stop_ids(state):
+        if num_outputs > state.params.min_tokens and token in self._stop_ids_of(state.params):
             state.completion.stop_reason = None if token in self.info.eos_token_ids else token
             return "stop"
         if num_outputs >= (state.params.max_tokens or 0):
@@ -281,6 +278,18 @@ class LLMEngine:
         if state.seq.num_tokens >= self.info.max_model_len:
             return "length"
         return None
+
+    def _check_stop_token_ids(self, params: SamplingParams) -> None:
+        """Within the vocabulary, and leaving a token to sample before `min_tokens`."""
+        vocab = self.arch.vocab_size
+        if any(not token_id < vocab for token_id in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        if params.min_tokens and len(self._stop_ids_of(params)) >= vocab:
+            raise InvalidRequestError(
+                "stop_token_ids (with EOS) cover the whole vocabulary: with min_tokens, no "
+                "token could ever be generated",
+                "stop_token_ids",
+            )
 
     def _check_lengths(self, prompt: list[int], params: SamplingParams, adapter: str | None) -> int:
         """Validate the prompt against the context and the pool; returns max_tokens."""

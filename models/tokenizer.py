@@ -111,6 +111,23 @@ class Tokenizer:
         """Token ids of `text`; `add_special_tokens` runs tokenizer.json's post-processor (BOS)."""
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def encode_at_most(
+        self, text: str, max_tokens: int, add_special_tokens: bool = True
+    ) -> tuple[int, list[int] | None]:
+        """The number of tokens of `text`, and its ids if there are at most `max_tokens`
+        (else None: the ids of a huge text never become a Python list, which would hold
+        the GIL for tens of milliseconds per million tokens; tokenizing itself does not)."""
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        num_tokens = len(encoding)
+        return num_tokens, (list(encoding.ids) if num_tokens <= max_tokens else None)
+
+    @property
+    def longest_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: no token stands for more characters
+        of text (byte-level entries spell one byte per character, byte-fallback entries
+        `<0x41>` stand for one byte)."""
+        return max(len(token) for token in self.backend.get_vocab(with_added_tokens=True))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids`."""
         return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))

@@ -3,13 +3,16 @@ and the requests batched with it get the tokens they get without it."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
+import torch
 from factories import make_adapter, make_model
 
 from loraserve import LLM, SamplingParams
-from loraserve.engine.sampler import NO_TOKEN_LEFT
+from loraserve.engine import engine as engine_module
+from loraserve.engine.sampler import NOT_FINITE
 from loraserve.errors import InvalidRequestError
 
 NORMAL = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -30,17 +33,37 @@ def assert_pool_is_back(llm: LLM) -> None:
     assert llm.engine.memory.num_kv_pages == 0
 
 
-def test_a_row_the_sampler_cannot_sample_fails_alone(llm: LLM) -> None:
-    everything = list(range(llm.engine.arch.vocab_size))
-    doomed = SamplingParams(max_tokens=10, min_tokens=3, stop_token_ids=everything)
+def test_a_row_the_sampler_cannot_sample_fails_alone(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN logits for one request (as a broken model would give): it alone fails."""
+    real_sample = engine_module.sample
+
+    def poisoned_sample(logits: torch.Tensor, params: Any, states: Any, *args: Any) -> Any:
+        logits = logits.clone()
+        for row, state in enumerate(states):
+            if state.prompt == "poisoned":
+                logits[row, 7] = math.nan
+        return real_sample(logits, params, states, *args)
+
     alone = llm.generate(["hello", "SELECT"], [NORMAL, SEEDED], adapter=[None, "a"])
+    monkeypatch.setattr(engine_module, "sample", poisoned_sample)
     outs = llm.generate(
-        ["hello", "hello world", "SELECT"], [NORMAL, doomed, SEEDED], adapter=[None, "a", "a"]
+        ["hello", "poisoned", "SELECT"], [NORMAL, NORMAL, SEEDED], adapter=[None, "a", "a"]
     )
     assert outs[1].finish_reason == "error" and outs[1].token_ids == []
-    assert NO_TOKEN_LEFT in (outs[1].outputs[0].error or "")
+    assert NOT_FINITE in (outs[1].outputs[0].error or "")
     assert [outs[0].token_ids, outs[2].token_ids] == [alone[0].token_ids, alone[1].token_ids]
     assert outs[0].finish_reason == outs[2].finish_reason == "length"
+    assert_pool_is_back(llm)
+
+
+def test_stop_token_ids_that_leave_nothing_before_min_tokens_are_refused(llm: LLM) -> None:
+    everything = list(range(llm.engine.arch.vocab_size))
+    with pytest.raises(InvalidRequestError, match="whole vocabulary") as caught:
+        llm.generate(["hello"], SamplingParams(min_tokens=1, stop_token_ids=everything))
+    assert caught.value.param == "stop_token_ids"
+    assert llm.generate(["hello"], SamplingParams(max_tokens=2, stop_token_ids=everything))
     assert_pool_is_back(llm)
 
 

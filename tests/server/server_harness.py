@@ -26,6 +26,7 @@ from loraserve.engine.llm import build_config
 from loraserve.server.app import create_app
 from loraserve.server.auth import Tenants
 from loraserve.server.config import ServerConfig
+from loraserve.server.limits import RequestLimits
 
 ADAPTERS = {
     "attn8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -66,16 +67,29 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     return Assets(root / "tiny-llama", root / "adapters", spare, base_model)
 
 
-class ServerThread:
-    """uvicorn serving `app` from a background thread, on a free port of 127.0.0.1."""
+def free_socket() -> socket.socket:
+    """A socket bound to a free port of 127.0.0.1."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
-    def __init__(self, app: Any) -> None:
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+
+def url_of(sock: socket.socket) -> str:
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+class ServerThread:
+    """uvicorn serving `app` from a background thread, on a free port of 127.0.0.1
+    (and on `extra_sockets`, e.g. a metrics port)."""
+
+    def __init__(self, app: Any, extra_sockets: tuple[socket.socket, ...] = ()) -> None:
+        self._socket = free_socket()
+        self._sockets = [self._socket, *extra_sockets]
+        self.url = url_of(self._socket)
+        self.extra_urls = [url_of(sock) for sock in extra_sockets]
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+            target=self._server.run, kwargs={"sockets": self._sockets}, daemon=True
         )
         self._thread.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -87,7 +101,8 @@ class ServerThread:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(STARTUP_TIMEOUT_S)
-        self._socket.close()
+        for sock in self._sockets:
+            sock.close()
 
     def client(self, api_key: str = "unused", **options: Any) -> openai.OpenAI:
         """The official client; no retries, so that a 429 or 5xx shows as it is."""
@@ -109,13 +124,20 @@ def start_server(
     assets: Assets,
     engine_options: dict[str, Any] | None = None,
     tenants: Tenants | None = None,
+    limits: RequestLimits | None = None,
+    metrics_socket: socket.socket | None = None,
     **server_options: Any,
 ) -> Running:
-    """A server over a fresh engine with the session's adapters registered."""
+    """A server over a fresh engine with the session's adapters registered; with
+    `metrics_socket`, its port is the server's --metrics-port."""
     options = {**ENGINE_OPTIONS, **(engine_options or {})}
     engine = AsyncEngine(LLMEngine(build_config(str(assets.model), **options)), assets.adapters)
-    app = create_app(engine, ServerConfig(**server_options), tenants)
-    return Running(ServerThread(app), engine)
+    extra: tuple[socket.socket, ...] = ()
+    if metrics_socket is not None:
+        server_options["metrics_port"] = metrics_socket.getsockname()[1]
+        extra = (metrics_socket,)
+    app = create_app(engine, ServerConfig(**server_options), tenants, limits)
+    return Running(ServerThread(app, extra), engine)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from server_harness import ADAPTERS, Assets, wait_for
 from loraserve.server import cli
 from loraserve.server.config import ServerConfig
 
-CONFIGS = (*cli.ENGINE_CONFIGS, ServerConfig)
+CONFIGS = (*cli.ENGINE_CONFIGS, *cli.SERVER_CONFIGS)
 
 
 def help_text(command: str, capsys: pytest.CaptureFixture[str]) -> str:
@@ -136,9 +136,15 @@ def test_demo_serves_the_demo_assets_on_the_cpu(
         demo_assets, "ensure_demo_assets", lambda **_: (assets.model, assets.adapters)
     )
     served = {}
-    monkeypatch.setattr(cli, "serve", lambda *args: served.setdefault("args", args))
-    assert cli.main(["demo", "--port", "8123"]) == 0
-    engine_config, server_config, adapters = served["args"]
+
+    def serve(*args: object) -> int:
+        served["args"] = args
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    assert cli.main(["demo", "--port", "8123", "--max-n", "4"]) == 0
+    engine_config, server_config, adapters, limits = served["args"]
+    assert limits.max_n == 4
     assert engine_config.model.model == str(assets.model)
     assert engine_config.model.device == "cpu"
     assert engine_config.model.served_model_name == cli.DEMO_MODEL_NAME
