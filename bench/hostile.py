@@ -3,7 +3,8 @@
     python -m bench.hostile                          # every case, one server each
     python -m bench.hostile --case prompt-5mib --output result.json
 
-For each case: start `loraserve serve` on the CPU benchmark model (bench/models.py's
+For each case: start `loraserve serve` (its default limits, unless `--server-arg` says
+otherwise) on the CPU benchmark model (bench/models.py's
 `cpu` shape, random weights, word-level tokenizer) on a free port of 127.0.0.1, run
 `--streams` background streams (greedy, `ignore_eos`, long) and a /health poller, wait
 until every stream has produced tokens, then send the hostile request once and keep
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import threading
 import time
@@ -34,7 +36,6 @@ from bench.compare import BASE_MODEL_NAME, default_cache_dir, ensure_assets, lor
 from bench.metrics import run_metadata
 
 RESULTS = Path(__file__).parent / "results"
-BODY_LIMIT_BYTES = 32 * 2**20  # above every hostile body, so that size alone refuses none
 HEALTH_INTERVAL_S = 0.05
 HEALTH_TIMEOUT_S = 30.0
 
@@ -76,7 +77,7 @@ class Watch:
         """The longest wait for a stream's next chunk that overlaps [start, end]."""
         worst = 0.0
         for times in self.chunks:
-            for before, after in zip(times, times[1:], strict=False):
+            for before, after in itertools.pairwise(times):
                 if after >= start and before <= end:
                     worst = max(worst, after - before)
         return worst
@@ -161,7 +162,7 @@ def run_case(name: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     model, _ = ensure_assets("cpu", (8,), 0, args.cache_dir, "float32")
-    server_args = ["--device", "cpu", f"--max-request-body-bytes={BODY_LIMIT_BYTES}"]
+    server_args = ["--device", "cpu", *args.server_arg]
     results = []
     for name in CASES if args.case == "all" else [args.case]:
         with loraserve_server(model, {}, server_args) as url:
@@ -180,6 +181,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=4, help="background streams")
     parser.add_argument("--baseline", type=float, default=2.0, help="seconds watched before")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds watched after")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `loraserve serve` argument (repeatable), e.g. --server-arg=--max-n=100000",
+    )
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--output", type=Path)
     return parser.parse_args(argv)
