@@ -15,17 +15,22 @@ request (baseline) and from its sending to `--settle` seconds after its answer.
 Cases (what issue 10 found): `prompt-5mib` (a 5 MiB text prompt), `token-ids-14mb` (a
 14 MB JSON list of token ids), `n-20000` (n=20000 completions of a short prompt).
 The client runs in this process: its threads share this process's GIL, not the server's.
+
+`tokenizer` (in-process, no server): the event loop's worst stall while the server's
+prompt code tokenizes a 5 MiB text and renders a 5 MiB chat message in its worker
+thread, against tokenizing on the loop itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import itertools
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,12 @@ import httpx
 
 from bench.compare import BASE_MODEL_NAME, default_cache_dir, ensure_assets, loraserve_server
 from bench.metrics import run_metadata
+from loraserve.errors import InvalidRequestError
+from loraserve.models.tokenizer import Tokenizer
+from loraserve.server.prompts import PromptBuilder
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+"""The benchmark model has no chat template; this one renders every message in full."""
 
 RESULTS = Path(__file__).parent / "results"
 HEALTH_INTERVAL_S = 0.05
@@ -159,16 +170,79 @@ def run_case(name: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def _loop_stall(work: Callable[[], Awaitable[Any]]) -> tuple[float, float, str]:
+    """(worst gap between 1 ms ticks of the event loop, seconds, outcome) while `work` runs."""
+    worst, done = 0.0, asyncio.Event()
+
+    async def tick() -> None:
+        nonlocal worst
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            worst, last = max(worst, now - last), now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.05)
+    start = time.perf_counter()
+    try:
+        await work()
+        outcome = "accepted"
+    except InvalidRequestError as error:
+        outcome = str(error)[:120]
+    elapsed = time.perf_counter() - start
+    done.set()
+    await ticker
+    return worst, elapsed, outcome
+
+
+def tokenizer_stalls(model: Path) -> list[dict[str, Any]]:
+    """The event loop's worst stall while the server's prompt code tokenizes a 5 MiB text
+    and renders a 5 MiB chat message (in-process, with the character bound lifted, as for
+    a long-context model whose bound does not refuse 5 MiB)."""
+    tokenizer = Tokenizer.from_folder(model)
+    builder = PromptBuilder(tokenizer, max_model_len=1024)
+    builder.max_prompt_chars = 2**30
+    tokenizer.chat_templates["default"] = CHAT_TEMPLATE
+    text = _prompt_5mib()["prompt"]
+    messages = [{"role": "user", "content": text}]
+    cases = {
+        "tokenize-5mib-in-worker": lambda: builder.completion_prompts(text),
+        "chat-5mib-in-worker": lambda: builder.chat_prompt(messages, True),
+        "tokenize-5mib-on-loop (for comparison)": lambda: _on_loop(tokenizer, text),
+    }
+    results = []
+    for name, work in cases.items():
+        worst, elapsed, outcome = asyncio.run(_loop_stall(work))
+        results.append(
+            {
+                "case": name,
+                "loop_worst_gap_s": round(worst, 4),
+                "seconds": round(elapsed, 3),
+                "outcome": outcome,
+            }
+        )
+    return results
+
+
+async def _on_loop(tokenizer: Tokenizer, text: str) -> None:
+    tokenizer.encode(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     model, _ = ensure_assets("cpu", (8,), 0, args.cache_dir, "float32")
     server_args = ["--device", "cpu", *args.server_arg]
     results = []
-    for name in CASES if args.case == "all" else [args.case]:
+    for name in CASES if args.case == "all" else [c for c in [args.case] if c in CASES]:
         with loraserve_server(model, {}, server_args) as url:
             result = run_case(name, url, args)
         print(json.dumps(result), flush=True)
         results.append(result)
+    if args.case in ("all", "tokenizer"):
+        for result in tokenizer_stalls(model):
+            print(json.dumps(result), flush=True)
+            results.append(result)
     output = args.output or RESULTS / f"{datetime.date.today().isoformat()}-hostile.json"
     record = {**run_metadata(), "args": {k: str(v) for k, v in vars(args).items()}}
     output.write_text(json.dumps({**record, "results": results}, indent=2) + "\n")
@@ -177,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", choices=["all", *CASES], default="all")
+    parser.add_argument("--case", choices=["all", *CASES, "tokenizer"], default="all")
     parser.add_argument("--streams", type=int, default=4, help="background streams")
     parser.add_argument("--baseline", type=float, default=2.0, help="seconds watched before")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds watched after")

@@ -103,19 +103,19 @@ class PromptBuilder:
                     "which is not a Unicode character",
                     param,
                 ) from None
-        num_tokens, ids = self.tokenizer.encode_at_most(
-            text, self.max_model_len - 1, add_special_tokens
-        )
-        if ids is None:
-            raise _too_long(num_tokens, self.max_model_len, param)
-        return Prompt(text, ids)
+        encoded = self.tokenizer.encode_at_most(text, self.max_model_len - 1, add_special_tokens)
+        if encoded.ids is None:
+            raise _too_long(encoded.num_tokens, self.max_model_len, param, encoded.exact)
+        return Prompt(text, encoded.ids)
 
 
-def _too_long(num_tokens: int, max_model_len: int, param: str) -> InvalidRequestError:
+def _too_long(
+    num_tokens: int, max_model_len: int, param: str, exact: bool = True
+) -> InvalidRequestError:
     """The engine's words for the same refusal."""
     return InvalidRequestError(
-        f"the prompt has {num_tokens} tokens; this model's maximum context length is "
-        f"{max_model_len} tokens, prompt and output together",
+        f"the prompt has {'' if exact else 'at least '}{num_tokens} tokens; this model's "
+        f"maximum context length is {max_model_len} tokens, prompt and output together",
         param,
     )
 
