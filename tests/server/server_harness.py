@@ -118,6 +118,7 @@ class Running:
 
     server: ServerThread
     engine: AsyncEngine
+    app: Any
 
 
 def start_server(
@@ -137,7 +138,7 @@ def start_server(
         server_options["metrics_port"] = metrics_socket.getsockname()[1]
         extra = (metrics_socket,)
     app = create_app(engine, ServerConfig(**server_options), tenants, limits)
-    return Running(ServerThread(app, extra), engine)
+    return Running(ServerThread(app, extra), engine, app)
 
 
 @pytest.fixture(scope="module")

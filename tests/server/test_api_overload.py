@@ -3,6 +3,7 @@ flight (500) and later ones (503) instead of hanging, and /health says so."""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -82,3 +83,43 @@ def test_an_engine_failure_fails_requests_in_flight_then_503(
         assert http.get("/health").status_code == 503
         assert http.get("/v1/models").status_code == 200
         assert metric(http.get("/metrics").text, "loraserve_engine_healthy") == 0
+
+
+def test_a_request_the_engine_fails_alone_does_not_touch_the_others(
+    assets: Assets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN logits for one request (a model fault attributable to it): that request gets the
+    error, streams beside it run to their end, and the engine stays healthy."""
+    from loraserve.engine import engine as engine_module
+
+    real_sample = engine_module.sample
+
+    def poisoned_sample(logits: Any, params: Any, states: Any, *args: Any) -> Any:
+        logits = logits.clone()
+        for row, state in enumerate(states):
+            if state.prompt == "poisoned" and len(state.output_token_ids) >= 3:
+                logits[row, 5] = math.nan
+        return real_sample(logits, params, states, *args)
+
+    monkeypatch.setattr(engine_module, "sample", poisoned_sample)
+    running = start_server(assets)
+    try:
+        client = running.server.client(timeout=30)
+        with ThreadPoolExecutor(2) as pool:
+            stream = client.completions.create(model="attn8", prompt="a", stream=True, **LONG)
+            chunks = iter(stream)
+            next(chunks)
+            beside = pool.submit(client.completions.create, model="mlp4", prompt="b", **LONG)
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.completions.create(model="all6", prompt="poisoned", **LONG)
+            assert caught.value.body["code"] == "request_failed"  # type: ignore[index]
+            assert "not finite" in str(caught.value)
+            text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+            assert beside.result(timeout=60).usage.completion_tokens == 200  # type: ignore[union-attr]
+        assert text
+        with running.server.http() as http:
+            assert http.get("/health").status_code == 200
+            assert metric(http.get("/metrics").text, "loraserve_engine_healthy") == 1
+        assert wait_for(lambda: running.engine.engine.memory.num_kv_pages == 0)
+    finally:
+        running.server.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from server_harness import ADAPTERS, Assets, wait_for
 
 from loraserve.server import cli
@@ -150,3 +152,73 @@ def test_demo_serves_the_demo_assets_on_the_cpu(
     assert engine_config.model.served_model_name == cli.DEMO_MODEL_NAME
     assert server_config.port == 8123 and server_config.host == "127.0.0.1"
     assert adapters == assets.adapters
+
+
+def run_and_fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """`loraserve` refuses to start: status 1 and one `loraserve: error:` line, no traceback."""
+    assert cli.main([*argv, "--log-level", "error", "--port", str(free_port())]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loraserve: error: "), lines
+    return lines[0]
+
+
+def test_a_truncated_model_file_is_one_error_line(
+    assets: Assets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(assets.model, tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = run_and_fail(["serve", "--model", str(tmp_path / "model"), "--device", "cpu"], capsys)
+    assert "model.safetensors" in line and "truncated" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA devices")
+def test_cuda_without_a_cuda_device_is_one_error_line(
+    assets: Assets, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = run_and_fail(["serve", "--model", str(assets.model), "--device", "cuda"], capsys)
+    assert "no CUDA device" in line and "--device cpu" in line
+
+
+@pytest.mark.parametrize("what", ["missing", "file", "empty"])
+def test_a_bad_model_folder_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str
+) -> None:
+    folder = tmp_path / "model"
+    if what == "file":
+        folder.write_text("not a folder")
+    elif what == "empty":
+        folder.mkdir()
+    line = run_and_fail(["serve", "--model", str(folder), "--device", "cpu"], capsys)
+    assert str(folder) in line
+
+
+def test_a_port_in_use_is_one_error_line_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--model", str(tmp_path / "no-model"), "--log-level", "error"]
+        assert cli.main([*argv, "--port", str(port)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("loraserve: error: ") and f"127.0.0.1:{port}" in line
+    assert "\n" not in line and "no-model" not in line  # the port was checked first
+
+
+def test_an_adapter_named_like_the_base_model_is_one_error_line(
+    assets: Assets, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["serve", "--model", str(assets.model), "--device", "cpu", "--pool-pages", "32"]
+    argv += ["--adapter-dir", str(assets.adapter_dir), "--served-model-name", "attn8"]
+    assert "base model" in run_and_fail(argv, capsys)
+
+
+def test_an_empty_metrics_key_file_is_one_error_line(
+    assets: Assets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "key").write_text("\n")
+    argv = ["serve", "--model", str(assets.model), "--device", "cpu", "--pool-pages", "32"]
+    line = run_and_fail([*argv, "--metrics-key-file", str(tmp_path / "key")], capsys)
+    assert "one token" in line
