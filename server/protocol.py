@@ -30,6 +30,13 @@ from pydantic import (
     Tag,
 )
 
+from loraserve.engine.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
+)
+
 MAX_MESSAGES = 4096
 """Most messages in one conversation; validating each costs a few microseconds of the
 event loop."""
@@ -45,27 +52,36 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+MaxTokens = Annotated[int, Field(ge=1)]
+
+
 class SamplingFields(Request):
-    """Sampling fields common to both endpoints (OpenAI's, then vLLM's extras)."""
+    """Sampling fields common to both endpoints (OpenAI's, then vLLM's extras).
+
+    The ranges are SamplingParams' (engine/sampling_params.py, which says why), stated
+    here too so that the OpenAPI schema tells clients (and fuzzers) what is accepted;
+    limits on counts are the server's (server/limits.py)."""
 
     model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    min_tokens: int = 0
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=2)] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
@@ -97,8 +113,8 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
     prompt: PromptInput
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: MaxTokens | None = 16
+    logprobs: Logprobs | None = None
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -138,10 +154,10 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[
         list[ChatMessage], Field(min_length=1), BeforeValidator(_at_most_max_messages)
     ]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Logprobs | None = None
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
