@@ -5,8 +5,11 @@ helpers to read /metrics. The fixtures reach tests through conftest.py.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -65,6 +68,41 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     spare = root / "spare"
     make_adapter(base_model, spare / "extra", seed=9, r=5, lora_alpha=10, target_modules=["v_proj"])
     return Assets(root / "tiny-llama", root / "adapters", spare, base_model)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_process(assets: Assets, *options: str) -> tuple[subprocess.Popen[str], str]:
+    """`loraserve serve` in a process of its own, on a free port of 127.0.0.1, serving the
+    tiny model and the adapter folder on the CPU: (the process, its URL) once /health is 200.
+    Its stdout and stderr are one text pipe; the caller stops it."""
+    port = free_port()
+    command = [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(assets.model)]
+    command += ["--adapter-dir", str(assets.adapter_dir), "--port", str(port), "--device", "cpu"]
+    process = subprocess.Popen(
+        [*command, "--pool-pages", "64", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    started = wait_for(lambda: _health(url) == 200 or process.poll() is not None, timeout_s=90)
+    if not started or process.poll() is not None:
+        process.kill()
+        raise AssertionError(f"loraserve did not start: {process.communicate()[0]}")
+    return process, url
+
+
+def _health(url: str) -> int:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
 
 
 def free_socket() -> socket.socket:

@@ -5,19 +5,15 @@ installed command serves a model folder and an --adapter-dir."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
-from server_harness import ADAPTERS, Assets, wait_for
+from server_harness import ADAPTERS, Assets, free_port, start_process
 
 from loraserve.server import cli
 from loraserve.server.config import ServerConfig
@@ -87,29 +83,9 @@ def test_adapter_dir_registers_every_peft_folder_by_name(assets: Assets, tmp_pat
         cli.adapters_of(twice)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) -> None:
-    port = free_port()
-    command = [sys.executable, "-m", "loraserve.server.cli", "serve"]
-    options = ["--model", str(assets.model), "--adapter-dir", str(assets.adapter_dir)]
-    options += ["--port", str(port), "--device", "cpu", "--pool-pages", "64"]
-    options += ["--served-model-name", "tiny", "--log-level", "warning"]
-    process = subprocess.Popen(
-        [*command, *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_process(assets, "--served-model-name", "tiny", "--log-level", "warning")
     try:
-        assert wait_for(lambda: _healthy(url) or process.poll() is not None, timeout_s=90)
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"tiny", *ADAPTERS}
         answer = client.completions.create(model="mlp4", prompt="hello", max_tokens=3)
@@ -119,13 +95,6 @@ def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) 
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     assert "open" in output  # it said it runs without API keys
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_demo_serves_the_demo_assets_on_the_cpu(

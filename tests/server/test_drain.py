@@ -4,10 +4,9 @@ exits 0; a drain that runs out of time cuts what is left and exits 1."""
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import Assets, wait_for
-from test_cli import free_port
+from server_harness import Assets, start_process, wait_for
 
 STREAM = {
     "model": "attn8",
@@ -31,22 +29,9 @@ STREAM = {
 
 @contextmanager
 def serving(assets: Assets, drain_seconds: float) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    port = free_port()
-    command = [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(assets.model)]
-    command += ["--adapter-dir", str(assets.adapter_dir), "--port", str(port), "--device", "cpu"]
-    command += ["--pool-pages", "64", "--log-level", "warning"]
-    command += ["--drain-timeout-seconds", str(drain_seconds)]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    drain = ["--drain-timeout-seconds", str(drain_seconds), "--log-level", "warning"]
+    process, url = start_process(assets, *drain)
     try:
-        assert wait_for(lambda: _status(url) == 200 or process.poll() is not None, timeout_s=90)
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
         yield process, url
     finally:
         if process.poll() is None:
@@ -54,11 +39,13 @@ def serving(assets: Assets, drain_seconds: float) -> Iterator[tuple[subprocess.P
         process.communicate(timeout=30)
 
 
-def _status(url: str) -> int:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code
-    except httpx.HTTPError:
-        return 0
+def stream_then_sigterm(process: subprocess.Popen[str], url: str) -> Stream:
+    """A long stream under way, then SIGTERM."""
+    stream = Stream(url)
+    stream.start()
+    assert stream.started.wait(30)
+    process.send_signal(signal.SIGTERM)
+    return stream
 
 
 class Stream(threading.Thread):
@@ -73,8 +60,6 @@ class Stream(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        import json
-
         try:
             with (
                 httpx.Client(timeout=60) as http,
@@ -98,10 +83,7 @@ class Stream(threading.Thread):
 @pytest.mark.slow
 def test_sigterm_drains_then_exits_0(assets: Assets) -> None:
     with serving(assets, drain_seconds=25) as (process, url):
-        stream = Stream(url)
-        stream.start()
-        assert stream.started.wait(30)
-        process.send_signal(signal.SIGTERM)
+        stream = stream_then_sigterm(process, url)
         with httpx.Client(base_url=url, timeout=10) as http:
             assert wait_for(lambda: http.get("/health").status_code == 503, timeout_s=10)
             assert http.get("/health").json()["error"]["code"] == "draining"
@@ -119,10 +101,7 @@ def test_sigterm_drains_then_exits_0(assets: Assets) -> None:
 @pytest.mark.slow
 def test_a_drain_that_runs_out_of_time_cuts_and_exits_1(assets: Assets) -> None:
     with serving(assets, drain_seconds=0) as (process, url):
-        stream = Stream(url)
-        stream.start()
-        assert stream.started.wait(30)
-        process.send_signal(signal.SIGTERM)
+        stream = stream_then_sigterm(process, url)
         assert process.wait(timeout=30) == 1
         stream.join(30)
     assert stream.completion_tokens() < STREAM["max_tokens"]  # cut: no final usage, or fewer
