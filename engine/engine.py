@@ -227,6 +227,8 @@ class LLMEngine:
             return self._record_token(state, token, logprobs)
         except Exception as error:
             logger.exception("request %s failed after a step", state.request_id)
+            # It may be finished already; failing it anyway is what ends its stream.
+            self.requests.setdefault(state.request_id, state)
             return self.fail_request(state.request_id, f"internal error: {error!r}")
 
     def _record_token(
