@@ -7,9 +7,11 @@ message to the event loop, where all state lives: the output processor (fan-out,
 detokenizing, stop strings), the streams of running requests, the pending calls.
 Requests are sent as token ids; what comes back is one message per step.
 
-If the core process dies or reports a fault, every request in flight fails with
-`EngineError`, later calls fail at once with `EngineDeadError`, and `is_healthy`
-turns False (the server's /health reports it).
+A request the core failed alone (`finish_reason` `error`: its sampling broke down)
+raises `RequestFailedError` in its own stream, and its other completions stop;
+nothing else notices. If the core process dies or reports a fault, every request in
+flight fails with `EngineError`, later calls fail at once with `EngineDeadError`, and
+`is_healthy` turns False (the server's /health reports it).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from loraserve.errors import (
     EngineError,
     InvalidRequestError,
     ModelLoadError,
+    RequestFailedError,
 )
 from loraserve.models.tokenizer import Tokenizer
 
@@ -225,6 +228,7 @@ class AsyncEngine:
         self._bind_loop()
         if request_id in self._running:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self._check_token_ids(prompt_token_ids)
         subs = self.processor.add_request(request_id, prompt_token_ids, params)
         sub_ids = [sub_id for sub_id, _ in subs]
         stream = RequestStream(self, request_id, len(subs))
@@ -239,6 +243,16 @@ class AsyncEngine:
                 self._send(ipc.Abort(sub_ids))  # it may have been added just before
             raise
         return stream
+
+    def _check_token_ids(self, prompt_token_ids: list[int]) -> None:
+        """Ids within the vocabulary, looked at only once the length is known to fit: the
+        core checks again, but an id beyond 64 bits could not even be sent to it."""
+        assert self.info is not None
+        limit, vocab = self.info.max_model_len, self.info.vocab_size
+        if len(prompt_token_ids) >= limit:
+            return  # the core refuses it with the lengths in its message
+        if prompt_token_ids and not (min(prompt_token_ids) >= 0 and max(prompt_token_ids) < vocab):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
 
     async def generate(
         self,
@@ -371,6 +385,10 @@ class AsyncEngine:
         for request_id, delta in processed.deltas:
             running = self._running.get(request_id)
             if running is None:
+                continue
+            if delta.error is not None:  # this request failed alone: so do its other completions
+                running.stream.queue.put_nowait(RequestFailedError(delta.error))
+                self.abort(request_id)
                 continue
             running.stream.queue.put_nowait(delta)
             if delta.finished:

@@ -136,6 +136,7 @@ class RuntimeInfo:
     num_pages: int
     page_numel: int
     max_model_len: int
+    vocab_size: int
     eos_token_ids: tuple[int, ...]
     served_model_name: str
 

@@ -10,6 +10,10 @@ The core works in token ids: tokenizing, detokenizing and stop strings are the
 front end's (engine/output_processor.py), in the server's process or in `LLM`.
 It is not thread-safe: one thread drives it (the engine-core process's loop, or
 `LLM.generate`).
+
+A failure that belongs to one request (the sampler could not sample its row) ends
+that request alone with `finish_reason` `error` (`fail_request`); the step goes on
+for the others. Anything else a step raises is an engine fault and propagates.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class EngineCore:
             num_pages=self.runner.num_pages,
             page_numel=self.geometry.page_numel,
             max_model_len=resolve_max_model_len(self.arch, config.model.max_model_len),
+            vocab_size=self.arch.vocab_size,
             eos_token_ids=eos,
             served_model_name=config.model.served_model_name or Path(folder).resolve().name,
         )
@@ -120,13 +125,11 @@ class EngineCore:
         if adapter is not None and adapter not in self.store:
             raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
         max_tokens = self._check_lengths(prompt_token_ids, params, adapter)
+        stops = self._stop_token_ids(params)
         if max_tokens != params.max_tokens:
             params = replace(params, max_tokens=max_tokens)
         seq = SequenceState(request_id=request_id, adapter=adapter, token_ids=prompt_token_ids)
-        stops = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stops.update(self.info.eos_token_ids)
-        self.requests[request_id] = RequestState(params, seq, frozenset(stops))
+        self.requests[request_id] = RequestState(params, seq, stops)
         self.runner.add_request(request_id, params)
         self.scheduler.add(seq)
 
@@ -154,6 +157,12 @@ class EngineCore:
                 self.abort_request(request_id)
             raise
 
+    def fail_request(self, request_id: str, message: str) -> EngineOutput:
+        """End one request with an error (its pages go back to the pool); the engine and
+        every other request go on. Its last output says why."""
+        self.abort_request(request_id)
+        return EngineOutput(request_id, [], finish_reason="error", error=message)
+
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now; its pages go back to the pool. False if it was not running."""
         if self.requests.pop(request_id, None) is None:
@@ -176,13 +185,26 @@ class EngineCore:
         return self._postprocess(plan, sampled)
 
     def _postprocess(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[EngineOutput]:
-        """Append each sampled token, finish the requests that stop, report what changed."""
+        """Append each sampled token, finish the requests that stop, report what changed.
+
+        A row the sampler could not sample fails its request alone (`fail_request`)."""
         self.num_preemptions += len(plan.preempted)
-        sampling = [chunk.seq for chunk in plan.chunks if chunk.samples]
-        tokens = dict(zip((seq.request_id for seq in sampling), sampled.token_ids, strict=True))
+        rows = zip(
+            (chunk.seq for chunk in plan.chunks if chunk.samples),
+            sampled.token_ids,
+            sampled.logprobs,
+            sampled.failures,
+            strict=True,
+        )
+        outputs, good = [], []
+        for seq, token, logprobs, failure in rows:
+            if failure is None:
+                good.append((seq, token, logprobs))
+            else:
+                outputs.append(self.fail_request(seq.request_id, f"sampling failed: {failure}"))
+        tokens = {seq.request_id: token for seq, token, _ in good}
         self.scheduler.update_after_step(plan, tokens)
-        outputs = []
-        for seq, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs, strict=True):
+        for seq, token, logprobs in good:
             state = self.requests[seq.request_id]
             output = EngineOutput(seq.request_id, [token], None if logprobs is None else [logprobs])
             output.finish_reason = self._finish_reason(state, token, output)
@@ -235,6 +257,23 @@ class EngineCore:
         )
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The tokens that end a request: within the vocabulary, and leaving a token to
+        sample before `min_tokens` are out."""
+        vocab = self.arch.vocab_size
+        if any(not token_id < vocab for token_id in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops.update(self.info.eos_token_ids)
+        if params.min_tokens and len(stops) >= vocab:
+            raise InvalidRequestError(
+                "stop_token_ids (with EOS) cover the whole vocabulary: with min_tokens, no "
+                "token could ever be generated",
+                "stop_token_ids",
+            )
+        return frozenset(stops)
 
     def _check_lengths(self, prompt: list[int], params: SamplingParams, adapter: str | None) -> int:
         """Validate the prompt against the context and the pool; returns max_tokens."""

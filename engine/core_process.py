@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,8 @@ def run_engine_core(
     log_level: str = "WARNING",
 ) -> None:
     """The process's entry point (a picklable top-level function, for `spawn`)."""
+    # Ctrl-C reaches the whole process group: the front end drains, then stops this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (engine core): %(message)s")
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)

@@ -10,12 +10,15 @@ nothing of text, is then told to abort it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from loraserve.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from loraserve.engine.outputs import CompletionDelta, EngineOutput
 from loraserve.engine.sampling_params import SamplingParams, per_completion
+
+logger = logging.getLogger(__name__)
 
 
 def sub_request_ids(request_id: str, n: int) -> list[str]:
@@ -73,10 +76,14 @@ class OutputProcessor:
             completion = self._completions.get(output.request_id)
             if completion is None:
                 continue
-            delta = self._delta(completion, output)
+            try:
+                delta = self._delta(completion, output)
+            except Exception as error:  # this completion's text broke down: it fails alone
+                logger.exception("request %s failed while detokenizing", output.request_id)
+                delta = _failed(completion, f"internal error: {error!r}")
             if delta.finished:
                 del self._completions[output.request_id]
-                if output.finish_reason is None:  # a stop string: the core does not know
+                if output.finish_reason is None:  # a stop string or a failure: tell the core
                     processed.aborts.append(output.request_id)
             processed.deltas.append((completion.request_id, delta))
         return processed
@@ -108,3 +115,17 @@ class OutputProcessor:
             num_tokens=completion.num_tokens,
             error=output.error,
         )
+
+
+def _failed(completion: _Completion, message: str) -> CompletionDelta:
+    """The last delta of a completion that failed in the front end."""
+    return CompletionDelta(
+        index=completion.index,
+        new_text="",
+        new_token_ids=[],
+        new_logprobs=None,
+        finish_reason="error",
+        stop_reason=None,
+        num_tokens=completion.num_tokens,
+        error=message,
+    )

@@ -73,10 +73,13 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    """`stop` (EOS, a stop token or string), `length`, `abort` or `error`."""
+    """`stop` (EOS, a stop token or string), `length`, `abort`, or `error` (this request
+    alone failed; `error` says why)."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended it, if any."""
     logprobs: list[TokenLogprobs] | None = None
+    error: str | None = None
+    """Why the request failed, when `finish_reason` is `error`."""
 
     def add(self, delta: CompletionDelta) -> None:
         """Append a step's delta."""
@@ -86,6 +89,7 @@ class CompletionOutput:
             self.logprobs = (self.logprobs or []) + delta.new_logprobs
         self.finish_reason = delta.finish_reason
         self.stop_reason = delta.stop_reason
+        self.error = delta.error
 
 
 @dataclass

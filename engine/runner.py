@@ -74,12 +74,22 @@ class ModelRunner(Protocol):
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when there is one; a CUDA device on a CPU-only torch is an error."""
+    """`auto` is CUDA when there is one; ValueError for a CUDA device this torch cannot use."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but this torch has no CUDA device")
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        build = f"for CUDA {torch.version.cuda}" if torch.version.cuda else "for the CPU only"
+        raise ValueError(
+            f"device {name}: no CUDA device is available (torch {torch.__version__} is "
+            f"built {build}); use --device cpu"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
     return device
 
 

@@ -8,6 +8,17 @@ Semantics, per row (as vLLM does it):
     sampled    : logits /= temperature -> top_k -> top_p -> min_p
                  token  = multinomial(softmax(logits), generator of the row)
 
+A row that cannot be sampled fails alone, never the batch: if every token of a row
+is excluded (EOS and `stop_token_ids` masked until `min_tokens` over the whole
+vocabulary, say) or its logits are not finite (NaN or +inf from the model or a
+penalty), `SamplerOutput.failures` says why for that row and its token is
+meaningless; the other rows are sampled as if it were not there. loraserve fails such
+a request with that message rather than doing what vLLM does (its sampler draws an
+arbitrary token from a NaN distribution and carries on): a request whose
+distribution broke down has no meaningful next token to give. `SamplingParams`
+refuses every value that could cause it, so a failure here means a model that
+produced NaN, or a combination of masks that left nothing.
+
 Per-request state the sampler needs (`TokenHistory`): the prompt token ids and the
 output token ids so far; penalties are recomputed from them every step, which
 keeps the engine's request object the single owner of that state. A request
@@ -48,6 +59,10 @@ class SequenceTokens:
     output_token_ids: list[int]
 
 
+NO_TOKEN_LEFT = "every token was excluded by this request's sampling parameters"
+NOT_FINITE = "the model's logits for this request are not finite (NaN or infinity)"
+
+
 @dataclass
 class SamplerOutput:
     """One step's choice for every row of the batch, in batch order."""
@@ -55,6 +70,8 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
     """None for the rows whose request did not ask for logprobs."""
+    failures: list[str | None]
+    """Why a row could not be sampled (its token is meaningless), or None for a good row."""
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -87,18 +104,44 @@ def sample(
 
     apply_penalties(logits, params, token_histories)
     _mask_stop_tokens_before_min_tokens(logits, params, token_histories, eos_token_ids)
+    failure_codes = _failure_codes(logits)  # [num_seqs]
 
     token_ids = logits.argmax(dim=-1)  # [num_seqs]; kept for the greedy rows
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
         probs = _sampling_probs(logits[rows], [params[row] for row in sampled_rows])
-        drawn = _draw(probs, [generators[row] for row in sampled_rows])
-        token_ids[rows] = drawn
+        # A row whose probabilities broke down anyway draws from a stand-in, so that
+        # multinomial never raises; its failure code is already set.
+        broken = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)  # [num_rows]
+        failure_codes[rows] = torch.where(
+            broken & (failure_codes[rows] == 0), _NOT_FINITE_CODE, failure_codes[rows]
+        )
+        probs[broken] = 1.0
+        token_ids[rows] = _draw(probs, [generators[row] for row in sampled_rows])
     logprobs: list[TokenLogprobs | None] = [None] * num_seqs
     if raw_logprobs is not None:
         logprobs = _gather_logprobs(raw_logprobs, token_ids, params)
-    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+    # One transfer for both: on a GPU every .tolist() is a sync.
+    token_list, code_list = torch.stack([token_ids, failure_codes]).tolist()
+    failures = [_FAILURES[code] for code in code_list]
+    return SamplerOutput(token_ids=token_list, logprobs=logprobs, failures=failures)
+
+
+_NO_TOKEN_LEFT_CODE, _NOT_FINITE_CODE = 1, 2
+_FAILURES = (None, NO_TOKEN_LEFT, NOT_FINITE)
+
+
+def _failure_codes(logits: torch.Tensor) -> torch.Tensor:
+    """Per row: 0 if it can be sampled, else why not (an index into _FAILURES).
+
+    logits: [num_seqs, vocab_size] float32, after penalties and masks. Returns [num_seqs] long.
+    """
+    not_finite = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
+    nothing_left = torch.isneginf(logits).all(dim=-1)
+    codes = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    codes = codes.masked_fill(nothing_left, _NO_TOKEN_LEFT_CODE)
+    return codes.masked_fill(not_finite, _NOT_FINITE_CODE)
 
 
 def apply_penalties(
@@ -154,7 +197,10 @@ def _sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     temperatures = torch.tensor([p.temperature for p in params], device=device)  # [num_rows]
     logits = logits / temperatures.unsqueeze(1)
     if any(p.effective_top_k or p.top_p < 1 for p in params):
-        top_k = torch.tensor([p.effective_top_k for p in params], device=device)  # [num_rows]
+        vocab_size = logits.shape[1]
+        top_k = torch.tensor(  # [num_rows]; clamped, so that no value overflows a tensor
+            [min(p.effective_top_k, vocab_size) for p in params], device=device
+        )
         top_p = torch.tensor([p.top_p for p in params], device=device)  # [num_rows]
         logits = _apply_top_k_top_p(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)  # [num_rows, vocab_size]
@@ -173,7 +219,8 @@ def _apply_top_k_top_p(
 
     logits: [num_rows, vocab_size]; top_k: [num_rows] (0 = off); top_p: [num_rows] (1 = off).
     A token is kept by top_p when the probability of the tokens ranked above it is
-    < top_p: the smallest set reaching top_p, and always the most likely token.
+    < top_p: the smallest set reaching top_p, and always the most likely token (also
+    when top_p is so small that float32 rounds it to 0).
     """
     vocab_size = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_rows, vocab_size] each
@@ -185,6 +232,7 @@ def _apply_top_k_top_p(
     mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # exclusive prefix sum
     # top_p == 1 skips the test: rounding could make the mass above a tail token reach 1.0.
     outside_nucleus = (mass_above >= top_p.unsqueeze(1)) & (top_p.unsqueeze(1) < 1)
+    outside_nucleus[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(outside_nucleus, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
@@ -214,7 +262,7 @@ def _gather_logprobs(
     """
     chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [num_seqs, 1]
     ranks = ((raw_logprobs > chosen).sum(dim=-1) + 1).tolist()  # [num_seqs]
-    max_top = max(p.logprobs or 0 for p in params)
+    max_top = min(max(p.logprobs or 0 for p in params), raw_logprobs.shape[1])
     top_values, top_ids = raw_logprobs.topk(max_top, dim=-1)  # [num_seqs, max_top], sorted
     # One transfer each, not one per row: on a GPU every .tolist() is a sync.
     chosen_list, ids_list = chosen.squeeze(1).tolist(), token_ids.tolist()

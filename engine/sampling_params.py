@@ -5,12 +5,22 @@ body, or directly by a library user) and validated on construction: a bad value
 raises `InvalidRequestError` naming the field, the value and the allowed range,
 which the server turns into a 400 with `param` set.
 
-Range choices:
-- `temperature` is any value >= 0, as in vLLM (OpenAI documents 0..2; an HTTP
-  layer that wants that limit applies it itself). Below `GREEDY_EPSILON` the
-  request is greedy: argmax, and top_k / top_p / min_p / seed play no part.
-- `top_k` 0 and -1 both mean "off" (vLLM accepts both).
+Every value must be one the sampler can compute with in float32, so that no
+request can make a step fail (vLLM's ranges, narrowed where float32 needs it):
+- `temperature` in [0, `MAX_TEMPERATURE`] (vLLM: >= 0, no upper bound; OpenAI: 0..2).
+  Above 100 a float32 softmax is as flat as it gets; at 1e39 the value is infinite in
+  float32 and -inf / inf is NaN. Below `GREEDY_EPSILON` the request is greedy:
+  argmax, and top_k / top_p / min_p / seed play no part.
+- `top_p` in (0, 1]. A value so small that float32 rounds it to 0 still keeps the
+  most likely token: the sampler always keeps it (see sampler.py).
+- `top_k` 0 and -1 both mean "off" (vLLM accepts both); otherwise 1..`MAX_TOP_K` (int32).
+- `repetition_penalty` in [`MIN_REPETITION_PENALTY`, 2]: vLLM's (0, 2], with a
+  floor, since dividing a logit by 1e-38 overflows float32.
+- `presence_penalty`, `frequency_penalty` in [-2, 2] (OpenAI's and vLLM's).
 - `logprobs` is limited to `MAX_LOGPROBS` (20, vLLM's default `max_logprobs`).
+- `max_tokens` >= 1 or None, as in vLLM (0 is refused, not read as "no limit").
+Counts and lengths (how many stop strings, how large `n`) are the server's limits
+(server/limits.py): a library caller may ask for what its machine can hold.
 """
 
 from __future__ import annotations
@@ -25,6 +35,23 @@ GREEDY_EPSILON = 1e-5
 
 MAX_LOGPROBS = 20
 """Most top logprobs a request may ask for per generated token."""
+
+MAX_TEMPERATURE = 100.0
+"""Highest temperature; hotter only flattens the distribution further, until it overflows."""
+
+MAX_TOP_K = 2**31 - 1
+"""Largest top_k (int32); anything above the vocabulary size keeps every token anyway."""
+
+MIN_REPETITION_PENALTY = 1e-4
+"""Smallest repetition penalty: far below any useful value, far above those that divide a
+logit past float32's range (1e-38 does)."""
+
+MAX_COUNT = 2**31 - 1
+"""Largest n, max_tokens, min_tokens and token id: counts and ids fit int32 (the context
+limit refuses far less anyway, with its own message)."""
+
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""Seeds are 64-bit, as torch's generators and vLLM's `seed` field."""
 
 
 @dataclass
@@ -83,10 +110,23 @@ class SamplingParams:
         return max(self.top_k, 0)
 
     def _validate(self) -> None:
-        _require(self.n >= 1, "n", self.n, "must be >= 1")
+        _require(1 <= self.n <= MAX_COUNT, "n", self.n, f"must be in [1, {MAX_COUNT}]")
         if self.max_tokens is not None:
-            _require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1 or null")
-        _require(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
+            _require(
+                1 <= self.max_tokens <= MAX_COUNT,
+                "max_tokens",
+                self.max_tokens,
+                f"must be in [1, {MAX_COUNT}] or null",
+            )
+        _require(
+            0 <= self.min_tokens <= MAX_COUNT,
+            "min_tokens",
+            self.min_tokens,
+            f"must be in [0, {MAX_COUNT}]",
+        )
+        if self.seed is not None:
+            low, high = SEED_RANGE
+            _require(low <= self.seed <= high, "seed", self.seed, f"must be in [{low}, {high}]")
         if self.max_tokens is not None:
             _require(
                 self.min_tokens <= self.max_tokens,
@@ -94,15 +134,25 @@ class SamplingParams:
                 self.min_tokens,
                 f"must be <= max_tokens ({self.max_tokens})",
             )
-        _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        _require(
+            0 <= self.temperature <= MAX_TEMPERATURE,
+            "temperature",
+            self.temperature,
+            f"must be in [0, {MAX_TEMPERATURE:g}]",
+        )
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _require(self.top_k >= -1, "top_k", self.top_k, "must be -1 or 0 (off), or >= 1")
+        _require(
+            -1 <= self.top_k <= MAX_TOP_K,
+            "top_k",
+            self.top_k,
+            f"must be -1 or 0 (off), or in [1, {MAX_TOP_K}]",
+        )
         _require(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         _require(
-            self.repetition_penalty > 0,
+            MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2,
             "repetition_penalty",
             self.repetition_penalty,
-            "must be > 0",
+            f"must be in [{MIN_REPETITION_PENALTY:g}, 2]",
         )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -120,10 +170,10 @@ class SamplingParams:
             )
         for token_id in self.stop_token_ids:
             _require(
-                isinstance(token_id, int) and token_id >= 0,
+                isinstance(token_id, int) and 0 <= token_id <= MAX_COUNT,
                 "stop_token_ids",
                 token_id,
-                "must be token ids >= 0",
+                f"must be token ids in [0, {MAX_COUNT}]",
             )
 
 
@@ -141,6 +191,11 @@ def per_completion(params: SamplingParams) -> list[SamplingParams]:
     if params.n == 1:
         return [params]
     return [
-        replace(params, n=1, seed=None if params.seed is None else params.seed + index)
+        replace(params, n=1, seed=None if params.seed is None else _wrap_seed(params.seed + index))
         for index in range(params.n)
     ]
+
+
+def _wrap_seed(seed: int) -> int:
+    """`seed` back into SEED_RANGE (64-bit two's complement), so seed + index stays valid."""
+    return (seed + 2**63) % 2**64 - 2**63

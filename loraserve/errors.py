@@ -53,3 +53,8 @@ class EngineError(RuntimeError):
 
 class EngineDeadError(EngineError):
     """The engine-core process has stopped; nothing can run until a restart (HTTP 503)."""
+
+
+class RequestFailedError(LoraserveError):
+    """The engine ended this request alone (e.g. its sampling distribution broke down:
+    NaN logits); the engine and every other request go on."""

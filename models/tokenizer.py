@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,23 @@ SPECIAL_TOKEN_NAMES = (
 # Older names of a message's reasoning; transformers copies it under the first two.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 NO_TEMPLATE_MESSAGE = "this model has no chat template; use /v1/completions"
+
+
+COUNT_CHUNK_CHARS = 1 << 16
+"""Texts longer than this are counted in chunks of it before being tokenized whole."""
+CUT_TOKENS = 2
+"""Tokens a cut between two chunks may add to their count."""
+
+
+@dataclass(frozen=True)
+class BoundedEncoding:
+    """What `Tokenizer.encode_at_most` found."""
+
+    ids: list[int] | None
+    """The token ids; None when the text has more than the limit."""
+    num_tokens: int
+    """Tokens of the text: exact, or (`exact` False) a lower bound above the limit."""
+    exact: bool
 
 
 class Tokenizer:
@@ -110,6 +128,52 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` runs tokenizer.json's post-processor (BOS)."""
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_at_most(
+        self, text: str, max_tokens: int, add_special_tokens: bool = True
+    ) -> BoundedEncoding:
+        """The ids of `text` if it has at most `max_tokens` tokens; else how many it has
+        (at least), without ever holding the GIL for long: for the server's worker threads.
+
+        Three things would hold every other thread of the process: `tokenizers`' `encode`
+        (its `encode_batch` lets go of the GIL while it works; `encode` held a 5 MiB text
+        for 2 s), freeing the Encoding of a million tokens (45 ms), and a list of a
+        million ids. So a long text is first counted in chunks of COUNT_CHUNK_CHARS, cut
+        at spaces, each Encoding freed before the next, stopping as soon as the count is
+        clearly over; only a text that may fit is tokenized whole."""
+        if len(text) > COUNT_CHUNK_CHARS:
+            counted = self._count_in_chunks(text, max_tokens)
+            if counted is not None:
+                return BoundedEncoding(None, counted, exact=False)
+        (encoding,) = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)
+        num_tokens = len(encoding)
+        ids = list(encoding.ids) if num_tokens <= max_tokens else None
+        return BoundedEncoding(ids, num_tokens, exact=True)
+
+    def _count_in_chunks(self, text: str, max_tokens: int) -> int | None:
+        """A lower bound on the tokens of `text` once it is over `max_tokens`, else None.
+        Cutting a text can add a token or two at the cut, never remove one, so the
+        count is lowered by CUT_TOKENS per cut before it is compared."""
+        counted, start = 0, 0
+        while start < len(text):
+            end = start + COUNT_CHUNK_CHARS
+            if end < len(text):
+                space = text.rfind(" ", start + 1, end)
+                end = space if space > start else end
+            (encoding,) = self.backend.encode_batch([text[start:end]], add_special_tokens=False)
+            counted += len(encoding) - CUT_TOKENS
+            del encoding
+            if counted > max_tokens:
+                return counted
+            start = end
+        return None
+
+    @property
+    def longest_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: no token stands for more characters
+        of text (byte-level entries spell one byte per character, byte-fallback entries
+        `<0x41>` stand for one byte)."""
+        return max(len(token) for token in self.backend.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids`."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from loraserve.errors import ModelLoadError
 from loraserve.models.arch import ModelArch
@@ -91,7 +92,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         return files
     single = folder / SINGLE_FILE
     if single.is_file():
-        with safe_open(str(single), framework="pt") as handle:
+        with _open(single) as handle:
             return dict.fromkeys(handle.keys(), single)
     if any(folder.glob("pytorch_model*.bin")):
         raise ModelLoadError(
@@ -127,7 +128,7 @@ def _check_names(
 def _check_shapes(files: dict[str, Path], expected: dict[str, tuple[int, ...]]) -> None:
     """Every expected tensor has the shape config.json implies; read from headers only."""
     for file in sorted(set(files[name] for name in expected)):
-        with safe_open(str(file), framework="pt") as handle:
+        with _open(file) as handle:
             stored = handle.keys()
             for name in (name for name in stored if name in expected):
                 found = tuple(handle.get_slice(name).get_shape())
@@ -146,10 +147,20 @@ def _read_file(
 ) -> dict[str, torch.Tensor]:
     """The named tensors of one safetensors file, as `dtype` on `device`."""
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(file), framework="pt") as handle:
+    with _open(file) as handle:
         available = set(handle.keys())
         for name in names:
             if name not in available:  # an index that points to the wrong shard
                 raise ModelLoadError(f"{file} does not hold {name}, though the index says it does")
             tensors[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
     return tensors
+
+
+def _open(file: Path) -> Any:
+    """safe_open, with a damaged or truncated file as a ModelLoadError that names it."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as error:
+        raise ModelLoadError(
+            f"{file} is not a readable safetensors file (truncated or damaged?): {error}"
+        ) from None

@@ -205,9 +205,10 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._running)
 
-    def is_full(self) -> bool:
-        """Whether the waiting queue is at `max_waiting_requests` (refuse new requests)."""
-        return len(self._waiting) >= self.config.max_waiting_requests
+    def is_full(self, num_incoming: int = 1) -> bool:
+        """Whether `num_incoming` more requests would take the waiting queue past
+        `max_waiting_requests` (refuse them)."""
+        return len(self._waiting) + num_incoming > self.config.max_waiting_requests
 
     def running_adapters(self) -> list[str]:
         """Distinct adapters of running requests, sorted (the base model is not one)."""

@@ -17,13 +17,17 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.server.auth import OPEN_TENANT, Tenant, Tenants
+from loraserve.server.auth import OPEN_TENANT, MetricsAccess, Tenant, Tenants, read_metrics_key
 from loraserve.server.chat import create_chat_completion
 from loraserve.server.completions import create_completion
 from loraserve.server.config import ServerConfig
 from loraserve.server.errors import APIError, install_error_handlers
+from loraserve.server.lifecycle import Drain, DrainMiddleware
+from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics, StaticInfo
 from loraserve.server.middleware import AuthMiddleware, BodyLimitMiddleware
+from loraserve.server.openapi import openapi_schema
+from loraserve.server.prompts import PromptBuilder
 from loraserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,12 +42,19 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(
-    engine: AsyncEngine, config: ServerConfig, tenants: Tenants | None = None
+    engine: AsyncEngine,
+    config: ServerConfig,
+    tenants: Tenants | None = None,
+    limits: RequestLimits | None = None,
 ) -> FastAPI:
     """The server for `engine` (started here if it is not yet: the routes need what it
-    loaded); without `tenants` every caller may do everything."""
+    loaded); without `tenants` every caller may do everything. ValueError (or a
+    LoraserveError) if the configuration cannot be served."""
     engine.start()
-    served = _served(engine)
+    served = _served(engine, limits or RequestLimits())
+    metrics_key = (
+        None if config.metrics_key_file is None else read_metrics_key(config.metrics_key_file)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,14 +69,23 @@ def create_app(
     app = FastAPI(title="loraserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.served = served
     app.state.adapter_roots = tuple(Path(root).resolve() for root in config.adapter_roots())
+    app.state.drain = Drain(config.drain_timeout_seconds)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
+    # Added innermost first: the catch-all of install_error_handlers is outermost.
+    app.add_middleware(
+        AuthMiddleware,
+        tenants=tenants,
+        metrics=MetricsAccess(tenants, metrics_key),
+        metrics_port=config.metrics_port,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.body_limit(served.max_model_len))
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     install_error_handlers(app)
-    app.add_middleware(AuthMiddleware, tenants=tenants)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
     _add_routes(app)
     return app
 
 
-def _served(engine: AsyncEngine) -> Served:
+def _served(engine: AsyncEngine, limits: RequestLimits) -> Served:
     info, config = engine.info, engine.config
     assert info is not None, "the engine is started"
     static = StaticInfo(
@@ -75,7 +95,10 @@ def _served(engine: AsyncEngine) -> Served:
         gpu_memory_utilization=config.cache.gpu_memory_utilization,
         dtype=str(info.dtype).removeprefix("torch."),
     )
-    return Served(engine, ServerMetrics(static), info.served_model_name, info.max_model_len)
+    prompts = PromptBuilder(engine.tokenizer, info.max_model_len)
+    return Served(
+        engine, ServerMetrics(static), info.served_model_name, info.max_model_len, limits, prompts
+    )
 
 
 def tenant_of(request: Request) -> Tenant:
@@ -103,14 +126,12 @@ def _add_routes(app: FastAPI) -> None:
     async def completions(
         body: CompletionRequest, request: Request, tenant: CallerTenant
     ) -> Response:
-        tenant.check_rate()
         return await create_completion(served_of(request), body, tenant, request)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, tenant: CallerTenant
     ) -> Response:
-        tenant.check_rate()
         return await create_chat_completion(served_of(request), body, tenant, request)
 
     @app.get("/v1/models")
@@ -119,8 +140,14 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
     async def load_lora_adapter(body: LoadAdapterRequest, request: Request, _: AdminTenant) -> str:
+        served = served_of(request)
+        served.check_adapter_name(body.lora_name)
         path = adapter_path(body.lora_path, request.app.state.adapter_roots)
-        await served_of(request).engine.register_adapter(body.lora_name, path)
+        try:
+            await served.engine.register_adapter(body.lora_name, path)
+        except OSError as error:  # a file the server may not read, say
+            message = f"cannot read the adapter at lora_path: {error}"
+            raise APIError(400, message, "lora_path", "invalid_adapter") from None
         logger.info("loaded adapter %s from %s", body.lora_name, path)
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
@@ -134,19 +161,24 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
+        """200 while the engine runs and the server is not draining, else 503."""
         if not served_of(request).engine.is_healthy:
             raise APIError(503, "the engine is not running", code="engine_dead")
+        if request.app.state.drain.draining:
+            raise APIError(503, "the server is shutting down", code="draining")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:
+        """Prometheus text exposition."""
         served = served_of(request)
         served.metrics.update(await served.engine.stats(), served.engine.is_healthy)
         return Response(served.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 def _model_list(served: Served, tenant: Tenant) -> ModelList:
-    """The base model and the adapters this tenant may use (adapters name their parent)."""
+    """The base model and the adapters this tenant may use (adapters name their parent).
+    Only admins see an adapter's folder (`root`): it tells a tenant about the server's disk."""
     cards = []
     if tenant.may_use(None):
         cards.append(ModelCard(id=served.base_model, max_model_len=served.max_model_len))
@@ -155,7 +187,7 @@ def _model_list(served: Served, tenant: Tenant) -> ModelList:
             cards.append(
                 ModelCard(
                     id=name,
-                    root=str(path),
+                    root=str(path) if tenant.admin else None,
                     parent=served.base_model,
                     max_model_len=served.max_model_len,
                 )
@@ -165,8 +197,10 @@ def _model_list(served: Served, tenant: Tenant) -> ModelList:
 
 def adapter_path(requested: str, roots: tuple[Path, ...]) -> Path:
     """The folder to load, which must lie under an allowed root (403 otherwise).
-    A relative path is taken under the first root; links are resolved before the
-    check, so a symlink cannot lead outside."""
+    A relative path is taken under the first root; `~` is not expanded (the server's
+    home is none of the caller's business); links are resolved before the check, so
+    a symlink cannot lead outside. A path that cannot be resolved (a NUL byte, a name
+    too long, a symlink loop) is a 400."""
     if not roots:
         raise APIError(
             403,
@@ -175,13 +209,23 @@ def adapter_path(requested: str, roots: tuple[Path, ...]) -> Path:
             "lora_path",
             "adapter_loading_disabled",
         )
-    path = Path(requested).expanduser()
-    resolved = (path if path.is_absolute() else roots[0] / path).resolve()
+    path = Path(requested)
+    try:
+        resolved = (path if path.is_absolute() else roots[0] / path).resolve()
+        is_folder = resolved.is_dir()
+    except (OSError, RuntimeError, ValueError) as error:  # RuntimeError: a symlink loop
+        raise APIError(
+            400, f"lora_path cannot be resolved: {error}", "lora_path", "invalid_path"
+        ) from None
     if not any(resolved.is_relative_to(root) for root in roots):
         raise APIError(
             403,
             f"lora_path {requested!r} is outside the folders adapters may be loaded from",
             "lora_path",
             "path_not_allowed",
+        )
+    if not is_folder:  # said only of paths inside the roots
+        raise APIError(
+            404, f"lora_path {requested!r} is not a folder", "lora_path", "adapter_not_found"
         )
     return resolved

@@ -5,7 +5,7 @@ The `--api-keys` file (YAML or JSON) maps each API key to its tenant:
     sk-alpha-1:
       tenant: alpha
       adapters: [shout, reverse]   # or "*" for every adapter, present and future
-      requests_per_minute: 60      # optional; shared by all keys of the tenant
+      requests_per_minute: 60      # optional; completions (n counts n), shared by its keys
     sk-ops:
       tenant: ops
       adapters: "*"
@@ -13,11 +13,24 @@ The `--api-keys` file (YAML or JSON) maps each API key to its tenant:
 
 Every tenant may use the base model unless `base_model: false`. Without the file
 the server is open: every caller is the anonymous admin tenant.
+
+`/metrics` names every adapter in use and the load on the server, so with
+`--api-keys` it needs a key too: an admin key, or the metrics key, a separate
+bearer token for Prometheus read from `--metrics-key-file` (a file holding just the
+token, as Prometheus' `credentials_file` and a Kubernetes Secret key hold it; it
+grants /metrics and nothing else). `--metrics-key-file` without `--api-keys`
+protects /metrics alone. Scrapers that cannot send a header (the Gateway API
+Inference Extension's endpoint picker) read `--metrics-port` instead: a second
+listener that serves only /metrics and /health, without a key, for a port that
+only the cluster's scrapers can reach (deploy/k8s/base/networkpolicy.yaml).
+`/health` never needs a key. Tenants never see adapters' folders in /v1/models;
+admins (and everyone on an open server) do.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import threading
 import time
@@ -45,7 +58,7 @@ class _KeyEntry(BaseModel):
 
 @dataclass(eq=False)
 class RateLimiter:
-    """A token bucket: `per_minute` requests a minute, bursts up to `per_minute`."""
+    """A token bucket: `per_minute` completions a minute, bursts up to `per_minute`."""
 
     per_minute: int
     tokens: float = field(init=False)
@@ -55,17 +68,18 @@ class RateLimiter:
     def __post_init__(self) -> None:
         self.tokens = float(self.per_minute)
 
-    def acquire(self) -> float:
-        """Take one request's token; 0 on success, else the seconds until one is free."""
+    def acquire(self, cost: int = 1) -> float:
+        """Take `cost` tokens (cost <= per_minute); 0 on success, else the seconds until
+        there are enough."""
         with self.lock:
             now = time.monotonic()
             rate = self.per_minute / 60.0
             self.tokens = min(self.per_minute, self.tokens + (now - self.updated) * rate)
             self.updated = now
-            if self.tokens >= 1:
-                self.tokens -= 1
+            if self.tokens >= cost:
+                self.tokens -= cost
                 return 0.0
-            return (1 - self.tokens) / rate
+            return (cost - self.tokens) / rate
 
 
 @dataclass
@@ -85,16 +99,24 @@ class Tenant:
             return self.base_model
         return self.adapters is None or adapter in self.adapters
 
-    def check_rate(self) -> None:
-        """Count one request; APIError 429 with Retry-After above the tenant's rate."""
+    def check_rate(self, num_completions: int = 1) -> None:
+        """Count a request of `num_completions` completions (n times its prompts);
+        APIError 429 above the tenant's rate, with Retry-After when waiting would help."""
         if self.limiter is None:
             return
-        wait = self.limiter.acquire()
+        per_minute = self.limiter.per_minute
+        if num_completions > per_minute:
+            raise APIError(
+                429,
+                f"this request asks for {num_completions} completions; tenant {self.name!r} "
+                f"may have at most {per_minute} a minute",
+                code="rate_limit_exceeded",
+            )
+        wait = self.limiter.acquire(num_completions)
         if wait > 0:
             raise APIError(
                 429,
-                f"tenant {self.name!r} is over its limit of "
-                f"{self.limiter.per_minute} requests per minute",
+                f"tenant {self.name!r} is over its limit of {per_minute} completions per minute",
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(math.ceil(wait))},
             )
@@ -102,6 +124,42 @@ class Tenant:
 
 OPEN_TENANT = Tenant("anonymous", admin=True)
 """Every caller, when the server runs without --api-keys."""
+
+
+def read_metrics_key(path: str | Path) -> str:
+    """The token of a --metrics-key-file (surrounding whitespace and newline dropped)."""
+    key = Path(path).read_text(encoding="utf-8").strip()
+    if not key or any(char.isspace() for char in key):
+        raise ValueError(f"{path}: expected one token (no spaces), as Prometheus reads it")
+    return key
+
+
+class MetricsAccess:
+    """Who may read /metrics on the API port (see the module docstring)."""
+
+    def __init__(self, tenants: Tenants | None, metrics_key: str | None) -> None:
+        self._tenants = tenants
+        self._metrics_digest = None if metrics_key is None else _digest(metrics_key)
+
+    @property
+    def is_open(self) -> bool:
+        return self._tenants is None and self._metrics_digest is None
+
+    def check(self, authorization: str | None) -> None:
+        """Nothing if the caller may read the metrics; APIError 401/403 otherwise."""
+        if self.is_open:
+            return
+        key = _bearer_key(authorization)
+        if self._metrics_digest is not None and hmac.compare_digest(
+            _digest(key), self._metrics_digest
+        ):
+            return
+        if self._tenants is None:
+            raise APIError(401, "Incorrect metrics key provided.", code="invalid_api_key")
+        if not self._tenants.authenticate(authorization).admin:
+            raise APIError(
+                403, "/metrics needs an admin key or the metrics key", code="admin_required"
+            )
 
 
 class Tenants:
@@ -124,22 +182,28 @@ class Tenants:
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of an `Authorization: Bearer KEY` header; APIError 401 otherwise."""
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise APIError(
-                401,
-                "Missing API key: send `Authorization: Bearer YOUR_KEY`.",
-                code="missing_api_key",
-            )
-        tenant = self._by_digest.get(_digest(key.strip()))
+        tenant = self._by_digest.get(_digest(_bearer_key(authorization)))
         if tenant is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return tenant
 
 
+def _bearer_key(authorization: str | None) -> str:
+    """KEY of `Authorization: Bearer KEY`; APIError 401 without one."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(
+            401,
+            "Missing API key: send `Authorization: Bearer YOUR_KEY`.",
+            code="missing_api_key",
+        )
+    return key.strip()
+
+
 def _digest(key: str) -> str:
     # Looking up a digest, not the key, keeps lookup timing independent of the key's text.
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogatepass: a header is latin-1, but a key must never make this raise.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _tenants_by_digest(raw: dict[Any, Any], path: str | Path) -> dict[str, Tenant]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -12,7 +11,6 @@ from fastapi.responses import JSONResponse
 
 from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
 from loraserve.errors import InvalidRequestError
-from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant
 from loraserve.server.protocol import (
     AssistantMessage,
@@ -28,11 +26,11 @@ from loraserve.server.protocol import (
 )
 from loraserve.server.serving import (
     EventStreamResponse,
-    Prompt,
     Served,
     TokenNamer,
     Tracker,
     collect,
+    fields_as_sent,
     follow,
     merge_deltas,
     sampling_params,
@@ -48,11 +46,21 @@ async def create_chat_completion(
     arrival = time.perf_counter()
     adapter = served.resolve_adapter(body.model, tenant)
     _refuse_unsupported(body)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    params = sampling_params(body, max_tokens, _num_top_logprobs(body))
-    prompt = await render(served.tokenizer, body)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await served.start(request_id, [prompt], params, adapter)
+    served.limits.check_n(body.n, 1)
+    tenant.check_rate(body.n)
+    # OpenAI's newer name wins when both are sent; 0 is refused either way, as in vLLM.
+    max_tokens = (
+        body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    )
+    renamed = {"logprobs": "top_logprobs"}
+    if body.max_completion_tokens is not None:
+        renamed["max_tokens"] = "max_completion_tokens"
+    with fields_as_sent(renamed):
+        params = sampling_params(body, max_tokens, _num_top_logprobs(body), served.limits)
+        messages = [message.template_dict() for message in body.messages]
+        prompt = await served.prompts.chat_prompt(messages, body.add_generation_prompt)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await served.start(request_id, [prompt], params, adapter)
     tracker = Tracker(served.metrics, body.model, len(prompt.token_ids), arrival)
     if body.stream:
         events = _events(served, body, request_id, follow(streams, tracker), tracker)
@@ -67,18 +75,6 @@ async def create_chat_completion(
         id=request_id, model=body.model, choices=choices, usage=tracker.usage()
     )
     return JSONResponse(response.model_dump())
-
-
-async def render(tokenizer: Tokenizer, body: ChatCompletionRequest) -> Prompt:
-    """The prompt text and ids; template rendering and tokenizing run off the event loop."""
-    messages = [message.template_dict() for message in body.messages]
-
-    def render_and_encode() -> Prompt:
-        text = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
-        # The template writes BOS itself, so no special tokens are added again.
-        return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
-
-    return await asyncio.to_thread(render_and_encode)
 
 
 def _num_top_logprobs(body: ChatCompletionRequest) -> int | None:

@@ -1,15 +1,21 @@
 """The `loraserve` command: `loraserve serve --model DIR ...` and `loraserve demo`.
 
 Options are generated from the config dataclasses (model, pool, LoRA, scheduler,
-server): one `--flag` per field, its docstring as help, its default shown. Only
-options given on the command line are passed on, so every default lives in one
-place, the dataclass. Unknown or abbreviated options are refused.
+server, request limits): one `--flag` per field, its docstring as help, its default
+shown. Only options given on the command line are passed on, so every default lives
+in one place, the dataclass. Unknown or abbreviated options are refused (status 2).
+
+Every failure to start (a bad option value, a model folder that does not load, a
+device that is not there, a port in use) is one line, `loraserve: error: ...`, and
+status 1: no traceback for a mistake in the command or the files. After a SIGTERM
+the server drains (server/lifecycle.py) and exits 0, or 1 if it had to cut requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -26,8 +32,10 @@ from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, Model
 from loraserve.errors import LoraserveError
 from loraserve.scheduler.config import SchedulerConfig
 from loraserve.server.config import ServerConfig
+from loraserve.server.limits import RequestLimits
 
 ENGINE_CONFIGS: tuple[type, ...] = (ModelConfig, CacheConfig, LoraConfig, SchedulerConfig)
+SERVER_CONFIGS: tuple[type, ...] = (ServerConfig, RequestLimits)
 PEFT_CONFIG_FILE = "adapter_config.json"
 DEMO_MODEL_NAME = "loraserve-demo"
 
@@ -37,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     try:
-        engine_options, server_config = _split_options(args)
+        engine_options, server_config, limits = _split_options(args)
         if command == "demo":
             model, adapters = _demo_assets(engine_options)
         else:
@@ -48,11 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        serve(engine_config, server_config, adapters)
+        return serve(engine_config, server_config, adapters, limits)
     except (LoraserveError, ValueError, OSError) as error:
         print(f"loraserve: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    except Exception as error:  # a library's own error for a broken file, say
+        print(f"loraserve: error: {type(error).__name__}: {error}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     for sub, needs_model in ((serve_parser, True), (demo_parser, False)):
-        for config in (*ENGINE_CONFIGS, ServerConfig):
+        for config in (*ENGINE_CONFIGS, *SERVER_CONFIGS):
             add_config_options(sub, config, needs_model)
     return parser
 
@@ -132,14 +141,19 @@ def _argument_kwargs(hint: Any) -> dict[str, Any]:
     return {"type": hint}
 
 
-def _split_options(args: dict[str, Any]) -> tuple[dict[str, Any], ServerConfig]:
-    """Engine options (for `build_config`) and the ServerConfig, from parsed options."""
-    server_fields = {field.name for field in dataclasses.fields(ServerConfig)}
-    server = {name: args.pop(name) for name in list(args) if name in server_fields}
-    for name, value in server.items():
-        if isinstance(value, list):
-            server[name] = tuple(value)
-    return args, ServerConfig(**server)
+def _split_options(args: dict[str, Any]) -> tuple[dict[str, Any], ServerConfig, RequestLimits]:
+    """Engine options (for `build_config`), the ServerConfig and the RequestLimits, from
+    parsed options."""
+    parts = []
+    for config in SERVER_CONFIGS:
+        names = {field.name for field in dataclasses.fields(config)}
+        values = {name: args.pop(name) for name in list(args) if name in names}
+        for name, value in values.items():
+            if isinstance(value, list):
+                values[name] = tuple(value)
+        parts.append(config(**values))
+    server, limits = parts
+    return args, server, limits
 
 
 def adapters_of(config: ServerConfig) -> dict[str, Path]:
@@ -173,25 +187,41 @@ def _demo_assets(engine_options: dict[str, Any]) -> tuple[str, dict[str, Path]]:
     return str(model), dict(adapters)
 
 
-def serve(engine_config: EngineConfig, config: ServerConfig, adapters: dict[str, Path]) -> None:
-    """Load the model and adapters, then serve until interrupted."""
+def serve(
+    engine_config: EngineConfig,
+    config: ServerConfig,
+    adapters: dict[str, Path],
+    limits: RequestLimits | None = None,
+) -> int:
+    """Listen, load the model and adapters, then serve until stopped; the exit status."""
     import uvicorn
 
     from loraserve.engine.async_engine import AsyncEngine
     from loraserve.server.app import create_app
     from loraserve.server.auth import Tenants
+    from loraserve.server.lifecycle import CUT_GRACE_SECONDS, DrainingServer, listen
 
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     tenants = Tenants.from_file(config.api_keys) if config.api_keys else None  # fail early
+    sockets = [listen(config.host, config.port)]
+    if config.metrics_port is not None:
+        sockets.append(listen(config.host, config.metrics_port))
     async_engine = AsyncEngine(engine_config, adapters)
     async_engine.start()  # loads the model and adapters in the engine-core process
     assert async_engine.info is not None
     names = ", ".join([async_engine.info.served_model_name, *adapters])
     logging.getLogger(__name__).info("serving %s on http://%s:%d", names, config.host, config.port)
-    app = create_app(async_engine, config, tenants)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    app = create_app(async_engine, config, tenants, limits)
+    uvicorn_config = uvicorn.Config(
+        app, log_level=config.log_level, timeout_graceful_shutdown=CUT_GRACE_SECONDS
+    )
+    server = DrainingServer(uvicorn_config, app.state.drain)
+    # uvicorn raises a caught SIGINT again once it has stopped: Ctrl-C is a clean stop here.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=sockets)
+    return 1 if server.cut_requests else 0
 
 
 if __name__ == "__main__":

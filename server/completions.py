@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -12,7 +11,6 @@ from fastapi.responses import JSONResponse
 
 from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
 from loraserve.errors import InvalidRequestError
-from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant
 from loraserve.server.protocol import (
     CompletionChoice,
@@ -23,7 +21,6 @@ from loraserve.server.protocol import (
 )
 from loraserve.server.serving import (
     EventStreamResponse,
-    Prompt,
     Served,
     TokenNamer,
     Tracker,
@@ -43,8 +40,11 @@ async def create_completion(
     arrival = time.perf_counter()
     adapter = served.resolve_adapter(body.model, tenant)
     _refuse_unsupported(body)
-    params = sampling_params(body, body.max_tokens, body.logprobs)
-    prompts = await prompts_of(served.tokenizer, body.prompt)
+    num_prompts = served.prompts.num_prompts(body.prompt)
+    served.limits.check_n(body.n, num_prompts)
+    tenant.check_rate(body.n * num_prompts)
+    params = sampling_params(body, body.max_tokens, body.logprobs, served.limits)
+    prompts = await served.prompts.completion_prompts(body.prompt)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await served.start(request_id, prompts, params, adapter)
     num_prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
@@ -62,23 +62,6 @@ async def create_completion(
         id=request_id, model=body.model, choices=choices, usage=tracker.usage()
     )
     return JSONResponse(response.model_dump())
-
-
-async def prompts_of(
-    tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]
-) -> list[Prompt]:
-    """OpenAI's four prompt forms as Prompts; text is tokenized off the event loop."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise InvalidRequestError("prompt must not be empty", "prompt")
-    if all(isinstance(item, int) for item in prompt):
-        return [Prompt(None, [int(item) for item in prompt])]  # type: ignore[arg-type]
-    if all(isinstance(item, list) for item in prompt):
-        return [Prompt(None, list(item)) for item in prompt]  # type: ignore[arg-type]
-    texts = [str(item) for item in prompt]
-    encoded = await asyncio.to_thread(lambda: [tokenizer.encode(text) for text in texts])
-    return [Prompt(text, ids) for text, ids in zip(texts, encoded, strict=True)]
 
 
 def _refuse_unsupported(body: CompletionRequest) -> None:

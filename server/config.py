@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
+MIN_DEFAULT_BODY_BYTES = 2**20
+BODY_BYTES_PER_CONTEXT_TOKEN = 16
+"""JSON bytes a prompt token may take: a token id is at most 7 ("128255,"), a token of
+text a few characters, or 6 per `\\uXXXX` escape of a client that escapes non-ASCII."""
 
 
 @dataclass(frozen=True)
@@ -27,17 +30,33 @@ class ServerConfig:
     """A folder /v1/load_lora_adapter may load adapters from (repeatable; --adapter-dir is one too)."""
     api_keys: str | None = field(default=None, metadata={"metavar": "FILE"})
     """YAML/JSON file of API keys -> tenant (name, adapters, requests_per_minute, admin); without it the server is open."""
-    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
-    """Largest request body accepted; larger ones get HTTP 413."""
+    max_request_body_bytes: int | None = None
+    """Largest request body accepted; larger ones get HTTP 413 (default: 16 bytes per token of the model's context, at least 1 MiB: parsing a body holds the event loop, about 10 ms per MiB)."""
+    metrics_key_file: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """File holding a bearer token that may read /metrics (and nothing else), for Prometheus; with it, or with API keys, /metrics needs that token or an admin key."""
+    metrics_port: int | None = None
+    """Also serve /metrics and /health, without a key, on this port (for scrapers that cannot send a key, such as the Gateway API Inference Extension's endpoint picker); keep it reachable by them only."""
+    drain_timeout_seconds: float = 20.0
+    """On SIGTERM: /health turns 503, new requests get 503, requests in flight get this long to finish before the process exits (keep it below Kubernetes' terminationGracePeriodSeconds minus the preStop hook)."""
     log_level: str = "info"
     """Server log level: critical | error | warning | info | debug."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        if self.max_request_body_bytes < 1:
+        if self.max_request_body_bytes is not None and self.max_request_body_bytes < 1:
             raise ValueError(
                 f"max_request_body_bytes must be >= 1, got {self.max_request_body_bytes}"
+            )
+        if self.metrics_port is not None and not (
+            0 < self.metrics_port < 65536 and self.metrics_port != self.port
+        ):
+            raise ValueError(
+                f"metrics_port must be in 1..65535 and differ from port, got {self.metrics_port}"
+            )
+        if not 0 <= self.drain_timeout_seconds <= 3600:
+            raise ValueError(
+                f"drain_timeout_seconds must be in [0, 3600], got {self.drain_timeout_seconds}"
             )
         levels = ("critical", "error", "warning", "info", "debug")
         if self.log_level not in levels:
@@ -46,6 +65,12 @@ class ServerConfig:
             name, sep, path = spec.partition("=")
             if not (sep and name and path):
                 raise ValueError(f"--adapter expects NAME=DIR, got {spec!r}")
+
+    def body_limit(self, max_model_len: int) -> int:
+        """max_request_body_bytes, or its default for a model of this context length."""
+        if self.max_request_body_bytes is not None:
+            return self.max_request_body_bytes
+        return max(MIN_DEFAULT_BODY_BYTES, BODY_BYTES_PER_CONTEXT_TOKEN * max_model_len)
 
     def adapter_roots(self) -> tuple[str, ...]:
         """Folders dynamic loading may read from."""

@@ -3,10 +3,18 @@
 Routes raise loraserve's typed errors (or `APIError` for HTTP-only cases); the
 handlers installed here turn each into the right status. FastAPI's own 422 for a
 body that does not validate becomes a 400 of the same shape, as OpenAI answers.
+
+Anything else a route raises is a bug, answered by `CatchAllMiddleware` with a 500
+error object on a connection that stays open. (An exception handler registered for
+`Exception` would not do: Starlette's ServerErrorMiddleware sends its response and
+then re-raises, and uvicorn closes the keep-alive connection of a request that
+raised.) Error bodies are ASCII JSON, so a message that quotes the client's input
+encodes even when that input holds a lone surrogate.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -15,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraserve.errors import (
     AdapterError,
@@ -23,6 +32,7 @@ from loraserve.errors import (
     InvalidRequestError,
     LoraserveError,
     QueueFullError,
+    RequestFailedError,
     UnknownAdapterError,
 )
 
@@ -73,7 +83,14 @@ class APIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return ErrorResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON in ASCII: `\\ud800` stays an escape instead of failing to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def model_not_found(name: str) -> APIError:
@@ -99,6 +116,8 @@ def to_api_error(error: BaseException) -> APIError:
         return APIError(400, str(error), error.param)
     if isinstance(error, AdapterError):
         return APIError(400, str(error), "lora_path", "invalid_adapter")
+    if isinstance(error, RequestFailedError):
+        return APIError(500, str(error), code="request_failed")
     if isinstance(error, LoraserveError):
         return APIError(400, str(error))
     if isinstance(error, EngineDeadError):
@@ -120,7 +139,11 @@ def validation_error(error: RequestValidationError) -> APIError:
         detail = first.get("ctx", {}).get("error", "malformed JSON")
         return APIError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")
     path = _location(first)
-    param = path[0] if path else None
+    if not path:  # the body as a whole: missing, or not a JSON object
+        if first.get("type") == "missing":
+            return APIError(400, "The request body is missing: send a JSON object.")
+        return APIError(400, f"The request body must be a JSON object: {first.get('msg')}.")
+    param = path[0]
     same_field = [e for e in errors if _location(e)[:1] == path[:1]][:MAX_LISTED_ERRORS]
     message = "; ".join(f"{'.'.join(_location(e))}: {e.get('msg', 'invalid')}" for e in same_field)
     return APIError(400, message or "invalid request", param)
@@ -142,11 +165,39 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(error.detail) or HTTPStatus(error.status_code).phrase
         return APIError(error.status_code, message, headers=dict(error.headers or {})).response()
 
-    async def on_other(request: Request, error: Exception) -> JSONResponse:
+    async def on_known(request: Request, error: Exception) -> JSONResponse:
         return to_api_error(error).response()
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    # Known kinds are handled inside the app; the catch-all also sees the rest.
-    for kind in (APIError, LoraserveError, EngineError, Exception):
-        app.add_exception_handler(kind, on_other)
+    for kind in (APIError, LoraserveError, EngineError):
+        app.add_exception_handler(kind, on_known)
+    app.add_middleware(CatchAllMiddleware)
+
+
+class CatchAllMiddleware:
+    """Answers any exception that escaped the routes and handlers with a 500 error object;
+    the connection stays open. One raised after the response started (a stream) can only
+    be logged: the client sees the stream end early."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as error:
+            api_error = to_api_error(error)  # logs the unexpected ones
+            if started:
+                return
+            await api_error.response()(scope, receive, send)

@@ -2,7 +2,9 @@
 
 - `AuthMiddleware`: every /v1 call needs a known API key when tenants are configured;
   the tenant goes to `request.state.tenant`. It runs before the body is read, so an
-  unauthenticated caller learns nothing from validation errors.
+  unauthenticated caller learns nothing from validation errors. /metrics needs the
+  metrics key or an admin key when either is configured (server/auth.py); the
+  --metrics-port listener serves /metrics and /health only, without a key.
 - `BodyLimitMiddleware`: bodies over the limit get 413, whether announced by
   Content-Length or sent chunked.
 """
@@ -12,30 +14,51 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from loraserve.server.auth import OPEN_TENANT, Tenants
+from loraserve.server.auth import OPEN_TENANT, MetricsAccess, Tenant, Tenants
 from loraserve.server.errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
+METRICS_PORT_PATHS = ("/metrics", "/health")
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, tenants: Tenants | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        tenants: Tenants | None,
+        metrics: MetricsAccess | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
         self.app = app
         self.tenants = tenants
+        self.metrics = metrics or MetricsAccess(tenants, None)
+        self.metrics_port = metrics_port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        tenant = OPEN_TENANT
-        if self.tenants is not None and scope["path"].startswith(PROTECTED_PREFIX):
-            try:
-                tenant = self.tenants.authenticate(_header(scope, b"authorization"))
-            except APIError as error:
-                await error.response()(scope, receive, send)
-                return
+        try:
+            tenant = self._caller(scope)
+        except APIError as error:
+            await error.response()(scope, receive, send)
+            return
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
+
+    def _caller(self, scope: Scope) -> Tenant:
+        """The tenant of this request; APIError if it may not make it."""
+        path, authorization = scope["path"], _header(scope, b"authorization")
+        server = scope.get("server")  # (host, port) of the socket the request came in on
+        if self.metrics_port is not None and server is not None and server[1] == self.metrics_port:
+            if path not in METRICS_PORT_PATHS:
+                raise APIError(404, "this port serves /metrics and /health only")
+            return OPEN_TENANT
+        if path == "/metrics":
+            self.metrics.check(authorization)
+        elif self.tenants is not None and path.startswith(PROTECTED_PREFIX):
+            return self.tenants.authenticate(authorization)
+        return OPEN_TENANT
 
 
 class BodyLimitMiddleware:

@@ -1,5 +1,6 @@
-"""What both generation routes share: choosing the adapter, building sampling params,
-handing prompts to the engine, following their outputs, SSE framing, disconnects.
+"""What both generation routes share: choosing the adapter, checking the request against
+the limits, building sampling params, handing prompts to the engine, following their
+outputs, SSE framing, disconnects.
 
 One HTTP request may carry several prompts (completions) and `n` completions per
 prompt; each prompt is one engine request (its `n` completions are sub-requests),
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,24 +25,18 @@ from starlette.types import Receive, Scope, Send
 from loraserve.engine.async_engine import AsyncEngine, RequestStream
 from loraserve.engine.outputs import CompletionDelta, CompletionOutput
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.errors import EngineError
+from loraserve.errors import InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant
 from loraserve.server.errors import APIError, model_not_found, to_api_error
+from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics
+from loraserve.server.prompts import Prompt, PromptBuilder
 from loraserve.server.protocol import SamplingFields, Usage
 
 T = TypeVar("T")
 TokenNamer = Callable[[int], str]
 """How logprobs name a token id: its text, or `token_id:ID`."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt, tokenized (text kept for the engine's outputs when there is one)."""
-
-    text: str | None
-    token_ids: list[int]
 
 
 @dataclass
@@ -52,10 +47,24 @@ class Served:
     metrics: ServerMetrics
     base_model: str
     max_model_len: int
+    limits: RequestLimits
+    prompts: PromptBuilder
+
+    def __post_init__(self) -> None:
+        for name in self.engine.adapters:
+            self.check_adapter_name(name)
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    def check_adapter_name(self, name: str) -> None:
+        """An adapter may not take the base model's name: requests for it would never
+        reach the adapter, and /v1/models would list the name twice."""
+        if name == self.base_model:
+            raise InvalidRequestError(
+                f"adapter name {name!r} is the base model's name; choose another", "lora_name"
+            )
 
     def token_namer(self, as_token_ids: bool) -> TokenNamer:
         if as_token_ids:
@@ -94,10 +103,28 @@ class Served:
         return streams
 
 
+@contextlib.contextmanager
+def fields_as_sent(renamed: dict[str, str]) -> Iterator[None]:
+    """Errors name a field as the client sent it: the engine says `max_tokens` and
+    `logprobs` where a chat client sent `max_completion_tokens` and `top_logprobs`."""
+    try:
+        yield
+    except InvalidRequestError as error:
+        if error.param not in renamed:
+            raise
+        old, new = error.param, renamed[error.param]
+        message = str(error)
+        if message.startswith(old):
+            message = new + message[len(old) :]
+        raise InvalidRequestError(message, new) from None
+
+
 def sampling_params(
-    body: SamplingFields, max_tokens: int | None, logprobs: int | None
+    body: SamplingFields, max_tokens: int | None, logprobs: int | None, limits: RequestLimits
 ) -> SamplingParams:
-    """The engine's params from the body; InvalidRequestError (400) names a bad field."""
+    """The engine's params from the body; InvalidRequestError (400) names a bad field.
+    The server's limits on counts come first, so that nothing is built for a huge list."""
+    limits.check_stops(body.stop, body.stop_token_ids or [])
     values: dict[str, Any] = {
         "n": body.n,
         "min_tokens": body.min_tokens,
@@ -189,8 +216,6 @@ async def follow(
     try:
         async for index, deltas in _merge(streams):
             for delta in deltas:
-                if delta.error is not None:
-                    raise EngineError(f"the request failed: {delta.error}")
                 tracker.observe(index, delta)
             yield index, deltas
         outcome = "finished"

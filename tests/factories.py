@@ -146,6 +146,22 @@ def make_adapter(base_model, folder: Path, seed: int = 0, **lora_config: Any) ->
     return folder
 
 
+def make_overflowing_adapter(base_model, folder: Path, seed: int = 0) -> Path:
+    """A finite adapter whose output overflows float32 (a broken fine-tune): lora_B of
+    ~1e30 on q_proj and k_proj makes the attention scores infinite, so the logits of any
+    request using it are NaN. loraserve accepts the folder (every weight is finite)."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(base_model, folder, seed=seed, r=4, target_modules=["q_proj", "k_proj"])
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    for name, tensor in tensors.items():
+        if "lora_B" in name:
+            tensors[name] = torch.full_like(tensor, 1e30)
+    save_file(tensors, path)
+    return folder
+
+
 def peft_model_for(base_model, adapter_folder: Path):
     """The PEFT reference: `base_model` with one adapter loaded, float32, eval."""
     from peft import PeftModel

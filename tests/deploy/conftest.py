@@ -17,24 +17,30 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 
 from server_harness import ADAPTERS, Running, assets, start_server
 
+from loraserve.server.auth import read_metrics_key
+
 __all__ = ["assets", "exposition"]
 
 
 @pytest.fixture(scope="module")
 def exposition(assets) -> Iterator[str]:
     """/metrics of a server that has served one adapter request and one base one (so that
-    labelled series and histogram buckets exist), scraped at the path the compose stack's
-    Prometheus scrapes."""
+    labelled series and histogram buckets exist), scraped as the compose stack's Prometheus
+    scrapes: at its path, with the demo metrics key the stack gives both."""
     (scrape,) = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())[
         "scrape_configs"
     ]
-    running: Running = start_server(assets)
+    key_file = DEPLOY / "prometheus" / "demo-metrics-key"
+    running: Running = start_server(assets, metrics_key_file=str(key_file))
     try:
         client = running.server.client()
         base = running.engine.info.served_model_name
         for model in (next(iter(ADAPTERS)), base):
             client.completions.create(model=model, prompt="hello", max_tokens=4, temperature=0)
+        headers = {"Authorization": f"Bearer {read_metrics_key(key_file)}"}
         with running.server.http() as http:
-            yield http.get(scrape.get("metrics_path", "/metrics")).raise_for_status().text
+            path = scrape.get("metrics_path", "/metrics")
+            assert http.get(path).status_code == 401  # the key is needed, and enough
+            yield http.get(path, headers=headers).raise_for_status().text
     finally:
         running.server.stop()

@@ -10,7 +10,9 @@ from typing import Any
 import yaml
 from deploy_files import DEPLOY, REPO
 
+from loraserve.server.auth import read_metrics_key
 from loraserve.server.cli import build_parser
+from loraserve.server.config import ServerConfig
 
 TOP_LEVEL_KEYS = {"name", "services", "volumes", "networks", "configs", "secrets"}
 
@@ -60,7 +62,7 @@ def test_loraserve_runs_the_demo_from_the_repository_image() -> None:
     assert "demo-cache:/cache" in service["volumes"], "the image's writable folder"
 
 
-def test_prometheus_scrapes_the_loraserve_service() -> None:
+def test_prometheus_scrapes_the_loraserve_service_with_its_metrics_key() -> None:
     spec = compose()
     prometheus = spec["services"]["prometheus"]
     mounts = bind_mounts(prometheus)
@@ -71,6 +73,19 @@ def test_prometheus_scrapes_the_loraserve_service() -> None:
     (static,) = scrape["static_configs"]
     demo = vars(build_parser().parse_args(["demo", *spec["services"]["loraserve"]["command"]]))
     assert static["targets"] == [f"loraserve:{demo['port']}"]
+    # One compose secret: the file loraserve reads its key from, the file Prometheus sends.
+    (secret,) = spec["services"]["loraserve"]["secrets"]
+    assert demo["metrics_key_file"] == f"/run/secrets/{secret}"
+    assert prometheus["secrets"] == [secret]
+    assert scrape["authorization"]["credentials_file"] == f"/run/secrets/{secret}"
+    read_metrics_key(DEPLOY / spec["secrets"][secret]["file"])
+
+
+def test_docker_waits_for_the_drain() -> None:
+    service = compose()["services"]["loraserve"]
+    demo = vars(build_parser().parse_args(["demo", *service["command"]]))
+    drain = demo.get("drain_timeout_seconds", ServerConfig.drain_timeout_seconds)
+    assert float(service["stop_grace_period"].removesuffix("s")) > drain
 
 
 def test_grafana_provisions_the_datasource_and_dashboard() -> None:

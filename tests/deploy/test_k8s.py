@@ -18,8 +18,9 @@ import yaml
 from deploy_files import K8S, REPO, tool
 from k8s_render import Object, find, load_documents, render
 
-from loraserve.server.auth import Tenants
+from loraserve.server.auth import Tenants, read_metrics_key
 from loraserve.server.cli import build_parser
+from loraserve.server.config import ServerConfig
 
 # The oldest Kubernetes deploy/README.md claims, and the newest kubernetes-validate bundles.
 KUBERNETES_VERSIONS = ("1.32.0", "1.37.0")
@@ -130,7 +131,17 @@ SPEC_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
         selector=shape(["matchLabels"], matchLabels=LABELS),
         podMetricsEndpoints={
             "type": "array",
-            "items": shape(["port"], port=TEXT, path=TEXT, interval=TEXT),
+            "items": shape(
+                ["port"],
+                port=TEXT,
+                path=TEXT,
+                interval=TEXT,
+                authorization=shape(
+                    ["credentials"],
+                    type=TEXT,
+                    credentials=shape(["key"], name=NAME, key=TEXT, optional={"type": "boolean"}),
+                ),
+            ),
         },
     ),
 }
@@ -336,16 +347,71 @@ def test_probes_security_and_volumes(objects: list[Object]) -> None:
         find(objects, "PersistentVolumeClaim", claim["claimName"])
 
 
-def test_api_keys_come_from_the_secret(objects: list[Object], tmp_path: Path) -> None:
+def secret_of(spec: dict[str, Any], container: dict[str, Any], path: Path) -> str:
+    """The Secret whose volume the container mounts at the folder of `path`."""
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume["secret"]["secretName"]  # type: ignore[no-any-return]
+
+
+def test_api_keys_and_the_metrics_key_come_from_the_secrets(
+    objects: list[Object], tmp_path: Path
+) -> None:
     spec = pod_spec(objects, "loraserve")
     (container,) = spec["containers"]
-    keys = Path(serve_options(container["args"])["api_keys"])
-    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(keys.parent)]
-    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
-    (example,) = load_documents(K8S / "api-keys.example.yaml")
-    assert volume["secret"]["secretName"] == example["metadata"]["name"]
-    (tmp_path / keys.name).write_text(example["stringData"][keys.name])
+    options = serve_options(container["args"])
+    examples = {o["metadata"]["name"]: o for o in load_documents(K8S / "api-keys.example.yaml")}
+    keys, metrics_key = Path(options["api_keys"]), Path(options["metrics_key_file"])
+    keys_secret = examples[secret_of(spec, container, keys)]
+    (tmp_path / keys.name).write_text(keys_secret["stringData"][keys.name])
     Tenants.from_file(tmp_path / keys.name)  # the example is a file the server accepts
+    metrics_secret = examples[secret_of(spec, container, metrics_key)]
+    (tmp_path / metrics_key.name).write_text(metrics_secret["stringData"][metrics_key.name])
+    read_metrics_key(tmp_path / metrics_key.name)
+    # Prometheus sends that same key.
+    (endpoint,) = find(objects, "PodMonitor", "loraserve")["spec"]["podMetricsEndpoints"]
+    credentials = endpoint["authorization"]["credentials"]
+    assert (credentials["name"], credentials["key"]) == (
+        metrics_secret["metadata"]["name"],
+        metrics_key.name,
+    )
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports[endpoint["port"]] == options["port"]  # the API port, where the key counts
+
+
+def test_the_endpoint_picker_alone_reads_the_keyless_metrics_port(objects: list[Object]) -> None:
+    spec = pod_spec(objects, "loraserve")
+    (container,) = spec["containers"]
+    options = serve_options(container["args"])
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["metrics"] == options["metrics_port"] != options["port"]
+    (epp,) = pod_spec(objects, "loraserve-epp")["containers"]
+    assert f"--model-server-metrics-port={options['metrics_port']}" in epp["args"]
+    policy = find(objects, "NetworkPolicy", "loraserve")["spec"]
+    labels = find(objects, "Deployment", "loraserve")["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["podSelector"]["matchLabels"], labels) and policy["policyTypes"] == [
+        "Ingress"
+    ]
+    epp_labels = find(objects, "Deployment", "loraserve-epp")["spec"]["template"]["metadata"]
+    for rule in policy["ingress"]:
+        (port,) = rule["ports"]
+        if port["port"] == "metrics":
+            (source,) = rule["from"]
+            assert selects(source["podSelector"]["matchLabels"], epp_labels["labels"])
+        else:
+            assert port["port"] == "http" and "from" not in rule  # the API: from anywhere
+
+
+@pytest.mark.parametrize("folder", ["base", "overlays/gpu"])
+def test_the_drain_fits_the_grace_period(folder: str) -> None:
+    """preStop, then SIGTERM and loraserve's drain, all before Kubernetes kills the pod."""
+    spec = pod_spec(render(K8S / folder), "loraserve")
+    (container,) = spec["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = serve_options(container["args"]).get(
+        "drain_timeout_seconds", ServerConfig.drain_timeout_seconds
+    )
+    assert 0 < pre_stop + drain < spec["terminationGracePeriodSeconds"] <= 30
 
 
 def test_monitoring_scaling_and_disruptions_target_the_pods(objects: list[Object]) -> None:

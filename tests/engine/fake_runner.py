@@ -50,7 +50,7 @@ class FakeRunner:
             assert chunk.seq.request_id in self.requests, "executing an unknown request"
             if chunk.samples:
                 tokens.append((chunk.seq.token_ids[-1] + 1) % self.arch.vocab_size)
-        return SamplerOutput(token_ids=tokens, logprobs=[None] * len(tokens))
+        return SamplerOutput(tokens, [None] * len(tokens), [None] * len(tokens))
 
     def drain_load_seconds(self) -> list[float]:
         return []

@@ -193,7 +193,7 @@ def test_logprobs_are_raw_and_sorted(dtype: torch.dtype) -> None:
     logits = (torch.randn(4, 64) * 2).to(dtype)  # [num_seqs, vocab_size]
     raw_argmax = int(logits[0].float().argmax())
     params = [
-        SamplingParams(temperature=0.0, repetition_penalty=100.0, logprobs=5),
+        SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=5),
         SamplingParams(temperature=0.5, presence_penalty=1.0, logprobs=0),
         SamplingParams(temperature=1.3, top_k=3, logprobs=20),
         SamplingParams(),

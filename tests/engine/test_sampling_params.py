@@ -45,14 +45,19 @@ def test_greedy_and_effective_top_k(
         ("min_tokens", -1),
         ("temperature", -0.1),
         ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("temperature", 1e39),  # infinite in float32
         ("top_p", 0.0),
         ("top_p", 1.01),
         ("top_p", math.nan),
         ("top_k", -2),
+        ("top_k", 2**63),  # no int64, let alone int32
         ("min_p", -0.01),
         ("min_p", 1.5),
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
+        ("repetition_penalty", 1e-38),  # logits divided by it overflow
+        ("repetition_penalty", 2.5),
         ("presence_penalty", 2.5),
         ("presence_penalty", -2.01),
         ("frequency_penalty", 3.0),

@@ -242,3 +242,29 @@ def test_missing_tokenizer_json(folder: Path, tmp_path: Path) -> None:
         Tokenizer.from_folder(target)
     with pytest.raises(ModelLoadError, match="huggingface-cli download"):
         Tokenizer.from_folder(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("text", [*TEXTS, "hello world, " * 12_000])  # the last: 156k chars
+def test_encode_at_most_equals_encode_within_the_limit(tokenizer: Tokenizer, text: str) -> None:
+    for special in (True, False):
+        ids = tokenizer.encode(text, add_special_tokens=special)
+        encoded = tokenizer.encode_at_most(text, len(ids), add_special_tokens=special)
+        assert (encoded.ids, encoded.num_tokens, encoded.exact) == (ids, len(ids), True)
+        over = tokenizer.encode_at_most(text, len(ids) - 1, add_special_tokens=special)
+        assert over.ids is None and over.num_tokens <= len(ids)
+
+
+def test_a_long_text_far_over_the_limit_is_counted_in_chunks(tokenizer: Tokenizer) -> None:
+    text = "SELECT name FROM users WHERE id = 42; " * 20_000  # 760k chars
+    exact = len(tokenizer.encode(text))
+    encoded = tokenizer.encode_at_most(text, 1000)
+    assert encoded.ids is None and not encoded.exact
+    assert 1000 < encoded.num_tokens <= exact  # a lower bound, found in the first chunks
+    assert encoded.num_tokens < exact / 4
+
+
+def test_longest_token_chars_bounds_every_token(tokenizer: Tokenizer) -> None:
+    longest = tokenizer.longest_token_chars
+    for text in TEXTS:
+        for token_id in tokenizer.encode(text):
+            assert len(tokenizer.decode([token_id], skip_special_tokens=False)) <= longest

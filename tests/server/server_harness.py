@@ -5,8 +5,11 @@ helpers to read /metrics. The fixtures reach tests through conftest.py.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +28,7 @@ from loraserve.engine.config import build_config
 from loraserve.server.app import create_app
 from loraserve.server.auth import Tenants
 from loraserve.server.config import ServerConfig
+from loraserve.server.limits import RequestLimits
 
 ADAPTERS = {
     "attn8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -65,16 +69,64 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     return Assets(root / "tiny-llama", root / "adapters", spare, base_model)
 
 
-class ServerThread:
-    """uvicorn serving `app` from a background thread, on a free port of 127.0.0.1."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    def __init__(self, app: Any) -> None:
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+
+def start_process(assets: Assets, *options: str) -> tuple[subprocess.Popen[str], str]:
+    """`loraserve serve` in a process of its own, on a free port of 127.0.0.1, serving the
+    tiny model and the adapter folder on the CPU: (the process, its URL) once /health is 200.
+    Its stdout and stderr are one text pipe; the caller stops it."""
+    port = free_port()
+    command = [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(assets.model)]
+    command += ["--adapter-dir", str(assets.adapter_dir), "--port", str(port), "--device", "cpu"]
+    process = subprocess.Popen(
+        [*command, "--pool-pages", "64", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    started = wait_for(lambda: _health(url) == 200 or process.poll() is not None, timeout_s=90)
+    if not started or process.poll() is not None:
+        process.kill()
+        raise AssertionError(f"loraserve did not start: {process.communicate()[0]}")
+    return process, url
+
+
+def _health(url: str) -> int:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def free_socket() -> socket.socket:
+    """A socket bound to a free port of 127.0.0.1."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+class ServerThread:
+    """uvicorn serving `app` from a background thread, on a free port of 127.0.0.1
+    (and on `extra_sockets`, e.g. a metrics port)."""
+
+    def __init__(self, app: Any, extra_sockets: tuple[socket.socket, ...] = ()) -> None:
+        self._socket = free_socket()
+        self._sockets = [self._socket, *extra_sockets]
+        self.url = url_of(self._socket)
+        self.extra_urls = [url_of(sock) for sock in extra_sockets]
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+            target=self._server.run, kwargs={"sockets": self._sockets}, daemon=True
         )
         self._thread.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -86,7 +138,8 @@ class ServerThread:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(STARTUP_TIMEOUT_S)
-        self._socket.close()
+        for sock in self._sockets:
+            sock.close()
 
     def client(self, api_key: str = "unused", **options: Any) -> openai.OpenAI:
         """The official client; no retries, so that a 429 or 5xx shows as it is."""
@@ -102,19 +155,27 @@ class Running:
 
     server: ServerThread
     engine: AsyncEngine
+    app: Any
 
 
 def start_server(
     assets: Assets,
     engine_options: dict[str, Any] | None = None,
     tenants: Tenants | None = None,
+    limits: RequestLimits | None = None,
+    metrics_socket: socket.socket | None = None,
     **server_options: Any,
 ) -> Running:
-    """A server over a fresh engine with the session's adapters registered."""
+    """A server over a fresh engine with the session's adapters registered; with
+    `metrics_socket`, its port is the server's --metrics-port."""
     options = {**ENGINE_OPTIONS, **(engine_options or {})}
     engine = AsyncEngine(build_config(str(assets.model), **options), assets.adapters)
-    app = create_app(engine, ServerConfig(**server_options), tenants)
-    return Running(ServerThread(app), engine)
+    extra: tuple[socket.socket, ...] = ()
+    if metrics_socket is not None:
+        server_options["metrics_port"] = metrics_socket.getsockname()[1]
+        extra = (metrics_socket,)
+    app = create_app(engine, ServerConfig(**server_options), tenants, limits)
+    return Running(ServerThread(app, extra), engine, app)
 
 
 @pytest.fixture(scope="module")

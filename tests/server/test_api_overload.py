@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from factories import make_overflowing_adapter
 from server_harness import Assets, Running, metric, start_server, wait_for
 
 LONG = {"max_tokens": 200, "temperature": 0, "extra_body": {"ignore_eos": True}}
@@ -79,3 +80,36 @@ def test_an_engine_failure_fails_requests_in_flight_then_503(failing: Running) -
         assert http.get("/health").status_code == 503
         assert http.get("/v1/models").status_code == 200
         assert metric(http.get("/metrics").text, "loraserve_engine_healthy") == 0
+
+
+def test_a_request_the_engine_fails_alone_does_not_touch_the_others(assets: Assets) -> None:
+    """An adapter whose output overflows float32 (a broken fine-tune) gives NaN logits: the
+    request using it gets the error, streams beside it run to their end, the engine stays
+    healthy and every page comes back."""
+    broken = make_overflowing_adapter(assets.base_model, assets.spare_dir / "overflowing")
+    running = start_server(assets, allowed_adapter_roots=(str(assets.spare_dir),))
+    try:
+        client = running.server.client(timeout=30)
+        with running.server.http() as http:
+            body = {"lora_name": "broken", "lora_path": str(broken)}
+            assert http.post("/v1/load_lora_adapter", json=body).status_code == 200
+        with ThreadPoolExecutor(2) as pool:
+            stream = client.completions.create(model="attn8", prompt="a", stream=True, **LONG)
+            chunks = iter(stream)
+            next(chunks)
+            beside = pool.submit(client.completions.create, model="mlp4", prompt="b", **LONG)
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.completions.create(model="broken", prompt="c", **LONG)
+            assert caught.value.body["code"] == "request_failed"  # type: ignore[index]
+            assert "not finite" in str(caught.value)
+            text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+            assert beside.result(timeout=60).usage.completion_tokens == 200  # type: ignore[union-attr]
+        assert text
+        with running.server.http() as http:
+            assert http.get("/health").status_code == 200
+            assert metric(http.get("/metrics").text, "loraserve_engine_healthy") == 1
+            assert wait_for(
+                lambda: metric(http.get("/metrics").text, "loraserve_pool_pages", use="kv") == 0
+            )
+    finally:
+        running.server.stop()

@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
-from server_harness import Assets, Running, start_server
+from server_harness import Assets, Running, free_socket, start_server
 
 from loraserve.server.auth import Tenants
 
@@ -23,12 +24,20 @@ KEYS = {
 }
 
 
+METRICS_KEY = "sk-prometheus-scrape"
+
+
 @pytest.fixture(scope="module")
 def running(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys.write_text(yaml.safe_dump(KEYS))
+    folder = tmp_path_factory.mktemp("keys")
+    (folder / "keys.yaml").write_text(yaml.safe_dump(KEYS))
+    (folder / "metrics-key").write_text(METRICS_KEY + "\n")  # as a Secret file may hold it
     server = start_server(
-        assets, tenants=Tenants.from_file(keys), allowed_adapter_roots=(str(assets.spare_dir),)
+        assets,
+        tenants=Tenants.from_file(folder / "keys.yaml"),
+        allowed_adapter_roots=(str(assets.spare_dir),),
+        metrics_key_file=str(folder / "metrics-key"),
+        metrics_socket=free_socket(),
     )
     yield server
     server.server.stop()
@@ -81,10 +90,43 @@ def test_a_missing_or_wrong_key_is_401(running: Running, key: str | None) -> Non
     assert complete(running, "sk-alpha", "attn8")  # still serving
 
 
-def test_health_and_metrics_need_no_key(running: Running) -> None:
+def test_health_needs_no_key_and_metrics_an_admin_or_the_metrics_key(running: Running) -> None:
     with running.server.http() as http:
         assert http.get("/health").status_code == 200
+        for key, status in [
+            (None, 401),
+            ("sk-wrong", 401),
+            ("sk-alpha", 403),  # a tenant must not learn about other tenants' adapters
+            ("sk-ops", 200),
+            (METRICS_KEY, 200),
+        ]:
+            headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+            response = http.get("/metrics", headers=headers)
+            assert response.status_code == status, (key, response.text)
+        assert "vllm:num_requests_running" in response.text
+        metrics_only = {"Authorization": f"Bearer {METRICS_KEY}"}
+        assert http.get("/v1/models", headers=metrics_only).status_code == 401  # nothing else
+
+
+def test_the_metrics_port_serves_metrics_and_health_only_without_a_key(running: Running) -> None:
+    (metrics_url,) = running.server.extra_urls
+    with httpx.Client(base_url=metrics_url, timeout=30) as http:
         assert http.get("/metrics").status_code == 200
+        assert http.get("/health").status_code == 200
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions")):
+            response = http.request(method, path, headers={"Authorization": "Bearer sk-ops"})
+            assert response.status_code == 404, path
+    assert complete(running, "sk-alpha", "attn8")  # the API port is untouched
+
+
+def test_only_admins_see_adapter_folders(running: Running) -> None:
+    for key, admin in (("sk-alpha", False), ("sk-ops", True)):
+        with running.server.http() as http:
+            cards = http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+        roots = {card["id"]: card["root"] for card in cards["data"] if card.get("parent")}
+        assert roots
+        for name, root in roots.items():
+            assert (root == str(running.engine.adapters[name])) if admin else root is None
 
 
 def test_admin_routes_need_an_admin_key(running: Running, assets: Assets) -> None:
@@ -119,6 +161,26 @@ def test_a_tenant_over_its_rate_is_429_with_retry_after(running: Running) -> Non
     assert int(response.headers["Retry-After"]) >= 1
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
     assert complete(running, "sk-beta", "mlp4")  # other tenants are not limited by it
+
+
+def test_completions_count_against_the_rate(assets: Assets, tmp_path: Path) -> None:
+    """n completions cost n; more than a minute's worth in one request is never possible."""
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump(KEYS))
+    server = start_server(assets, tenants=Tenants.from_file(tmp_path / "keys.yaml"))
+    try:
+        client = server.server.client("sk-gamma")
+        client.completions.create(model="mlp4", prompt="hi", max_tokens=1, n=2)  # both tokens
+        with pytest.raises(openai.RateLimitError) as spent:
+            client.completions.create(model="mlp4", prompt="hi", max_tokens=1)
+        assert spent.value.response.headers.get("Retry-After")
+        with pytest.raises(openai.RateLimitError) as never:
+            client.completions.create(model="mlp4", prompt=["a", "b"], max_tokens=1, n=2)
+        assert (
+            "4 completions" in str(never.value)
+            and "Retry-After" not in never.value.response.headers
+        )
+    finally:
+        server.server.stop()
 
 
 @pytest.mark.parametrize(

@@ -5,22 +5,20 @@ installed command serves a model folder and an --adapter-dir."""
 from __future__ import annotations
 
 import dataclasses
-import os
+import shutil
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from server_harness import ADAPTERS, Assets, wait_for
+import torch
+from server_harness import ADAPTERS, Assets, free_port, start_process
 
 from loraserve.server import cli
 from loraserve.server.config import ServerConfig
 
-CONFIGS = (*cli.ENGINE_CONFIGS, ServerConfig)
+CONFIGS = (*cli.ENGINE_CONFIGS, *cli.SERVER_CONFIGS)
 
 
 def help_text(command: str, capsys: pytest.CaptureFixture[str]) -> str:
@@ -85,29 +83,9 @@ def test_adapter_dir_registers_every_peft_folder_by_name(assets: Assets, tmp_pat
         cli.adapters_of(twice)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) -> None:
-    port = free_port()
-    command = [sys.executable, "-m", "loraserve.server.cli", "serve"]
-    options = ["--model", str(assets.model), "--adapter-dir", str(assets.adapter_dir)]
-    options += ["--port", str(port), "--device", "cpu", "--pool-pages", "64"]
-    options += ["--served-model-name", "tiny", "--log-level", "warning"]
-    process = subprocess.Popen(
-        [*command, *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_process(assets, "--served-model-name", "tiny", "--log-level", "warning")
     try:
-        assert wait_for(lambda: _healthy(url) or process.poll() is not None, timeout_s=90)
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"tiny", *ADAPTERS}
         answer = client.completions.create(model="mlp4", prompt="hello", max_tokens=3)
@@ -117,13 +95,6 @@ def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) 
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     assert "open" in output  # it said it runs without API keys
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_demo_serves_the_demo_assets_on_the_cpu(
@@ -136,11 +107,87 @@ def test_demo_serves_the_demo_assets_on_the_cpu(
         demo_assets, "ensure_demo_assets", lambda **_: (assets.model, assets.adapters)
     )
     served = {}
-    monkeypatch.setattr(cli, "serve", lambda *args: served.setdefault("args", args))
-    assert cli.main(["demo", "--port", "8123"]) == 0
-    engine_config, server_config, adapters = served["args"]
+
+    def serve(*args: object) -> int:
+        served["args"] = args
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    assert cli.main(["demo", "--port", "8123", "--max-n", "4"]) == 0
+    engine_config, server_config, adapters, limits = served["args"]
+    assert limits.max_n == 4
     assert engine_config.model.model == str(assets.model)
     assert engine_config.model.device == "cpu"
     assert engine_config.model.served_model_name == cli.DEMO_MODEL_NAME
     assert server_config.port == 8123 and server_config.host == "127.0.0.1"
     assert adapters == assets.adapters
+
+
+def run_and_fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """`loraserve` refuses to start: status 1 and one `loraserve: error:` line, no traceback."""
+    assert cli.main([*argv, "--log-level", "error", "--port", str(free_port())]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loraserve: error: "), lines
+    return lines[0]
+
+
+def test_a_truncated_model_file_is_one_error_line(
+    assets: Assets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(assets.model, tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = run_and_fail(["serve", "--model", str(tmp_path / "model"), "--device", "cpu"], capsys)
+    assert "model.safetensors" in line and "truncated" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA devices")
+def test_cuda_without_a_cuda_device_is_one_error_line(
+    assets: Assets, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = run_and_fail(["serve", "--model", str(assets.model), "--device", "cuda"], capsys)
+    assert "no CUDA device" in line and "--device cpu" in line
+
+
+@pytest.mark.parametrize("what", ["missing", "file", "empty"])
+def test_a_bad_model_folder_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str
+) -> None:
+    folder = tmp_path / "model"
+    if what == "file":
+        folder.write_text("not a folder")
+    elif what == "empty":
+        folder.mkdir()
+    line = run_and_fail(["serve", "--model", str(folder), "--device", "cpu"], capsys)
+    assert str(folder) in line
+
+
+def test_a_port_in_use_is_one_error_line_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--model", str(tmp_path / "no-model"), "--log-level", "error"]
+        assert cli.main([*argv, "--port", str(port)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("loraserve: error: ") and f"127.0.0.1:{port}" in line
+    assert "\n" not in line and "no-model" not in line  # the port was checked first
+
+
+def test_an_adapter_named_like_the_base_model_is_one_error_line(
+    assets: Assets, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["serve", "--model", str(assets.model), "--device", "cpu", "--pool-pages", "32"]
+    argv += ["--adapter-dir", str(assets.adapter_dir), "--served-model-name", "attn8"]
+    assert "base model" in run_and_fail(argv, capsys)
+
+
+def test_an_empty_metrics_key_file_is_one_error_line(
+    assets: Assets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "key").write_text("\n")
+    argv = ["serve", "--model", str(assets.model), "--device", "cpu", "--pool-pages", "32"]
+    line = run_and_fail([*argv, "--metrics-key-file", str(tmp_path / "key")], capsys)
+    assert "one token" in line

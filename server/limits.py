@@ -1,0 +1,56 @@
+"""How much one request may ask for: counts and sizes the server refuses (HTTP 400) before
+any work is done for it.
+
+`SamplingParams` (engine/sampling_params.py) bounds each value to what the sampler can
+compute; these limits bound how *many* things one request may bring (completions,
+prompts, stop strings), so that no single request can hold the engine thread, the
+event loop or memory for long. Each field is a `loraserve serve` option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from loraserve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Limits on what one request may ask for (above them: HTTP 400)."""
+
+    max_n: int = 128
+    """Most completions per prompt (`n`, and `best_of`); each is a request for the engine."""
+    max_prompts_per_request: int = 256
+    """Most prompts in one /v1/completions request (a list of texts or of token-id lists)."""
+    max_stop_strings: int = 64
+    """Most `stop` strings per request (each is checked against the text at every token)."""
+    max_stop_string_chars: int = 1024
+    """Longest `stop` string, in characters."""
+    max_stop_token_ids: int = 1024
+    """Most `stop_token_ids` per request."""
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field.name} must be an integer >= 1, got {value!r}")
+
+    def check_n(self, n: int, num_prompts: int, param: str = "n") -> None:
+        """`n` completions of each of `num_prompts` prompts."""
+        _at_most(n, self.max_n, param, "completions per prompt")
+        _at_most(num_prompts, self.max_prompts_per_request, "prompt", "prompts per request")
+
+    def check_stops(self, stop: str | Sequence[str] | None, stop_token_ids: Sequence[int]) -> None:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        _at_most(len(stops), self.max_stop_strings, "stop", "stop strings")
+        longest = max((len(text) for text in stops), default=0)
+        _at_most(longest, self.max_stop_string_chars, "stop", "characters in a stop string")
+        _at_most(len(stop_token_ids), self.max_stop_token_ids, "stop_token_ids", "stop token ids")
+
+
+def _at_most(value: int, limit: int, param: str, what: str) -> None:
+    if value > limit:
+        raise InvalidRequestError(
+            f"{param}: this server allows at most {limit} {what}, got {value}", param
+        )
