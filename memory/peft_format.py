@@ -376,7 +376,14 @@ def _checked_module(
         if not torch.isfinite(tensor).all():
             raise refuse(folder, f"tensor {name} contains NaN or inf")
     return LoraModule(
-        where[0], module, target.rank, target.scaling, lora_a.float(), lora_b.float(), a_name, b_name
+        where[0],
+        module,
+        target.rank,
+        target.scaling,
+        lora_a.float(),
+        lora_b.float(),
+        a_name,
+        b_name,
     )
 
 

@@ -135,9 +135,9 @@ class ModelArch:
     def layer_norms(self) -> tuple[str, ...]:
         """The hidden-size norms of a decoder layer (Gemma's four: two more around the MLP)."""
         names = ("input_layernorm", "post_attention_layernorm")
-        if self.gemma_norms:
-            names += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-        return names
+        if not self.gemma_norms:
+            return names
+        return (*names, "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
     @property
     def linear_modules(self) -> tuple[str, ...]:

@@ -89,7 +89,9 @@ def fuse_layer(
     if arch.gemma_norms:  # post_attention_layernorm norms the attention output instead
         layer_weights.attention_out_norm = layer_weights.post_norm
         layer_weights.post_norm = norm.weight(weights[prefix + "pre_feedforward_layernorm.weight"])
-        layer_weights.mlp_out_norm = norm.weight(weights[prefix + "post_feedforward_layernorm.weight"])
+        layer_weights.mlp_out_norm = norm.weight(
+            weights[prefix + "post_feedforward_layernorm.weight"]
+        )
     return layer_weights
 
 

@@ -66,9 +66,7 @@ def rope_dict(config: dict[str, Any]) -> dict[str, Any]:
     return dict(rope) if isinstance(rope, dict) else {}
 
 
-def _by_layer_type(
-    config: dict[str, Any], family: Family
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def _by_layer_type(config: dict[str, Any], family: Family) -> tuple[dict[str, Any], dict[str, Any]]:
     """Gemma 3's (global, local) rope dicts, each with its `rope_theta`."""
     rope = config.get("rope_parameters")
     if isinstance(rope, dict) and ("full_attention" in rope or "sliding_attention" in rope):

@@ -18,9 +18,8 @@ import pytest
 import torch
 from factories import greedy_reference, make_adapter, make_model, peft_model_for
 
-from loraserve.models.arch import FUSED_MODULES, LORA_MODULES
-
 from loraserve import LLM, SamplingParams
+from loraserve.models.arch import FUSED_MODULES, LORA_MODULES
 
 NEW_TOKENS = 32
 ADAPTERS = {
@@ -68,7 +67,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "llama-gqa": ("llama-gqa", {}),
     "qwen2": ("qwen2", {}),
     "mistral-window": ("mistral", dict(sliding_window=12)),
-    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=12, max_window_layers=1)),
+    "qwen2-window": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=12, max_window_layers=1),
+    ),
     "qwen3": ("qwen3", {}),
     "gemma2": ("gemma2", {}),
     "gemma3": ("gemma3", {}),
