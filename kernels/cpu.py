@@ -6,8 +6,10 @@ where the native kernels (kernels/native.py) cannot be built, or a dtype they do
   (`mm(..., out=)`, `addmm_`). Its cost grows with the number of distinct adapters
   (a Python loop over segments): the native kernels do not have that loop.
 - Decode attention (one query per sequence) runs as a few batched SDPA calls, over
-  K/V gathered through the block tables of sequences of similar context length;
-  prefill and extend sequences go through the reference one at a time.
+  K/V gathered through the block tables of sequences of similar context length (a
+  sliding window is one more mask; soft-capped scores, which SDPA cannot cap, take a
+  plain matmul-softmax-matmul instead); prefill and extend sequences go through the
+  reference one at a time.
 
 tests/kernels/test_lora_kernels.py and test_attention_kernels.py (`test_cpu_path_*`)
 hold these to the references.

@@ -15,8 +15,9 @@ FLOPs and the bytes the batch needs (bench/cpu_kernels.py measures both).
 
 Long prefills (more than LONG_PREFILL_TOKENS queries in one sequence) are where
 torch's flash-attention kernel beats the C loop: those few sequences go through
-SDPA over a gather of that one sequence's K/V; every other sequence of the step
-(decodes, extends, short prefills) is done in one C call.
+SDPA over a gather of that one sequence's K/V (a sliding window as an explicit mask);
+every other sequence of the step (decodes, extends, short prefills) is done in one C
+call. With soft-capped scores (Gemma 2), which SDPA cannot compute, all stay in C.
 
 Threads: each call runs on `torch.get_num_threads()` OpenMP threads of the runtime
 torch loaded (the library links the same libgomp), read at every call, so

@@ -78,63 +78,47 @@ class Family:
     default_rope_theta: float = 10_000.0
 
 
+# What Qwen2 / Qwen3 and Gemma 2 / Gemma 3 share.
+_QWEN: dict[str, Any] = dict(
+    default_layer_types=_qwen,
+    reads_layer_types=True,
+    default_sliding_window=4096,
+    window_switch="use_sliding_window",
+)
+_GEMMA: dict[str, Any] = dict(
+    reads_layer_types=True,
+    default_sliding_window=4096,
+    biases="attention_bias",
+    activation_key="hidden_activation",
+    default_activation="gelu_pytorch_tanh",
+    gemma=True,
+)
 FAMILIES: dict[str, Family] = {
     family.architecture: family
     for family in (
         Family("LlamaForCausalLM", "llama", biases="attention_bias"),
         Family("MistralForCausalLM", "mistral", _all_sliding, default_sliding_window=4096),
-        Family(
-            "Qwen2ForCausalLM",
-            "qwen2",
-            _qwen,
-            reads_layer_types=True,
-            default_sliding_window=4096,
-            window_switch="use_sliding_window",
-            biases="qkv",
-        ),
-        Family(
-            "Qwen3ForCausalLM",
-            "qwen3",
-            _qwen,
-            reads_layer_types=True,
-            default_sliding_window=4096,
-            window_switch="use_sliding_window",
-            biases="attention_bias",
-            qk_norm=True,
-        ),
+        Family("Qwen2ForCausalLM", "qwen2", biases="qkv", **_QWEN),
+        Family("Qwen3ForCausalLM", "qwen3", biases="attention_bias", qk_norm=True, **_QWEN),
         Family(
             "Gemma2ForCausalLM",
             "gemma2",
             _gemma2,
-            reads_layer_types=True,
-            default_sliding_window=4096,
-            biases="attention_bias",
-            activation_key="hidden_activation",
-            default_activation="gelu_pytorch_tanh",
-            gemma=True,
             softcaps={"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+            **_GEMMA,
         ),
         Family(
             "Gemma3ForCausalLM",
             "gemma3_text",
             _gemma3,
-            reads_layer_types=True,
-            default_sliding_window=4096,
-            biases="attention_bias",
-            activation_key="hidden_activation",
-            default_activation="gelu_pytorch_tanh",
             qk_norm=True,
-            gemma=True,
             softcaps={"final_logit_softcapping": None},
             local_rope=True,
             default_rope_theta=1_000_000.0,
+            **_GEMMA,
         ),
         Family(
-            "Phi3ForCausalLM",
-            "phi3",
-            _all_sliding,
-            fused_projections=True,
-            partial_rotary=True,
+            "Phi3ForCausalLM", "phi3", _all_sliding, fused_projections=True, partial_rotary=True
         ),
     )
 }

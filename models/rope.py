@@ -1,6 +1,6 @@
 """Rotary position embedding frequencies, as transformers computes them at model init.
 
-Semantics: for position p and pair index i < head_dim / 2 the rotation angle is
+Semantics: for position p and pair index i < rotary_dim / 2 the rotation angle is
 `p * inv_freq[i]`, and cos/sin are multiplied by `rope_attention_scaling(arch)`.
 
 Each rope type reproduces transformers' `ROPE_INIT_FUNCTIONS` (and the models'
