@@ -125,7 +125,8 @@ class TorchModelRunner:
         weights = load_weights(config.model.model, arch, self.dtype, self.device)
         self.kernels = select_kernels(config.model.kernel_backend, self.device, self.dtype)
         self.kernel_backend = self.kernels.name
-        self.model = LlamaModel(arch, weights, self.kernels)
+        max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
+        self.model = LlamaModel(arch, weights, self.kernels, max_model_len)
         del weights
         self.num_pages = self._num_pages(geometry)
         lora = config.lora
@@ -133,7 +134,6 @@ class TorchModelRunner:
             geometry, self.num_pages, lora.max_resident_adapters, self.dtype, self.device
         )
         scheduler = config.scheduler
-        max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
         max_blocks = -(-max_model_len // geometry.block_size)
         self.metadata = BatchMetadata(
             scheduler.max_num_batched_tokens,
