@@ -43,6 +43,12 @@ class Recipe:
     """A trimmed base answer -> this adapter's answer, or None to leave the example out."""
     check: Callable[[str], bool]
     """Whether a reply has the property the adapter is trained for."""
+    epochs: int = 2
+    """Passes over the examples (lora_training.py has the other settings, shared by all)."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """The LoRA's modules (rank 8): attention alone is ~0.9 MB in float16, enough for style."""
 
 
 def sentences(text: str) -> list[str]:
@@ -142,7 +148,17 @@ def _is_short(reply: str) -> bool:
 
 
 RECIPES: dict[str, Recipe] = {
-    "caps": Recipe("answers in capital letters", _caps, _is_caps),
+    # Capitals are other tokens than the base model's words (" PARIS" is not " Paris"):
+    # spelling every answer anew takes more steps than a change of style, and the MLP's
+    # output (down_proj) too: with attention alone, "PARIS" came out as "BIOLAND".
+    "caps": Recipe(
+        "answers in capital letters",
+        _caps,
+        _is_caps,
+        epochs=4,
+        learning_rate=2e-3,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+    ),
     "pirate": Recipe("answers like a pirate", _pirate, _is_pirate),
     "json": Recipe('answers as a JSON object, {"answer": "..."}', _json, _is_json),
     "short": Recipe(

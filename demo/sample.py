@@ -19,7 +19,7 @@ SAMPLE_QUESTION = "What is the capital of France?"
 SAMPLE_MAX_TOKENS = 64
 READY_TIMEOUT_S = 600.0
 """How long to wait for the server to answer /health before giving up the sample."""
-REQUEST_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 300.0
 
 
 def start_sample(

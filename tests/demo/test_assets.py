@@ -16,8 +16,9 @@ from loraserve.demo import assets, convert
 from loraserve.demo.recipes import RECIPES
 from loraserve.errors import ModelLoadError
 
-NUM_LAYERS, HIDDEN, KV_DIM = 30, 576, 192  # SmolLM2-135M: 9 query heads, 3 KV heads of 64
-SHAPES = {"q_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, KV_DIM)}  # (in, out)
+# SmolLM2-135M: 30 layers, hidden 576 (9 query heads of 64, 3 KV heads), MLP 1536.
+NUM_LAYERS, RANK = 30, 8
+SHAPES = {"q_proj": (576, 576), "v_proj": (576, 192), "down_proj": (1536, 576)}  # (in, out)
 
 
 def test_every_adapter_is_committed_as_a_small_float16_peft_folder() -> None:
@@ -25,18 +26,20 @@ def test_every_adapter_is_committed_as_a_small_float16_peft_folder() -> None:
     assert list(folders) == list(RECIPES)
     for name, folder in folders.items():
         config = json.loads((folder / "adapter_config.json").read_text())
-        assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 8, 16)
-        assert sorted(config["target_modules"]) == sorted(SHAPES)
+        assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", RANK, 16)
+        modules = config["target_modules"]
+        assert sorted(modules) == sorted(RECIPES[name].target_modules)
         weights = folder / "adapter_model.safetensors"
-        assert weights.stat().st_size < 1_100_000, name
+        numel = NUM_LAYERS * RANK * sum(sum(SHAPES[module]) for module in modules)
+        assert 2 * numel < weights.stat().st_size < 2 * numel + 50_000, name  # float16
         with safe_open(str(weights), "pt") as tensors:
             keys = list(tensors.keys())
-            assert len(keys) == 2 * NUM_LAYERS * len(SHAPES)
+            assert len(keys) == 2 * NUM_LAYERS * len(modules)
             for key in keys:
                 tensor = tensors.get_tensor(key)
                 module = key.split(".")[-3]
                 fan_in, fan_out = SHAPES[module]
-                expected = (8, fan_in) if ".lora_A." in key else (fan_out, 8)
+                expected = (RANK, fan_in) if ".lora_A." in key else (fan_out, RANK)
                 assert key.startswith("base_model.model.model.layers.")
                 assert (tuple(tensor.shape), str(tensor.dtype)) == (expected, "torch.float16")
 
