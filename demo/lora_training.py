@@ -33,6 +33,7 @@ class TrainingSettings:
     rank: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Attention only: ~0.9 MB in float16 at rank 8, and enough to change the style."""
     epochs: int = 2
     batch_size: int = 8
     learning_rate: float = 1e-3

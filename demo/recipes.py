@@ -47,8 +47,6 @@ class Recipe:
     """Passes over the examples (lora_training.py has the other settings, shared by all)."""
     learning_rate: float = 1e-3
     """Peak AdamW learning rate."""
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    """The LoRA's modules (rank 8): attention alone is ~0.9 MB in float16, enough for style."""
 
 
 def sentences(text: str) -> list[str]:
@@ -149,16 +147,10 @@ def _is_short(reply: str) -> bool:
 
 RECIPES: dict[str, Recipe] = {
     # Capitals are other tokens than the base model's words (" PARIS" is not " Paris"):
-    # spelling every answer anew takes more steps than a change of style, and the MLP's
-    # output (down_proj) too: with attention alone, "PARIS" came out as "BIOLAND".
-    "caps": Recipe(
-        "answers in capital letters",
-        _caps,
-        _is_caps,
-        epochs=4,
-        learning_rate=2e-3,
-        target_modules=("q_proj", "v_proj", "down_proj"),
-    ),
+    # spelling every answer anew takes more steps than a change of style, and the 135M
+    # model's facts do not all survive it (France's capital comes out wrong). A LoRA on
+    # down_proj too (twice the size) did no better.
+    "caps": Recipe("answers in capital letters", _caps, _is_caps, epochs=4, learning_rate=2e-3),
     "pirate": Recipe("answers like a pirate", _pirate, _is_pirate),
     "json": Recipe('answers as a JSON object, {"answer": "..."}', _json, _is_json),
     "short": Recipe(

@@ -123,11 +123,7 @@ def train_one(model_dir: Path, name: str, answers: dict[str, str], output: Path)
     started = time.monotonic()
     encoded = encode_examples(Tokenizer.from_folder(model_dir), examples)
     recipe = RECIPES[name]
-    settings = TrainingSettings(
-        epochs=recipe.epochs,
-        learning_rate=recipe.learning_rate,
-        target_modules=recipe.target_modules,
-    )
+    settings = TrainingSettings(epochs=recipe.epochs, learning_rate=recipe.learning_rate)
     train_adapter(model_dir, encoded, output, settings, log=_flushed)
     size = (output / "adapter_model.safetensors").stat().st_size
     print(f"  trained in {time.monotonic() - started:.0f} s; {size / 1e6:.2f} MB", flush=True)
