@@ -8,7 +8,7 @@ plain Hugging Face folder in the user's cache (about half a minute on a CPU):
         config.json, generation_config.json, model.safetensors (float32),
         tokenizer.json, tokenizer_config.json (with the ChatML chat template)
 
-The adapters come with loraserve itself (`loraserve/demo/adapters/NAME/`, PEFT
+The adapters come with loraserve itself (`loraserve/demo/lora-adapters/NAME/`, PEFT
 folders made by `python -m loraserve.demo.train`); `recipes.py` says what each does.
 
 The conversion imports torch, transformers and gguf (the `demo` extra): it runs in
@@ -36,7 +36,7 @@ MODEL_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
-ADAPTERS_DIR = Path(__file__).with_name("adapters")
+ADAPTERS_DIR = Path(__file__).with_name("lora-adapters")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 INSTALL_HINT = (
     "the demo needs its extra packages: run `make demo` from a clone, or "

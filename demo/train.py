@@ -1,6 +1,6 @@
-"""The recipe that made the demo's adapters (loraserve/demo/adapters/): self-distillation.
+"""The recipe that made the demo's adapters (demo/lora-adapters/): self-distillation.
 
-    python -m loraserve.demo.train --output demo/adapters
+    python -m loraserve.demo.train --output demo/lora-adapters
 
 1. The base model (SmolLM2-135M-Instruct, converted as `loraserve demo` does) answers
    every question of `questions.TRAIN_QUESTIONS` and `HELD_OUT_QUESTIONS`, greedy, through
