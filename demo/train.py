@@ -7,13 +7,17 @@
    loraserve's own `LLM` (cached in the work folder: later runs reuse the answers).
 2. Each adapter's rule (`recipes.py`) rewrites the trimmed answers into its own.
 3. A LoRA per adapter learns the rewritten answers with PEFT on the CPU
-   (`lora_training.py`: rank 8 on q_proj and v_proj, float32, two epochs).
+   (`lora_training.py`: rank 8 on q_proj and v_proj, float32; epochs and learning rate
+   per adapter in `recipes.py`).
 4. loraserve serves every adapter on the held-out questions, never trained on, and the
    command prints how many replies of each (and of the base model) have the adapter's
    property, with one exchange: the figures `recipes.py`'s checks and the slow test use.
 
 Needs the `demo` extra and peft (the `test` extra). Seeded, but float sums in another
-order (other machine, other thread count) give slightly different weights.
+order (other machine, other thread count) give slightly different weights. The committed
+adapters came from this code in two runs (`--adapters pirate,json,short`, then
+`--adapters caps`): 62 to 382 s each for pirate, json and short, 832 s for caps, on two
+cores shared with other work.
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ SHOWN_QUESTION = "What is the capital of France?"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loraserve.demo.train", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m loraserve.demo.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output", type=Path, default=ADAPTERS_DIR, help="adapters go here")
     parser.add_argument(
         "--adapters", default=",".join(RECIPES), help="comma-separated names (default: all)"
