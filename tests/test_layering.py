@@ -94,7 +94,7 @@ def test_the_front_end_process_loads_no_torch() -> None:
         "import sys\n"
         "import loraserve.server.app, loraserve.server.cli, loraserve.engine.async_engine\n"
         "import loraserve.memory.pool, loraserve.scheduler\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in %r))\n" % (THIRD_PARTY_HEAVY,)
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {THIRD_PARTY_HEAVY!r}))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
