@@ -1,0 +1,196 @@
+"""Structured output: what a request's text must match, and the matcher that keeps it there.
+
+A request may constrain its output to a JSON schema (or any JSON object), a regular
+expression, one of a list of strings, or a context-free grammar (Lark or GBNF), as
+vLLM's `structured_outputs` and OpenAI's `response_format` ask. `StructuredOutputs`
+says which; `to_grammar()` turns it into one llguidance grammar. In the engine core, a
+`GrammarCompiler` (one per model: the tokenizer's byte strings, a cache of compiled
+grammars) gives each such request a `RequestGrammar`; the runner asks it for the mask
+of tokens allowed next (computed while the forward pass runs), the sampler sets the
+others to -inf, and the core's postprocess advances it with the token chosen.
+
+Why llguidance rather than xgrammar or outlines-core (figures and command in
+bench/results/2026-12-01-grammar-engines.txt, SmolLM2's 49,152-token vocabulary):
+- it depends on nothing: xgrammar imports torch and transformers when imported (2.7 s),
+  which would make transformers a server dependency and keep the front end from
+  checking grammars; llguidance is torch-free, so the front end validates a request's
+  grammar in a worker thread and answers a bad one with a 400 before the core sees it;
+- it has no compile step: a grammar becomes a matcher in ~1 ms (a cached one is copied
+  in 10 us) and masks are computed lazily, ~15 us per row (xgrammar compiles each
+  schema up front, 9 ms for a small one and seconds for large ones, then masks a row in
+  ~1.3 us); at batch 64 llguidance fills all masks in ~0.6 ms on its own threads, a
+  small fraction of a step, and it does so while the forward pass runs;
+- it covers everything asked: JSON schema, regex, choice, Lark and GBNF grammars.
+
+JSON whitespace is flexible but bounded (`JSON_WHITESPACE`): a model may lay its JSON out
+as it learned to, but cannot fill its whole budget with blanks between two tokens.
+
+This module imports no torch: the front end uses `StructuredOutputs` and `check_grammar`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import llguidance
+import llguidance.numpy as llguidance_numpy
+import numpy as np
+
+from loraserve.errors import InvalidRequestError
+
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,20}"
+"""Whitespace allowed between two JSON tokens: enough to indent nested JSON, never unbounded."""
+ANY_JSON_OBJECT = '{"type": "object"}'
+MAX_CACHED_GRAMMARS = 256
+"""Compiled grammars kept in the core (least recently used dropped first)."""
+KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputs:
+    """One constraint on a request's output text (exactly one field set), as vLLM's
+    `StructuredOutputsParams`."""
+
+    json: str | dict[str, Any] | None = None
+    """A JSON schema (object or its JSON text): the output is one JSON value valid under it."""
+    regex: str | None = None
+    """The output matches this regular expression (Rust `regex` syntax), whole."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """A context-free grammar, in Lark or GBNF (llama.cpp's) syntax."""
+    json_object: bool = False
+    """The output is any JSON object (OpenAI's `response_format: json_object`)."""
+    whitespace_pattern: str | None = None
+    """Regex of the whitespace allowed between JSON tokens (default `JSON_WHITESPACE`)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            self.json = json.dumps(self.json)
+        chosen = [name for name in KINDS if getattr(self, name) not in (None, False)]
+        if len(chosen) != 1:
+            raise InvalidRequestError(
+                f"structured output needs exactly one of {', '.join(KINDS)}, got "
+                f"{', '.join(chosen) or 'none'}",
+                "structured_outputs",
+            )
+        if self.choice is not None and not (
+            self.choice and all(isinstance(item, str) and item for item in self.choice)
+        ):
+            raise InvalidRequestError(
+                "choice must be a non-empty list of non-empty strings", "structured_outputs"
+            )
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in KINDS if getattr(self, name) not in (None, False))
+
+    def to_grammar(self) -> str:
+        """The llguidance grammar of this constraint (not yet checked: `check_grammar`)."""
+        kind = self.kind
+        if kind in ("json", "json_object"):
+            schema = self.json if kind == "json" else ANY_JSON_OBJECT
+            pattern = self.whitespace_pattern or JSON_WHITESPACE
+            try:
+                return llguidance.LLMatcher.grammar_from_json_schema(
+                    schema, overrides={"whitespace_pattern": pattern}
+                )
+            except ValueError as error:
+                raise InvalidRequestError(f"invalid JSON schema: {error}", kind) from None
+        if kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(str(self.regex))
+        if kind == "choice":
+            return llguidance.grammar_from("choice", json.dumps(self.choice))
+        try:
+            return llguidance.grammar_from("grammar", str(self.grammar))
+        except ValueError as error:
+            raise InvalidRequestError(str(error), "grammar") from None
+
+
+def structured_fields() -> tuple[str, ...]:
+    """The names of StructuredOutputs' fields."""
+    return tuple(field.name for field in fields(StructuredOutputs))
+
+
+def check_grammar(grammar: str, param: str) -> None:
+    """InvalidRequestError (naming `param`) unless llguidance accepts `grammar`.
+    Costs up to the grammar's compilation: the front end runs it in a worker thread."""
+    message = llguidance.LLMatcher.validate_grammar(grammar)
+    if message:
+        raise InvalidRequestError(f"{param}: {message.strip()}", param)
+
+
+class RequestGrammar:
+    """One request's place in its grammar: what may come next, advanced token by token."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler) -> None:
+        self.matcher = matcher
+        self.compiler = compiler
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by the token the sampler chose; False if the grammar refuses it."""
+        return bool(self.matcher.consume_token(token_id)) and not self.matcher.is_error()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the grammar is complete and admits nothing more (the request stops)."""
+        return bool(self.matcher.is_stopped())
+
+    @property
+    def error(self) -> str:
+        return str(self.matcher.get_error())
+
+
+class GrammarCompiler:
+    """The core's grammars: one tokenizer for llguidance, compiled grammars cached."""
+
+    def __init__(
+        self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]
+    ) -> None:
+        """`tokenizer_json`: the model's tokenizer.json text; `vocab_size`: the width of
+        the logits (masks cover it; ids the tokenizer lacks are never allowed)."""
+        self.vocab_size = vocab_size
+        self._tokenizer = llguidance.LLTokenizer(
+            tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids)
+        )
+        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._executor = llguidance.LLExecutor()
+
+    @property
+    def mask_width(self) -> int:
+        """int32 words of one row's bitmask."""
+        return (self._tokenizer.vocab_size + 31) // 32
+
+    def grammar_for(self, constraint: StructuredOutputs) -> RequestGrammar:
+        """A fresh matcher for `constraint`; InvalidRequestError if it does not compile."""
+        grammar = constraint.to_grammar()
+        initial = self._cache.get(grammar)
+        if initial is None:
+            initial = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+            if initial.is_error():
+                raise InvalidRequestError(
+                    f"{constraint.kind}: {initial.get_error()}", constraint.kind
+                )
+            self._cache[grammar] = initial
+            if len(self._cache) > MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(grammar)
+        return RequestGrammar(initial.deep_copy(), self)
+
+    def fill_masks(self, grammars: Sequence[RequestGrammar]) -> np.ndarray:
+        """The allowed-token bitmask of each grammar's next token (grammars of this
+        compiler), `[len(grammars), mask_width]` int32 (bit t % 32 of word t // 32 set =
+        token t allowed), computed on llguidance's threads without the GIL."""
+        bitmask = llguidance_numpy.allocate_token_bitmask(len(grammars), self._tokenizer.vocab_size)
+        matchers = [(grammar.matcher, row) for row, grammar in enumerate(grammars)]
+        llguidance_numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        return bitmask
+
+
+def fill_masks(grammars: Sequence[RequestGrammar]) -> np.ndarray:
+    """`GrammarCompiler.fill_masks` of the grammars' compiler (one per engine)."""
+    return grammars[0].compiler.fill_masks(grammars)
