@@ -22,7 +22,8 @@ bench/results/2026-12-01-grammar-engines.txt, SmolLM2's 49,152-token vocabulary)
   small fraction of a step, and it does so while the forward pass runs;
 - it covers everything asked: JSON schema, regex, choice, Lark and GBNF grammars.
 
-JSON whitespace is flexible but bounded (`JSON_WHITESPACE`): a model may lay its JSON out
+Every grammar is a Lark grammar with `no_forcing` (see GRAMMAR_OPTIONS). JSON whitespace
+is flexible but bounded (`JSON_WHITESPACE`): a model may lay its JSON out
 as it learned to, but cannot fill its whole budget with blanks between two tokens.
 
 This module imports no torch: the front end uses `StructuredOutputs` and `check_grammar`.
@@ -44,7 +45,11 @@ from loraserve.errors import InvalidRequestError
 
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,20}"
 """Whitespace allowed between two JSON tokens: enough to indent nested JSON, never unbounded."""
-ANY_JSON_OBJECT = '{"type": "object"}'
+GRAMMAR_OPTIONS = '%llguidance {"no_forcing": true}\n'
+"""Every token whose text the grammar admits is allowed, not only the canonical tokenization
+of text the grammar forces: so a constraint that admits the unconstrained answer leaves
+its tokens unchanged (llguidance would otherwise force e.g. `HER` where the model says `H`)."""
+EMPTY_OPTIONS = "%llguidance {}\n"
 MAX_CACHED_GRAMMARS = 256
 """Compiled grammars kept in the core (least recently used dropped first)."""
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -90,25 +95,27 @@ class StructuredOutputs:
         return next(name for name in KINDS if getattr(self, name) not in (None, False))
 
     def to_grammar(self) -> str:
-        """The llguidance grammar of this constraint (not yet checked: `check_grammar`)."""
+        """This constraint as one llguidance Lark grammar (checked by `check_grammar`)."""
         kind = self.kind
         if kind in ("json", "json_object"):
-            schema = self.json if kind == "json" else ANY_JSON_OBJECT
-            pattern = self.whitespace_pattern or JSON_WHITESPACE
+            schema = json.loads(str(self.json)) if kind == "json" else {"type": "object"}
+            if not isinstance(schema, dict):
+                raise InvalidRequestError("a JSON schema must be an object", kind)
+            options = {"whitespace_pattern": self.whitespace_pattern or JSON_WHITESPACE}
+            schema["x-guidance"] = {**options, **schema.get("x-guidance", {})}
+            body = "start: %json " + json.dumps(schema)
+        elif kind == "regex":
+            regex_grammar = json.loads(llguidance.LLMatcher.grammar_from_regex(str(self.regex)))
+            body = regex_grammar["grammars"][0]["lark_grammar"]
+        elif kind == "choice":
+            body = llguidance.grammar_from("choice", json.dumps(self.choice))
+        else:
             try:
-                return llguidance.LLMatcher.grammar_from_json_schema(
-                    schema, overrides={"whitespace_pattern": pattern}
-                )
+                body = llguidance.grammar_from("grammar", str(self.grammar))
             except ValueError as error:
-                raise InvalidRequestError(f"invalid JSON schema: {error}", kind) from None
-        if kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(str(self.regex))
-        if kind == "choice":
-            return llguidance.grammar_from("choice", json.dumps(self.choice))
-        try:
-            return llguidance.grammar_from("grammar", str(self.grammar))
-        except ValueError as error:
-            raise InvalidRequestError(str(error), "grammar") from None
+                raise InvalidRequestError(str(error), "grammar") from None
+            body = body.removeprefix(EMPTY_OPTIONS)
+        return GRAMMAR_OPTIONS + body
 
 
 def structured_fields() -> tuple[str, ...]:
