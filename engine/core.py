@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -108,9 +108,7 @@ class EngineCore:
     def grammars(self) -> GrammarCompiler:
         """Built on the first structured request (reading the vocabulary takes a moment)."""
         vocab_size = max(self.arch.vocab_size, self.tokenizer.vocab_size)
-        return GrammarCompiler(
-            self.tokenizer.backend.to_str(), vocab_size, self.info.eos_token_ids
-        )
+        return GrammarCompiler(self.tokenizer.backend.to_str(), vocab_size, self.info.eos_token_ids)
 
     # -- adapters --------------------------------------------------------------------------
 

@@ -200,7 +200,6 @@ class SamplingParams:
                 isinstance(stop, str) and stop != "", "stop", stop, "must be non-empty strings"
             )
 
-
     def _validate_constraints(self) -> None:
         if self.prompt_logprobs is not None:
             _require(

@@ -71,7 +71,8 @@ class StructuredOutputs:
     json_object: bool = False
     """The output is any JSON object (OpenAI's `response_format: json_object`)."""
     whitespace_pattern: str | None = None
-    """Regex of the whitespace allowed between JSON tokens (default `JSON_WHITESPACE`)."""
+    """Regex of the whitespace allowed between JSON tokens (default `JSON_WHITESPACE`;
+    empty: none, compact JSON)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):
@@ -101,7 +102,11 @@ class StructuredOutputs:
             schema = json.loads(str(self.json)) if kind == "json" else {"type": "object"}
             if not isinstance(schema, dict):
                 raise InvalidRequestError("a JSON schema must be an object", kind)
-            options = {"whitespace_pattern": self.whitespace_pattern or JSON_WHITESPACE}
+            options: dict[str, Any] = {"whitespace_pattern": self.whitespace_pattern}
+            if self.whitespace_pattern is None:
+                options = {"whitespace_pattern": JSON_WHITESPACE}
+            elif not self.whitespace_pattern:  # none at all: compact JSON
+                options = {"whitespace_flexible": False}
             schema["x-guidance"] = {**options, **schema.get("x-guidance", {})}
             body = "start: %json " + json.dumps(schema)
         elif kind == "regex":
@@ -155,9 +160,7 @@ class RequestGrammar:
 class GrammarCompiler:
     """The core's grammars: one tokenizer for llguidance, compiled grammars cached."""
 
-    def __init__(
-        self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]
-    ) -> None:
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
         """`tokenizer_json`: the model's tokenizer.json text; `vocab_size`: the width of
         the logits (masks cover it; ids the tokenizer lacks are never allowed)."""
         self.vocab_size = vocab_size

@@ -115,7 +115,10 @@ def test_logit_bias_moves_the_first_token_as_peft_logits_say(setup) -> None:
         adapter=[a for a, _ in REQUESTS],
     )  # fmt: skip
     assert [output.token_ids[0] for output in outputs] == expected
-    assert all(output.token_ids[0] != tokens[0] for output, (_, tokens, _) in zip(outputs, refs))
+    assert all(
+        output.token_ids[0] != tokens[0]
+        for output, (_, tokens, _) in zip(outputs, refs, strict=False)
+    )
 
 
 def test_allowed_token_ids_and_bad_words_exclude_tokens(setup) -> None:
@@ -136,7 +139,7 @@ def test_allowed_token_ids_and_bad_words_exclude_tokens(setup) -> None:
     )
     assert banned.token_ids[0] == tokens[0]
     assert banned.token_ids[1] != tokens[1]
-    pairs = zip(banned.token_ids, banned.token_ids[1:])
+    pairs = zip(banned.token_ids, banned.token_ids[1:], strict=False)
     assert all([a, b] != word for a, b in pairs)
 
 
