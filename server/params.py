@@ -21,10 +21,19 @@ from loraserve.server.limits import RequestLimits
 from loraserve.server.protocol import SamplingFields
 
 NO_EFFECT = frozenset(
-    {"user", "metadata", "store", "service_tier", "cache_salt", "prediction", "request_id"}
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "cache_salt",
+        "prediction",
+        "request_id",
+        "include_reasoning",
+    }
 )
 """Fields accepted whatever their value: none changes the output (`request_id` names the
-response)."""
+response; `include_reasoning` acts only with a reasoning parser, which loraserve has not)."""
 
 Refusal = tuple[str, Callable[[Any], bool], str]
 REFUSED: tuple[Refusal, ...] = (
