@@ -31,6 +31,7 @@ from loraserve.server.json_scan import scan_object
 from loraserve.server.protocol import ChatCompletionRequest, NamedToolChoice
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+PYTHON_TAG = "<|python_tag|>"
 END = "\x00"
 """Appended to a whole output before scanning it: no tag starts with it, so nothing at the
 end is held back as a possible tag."""
@@ -202,9 +203,11 @@ def _scan_hermes(text: str) -> Scan:
 
 def _scan_llama3(text: str) -> Scan:
     body = text.lstrip()
-    body = body.removeprefix("<|python_tag|>").lstrip()
+    if PYTHON_TAG.startswith(body.removesuffix(END)):
+        return Scan()  # nothing yet, or the start of the tag: wait
+    body = body.removeprefix(PYTHON_TAG).lstrip()
     if not body.startswith("{"):
-        return Scan(content=text) if body or not text else Scan()
+        return Scan(content=text)
     offset = len(text) - len(body)
     scan = Scan()
     position: int | None = offset
