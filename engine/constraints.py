@@ -40,7 +40,8 @@ class GrammarMasks:
     """[len(rows), ceil(vocab / 32)] int32: bit t % 32 of word t // 32 set = token t allowed."""
 
 
-_BIT_POSITIONS = torch.arange(32, dtype=torch.int32)  # [32]
+_BIT_VALUES = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).to(torch.int32)  # [32]
+"""1 << b for each bit b of an int32 word (bit 31 wraps to the sign bit, as in the mask)."""
 
 
 def apply_constraints(
@@ -111,13 +112,16 @@ def _ban_bad_words(
 
 def _apply_bitmask(logits: torch.Tensor, grammar: GrammarMasks) -> None:
     """-inf where a row's grammar bit is 0; bits past the mask's width count as 0."""
-    vocab_size = logits.shape[1]
+    num_rows, vocab_size = len(grammar.rows), logits.shape[1]
     bitmask = grammar.bitmask.to(logits.device)  # [num_rows, num_words]
-    bits = (bitmask.unsqueeze(-1) >> _BIT_POSITIONS.to(logits.device)) & 1  # [rows, words, 32]
-    allowed = bits.flatten(1).bool()[:, :vocab_size]  # [num_rows, <= vocab_size]
+    bits = bitmask.unsqueeze(-1) & _BIT_VALUES.to(logits.device)  # [num_rows, num_words, 32]
+    allowed = bits.ne(0).flatten(1)[:, :vocab_size]  # [num_rows, <= vocab_size]
     if allowed.shape[1] < vocab_size:
-        pad = torch.zeros(len(grammar.rows), vocab_size - allowed.shape[1], dtype=torch.bool)
+        pad = torch.zeros(num_rows, vocab_size - allowed.shape[1], dtype=torch.bool)
         allowed = torch.cat([allowed, pad.to(logits.device)], dim=1)
+    if grammar.rows == list(range(logits.shape[0])):  # every row: in place, no copies
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
     index = _long(grammar.rows, logits)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 

@@ -28,7 +28,7 @@ class Response(BaseModel):
 
 def _plain(value: Any) -> Any:
     if isinstance(value, BaseModel):
-        required = getattr(value, "REQUIRED", frozenset())
+        required: frozenset[str] = getattr(value, "REQUIRED", frozenset())
         return {
             name: _plain(item)
             for name in type(value).model_fields

@@ -198,3 +198,32 @@ def test_prompt_logprobs_equal_peft_once_per_prompt_token(setup, options) -> Non
             assert entry.logprob == pytest.approx(want, abs=1e-4)
             assert len(entry.top_logprobs) == 2
             assert entry.top_logprobs[0][0] == int(expected[position - 1].argmax())
+
+
+def test_bitmasks_apply_to_their_rows_only_bit_by_bit() -> None:
+    """Bit t % 32 of word t // 32 allows token t, the sign bit (31) included; rows without
+    a grammar are untouched; tokens past the mask's width are refused."""
+    from loraserve.engine.constraints import GrammarMasks, apply_constraints
+    from loraserve.engine.sampler import SequenceTokens
+
+    torch.manual_seed(0)
+    vocab_size = 70  # three words, the last partly past the vocabulary
+    logits = torch.randn(4, vocab_size)
+    before = logits.clone()
+    allowed = {1: [0, 31, 32, 63], 3: [5, 64, 69]}
+    bitmask = torch.zeros(2, 2, dtype=torch.int32)  # two words: tokens 64.. are outside
+    for position, tokens in enumerate(allowed.values()):
+        for token in tokens:
+            if token < 64:
+                word = int(bitmask[position, token // 32]) | (1 << (token % 32))
+                bitmask[position, token // 32] = word - (1 << 32) if word >= 1 << 31 else word
+    params = [SamplingParams()] * 4
+    histories = [SequenceTokens([], []) for _ in range(4)]
+    apply_constraints(logits, params, histories, GrammarMasks([1, 3], bitmask))
+    for row in (0, 2):
+        assert torch.equal(logits[row], before[row])
+    for row, tokens in allowed.items():
+        kept = {t for t in tokens if t < 64}
+        for token in range(vocab_size):
+            expected = before[row, token].item() if token in kept else float("-inf")
+            assert logits[row, token].item() == expected
