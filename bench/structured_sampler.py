@@ -27,7 +27,7 @@ import torch
 from loraserve.engine.constraints import GrammarMasks
 from loraserve.engine.sampler import SequenceTokens, sample
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.structured import GrammarCompiler, RequestGrammar, StructuredOutputs
+from loraserve.engine.structured import GrammarCompiler, StructuredOutputs
 from loraserve.models.tokenizer import Tokenizer
 
 SCHEMA = {

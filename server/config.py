@@ -45,7 +45,7 @@ class ServerConfig:
     tool_call_parser: str | None = None
     """How `tool_choice: auto` finds tool calls in the output: hermes (Hermes, Qwen) | llama3_json | mistral; without it only `required` and named tool choices work."""
     enable_auto_tool_choice: bool = False
-    """vLLM's switch for `tool_choice: auto`; here --tool-call-parser alone enables it (accepted for vLLM's command lines; it needs --tool-call-parser)."""
+    """vLLM's switch for `tool_choice: auto`, accepted for vLLM's command lines; here a tool call parser alone enables it (and this switch needs one)."""
     chat_template: str | None = field(default=None, metadata={"metavar": "FILE_OR_TEMPLATE"})
     """A Jinja chat template (a file, or the template itself) used instead of the model's."""
     trust_request_chat_template: bool = False
