@@ -10,16 +10,16 @@ of tokens allowed next (computed while the forward pass runs), the sampler sets 
 others to -inf, and the core's postprocess advances it with the token chosen.
 
 Why llguidance rather than xgrammar or outlines-core (figures and command in
-bench/results/2026-12-01-grammar-engines.txt, SmolLM2's 49,152-token vocabulary):
-- it depends on nothing: xgrammar imports torch and transformers when imported (2.7 s),
+bench/results/2026-11-30-grammar-engines.txt, SmolLM2's 49,152-token vocabulary):
+- it depends on nothing: xgrammar imports torch and transformers when imported (1.9 s),
   which would make transformers a server dependency and keep the front end from
   checking grammars; llguidance is torch-free, so the front end validates a request's
   grammar in a worker thread and answers a bad one with a 400 before the core sees it;
 - it has no compile step: a grammar becomes a matcher in ~1 ms (a cached one is copied
-  in 10 us) and masks are computed lazily, ~15 us per row (xgrammar compiles each
-  schema up front, 9 ms for a small one and seconds for large ones, then masks a row in
-  ~1.3 us); at batch 64 llguidance fills all masks in ~0.6 ms on its own threads, a
-  small fraction of a step, and it does so while the forward pass runs;
+  in 10 us) and masks are computed lazily (xgrammar compiles each schema up front, 5 ms
+  for a small one and seconds for large ones);
+- its masks cost more per step than xgrammar's precomputed ones (64 rows: 0.8 ms against
+  0.09 ms), which is why the runner fills them while the forward pass runs;
 - it covers everything asked: JSON schema, regex, choice, Lark and GBNF grammars.
 
 Every grammar is a Lark grammar with `no_forcing` (see GRAMMAR_OPTIONS). JSON whitespace
