@@ -150,3 +150,19 @@ def test_unloading_an_adapter_in_use_refuses_new_requests_then_forgets_it(
         assert "extra" not in [card.id for card in client.models.list()]
         assert http.post("/v1/load_lora_adapter", json=load).status_code == 200  # free again
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "extra"}).status_code == 200
+
+
+def test_null_means_the_default_where_openai_allows_it(running: Running) -> None:
+    nulls = {"n": None, "stream": None, "echo": None, "logprobs": None, "temperature": None}
+    with running.server.http() as http:
+        completion = http.post("/v1/completions", json={"model": "attn8", "prompt": "hi", **nulls})
+        assert completion.status_code == 200, completion.text
+        chat = {"model": "attn8", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        streamed = {
+            **chat,
+            "stream": True,
+            "stream_options": {"include_usage": None},
+            "logprobs": None,
+        }
+        response = http.post("/v1/chat/completions", json={**streamed, "n": None})
+        assert response.status_code == 200 and '"usage"' not in response.text
