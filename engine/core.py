@@ -14,6 +14,10 @@ It is not thread-safe: one thread drives it (the engine-core process's loop, or
 A failure that belongs to one request (the sampler could not sample its row) ends
 that request alone with `finish_reason` `error` (`fail_request`); the step goes on
 for the others. Anything else a step raises is an engine fault and propagates.
+
+A request with structured output owns a `RequestGrammar` (engine/structured.py): the
+runner reads its mask, postprocess advances it with the chosen token, and the request
+stops (`stop`) once its grammar is complete and admits nothing more.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from loraserve.engine.config import EngineConfig, RuntimeInfo, resolve_max_model_len
-from loraserve.engine.outputs import EngineOutput, EngineStats
+from loraserve.engine.outputs import EngineOutput, EngineStats, TokenLogprobs
 from loraserve.engine.runner import ModelRunner, TorchModelRunner
 from loraserve.engine.sampler import SamplerOutput
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.structured import GrammarCompiler, RequestGrammar
 from loraserve.errors import InvalidRequestError, QueueFullError, UnknownAdapterError
 from loraserve.memory.adapter_store import AdapterStore, HostAdapter
 from loraserve.memory.geometry import PoolGeometry
@@ -50,6 +56,9 @@ class RequestState:
     seq: SequenceState
     stop_token_ids: frozenset[int]
     """Tokens that end it once `min_tokens` are out: its stop_token_ids, plus EOS unless ignored."""
+    grammar: RequestGrammar | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Prompt logprobs gathered so far, sent with the request's first output (then None)."""
 
 
 class EngineCore:
@@ -59,7 +68,7 @@ class EngineCore:
         self.config = config
         folder = config.model.model
         self.arch = load_arch(folder)
-        tokenizer = Tokenizer.from_folder(folder)
+        tokenizer = self.tokenizer = Tokenizer.from_folder(folder)
         eos = tuple(sorted({*self.arch.eos_token_ids, *tokenizer.eos_token_ids}))
         lora = config.lora
         self.geometry = PoolGeometry.for_model(
@@ -92,21 +101,43 @@ class EngineCore:
         self.requests: dict[str, RequestState] = {}
         self.num_preemptions = 0
         """Preemptions since start (each one recomputes a request's KV later)."""
+        self.retiring: set[str] = set()
+        """Adapters being unloaded: refused to new requests, forgotten once their last ends."""
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Built on the first structured request (reading the vocabulary takes a moment)."""
+        vocab_size = max(self.arch.vocab_size, self.tokenizer.vocab_size)
+        return GrammarCompiler(self.tokenizer.backend.to_str(), vocab_size, self.info.eos_token_ids)
 
     # -- adapters --------------------------------------------------------------------------
 
     def register_adapter(self, name: str, path: str | Path) -> HostAdapter:
-        """Load a PEFT folder into host RAM (AdapterError if refused; nothing registered)."""
+        """Load a PEFT folder into host RAM (AdapterError if refused; nothing registered);
+        refused while an adapter of that name is being unloaded."""
+        if name in self.retiring:
+            raise InvalidRequestError(
+                f"adapter {name!r} is being unloaded once its requests finish; load it again then",
+                "lora_name",
+            )
         return self.store.register(name, path)
 
     def unregister_adapter(self, name: str) -> None:
-        """Forget an adapter; refused while requests use it."""
-        if name not in self.store:
+        """Forget an adapter. With requests in flight, new requests for it are refused at
+        once and it is forgotten when the last of them ends (refuse new, then unload)."""
+        if name not in self.store or name in self.retiring:
             raise UnknownAdapterError(f"adapter {name!r} is not registered")
+        self.retiring.add(name)
+        self._retire_if_idle(name)
+
+    def _retire_if_idle(self, name: str | None) -> None:
+        if name not in self.retiring:
+            return
         if self.memory.is_in_use(name) or any(
             state.seq.adapter == name for state in self.requests.values()
         ):
-            raise InvalidRequestError(f"adapter {name!r} has requests in flight; unload it later")
+            return
+        self.retiring.discard(name)
         self.memory.evict_if_idle(name)
         self.store.unregister(name)
 
@@ -122,15 +153,20 @@ class EngineCore:
         """Queue a request; raises InvalidRequestError / UnknownAdapterError if it cannot run."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if adapter is not None and adapter not in self.store:
+        if adapter is not None and (adapter not in self.store or adapter in self.retiring):
             raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
         max_tokens = self._check_lengths(prompt_token_ids, params, adapter)
+        self._check_token_ids(params)
         stops = self._stop_token_ids(params)
         if max_tokens != params.max_tokens:
             params = replace(params, max_tokens=max_tokens)
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammars.grammar_for(params.structured_outputs)
         seq = SequenceState(request_id=request_id, adapter=adapter, token_ids=prompt_token_ids)
-        self.requests[request_id] = RequestState(params, seq, stops)
-        self.runner.add_request(request_id, params)
+        prompt_logprobs = None if params.prompt_logprobs is None else [None]
+        self.requests[request_id] = RequestState(params, seq, stops, grammar, prompt_logprobs)
+        self.runner.add_request(request_id, params, grammar)
         self.scheduler.add(seq)
 
     def add_requests(
@@ -165,10 +201,12 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now; its pages go back to the pool. False if it was not running."""
-        if self.requests.pop(request_id, None) is None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
             return False
         self.scheduler.abort(request_id)
         self.runner.remove_request(request_id)
+        self._retire_if_idle(state.seq.adapter)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -196,8 +234,15 @@ class EngineCore:
             sampled.failures,
             strict=True,
         )
+        for request_id, entries in sampled.prompt_logprobs.items():
+            state = self.requests.get(request_id)
+            if state is not None and state.prompt_logprobs is not None:
+                state.prompt_logprobs += entries
         outputs, good = [], []
         for seq, token, logprobs, failure in rows:
+            state = self.requests[seq.request_id]
+            if failure is None and state.grammar is not None and not state.grammar.accept(token):
+                failure = f"the output grammar refused token {token}: {state.grammar.error}"
             if failure is None:
                 good.append((seq, token, logprobs))
             else:
@@ -207,6 +252,7 @@ class EngineCore:
         for seq, token, logprobs in good:
             state = self.requests[seq.request_id]
             output = EngineOutput(seq.request_id, [token], None if logprobs is None else [logprobs])
+            output.prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
             output.finish_reason = self._finish_reason(state, token, output)
             if output.finish_reason is not None:
                 self._finish(state, FINISHED[output.finish_reason])
@@ -214,11 +260,15 @@ class EngineCore:
         return outputs
 
     def _finish_reason(self, state: RequestState, token: int, output: EngineOutput) -> str | None:
-        """`stop` for EOS / stop tokens, `length` at max_tokens or the context limit."""
+        """`stop` for EOS / stop tokens and for a complete grammar, `length` at max_tokens
+        or the context limit."""
         seq, params = state.seq, state.params
         num_outputs = seq.num_output_tokens
         if num_outputs > params.min_tokens and token in state.stop_token_ids:
             output.stop_reason = None if token in self.info.eos_token_ids else token
+            output.stopped_on_token = True
+            return "stop"
+        if state.grammar is not None and state.grammar.finished:
             return "stop"
         if num_outputs >= (params.max_tokens or 0) or seq.num_tokens >= self.info.max_model_len:
             return "length"
@@ -229,6 +279,7 @@ class EngineCore:
         self.scheduler.finish(request_id, status)
         self.runner.remove_request(request_id)
         del self.requests[request_id]
+        self._retire_if_idle(state.seq.adapter)
 
     # -- statistics ------------------------------------------------------------------------
 
@@ -258,12 +309,17 @@ class EngineCore:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
-        """The tokens that end a request: within the vocabulary, and leaving a token to
-        sample before `min_tokens` are out."""
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Every token id a field names is within the vocabulary."""
         vocab = self.arch.vocab_size
-        if any(not token_id < vocab for token_id in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        for name, token_ids in params.token_ids_to_check():
+            if any(not token_id < vocab for token_id in token_ids):
+                raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab})", name)
+
+    def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The tokens that end a request, leaving a token to sample before `min_tokens`
+        are out."""
+        vocab = self.arch.vocab_size
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops.update(self.info.eos_token_ids)

@@ -31,6 +31,7 @@ from typing import Any
 from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, build_config
 from loraserve.errors import LoraserveError
 from loraserve.scheduler.config import SchedulerConfig
+from loraserve.server.cli_aliases import add_vllm_aliases, apply_vllm_aliases
 from loraserve.server.config import ServerConfig
 from loraserve.server.limits import RequestLimits
 
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     try:
+        apply_vllm_aliases(args)
         engine_options, server_config, limits = _split_options(args)
         if command == "demo":
             model, adapters = _demo_assets(engine_options, server_config)
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sub, needs_model in ((serve_parser, True), (demo_parser, False)):
         for config in (*ENGINE_CONFIGS, *SERVER_CONFIGS):
             add_config_options(sub, config, needs_model)
+        add_vllm_aliases(sub)
     return parser
 
 

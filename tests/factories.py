@@ -26,11 +26,15 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 SPECIAL_TOKENS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+# Printable ASCII as byte-level BPE spells it (space, newline and tab are mapped to Ġ, Ċ, ĉ).
+ASCII_ALPHABET = [chr(code) for code in range(33, 127)] + ["Ġ", "Ċ", "ĉ"]
 
 
-def make_tokenizer(folder: Path, vocab_size: int = 320) -> int:
+def make_tokenizer(folder: Path, vocab_size: int = 320, all_bytes: bool = True) -> int:
     """Train a byte-level BPE on CORPUS, write tokenizer.json + tokenizer_config.json.
 
+    `all_bytes` False: only printable ASCII, space, tab and newline are tokens, so that any
+    sequence of tokens decodes to valid UTF-8 (a grammar over text can then admit any answer).
     Returns the tokenizer's vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -40,7 +44,7 @@ def make_tokenizer(folder: Path, vocab_size: int = 320) -> int:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if all_bytes else ASCII_ALPHABET,
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS, trainer=trainer)
@@ -176,12 +180,13 @@ def make_model(
     kind: str = "llama",
     seed: int = 0,
     max_shard_size: str | None = None,
+    all_bytes: bool = True,
     **overrides: Any,
 ):
     """Write a random tiny model + tokenizer to `folder`; returns the HF model (float32, eval)."""
     from transformers import AutoModelForCausalLM
 
-    vocab_size = make_tokenizer(folder)
+    vocab_size = make_tokenizer(folder, all_bytes=all_bytes)
     config = tiny_config(kind, vocab_size, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()

@@ -70,6 +70,8 @@ def test_pages_used_plus_free_is_total(assets, actions, pool_pages) -> None:
     for kind, value in actions:
         if kind == "add":
             prompt_len, max_tokens, adapter = value
+            if adapter in engine.retiring:
+                continue  # being unloaded once its requests end: it takes no new ones
             if adapter is not None and adapter not in engine.store:
                 engine.register_adapter(adapter, adapters[adapter])  # churn: back again
             request_id = f"r{len(added)}"
@@ -86,7 +88,7 @@ def test_pages_used_plus_free_is_total(assets, actions, pool_pages) -> None:
         elif kind == "abort" and added:
             engine.abort_request(added[value % len(added)])
         elif kind == "unregister":
-            with contextlib.suppress(InvalidRequestError, KeyError):  # in use, or gone
+            with contextlib.suppress(KeyError):  # gone, or already being unloaded
                 engine.unregister_adapter(value)
         elif kind == "step":
             for _ in range(value):
