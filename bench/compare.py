@@ -17,102 +17,20 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import httpx
 import torch
 
+from bench.assets import default_cache_dir, ensure_assets
 from bench.metrics import run_metadata, summarize
-from bench.models import SHAPES, build_adapter, build_model
+from bench.models import SHAPES
 from bench.peft_baseline import PeftBaseline
 from bench.replay import replay
-from bench.trace import PRESETS, Preset, TraceRequest, adapter_name, generate_trace
+from bench.servers import BASE_MODEL_NAME, loraserve_server
+from bench.trace import PRESETS, Preset, TraceRequest, generate_trace
 
 RESULTS = Path(__file__).parent / "results"
-BASE_MODEL_NAME = "base"
-SERVER_STARTUP_TIMEOUT_S = 600.0  # registering 512 adapters reads them all from disk
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "loraserve" / "bench"
-
-
-def ensure_assets(
-    model_name: str, ranks: tuple[int, ...], num_adapters: int, cache_dir: Path, dtype: str
-) -> tuple[Path, dict[str, Path]]:
-    """(model folder, {adapter name: folder}) of a bench/models.py shape, built on first use.
-
-    Adapter i has rank `ranks[i % len(ranks)]` and seed i, so the first n adapters
-    of a bigger set are the n adapters of a smaller one."""
-    shape = SHAPES[model_name]
-    root = cache_dir / f"{model_name}-{dtype}"
-    model = root / "model"
-    torch_dtype = getattr(torch, dtype)
-    if not (model / "config.json").is_file():
-        print(f"building the {model_name} model into {model}", flush=True)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        build_model(model, shape, torch_dtype, device)
-    adapters = {}
-    for index in range(num_adapters):
-        rank = ranks[index % len(ranks)]
-        name = adapter_name(index)
-        folder = root / "adapters" / f"r{rank}" / name
-        if not (folder / "adapter_config.json").is_file():
-            build_adapter(folder, shape, rank, seed=index, dtype=torch_dtype)
-        adapters[name] = folder
-    return model, adapters
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def loraserve_server(
-    model: Path, adapters: dict[str, Path], server_args: list[str]
-) -> Iterator[str]:
-    """A `loraserve serve` process on a free port; yields its URL, stops it on exit."""
-    port = free_port()
-    command = [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(model)]
-    command += ["--served-model-name", BASE_MODEL_NAME, "--port", str(port), *server_args]
-    for name, folder in adapters.items():
-        command += ["--adapter", f"{name}={folder}"]
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_healthy(url, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _wait_until_healthy(url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"loraserve exited with code {process.returncode} at start-up")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"loraserve did not become healthy within {SERVER_STARTUP_TIMEOUT_S} s")
 
 
 def run_loraserve(model, adapters, requests, args) -> dict:

@@ -18,7 +18,7 @@ import random
 import time
 from pathlib import Path
 
-from bench.compare import default_cache_dir, ensure_assets
+from bench.assets import default_cache_dir, ensure_assets
 from bench.models import SHAPES
 from bench.trace import PRESETS
 from loraserve.kernels.dispatch import KERNEL_BACKENDS

@@ -37,8 +37,9 @@ from typing import Any
 
 import httpx
 
-from bench.compare import BASE_MODEL_NAME, default_cache_dir, ensure_assets, loraserve_server
+from bench.assets import default_cache_dir, ensure_assets
 from bench.metrics import run_metadata
+from bench.servers import BASE_MODEL_NAME, loraserve_server
 from loraserve.errors import InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.prompts import PromptBuilder

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.compare import default_cache_dir, ensure_assets
+from bench.assets import default_cache_dir, ensure_assets
 from bench.metrics import run_metadata
 from bench.models import ATTENTION_MODULES, SHAPES, ModelShape
 

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import httpx
 
-from bench.compare import default_cache_dir, ensure_assets, loraserve_server
+from bench.assets import default_cache_dir, ensure_assets
 from bench.metrics import run_metadata
 from bench.models import SHAPES
+from bench.servers import loraserve_server
 from bench.trace import PRESETS, adapter_name
 
 PROMPT_RANGE = (16, 64)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.compare import default_cache_dir, ensure_assets
+from bench.assets import default_cache_dir, ensure_assets
 from bench.metrics import run_metadata
 from bench.trace import PRESETS
 

@@ -1,0 +1,50 @@
+"""The benchmarks' model and adapter folders, built once into a cache and reused.
+
+    $XDG_CACHE_HOME/loraserve/bench/<shape>-<dtype>/   (default ~/.cache/loraserve/bench/...)
+        model/                  a bench/models.py shape, random weights
+        adapters/r<rank>/<name> PEFT LoRA adapters of that shape
+
+Every bench command that needs a model takes `--cache-dir` (default `default_cache_dir()`)
+and asks `ensure_assets` for what it needs: the first run builds, later runs reuse.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from bench.models import SHAPES, build_adapter, build_model
+from bench.trace import adapter_name
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "loraserve" / "bench"
+
+
+def ensure_assets(
+    model_name: str, ranks: tuple[int, ...], num_adapters: int, cache_dir: Path, dtype: str
+) -> tuple[Path, dict[str, Path]]:
+    """(model folder, {adapter name: folder}) of a bench/models.py shape, built on first use.
+
+    Adapter i has rank `ranks[i % len(ranks)]` and seed i, so the first n adapters
+    of a bigger set are the n adapters of a smaller one."""
+    arch = SHAPES[model_name]
+    root = cache_dir / f"{model_name}-{dtype}"
+    model = root / "model"
+    torch_dtype = getattr(torch, dtype)
+    if not (model / "config.json").is_file():
+        print(f"building the {model_name} model into {model}", flush=True)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        build_model(model, arch, torch_dtype, device)
+    adapters = {}
+    for index in range(num_adapters):
+        rank = ranks[index % len(ranks)]
+        name = adapter_name(index)
+        folder = root / "adapters" / f"r{rank}" / name
+        if not (folder / "adapter_config.json").is_file():
+            build_adapter(folder, arch, rank, seed=index, dtype=torch_dtype)
+        adapters[name] = folder
+    return model, adapters
