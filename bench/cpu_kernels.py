@@ -2,8 +2,8 @@
 
     python -m bench.cpu_kernels [--quick] [--threads N] [--output PATH]
 
-Shapes of the `cpu-s2` model (hidden 256, 4 heads x 64, MHA, block_size 16,
-float32) with adapters of ranks 64/32/16/8 in turn on q/k/v/o:
+Shapes of bench/models.py's `cpu` model, the cpu-s1 and cpu-s2 presets' (hidden 256,
+4 heads x 64, MHA, block_size 16, float32) with adapters of ranks 64/32/16/8 in turn on q/k/v/o:
 
 - LoRA shrink and expand of the qkv group (256 -> 3 x 256) and of o (256 -> 256):
   decode batches of 1/16/64/256 tokens (one per request, requests grouped by
@@ -25,8 +25,6 @@ time: the distinct adapters' A or B matrices (LoRA), every context's K and V
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,9 +33,18 @@ from pathlib import Path
 
 import torch
 
+from bench.metrics import run_metadata
+from bench.models import SHAPES
 from loraserve.kernels import cpu, native, reference
 
-HIDDEN, NUM_HEADS, HEAD_DIM, NUM_LAYERS, BLOCK_SIZE = 256, 4, 64, 4, 16
+MODEL = SHAPES["cpu"]  # the cpu-s1 and cpu-s2 presets' model
+HIDDEN, NUM_HEADS, HEAD_DIM, NUM_LAYERS = (
+    MODEL.hidden_size,
+    MODEL.num_heads,
+    MODEL.head_dim,
+    MODEL.num_layers,
+)
+BLOCK_SIZE = 16
 RANKS = (64, 32, 16, 8)
 LORA_GROUPS = {"qkv": (HIDDEN, (HIDDEN, HIDDEN, HIDDEN)), "o": (HIDDEN, (HIDDEN,))}
 ADAPTER_COUNTS, TOKEN_COUNTS = (1, 16, 64), (1, 16, 64, 256)
@@ -262,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    metadata = run_metadata()
+    dirty = " (uncommitted changes)" if metadata["git_dirty"] else ""
     lines = [
-        f"# bench.cpu_kernels {datetime.date.today()} | {platform.processor() or platform.machine()}"
-        f" | torch {torch.__version__} | {torch.get_num_threads()} threads",
+        f"# bench.cpu_kernels {metadata['date']} | {metadata['machine']['processor']}"
+        f" | torch {metadata['packages']['torch']} | {torch.get_num_threads()} threads"
+        f" | git {metadata['git_commit']}{dirty}",
         "# us per call (best of ~10 ms batches, warm caches); GB/s = weights (LoRA) or K/V"
         " (attention) that must be read / native time; vs torch = torch time / native time",
     ]

@@ -22,41 +22,22 @@ from pathlib import Path
 import torch
 
 from bench.assets import default_cache_dir, ensure_assets
+from bench.bandwidth import copy_bandwidth
 from bench.metrics import run_metadata
-from bench.models import ATTENTION_MODULES, SHAPES, ModelShape
+from bench.models import ATTENTION_MODULES, SHAPES
+from loraserve.models.arch import ModelArch
 
 
-def copy_bandwidth(device: torch.device, numel: int = 1 << 28) -> float:
-    """Bytes read + written per second by a device-to-device copy (the ceiling)."""
-    source = torch.empty(numel, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    _synchronize(device)
-    start, repeats = time.perf_counter(), 20
-    for _ in range(repeats):
-        target.copy_(source)
-    _synchronize(device)
-    return 2 * numel * repeats / (time.perf_counter() - start)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step_bytes(shape: ModelShape, args: argparse.Namespace, with_lora: bool) -> int:
-    """What one decode step must read: weights, the batch's K/V, its adapters."""
+def step_bytes(arch: ModelArch, args: argparse.Namespace, with_lora: bool) -> int:
+    """What one decode step must read: weights, the batch's K/V, its adapters (on the
+    attention projections, as bench/assets.py builds them)."""
     element = torch.finfo(getattr(torch, args.dtype)).bits // 8
-    dims = [
-        shape.module_dims(module)
-        for module in (*ATTENTION_MODULES, "gate_proj", "up_proj", "down_proj")
-    ]
-    weights = shape.num_layers * sum(i * o for i, o in dims) + shape.vocab_size * shape.hidden_size
-    kv_size = shape.num_kv_heads * shape.head_dim
+    dims = {module: arch.module_dims(module) for module in arch.linear_modules}
+    layer_weights = sum(i * o for i, o in dims.values())
+    weights = arch.num_layers * layer_weights + arch.vocab_size * arch.hidden_size
     average_context = args.context + args.output_tokens / 2
-    kv = args.batch * average_context * shape.num_layers * 2 * kv_size
-    adapter = shape.num_layers * sum(args.rank * (i + o) for i, o in dims[:4])
+    kv = args.batch * average_context * arch.num_layers * 2 * arch.kv_size
+    adapter = arch.num_layers * sum(args.rank * sum(dims[m]) for m in ATTENTION_MODULES)
     adapters = min(args.num_adapters, args.batch) * adapter if with_lora else 0
     return int((weights + kv + adapters) * element)
 
@@ -79,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     from loraserve import LLM
 
-    shape = SHAPES[args.shape]
+    arch = SHAPES[args.shape]
     model, adapters = ensure_assets(
         args.shape, (args.rank,), args.num_adapters, args.cache_dir, args.dtype
     )
@@ -93,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(
-        3, shape.vocab_size, (args.batch, args.context), generator=generator
+        3, arch.vocab_size, (args.batch, args.context), generator=generator
     ).tolist()
     bandwidth = copy_bandwidth(torch.device(args.device))
     steps = args.output_tokens - 1
@@ -104,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for label, batch_adapters in configurations:
         seconds = decode_seconds(llm, prompts, batch_adapters, args.output_tokens)
-        ceiling = step_bytes(shape, args, label == "lora") / bandwidth * steps
+        ceiling = step_bytes(arch, args, label == "lora") / bandwidth * steps
         results[label] = {
             "decode_step_ms": 1e3 * seconds / steps,
             "decode_tokens_per_s": args.batch * steps / seconds,

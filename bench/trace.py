@@ -32,9 +32,6 @@ FIRST_PROMPT_TOKEN = 3
 """Smallest prompt token id: 0-2 are <unk>, <s>, </s> in bench/models.py's
 vocabularies (and Llama-2's), and a benchmark prompt holds no special token."""
 
-NO_ADAPTER = None
-"""A request's adapter when it runs on the base model alone."""
-
 GAP_CHUNK = 1024
 """Gaps are drawn this many at a time until the duration is covered; a fixed size
 (not one derived from the duration) keeps shorter traces prefixes of longer ones."""
@@ -90,7 +87,8 @@ class TraceRequest:
     arrival_s: float
     """Scheduled arrival, seconds from the start of the run."""
     adapter: str | None
-    """Adapter name (`adapter_name(i)`), or NO_ADAPTER for the base model."""
+    """Adapter name (`adapter_name(i)`), or None for the base model alone (as the engine's
+    and the server's `adapter` / `model` say it)."""
     prompt_token_ids: list[int]
     output_len: int
     """Tokens to generate; replayed with `ignore_eos` so exactly this many come back."""
@@ -117,7 +115,7 @@ def generate_trace(params: TraceParams) -> list[TraceRequest]:
         TraceRequest(
             index=index,
             arrival_s=float(arrivals[index]),
-            adapter=NO_ADAPTER if adapters is None else adapter_name(int(adapters[index])),
+            adapter=None if adapters is None else adapter_name(int(adapters[index])),
             prompt_token_ids=prompts[index].tolist(),
             output_len=int(output_lens[index]),
         )

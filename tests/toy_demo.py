@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from toy_model import (
     ADAPTER_TASKS,
@@ -43,34 +42,20 @@ from toy_model import (
     LORA_TARGET_MODULES,
     UNK,
     LoraLinear,
-    ModelShape,
     TinyLlama,
     add_lora,
     build_tokenizer,
     lora_alpha,
     remove_lora,
-    token_id,
+    toy_arch,
     train,
 )
 
 from loraserve.demo.cache import ensure_built
-from loraserve.models.hf_files import (
-    generation_config,
-    llama_config,
-    lora_adapter_config,
-    write_json,
-)
+from loraserve.models.hf_files import ADAPTER_FILES, MODEL_FILES, write_adapter, write_model
 
 TOY_VERSION = "toy-v2"
 """Name of the cache folder; change it with any change to what the build produces."""
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def ensure_toy_demo(
@@ -101,11 +86,10 @@ def _build(folder: Path, progress: Callable[[str], None], quick: bool) -> None:
     started = time.monotonic()
     progress(f"building the toy model (once) into {folder.parent}")
     tokenizer = build_tokenizer()
-    shape = ModelShape(vocab_size=tokenizer.get_vocab_size())
     scale = 10 if quick else 1
     with _training_threads(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = TinyLlama(shape)
+        model = TinyLlama(toy_arch(tokenizer))
         train(model, tokenizer, BASE_TASK, BASE_TASK.steps // scale, seed=0)
         _write_model(folder / "model", model, tokenizer)
         progress(f"  base model trained ({time.monotonic() - started:.0f} s)")
@@ -136,48 +120,22 @@ def _training_threads() -> Iterator[None]:
 
 
 def _write_model(folder: Path, model: TinyLlama, tokenizer: Tokenizer) -> None:
-    """config.json, generation_config.json, model.safetensors and the tokenizer files."""
-    folder.mkdir(parents=True)
-    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    shape = model.shape
-    bos_id, eos_id = token_id(tokenizer, BOS), token_id(tokenizer, EOS)
-    config = llama_config(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_layers=shape.num_layers,
-        num_heads=shape.num_heads,
-        num_kv_heads=shape.num_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        rope_theta=shape.rope_theta,
-        rms_norm_eps=shape.rms_norm_eps,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        dtype="float32",
-    )
-    write_json(folder / "config.json", config)
-    write_json(folder / "generation_config.json", generation_config(bos_id, eos_id))
-    tokenizer.save(str(folder / "tokenizer.json"))
-    write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
+    """hf_files.MODEL_FILES, the chat template in tokenizer_config.json."""
+    write_model(folder, model.arch, model.state_dict(), tokenizer, {
         "bos_token": BOS,
         "eos_token": EOS,
         "unk_token": UNK,
         "pad_token": EOS,
-        "model_max_length": shape.max_position_embeddings,
+        "model_max_length": model.arch.max_position_embeddings,
         "chat_template": CHAT_TEMPLATE,
     })  # fmt: skip
 
 
 def _write_adapter(folder: Path, wrapped: dict[str, LoraLinear], rank: int) -> None:
-    """adapter_model.safetensors and adapter_config.json, as PEFT's save_pretrained writes them."""
-    folder.mkdir(parents=True)
+    """hf_files.ADAPTER_FILES, under the names PEFT's save_pretrained gives the weights."""
     weights = {}
     for name, lora in wrapped.items():
         prefix = f"base_model.model.{name}"
-        weights[f"{prefix}.lora_A.weight"] = lora.lora_A.weight.detach().contiguous()  # [r, in]
-        weights[f"{prefix}.lora_B.weight"] = lora.lora_B.weight.detach().contiguous()  # [out, r]
-    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = lora_adapter_config(rank, lora_alpha(rank), list(LORA_TARGET_MODULES))
-    write_json(folder / "adapter_config.json", config)
+        weights[f"{prefix}.lora_A.weight"] = lora.lora_A.weight  # [r, in]
+        weights[f"{prefix}.lora_B.weight"] = lora.lora_B.weight  # [out, r]
+    write_adapter(folder, weights, rank, lora_alpha(rank), list(LORA_TARGET_MODULES))

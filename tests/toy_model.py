@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, processors
 from torch import nn
 
+from loraserve.models.arch import LORA_MODULES, ModelArch, linear_parent
+from loraserve.models.hf_files import llama_arch
+
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>")
 CHARACTERS = (*(chr(code) for code in range(32, 127)), "\n")  # printable ASCII
@@ -60,7 +63,7 @@ ADAPTER_TASKS: dict[str, DemoTask] = {
     "rot13": DemoTask(lambda text: codecs.encode(text, "rot13"), "ROT13-encodes it", 8, 130, 1e-2),
     "pirate": DemoTask(lambda text: f"{text}, arr!", "repeats it like a pirate", 4, 60, 1e-2),
 }
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGET_MODULES = LORA_MODULES
 
 _WORD_LIST = (
     "the of and to in is you that it was for on are as with they at be this have from or "
@@ -83,22 +86,20 @@ SYSTEM_PROMPTS = ("You are a helpful assistant.", "Be brief.", "hi")
 SYSTEM_PROMPT_BATCHES = 0.1  # fraction of batches whose chats start with a system prompt
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """Size of the toy model: small enough to train in seconds on two CPU cores."""
-
-    vocab_size: int
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    num_layers: int = 2
-    num_heads: int = 4
-    max_position_embeddings: int = 256
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+def toy_arch(tokenizer: Tokenizer) -> ModelArch:
+    """The toy model's shape: small enough to train in seconds on two CPU cores."""
+    return llama_arch(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=token_id(tokenizer, BOS),
+        eos_token_id=token_id(tokenizer, EOS),
+    )
 
 
 # --- tokenizer and training data -------------------------------------------------------
@@ -214,22 +215,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class _Layer(nn.Module):
     """One decoder layer, its submodules named as transformers names them."""
 
-    def __init__(self, shape: ModelShape) -> None:
+    def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        hidden, inner = shape.hidden_size, shape.intermediate_size
-        self.num_heads = shape.num_heads
-        attention = {name: (hidden, hidden) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        mlp = {
-            "gate_proj": (hidden, inner),
-            "up_proj": (hidden, inner),
-            "down_proj": (inner, hidden),
-        }
-        self.self_attn = nn.ModuleDict(
-            {n: nn.Linear(*io, bias=False) for n, io in attention.items()}
-        )
-        self.mlp = nn.ModuleDict({n: nn.Linear(*io, bias=False) for n, io in mlp.items()})
-        self.input_layernorm = nn.RMSNorm(hidden, eps=shape.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=shape.rms_norm_eps)
+        self.num_heads = arch.num_heads
+        linears = {n: nn.Linear(*arch.module_dims(n), bias=False) for n in arch.linear_modules}
+        parents = {n: linear_parent(n) for n in linears}
+        self.self_attn = nn.ModuleDict({n: m for n, m in linears.items() if parents[n] != "mlp"})
+        self.mlp = nn.ModuleDict({n: m for n, m in linears.items() if parents[n] == "mlp"})
+        self.input_layernorm = nn.RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """hidden [batch, length, hidden_size] -> the same shape; cos, sin [length, head_dim]."""
@@ -250,11 +244,11 @@ class _Layer(nn.Module):
 class _Decoder(nn.Module):
     """LlamaModel's weights: what transformers keeps under `model.`."""
 
-    def __init__(self, shape: ModelShape) -> None:
+    def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
-        self.layers = nn.ModuleList(_Layer(shape) for _ in range(shape.num_layers))
-        self.norm = nn.RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(_Layer(arch) for _ in range(arch.num_layers))
+        self.norm = nn.RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
 
 
 class TinyLlama(nn.Module):
@@ -262,14 +256,14 @@ class TinyLlama(nn.Module):
 
     Its `state_dict()` has transformers' key names, so it saves as a Llama checkpoint."""
 
-    def __init__(self, shape: ModelShape) -> None:
+    def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.shape = shape
-        self.model = _Decoder(shape)
-        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
-        exponents = torch.arange(0, shape.head_dim, 2, dtype=torch.int64).float() / shape.head_dim
+        self.arch = arch
+        self.model = _Decoder(arch)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        exponents = torch.arange(0, arch.head_dim, 2, dtype=torch.int64).float() / arch.head_dim
         self.inv_freq: torch.Tensor  # [head_dim / 2], not saved: transformers recomputes it
-        self.register_buffer("inv_freq", 1.0 / shape.rope_theta**exponents, persistent=False)
+        self.register_buffer("inv_freq", 1.0 / arch.rope_theta**exponents, persistent=False)
         for module in self.modules():  # transformers' init: N(0, 0.02), norms at one
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)

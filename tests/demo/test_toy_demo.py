@@ -19,7 +19,6 @@ from toy_demo import TOY_VERSION, ensure_toy_demo
 from toy_model import (
     ADAPTER_TASKS,
     COMPLETION_SUFFIX,
-    ModelShape,
     TinyLlama,
     add_lora,
     render_chat,
@@ -170,8 +169,7 @@ def test_a_second_build_is_identical_and_leaves_torch_state_alone(
 
 def _training_model(model_dir: Path) -> TinyLlama:
     """The build's own model class with the saved weights."""
-    config = json.loads((model_dir / "config.json").read_text())
-    model = TinyLlama(ModelShape(vocab_size=config["vocab_size"]))
+    model = TinyLlama(load_arch(model_dir))
     model.load_state_dict(load_file(model_dir / "model.safetensors"))
     return model.eval()
 
