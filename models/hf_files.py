@@ -94,12 +94,13 @@ def llama_arch(
     max_position_embeddings: int,
     bos_token_id: int,
     eos_token_id: int,
+    head_dim: int | None = None,
     rope_theta: float = 10000.0,
     rms_norm_eps: float = 1e-5,
     torch_dtype: str = "float32",
     tie_word_embeddings: bool = False,
 ) -> ModelArch:
-    """The ModelArch of a plain Llama (default RoPE, no biases, SwiGLU, head_dim =
+    """The ModelArch of a plain Llama (default RoPE, no biases, SwiGLU; head_dim by default
     hidden_size / num_heads): what `load_arch` reads back from `llama_config`'s file."""
     return ModelArch(
         architecture="LlamaForCausalLM",
@@ -109,7 +110,7 @@ def llama_arch(
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
+        head_dim=head_dim or hidden_size // num_heads,
         vocab_size=vocab_size,
         rms_norm_eps=rms_norm_eps,
         rope_theta=rope_theta,
@@ -134,6 +135,7 @@ def llama_config(arch: ModelArch) -> dict:
         max_position_embeddings=arch.max_position_embeddings,
         bos_token_id=_bos(arch),
         eos_token_id=_eos(arch),
+        head_dim=arch.head_dim,
         rope_theta=arch.rope_theta,
         rms_norm_eps=arch.rms_norm_eps,
         torch_dtype=arch.torch_dtype,

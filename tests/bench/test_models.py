@@ -1,0 +1,37 @@
+"""bench/models.py: the shapes are ModelArch, and a built folder reads back as its shape."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from bench.kernels_lora import lora_groups
+from bench.models import SHAPES, build_adapter, build_model
+from loraserve.models.config import load_arch
+
+
+def test_a_built_model_reads_back_as_its_shape(tmp_path: Path) -> None:
+    arch = SHAPES["cpu"]
+    build_model(tmp_path / "model", arch, torch.bfloat16)
+    assert load_arch(tmp_path / "model") == dataclasses.replace(arch, torch_dtype="bfloat16")
+    weights = load_file(tmp_path / "model" / "model.safetensors")
+    assert weights["model.layers.3.self_attn.o_proj.weight"].shape == (256, 256)
+    assert weights["model.layers.0.mlp.down_proj.weight"].shape == (256, 688)
+    build_adapter(tmp_path / "adapter", arch, rank=8)
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.self_attn.k_proj"
+    assert adapter[f"{prefix}.lora_A.weight"].shape == (8, 256)
+    assert adapter[f"{prefix}.lora_B.weight"].shape == (256, 8)
+
+
+def test_the_kernel_benchmark_groups_follow_the_arch() -> None:
+    """Llama-3-8B's GQA: k and v are 8 heads of 128, a quarter of q."""
+    groups = lora_groups(SHAPES["llama-3-8b"])
+    assert groups == {
+        "qkv": (4096, (4096, 1024, 1024)),
+        "gate_up": (4096, (14336, 14336)),
+        "down": (14336, (4096,)),
+    }
