@@ -18,7 +18,7 @@ Each figure is the best of repeated ~10 ms batches, per call, in microseconds, w
 warm caches (the same weights each call): the kernel's cost without the stalls a
 shared machine adds. "GB/s" counts the bytes that must be read, over the native
 time: the distinct adapters' A or B matrices (LoRA), every context's K and V
-(attention). Backends: `native` (kernels/native.py), `torch` (kernels/cpu.py),
+(attention). Backends: `native` (kernels/native.py), `torch` (kernels/torch_path.py),
 `reference` (kernels/reference.py).
 """
 
@@ -35,7 +35,7 @@ import torch
 
 from bench.metrics import run_metadata
 from bench.models import SHAPES
-from loraserve.kernels import cpu, native, reference
+from loraserve.kernels import native, reference, torch_path
 
 MODEL = SHAPES["cpu"]  # the cpu-s1 and cpu-s2 presets' model
 HIDDEN, NUM_HEADS, HEAD_DIM, NUM_LAYERS = (
@@ -54,7 +54,7 @@ PROMPT_TOKENS, PREFILL_BATCHES = (
 )  # (tokens, adapters)
 DECODE_BATCHES, PREFILL_LENGTHS = (1, 16, 64, 256), (64, 128, 256, 512, 1024)
 PAGE_NUMEL = NUM_LAYERS * 2 * BLOCK_SIZE * NUM_HEADS * HEAD_DIM  # one KV block, all layers
-BACKENDS = {"native": native, "torch": cpu, "reference": reference}
+BACKENDS = {"native": native, "torch": torch_path, "reference": reference}
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ def run(budget_s: float, generator: torch.Generator) -> Iterator[str]:
             yield format_row(kernel, case, timing)
     backends: dict[str, Callable[..., torch.Tensor]] = {
         "native": native.paged_attention,
-        "torch": cpu.paged_attention,
+        "torch": torch_path.paged_attention,
         "reference": reference.paged_attention,
     }
     for case, query_lens, context_lens in attention_cases(generator):

@@ -37,8 +37,8 @@ class ModelConfig:
     """Longest prompt + output, in tokens (default: the model's max_position_embeddings)."""
     kernel_backend: str = "auto"
     """auto (Triton on CUDA; on a CPU native C kernels for float32 when a C compiler is
-    there, else torch) | triton | native (C, CPU float32; compiled on first use) | torch |
-    reference (plain, slow)."""
+    there, else torch) | triton | native (C, CPU float32; compiled on first use) | torch
+    (the torch path: torch calls, any dtype) | reference (plain, slow)."""
     served_model_name: str | None = None
     """Name of the base model in the API (default: the folder's name)."""
     enforce_eager: bool = False

@@ -39,7 +39,7 @@ from loraserve.memory.adapter_store import AdapterStore, HostAdapter
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.pool import UnifiedPool
 from loraserve.models.arch import ModelArch
-from loraserve.models.config import load_arch
+from loraserve.models.hf_config import load_arch
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.scheduler.request import SequenceState, SequenceStatus
 from loraserve.scheduler.scheduler import Scheduler, SchedulerOutput

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.kernels import cpu, native, native_build, reference
+from loraserve.kernels import native, native_build, reference, torch_path
 from loraserve.kernels.constants import KERNEL_BACKENDS
 
 
@@ -30,14 +30,14 @@ NATIVE_KERNELS = Kernels(
     native.write_kv,
     native.paged_attention,
 )
-# The torch backend: the references' semantics with fewer calls per step (kernels/cpu.py),
+# The torch backend: the references' semantics with fewer calls per step (kernels/torch_path.py),
 # for CPUs without a C compiler and dtypes other than float32.
 TORCH_KERNELS = Kernels(
     "torch",
-    cpu.lora_shrink,
-    cpu.lora_expand,
-    cpu.write_kv,
-    cpu.paged_attention,
+    torch_path.lora_shrink,
+    torch_path.lora_expand,
+    torch_path.write_kv,
+    torch_path.paged_attention,
 )
 # The plain references themselves: the yardstick, for checking and measuring the others.
 REFERENCE_KERNELS = Kernels(

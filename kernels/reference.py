@@ -1,7 +1,7 @@
 """Torch references of every kernel: plain, obviously right, computed in float32.
 
-These are the CPU path of the engine and the yardstick of the Triton kernels.
-Layouts shared with the Triton kernels:
+These are the `reference` backend (kernels/dispatch.py) and the yardstick of the others
+(Triton, native C, the torch path). Layouts shared with the Triton kernels:
 
 - `pool`: the unified page pool, `[num_pages, page_numel]`. An adapter matrix is
   stored row-major as `[rank, dim]` at an element offset into the flat pool: A as

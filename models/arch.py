@@ -2,7 +2,7 @@
 
 `ModelArch` is what every part of loraserve needs to know about the base model:
 the pool sizes its pages from it, the adapter store checks adapter shapes against
-it, the forward pass is built from it. It is parsed by `models.config.load_arch`;
+it, the forward pass is built from it. It is parsed by `models.hf_config.load_arch`;
 which families exist and what each switches on is `models.families`.
 """
 

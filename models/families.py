@@ -1,6 +1,6 @@
 """The model families loraserve runs, and what each one's forward does beyond Llama's.
 
-One record per architecture. `models/config.py` reads a config.json through it (which
+One record per architecture. `models/hf_config.py` reads a config.json through it (which
 keys exist, what their defaults are); `ModelArch` then carries the values, and the one
 forward pass (`models/llama.py`), the checkpoint reader (`models/weights.py`) and the
 adapter reader (`memory/peft_format.py`) switch their pieces on from the arch alone.

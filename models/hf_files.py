@@ -1,6 +1,6 @@
 """The JSON files of a Llama model folder and of a PEFT LoRA folder, as Hugging Face writes them.
 
-The mirror of models/config.py and memory/peft_format.py, for the places that write
+The mirror of models/hf_config.py and memory/peft_format.py, for the places that write
 folders themselves (the demo's model converted from GGUF and its adapters, the tests'
 toy model, the benchmarks' random-weight models): one writer, so all produce what
 `save_pretrained` would and what both loraserve and transformers/peft read (the tests

@@ -25,7 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as RustTokenizer
 
 from loraserve.errors import InvalidRequestError, ModelLoadError
-from loraserve.models.config import model_folder, read_json
+from loraserve.models.hf_config import model_folder, read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from loraserve.errors import ModelLoadError
 from loraserve.models.arch import ModelArch, linear_parent
-from loraserve.models.config import model_folder, read_json
+from loraserve.models.hf_config import model_folder, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

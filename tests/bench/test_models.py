@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from bench.kernels_lora import lora_groups
 from bench.models import SHAPES, build_adapter, build_model
-from loraserve.models.config import load_arch
+from loraserve.models.hf_config import load_arch
 
 
 def test_a_built_model_reads_back_as_its_shape(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from toy_model import (
     render_chat,
 )
 
-from loraserve.models.config import load_arch
+from loraserve.models.hf_config import load_arch
 from loraserve.models.tokenizer import Tokenizer as LoraserveTokenizer
 
 Assets = tuple[Path, dict[str, Path]]

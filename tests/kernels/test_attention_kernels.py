@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loraserve.kernels import cpu, native, reference
+from loraserve.kernels import native, reference, torch_path
 from loraserve.kernels.kv_write import write_kv
 from loraserve.kernels.paged_attention import paged_attention
 
@@ -256,9 +256,9 @@ def test_write_kv_matches_reference(layout, dtype: torch.dtype, generator):
 MANY_DECODES = [(1, 1 + (37 * seq) % 150) for seq in range(70)] + [(9, 30)]
 
 
-# The CPU paths: kernels/cpu.py (torch, any dtype) and kernels/native.py (C, float32 only).
+# The CPU paths: kernels/torch_path.py (torch, any dtype) and kernels/native.py (C, float32 only).
 CPU_PATHS = [
-    pytest.param((cpu, dtype), id=f"torch-{str(dtype)[6:]}")
+    pytest.param((torch_path, dtype), id=f"torch-{str(dtype)[6:]}")
     for dtype in (torch.float32, torch.float16)
 ] + [pytest.param((native, torch.float32), id="native-float32")]
 
@@ -267,7 +267,7 @@ CPU_PATHS = [
 @pytest.mark.parametrize("heads", HEADS, ids=lambda heads: f"h{heads[0]}-kv{heads[1]}")
 @pytest.mark.parametrize("kind", [*BATCHES, "many_decodes"])
 def test_cpu_path_attention_matches_reference(kind: str, heads, path, generator):
-    """kernels/cpu.py: decodes batched, the rest as the reference; kernels/native.py: all in C.
+    """kernels/torch_path.py: decodes batched, the rest as the reference; kernels/native.py: all in C.
     NaN pages past each context."""
     implementation, dtype = path
     batch = MANY_DECODES if kind == "many_decodes" else BATCHES[kind]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loraserve.kernels import cpu, native, reference
+from loraserve.kernels import native, reference, torch_path
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.kernels.dispatch import select_kernels
 from loraserve.kernels.lora_expand import lora_expand
@@ -303,9 +303,9 @@ def test_dispatch_selects_these_kernels():
     assert kernels.lora_shrink is lora_shrink and kernels.lora_expand is lora_expand
 
 
-# The CPU paths: kernels/cpu.py (torch, any dtype) and kernels/native.py (C, float32 only).
+# The CPU paths: kernels/torch_path.py (torch, any dtype) and kernels/native.py (C, float32 only).
 CPU_PATHS = [
-    pytest.param((cpu, dtype), id=f"torch-{str(dtype)[6:]}")
+    pytest.param((torch_path, dtype), id=f"torch-{str(dtype)[6:]}")
     for dtype in (torch.float32, torch.float16)
 ] + [pytest.param((native, torch.float32), id="native-float32")]
 
@@ -314,7 +314,7 @@ CPU_PATHS = [
 @pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("path", CPU_PATHS)
 def test_cpu_path_matches_reference(path, popularity: str, lengths, generator):
-    """kernels/cpu.py and kernels/native.py: the references' products, weights read in place."""
+    """kernels/torch_path.py and kernels/native.py: the references' products, weights read in place."""
     implementation, dtype = path
     group = GROUPS[0]
     batch = make_batch(group, lengths, popularity, dtype, generator)
@@ -338,7 +338,7 @@ def test_cpu_path_matches_reference(path, popularity: str, lengths, generator):
     assert torch.equal(out[base_tokens], before[base_tokens])
 
 
-@pytest.mark.parametrize("implementation", [cpu, native], ids=["torch", "native"])
+@pytest.mark.parametrize("implementation", [torch_path, native], ids=["torch", "native"])
 def test_cpu_path_reads_what_the_pool_holds_now(implementation, generator):
     """Nothing is cached across calls: a slot refilled with another adapter must show."""
     group = GROUPS[3]
@@ -353,5 +353,5 @@ def test_cpu_path_reads_what_the_pool_holds_now(implementation, generator):
 
 def test_dispatch_selects_the_cpu_path_on_cpu():
     kernels = select_kernels("auto", "cpu")
-    assert kernels.name == "torch" and kernels.lora_shrink is cpu.lora_shrink
+    assert kernels.name == "torch" and kernels.lora_shrink is torch_path.lora_shrink
     assert select_kernels("reference", "cpu").lora_shrink is reference.lora_shrink

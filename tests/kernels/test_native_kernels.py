@@ -1,5 +1,5 @@
 """The native C kernels (kernels/native.py) against the torch references, beyond the
-`test_cpu_path_*` cases they share with kernels/cpu.py.
+`test_cpu_path_*` cases they share with kernels/torch_path.py.
 
 Same builders as the LoRA and attention kernel tests (NaN pools, shuffled pages,
 strided per-layer views of the offset and rank tables), here with odd sizes (in_dim

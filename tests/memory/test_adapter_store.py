@@ -23,7 +23,7 @@ from loraserve.errors import AdapterError, UnknownAdapterError
 from loraserve.memory.adapter_store import NOT_TARGETED, AdapterStore, HostAdapter, pack_matrices
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
 from loraserve.models.arch import LORA_MODULES, MODULE_INDEX, ModelArch
-from loraserve.models.config import load_arch
+from loraserve.models.hf_config import load_arch
 
 MAX_RANK = 16
 WEIGHTS = "adapter_model.safetensors"

@@ -17,7 +17,7 @@ from test_adapter_store import new_store, read_matrix
 
 from loraserve.errors import AdapterError
 from loraserve.models.arch import FUSED_MODULES, LORA_MODULES, MODULE_INDEX, ModelArch
-from loraserve.models.config import load_arch
+from loraserve.models.hf_config import load_arch
 
 
 @pytest.fixture(scope="module")

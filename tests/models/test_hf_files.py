@@ -1,5 +1,5 @@
 """models/hf_files.py, the one writer of model and adapter folders: what it writes reads
-back, through models/config.py, as the very ModelArch it was given."""
+back, through models/hf_config.py, as the very ModelArch it was given."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loraserve.models.config import load_arch
+from loraserve.models.hf_config import load_arch
 from loraserve.models.hf_files import generation_config, llama_arch, llama_config, write_json
 
 GQA = dict(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from factories import make_model
 
-from loraserve.models.config import load_arch
+from loraserve.models.hf_config import load_arch
 from loraserve.models.layers import rope_tables
 from loraserve.models.rope import rope_attention_scaling, rope_inv_freq, use_long_rope
 

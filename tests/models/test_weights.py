@@ -13,7 +13,7 @@ from factories import make_model
 from safetensors.torch import load_file, save_file
 
 from loraserve.errors import ModelLoadError
-from loraserve.models.config import load_arch
+from loraserve.models.hf_config import load_arch
 from loraserve.models.weights import expected_weight_shapes, load_weights
 
 CPU = torch.device("cpu")

@@ -12,7 +12,7 @@ from factories import make_model
 
 from loraserve.errors import ModelLoadError
 from loraserve.models.arch import ModelArch
-from loraserve.models.config import load_arch
+from loraserve.models.hf_config import load_arch
 
 KINDS = (
     "llama",
