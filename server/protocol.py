@@ -57,7 +57,9 @@ inventing names cannot flood the log."""
 _warned_fields: set[str] = set()
 
 
-class Request(BaseModel):
+class StrictBody(BaseModel):
+    """A request body: strict types, unknown fields ignored with a warning (once each)."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
     @model_validator(mode="before")
@@ -75,27 +77,27 @@ class Request(BaseModel):
         return data
 
 
-class StreamOptions(Request):
+class StreamOptions(StrictBody):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
     """vLLM's: usage in every chunk, not only in a last one of its own."""
 
 
-class JsonSchemaFormat(Request):
+class JsonSchemaFormat(StrictBody):
     name: str | None = None
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(Request):
+class ResponseFormat(StrictBody):
     """OpenAI's `response_format`: text, any JSON object, or JSON under a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputsBody(Request):
+class StructuredOutputsBody(StrictBody):
     """vLLM's `structured_outputs` (exactly one of the first five)."""
 
     json_: str | dict[str, Any] | None = Field(default=None, alias="json")
@@ -116,7 +118,7 @@ MaxTokens = Annotated[int, Field(ge=1)]
 TokenId = Annotated[int, Field(ge=0)]
 
 
-class SamplingFields(Request):
+class SamplingFields(StrictBody):
     """What both generation endpoints accept: OpenAI's fields, then vLLM's extras.
 
     The ranges are SamplingParams' (engine/sampling_params.py, which says why), stated
@@ -213,7 +215,7 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class TextPart(Request):
+class TextPart(StrictBody):
     type: Literal["text"]
     text: str
 
@@ -241,23 +243,23 @@ def _at_most_max_messages(value: Any) -> Any:
     return value
 
 
-class FunctionDefinition(Request):
+class FunctionDefinition(StrictBody):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(Request):
+class Tool(StrictBody):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(Request):
+class NamedFunction(StrictBody):
     name: str
 
 
-class NamedToolChoice(Request):
+class NamedToolChoice(StrictBody):
     type: Literal["function"]
     function: NamedFunction
 
@@ -313,20 +315,20 @@ AdapterName = Annotated[
 """An adapter's name: also a model id and a metric label value."""
 
 
-class LoadAdapterRequest(Request):
+class LoadAdapterRequest(StrictBody):
     """POST /v1/load_lora_adapter (vLLM's body)."""
 
     lora_name: AdapterName
     lora_path: str = Field(min_length=1)
 
 
-class UnloadAdapterRequest(Request):
+class UnloadAdapterRequest(StrictBody):
     """POST /v1/unload_lora_adapter (vLLM's body)."""
 
     lora_name: AdapterName
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(StrictBody):
     """POST /tokenize (vLLM's body): a prompt, or messages rendered by the chat template."""
 
     model: str | None = None
@@ -340,7 +342,7 @@ class TokenizeRequest(Request):
     return_token_strs: bool | None = None
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(StrictBody):
     """POST /detokenize (vLLM's body)."""
 
     model: str | None = None

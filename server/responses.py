@@ -17,7 +17,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 
-class Response(BaseModel):
+class ResponseBody(BaseModel):
+    """A response body (or a part of one), sent by `dump()`."""
+
     REQUIRED: ClassVar[frozenset[str]] = frozenset()
     """Fields sent even when None (null)."""
 
@@ -41,13 +43,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class Usage(Response):
+class Usage(ResponseBody):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
 
 
-class TokenLogprobEntry(Response):
+class TokenLogprobEntry(ResponseBody):
     """vLLM's prompt_logprobs entry (one per alternative, keyed by token id)."""
 
     logprob: float
@@ -60,7 +62,7 @@ PromptLogprobs = list[dict[str, TokenLogprobEntry] | None]
 top alternatives', keyed by token id."""
 
 
-class CompletionLogprobs(Response):
+class CompletionLogprobs(ResponseBody):
     """The legacy completions format: parallel lists, one entry per token (null for the
     first token of an echoed prompt, which nothing predicts, as OpenAI sent it)."""
 
@@ -70,7 +72,7 @@ class CompletionLogprobs(Response):
     text_offset: list[int] = []
 
 
-class CompletionChoice(Response):
+class CompletionChoice(ResponseBody):
     REQUIRED = frozenset({"logprobs", "finish_reason"})
 
     index: int
@@ -83,7 +85,7 @@ class CompletionChoice(Response):
     token_ids: list[int] | None = None
 
 
-class CompletionResponse(Response):
+class CompletionResponse(ResponseBody):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -97,7 +99,7 @@ class CompletionChunk(CompletionResponse):
     """A streamed piece of a completion (OpenAI streams `text_completion` objects)."""
 
 
-class TopLogprob(Response):
+class TopLogprob(ResponseBody):
     REQUIRED = frozenset({"bytes"})
 
     token: str
@@ -109,26 +111,26 @@ class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = []
 
 
-class ChatLogprobs(Response):
+class ChatLogprobs(ResponseBody):
     REQUIRED = frozenset({"content", "refusal"})
 
     content: list[ChatTokenLogprob] | None = None
     refusal: list[ChatTokenLogprob] | None = None
 
 
-class FunctionCall(Response):
+class FunctionCall(ResponseBody):
     name: str
     arguments: str
     """The arguments, as JSON text."""
 
 
-class ToolCall(Response):
+class ToolCall(ResponseBody):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class AssistantMessage(Response):
+class AssistantMessage(ResponseBody):
     REQUIRED = frozenset({"content", "refusal"})
 
     role: Literal["assistant"] = "assistant"
@@ -137,7 +139,7 @@ class AssistantMessage(Response):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(Response):
+class ChatChoice(ResponseBody):
     REQUIRED = frozenset({"logprobs", "finish_reason"})
 
     index: int
@@ -148,7 +150,7 @@ class ChatChoice(Response):
     token_ids: list[int] | None = None
 
 
-class ChatCompletionResponse(Response):
+class ChatCompletionResponse(ResponseBody):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -160,12 +162,12 @@ class ChatCompletionResponse(Response):
     prompt_token_ids: list[int] | None = None
 
 
-class ToolCallFunctionDelta(Response):
+class ToolCallFunctionDelta(ResponseBody):
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(Response):
+class ToolCallDelta(ResponseBody):
     """A piece of a streamed tool call: the first names it (id, type, function name), the
     next carry more of its arguments' JSON text."""
 
@@ -175,13 +177,13 @@ class ToolCallDelta(Response):
     function: ToolCallFunctionDelta
 
 
-class Delta(Response):
+class Delta(ResponseBody):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChatChunkChoice(Response):
+class ChatChunkChoice(ResponseBody):
     REQUIRED = frozenset({"logprobs", "finish_reason"})
 
     index: int
@@ -192,7 +194,7 @@ class ChatChunkChoice(Response):
     token_ids: list[int] | None = None
 
 
-class ChatCompletionChunk(Response):
+class ChatCompletionChunk(ResponseBody):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -203,7 +205,7 @@ class ChatCompletionChunk(Response):
     prompt_token_ids: list[int] | None = None
 
 
-class ModelCard(Response):
+class ModelCard(ResponseBody):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -213,6 +215,6 @@ class ModelCard(Response):
     max_model_len: int | None = None
 
 
-class ModelList(Response):
+class ModelList(ResponseBody):
     object: Literal["list"] = "list"
     data: list[ModelCard]

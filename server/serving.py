@@ -31,7 +31,7 @@ from loraserve.server.errors import APIError, model_not_found, to_api_error
 from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.prompts import Prompt, PromptBuilder
-from loraserve.server.responses import PromptLogprobs, Response, TokenLogprobEntry, Usage
+from loraserve.server.responses import PromptLogprobs, ResponseBody, TokenLogprobEntry, Usage
 
 T = TypeVar("T")
 TokenNamer = Callable[[int], str]
@@ -305,9 +305,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def sse(data: Response | dict[str, Any]) -> str:
+def sse(data: ResponseBody | dict[str, Any]) -> str:
     """One server-sent event, as OpenAI frames them."""
-    return f"data: {_json(data.dump() if isinstance(data, Response) else data)}\n\n"
+    return f"data: {_json(data.dump() if isinstance(data, ResponseBody) else data)}\n\n"
 
 
 async def _with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
