@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from transformers import AutoModelForCausalLM
 
 from loraserve.models.hf_files import write_adapter
 from loraserve.models.tokenizer import Tokenizer
@@ -66,6 +64,9 @@ def train_adapter(
     log: Callable[[str], None] = print,
 ) -> None:
     """Train a LoRA on `examples` (prompt ids, answer ids) and write its PEFT folder."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(settings.seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(
@@ -91,18 +92,33 @@ def train_adapter(
         for batch in _batches(examples, settings.batch_size, rng):
             input_ids, labels = _collate(batch)
             logits = model(input_ids=input_ids).logits  # [batch, length, vocab]
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(training_step(logits, labels, parameters, optimizer, schedule))
             step += 1
         log(f"  epoch {epoch + 1}: mean loss {sum(losses) / len(losses):.3f} ({step} steps)")
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"training diverged (loss {losses[-1]})")
     _write_adapter(output, get_peft_model_state_dict(model), settings)
+
+
+def training_step(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    parameters: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> float:
+    """One optimizer step on the next-token loss; returns the loss.
+
+    logits [batch, length, vocab] of the inputs; labels [batch, length]: the input ids
+    where the loss counts, IGNORE_INDEX elsewhere; the logits at t are scored against
+    labels[t + 1]. Gradients are clipped to norm 1."""
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def _learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> float:

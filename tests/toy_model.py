@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, processors
 from torch import nn
 
+from loraserve.demo.lora_training import IGNORE_INDEX, training_step
 from loraserve.models.arch import LORA_MODULES, ModelArch, linear_parent
 from loraserve.models.hf_files import llama_arch
 
@@ -196,7 +197,7 @@ def _collate(
     """(input ids, labels) of (prompt, answer) examples, right-padded with `pad_id`."""
     length = max(len(prompt) + len(answer) for prompt, answer in examples)
     input_ids = torch.full((len(examples), length), pad_id)  # causal: padding is never attended
-    labels = torch.full((len(examples), length), -100)  # -100: cross_entropy's ignore_index
+    labels = torch.full((len(examples), length), IGNORE_INDEX)
     for row, (prompt, answer) in enumerate(examples):
         input_ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
         labels[row, len(prompt) : len(prompt) + len(answer)] = torch.tensor(answer)
@@ -337,11 +338,6 @@ def train(model: TinyLlama, tokenizer: Tokenizer, task: DemoTask, steps: int, se
     for _ in range(steps):
         input_ids, labels = _batch(rng, tokenizer, task, BATCH_SIZE)
         logits = model(input_ids)  # [batch, length, vocab]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(loss.item()):
-        raise RuntimeError(f"toy training diverged (loss {loss.item()})")
+        loss = training_step(logits, labels, parameters, optimizer, schedule)
+    if not math.isfinite(loss):
+        raise RuntimeError(f"toy training diverged (loss {loss})")

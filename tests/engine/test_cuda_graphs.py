@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import make_adapter, make_model
-from test_exactness import ADAPTERS, REQUESTS
+from factories import make_model
+from test_exactness import REQUESTS, make_adapters
 
 from loraserve import LLM, SamplingParams
 
@@ -18,10 +18,7 @@ pytestmark = pytest.mark.gpu
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("graphs")
     base = make_model(root / "model", "llama-gqa", seed=1)
-    folders = {
-        name: make_adapter(base, root / name, seed=10 + i, **config)
-        for i, (name, config) in enumerate(ADAPTERS.items())
-    }
+    folders = make_adapters(base, root)
     return root, folders
 
 

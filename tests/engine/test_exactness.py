@@ -13,6 +13,7 @@ new tokens run past them; Phi-3's adapters target its fused qkv_proj / gate_up_p
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,15 +28,7 @@ ADAPTERS = {
     "all7": dict(
         r=7,
         lora_alpha=14,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=list(LORA_MODULES),
     ),
     "mlp16rs": dict(
         r=16, lora_alpha=8, use_rslora=True, target_modules=["gate_proj", "up_proj", "down_proj"]
@@ -97,17 +90,21 @@ def fused_names(config: dict) -> dict:
     return config
 
 
+def make_adapters(base, root: Path, fused: bool = False) -> dict[str, Path]:
+    """Every one of ADAPTERS for `base`, in `root / name`; `fused`: on qkv_proj/gate_up_proj."""
+    return {
+        name: make_adapter(base, root / name, seed=10 + i, **(fused_names(c) if fused else c))
+        for i, (name, c) in enumerate(ADAPTERS.items())
+    }
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """A tiny model of one family, its adapters, and PEFT's answer for every request."""
     kind, overrides = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     base = make_model(root / "model", kind, seed=1, **overrides)
-    fused = kind.startswith("phi")
-    folders = {
-        name: make_adapter(base, root / name, seed=10 + i, **(fused_names(c) if fused else c))
-        for i, (name, c) in enumerate(ADAPTERS.items())
-    }
+    folders = make_adapters(base, root, fused=kind.startswith("phi"))
     options = dict(adapters=folders, device="cpu", dtype="float32")
     options.update(LLM_OPTIONS.get(request.param, {}))
     llm = LLM(root / "model", **options)

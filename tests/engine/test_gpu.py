@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from factories import greedy_reference, make_adapter, make_model, peft_model_for
-from test_exactness import ADAPTERS, REQUESTS
+from factories import greedy_reference, make_model, peft_model_for
+from test_exactness import REQUESTS, make_adapters
 
 from loraserve import LLM, SamplingParams
 
@@ -15,10 +15,7 @@ pytestmark = pytest.mark.gpu
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
     base = make_model(root / "model", "llama-gqa", seed=1)
-    folders = {
-        name: make_adapter(base, root / name, seed=10 + i, **config)
-        for i, (name, config) in enumerate(ADAPTERS.items())
-    }
+    folders = make_adapters(base, root)
     return root, base, folders
 
 
