@@ -24,20 +24,9 @@ def plot_sweep(result: dict, path: Path) -> Path:
         throughput.plot(
             counts, [s["throughput_req_s"] for s in summaries], "o-", color=color, label=system
         )
-        ttft.plot(
-            counts,
-            [s["ttft_s"]["p50"] for s in summaries],
-            "o-",
-            color=color,
-            label=f"{system} p50",
-        )
-        ttft.plot(
-            counts,
-            [s["ttft_s"]["p99"] for s in summaries],
-            "o--",
-            color=color,
-            label=f"{system} p99",
-        )
+        for percentile, style in (("p50", "o-"), ("p99", "o--")):
+            ttft_values = [s["ttft_s"][percentile] for s in summaries]
+            ttft.plot(counts, ttft_values, style, color=color, label=f"{system} {percentile}")
     for axes, label in ((throughput, "throughput (req/s)"), (ttft, "TTFT (s)")):
         axes.set_xscale("log", base=2)
         axes.set_xlabel("number of adapters")
