@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,39 +33,25 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 INIT_STD = 0.02
 
 
-_shape = partial(llama_arch, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-
-
 SHAPES: dict[str, ModelArch] = {
-    # The CPU benchmark model: at least hidden 256 and 4 layers (issue 5), MHA.
-    "cpu": _shape(
-        vocab_size=1000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=4,
-        max_position_embeddings=1024,
-    ),
-    "llama-2-7b": _shape(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        max_position_embeddings=4096,
-    ),
-    "llama-3-8b": _shape(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
+    name: llama_arch(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        max_position_embeddings=context,
+        rope_theta=rope_theta,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    for name, (vocab, hidden, intermediate, layers, heads, kv_heads, context, rope_theta) in {
+        # The CPU benchmark model: at least hidden 256 and 4 layers (issue 5), MHA.
+        "cpu": (1000, 256, 688, 4, 4, 4, 1024, 10000.0),
+        "llama-2-7b": (32000, 4096, 11008, 32, 32, 32, 4096, 10000.0),
+        "llama-3-8b": (128256, 4096, 14336, 32, 32, 8, 8192, 500000.0),
+    }.items()
 }
 """The shapes a benchmark can build, by name (`--shape`, a preset's `model`)."""
 

@@ -122,25 +122,28 @@ def llama_arch(
     )
 
 
+_LLAMA_ARCH_ARGUMENTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "max_position_embeddings",
+    "head_dim",
+    "rope_theta",
+    "rms_norm_eps",
+    "torch_dtype",
+    "tie_word_embeddings",
+)
+"""The arguments of `llama_arch` that are ModelArch fields of the same name."""
+
+
 def llama_config(arch: ModelArch) -> dict:
     """config.json of a LlamaForCausalLM of `arch`, in both the transformers 5 and the
     older keys. Only what `llama_arch` can make is written: a plain Llama."""
-    plain = llama_arch(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_layers=arch.num_layers,
-        num_heads=arch.num_heads,
-        num_kv_heads=arch.num_kv_heads,
-        max_position_embeddings=arch.max_position_embeddings,
-        bos_token_id=_bos(arch),
-        eos_token_id=_eos(arch),
-        head_dim=arch.head_dim,
-        rope_theta=arch.rope_theta,
-        rms_norm_eps=arch.rms_norm_eps,
-        torch_dtype=arch.torch_dtype,
-        tie_word_embeddings=arch.tie_word_embeddings,
-    )
+    sizes = {name: getattr(arch, name) for name in _LLAMA_ARCH_ARGUMENTS}
+    plain = llama_arch(**sizes, bos_token_id=_bos(arch), eos_token_id=_eos(arch))
     if arch != plain:
         raise ValueError(f"llama_config writes plain Llama models only, got {arch}")
     return {
