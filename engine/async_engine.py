@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +35,7 @@ import zmq
 from loraserve.engine import ipc
 from loraserve.engine.config import EngineConfig, RuntimeInfo
 from loraserve.engine.core_process import run_engine_core
+from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.output_processor import OutputProcessor
 from loraserve.engine.outputs import CompletionDelta, EngineStats
 from loraserve.engine.sampling_params import SamplingParams
@@ -118,11 +119,23 @@ class _Running:
 class AsyncEngine:
     """The engine core in a child process, used from asyncio."""
 
-    def __init__(self, config: EngineConfig, adapters: Mapping[str, str | Path] | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        adapters: Mapping[str, str | Path] | None = None,
+        pinned: Collection[str] = (),
+    ):
         """Nothing starts yet: `start()` launches the core with the model and `adapters`
-        (name -> PEFT folder); an error there means the server must not start."""
+        (name -> PEFT folder, read at start; those named in `pinned` are kept in the pool);
+        an error there means the server must not start."""
         self.config = config
-        self._initial_adapters = {name: str(path) for name, path in (adapters or {}).items()}
+        adapters = dict(adapters or {})
+        unknown = sorted(set(pinned) - set(adapters))
+        if unknown:
+            raise ValueError(f"cannot pin adapter(s) {unknown}: no such adapter")
+        self._initial_adapters = {
+            name: (str(path), name in pinned) for name, path in adapters.items()
+        }
         self.tokenizer = Tokenizer.from_folder(config.model.model)
         self.processor = OutputProcessor(self.tokenizer)
         self.info: RuntimeInfo | None = None
@@ -178,7 +191,7 @@ class AsyncEngine:
         if self._startup_error is not None:
             self.shutdown()
             raise self._startup_error
-        self._adapters = {name: Path(path) for name, path in self._initial_adapters.items()}
+        self._adapters = {name: Path(path) for name, (path, _) in self._initial_adapters.items()}
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_SECONDS) -> None:
         """Stop the core after its current step; requests in flight fail with EngineDeadError."""
@@ -207,12 +220,17 @@ class AsyncEngine:
 
     @property
     def adapters(self) -> dict[str, Path]:
-        """Registered adapters, name -> folder (a copy)."""
+        """Adapters registered at start or by `register_adapter`, name -> folder (a copy);
+        the adapter dir's are listed by the server (server/serving.py)."""
         return dict(self._adapters)
 
     def has_adapter(self, name: str) -> bool:
         """Whether `name` is registered (no copy: this runs on every request)."""
         return name in self._adapters
+
+    def adapter_folder(self, name: str) -> Path | None:
+        """The folder of registered adapter `name`, None if it is not registered."""
+        return self._adapters.get(name)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -222,9 +240,13 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: str | None = None,
+        origin: RequestOrigin | None = None,
     ) -> RequestStream:
         """Queue a request (its `params.n` completions); raises what the core refuses
-        (InvalidRequestError, UnknownAdapterError, QueueFullError) before any output exists."""
+        (InvalidRequestError, UnknownAdapterError, QueueFullError, AdapterError for an
+        adapter folder that cannot be read) before any output exists. Returns once the
+        request is queued and its adapter is ready (read from disk, if it was not)."""
+        origin = origin or RequestOrigin()
         self._bind_loop()
         if request_id in self._running:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -235,7 +257,16 @@ class AsyncEngine:
         self._running[request_id] = _Running(stream, sub_ids, len(subs))
         call_id = next(self._call_ids)
         try:
-            await self._call(call_id, ipc.AddRequest(call_id, subs, prompt_token_ids, adapter))
+            message = ipc.AddRequest(
+                call_id,
+                subs,
+                prompt_token_ids,
+                adapter,
+                origin.adapter_path,
+                origin.tenant,
+                origin.tenant_weight,
+            )
+            await self._call(call_id, message)
         except BaseException as error:
             self._running.pop(request_id, None)
             self.processor.forget(sub_ids)
@@ -260,9 +291,10 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: str | None = None,
+        origin: RequestOrigin | None = None,
     ) -> AsyncIterator[CompletionDelta]:
         """The deltas of one request; closing or cancelling the iterator aborts it."""
-        stream = await self.add_request(request_id, prompt_token_ids, params, adapter)
+        stream = await self.add_request(request_id, prompt_token_ids, params, adapter, origin)
         async with stream:
             async for deltas in stream:
                 for delta in deltas:
@@ -281,9 +313,10 @@ class AsyncEngine:
 
     # -- admin calls, run by the core between two steps --------------------------------------
 
-    async def register_adapter(self, name: str, path: str | Path) -> None:
-        """Load a PEFT folder (AdapterError if refused or the name is taken)."""
-        await self._request("register_adapter", name, str(path))
+    async def register_adapter(self, name: str, path: str | Path, pinned: bool = False) -> None:
+        """Load a PEFT folder, kept in the pool if `pinned` (AdapterError if refused or the
+        name is taken). The core reads it while it steps; this returns once it is read."""
+        await self._request("register_adapter", name, str(path), pinned)
         self._adapters[name] = Path(path)
 
     async def unregister_adapter(self, name: str) -> None:

@@ -11,9 +11,14 @@ front end's (engine/output_processor.py), in the server's process or in `LLM`.
 It is not thread-safe: one thread drives it (the engine-core process's loop, or
 `LLM.generate`).
 
-A failure that belongs to one request (the sampler could not sample its row) ends
-that request alone with `finish_reason` `error` (`fail_request`); the step goes on
-for the others. Anything else a step raises is an engine fault and propagates.
+A failure that belongs to one request (the sampler could not sample its row, its
+adapter's folder was refused when read from disk) ends that request alone with
+`finish_reason` `error` (`fail_request`); the step goes on for the others. Anything
+else a step raises is an engine fault and propagates.
+
+Adapters come from three tiers (engine/adapter_manager.py): a request naming an
+adapter that is on disk only is queued at once, its folder is read off the engine
+thread, and the scheduler skips it until the read is in; the others keep running.
 """
 
 from __future__ import annotations
@@ -23,13 +28,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from loraserve.engine.adapter_manager import AdapterManager, Waiter
 from loraserve.engine.config import EngineConfig, RuntimeInfo, resolve_max_model_len
+from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.outputs import EngineOutput, EngineStats
 from loraserve.engine.runner import ModelRunner, TorchModelRunner
 from loraserve.engine.sampler import SamplerOutput
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.errors import InvalidRequestError, QueueFullError, UnknownAdapterError
-from loraserve.memory.adapter_store import AdapterStore, HostAdapter
+from loraserve.errors import InvalidRequestError, QueueFullError
+from loraserve.memory.adapter_catalog import AdapterCatalog
+from loraserve.memory.adapter_loader import AdapterLoader
+from loraserve.memory.adapter_store import AdapterReader
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.pool import UnifiedPool
 from loraserve.models.arch import ModelArch
@@ -67,16 +76,22 @@ class EngineCore:
         )
         self.runner = runner_factory(config, self.arch, self.geometry, eos)
         runner = self.runner
-        self.store = AdapterStore(
+        reader = AdapterReader(
             self.arch,
             self.geometry,
             lora.max_lora_rank,
             runner.dtype,
             pin_memory=runner.device.type == "cuda",  # host-to-device copies from pinned pages
         )
-        self.memory = UnifiedPool(
-            self.runner.num_pages, config.cache.block_size, lora.max_resident_adapters, self.store
+        self.catalog = AdapterCatalog(
+            AdapterLoader(reader, lora.adapter_load_workers),
+            lora.max_cpu_loras,
+            lora.max_cpu_lora_bytes,
         )
+        self.memory = UnifiedPool(
+            self.runner.num_pages, config.cache.block_size, lora.max_resident_adapters, self.catalog
+        )
+        self.adapters = AdapterManager(self.catalog, self.memory)
         self.scheduler = Scheduler(config.scheduler, self.memory)
         self.info = RuntimeInfo(
             device=str(runner.device),
@@ -95,20 +110,22 @@ class EngineCore:
 
     # -- adapters --------------------------------------------------------------------------
 
-    def register_adapter(self, name: str, path: str | Path) -> HostAdapter:
-        """Load a PEFT folder into host RAM (AdapterError if refused; nothing registered)."""
-        return self.store.register(name, path)
+    def register_adapter(
+        self, name: str, path: str | Path, pinned: bool = False, wait: bool = True
+    ) -> None:
+        """Register a PEFT folder, read into host RAM (and kept in the pool if `pinned`).
+        With `wait` it is read now (AdapterError if refused; nothing registered); without,
+        it is read in the background (see `when_adapter_ready`)."""
+        self.adapters.register(name, path, pinned, wait)
 
     def unregister_adapter(self, name: str) -> None:
         """Forget an adapter; refused while requests use it."""
-        if name not in self.store:
-            raise UnknownAdapterError(f"adapter {name!r} is not registered")
-        if self.memory.is_in_use(name) or any(
-            state.seq.adapter == name for state in self.requests.values()
-        ):
-            raise InvalidRequestError(f"adapter {name!r} has requests in flight; unload it later")
-        self.memory.evict_if_idle(name)
-        self.store.unregister(name)
+        self.adapters.unregister(name)
+
+    def when_adapter_ready(self, name: str, waiter: Waiter) -> bool:
+        """True if adapter `name` is ready now; else `waiter` is called between two steps
+        once it is (with None) or once it failed (with the error)."""
+        return self.adapters.when_ready(name, waiter)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -118,26 +135,38 @@ class EngineCore:
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: str | None = None,
+        origin: RequestOrigin | None = None,
     ) -> None:
-        """Queue a request; raises InvalidRequestError / UnknownAdapterError if it cannot run."""
+        """Queue a request; raises InvalidRequestError / UnknownAdapterError if it cannot run,
+        AdapterError if its adapter's folder was refused before (and has not changed).
+        An adapter on disk only starts being read now; the request waits for it."""
+        origin = origin or RequestOrigin()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if adapter is not None and adapter not in self.store:
-            raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
+        if adapter is not None:
+            self.adapters.ensure(adapter, origin.adapter_path)
         max_tokens = self._check_lengths(prompt_token_ids, params, adapter)
         stops = self._stop_token_ids(params)
         if max_tokens != params.max_tokens:
             params = replace(params, max_tokens=max_tokens)
-        seq = SequenceState(request_id=request_id, adapter=adapter, token_ids=prompt_token_ids)
+        seq = SequenceState(
+            request_id=request_id,
+            adapter=adapter,
+            token_ids=prompt_token_ids,
+            tenant=origin.tenant,
+            tenant_weight=origin.tenant_weight,
+        )
         self.requests[request_id] = RequestState(params, seq, stops)
         self.runner.add_request(request_id, params)
         self.scheduler.add(seq)
+        self.adapters.hold(adapter)
 
     def add_requests(
         self,
         sub_requests: list[tuple[str, SamplingParams]],
         prompt_token_ids: list[int],
         adapter: str | None = None,
+        origin: RequestOrigin | None = None,
     ) -> None:
         """Queue the completions of one request, all or none; QueueFullError if the waiting
         queue has no room for all of them (each completion counts)."""
@@ -150,7 +179,7 @@ class EngineCore:
         added: list[str] = []
         try:
             for request_id, params in sub_requests:
-                self.add_request(request_id, prompt_token_ids, params, adapter)
+                self.add_request(request_id, prompt_token_ids, params, adapter, origin)
                 added.append(request_id)
         except BaseException:
             for request_id in added:
@@ -165,24 +194,42 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now; its pages go back to the pool. False if it was not running."""
-        if self.requests.pop(request_id, None) is None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
             return False
         self.scheduler.abort(request_id)
         self.runner.remove_request(request_id)
+        self.adapters.release(state.seq.adapter)
         return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def wait_for_adapter_reads(self, timeout: float) -> None:
+        """When nothing runs and requests wait for adapters being read, block until a read
+        finishes (at most `timeout` seconds) instead of stepping in a busy loop."""
+        if self.scheduler.num_running() == 0 and self.catalog.loader.num_in_flight:
+            self.catalog.loader.wait(timeout)
+
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[EngineOutput]:
-        """Run one forward pass over the scheduled chunks; outputs of requests that advanced."""
+        """Take the adapter reads that finished, then run one forward pass over the
+        scheduled chunks; outputs of requests that advanced (or failed)."""
+        failed = self._collect_adapter_reads()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return []
+            return failed
         sampled = self.runner.execute(plan)
-        return self._postprocess(plan, sampled)
+        return failed + self._postprocess(plan, sampled)
+
+    def _collect_adapter_reads(self) -> list[EngineOutput]:
+        """Requests whose adapter's folder was refused fail with its error."""
+        outputs = []
+        for name, error in self.adapters.collect():
+            doomed = [rid for rid, state in self.requests.items() if state.seq.adapter == name]
+            outputs += [self.fail_request(request_id, str(error)) for request_id in doomed]
+        return outputs
 
     def _postprocess(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[EngineOutput]:
         """Append each sampled token, finish the requests that stop, report what changed.
@@ -229,12 +276,13 @@ class EngineCore:
         self.scheduler.finish(request_id, status)
         self.runner.remove_request(request_id)
         del self.requests[request_id]
+        self.adapters.release(state.seq.adapter)
 
     # -- statistics ------------------------------------------------------------------------
 
     def adapter_names(self) -> list[str]:
         """Registered adapters, in registration order."""
-        return self.store.names()
+        return self.catalog.names()
 
     def stats(self) -> EngineStats:
         """Counts for /metrics, between two steps."""
@@ -249,11 +297,17 @@ class EngineCore:
             num_adapter_pages=memory.num_adapter_pages,
             num_free_pages=memory.num_free_pages,
             num_pinned_adapter_pages=memory.num_pinned_adapter_pages,
-            resident_adapters=tuple(memory.resident_adapters()),
+            loaded_adapters=tuple(
+                (r.name, r.level, r.pinned, r.rank) for r in self.adapters.residency()
+            ),
+            num_host_adapters=len(self.catalog.host_adapters()),
             num_adapter_loads=memory.stats.adapter_loads,
             num_adapter_evictions=memory.stats.adapter_evictions,
             num_preemptions=self.num_preemptions,
-            new_adapter_load_seconds=tuple(self.runner.drain_load_seconds()),
+            new_adapter_load_seconds=tuple(
+                [("disk", seconds) for seconds in self.catalog.drain_load_seconds()]
+                + [("cpu", seconds) for seconds in self.runner.drain_load_seconds()]
+            ),
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -297,7 +351,7 @@ class EngineCore:
             )
         pages = math.ceil((len(prompt) + max_tokens) / self.geometry.block_size)
         if adapter is not None:
-            pages += self.store.get(adapter).num_pages
+            pages += self.adapters.num_pages(adapter)  # the largest possible, before it is read
         if pages > self.info.num_pages:
             raise InvalidRequestError(
                 f"the request needs {pages} pages of the pool at most, which has only "

@@ -7,8 +7,9 @@ on CUDA, the captured decode graphs. One call per step:
 
     sampled = runner.execute(plan)    # plan = scheduler.schedule()
 
-copies the adapters the plan brings in, builds the batch metadata once, runs the
-forward pass and samples one token for each chunk that reaches its sequence's end.
+copies the adapters the plan brings in (on CUDA on a side stream, waited for only by
+a forward that reads them), builds the batch metadata once, runs the forward pass
+and samples one token for each chunk that reaches its sequence's end.
 `ModelRunner` is the engine's view of it (tests drive the engine with a fake one).
 """
 
@@ -166,6 +167,7 @@ class TorchModelRunner:
 
     def execute(self, plan: Plan) -> SamplerOutput:
         self.pool.load(plan.adapter_loads)
+        self.pool.wait_for({chunk.slot for chunk in plan.chunks})
         logits = self._logits(plan.chunks)  # [num_sampling_chunks, vocab]
         sampling = [chunk for chunk in plan.chunks if chunk.samples]
         rows = [self._requests[chunk.seq.request_id] for chunk in sampling]

@@ -26,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loraserve.errors import AdapterError
+from loraserve.memory.adapter_dir import CONFIG_FILE
 from loraserve.models.arch import LORA_MODULES, MODULE_INDEX, O_GROUP, QKV_GROUP, ModelArch
 
-CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 

@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loraserve.engine.async_engine import AsyncEngine
+from loraserve.memory.adapter_dir import AdapterDirectory
 from loraserve.server.auth import OPEN_TENANT, MetricsAccess, Tenant, Tenants, read_metrics_key
 from loraserve.server.chat import create_chat_completion
 from loraserve.server.completions import create_completion
@@ -51,7 +52,7 @@ def create_app(
     loaded); without `tenants` every caller may do everything. ValueError (or a
     LoraserveError) if the configuration cannot be served."""
     engine.start()
-    served = _served(engine, limits or RequestLimits())
+    served = _served(engine, limits or RequestLimits(), config.adapter_dir)
     metrics_key = (
         None if config.metrics_key_file is None else read_metrics_key(config.metrics_key_file)
     )
@@ -85,7 +86,7 @@ def create_app(
     return app
 
 
-def _served(engine: AsyncEngine, limits: RequestLimits) -> Served:
+def _served(engine: AsyncEngine, limits: RequestLimits, adapter_dir: str | None) -> Served:
     info, config = engine.info, engine.config
     assert info is not None, "the engine is started"
     static = StaticInfo(
@@ -94,10 +95,13 @@ def _served(engine: AsyncEngine, limits: RequestLimits) -> Served:
         max_lora=config.lora.max_resident_adapters,
         gpu_memory_utilization=config.cache.gpu_memory_utilization,
         dtype=str(info.dtype).removeprefix("torch."),
+        model_name=info.served_model_name,
     )
     prompts = PromptBuilder(engine.tokenizer, info.max_model_len)
+    directory = None if adapter_dir is None else AdapterDirectory(adapter_dir)
+    metrics = ServerMetrics(static)
     return Served(
-        engine, ServerMetrics(static), info.served_model_name, info.max_model_len, limits, prompts
+        engine, metrics, info.served_model_name, info.max_model_len, limits, prompts, directory
     )
 
 
@@ -144,7 +148,7 @@ def _add_routes(app: FastAPI) -> None:
         served.check_adapter_name(body.lora_name)
         path = adapter_path(body.lora_path, request.app.state.adapter_roots)
         try:
-            await served.engine.register_adapter(body.lora_name, path)
+            await served.engine.register_adapter(body.lora_name, path, body.pinned)
         except OSError as error:  # a file the server may not read, say
             message = f"cannot read the adapter at lora_path: {error}"
             raise APIError(400, message, "lora_path", "invalid_adapter") from None
@@ -182,7 +186,7 @@ def _model_list(served: Served, tenant: Tenant) -> ModelList:
     cards = []
     if tenant.may_use(None):
         cards.append(ModelCard(id=served.base_model, max_model_len=served.max_model_len))
-    for name, path in sorted(served.engine.adapters.items()):
+    for name, path in sorted(served.adapters().items()):
         if tenant.may_use(name):
             cards.append(
                 ModelCard(

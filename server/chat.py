@@ -60,7 +60,7 @@ async def create_chat_completion(
         messages = [message.template_dict() for message in body.messages]
         prompt = await served.prompts.chat_prompt(messages, body.add_generation_prompt)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await served.start(request_id, [prompt], params, adapter)
+        streams = await served.start(request_id, [prompt], params, adapter, tenant)
     tracker = Tracker(served.metrics, body.model, len(prompt.token_ids), arrival)
     if body.stream:
         events = _events(served, body, request_id, follow(streams, tracker), tracker)

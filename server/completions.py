@@ -46,7 +46,7 @@ async def create_completion(
     params = sampling_params(body, body.max_tokens, body.logprobs, served.limits)
     prompts = await served.prompts.completion_prompts(body.prompt)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await served.start(request_id, prompts, params, adapter)
+    streams = await served.start(request_id, prompts, params, adapter, tenant)
     num_prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
     tracker = Tracker(served.metrics, body.model, num_prompt_tokens, arrival)
     if body.stream:

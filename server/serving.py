@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -23,9 +24,11 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from loraserve.engine.async_engine import AsyncEngine, RequestStream
+from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.outputs import CompletionDelta, CompletionOutput
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.errors import InvalidRequestError
+from loraserve.memory.adapter_dir import AdapterDirectory
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant
 from loraserve.server.errors import APIError, model_not_found, to_api_error
@@ -49,10 +52,26 @@ class Served:
     max_model_len: int
     limits: RequestLimits
     prompts: PromptBuilder
+    adapter_dir: AdapterDirectory | None = None
+    """--adapter-dir's listing: adapters served from disk, read by the engine on first use."""
 
     def __post_init__(self) -> None:
-        for name in self.engine.adapters:
+        for name in self.adapters():
             self.check_adapter_name(name)
+
+    def adapters(self) -> dict[str, Path]:
+        """Every adapter served, name -> folder: the adapter dir's, then those registered
+        at start or through the load route (which win on a name clash)."""
+        listed = {} if self.adapter_dir is None else self.adapter_dir.listing()
+        return {**listed, **self.engine.adapters}
+
+    def adapter_path(self, name: str) -> Path | None:
+        """The folder of adapter `name`: registered, or found in the adapter dir (even one
+        copied in since the last listing); None if there is none."""
+        registered = self.engine.adapter_folder(name)
+        if registered is not None or self.adapter_dir is None or name == self.base_model:
+            return registered
+        return self.adapter_dir.resolve(name)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -77,7 +96,7 @@ class Served:
         tenant's, with the same message so that other tenants' adapters stay unseen."""
         if model == self.base_model:
             adapter = None
-        elif self.engine.has_adapter(model):
+        elif self.adapter_path(model) is not None:
             adapter = model
         else:
             raise model_not_found(model)
@@ -86,15 +105,23 @@ class Served:
         return adapter
 
     async def start(
-        self, request_id: str, prompts: list[Prompt], params: SamplingParams, adapter: str | None
+        self,
+        request_id: str,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        adapter: str | None,
+        tenant: Tenant,
     ) -> list[RequestStream]:
-        """Queue every prompt, or none: a refused one withdraws those already queued."""
+        """Queue every prompt, or none: a refused one withdraws those already queued. An
+        adapter on disk only is read first (its request waits; the others do not)."""
+        path = None if adapter is None else self.adapter_path(adapter)
+        origin = RequestOrigin(tenant.name, tenant.weight, None if path is None else str(path))
         streams: list[RequestStream] = []
         try:
             for index, prompt in enumerate(prompts):
                 sub_id = request_id if len(prompts) == 1 else f"{request_id}-p{index}"
                 streams.append(
-                    await self.engine.add_request(sub_id, prompt.token_ids, params, adapter)
+                    await self.engine.add_request(sub_id, prompt.token_ids, params, adapter, origin)
                 )
         except BaseException:
             for stream in streams:

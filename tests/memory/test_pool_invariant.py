@@ -70,7 +70,7 @@ def test_pages_used_plus_free_is_total(assets, actions, pool_pages) -> None:
     for kind, value in actions:
         if kind == "add":
             prompt_len, max_tokens, adapter = value
-            if adapter is not None and adapter not in engine.store:
+            if adapter is not None and adapter not in engine.catalog:
                 engine.register_adapter(adapter, adapters[adapter])  # churn: back again
             request_id = f"r{len(added)}"
             try:
