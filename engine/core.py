@@ -205,10 +205,14 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def is_reading_adapters(self) -> bool:
+        """Whether adapter folders are being read (a step collects the finished ones)."""
+        return self.catalog.loader.num_in_flight > 0
+
     def wait_for_adapter_reads(self, timeout: float) -> None:
         """When nothing runs and requests wait for adapters being read, block until a read
         finishes (at most `timeout` seconds) instead of stepping in a busy loop."""
-        if self.scheduler.num_running() == 0 and self.catalog.loader.num_in_flight:
+        if self.scheduler.num_running() == 0 and self.is_reading_adapters():
             self.catalog.loader.wait(timeout)
 
     # -- the step ---------------------------------------------------------------------------

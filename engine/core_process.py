@@ -97,9 +97,8 @@ class CoreLoop:
 
     def run(self) -> None:
         while not self.stopping:
-            busy = self.core.has_unfinished_requests()
-            self._receive(wait=not busy)
-            if self.stopping or not self.core.has_unfinished_requests():
+            self._receive(wait=not self._busy())
+            if self.stopping or not self._busy():
                 continue
             try:
                 outputs = self.core.step()
@@ -112,8 +111,12 @@ class CoreLoop:
             elif self.core.scheduler.num_running() == 0:
                 # Requests wait but none could be admitted: pause rather than spin (shortly
                 # while adapters are read from disk: their requests start when one is in).
-                reading = self.core.catalog.loader.num_in_flight
+                reading = self.core.is_reading_adapters()
                 self.inbox.poll(READ_RETRY_MS if reading else IDLE_RETRY_MS)
+
+    def _busy(self) -> bool:
+        """Requests to step, or adapter reads to collect (a step collects them)."""
+        return self.core.has_unfinished_requests() or self.core.is_reading_adapters()
 
     def _receive(self, wait: bool) -> None:
         """Handle every message that has arrived; when `wait`, block until one does."""

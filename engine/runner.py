@@ -66,7 +66,7 @@ class ModelRunner(Protocol):
 
     def execute(self, plan: Plan) -> SamplerOutput:
         """Run one step: load adapters, forward, sample one token per sampling chunk
-        (in plan order)."""
+        (in plan order). A plan of copies only runs no forward."""
         ...
 
     def drain_load_seconds(self) -> list[float]:
@@ -167,6 +167,8 @@ class TorchModelRunner:
 
     def execute(self, plan: Plan) -> SamplerOutput:
         self.pool.load(plan.adapter_loads)
+        if not plan.chunks:  # copies only
+            return SamplerOutput([], [], [])
         self.pool.wait_for({chunk.slot for chunk in plan.chunks})
         logits = self._logits(plan.chunks)  # [num_sampling_chunks, vocab]
         sampling = [chunk for chunk in plan.chunks if chunk.samples]

@@ -35,7 +35,8 @@ from pathlib import Path
 from loraserve.errors import AdapterError, UnknownAdapterError
 from loraserve.memory.adapter_loader import AdapterLoader, LoadResult
 from loraserve.memory.adapter_store import AdapterReader, HostAdapter, check_adapter_name
-from loraserve.memory.peft_format import CONFIG_FILE, SAFETENSORS_FILE
+from loraserve.memory.adapter_dir import CONFIG_FILE
+from loraserve.memory.peft_format import SAFETENSORS_FILE
 
 Signature = tuple[tuple[int, int] | None, ...]
 """(mtime_ns, size) of each file that makes an adapter, None for a missing one."""
@@ -131,7 +132,7 @@ class AdapterCatalog:
         self._record(result)
         if result.error is not None:
             raise result.error
-        self._fit_budget(keep=name)
+        self._fit_budget(keep={name})
         return self.host(name)
 
     def request(self, name: str) -> None:
@@ -151,7 +152,7 @@ class AdapterCatalog:
         """Record the reads that finished (into host RAM, or remembered as failed); returns
         them, for the engine to act on (start waiting requests, or fail them)."""
         results = [result for result in self.loader.poll() if self._record(result)]
-        self._fit_budget()
+        self._fit_budget(keep={result.name for result in results})
         return results
 
     def failure(self, name: str) -> AdapterError | None:
@@ -233,12 +234,12 @@ class AdapterCatalog:
             limit_bytes is not None and self._host_bytes > limit_bytes
         )
 
-    def _fit_budget(self, keep: str | None = None) -> None:
-        """Drop idle adapters (but `keep`) from host RAM, least recently used first, until
-        within budget."""
+    def _fit_budget(self, keep: set[str]) -> None:
+        """Drop idle adapters (but those just read, `keep`) from host RAM, least recently
+        used first, until within budget."""
         if not self._over_budget():
             return
-        for name in [name for name in self._host if name != keep and not self.in_use(name)]:
+        for name in [name for name in self._host if name not in keep and not self.in_use(name)]:
             self._drop_host(name)
             if not self._over_budget():
                 return

@@ -84,7 +84,9 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        """Nothing to run and nothing to copy (a plan may carry only copies: a pin, or
+        adapters brought in ahead of their requests)."""
+        return not self.chunks and not self.adapter_loads
 
 
 class Scheduler:

@@ -27,7 +27,7 @@ from loraserve.engine.async_engine import AsyncEngine, RequestStream
 from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.outputs import CompletionDelta, CompletionOutput
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.errors import InvalidRequestError
+from loraserve.errors import AdapterError, InvalidRequestError
 from loraserve.memory.adapter_dir import AdapterDirectory
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant
@@ -123,11 +123,23 @@ class Served:
                 streams.append(
                     await self.engine.add_request(sub_id, prompt.token_ids, params, adapter, origin)
                 )
-        except BaseException:
+        except BaseException as error:
             for stream in streams:
                 stream.abort()
+            if isinstance(error, AdapterError) and adapter is not None:
+                raise adapter_unavailable(adapter, path, error) from None
             raise
         return streams
+
+
+def adapter_unavailable(adapter: str, path: Path | None, error: AdapterError) -> APIError:
+    """The 400 of a request whose adapter's folder was refused when read (or before: the
+    refusal is remembered until the folder changes). The folder is not named: tenants
+    never see where adapters live."""
+    message = str(error).replace(f"adapter folder '{path}'", f"the folder of adapter {adapter!r}")
+    return APIError(
+        400, f"adapter {adapter!r} cannot be loaded: {message}", "model", "invalid_adapter"
+    )
 
 
 @contextlib.contextmanager

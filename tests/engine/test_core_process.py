@@ -36,6 +36,9 @@ class BrokenCore:
     def when_adapter_ready(self, name: str, waiter: Any) -> bool:
         return True
 
+    def is_reading_adapters(self) -> bool:
+        return False
+
     def step(self) -> list[Any]:
         raise RuntimeError("a kernel failed")
 
