@@ -356,10 +356,11 @@ class EngineCore:
         pages = math.ceil((len(prompt) + max_tokens) / self.geometry.block_size)
         if adapter is not None:
             pages += self.adapters.num_pages(adapter)  # the largest possible, before it is read
-        if pages > self.info.num_pages:
+        available = self.memory.num_pages_for_requests  # pinned adapters' pages never free up
+        if pages > available:
             raise InvalidRequestError(
                 f"the request needs {pages} pages of the pool at most, which has only "
-                f"{self.info.num_pages}; send a shorter prompt or fewer max_tokens",
+                f"{available} for requests; send a shorter prompt or fewer max_tokens",
                 "max_tokens",
             )
         return max_tokens

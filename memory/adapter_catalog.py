@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraserve.errors import AdapterError, UnknownAdapterError
+from loraserve.memory.adapter_dir import CONFIG_FILE
 from loraserve.memory.adapter_loader import AdapterLoader, LoadResult
 from loraserve.memory.adapter_store import AdapterReader, HostAdapter, check_adapter_name
-from loraserve.memory.adapter_dir import CONFIG_FILE
 from loraserve.memory.peft_format import SAFETENSORS_FILE
 
 Signature = tuple[tuple[int, int] | None, ...]

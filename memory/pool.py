@@ -188,8 +188,16 @@ class UnifiedPool:
 
     def pin_adapter(self, adapter: str) -> None:
         """Keep `adapter` resident until unregistered (its weights must be in host RAM if it
-        is not resident yet). MemoryError if its pages cannot be had now."""
+        is not resident yet). MemoryError if its pages cannot be had now, or if it would
+        take the last slot that other adapters could use (their requests would never run)."""
         resident = self._resident.get(adapter)
+        if resident is not None and resident.pinned:
+            return
+        if len(self.pinned_adapters()) + 1 >= self.max_resident_adapters:
+            raise MemoryError(
+                f"pinning it would leave none of the {self.max_resident_adapters} adapter slots "
+                "to the other adapters (raise --max-resident-adapters)"
+            )
         if resident is None:
             needed = self.adapters.host(adapter).num_pages
             if needed > self.allocator.num_free + self.reclaimable.num_pages:
@@ -226,6 +234,12 @@ class UnifiedPool:
     @property
     def num_adapter_pages(self) -> int:
         return sum(len(r.pages) for r in self._resident.values())
+
+    @property
+    def num_pages_for_requests(self) -> int:
+        """Pages a request and its adapter may ever use: all but the pinned adapters'."""
+        pinned = sum(len(r.pages) for r in self._resident.values() if r.pinned)
+        return self.num_total_pages - pinned
 
     @property
     def num_pinned_adapter_pages(self) -> int:

@@ -100,6 +100,8 @@ SPEC_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
         },
     ),
 }
+
+
 @pytest.fixture(scope="module")
 def objects() -> list[Object]:
     return render(K8S / "overlays" / "gpu")

@@ -113,3 +113,12 @@ def test_adapter_ready_means_resident_or_in_host_ram() -> None:
     pool, _ = make(a=1)
     assert pool.adapter_ready(None) and pool.adapter_ready("a")
     assert not pool.adapter_ready("on-disk-only")
+
+
+def test_a_pin_may_not_take_the_last_slot() -> None:
+    pool, _ = make(num_pages=10, slots=2, p=1, q=1)
+    pool.pin_adapter("p")
+    pool.pin_adapter("p")  # already pinned: nothing changes
+    with pytest.raises(MemoryError, match="none of the 2 adapter slots"):
+        pool.pin_adapter("q")
+    assert pool.num_pages_for_requests == 9 and pool.pinned_adapters() == ["p"]

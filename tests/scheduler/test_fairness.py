@@ -43,9 +43,7 @@ class Run:
     """Prompt and output tokens computed for the tenant."""
 
 
-def simulate(
-    policy: str, every: dict[str, int], weights: dict[str, float] | None = None
-) -> Run:
+def simulate(policy: str, every: dict[str, int], weights: dict[str, float] | None = None) -> Run:
     """`every[tenant]`: that tenant sends one request every so many steps."""
     config = SchedulerConfig(max_num_seqs=SEATS, max_num_batched_tokens=64, policy=policy)
     scheduler = Scheduler(config, FakePool(100_000, 16, {}))

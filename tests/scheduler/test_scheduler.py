@@ -303,7 +303,7 @@ def test_a_request_whose_adapter_is_being_read_is_skipped_and_keeps_its_place() 
 
 def test_a_ready_request_that_does_not_fit_blocks_those_behind_it() -> None:
     """Only adapter reads are skipped: a long prompt is not starved by short ones."""
-    scheduler, pool = make(num_pages=4, block_size=4)
+    scheduler, _ = make(num_pages=4, block_size=4)
     scheduler.add(request("long", 20))  # 5 pages: never fits this pool
     scheduler.add(request("short", 2))
     assert scheduler.schedule().is_empty
@@ -311,9 +311,17 @@ def test_a_ready_request_that_does_not_fit_blocks_those_behind_it() -> None:
 
 def test_adapters_of_waiting_requests_are_prefetched_into_free_pages() -> None:
     scheduler, pool = make(
-        num_pages=8, adapter_pages={"x": 2, "y": 2, "big": 9}, max_num_seqs=1, max_adapter_prefetch=4
+        num_pages=8,
+        adapter_pages={"x": 2, "y": 2, "big": 9},
+        max_num_seqs=1,
+        max_adapter_prefetch=4,
     )
-    for seq in (request("a", 4), request("b", 4, "x"), request("c", 4, "big"), request("d", 4, "y")):
+    for seq in (
+        request("a", 4),
+        request("b", 4, "x"),
+        request("c", 4, "big"),
+        request("d", 4, "y"),
+    ):
         scheduler.add(seq)
     output = step(scheduler, pool)
     assert plan(output) == [("a", 4)]  # one seat

@@ -4,7 +4,7 @@ The server lists an adapter dir (read nothing), keeps one adapter pinned, holds 
 idle adapter in host RAM (--max-cpu-loras 1) and has two adapter slots in its pool. A
 sequence of requests and load calls moves adapters between the tiers; after each, the
 `vllm:lora_adapter_loaded` series scraped from /metrics name exactly the adapters in
-each tier, and the counts agree. A broken folder in the dir fails its requests with a
+each tier, and the counts agree. A pin that would take the last slot is refused. A broken folder in the dir fails its requests with a
 400 that names the adapter, not its folder, and is not read again."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from server_harness import Assets, ServerThread, metric
@@ -90,11 +89,12 @@ def test_residency_series_follow_loads_evictions_pins_and_host_evictions(
         check(server, {"attn8": pinned, "all6": idle, "extra": ("cpu", "false")}, num_cpu=1)
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "extra"}).status_code == 200
         check(server, {"attn8": pinned, "all6": idle}, num_cpu=0)
-        body["pinned"] = True  # all6 gives its slot to the pin
-        assert http.post("/v1/load_lora_adapter", json=body).status_code == 200
-    text = check(server, {"attn8": pinned, "extra": pinned}, num_cpu=1)
-    assert metric(text, "vllm:lora_adapter_load_seconds_count", source="disk") >= 4
-    assert metric(text, "vllm:lora_adapter_load_seconds_count", source="cpu") >= 4
+        body["pinned"] = True  # the last slot: pinning it would starve every other adapter
+        response = http.post("/v1/load_lora_adapter", json=body)
+        assert response.status_code == 400 and "slots" in response.json()["error"]["message"]
+    text = check(server, {"attn8": pinned, "all6": idle}, num_cpu=0)  # no trace of it
+    assert metric(text, "vllm:lora_adapter_load_seconds_count", source="disk") == 5
+    assert metric(text, "vllm:lora_adapter_load_seconds_count", source="cpu") == 3
 
 
 def test_a_broken_folder_is_a_400_naming_the_adapter_and_is_remembered(
