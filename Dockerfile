@@ -21,10 +21,12 @@ WORKDIR /src
 # and deploy/install.sh.
 COPY . .
 ENV PIP_NO_CACHE_DIR=1
-RUN sh deploy/install.sh /opt/venv .
+# EXTRAS="[demo]" adds what `loraserve demo` needs (deploy/compose.yaml builds it so).
+ARG EXTRAS=""
+RUN sh deploy/install.sh /opt/venv ".${EXTRAS}"
 
 FROM ${CUDA_IMAGE}
-# One writable folder, /cache (HOME, demo build, Triton's kernel cache), open to every user
+# One writable folder, /cache (HOME, the demo's converted model, Triton's kernel cache), open to every user
 # like /tmp: the server runs as any UID you give it, so that it can read model and adapter
 # files that safetensors wrote with mode 0600 (docker run --user "$(id -u):$(id -g)").
 # hadolint ignore=DL3008

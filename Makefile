@@ -1,6 +1,6 @@
 # One command each, from a fresh clone:
 #   make test   set up .venv, install, lint, type-check, run the tests
-#   make demo   set up .venv, install, build the demo model and adapters (once), serve them
+#   make demo   set up .venv, install, convert the demo model (once), serve it and its adapters
 VENV ?= .venv
 
 .PHONY: test demo setup lint typecheck pytest clean
@@ -8,7 +8,7 @@ VENV ?= .venv
 test: setup lint typecheck pytest
 
 $(VENV)/.installed: pyproject.toml deploy/install.sh
-	sh deploy/install.sh $(VENV) -e '.[test]'
+	sh deploy/install.sh $(VENV) -e '.[test,demo]'
 	touch $@
 
 setup: $(VENV)/.installed

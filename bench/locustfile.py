@@ -12,7 +12,7 @@ names). The base model is not called unless `LORASERVE_INCLUDE_BASE=1` (then it 
 one more entry, after the adapters) or the server has no adapter at all.
 
 Each call is `POST /v1/chat/completions`, streamed, with a short random ASCII
-message (the demo model is trained on messages of at most 24 characters). It fails
+message of a few words (any text does; short ones keep calls alike). It fails
 on a status other than 200, an error event in the stream, a stream without
 `[DONE]`, or no content. Locust's time for it is the whole stream; the time to the
 first token (the first chunk with content or a finish reason, not the opening role

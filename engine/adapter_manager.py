@@ -47,6 +47,8 @@ class AdapterManager:
         self.catalog, self.pool = catalog, pool
         self.users: Counter[str] = Counter()
         """Unfinished requests per adapter."""
+        self.retiring: set[str] = set()
+        """Adapters being unloaded: refused to new requests, forgotten once their last ends."""
         self._waiters: dict[str, list[Waiter]] = {}
         self._pin_when_read: dict[str, bool] = {}  # registrations waiting for their read
         self._refused: list[tuple[str, AdapterError]] = []
@@ -60,7 +62,13 @@ class AdapterManager:
     ) -> None:
         """Register and read a PEFT folder (pinned: kept resident in the pool). With `wait`,
         read it now (AdapterError if refused: nothing registered); without, read it in the
-        background and tell `when_ready`'s waiters (a refused folder is unregistered)."""
+        background and tell `when_ready`'s waiters (a refused folder is unregistered).
+        Refused while an adapter of that name is being unloaded."""
+        if name in self.retiring:
+            raise InvalidRequestError(
+                f"adapter {name!r} is being unloaded once its requests finish; load it again then",
+                "lora_name",
+            )
         self.catalog.register(name, path)
         if not wait:
             self._pin_when_read[name] = pinned
@@ -75,11 +83,17 @@ class AdapterManager:
             raise
 
     def unregister(self, name: str) -> None:
-        """Forget an adapter; refused while requests use it."""
-        if name not in self.catalog:
+        """Forget an adapter. With requests in flight, new requests for it are refused at
+        once and it is forgotten when the last of them ends (refuse new, then unload)."""
+        if name not in self.catalog or name in self.retiring:
             raise UnknownAdapterError(f"adapter {name!r} is not registered")
-        if self.users[name] or self.pool.is_in_use(name):
-            raise InvalidRequestError(f"adapter {name!r} has requests in flight; unload it later")
+        self.retiring.add(name)
+        self._retire_if_idle(name)
+
+    def _retire_if_idle(self, name: str) -> None:
+        if name not in self.retiring or self.users[name] or self.pool.is_in_use(name):
+            return
+        self.retiring.discard(name)
         self.pool.evict_if_idle(name)
         self.catalog.unregister(name)
         self._pin_when_read.pop(name, None)
@@ -91,6 +105,8 @@ class AdapterManager:
         """Make `name` usable by a new request: registered (from `path`, the folder the
         front end found, if unknown) and in host RAM, the pool, or on its way.
         UnknownAdapterError, or AdapterError for a folder remembered as refused."""
+        if name in self.retiring:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered")
         if name not in self.catalog:
             if path is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not registered")
@@ -103,10 +119,12 @@ class AdapterManager:
             self.users[name] += 1
 
     def release(self, name: str | None) -> None:
+        """One request of `name` ended (an adapter being unloaded goes with its last)."""
         if name is not None:
             self.users[name] -= 1
             if not self.users[name]:
                 del self.users[name]
+                self._retire_if_idle(name)
 
     def is_ready(self, name: str | None) -> bool:
         return self.pool.adapter_ready(name)

@@ -320,7 +320,8 @@ class AsyncEngine:
         self._adapters[name] = Path(path)
 
     async def unregister_adapter(self, name: str) -> None:
-        """Forget an adapter (UnknownAdapterError; InvalidRequestError while requests use it)."""
+        """Forget an adapter: new requests for it are refused at once, requests in flight
+        finish, then the core forgets it (UnknownAdapterError if not registered)."""
         await self._request("unregister_adapter", name)
         self._adapters.pop(name, None)
 

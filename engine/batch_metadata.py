@@ -21,6 +21,7 @@ Worked example, block size 4, three chunks in slot order:
     block_tables    [[7, 2, 0], [5, 0, 0], [1, 4, 6]]   (entries past a table never read)
     slot_mapping    [2*4+1 | 5*4+0, 5*4+1, 5*4+2 | 6*4+0]
     logits_indices  [0, 3, 4]                         (every chunk reaches its end)
+                    + any `extra_logits` after them   (prompt logprobs: engine/prompt_logprobs.py)
     segment_starts  [0, 1, 5]    segment_slots [NO_ADAPTER, 0]   (B and C share slot 0)
 """
 
@@ -96,14 +97,22 @@ class BatchMetadata:
         self.query_starts = _Buffer((max_num_seqs + 1,), int32, device)
         self.context_lens = _Buffer((max_num_seqs,), int32, device)
         self.block_tables = _Buffer((max_num_seqs, max_blocks_per_seq), int32, device)
-        self.logits_indices = _Buffer((max_num_seqs,), int64, device)
+        # A sampling row per sequence, then at most one extra row per token (prompt logprobs).
+        self.logits_indices = _Buffer((max_num_seqs + max_num_tokens,), int64, device)
         self.segment_starts = _Buffer((max_num_seqs + 1,), int32, device)
         self.segment_slots = _Buffer((max_num_seqs,), int32, device)
 
     def build(
-        self, chunks: Sequence[Chunk], adapters: AdapterTables, pad_to: int | None = None
+        self,
+        chunks: Sequence[Chunk],
+        adapters: AdapterTables,
+        pad_to: int | None = None,
+        extra_logits: Sequence[int] = (),
     ) -> ForwardBatch:
         """The forward batch of `chunks`, in their order (the scheduler grouped them by slot).
+
+        `extra_logits`: flat token indices whose logits are wanted too, after the sampling
+        rows (not with `pad_to`).
 
         `pad_to` (CUDA-graph replay of a decode batch): fill the batch up to that many
         one-token sequences whose results are never read (no adapter, KV writes skipped,
@@ -122,6 +131,10 @@ class BatchMetadata:
         samples = np.fromiter((chunk.samples for chunk in chunks), np.bool_, num_seqs)
         num_logits = int(samples.sum())
         self.logits_indices.host[:num_logits] = query_starts[1 : num_seqs + 1][samples] - 1
+        if extra_logits:
+            assert pad_to is None, "a padded decode batch has no extra logits"
+            self.logits_indices.host[num_logits : num_logits + len(extra_logits)] = extra_logits
+            num_logits += len(extra_logits)
         num_segments, max_rank = self._fill_segments(chunks, adapters.slot_max_rank)
         if pad_to is not None:
             num_seqs, num_tokens, num_segments, num_logits, width = self._pad(

@@ -165,12 +165,9 @@ class RuntimeInfo:
 
 
 def resolve_max_model_len(arch: ModelArch, requested: int | None) -> int:
-    """The context limit: as asked, within the model's positions and sliding window."""
+    """The context limit: as asked, within the model's positions (sliding windows do not
+    limit it: the attention kernels implement them)."""
     limit = arch.max_position_embeddings
-    if arch.sliding_window is not None:
-        # Beyond the window, attention would differ from the model's; loraserve
-        # does not implement the window, so it does not let contexts grow past it.
-        limit = min(limit, arch.sliding_window)
     if requested is not None and requested > limit:
         raise ValueError(f"max_model_len={requested} is above the model's limit of {limit} tokens")
     return requested or limit

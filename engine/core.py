@@ -19,6 +19,10 @@ else a step raises is an engine fault and propagates.
 Adapters come from three tiers (engine/adapter_manager.py): a request naming an
 adapter that is on disk only is queued at once, its folder is read off the engine
 thread, and the scheduler skips it until the read is in; the others keep running.
+
+A request with structured output owns a `RequestGrammar` (engine/structured.py): the
+runner reads its mask, postprocess advances it with the chosen token, and the request
+stops (`stop`) once its grammar is complete and admits nothing more.
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from loraserve.engine.adapter_manager import AdapterManager, Waiter
 from loraserve.engine.config import EngineConfig, RuntimeInfo, resolve_max_model_len
 from loraserve.engine.origin import RequestOrigin
-from loraserve.engine.outputs import EngineOutput, EngineStats
+from loraserve.engine.outputs import EngineOutput, EngineStats, TokenLogprobs
 from loraserve.engine.runner import ModelRunner, TorchModelRunner
 from loraserve.engine.sampler import SamplerOutput
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.structured import GrammarCompiler, RequestGrammar
 from loraserve.errors import InvalidRequestError, QueueFullError
 from loraserve.memory.adapter_catalog import AdapterCatalog
 from loraserve.memory.adapter_loader import AdapterLoader
@@ -59,6 +65,9 @@ class RequestState:
     seq: SequenceState
     stop_token_ids: frozenset[int]
     """Tokens that end it once `min_tokens` are out: its stop_token_ids, plus EOS unless ignored."""
+    grammar: RequestGrammar | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Prompt logprobs gathered so far, sent with the request's first output (then None)."""
 
 
 class EngineCore:
@@ -68,7 +77,7 @@ class EngineCore:
         self.config = config
         folder = config.model.model
         self.arch = load_arch(folder)
-        tokenizer = Tokenizer.from_folder(folder)
+        tokenizer = self.tokenizer = Tokenizer.from_folder(folder)
         eos = tuple(sorted({*self.arch.eos_token_ids, *tokenizer.eos_token_ids}))
         lora = config.lora
         self.geometry = PoolGeometry.for_model(
@@ -108,6 +117,12 @@ class EngineCore:
         self.num_preemptions = 0
         """Preemptions since start (each one recomputes a request's KV later)."""
 
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Built on the first structured request (reading the vocabulary takes a moment)."""
+        vocab_size = max(self.arch.vocab_size, self.tokenizer.vocab_size)
+        return GrammarCompiler(self.tokenizer.backend.to_str(), vocab_size, self.info.eos_token_ids)
+
     # -- adapters --------------------------------------------------------------------------
 
     def register_adapter(
@@ -119,8 +134,14 @@ class EngineCore:
         self.adapters.register(name, path, pinned, wait)
 
     def unregister_adapter(self, name: str) -> None:
-        """Forget an adapter; refused while requests use it."""
+        """Forget an adapter. With requests in flight, new requests for it are refused at
+        once and it is forgotten when the last of them ends (refuse new, then unload)."""
         self.adapters.unregister(name)
+
+    @property
+    def retiring(self) -> set[str]:
+        """Adapters being unloaded: refused to new requests, forgotten once their last ends."""
+        return self.adapters.retiring
 
     def when_adapter_ready(self, name: str, waiter: Waiter) -> bool:
         """True if adapter `name` is ready now; else `waiter` is called between two steps
@@ -146,9 +167,13 @@ class EngineCore:
         if adapter is not None:
             self.adapters.ensure(adapter, origin.adapter_path)
         max_tokens = self._check_lengths(prompt_token_ids, params, adapter)
+        self._check_token_ids(params)
         stops = self._stop_token_ids(params)
         if max_tokens != params.max_tokens:
             params = replace(params, max_tokens=max_tokens)
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammars.grammar_for(params.structured_outputs)
         seq = SequenceState(
             request_id=request_id,
             adapter=adapter,
@@ -156,8 +181,9 @@ class EngineCore:
             tenant=origin.tenant,
             tenant_weight=origin.tenant_weight,
         )
-        self.requests[request_id] = RequestState(params, seq, stops)
-        self.runner.add_request(request_id, params)
+        prompt_logprobs = None if params.prompt_logprobs is None else [None]
+        self.requests[request_id] = RequestState(params, seq, stops, grammar, prompt_logprobs)
+        self.runner.add_request(request_id, params, grammar)
         self.scheduler.add(seq)
         self.adapters.hold(adapter)
 
@@ -247,8 +273,15 @@ class EngineCore:
             sampled.failures,
             strict=True,
         )
+        for request_id, entries in sampled.prompt_logprobs.items():
+            state = self.requests.get(request_id)
+            if state is not None and state.prompt_logprobs is not None:
+                state.prompt_logprobs += entries
         outputs, good = [], []
         for seq, token, logprobs, failure in rows:
+            state = self.requests[seq.request_id]
+            if failure is None and state.grammar is not None and not state.grammar.accept(token):
+                failure = f"the output grammar refused token {token}: {state.grammar.error}"
             if failure is None:
                 good.append((seq, token, logprobs))
             else:
@@ -258,6 +291,7 @@ class EngineCore:
         for seq, token, logprobs in good:
             state = self.requests[seq.request_id]
             output = EngineOutput(seq.request_id, [token], None if logprobs is None else [logprobs])
+            output.prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
             output.finish_reason = self._finish_reason(state, token, output)
             if output.finish_reason is not None:
                 self._finish(state, FINISHED[output.finish_reason])
@@ -265,11 +299,15 @@ class EngineCore:
         return outputs
 
     def _finish_reason(self, state: RequestState, token: int, output: EngineOutput) -> str | None:
-        """`stop` for EOS / stop tokens, `length` at max_tokens or the context limit."""
+        """`stop` for EOS / stop tokens and for a complete grammar, `length` at max_tokens
+        or the context limit."""
         seq, params = state.seq, state.params
         num_outputs = seq.num_output_tokens
         if num_outputs > params.min_tokens and token in state.stop_token_ids:
             output.stop_reason = None if token in self.info.eos_token_ids else token
+            output.stopped_on_token = True
+            return "stop"
+        if state.grammar is not None and state.grammar.finished:
             return "stop"
         if num_outputs >= (params.max_tokens or 0) or seq.num_tokens >= self.info.max_model_len:
             return "length"
@@ -316,12 +354,17 @@ class EngineCore:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
-        """The tokens that end a request: within the vocabulary, and leaving a token to
-        sample before `min_tokens` are out."""
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Every token id a field names is within the vocabulary."""
         vocab = self.arch.vocab_size
-        if any(not token_id < vocab for token_id in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        for name, token_ids in params.token_ids_to_check():
+            if any(not token_id < vocab for token_id in token_ids):
+                raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab})", name)
+
+    def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The tokens that end a request, leaving a token to sample before `min_tokens`
+        are out."""
+        vocab = self.arch.vocab_size
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops.update(self.info.eos_token_ids)

@@ -91,8 +91,13 @@ class OutputProcessor:
     def _delta(self, completion: _Completion, output: EngineOutput) -> CompletionDelta:
         detokenizer = completion.detokenizer
         text, token_ids = "", []
+        shown = output.new_token_ids
+        if output.stopped_on_token and not detokenizer.include_stop_str_in_output:
+            shown = shown[:-1]  # the stop token's text is not output (vLLM's rule)
         for token in output.new_token_ids:
             token_ids.append(token)
+            if len(token_ids) > len(shown):
+                break
             text += detokenizer.add_token(token)
             if detokenizer.stopped:
                 break
@@ -114,6 +119,7 @@ class OutputProcessor:
             stop_reason=stop_reason,
             num_tokens=completion.num_tokens,
             error=output.error,
+            prompt_logprobs=output.prompt_logprobs,
         )
 
 

@@ -42,6 +42,13 @@ class EngineOutput:
     """The stop token id that ended it, if one did (EOS is not reported, as in vLLM)."""
     error: str | None = None
     """With finish_reason `error`: why this request failed (the others carry on)."""
+    stopped_on_token: bool = False
+    """The last new token is the stop token (EOS or one of `stop_token_ids`) that ended the
+    request: as in vLLM, its text is not part of the output unless
+    `include_stop_str_in_output`."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With the first output of a request with `prompt_logprobs`: one entry per prompt token
+    (None for the first, which nothing predicts)."""
 
 
 @dataclass
@@ -59,6 +66,8 @@ class CompletionDelta:
     num_tokens: int
     """Tokens this completion has generated so far (for usage)."""
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With a completion's first delta, when its request asked for prompt logprobs."""
 
     @property
     def finished(self) -> bool:
@@ -80,9 +89,13 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
     """Why the request failed, when `finish_reason` is `error`."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """One entry per prompt token (None for the first), when asked for."""
 
     def add(self, delta: CompletionDelta) -> None:
         """Append a step's delta."""
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.text += delta.new_text
         self.token_ids += delta.new_token_ids
         if delta.new_logprobs is not None:

@@ -16,17 +16,27 @@ and samples one token for each chunk that reaches its sequence's end.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from loraserve.engine.batch_metadata import BatchMetadata, Chunk
 from loraserve.engine.config import EngineConfig, resolve_max_model_len
+from loraserve.engine.constraints import GrammarMasks
 from loraserve.engine.cuda_graphs import DecodeGraphs
 from loraserve.engine.device_pool import DevicePool
+from loraserve.engine.prompt_logprobs import (
+    PromptProgress,
+    PromptRows,
+    gather_prompt_logprobs,
+    plan_prompt_rows,
+)
 from loraserve.engine.sampler import SamplerOutput, make_generator, sample
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.structured import RequestGrammar, fill_masks
 from loraserve.kernels.dispatch import select_kernels
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.models.arch import ModelArch
@@ -56,8 +66,12 @@ class ModelRunner(Protocol):
     dtype: torch.dtype
     """The pool's and the activations' dtype (the adapter store converts to it)."""
 
-    def add_request(self, request_id: str, params: SamplingParams) -> None:
-        """Set up a request's sampling state (its seeded generator) before it first runs."""
+    def add_request(
+        self, request_id: str, params: SamplingParams, grammar: RequestGrammar | None = None
+    ) -> None:
+        """Set up a request's sampling state (its seeded generator, the grammar whose masks
+        constrain it, its prompt-logprob progress) before it first runs. The engine
+        advances `grammar` after each step; the runner only reads its masks."""
         ...
 
     def remove_request(self, request_id: str) -> None:
@@ -107,6 +121,8 @@ def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> tor
 class _Request:
     params: SamplingParams
     generator: torch.Generator | None
+    grammar: RequestGrammar | None
+    prompt: PromptProgress | None
 
 
 class TorchModelRunner:
@@ -126,7 +142,8 @@ class TorchModelRunner:
         weights = load_weights(config.model.model, arch, self.dtype, self.device)
         self.kernels = select_kernels(config.model.kernel_backend, self.device, self.dtype)
         self.kernel_backend = self.kernels.name
-        self.model = LlamaModel(arch, weights, self.kernels)
+        max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
+        self.model = LlamaModel(arch, weights, self.kernels, max_model_len)
         del weights
         self.num_pages = self._num_pages(geometry)
         lora = config.lora
@@ -134,7 +151,6 @@ class TorchModelRunner:
             geometry, self.num_pages, lora.max_resident_adapters, self.dtype, self.device
         )
         scheduler = config.scheduler
-        max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
         max_blocks = -(-max_model_len // geometry.block_size)
         self.metadata = BatchMetadata(
             scheduler.max_num_batched_tokens,
@@ -153,15 +169,25 @@ class TorchModelRunner:
         )
         self.graphs.capture_all(self.metadata, self.pool)
         self._requests: dict[str, _Request] = {}
+        self._prompt_progress: dict[str, PromptProgress] = {}
+        # Grammar masks are computed here while the forward pass runs (llguidance lets go
+        # of the GIL), so that structured output costs the step only their application.
+        self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="loraserve-grammar")
 
     # -- requests ----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, params: SamplingParams, grammar: RequestGrammar | None = None
+    ) -> None:
         generator = None if params.seed is None else make_generator(params.seed, self.device)
-        self._requests[request_id] = _Request(params, generator)
+        prompt = None
+        if params.prompt_logprobs is not None:
+            prompt = self._prompt_progress[request_id] = PromptProgress(params.prompt_logprobs)
+        self._requests[request_id] = _Request(params, generator, grammar, prompt)
 
     def remove_request(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
+        self._prompt_progress.pop(request_id, None)
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -170,30 +196,50 @@ class TorchModelRunner:
         if not plan.chunks:  # copies only
             return SamplerOutput([], [], [])
         self.pool.wait_for({chunk.slot for chunk in plan.chunks})
-        logits = self._logits(plan.chunks)  # [num_sampling_chunks, vocab]
         sampling = [chunk for chunk in plan.chunks if chunk.samples]
         rows = [self._requests[chunk.seq.request_id] for chunk in sampling]
+        masks = self._start_masks(rows)
+        prompt_rows = plan_prompt_rows(plan.chunks, self._prompt_progress)
+        logits = self._logits(plan.chunks, prompt_rows)  # [sampling + prompt rows, vocab]
         histories = [
             _History(chunk.seq.token_ids, chunk.seq.num_prompt_tokens) for chunk in sampling
         ]
-        return sample(
-            logits,
+        output = sample(
+            logits[: len(sampling)],
             [row.params for row in rows],
             histories,
             [row.generator for row in rows],
             self.eos_token_ids,
+            None if masks is None else masks.result(),
         )
+        output.prompt_logprobs = gather_prompt_logprobs(logits[len(sampling) :], prompt_rows)
+        return output
+
+    def _start_masks(self, rows: list[_Request]) -> Future[GrammarMasks] | None:
+        """The grammar masks of the rows that have a grammar, computed in a thread."""
+        constrained = [row for row, request in enumerate(rows) if request.grammar is not None]
+        if not constrained:
+            return None
+        grammars = [rows[row].grammar for row in constrained]
+
+        def compute() -> GrammarMasks:
+            bitmask: np.ndarray = fill_masks(grammars)  # type: ignore[arg-type]
+            return GrammarMasks(constrained, torch.from_numpy(bitmask))
+
+        return self._mask_thread.submit(compute)
 
     def drain_load_seconds(self) -> list[float]:
         return self.pool.drain_load_seconds()
 
-    def _logits(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        """Logits of the sampling chunks: a graph replay for a decode batch it covers."""
-        bucket = self.graphs.bucket_for(chunks)
+    def _logits(self, chunks: Sequence[Chunk], prompt_rows: PromptRows) -> torch.Tensor:
+        """Logits of the sampling chunks, then of the prompt-logprob rows: a graph replay
+        for a decode batch it covers (which has no prompt rows)."""
+        extra = prompt_rows.flat_indices
+        bucket = None if extra else self.graphs.bucket_for(chunks)
         if bucket is not None:
             batch = self.metadata.build(chunks, self.pool, pad_to=bucket)
             return self.graphs.replay(bucket, batch)[: sum(chunk.samples for chunk in chunks)]
-        return self._forward(self.metadata.build(chunks, self.pool))
+        return self._forward(self.metadata.build(chunks, self.pool, extra_logits=extra))
 
     def _forward(self, batch) -> torch.Tensor:
         return self.model.forward(batch, self.pool.kv_pages)

@@ -3,7 +3,8 @@
 Semantics, per row (as vLLM does it):
 
     logprobs   = log_softmax(float32(raw logits))            # reported, never penalized
-    logits     = repetition(prompt + output) -> frequency/presence(output) -> min_tokens mask
+    logits     = constraints (logit_bias, allowed_token_ids, bad_words, grammar; constraints.py)
+                 -> repetition(prompt + output) -> frequency/presence(output) -> min_tokens mask
     greedy     : token = argmax(logits)
     sampled    : logits /= temperature -> top_k -> top_p -> min_p
                  token  = multinomial(softmax(logits), generator of the row)
@@ -30,11 +31,12 @@ in the batch; requests without a seed pass None and share the default generator.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from loraserve.engine.constraints import GrammarMasks, apply_constraints
 from loraserve.engine.outputs import TokenLogprobs
 from loraserve.engine.sampling_params import SamplingParams
 
@@ -72,6 +74,9 @@ class SamplerOutput:
     """None for the rows whose request did not ask for logprobs."""
     failures: list[str | None]
     """Why a row could not be sampled (its token is meaningless), or None for a good row."""
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    """Request id -> logprobs of the prompt tokens this step's chunk of it covered, in
+    order (the runner adds them for requests with `prompt_logprobs`)."""
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -87,6 +92,7 @@ def sample(
     token_histories: Sequence[TokenHistory],
     generators: Sequence[torch.Generator | None],
     eos_token_ids: Sequence[int] = (),
+    grammar: GrammarMasks | None = None,
 ) -> SamplerOutput:
     """Choose one token per row of `logits`.
 
@@ -94,6 +100,7 @@ def sample(
     params, token_histories, generators: one per row.
     eos_token_ids: the model's EOS ids, masked (with `stop_token_ids`) until a
         request has `min_tokens` outputs.
+    grammar: the allowed-token bitmasks of the rows with structured output.
     """
     num_seqs = logits.shape[0]
     assert len(params) == len(token_histories) == len(generators) == num_seqs
@@ -102,6 +109,7 @@ def sample(
     if any(p.logprobs is not None for p in params):
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # [num_seqs, vocab_size]
 
+    apply_constraints(logits, params, token_histories, grammar)
     apply_penalties(logits, params, token_histories)
     _mask_stop_tokens_before_min_tokens(logits, params, token_histories, eos_token_ids)
     failure_codes = _failure_codes(logits)  # [num_seqs]
@@ -121,7 +129,7 @@ def sample(
         token_ids[rows] = _draw(probs, [generators[row] for row in sampled_rows])
     logprobs: list[TokenLogprobs | None] = [None] * num_seqs
     if raw_logprobs is not None:
-        logprobs = _gather_logprobs(raw_logprobs, token_ids, params)
+        logprobs = gather_logprobs(raw_logprobs, token_ids, [p.logprobs for p in params])
     # One transfer for both: on a GPU every .tolist() is a sync.
     token_list, code_list = torch.stack([token_ids, failure_codes]).tolist()
     failures = [_FAILURES[code] for code in code_list]
@@ -253,27 +261,26 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     return drawn
 
 
-def _gather_logprobs(
-    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
+def gather_logprobs(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int | None]
 ) -> list[TokenLogprobs | None]:
-    """The chosen token's logprob and rank and the top-n list, for rows that asked.
+    """The chosen token's logprob and rank and the top-n list of each row (None where
+    `num_top` is None).
 
-    raw_logprobs: [num_seqs, vocab_size]; token_ids: [num_seqs].
+    raw_logprobs: [num_rows, vocab_size]; token_ids: [num_rows].
     """
-    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [num_seqs, 1]
-    ranks = ((raw_logprobs > chosen).sum(dim=-1) + 1).tolist()  # [num_seqs]
-    max_top = min(max(p.logprobs or 0 for p in params), raw_logprobs.shape[1])
-    top_values, top_ids = raw_logprobs.topk(max_top, dim=-1)  # [num_seqs, max_top], sorted
+    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [num_rows, 1]
+    ranks = ((raw_logprobs > chosen).sum(dim=-1) + 1).tolist()  # [num_rows]
+    max_top = min(max((n or 0 for n in num_top), default=0), raw_logprobs.shape[1])
+    top_values, top_ids = raw_logprobs.topk(max_top, dim=-1)  # [num_rows, max_top], sorted
     # One transfer each, not one per row: on a GPU every .tolist() is a sync.
     chosen_list, ids_list = chosen.squeeze(1).tolist(), token_ids.tolist()
     top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
     result: list[TokenLogprobs | None] = []
-    for row, p in enumerate(params):
-        if p.logprobs is None:
+    for row, n in enumerate(num_top):
+        if n is None:
             result.append(None)
             continue
-        top = list(
-            zip(top_ids_list[row][: p.logprobs], top_values_list[row][: p.logprobs], strict=True)
-        )
+        top = list(zip(top_ids_list[row][:n], top_values_list[row][:n], strict=True))
         result.append(TokenLogprobs(ids_list[row], chosen_list[row], ranks[row], top))
     return result

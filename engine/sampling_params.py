@@ -19,6 +19,9 @@ request can make a step fail (vLLM's ranges, narrowed where float32 needs it):
 - `presence_penalty`, `frequency_penalty` in [-2, 2] (OpenAI's and vLLM's).
 - `logprobs` is limited to `MAX_LOGPROBS` (20, vLLM's default `max_logprobs`).
 - `max_tokens` >= 1 or None, as in vLLM (0 is refused, not read as "no limit").
+- `logit_bias` values in [-100, 100] (OpenAI's range); `prompt_logprobs` as `logprobs`.
+- Token ids (`stop_token_ids`, `allowed_token_ids`, `logit_bias` keys, `bad_words`) are
+  checked against the model's vocabulary by the engine, which knows it.
 Counts and lengths (how many stop strings, how large `n`) are the server's limits
 (server/limits.py): a library caller may ask for what its machine can hold.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from loraserve.engine.structured import StructuredOutputs
 from loraserve.errors import InvalidRequestError
 
 GREEDY_EPSILON = 1e-5
@@ -52,6 +56,9 @@ limit refuses far less anyway, with its own message)."""
 
 SEED_RANGE = (-(2**63), 2**63 - 1)
 """Seeds are 64-bit, as torch's generators and vLLM's `seed` field."""
+
+MAX_LOGIT_BIAS = 100.0
+"""Largest |bias| added to a logit (OpenAI's range): -100 bans a token, 100 all but forces it."""
 
 
 @dataclass
@@ -92,12 +99,36 @@ class SamplingParams:
     """Top logprobs returned per generated token; 0 = only the chosen token's; None = none."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the output text."""
+    prompt_logprobs: int | None = None
+    """Logprobs of every prompt token (after the first) with this many top alternatives;
+    None = none."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> value added to its logit before sampling (penalties come after)."""
+    allowed_token_ids: list[int] | None = None
+    """Only these tokens may be generated; None = all."""
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    """Token sequences that may not be generated: the last token of one is banned whenever
+    the output ends with the others (vLLM's `bad_words`, tokenized by the caller)."""
+    structured_outputs: StructuredOutputs | None = None
+    """A JSON schema, regex, choice or grammar the output text must match."""
 
     def __post_init__(self) -> None:
         # Accept what JSON bodies and vLLM callers pass: a bare string, None, tuples.
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
+        self.bad_words_token_ids = [list(word) for word in self.bad_words_token_ids]
         self._validate()
+        self._validate_constraints()
+
+    def token_ids_to_check(self) -> list[tuple[str, list[int]]]:
+        """(field, token ids) of every field that names tokens, for the engine's vocabulary check."""
+        return [
+            ("stop_token_ids", self.stop_token_ids),
+            ("logit_bias", list(self.logit_bias)),
+            ("allowed_token_ids", self.allowed_token_ids or []),
+            ("bad_words", [token for word in self.bad_words_token_ids for token in word]),
+        ]
 
     @property
     def greedy(self) -> bool:
@@ -168,13 +199,39 @@ class SamplingParams:
             _require(
                 isinstance(stop, str) and stop != "", "stop", stop, "must be non-empty strings"
             )
-        for token_id in self.stop_token_ids:
+
+    def _validate_constraints(self) -> None:
+        if self.prompt_logprobs is not None:
             _require(
-                isinstance(token_id, int) and 0 <= token_id <= MAX_COUNT,
-                "stop_token_ids",
-                token_id,
-                f"must be token ids in [0, {MAX_COUNT}]",
+                0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                "prompt_logprobs",
+                self.prompt_logprobs,
+                f"must be in [0, {MAX_LOGPROBS}] or null",
             )
+        for bias in self.logit_bias.values():
+            _require(
+                -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS,
+                "logit_bias",
+                bias,
+                f"values must be in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+            )
+        if self.allowed_token_ids is not None:
+            _require(
+                len(self.allowed_token_ids) > 0,
+                "allowed_token_ids",
+                self.allowed_token_ids,
+                "must not be empty",
+            )
+        for word in self.bad_words_token_ids:
+            _require(len(word) > 0, "bad_words", word, "must be non-empty token sequences")
+        for name, token_ids in self.token_ids_to_check():
+            for token_id in token_ids:
+                _require(
+                    isinstance(token_id, int) and 0 <= token_id <= MAX_COUNT,
+                    name,
+                    token_id,
+                    f"must hold token ids in [0, {MAX_COUNT}]",
+                )
 
 
 def _require(condition: bool, param: str, value: Any, expectation: str) -> None:

@@ -6,8 +6,10 @@ where the native kernels (kernels/native.py) cannot be built, or a dtype they do
   (`mm(..., out=)`, `addmm_`). Its cost grows with the number of distinct adapters
   (a Python loop over segments): the native kernels do not have that loop.
 - Decode attention (one query per sequence) runs as a few batched SDPA calls, over
-  K/V gathered through the block tables of sequences of similar context length;
-  prefill and extend sequences go through the reference one at a time.
+  K/V gathered through the block tables of sequences of similar context length (a
+  sliding window is one more mask; soft-capped scores, which SDPA cannot cap, take a
+  plain matmul-softmax-matmul instead); prefill and extend sequences go through the
+  reference one at a time.
 
 tests/kernels/test_lora_kernels.py and test_attention_kernels.py (`test_cpu_path_*`)
 hold these to the references.
@@ -94,19 +96,22 @@ def paged_attention(
     query_starts: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Semantics (as reference.paged_attention): causal attention of each sequence's
-    new tokens over its cached prefix, K/V read through `block_tables`.
+    new tokens over its cached prefix (the last `window` keys when window > 0), K/V read
+    through `block_tables`, scores soft-capped when softcap > 0.
 
     query: [num_tokens, num_heads, head_dim]; returns the same shape, query's dtype.
     `block_tables`, `query_starts` and `context_lens` are a step's, shared by its layers
     and never changed in place (the engine makes new ones each step)."""
     plan = _attention_plan(block_tables, query_starts, context_lens)
+    scores = _Scores(scale, window, softcap)
     out = torch.empty_like(query)
     for group in plan.decode_groups:
-        out[group.tokens] = _decode_attention(
-            query[group.tokens], kv_pages, layer, group.block_tables, group.context_lens, scale
-        )
+        out[group.tokens] = _decode_attention(query[group.tokens], kv_pages, layer, group, scores)
     for seq, start, end in plan.prefills:
         out[start:end] = reference.paged_attention(
             query[start:end],
@@ -116,8 +121,19 @@ def paged_attention(
             query_starts.new_tensor([0, end - start]),
             context_lens[seq : seq + 1],
             scale,
+            window=window,
+            softcap=softcap,
         )
     return out
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """How a layer turns q @ k into attention weights: scale, window (0 = none), cap (0 = none)."""
+
+    scale: float
+    window: int
+    softcap: float
 
 
 @dataclass(frozen=True)
@@ -169,36 +185,63 @@ def _decode_attention(
     query: torch.Tensor,
     kv_pages: torch.Tensor,
     layer: int,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
+    group: _DecodeGroup,
+    scores: _Scores,
 ) -> torch.Tensor:
     """One query per sequence, these sequences in one batched product.
 
-    query: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks]."""
+    query: [num_seqs, num_heads, head_dim]; the group's block_tables: [num_seqs, max_blocks]."""
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_pages.shape[3], kv_pages.shape[4]
-    group = num_heads // num_kv_heads
+    context_lens = group.context_lens
     max_context = int(context_lens.max())
     num_blocks = (max_context + block_size - 1) // block_size
-    pages = block_tables[:, :num_blocks].long()  # [seqs, blocks]; padding entries are masked
+    pages = group.block_tables[:, :num_blocks].long()  # [seqs, blocks]; padding entries are masked
     context = num_blocks * block_size
     # Gathered apart, K and V come out contiguous: [seqs, context, kv_heads, head_dim] views.
     key = kv_pages[pages, layer, 0].view(num_seqs, context, num_kv_heads, head_dim).float()
     value = kv_pages[pages, layer, 1].view(num_seqs, context, num_kv_heads, head_dim).float()
-    valid = torch.arange(context, device=query.device) < context_lens[:, None]  # [seqs, context]
+    positions = torch.arange(context, device=query.device)
+    valid = positions < context_lens[:, None]  # [seqs, context]
     # Slots past a sequence's end hold whatever the pool held, NaN included: masking
     # their scores is not enough (NaN - inf is NaN, 0 * NaN is NaN), so they are zeroed.
     # Only past the shortest context can a slot be invalid (groups have similar contexts).
     tail = int(context_lens.min())
     for gathered in (key, value):
         gathered[:, tail:].masked_fill_(~valid[:, tail:, None, None], 0.0)
-    out = F.scaled_dot_product_attention(  # [seqs, heads, 1, head_dim]
-        query.float().view(num_seqs, num_heads, 1, head_dim),
-        key.transpose(1, 2),  # [seqs, kv_heads, context, head_dim], a view
-        value.transpose(1, 2),
-        attn_mask=valid[:, None, None, :],
-        scale=scale,
-        enable_gqa=group > 1,  # query head h reads KV head h // group
-    )
-    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+    if scores.window > 0:  # keys before the window hold real K/V: masking them is enough
+        valid &= positions >= context_lens[:, None] - scores.window
+    dtype, query = query.dtype, query.float().view(num_seqs, num_heads, 1, head_dim)
+    key, value = key.transpose(1, 2), value.transpose(1, 2)  # [seqs, kv_heads, context, dim]
+    mask = valid[:, None, None, :]  # [seqs, 1, 1, context]
+    if scores.softcap > 0:
+        out = _capped_attention(query, key, value, mask, scores)
+    else:
+        out = F.scaled_dot_product_attention(  # [seqs, heads, 1, head_dim]
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            scale=scores.scale,
+            enable_gqa=num_heads != num_kv_heads,  # query head h reads KV head h // group
+        )
+    return out.reshape(num_seqs, num_heads, head_dim).to(dtype)
+
+
+def _capped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scores: _Scores,
+) -> torch.Tensor:
+    """SDPA's semantics with soft-capped scores (which SDPA cannot apply), float32.
+
+    query: [seqs, heads, 1, dim]; key, value: [seqs, kv_heads, context, dim];
+    mask: [seqs, 1, 1, context] True where visible; returns [seqs, heads, 1, dim]."""
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)  # [seqs, heads, context, dim]
+    value = value.repeat_interleave(group, dim=1)
+    logits = query @ key.transpose(2, 3) * scores.scale  # [seqs, heads, 1, context]
+    logits = torch.tanh(logits / scores.softcap) * scores.softcap
+    return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ value

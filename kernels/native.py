@@ -15,8 +15,9 @@ FLOPs and the bytes the batch needs (bench/cpu_kernels.py measures both).
 
 Long prefills (more than LONG_PREFILL_TOKENS queries in one sequence) are where
 torch's flash-attention kernel beats the C loop: those few sequences go through
-SDPA over a gather of that one sequence's K/V; every other sequence of the step
-(decodes, extends, short prefills) is done in one C call.
+SDPA over a gather of that one sequence's K/V (a sliding window as an explicit mask);
+every other sequence of the step (decodes, extends, short prefills) is done in one C
+call. With soft-capped scores (Gemma 2), which SDPA cannot compute, all stay in C.
 
 Threads: each call runs on `torch.get_num_threads()` OpenMP threads of the runtime
 torch loaded (the library links the same libgomp), read at every call, so
@@ -50,7 +51,7 @@ _SIGNATURES = {
     "loraserve_lora_shrink": "piiipipiipiiiippiipn",
     "loraserve_lora_expand": "piipipipiipiiiipppin",
     "loraserve_write_kv": "piiiiiiiipiipiipiin",
-    "loraserve_paged_attention": "piipiiiiiiiiipiiippiifipiin",
+    "loraserve_paged_attention": "piipiiiiiiiiipiiippiififipiin",
 }
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float, "n": ctypes.c_int}
 _library: ctypes.CDLL | None = None
@@ -213,11 +214,14 @@ def paged_attention(
     context_lens: torch.Tensor,
     scale: float,
     *,
+    window: int = 0,
+    softcap: float = 0.0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Semantics: out[t] = softmax(q[t] @ K[seq(t), :p(t)+1].T * scale) @ V[seq(t), :p(t)+1].
+    """Semantics: out[t] = softmax(cap(q[t] @ K[seq(t), w(t):p(t)+1].T * scale)) @ V[seq(t), w(t):p(t)+1].
 
-    Causal, GQA, any number of query tokens per sequence (as reference.paged_attention).
+    Causal, GQA, any number of query tokens per sequence, a sliding window (`window` > 0:
+    the last `window` keys) and soft-capped scores (`softcap` > 0), as reference.paged_attention.
     query:        [num_tokens, num_heads, head_dim] float32, unit stride along head_dim (a
                   view of the fused qkv buffer is fine)
     kv_pages:     [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim] float32, any
@@ -230,6 +234,7 @@ def paged_attention(
     """
     checks.check_cpu_float32(query=query, kv_pages=kv_pages)
     checks.check_kv_pages(kv_pages, layer)
+    checks.check_window_and_softcap(window, softcap)
     num_tokens, num_heads, head_dim = checks.check_query(query, kv_pages)
     if out is None:
         out = torch.empty(query.shape, dtype=torch.float32)
@@ -249,18 +254,19 @@ def paged_attention(
             f"block_tables [num_seqs, max_blocks], query_starts [num_seqs + 1] and context_lens "
             f"[num_seqs] disagree: {tuple(tables.shape)}, {tuple(starts.shape)}, {tuple(lens.shape)}"
         )
+    # SDPA cannot soft-cap: with a cap, long prefills stay in C too.
+    max_query_len = LONG_PREFILL_TOKENS if softcap == 0 else num_tokens
     status = _native().loraserve_paged_attention(
         query.data_ptr(), query.stride(0), query.stride(1), _layer_pointer(kv_pages, layer),
         *_kv_strides(kv_pages), kv_pages.shape[0], kv_pages.shape[3], num_heads,
         kv_pages.shape[4], head_dim, tables.data_ptr(), *tables.stride(), tables.shape[1],
-        starts.data_ptr(), lens.data_ptr(), lens.shape[0], num_tokens, scale,
-        LONG_PREFILL_TOKENS, out.data_ptr(), out.stride(0), out.stride(1),
-        torch.get_num_threads(),
+        starts.data_ptr(), lens.data_ptr(), lens.shape[0], num_tokens, scale, window, softcap,
+        max_query_len, out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads(),
     )  # fmt: skip
     if status:
         checks.raise_attention_error(status, starts, lens, tables, kv_pages)
-    if num_tokens > LONG_PREFILL_TOKENS:
-        _long_prefills(query, kv_pages, layer, tables, starts, lens, scale, out)
+    if num_tokens > max_query_len:
+        _long_prefills(query, kv_pages, layer, tables, starts, lens, scale, window, out)
     return out
 
 
@@ -272,10 +278,12 @@ def _long_prefills(
     query_starts: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int,
     out: torch.Tensor,
 ) -> None:
     """The sequences with more than LONG_PREFILL_TOKENS queries (the C call skipped them):
-    each through SDPA over a gather of its own K/V, causal with its cached prefix."""
+    each through SDPA over a gather of its own K/V, causal with its cached prefix (and
+    within `window` keys when window > 0)."""
     starts, lens = query_starts.tolist(), context_lens.tolist()
     num_kv_heads, head_dim = kv_pages.shape[4:]
     for seq, (start, end) in enumerate(itertools.pairwise(starts)):
@@ -288,11 +296,14 @@ def _long_prefills(
             kv[:, which].reshape(-1, num_kv_heads, head_dim)[:context] for which in (0, 1)
         )
         # A whole prompt is plain causal attention (torch's flash kernel); an extend sees its
-        # cached prefix too, which only an explicit mask can say.
+        # cached prefix too, and a window hides old keys, which only an explicit mask can say.
         visible = None
-        if end - start < context:
+        if end - start < context or window > 0:
             positions = torch.arange(context)
-            visible = positions[None, :] <= positions[context - (end - start) :, None]  # [q, ctx]
+            query_positions = positions[context - (end - start) :, None]  # [q, 1]
+            visible = positions[None, :] <= query_positions  # [q, ctx]
+            if window > 0:
+                visible &= positions[None, :] > query_positions - window
         result = F.scaled_dot_product_attention(  # [1, heads, q_len, head_dim]
             query[None, start:end].transpose(1, 2),  # 4-D: 3-D inputs take the slow math path
             key[None].transpose(1, 2),

@@ -4,10 +4,13 @@
  * Semantics (as kernels/reference.py):
  *   write_kv:        kv[s // B, layer, 0, s % B] = key[t], kv[s // B, layer, 1, s % B] = value[t],
  *                    s = slot_mapping[t]; tokens with s < 0 are skipped.
- *   paged_attention: out[t] = softmax(q[t] @ K[seq(t), :p(t)+1].T * scale) @ V[seq(t), :p(t)+1]
+ *   paged_attention: out[t] = softmax(cap(q[t] @ K[seq(t), w(t):p(t)+1].T * scale))
+ *                                @ V[seq(t), w(t):p(t)+1]
  *                    for every query token t at position p(t) = context_len - q_len + i of its
  *                    sequence: causal over the cached prefix and the new tokens; query head h
- *                    reads KV head h / (num_heads / num_kv_heads) (GQA).
+ *                    reads KV head h / (num_heads / num_kv_heads) (GQA). With a sliding
+ *                    window W > 0, w(t) = max(0, p(t) - W + 1), else 0; with softcap c > 0,
+ *                    cap(s) = c * tanh(s / c), else s.
  *
  * Work: an item is (sequence, KV head, block of at most QUERY_BLOCK query tokens); its rows
  * are those tokens times the query heads of the KV head's group, so each K and V row read
@@ -16,8 +19,9 @@
  * the max grows): its memory is rows x (block_size + head_dim) floats, whatever the
  * context, in a scratch allocated once per thread per call. Scores come from 4x4 dot tiles
  * (4 positions x 4 rows) or, for fewer than 3 rows, 8x1 tiles; P @ V from axpy tiles that
- * keep up to four rows of the accumulator in registers. Positions past a row's own are given
- * weight 0; positions past the context are never read (they may hold anything, NaN too).
+ * keep up to four rows of the accumulator in registers. Positions past a row's own, and before
+ * its window, are given weight 0; positions past the context, and pages wholly before the
+ * window of an item's first row, are never read (they may hold anything, NaN too).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -111,6 +115,8 @@ typedef struct { /* everything an item reads; one per call */
     const int32_t* query_starts;
     const int32_t* context_lens;
     float scale;
+    int64_t window; /* 0: no sliding window */
+    float softcap;  /* 0: no soft-capping */
     float* out;
     int64_t out_token_stride, out_head_stride;
 } Attention;
@@ -155,11 +161,19 @@ static void page_scores(const float* const* q_rows, int64_t num_rows, const floa
 }
 
 /* Online softmax step of one row over one page: scores (the row's first n, in a buffer
- * padded to whole vectors) -> weights, 0 from `visible` on (causal mask); running max and
- * sum updated; the row's accumulator rescaled when the max grows. */
-static void softmax_step(float* scores, int64_t n, int64_t visible, float scale, float* row_max,
-                         float* row_sum, float* acc, int64_t head_dim) {
+ * padded to whole vectors) -> weights, 0 before `first_visible` (sliding window) and from
+ * `visible` on (causal mask); running max and sum updated; the row's accumulator rescaled
+ * when the max grows. Soft-capping (softcap > 0) is a scalar tanhf per visible score. */
+static void softmax_step(float* scores, int64_t n, int64_t first_visible, int64_t visible,
+                         float scale, float softcap, float* row_max, float* row_sum, float* acc,
+                         int64_t head_dim) {
     int64_t padded = (n + VEC_WIDTH - 1) / VEC_WIDTH * VEC_WIDTH;
+    if (softcap > 0.0f) { /* as the reference: scale, divide by the cap, tanh, multiply */
+        for (int64_t p = first_visible; p < visible; p++)
+            scores[p] = tanhf(scores[p] * scale / softcap) * softcap;
+        scale = 1.0f;
+    }
+    for (int64_t p = 0; p < first_visible; p++) scores[p] = -INFINITY;
     for (int64_t p = visible; p < padded; p++) scores[p] = -INFINITY;
     vec_t page_max = splat(-INFINITY);
     for (int64_t p = 0; p < padded; p += VEC_WIDTH) {
@@ -201,17 +215,23 @@ static void attention_item(const Attention* a, const AttentionItem* item, Scratc
     memset(scratch->acc, 0, sizeof(float) * (size_t)(num_rows * a->head_dim));
     int64_t first_position = context - q_len + item->first_query; /* of the item's first row */
     int64_t limit = first_position + item->num_queries;           /* positions any row sees */
+    /* The first row's window starts earliest: pages wholly before it are skipped. */
+    int64_t lowest = a->window > 0 ? max_i64(0, first_position - a->window + 1) : 0;
     const int32_t* table = a->block_tables + item->seq * a->table_seq_stride;
-    for (int64_t start = 0; start < limit; start += a->block_size) {
+    for (int64_t start = lowest / a->block_size * a->block_size; start < limit;
+         start += a->block_size) {
         int64_t n = min_i64(a->block_size, limit - start);
         const float* k = a->kv_layer + table[start / a->block_size * a->table_block_stride]
                                            * a->page_stride + item->kv_head * a->head_stride;
         page_scores(q_rows, num_rows, k, a->position_stride, n, a->head_dim, scratch->score_stride,
                     scratch->scores);
         for (int64_t r = 0; r < num_rows; r++) {
-            int64_t visible = min_i64(n, first_position + r / a->group + 1 - start);
-            softmax_step(scratch->scores + r * scratch->score_stride, n, max_i64(visible, 0), a->scale,
-                         &scratch->row_max[r], &scratch->row_sum[r],
+            int64_t position = first_position + r / a->group;
+            int64_t visible = min_i64(n, position + 1 - start);
+            int64_t first_visible = a->window > 0 ? position - a->window + 1 - start : 0;
+            softmax_step(scratch->scores + r * scratch->score_stride, n,
+                         min_i64(max_i64(first_visible, 0), n), max_i64(visible, 0), a->scale,
+                         a->softcap, &scratch->row_max[r], &scratch->row_sum[r],
                          scratch->acc + r * a->head_dim, a->head_dim);
         }
         for (int64_t r = 0; r < num_rows; r += MAX_AXPY_ROWS) {
@@ -321,6 +341,8 @@ int loraserve_paged_attention(
     int64_t num_seqs,
     int64_t num_tokens,
     float scale,                   /* applied to q @ k before the softmax */
+    int64_t window,                /* sliding window: a query sees its last `window` keys; 0: all */
+    float softcap,                 /* scores -> softcap * tanh(score / softcap); 0: none */
     int64_t max_query_len,         /* sequences with more queries are skipped (out untouched) */
     float* out,                    /* [num_tokens, num_heads, head_dim], unit stride on dim */
     int64_t out_token_stride,
@@ -333,6 +355,7 @@ int loraserve_paged_attention(
                    num_heads / num_kv_heads,        head_dim,
                    block_tables, table_seq_stride,  table_block_stride,
                    query_starts, context_lens,      scale,
+                   window,      softcap,
                    out,         out_token_stride,   out_head_stride};
     int64_t fmas, num_items, max_rows;
     int status = check_sequences(&a, num_seqs, num_tokens, max_blocks, num_pages, num_heads,

@@ -91,6 +91,13 @@ def check_kv_pages(kv_pages: torch.Tensor, layer: int) -> None:
         raise ValueError(f"layer must be in [0, {kv_pages.shape[1]}), got {layer}")
 
 
+def check_window_and_softcap(window: int, softcap: float) -> None:
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: no sliding window), got {window!r}")
+    if not softcap >= 0:  # NaN fails too
+        raise ValueError(f"softcap must be >= 0 (0: no capping), got {softcap!r}")
+
+
 def check_query(query: torch.Tensor, kv_pages: torch.Tensor) -> tuple[int, int, int]:
     if query.dim() != 3 or query.stride(2) != 1:
         raise ValueError(

@@ -1,12 +1,14 @@
 """Paged attention for prefill, extend and decode: causal, GQA, K/V read through block tables.
 
-Semantics: out[t] = softmax(q[t] @ K[seq(t), :p(t)+1].T * scale) @ V[seq(t), :p(t)+1].
+Semantics: out[t] = softmax(cap(q[t] @ K[seq(t), w(t):p(t)+1].T * scale)) @ V[seq(t), w(t):p(t)+1].
 
 Sequence s has `context_lens[s]` tokens in the pool (its new ones included), the
 last `q_len = query_starts[s+1] - query_starts[s]` being its queries, so query i
-sits at position p = context_len - q_len + i and sees keys 0..p. Its K/V live in
-the pages `block_tables[s]` of the 6-D `kv_pages` view of the pool, read through
-its strides (its page stride is the pool's page size, not the KV block's).
+sits at position p = context_len - q_len + i and sees keys w..p: w = 0, or with a
+sliding window W > 0, w = max(0, p - W + 1). With a soft cap c > 0 the scaled scores
+become c * tanh(score / c) (Gemma 2). Its K/V live in the pages `block_tables[s]` of
+the 6-D `kv_pages` view of the pool, read through its strides (its page stride is
+the pool's page size, not the KV block's).
 
 One kernel, flash-attention style: a program owns BLOCK_M query rows = up to
 BLOCK_M // GROUP tokens x the GROUP query heads that share one KV head (GQA), so
@@ -46,6 +48,16 @@ from loraserve.kernels.triton_utils import (
 )
 
 MIN_PARTITION = 256  # keys per partition below which splitting costs more than it gains
+NO_WINDOW_REACH = 1 << 30  # the reach of a query without a sliding window: every key before it
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp2, which the interpreter has too (libdevice's tanh it has not): odd, and
+    1 - e over 1 + e with e = 2^(-2|x| log2 e) in (0, 1] stays accurate as |x| grows."""
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # 2 * log2(e)
+    magnitude = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -magnitude, magnitude)
 
 
 @triton.jit
@@ -65,6 +77,9 @@ def _paged_attention_kernel(
     head_dim,
     partition_size,  # keys per partition (a multiple of BLOCK_N)
     qk_scale,  # scale * log2(e)
+    scale,  # the softmax scale (natural units), for SOFTCAP
+    softcap,  # scores -> softcap * tanh(score / softcap) when SOFTCAP
+    reach,  # keys a query sees, itself included: the sliding window, or NO_WINDOW_REACH
     stride_query_token,
     stride_query_head,
     stride_out_token,
@@ -83,6 +98,7 @@ def _paged_attention_kernel(
     SEARCH_BLOCK: tl.constexpr,  # see segment_tile
     PER_SEQUENCE: tl.constexpr,  # True: axis 0 is the sequence (decode)
     SPLIT_KV: tl.constexpr,  # True: axis 2 cuts the keys into partitions, write partials
+    SOFTCAP: tl.constexpr,  # True: soft-cap the scores
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
@@ -122,9 +138,14 @@ def _paged_attention_kernel(
             mask=row_mask[:, None] & dim_mask[None, :],
             other=0.0,
         )
-        # Keys of this partition that any row of the tile may see (causal: up to its last row).
-        key_start = split * partition_size
-        key_end = tl.minimum(key_start + partition_size, first_position + (tile_end - first_token))
+        # Keys of this partition that any row of the tile may see: from the window of its
+        # first row (or the partition's start) up to its last row (causal).
+        tile_position = first_position + (tile_start - first_token)
+        partition_start = split * partition_size
+        key_start = tl.maximum(partition_start, tile_position - reach + 1)
+        key_end = tl.minimum(
+            partition_start + partition_size, first_position + (tile_end - first_token)
+        )
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         accumulator = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -144,8 +165,13 @@ def _paged_attention_kernel(
             value_tile = tl.load(
                 key_rows[:, None] + stride_kv_which + dims[None, :], mask=kv_mask, other=0.0
             )
-            scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
+            scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION)
+            if SOFTCAP:  # in natural units, as the reference, then to log2 units
+                scores = _tanh(scores * scale / softcap) * softcap * 1.4426950408889634
+            else:
+                scores = scores * qk_scale
             visible = key_mask[None, :] & (keys[None, :] <= positions[:, None])
+            visible &= keys[None, :] > positions[:, None] - reach
             scores = tl.where(visible, scores, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(scores, axis=1))
             # A row with no visible key yet keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
@@ -166,6 +192,8 @@ def _paged_attention_kernel(
                 + heads[:, None] * stride_out_head
                 + dims[None, :]
             )
+            # Rows past the tile (not stored) may have seen no key in a window: no 0 / 0.
+            row_sum = tl.where(row_mask, row_sum, 1.0)
             tl.store(
                 out, (accumulator / row_sum[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask
             )
@@ -186,10 +214,12 @@ def paged_attention(
     context_lens: torch.Tensor,
     scale: float,
     *,
+    window: int = 0,
+    softcap: float = 0.0,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Semantics: out[t] = softmax(q[t] @ K[seq(t), :p(t)+1].T * scale) @ V[seq(t), :p(t)+1].
+    """Semantics: out[t] = softmax(cap(q[t] @ K[seq(t), w(t):p(t)+1].T * scale)) @ V[seq(t), w(t):p(t)+1].
 
     query:        [num_tokens, num_heads, head_dim] contiguous, kv_pages' dtype
     kv_pages:     [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim], any
@@ -197,11 +227,15 @@ def paged_attention(
     block_tables: [num_seqs, max_blocks] int32, pages of each sequence in order
     query_starts: [num_seqs + 1] int32, from 0 to num_tokens
     context_lens: [num_seqs] int32, at most max_blocks * block_size
+    window:       a query sees its last `window` keys (itself included); 0 = all before it
+    softcap:      scores -> softcap * tanh(score / softcap); 0 = no capping
     out:          optional [num_tokens, num_heads, head_dim] buffer, query's dtype
     num_splits:   KV partitions per query tile; None picks enough to fill the GPU
     returns:      [num_tokens, num_heads, head_dim], query's dtype
     """
     _check(query, kv_pages, layer, block_tables, query_starts, context_lens)
+    if window < 0 or not softcap >= 0:
+        raise ValueError(f"window and softcap must be >= 0, got {window} and {softcap}")
     num_tokens, num_heads, head_dim = query.shape
     num_seqs, block_size, num_kv_heads = context_lens.shape[0], kv_pages.shape[3], kv_pages.shape[4]
     group = num_heads // num_kv_heads
@@ -244,6 +278,9 @@ def paged_attention(
         head_dim,
         partition_size,
         scale * math.log2(math.e),
+        scale,
+        softcap,
+        window if window > 0 else NO_WINDOW_REACH,
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -262,6 +299,7 @@ def paged_attention(
         SEARCH_BLOCK=search_block(num_seqs),
         PER_SEQUENCE=per_sequence,
         SPLIT_KV=num_splits > 1,
+        SOFTCAP=softcap > 0,
         DOT_PRECISION=dot_precision(query.dtype),
         num_warps=4,
         num_stages=2,

@@ -131,14 +131,22 @@ def paged_attention(
     query_starts: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Semantics: out[t] = softmax(q[t] @ K[seq(t), :p(t)+1].T * scale) @ V[seq(t), :p(t)+1].
+    """Semantics: out[t] = softmax(cap(q[t] @ K[seq(t), w(t):p(t)+1].T * scale)) @ V[seq(t), w(t):p(t)+1].
 
     Causal attention of each sequence's new tokens over its cached prefix and
     themselves. Sequence s has `context_lens[s]` tokens in the pool (the new ones
     included), the last `q_len = query_starts[s+1] - query_starts[s]` being its
     queries, so query i sits at position p = context_lens[s] - q_len + i.
     Decode is the case q_len = 1. Heads share K/V in groups (GQA).
+
+    Sliding window: with `window` > 0 a query at p sees only the keys at p - window + 1
+    .. p (w(t) = max(0, p - window + 1); transformers' `kv_idx > q_idx - sliding_window`);
+    0 = every key up to p. Soft-capping: with `softcap` > 0 the scaled scores become
+    `softcap * tanh(score / softcap)` before the softmax (Gemma 2); 0 = none.
 
     query:        [num_tokens, num_heads, head_dim]
     kv_pages:     [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim]
@@ -160,9 +168,14 @@ def paged_attention(
         key = kv[0, :context_len].repeat_interleave(group, dim=1)  # [ctx, heads, head_dim]
         value = kv[1, :context_len].repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, key) * scale  # [heads, q_len, ctx]
+        if softcap > 0:
+            scores = torch.tanh(scores / softcap) * softcap
         q_pos = torch.arange(context_len - q.shape[0], context_len, device=query.device)
         k_pos = torch.arange(context_len, device=query.device)
-        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        hidden = k_pos[None, :] > q_pos[:, None]  # [q_len, ctx]
+        if window > 0:
+            hidden |= k_pos[None, :] <= q_pos[:, None] - window
+        scores.masked_fill_(hidden[None], float("-inf"))
         probs = scores.softmax(dim=-1)
         out[starts[seq] : starts[seq + 1]] = torch.einsum("hqk,khd->qhd", probs, value).to(
             query.dtype

@@ -1,7 +1,7 @@
 """loraserve: serve thousands of LoRA adapters on one base model.
 
-The public Python API is `LLM` and `SamplingParams`; the HTTP server is
-`loraserve serve` (see README).
+The public Python API is `LLM`, `SamplingParams` and `StructuredOutputs`; the HTTP
+server is `loraserve serve` (see README).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from loraserve.engine.llm import LLM
     from loraserve.engine.sampling_params import SamplingParams
+    from loraserve.engine.structured import StructuredOutputs
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +26,8 @@ def __getattr__(name: str) -> Any:
         from loraserve.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputs":
+        from loraserve.engine.structured import StructuredOutputs
+
+        return StructuredOutputs
     raise AttributeError(name)

@@ -19,6 +19,10 @@ rank 7, hidden 64, kv 32, page_numel 768:
     B k_proj [7, 32] (224)           -> page 2 at 448 (7 * 64)      offset 1984
 
 Unused elements are zero.
+
+A fused module's adapter (Phi-3's `qkv_proj`: one A, one B over the q/k/v output) is
+stored as its parts' slices: its A once, its B split by rows into one `[r, out_i]`
+matrix per part, and the parts' A offsets all point at that one A.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class HostAdapter:
     """[num_layers, NUM_LORA_MODULES] int32; 0 where the module is not adapted."""
     max_rank: int
     target_modules: tuple[str, ...]
-    """Names (LORA_MODULES order) of the modules adapted in at least one layer."""
+    """Names (the model's `linear_modules` order) of the modules adapted in at least one layer."""
 
     @property
     def num_pages(self) -> int:
@@ -128,6 +132,7 @@ class AdapterReader:
 
     def _pack(self, name: str, folder: Path, modules: list[LoraModule]) -> HostAdapter:
         """Convert every module's matrices to the pool layout and pack them into pages."""
+        # Per module: its A, then one B per slot it fills (one, or a fused module's parts).
         matrices = [matrix for module in modules for matrix in self._host_matrices(folder, module)]
         offsets, num_pages = pack_matrices([m.numel() for m in matrices], self.geometry.page_numel)
         pages = torch.zeros(  # [num_pages, page_numel]
@@ -139,12 +144,13 @@ class AdapterReader:
         shape = (self.arch.num_layers, NUM_LORA_MODULES)
         local_offsets = torch.full((*shape, 2), NOT_TARGETED, dtype=torch.int64)
         ranks = torch.zeros(shape, dtype=torch.int32)
-        for index, module in enumerate(modules):
-            local_offsets[module.layer, module.module] = torch.tensor(
-                offsets[2 * index : 2 * index + 2]
-            )
-            ranks[module.layer, module.module] = module.rank
-        targeted = {module.module for module in modules}
+        next_offset = iter(offsets)
+        for module in modules:
+            a_offset = next(next_offset)
+            for slot in module.slots:  # a fused module's parts share its one A
+                local_offsets[module.layer, slot] = torch.tensor([a_offset, next(next_offset)])
+                ranks[module.layer, slot] = module.rank
+        targeted = {module.name for module in modules}
         return HostAdapter(
             name=name,
             path=str(folder),
@@ -152,15 +158,16 @@ class AdapterReader:
             local_offsets=local_offsets,
             ranks=ranks,
             max_rank=max(module.rank for module in modules),
-            target_modules=tuple(LORA_MODULES[index] for index in sorted(targeted)),
+            target_modules=tuple(m for m in self.arch.linear_modules if m in targeted),
         )
 
-    def _host_matrices(self, folder: Path, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-        """A [r, in] and scaled, transposed B [r, out], in the pool dtype."""
+    def _host_matrices(self, folder: Path, module: LoraModule) -> list[torch.Tensor]:
+        """A [r, in], then scaled, transposed B [r, out_i] of each slot, in the pool dtype."""
         lora_a = module.lora_a.to(self.dtype)  # [r, in]
         # Fold the scaling in float32, then round once to the pool dtype.
-        lora_b = (module.lora_b * module.scaling).T.contiguous().to(self.dtype)  # [r, out]
+        lora_b = (module.lora_b * module.scaling).T.to(self.dtype)  # [r, out]
         for tensor_name, matrix in ((module.a_name, lora_a), (module.b_name, lora_b)):
             if not torch.isfinite(matrix).all():
                 raise refuse(folder, f"tensor {tensor_name} overflows {self.dtype} once scaled")
-        return lora_a, lora_b
+        widths = [self.arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
+        return [lora_a, *(part.contiguous() for part in lora_b.split(widths, dim=1))]

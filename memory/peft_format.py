@@ -7,7 +7,9 @@ named like `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`
 Which modules a config targets, and with which rank and alpha, follows PEFT 0.21
 (`tuners_utils.check_target_module_exists`, `utils.other.get_pattern_key`) applied
 to the module names PEFT matches against: those of the Hugging Face model,
-`model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.down_proj`, ...
+`model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.down_proj`, ... of the
+base model's family (Phi-3: `self_attn.qkv_proj`, `mlp.gate_up_proj`, whose adapters
+have one A and one B over the fused output).
 Everything is checked before anything is returned, so a refused folder leaves no trace.
 """
 
@@ -27,7 +29,12 @@ from safetensors.torch import load_file
 
 from loraserve.errors import AdapterError
 from loraserve.memory.adapter_dir import CONFIG_FILE
-from loraserve.models.arch import LORA_MODULES, MODULE_INDEX, O_GROUP, QKV_GROUP, ModelArch
+from loraserve.models.arch import (
+    FUSED_MODULES,
+    MODULE_INDEX,
+    ModelArch,
+    linear_parent,
+)
 
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -55,9 +62,6 @@ TENSOR_NAME = re.compile(
     r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)"
     r"\.(?P<module>\w+)\.lora_(?P<which>[AB])(?:\.default)?\.weight"
 )
-ATTENTION_MODULES = {LORA_MODULES[index] for index in (*QKV_GROUP, *O_GROUP)}
-PARENT = {name: "self_attn" if name in ATTENTION_MODULES else "mlp" for name in LORA_MODULES}
-"""The submodule of a decoder layer that holds each LoRA module."""
 ALL_LINEAR = "all-linear"
 """PEFT's shorthand for every linear layer but the output head."""
 
@@ -67,17 +71,22 @@ class LoraModule:
     """One adapted linear layer of one decoder layer, as the file holds it (float32)."""
 
     layer: int
-    module: int
-    """Index into LORA_MODULES."""
+    name: str
+    """The linear layer as the model names it (`q_proj`, ..., or fused `qkv_proj`)."""
     rank: int
     scaling: float
     """lora_alpha / rank, or lora_alpha / sqrt(rank) with rsLoRA (per module)."""
     lora_a: torch.Tensor
     """[rank, in_features]"""
     lora_b: torch.Tensor
-    """[out_features, rank]"""
+    """[out_features, rank]; a fused module's rows are its parts' outputs, in order"""
     a_name: str
     b_name: str
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        """The LORA_MODULES it fills: itself, or a fused module's parts (q, k, v)."""
+        return FUSED_MODULES.get(self.name) or (MODULE_INDEX[self.name],)
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,8 @@ def refuse(folder: Path, reason: str) -> AdapterError:
 
 
 def read_peft_lora(folder: Path, arch: ModelArch, max_lora_rank: int) -> list[LoraModule]:
-    """Every adapted module of a PEFT LoRA folder, sorted by (layer, module); AdapterError if refused."""
+    """Every adapted module of a PEFT LoRA folder, sorted by (layer, module in
+    `arch.linear_modules` order); AdapterError if refused."""
     config = read_config(folder)
     check_features(config, folder)
     targets = resolve_targets(config, arch, max_lora_rank, folder)
@@ -153,14 +163,16 @@ def check_features(config: dict[str, Any], folder: Path) -> None:
 
 
 def base_module_names(arch: ModelArch) -> Iterator[str]:
-    """The names of `named_modules()` of a Llama-family HF model, which PEFT matches targets to."""
+    """The names of `named_modules()` of the family's HF model, which PEFT matches targets to."""
+    activation = "activation_fn" if arch.fused_projections else "act_fn"  # Phi3MLP's name
     yield from ("model", "model.embed_tokens", "model.layers")
     for layer in range(arch.num_layers):
         prefix = f"model.layers.{layer}"
-        yield from (prefix, f"{prefix}.self_attn", f"{prefix}.mlp", f"{prefix}.mlp.act_fn")
-        yield from (f"{prefix}.{PARENT[name]}.{name}" for name in LORA_MODULES)
-        yield f"{prefix}.input_layernorm"
-        yield f"{prefix}.post_attention_layernorm"
+        yield from (prefix, f"{prefix}.self_attn", f"{prefix}.mlp", f"{prefix}.mlp.{activation}")
+        yield from (f"{prefix}.{linear_parent(name)}.{name}" for name in arch.linear_modules)
+        if arch.qk_norm:
+            yield from (f"{prefix}.self_attn.q_norm", f"{prefix}.self_attn.k_norm")
+        yield from (f"{prefix}.{norm}" for norm in arch.layer_norms)
     yield from ("model.norm", "model.rotary_emb", "lm_head")
 
 
@@ -172,14 +184,14 @@ def resolve_targets(
     rank_pattern = _pattern(config, "rank_pattern", folder)
     alpha_pattern = _pattern(config, "alpha_pattern", folder)
     try:
-        keys = [key for key in base_module_names(arch) if _is_targeted(config, key, folder)]
+        keys = [key for key in base_module_names(arch) if _is_targeted(config, key, arch, folder)]
     except re.error as error:
         raise refuse(folder, f"a target or layer pattern is not a valid regex ({error})") from None
     if not keys:
         raise refuse(folder, f"target_modules {config.get('target_modules')!r} matches no module")
     targets = {}
     for key in keys:
-        where = _lora_module(key, folder)
+        where = _lora_module(key, arch, folder)
         module_rank = rank_pattern.get(get_pattern_key(rank_pattern, key), rank)
         module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, key), alpha)
         if not isinstance(module_rank, int) or module_rank < 1:
@@ -201,11 +213,11 @@ def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
     return key_to_match
 
 
-def _is_targeted(config: dict[str, Any], key: str, folder: Path) -> bool:
+def _is_targeted(config: dict[str, Any], key: str, arch: ModelArch, folder: Path) -> bool:
     """PEFT's `check_target_module_exists` (exclude_modules, layers_to_transform included)."""
     target_modules = config.get("target_modules")
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        target_modules = list(LORA_MODULES)
+        target_modules = list(arch.linear_modules)
     if _is_excluded(config.get("exclude_modules"), key):
         return False
     if isinstance(target_modules, str):
@@ -245,8 +257,8 @@ def _layer_index(key: str, layers_pattern: Any) -> int | None:
     return int(match.group("idx")) if match else None
 
 
-def _lora_module(key: str, folder: Path) -> tuple[int, int]:
-    """(layer, module index) of a targeted module key; refuses anything but the 7 LoRA linears."""
+def _lora_module(key: str, arch: ModelArch, folder: Path) -> tuple[int, int]:
+    """(layer, index in arch.linear_modules) of a targeted module key; refuses anything else."""
     if key == "model.embed_tokens":
         raise refuse(
             folder, "targets the embedding (embed_tokens); embedding LoRA is not supported"
@@ -254,13 +266,13 @@ def _lora_module(key: str, folder: Path) -> tuple[int, int]:
     if key == "lm_head":
         raise refuse(folder, "targets lm_head; LoRA on the output head is not supported")
     match = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)", key)
-    if match is None or match.group(3) not in MODULE_INDEX:
+    if match is None or match.group(3) not in arch.linear_modules:
         raise refuse(
             folder,
             f"target_modules matches {key}, which is not one of the layers loraserve "
-            f"adapts ({', '.join(LORA_MODULES)})",
+            f"adapts ({', '.join(arch.linear_modules)})",
         )
-    return int(match.group(1)), MODULE_INDEX[match.group(3)]
+    return int(match.group(1)), arch.linear_modules.index(match.group(3))
 
 
 def _number(config: dict[str, Any], field: str, folder: Path) -> int | float:
@@ -316,16 +328,21 @@ def _parse_tensor_name(name: str, arch: ModelArch, folder: Path) -> tuple[int, i
         raise refuse(folder, f"tensor {name} adapts lm_head; not supported")
     match = TENSOR_NAME.fullmatch(name)
     module = match.group("module") if match else ""
-    if match is None or PARENT.get(module) != match.group("parent"):
+    if (
+        match is None
+        or module not in arch.linear_modules
+        or linear_parent(module) != match.group("parent")
+    ):
         raise refuse(
-            folder, f"unexpected tensor {name} (not a LoRA A/B of {', '.join(LORA_MODULES)})"
+            folder,
+            f"unexpected tensor {name} (not a LoRA A/B of {', '.join(arch.linear_modules)})",
         )
     layer = int(match.group("layer"))
     if layer >= arch.num_layers:
         raise refuse(
             folder, f"tensor {name} is for layer {layer}, the model has {arch.num_layers} layers"
         )
-    return layer, MODULE_INDEX[module], match.group("which")
+    return layer, arch.linear_modules.index(module), match.group("which")
 
 
 def _checked_module(
@@ -337,7 +354,8 @@ def _checked_module(
     tensors: dict[str, torch.Tensor],
 ) -> LoraModule:
     """One module's A and B once their shapes, ranks and values are checked."""
-    in_features, out_features = arch.module_dims(LORA_MODULES[where[1]])
+    module = arch.linear_modules[where[1]]
+    in_features, out_features = arch.module_dims(module)
     a_name, b_name = pair["A"], pair["B"]
     lora_a, lora_b = tensors[a_name], tensors[b_name]  # [r, in], [out, r]
     _check_shape(folder, a_name, lora_a, 1, (target.rank, in_features))
@@ -358,7 +376,14 @@ def _checked_module(
         if not torch.isfinite(tensor).all():
             raise refuse(folder, f"tensor {name} contains NaN or inf")
     return LoraModule(
-        *where, target.rank, target.scaling, lora_a.float(), lora_b.float(), a_name, b_name
+        where[0],
+        module,
+        target.rank,
+        target.scaling,
+        lora_a.float(),
+        lora_b.float(),
+        a_name,
+        b_name,
     )
 
 

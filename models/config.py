@@ -1,10 +1,11 @@
 """Read a local Hugging Face model folder's `config.json` into a `ModelArch`.
 
-Both config forms are read: transformers 5 writes `rope_parameters` and `dtype`,
-older folders `rope_theta` + `rope_scaling` and `torch_dtype`. Anything loraserve
-would run differently from transformers (another architecture, activation, rope
-type, per-layer sliding windows, MLP biases) is refused here with a
-`ModelLoadError`, before a single weight is read.
+Both config forms are read: transformers 5 writes `rope_parameters`, `layer_types` and
+`dtype`, older folders `rope_theta` + `rope_scaling`, per-family window keys and
+`torch_dtype`. What a family's keys mean is `models/families.py`; the RoPE keys are
+`models/rope_config.py`. Anything loraserve would run differently from transformers
+(another architecture, activation, rope type, MLP biases, bidirectional attention) is
+refused here with a `ModelLoadError`, before a single weight is read.
 """
 
 from __future__ import annotations
@@ -14,25 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from loraserve.errors import ModelLoadError
-from loraserve.models.arch import SUPPORTED_ROPE_TYPES, ModelArch
+from loraserve.models.arch import ACTIVATIONS, ModelArch
+from loraserve.models.families import FAMILIES, FAMILY_OF_MODEL_TYPE, FULL, SLIDING, Family
+from loraserve.models.rope_config import read_rope
 
-# architecture -> model_type; model_type -> architecture when `architectures` is absent.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-ARCHITECTURE_OF_MODEL_TYPE = {kind: arch for arch, kind in SUPPORTED_ARCHITECTURES.items()}
-
-# Keys each rope type needs in its scaling dict (transformers' validators).
-ROPE_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-DEFAULT_ROPE_THETA = 10_000.0  # transformers' `default_theta`
-DEFAULT_SLIDING_WINDOW = 4096  # MistralConfig / Qwen2Config default when the key is absent
-DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2Config default
+GEMMA_QUERY_PRE_ATTN_SCALAR = 256  # Gemma2Config / Gemma3TextConfig default
 
 
 def model_folder(folder: str | Path) -> Path:
@@ -67,8 +54,8 @@ def load_arch(folder: str | Path) -> ModelArch:
             f"{config_path} not found: a Hugging Face model folder has a config.json"
         )
     config = read_json(config_path)
-    architecture, model_type = _architecture(config, config_path)
-    _check_unsupported_features(config, config_path)
+    family = _family(config, config_path)
+    _check_unsupported_features(config, family, config_path)
     num_heads = _positive_int(config, "num_attention_heads", config_path)
     num_kv_heads = _optional_int(config, "num_key_value_heads", config_path) or num_heads
     if num_heads % num_kv_heads:
@@ -77,139 +64,133 @@ def load_arch(folder: str | Path) -> ModelArch:
             f"num_key_value_heads={num_kv_heads}"
         )
     hidden_size = _positive_int(config, "hidden_size", config_path)
-    rope_theta, rope_scaling = normalize_rope(config, config_path)
+    head_dim = _optional_int(config, "head_dim", config_path) or hidden_size // num_heads
+    num_layers = _positive_int(config, "num_hidden_layers", config_path)
+    rope = read_rope(config, family, head_dim, config_path)
     bos_token_id, eos_token_ids = _special_token_ids(config, path)
-    # Only Llama reads `attention_bias` (q/k/v/o alike); Qwen2 always has q/k/v biases, Mistral none.
-    llama_bias = model_type == "llama" and bool(config.get("attention_bias", False))
+    biased = family.biases == "qkv" or (
+        family.biases == "attention_bias" and bool(config.get("attention_bias", False))
+    )
     return ModelArch(
-        architecture=architecture,
-        model_type=model_type,
+        architecture=family.architecture,
+        model_type=family.model_type,
         hidden_size=hidden_size,
         intermediate_size=_positive_int(config, "intermediate_size", config_path),
-        num_layers=_positive_int(config, "num_hidden_layers", config_path),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=_optional_int(config, "head_dim", config_path) or hidden_size // num_heads,
+        head_dim=head_dim,
         vocab_size=_positive_int(config, "vocab_size", config_path),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
+        rope_theta=rope.rope_theta,
         max_position_embeddings=_positive_int(config, "max_position_embeddings", config_path),
-        rope_scaling=rope_scaling,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2" or llama_bias,
-        o_proj_bias=llama_bias,
-        sliding_window=_sliding_window(config, model_type, config_path),
+        rope_scaling=rope.rope_scaling,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", family.gemma)),
+        attention_bias=biased,
+        o_proj_bias=biased and family.biases == "attention_bias",
+        layer_windows=_layer_windows(config, family, num_layers, config_path),
         torch_dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
         bos_token_id=bos_token_id,
         eos_token_ids=eos_token_ids,
+        hidden_act=config.get(family.activation_key, family.default_activation),
+        fused_projections=family.fused_projections,
+        qk_norm=family.qk_norm,
+        gemma_norms=family.gemma,
+        query_pre_attn_scalar=_query_pre_attn_scalar(config, family, config_path),
+        attn_logit_softcapping=_softcap(config, family, "attn_logit_softcapping", config_path),
+        final_logit_softcapping=_softcap(config, family, "final_logit_softcapping", config_path),
+        local_rope_theta=rope.local_rope_theta,
+        partial_rotary_factor=rope.partial_rotary_factor,
     )
 
 
-def _architecture(config: dict[str, Any], config_path: Path) -> tuple[str, str]:
-    """(architecture, model_type), from `architectures` or else from `model_type`."""
-    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+def _family(config: dict[str, Any], config_path: Path) -> Family:
+    """The family of `architectures[0]`, or else of `model_type`."""
+    supported = ", ".join(FAMILIES)
     architectures = config.get("architectures")
     if architectures:
         architecture = architectures[0] if isinstance(architectures, list) else architectures
-        if architecture not in SUPPORTED_ARCHITECTURES:
+        if architecture not in FAMILIES:
             raise ModelLoadError(
                 f"{config_path}: architecture {architecture!r} is not supported; "
                 f"loraserve runs {supported}"
             )
-        return architecture, SUPPORTED_ARCHITECTURES[architecture]
+        return FAMILIES[architecture]
     model_type = config.get("model_type")
-    if model_type not in ARCHITECTURE_OF_MODEL_TYPE:
+    if model_type not in FAMILY_OF_MODEL_TYPE:
         raise ModelLoadError(
             f"{config_path}: no `architectures` and model_type {model_type!r} is not supported; "
-            f"loraserve runs {supported} (model_type {', '.join(ARCHITECTURE_OF_MODEL_TYPE)})"
+            f"loraserve runs {supported} (model_type {', '.join(FAMILY_OF_MODEL_TYPE)})"
         )
-    return ARCHITECTURE_OF_MODEL_TYPE[model_type], model_type
+    return FAMILY_OF_MODEL_TYPE[model_type]
 
 
-def _check_unsupported_features(config: dict[str, Any], config_path: Path) -> None:
-    """Refuse config options the Llama-family forward pass does not implement."""
-    hidden_act = config.get("hidden_act", "silu")
-    if hidden_act != "silu":
+def _check_unsupported_features(config: dict[str, Any], family: Family, config_path: Path) -> None:
+    """Refuse config options the forward pass does not implement."""
+    activation = config.get(family.activation_key, family.default_activation)
+    if activation not in ACTIVATIONS:
         raise ModelLoadError(
-            f"{config_path}: hidden_act {hidden_act!r} is not supported; loraserve runs only silu (SwiGLU)"
+            f"{config_path}: {family.activation_key} {activation!r} is not supported; "
+            f"loraserve runs {', '.join(ACTIVATIONS)}"
         )
     if config.get("mlp_bias"):
         raise ModelLoadError(
             f"{config_path}: mlp_bias=true is not supported (MLP without biases only)"
         )
-    partial = _rope_dict(config).get("partial_rotary_factor", config.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
+    if family.gemma and config.get("use_bidirectional_attention"):
         raise ModelLoadError(
-            f"{config_path}: partial_rotary_factor={partial} is not supported (full rotary only)"
+            f"{config_path}: use_bidirectional_attention (an embedding model) is not supported"
         )
 
 
-def _rope_dict(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `rope_parameters` (transformers 5) or `rope_scaling` (older), or {}."""
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return dict(rope) if isinstance(rope, dict) else {}
+def _layer_windows(
+    config: dict[str, Any], family: Family, num_layers: int, config_path: Path
+) -> tuple[int, ...]:
+    """Each layer's sliding window, 0 for full attention; () when no layer slides.
 
-
-def normalize_rope(
-    config: dict[str, Any], config_path: Path
-) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling) from either config form; rope_scaling is None for default rope.
-
-    As transformers' `standardize_rope_params`: `type` is the old name of `rope_type`,
-    and llama3 falls back to `max_position_embeddings` for its original length."""
-    rope = _rope_dict(config)
-    theta = float(rope.get("rope_theta") or config.get("rope_theta") or DEFAULT_ROPE_THETA)
-    kind = rope.get("rope_type") or rope.get("type") or "default"
-    if kind not in SUPPORTED_ROPE_TYPES:
+    Which layers slide: `layer_types` where the family reads it, else the family's rule
+    (Qwen: from `max_window_layers` on, with `use_sliding_window`; Gemma 2: every other;
+    Gemma 3: all but every `sliding_window_pattern`-th; Mistral, Phi-3: all)."""
+    window = config.get("sliding_window", family.default_sliding_window)
+    if family.window_switch is not None and not config.get(family.window_switch, False):
+        window = None  # Qwen2Config / Qwen3Config drop the window unless use_sliding_window
+    if window is None:
+        return ()
+    window = _positive_int({"sliding_window": window}, "sliding_window", config_path)
+    listed = config.get("layer_types") if family.reads_layer_types else None
+    layer_types = listed or family.default_layer_types(config, num_layers)
+    if len(layer_types) != num_layers or not set(layer_types) <= {SLIDING, FULL}:
         raise ModelLoadError(
-            f"{config_path}: rope type {kind!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"{config_path}: layer_types must list {num_layers} of {SLIDING!r} / {FULL!r}, got "
+            f"{layer_types!r}"
         )
-    if kind == "default":
-        return theta, None
-    scaling = {
-        k: v for k, v in rope.items() if k not in ("rope_theta", "type", "partial_rotary_factor")
-    }
-    scaling["rope_type"] = kind
-    if kind == "llama3":
-        original = config.get("original_max_position_embeddings") or config.get(
-            "max_position_embeddings"
-        )
-        scaling.setdefault("original_max_position_embeddings", original)
-    missing = [key for key in ROPE_REQUIRED_KEYS[kind] if scaling.get(key) is None]
-    if missing:
-        raise ModelLoadError(f"{config_path}: rope type {kind!r} needs {', '.join(missing)}")
-    return theta, scaling
+    if SLIDING not in layer_types:
+        return ()
+    return tuple(window if kind == SLIDING else 0 for kind in layer_types)
 
 
-def _sliding_window(config: dict[str, Any], model_type: str, config_path: Path) -> int | None:
-    """The attention window of every layer, or None for full attention.
+def _query_pre_attn_scalar(
+    config: dict[str, Any], family: Family, config_path: Path
+) -> float | None:
+    """Gemma's attention scale is this ** -0.5; None for the other families (head_dim)."""
+    if not family.gemma:
+        return None
+    value = config.get("query_pre_attn_scalar", GEMMA_QUERY_PRE_ATTN_SCALAR)
+    return _positive_number(value, "query_pre_attn_scalar", config_path)
 
-    Qwen2 slides only when `use_sliding_window`, and then only in layers from
-    `max_window_layers` on; a model mixing both kinds of layer is refused, since
-    ModelArch has one window for all layers."""
-    if model_type == "llama":
+
+def _softcap(config: dict[str, Any], family: Family, key: str, config_path: Path) -> float | None:
+    """A soft cap the family applies, or None (absent, null, or a key the family ignores)."""
+    if key not in family.softcaps:
         return None
-    window = config.get("sliding_window", DEFAULT_SLIDING_WINDOW)
-    if model_type == "mistral" or window is None:
-        return window
-    if not config.get("use_sliding_window", False):
-        return None
-    num_layers = _positive_int(config, "num_hidden_layers", config_path)
-    layer_types = config.get("layer_types") or [
-        "sliding_attention"
-        if i >= config.get("max_window_layers", DEFAULT_MAX_WINDOW_LAYERS)
-        else "full_attention"
-        for i in range(num_layers)
-    ]
-    if all(kind == "full_attention" for kind in layer_types):
-        return None
-    if all(kind == "sliding_attention" for kind in layer_types):
-        return int(window)
-    raise ModelLoadError(
-        f"{config_path}: sliding window attention in some layers only (layer_types / "
-        "max_window_layers) is not supported"
-    )
+    value = config.get(key, family.softcaps[key])
+    return None if value is None else _positive_number(value, key, config_path)
+
+
+def _positive_number(value: Any, key: str, config_path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ModelLoadError(f"{config_path}: {key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _special_token_ids(config: dict[str, Any], folder: Path) -> tuple[int | None, tuple[int, ...]]:

@@ -1,9 +1,10 @@
 """The JSON files of a Llama model folder and of a PEFT LoRA folder, as Hugging Face writes them.
 
-The mirror of models/config.py and memory/peft_format.py, for the two places that make
-folders without transformers or peft (the demo's build, the benchmarks' random-weight
-models): one writer, so both produce what `save_pretrained` would and what both
-loraserve and transformers/peft read (the tests load them with both).
+The mirror of models/config.py and memory/peft_format.py, for the places that write
+folders themselves (the demo's model converted from GGUF and its adapters, the tests'
+toy model, the benchmarks' random-weight models): one writer, so all produce what
+`save_pretrained` would and what both loraserve and transformers/peft read (the tests
+load them with both).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def llama_config(
     bos_token_id: int,
     eos_token_id: int,
     dtype: str,
+    tie_word_embeddings: bool = False,
 ) -> dict:
     """config.json of a LlamaForCausalLM, in both the transformers 5 and the older keys."""
     return {
@@ -50,7 +52,7 @@ def llama_config(
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tie_word_embeddings,
         "initializer_range": 0.02,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,

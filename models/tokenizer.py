@@ -196,22 +196,24 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        template: str | None = None,
         **extra: Any,
     ) -> str:
-        """Render `messages` with the model's chat template, as transformers'
+        """Render `messages` with the model's chat template (or `template`, a Jinja source
+        given instead, run in the same sandbox), as transformers'
         `apply_chat_template(..., tokenize=False)` does.
 
         Encode the result with `add_special_tokens=False`: the template writes BOS
-        itself. `extra` reaches the template as variables (e.g. `enable_thinking`).
-        Raises InvalidRequestError when the model has no template or the template fails."""
-        template = self._template(tools)
-        variables = {**self.special_tokens, **_plain(extra)}
+        itself. `extra` reaches the template as variables (e.g. `enable_thinking`,
+        `documents`). Raises InvalidRequestError when the model has no template or the
+        template fails."""
+        compiled = self._template(tools) if template is None else _compile(template)
+        variables = {**self.special_tokens, "documents": None, **_plain(extra)}
         try:
             return str(
-                template.render(
+                compiled.render(
                     messages=_prepare_messages(messages),
                     tools=_plain(tools),
-                    documents=None,
                     add_generation_prompt=add_generation_prompt,
                     **variables,
                 )
@@ -228,17 +230,19 @@ class Tokenizer:
         if name not in self.chat_templates:
             raise InvalidRequestError(NO_TEMPLATE_MESSAGE, param="messages")
         if name not in self._compiled:
-            try:
-                self._compiled[name] = _environment().from_string(self.chat_templates[name])
-            except jinja2.TemplateError as error:
-                raise InvalidRequestError(
-                    f"the model's chat template does not compile: {error}", param="messages"
-                ) from error
+            self._compiled[name] = _compile(self.chat_templates[name], "the model's chat template")
         return self._compiled[name]
 
     def _token_id(self, name: str) -> int | None:
         token = self.special_tokens.get(name)
         return None if token is None else self.backend.token_to_id(token)
+
+
+def _compile(source: str, what: str = "chat_template") -> jinja2.Template:
+    try:
+        return _environment().from_string(source)
+    except jinja2.TemplateError as error:
+        raise InvalidRequestError(f"{what} does not compile: {error}", param="messages") from error
 
 
 def _token_text(value: Any) -> str | None:

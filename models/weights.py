@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loraserve.errors import ModelLoadError
-from loraserve.models.arch import ModelArch
+from loraserve.models.arch import ModelArch, linear_parent
 from loraserve.models.config import model_folder, read_json
 
 SINGLE_FILE = "model.safetensors"
@@ -33,21 +33,26 @@ def expected_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     hidden = arch.hidden_size
     shapes: dict[str, tuple[int, ...]] = {EMBEDDING: (arch.vocab_size, hidden)}
     for layer in range(arch.num_layers):
-        prefix = f"model.layers.{layer}."
-        shapes[prefix + "input_layernorm.weight"] = (hidden,)
-        shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
-        for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            in_features, out_features = arch.module_dims(module)
-            name = prefix + f"self_attn.{module}."
-            shapes[name + "weight"] = (out_features, in_features)
-            has_bias = arch.o_proj_bias if module == "o_proj" else arch.attention_bias
-            if has_bias:
-                shapes[name + "bias"] = (out_features,)
-        for module in ("gate_proj", "up_proj", "down_proj"):
-            in_features, out_features = arch.module_dims(module)
-            shapes[prefix + f"mlp.{module}.weight"] = (out_features, in_features)
+        shapes.update(layer_weight_shapes(arch, f"model.layers.{layer}."))
     shapes["model.norm.weight"] = (hidden,)
     shapes[LM_HEAD] = (arch.vocab_size, hidden)
+    return shapes
+
+
+def layer_weight_shapes(arch: ModelArch, prefix: str) -> dict[str, tuple[int, ...]]:
+    """One decoder layer's tensors: its family's norms, linears (fused or not) and biases."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for norm in arch.layer_norms:
+        shapes[f"{prefix}{norm}.weight"] = (arch.hidden_size,)
+    if arch.qk_norm:
+        shapes[f"{prefix}self_attn.q_norm.weight"] = (arch.head_dim,)
+        shapes[f"{prefix}self_attn.k_norm.weight"] = (arch.head_dim,)
+    for module in arch.linear_modules:
+        in_features, out_features = arch.module_dims(module)
+        name = f"{prefix}{linear_parent(module)}.{module}."
+        shapes[name + "weight"] = (out_features, in_features)
+        if arch.has_bias(module):
+            shapes[name + "bias"] = (out_features,)
     return shapes
 
 

@@ -1,8 +1,10 @@
 """The FastAPI app: OpenAI-compatible routes over an `AsyncEngine`.
 
 Routes are thin: they check who is calling and what was sent, then hand over to
-the engine (completions.py, chat.py) or answer from its state. The engine thread
-starts and stops with the app (its lifespan).
+the engine (completions.py, chat.py) or answer from its state (routes_extra.py: a model
+by id, /tokenize, /detokenize, /version, /ping). The engine thread starts and stops with
+the app (its lifespan). /docs and /redoc show the OpenAPI schema; CORS headers are sent
+only for the origins `--allowed-origins` names.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loraserve.engine.async_engine import AsyncEngine
@@ -26,17 +29,17 @@ from loraserve.server.errors import APIError, install_error_handlers
 from loraserve.server.lifecycle import Drain, DrainMiddleware
 from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics, StaticInfo
-from loraserve.server.middleware import AuthMiddleware, BodyLimitMiddleware
+from loraserve.server.middleware import AuthMiddleware, BodyLimitMiddleware, JsonBodyMiddleware
 from loraserve.server.openapi import openapi_schema
 from loraserve.server.prompts import PromptBuilder
 from loraserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     LoadAdapterRequest,
-    ModelCard,
-    ModelList,
     UnloadAdapterRequest,
 )
+from loraserve.server.responses import ModelList
+from loraserve.server.routes_extra import add_extra_routes, model_cards
 from loraserve.server.serving import Served
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ def create_app(
     loaded); without `tenants` every caller may do everything. ValueError (or a
     LoraserveError) if the configuration cannot be served."""
     engine.start()
-    served = _served(engine, limits or RequestLimits(), config.adapter_dir)
+    served = _served(engine, config, limits or RequestLimits())
     metrics_key = (
         None if config.metrics_key_file is None else read_metrics_key(config.metrics_key_file)
     )
@@ -67,12 +70,13 @@ def create_app(
         yield
         engine.shutdown()
 
-    app = FastAPI(title="loraserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="loraserve", lifespan=lifespan)
     app.state.served = served
     app.state.adapter_roots = tuple(Path(root).resolve() for root in config.adapter_roots())
     app.state.drain = Drain(config.drain_timeout_seconds)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     # Added innermost first: the catch-all of install_error_handlers is outermost.
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(
         AuthMiddleware,
         tenants=tenants,
@@ -82,26 +86,41 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.body_limit(served.max_model_len))
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     install_error_handlers(app)
+    if config.allowed_origins:  # outermost: preflights are answered before anything else
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=list(config.allowed_methods or ("*",)),
+            allow_headers=list(config.allowed_headers or ("*",)),
+            allow_credentials=config.allow_credentials,
+        )
     _add_routes(app)
+    add_extra_routes(app)
     return app
 
 
-def _served(engine: AsyncEngine, limits: RequestLimits, adapter_dir: str | None) -> Served:
-    info, config = engine.info, engine.config
+def _served(engine: AsyncEngine, config: ServerConfig, limits: RequestLimits) -> Served:
+    info, engine_config = engine.info, engine.config
     assert info is not None, "the engine is started"
     static = StaticInfo(
-        block_size=config.cache.block_size,
+        block_size=engine_config.cache.block_size,
         num_pages=info.num_pages,
-        max_lora=config.lora.max_resident_adapters,
-        gpu_memory_utilization=config.cache.gpu_memory_utilization,
+        max_lora=engine_config.lora.max_resident_adapters,
+        gpu_memory_utilization=engine_config.cache.gpu_memory_utilization,
         dtype=str(info.dtype).removeprefix("torch."),
         model_name=info.served_model_name,
     )
-    prompts = PromptBuilder(engine.tokenizer, info.max_model_len)
-    directory = None if adapter_dir is None else AdapterDirectory(adapter_dir)
-    metrics = ServerMetrics(static)
+    prompts = PromptBuilder(engine.tokenizer, info.max_model_len, config.chat_template_source())
+    directory = None if config.adapter_dir is None else AdapterDirectory(config.adapter_dir)
     return Served(
-        engine, metrics, info.served_model_name, info.max_model_len, limits, prompts, directory
+        engine,
+        ServerMetrics(static),
+        info.served_model_name,
+        info.max_model_len,
+        limits,
+        prompts,
+        config.tool_call_parser,
+        config.trust_request_chat_template,
     )
 
 
@@ -138,9 +157,9 @@ def _add_routes(app: FastAPI) -> None:
     ) -> Response:
         return await create_chat_completion(served_of(request), body, tenant, request)
 
-    @app.get("/v1/models")
-    async def models(request: Request, tenant: CallerTenant) -> ModelList:
-        return _model_list(served_of(request), tenant)
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(request: Request, tenant: CallerTenant) -> JSONResponse:
+        return JSONResponse(ModelList(data=model_cards(served_of(request), tenant)).dump())
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
     async def load_lora_adapter(body: LoadAdapterRequest, request: Request, _: AdminTenant) -> str:
@@ -159,6 +178,8 @@ def _add_routes(app: FastAPI) -> None:
     async def unload_lora_adapter(
         body: UnloadAdapterRequest, request: Request, _: AdminTenant
     ) -> str:
+        """New requests for the adapter are refused at once; requests in flight finish,
+        and the adapter is forgotten when the last of them ends."""
         await served_of(request).engine.unregister_adapter(body.lora_name)
         logger.info("unloaded adapter %s", body.lora_name)
         return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
@@ -178,25 +199,6 @@ def _add_routes(app: FastAPI) -> None:
         served = served_of(request)
         served.metrics.update(await served.engine.stats(), served.engine.is_healthy)
         return Response(served.metrics.render(), media_type="text/plain; version=0.0.4")
-
-
-def _model_list(served: Served, tenant: Tenant) -> ModelList:
-    """The base model and the adapters this tenant may use (adapters name their parent).
-    Only admins see an adapter's folder (`root`): it tells a tenant about the server's disk."""
-    cards = []
-    if tenant.may_use(None):
-        cards.append(ModelCard(id=served.base_model, max_model_len=served.max_model_len))
-    for name, path in sorted(served.adapters().items()):
-        if tenant.may_use(name):
-            cards.append(
-                ModelCard(
-                    id=name,
-                    root=str(path) if tenant.admin else None,
-                    parent=served.base_model,
-                    max_model_len=served.max_model_len,
-                )
-            )
-    return ModelList(data=cards)
 
 
 def adapter_path(requested: str, roots: tuple[Path, ...]) -> Path:

@@ -4,7 +4,7 @@ The `--api-keys` file (YAML or JSON) maps each API key to its tenant:
 
     sk-alpha-1:
       tenant: alpha
-      adapters: [shout, reverse]   # or "*" for every adapter, present and future
+      adapters: [caps, pirate]     # or "*" for every adapter, present and future
       requests_per_minute: 60      # optional; completions (n counts n), shared by its keys
       weight: 2                    # optional (default 1): its share of service under load
     sk-ops:

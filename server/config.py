@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 MIN_DEFAULT_BODY_BYTES = 2**20
 BODY_BYTES_PER_CONTEXT_TOKEN = 16
@@ -44,6 +46,22 @@ class ServerConfig:
     """On SIGTERM: /health turns 503, new requests get 503, requests in flight get this long to finish before the process exits (keep it below Kubernetes' terminationGracePeriodSeconds minus the preStop hook)."""
     log_level: str = "info"
     """Server log level: critical | error | warning | info | debug."""
+    tool_call_parser: str | None = None
+    """How `tool_choice: auto` finds tool calls in the output: hermes (Hermes, Qwen) | llama3_json | mistral; without it only `required` and named tool choices work."""
+    enable_auto_tool_choice: bool = False
+    """vLLM's switch for `tool_choice: auto`, accepted for vLLM's command lines; here a tool call parser alone enables it (and this switch needs one)."""
+    chat_template: str | None = field(default=None, metadata={"metavar": "FILE_OR_TEMPLATE"})
+    """A Jinja chat template (a file, or the template itself) used instead of the model's."""
+    trust_request_chat_template: bool = False
+    """Let requests bring their own `chat_template` (run in the same sandbox as the model's)."""
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={"metavar": "ORIGIN"})
+    """CORS: an origin browsers may call from (repeatable, or a JSON list as vLLM takes it; `*` for any); none: no CORS headers (vLLM's default is `*`: browser pages of any site could use an open server)."""
+    allowed_methods: tuple[str, ...] = field(default=(), metadata={"metavar": "METHOD"})
+    """CORS: methods allowed (repeatable or a JSON list; default all)."""
+    allowed_headers: tuple[str, ...] = field(default=(), metadata={"metavar": "HEADER"})
+    """CORS: request headers allowed (repeatable or a JSON list; default all)."""
+    allow_credentials: bool = False
+    """CORS: allow credentials (cookies, HTTP authentication) in cross-origin requests."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -69,6 +87,15 @@ class ServerConfig:
             name, sep, path = spec.partition("=")
             if not (sep and name and path):
                 raise ValueError(f"--adapter expects NAME=DIR, got {spec!r}")
+        parsers = ("hermes", "llama3_json", "mistral")
+        if self.tool_call_parser is not None and self.tool_call_parser not in parsers:
+            raise ValueError(
+                f"tool_call_parser must be one of {parsers}, got {self.tool_call_parser!r}"
+            )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            object.__setattr__(self, name, _json_lists(name, getattr(self, name)))
 
     def body_limit(self, max_model_len: int) -> int:
         """max_request_body_bytes, or its default for a model of this context length."""
@@ -76,7 +103,35 @@ class ServerConfig:
             return self.max_request_body_bytes
         return max(MIN_DEFAULT_BODY_BYTES, BODY_BYTES_PER_CONTEXT_TOKEN * max_model_len)
 
+    def chat_template_source(self) -> str | None:
+        """--chat-template's template: the file's text, or the value itself."""
+        value = self.chat_template
+        if value is None or "{" in value:
+            return value
+        try:
+            return Path(value).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ValueError(f"--chat-template {value}: {error}") from None
+
     def adapter_roots(self) -> tuple[str, ...]:
         """Folders dynamic loading may read from."""
         roots = self.allowed_adapter_roots
         return roots if self.adapter_dir is None else (self.adapter_dir, *roots)
+
+
+def _json_lists(name: str, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Values given one per option, or as a JSON list (`--allowed-origins '["*"]'`, vLLM's
+    spelling)."""
+    result: list[str] = []
+    for value in values:
+        if value.startswith("["):
+            try:
+                items = json.loads(value)
+            except ValueError:
+                raise ValueError(f"{name}: not a JSON list: {value!r}") from None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError(f"{name}: expected a JSON list of strings, got {value!r}")
+            result += items
+        else:
+            result.append(value)
+    return tuple(result)

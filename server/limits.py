@@ -29,6 +29,8 @@ class RequestLimits:
     """Longest `stop` string, in characters."""
     max_stop_token_ids: int = 1024
     """Most `stop_token_ids` per request."""
+    max_token_constraints: int = 4096
+    """Most entries of each of `logit_bias`, `allowed_token_ids` and `bad_words` per request (the sampler reads them every step)."""
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -47,6 +49,13 @@ class RequestLimits:
         longest = max((len(text) for text in stops), default=0)
         _at_most(longest, self.max_stop_string_chars, "stop", "characters in a stop string")
         _at_most(len(stop_token_ids), self.max_stop_token_ids, "stop_token_ids", "stop token ids")
+
+    def check_token_lists(self, *lists: Sequence[object] | dict[str, float] | None) -> None:
+        """`allowed_token_ids`, `logit_bias` and `bad_words`, in that order."""
+        for name, values in zip(
+            ("allowed_token_ids", "logit_bias", "bad_words"), lists, strict=True
+        ):
+            _at_most(len(values or ()), self.max_token_constraints, name, "entries")
 
 
 def _at_most(value: int, limit: int, param: str, what: str) -> None:

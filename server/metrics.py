@@ -18,6 +18,8 @@ Two families of names:
   into host RAM; `cpu`: host RAM copied into the pool).
 - loraserve's own `loraserve_*`: pool pages by use, adapter loads/evictions,
   request latency histograms, token counters, requests per model (adapter).
+- request latencies and tokens under vLLM's names too, with `model_name`
+  (server/request_metrics.py), so that vLLM's dashboards work.
 
 Engine gauges are read at scrape time from an `EngineStats` the engine thread took,
 so a scrape shows one consistent step boundary. Each app has its own registry.
@@ -31,7 +33,6 @@ from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -40,27 +41,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from loraserve.engine.outputs import EngineStats
+from loraserve.server.request_metrics import TOKEN_LATENCY_BUCKETS, RequestMetrics
 
 # The `*_created` series only repeat the start time, once per metric; vLLM leaves them out too.
 disable_created_metrics()
-
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-TOKEN_LATENCY_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-)
 
 
 @dataclass(frozen=True)
@@ -73,7 +57,7 @@ class StaticInfo:
     gpu_memory_utilization: float
     dtype: str
     model_name: str = ""
-    """The served base model's name (the residency series' `model_name`)."""
+    """The served base model's name (vLLM's `model_name` label)."""
 
 
 class ServerMetrics:
@@ -93,37 +77,7 @@ class ServerMetrics:
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.time_to_first_token = Histogram(
-            "loraserve_time_to_first_token_seconds",
-            "From request arrival to its first generated token.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.time_per_output_token = Histogram(
-            "loraserve_time_per_output_token_seconds",
-            "Mean time between generated tokens after the first, per completion.",
-            buckets=TOKEN_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.e2e_latency = Histogram(
-            "loraserve_e2e_request_latency_seconds",
-            "From request arrival to its last token.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.prompt_tokens = Counter(
-            "loraserve_prompt_tokens", "Prompt tokens of served requests.", registry=self.registry
-        )
-        self.generation_tokens = Counter(
-            "loraserve_generation_tokens", "Tokens generated.", registry=self.registry
-        )
-        self.requests = Counter(
-            "loraserve_requests",
-            "Requests by model (base model or adapter) and outcome "
-            "(finished; aborted: the client went away; failed).",
-            ["model", "outcome"],
-            registry=self.registry,
-        )
+        self.requests = RequestMetrics(self.registry, info.model_name)
 
     def update(self, stats: EngineStats, healthy: bool) -> None:
         """Take a fresh engine picture (call before `render`)."""

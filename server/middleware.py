@@ -7,6 +7,8 @@
   --metrics-port listener serves /metrics and /health only, without a key.
 - `BodyLimitMiddleware`: bodies over the limit get 413, whether announced by
   Content-Length or sent chunked.
+- `JsonBodyMiddleware`: a POST whose body is not declared JSON (`Content-Type`) gets
+  415, as vLLM answers, rather than a puzzling validation error.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from loraserve.server.auth import OPEN_TENANT, MetricsAccess, Tenant, Tenants
 from loraserve.server.errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
+PROTECTED_PATHS = ("/tokenize", "/detokenize")
+"""Outside /v1 but tenants' business too: they name a model."""
 METRICS_PORT_PATHS = ("/metrics", "/health")
+BODILESS_POSTS = ("/ping",)
 
 
 class AuthMiddleware:
@@ -56,9 +61,34 @@ class AuthMiddleware:
             return OPEN_TENANT
         if path == "/metrics":
             self.metrics.check(authorization)
-        elif self.tenants is not None and path.startswith(PROTECTED_PREFIX):
+        elif self.tenants is not None and (
+            path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
+        ):
             return self.tenants.authenticate(authorization)
         return OPEN_TENANT
+
+
+class JsonBodyMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] not in BODILESS_POSTS
+        ):
+            media_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+            if not (media_type == "application/json" or media_type.endswith("+json")):
+                error = APIError(
+                    415,
+                    f"Unsupported Media Type: only application/json is accepted, got "
+                    f"{media_type or 'no Content-Type'}",
+                    code="unsupported_media_type",
+                )
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -35,6 +35,7 @@ ERROR_STATUSES = {
     "403": "The key may not do this",
     "404": "Unknown model or adapter",
     "413": "Request body too large",
+    "415": "The body is not declared JSON (Content-Type)",
     "429": "Rate limit or full queue (see Retry-After)",
     "500": "Internal error",
     "503": "Engine stopped, or the server is draining",

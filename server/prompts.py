@@ -14,7 +14,7 @@ context and the pool.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraserve.errors import InvalidRequestError
@@ -33,12 +33,39 @@ class Prompt:
     token_ids: list[int]
 
 
+@dataclass(frozen=True)
+class Tokenizing:
+    """How a request's prompt becomes tokens (vLLM's request options)."""
+
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    """Keep only the last this many tokens (-1: as many as the context holds)."""
+
+
+@dataclass(frozen=True)
+class ChatRendering:
+    """How a conversation is rendered (vLLM's chat options)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    """End the prompt inside the last (assistant) message, for the model to continue it."""
+    tools: list[dict[str, Any]] | None = None
+    template: str | None = None
+    """A Jinja template used instead of the model's."""
+    variables: dict[str, Any] = field(default_factory=dict)
+    """More template variables (`chat_template_kwargs`, `documents`, ...)."""
+
+
 class PromptBuilder:
     """Token ids of the prompts of one served model, within its context limit."""
 
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, max_model_len: int, chat_template: str | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.chat_template = chat_template
+        """The server's template (`--chat-template`), used instead of the model's."""
         self.max_prompt_chars = max_model_len * tokenizer.longest_token_chars * CHARS_SLACK
         """Longest text that may still fit the context; longer ones are not tokenized."""
 
@@ -49,7 +76,9 @@ class PromptBuilder:
         return 1
 
     async def completion_prompts(
-        self, prompt: str | list[str] | list[int] | list[list[int]]
+        self,
+        prompt: str | list[str] | list[int] | list[list[int]],
+        tokenizing: Tokenizing = Tokenizing(),
     ) -> list[Prompt]:
         """A completions request's prompts, in order."""
         if isinstance(prompt, str):
@@ -57,31 +86,72 @@ class PromptBuilder:
         if not prompt:
             raise InvalidRequestError("prompt must not be empty", "prompt")
         if isinstance(prompt[0], int):
-            return [self._token_prompt(prompt)]  # type: ignore[arg-type]
+            return [self._token_prompt(prompt, tokenizing)]  # type: ignore[arg-type]
         if isinstance(prompt[0], list):
-            return [self._token_prompt(ids) for ids in prompt]  # type: ignore[arg-type]
+            return [self._token_prompt(ids, tokenizing) for ids in prompt]  # type: ignore[arg-type]
         texts: list[str] = prompt  # type: ignore[assignment]
-        for text in texts:
-            self._check_chars(len(text), "prompt")
-        return await asyncio.to_thread(lambda: [self._encode(text, "prompt") for text in texts])
+        if tokenizing.truncate_prompt_tokens is None:
+            for text in texts:
+                self._check_chars(len(text), "prompt")
+        return await asyncio.to_thread(
+            lambda: [self._encode(text, "prompt", tokenizing) for text in texts]
+        )
 
     async def chat_prompt(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool
+        self,
+        messages: list[dict[str, Any]],
+        rendering: ChatRendering = ChatRendering(),
+        tokenizing: Tokenizing = Tokenizing(add_special_tokens=False),
     ) -> Prompt:
-        """The rendered conversation. The template writes BOS itself, so no special tokens
-        are added again."""
-        self._check_chars(sum(_chars(message) for message in messages), "messages")
+        """The rendered conversation. The template writes BOS itself, so by default no
+        special tokens are added again."""
+        if tokenizing.truncate_prompt_tokens is None:
+            self._check_chars(sum(_chars(message) for message in messages), "messages")
 
         def render() -> Prompt:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
-            return self._encode(text, "messages", add_special_tokens=False)
+            text = self.render(messages, rendering)
+            return self._encode(text, "messages", tokenizing)
 
         return await asyncio.to_thread(render)
 
-    def _token_prompt(self, token_ids: list[int]) -> Prompt:
+    def render(self, messages: list[dict[str, Any]], rendering: ChatRendering) -> str:
+        """The conversation as text (in a worker thread: templates are slow)."""
+        if rendering.continue_final_message and rendering.add_generation_prompt:
+            raise InvalidRequestError(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                "continue_final_message",
+            )
+        text = self.tokenizer.apply_chat_template(
+            messages,
+            rendering.add_generation_prompt,
+            rendering.tools,
+            template=rendering.template or self.chat_template,
+            **rendering.variables,
+        )
+        if rendering.continue_final_message:
+            text = _open_final_message(text, messages)
+        return text
+
+    def _token_prompt(self, token_ids: list[int], tokenizing: Tokenizing) -> Prompt:
+        keep = self._keep(tokenizing)
+        if keep is not None:
+            token_ids = token_ids[-keep:]
         if len(token_ids) >= self.max_model_len:  # before anything reads the ids
             raise _too_long(len(token_ids), self.max_model_len, "prompt")
         return Prompt(None, list(token_ids))
+
+    def _keep(self, tokenizing: Tokenizing) -> int | None:
+        """How many last tokens truncation keeps (None: no truncation)."""
+        keep = tokenizing.truncate_prompt_tokens
+        if keep is None:
+            return None
+        if keep == -1 or keep >= self.max_model_len:
+            return self.max_model_len - 1
+        if keep == 0:
+            raise InvalidRequestError(
+                "truncate_prompt_tokens must be >= 1 or -1", "truncate_prompt_tokens"
+            )
+        return keep
 
     def _check_chars(self, num_chars: int, param: str) -> None:
         if num_chars > self.max_prompt_chars:
@@ -92,7 +162,7 @@ class PromptBuilder:
                 param,
             )
 
-    def _encode(self, text: str, param: str, add_special_tokens: bool = True) -> Prompt:
+    def _encode(self, text: str, param: str, tokenizing: Tokenizing) -> Prompt:
         """Runs in a worker thread."""
         if not text.isascii():  # isascii is O(1); only other texts can hold a lone surrogate
             try:
@@ -103,6 +173,11 @@ class PromptBuilder:
                     "which is not a Unicode character",
                     param,
                 ) from None
+        add_special_tokens = tokenizing.add_special_tokens
+        keep = self._keep(tokenizing)
+        if keep is not None:  # truncated prompts are tokenized whole, then cut
+            ids = self.tokenizer.encode(text, add_special_tokens)[-keep:]
+            return Prompt(text, ids)
         encoded = self.tokenizer.encode_at_most(text, self.max_model_len - 1, add_special_tokens)
         if encoded.ids is None:
             raise _too_long(encoded.num_tokens, self.max_model_len, param, encoded.exact)
@@ -118,6 +193,25 @@ def _too_long(
         f"maximum context length is {max_model_len} tokens, prompt and output together",
         param,
     )
+
+
+def _open_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    """`text` cut just after the final message's content (transformers' rule for
+    `continue_final_message`), so that the model continues that message."""
+    final = messages[-1].get("content") if messages else None
+    if not isinstance(final, str) or not final.strip():
+        raise InvalidRequestError(
+            "continue_final_message needs a final message with text content", "messages"
+        )
+    location = text.rfind(final.strip())
+    if location < 0:
+        raise InvalidRequestError(
+            "continue_final_message: the chat template does not show the final message verbatim",
+            "messages",
+        )
+    if text[location : location + len(final)] == final:
+        return text[: location + len(final)]
+    return text[: location + len(final.strip())]
 
 
 def _chars(message: dict[str, Any]) -> int:

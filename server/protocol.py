@@ -1,11 +1,17 @@
-"""OpenAI's request and response shapes (and vLLM's admin bodies), as pydantic models.
+"""OpenAI's and vLLM's request bodies, as pydantic models (responses: server/responses.py).
 
-Requests validate strictly (a string where a number belongs is a 400, not a
-silent conversion). Fields OpenAI defines that loraserve cannot honour are
-declared and refused with a message rather than silently ignored; other unknown
-fields are ignored, as vLLM does, so clients sending newer fields still work.
-vLLM's sampling extras (`top_k`, `min_p`, `ignore_eos`, `repetition_penalty`,
-...) are accepted in the body, e.g. through the `openai` client's `extra_body`.
+The rule: every field a body may carry is either honoured or refused with a 400 that
+names it (server/params.py refuses; tests/server/test_api_parameter_rule.py walks these
+models and sends each field with a value that would change the output). Fields that
+change nothing about the output (`user`, `metadata`, `store`, `service_tier`,
+`cache_salt`, `prediction`) are accepted and ignored. Unknown fields are ignored with a
+warning in the log, as vLLM does, so that clients sending newer fields still work: a
+field from OpenAI's or vLLM's API that could change the output is declared here, so an
+unknown one is neither's.
+
+`null` means "the default" wherever OpenAI allows it (`n`, `stream`, `logprobs`,
+`echo`, `stream_options.include_usage`, ...). Requests validate strictly otherwise (a
+string where a number belongs is a 400, not a silent conversion).
 
 Validation runs on the event loop, so its cost must not grow with what a client can
 pack into a body faster than the body's size: a completions `prompt` is validated as
@@ -17,7 +23,7 @@ the server's limits are checked after validation (server/prompts.py, server/limi
 
 from __future__ import annotations
 
-import time
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -28,6 +34,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    model_validator,
 )
 
 from loraserve.engine.sampling_params import (
@@ -37,55 +44,140 @@ from loraserve.engine.sampling_params import (
     MIN_REPETITION_PENALTY,
 )
 
+logger = logging.getLogger(__name__)
+
 MAX_MESSAGES = 4096
 """Most messages in one conversation; validating each costs a few microseconds of the
 event loop."""
 MAX_ADAPTER_NAME_CHARS = 256
 """Longest adapter name (it is also a model id and a metric label value)."""
+MAX_WARNED_FIELDS = 1024
+"""Unknown field names warned about once each (then silently ignored), so that a client
+inventing names cannot flood the log."""
+_warned_fields: set[str] = set()
 
 
 class Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = set(data) - set(cls.model_fields) - _warned_fields
+            if unknown and len(_warned_fields) < MAX_WARNED_FIELDS:
+                _warned_fields.update(unknown)
+                logger.warning(
+                    "ignored unknown field(s) of %s (warned once each): %s",
+                    cls.__name__,
+                    ", ".join(sorted(repr(name[:64]) for name in unknown)),
+                )
+        return data
+
 
 class StreamOptions(Request):
-    include_usage: bool = False
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+    """vLLM's: usage in every chunk, not only in a last one of its own."""
+
+
+class JsonSchemaFormat(Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Request):
+    """OpenAI's `response_format`: text, any JSON object, or JSON under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(Request):
+    """vLLM's `structured_outputs` (exactly one of the first five)."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    disable_fallback: bool | None = None
 
 
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 MaxTokens = Annotated[int, Field(ge=1)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class SamplingFields(Request):
-    """Sampling fields common to both endpoints (OpenAI's, then vLLM's extras).
+    """What both generation endpoints accept: OpenAI's fields, then vLLM's extras.
 
     The ranges are SamplingParams' (engine/sampling_params.py, which says why), stated
     here too so that the OpenAPI schema tells clients (and fuzzers) what is accepted;
     limits on counts are the server's (server/limits.py)."""
 
-    model: str
-    n: Annotated[int, Field(ge=1)] = 1
+    model: str | None = None
+    """The adapter, or the base model's name; absent = the base model (as vLLM)."""
+    n: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    stream: bool = False
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
-    # vLLM's extras
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # vLLM's sampling extras
     top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    ignore_eos: bool | None = None
     repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=2)] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    return_tokens_as_token_ids: bool = False
-    """Logprobs name tokens `token_id:ID` instead of their text (vLLM's extra)."""
+    stop_token_ids: list[TokenId] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: Logprobs | None = None
+    return_tokens_as_token_ids: bool | None = None
+    """Logprobs name tokens `token_id:ID` instead of their text."""
+    return_token_ids: bool | None = None
+    """The prompt's and each choice's token ids in the response."""
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    """Keep only the last this many prompt tokens (-1: as many as the context holds)."""
+    add_special_tokens: bool | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
+    logits_processors: list[Any] | None = None
+    priority: int | None = None
+    request_id: str | None = None
+    """Used in the response's id (`cmpl-<request_id>`), as vLLM does."""
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    # vLLM's structured output, older and newer spellings
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 def _prompt_form(value: Any) -> str:
@@ -113,9 +205,10 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
     prompt: PromptInput
-    max_tokens: MaxTokens | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    """0 only with `echo` (the prompt's logprobs, nothing generated, as OpenAI allowed)."""
     logprobs: Logprobs | None = None
-    echo: bool = False
+    echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
 
@@ -148,6 +241,30 @@ def _at_most_max_messages(value: Any) -> Any:
     return value
 
 
+class FunctionDefinition(Request):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -156,12 +273,28 @@ class ChatCompletionRequest(SamplingFields):
     ]
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: Logprobs | None = None
-    add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    # vLLM's chat extras
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+    include_reasoning: bool | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 def _unicode(value: str) -> str:
@@ -196,124 +329,22 @@ class UnloadAdapterRequest(Request):
     lora_name: AdapterName
 
 
-# -- responses ---------------------------------------------------------------------------------
+class TokenizeRequest(Request):
+    """POST /tokenize (vLLM's body): a prompt, or messages rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: (
+        Annotated[list[ChatMessage], Field(min_length=1), BeforeValidator(_at_most_max_messages)]
+        | None
+    ) = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    return_token_strs: bool | None = None
 
 
-class Response(BaseModel):
-    pass
+class DetokenizeRequest(Request):
+    """POST /detokenize (vLLM's body)."""
 
-
-class Usage(Response):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-class CompletionLogprobs(Response):
-    """The legacy completions format: parallel lists, one entry per token."""
-
-    tokens: list[str] = []
-    token_logprobs: list[float | None] = []
-    top_logprobs: list[dict[str, float] | None] = []
-    text_offset: list[int] = []
-
-
-class CompletionChoice(Response):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class CompletionResponse(Response):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-class TopLogprob(Response):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = []
-
-
-class ChatLogprobs(Response):
-    content: list[ChatTokenLogprob] = []
-
-
-class AssistantMessage(Response):
-    role: Literal["assistant"] = "assistant"
-    content: str = ""
-
-
-class ChatChoice(Response):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionResponse(Response):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-class Delta(Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(Response):
-    index: int
-    delta: Delta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(Response):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionChunk(Response):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(Response):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "loraserve"
-    root: str | None = None
-    parent: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(Response):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+    model: str | None = None
+    tokens: list[TokenId]

@@ -20,12 +20,11 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from loraserve.engine.async_engine import AsyncEngine, RequestStream
 from loraserve.engine.origin import RequestOrigin
-from loraserve.engine.outputs import CompletionDelta, CompletionOutput
+from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.errors import AdapterError, InvalidRequestError
 from loraserve.memory.adapter_dir import AdapterDirectory
@@ -35,7 +34,7 @@ from loraserve.server.errors import APIError, model_not_found, to_api_error
 from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.prompts import Prompt, PromptBuilder
-from loraserve.server.protocol import SamplingFields, Usage
+from loraserve.server.responses import PromptLogprobs, Response, TokenLogprobEntry, Usage
 
 T = TypeVar("T")
 TokenNamer = Callable[[int], str]
@@ -52,6 +51,10 @@ class Served:
     max_model_len: int
     limits: RequestLimits
     prompts: PromptBuilder
+    tool_call_parser: str | None = None
+    """`--tool-call-parser`: how `tool_choice: auto` finds tool calls in the output."""
+    trust_request_chat_template: bool = False
+    """Whether a request may bring its own `chat_template`."""
     adapter_dir: AdapterDirectory | None = None
     """--adapter-dir's listing: adapters served from disk, read by the engine on first use."""
 
@@ -91,10 +94,11 @@ class Served:
         tokenizer = self.tokenizer
         return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def resolve_adapter(self, model: str, tenant: Tenant) -> str | None:
-        """The adapter `model` names (None = the base model); 404 if unknown or not the
-        tenant's, with the same message so that other tenants' adapters stay unseen."""
-        if model == self.base_model:
+    def resolve_adapter(self, model: str | None, tenant: Tenant) -> str | None:
+        """The adapter `model` names (None = the base model, as is an absent `model`); 404
+        if unknown or not the tenant's, with the same message so that other tenants'
+        adapters stay unseen."""
+        if model is None or model == self.base_model:
             adapter = None
         elif self.adapter_path(model) is not None:
             adapter = model
@@ -158,35 +162,6 @@ def fields_as_sent(renamed: dict[str, str]) -> Iterator[None]:
         raise InvalidRequestError(message, new) from None
 
 
-def sampling_params(
-    body: SamplingFields, max_tokens: int | None, logprobs: int | None, limits: RequestLimits
-) -> SamplingParams:
-    """The engine's params from the body; InvalidRequestError (400) names a bad field.
-    The server's limits on counts come first, so that nothing is built for a huge list."""
-    limits.check_stops(body.stop, body.stop_token_ids or [])
-    values: dict[str, Any] = {
-        "n": body.n,
-        "min_tokens": body.min_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "top_k": body.top_k,
-        "min_p": body.min_p,
-        "seed": body.seed,
-        "stop": body.stop,
-        "stop_token_ids": body.stop_token_ids,
-        "ignore_eos": body.ignore_eos,
-        "include_stop_str_in_output": body.include_stop_str_in_output,
-        "repetition_penalty": body.repetition_penalty,
-        "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty,
-        "logprobs": logprobs,
-        "skip_special_tokens": body.skip_special_tokens,
-    }
-    # null means "the default", except for max_tokens (null = up to the context limit).
-    given = {name: value for name, value in values.items() if value is not None}
-    return SamplingParams(**given, max_tokens=max_tokens)
-
-
 @dataclass
 class Tracker:
     """Latency and token accounting of one HTTP request, for the metrics."""
@@ -199,26 +174,32 @@ class Tracker:
     first_token: float | None = None
     completions: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
     """(prompt, completion) -> (time of its first token, tokens so far)."""
+    finish_reasons: list[str] = field(default_factory=list)
 
     def observe(self, prompt_index: int, delta: CompletionDelta) -> None:
         now = time.perf_counter()
         if self.first_token is None:
             self.first_token = now
-            self.metrics.time_to_first_token.observe(now - self.arrival)
+            self.metrics.requests.first_token(now - self.arrival)
         key = (prompt_index, delta.index)
         started, _ = self.completions.get(key, (now, 0))
         self.completions[key] = (started, delta.num_tokens)
+        if delta.finish_reason is not None:
+            self.finish_reasons.append(delta.finish_reason)
         if delta.finished and delta.num_tokens > 1:
             mean = (now - started) / (delta.num_tokens - 1)
-            self.metrics.time_per_output_token.observe(mean)
+            self.metrics.requests.time_per_output_token(mean)
 
     def close(self, outcome: str) -> None:
         """Record the request's end: `finished`, `aborted` (client gone) or `failed`."""
-        metrics = self.metrics
-        metrics.e2e_latency.observe(time.perf_counter() - self.arrival)
-        metrics.prompt_tokens.inc(self.num_prompt_tokens)
-        metrics.generation_tokens.inc(sum(count for _, count in self.completions.values()))
-        metrics.requests.labels(model=self.model, outcome=outcome).inc()
+        self.metrics.requests.finished(
+            time.perf_counter() - self.arrival,
+            self.num_prompt_tokens,
+            sum(count for _, count in self.completions.values()),
+            self.model,
+            outcome,
+            self.finish_reasons if outcome == "finished" else ["abort"],
+        )
 
     def usage(self) -> Usage:
         completion_tokens = sum(count for _, count in self.completions.values())
@@ -227,6 +208,31 @@ class Tracker:
             completion_tokens=completion_tokens,
             total_tokens=self.num_prompt_tokens + completion_tokens,
         )
+
+
+def prompt_logprobs(
+    entries: list[TokenLogprobs | None] | None, decode: Callable[[int], str]
+) -> PromptLogprobs | None:
+    """vLLM's `prompt_logprobs`: per prompt token, its logprob and its top alternatives'."""
+    if entries is None:
+        return None
+    result: PromptLogprobs = []
+    for entry in entries:
+        if entry is None:
+            result.append(None)
+            continue
+        alternatives = {entry.token_id: (entry.logprob, entry.rank)}
+        for rank, (token_id, logprob) in enumerate(entry.top_logprobs, start=1):
+            alternatives.setdefault(token_id, (logprob, rank))
+        result.append(
+            {
+                str(token_id): TokenLogprobEntry(
+                    logprob=logprob, rank=rank, decoded_token=decode(token_id)
+                )
+                for token_id, (logprob, rank) in alternatives.items()
+            }
+        )
+    return result
 
 
 def merge_deltas(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
@@ -338,10 +344,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def sse(data: BaseModel | dict[str, Any]) -> str:
+def sse(data: Response | dict[str, Any]) -> str:
     """One server-sent event, as OpenAI frames them."""
-    text = data.model_dump_json() if isinstance(data, BaseModel) else _json(data)
-    return f"data: {text}\n\n"
+    return f"data: {_json(data.dump() if isinstance(data, Response) else data)}\n\n"
 
 
 async def _with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -26,11 +26,15 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 SPECIAL_TOKENS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+# Printable ASCII as byte-level BPE spells it (space, newline and tab are mapped to Ġ, Ċ, ĉ).
+ASCII_ALPHABET = [chr(code) for code in range(33, 127)] + ["Ġ", "Ċ", "ĉ"]
 
 
-def make_tokenizer(folder: Path, vocab_size: int = 320) -> int:
+def make_tokenizer(folder: Path, vocab_size: int = 320, all_bytes: bool = True) -> int:
     """Train a byte-level BPE on CORPUS, write tokenizer.json + tokenizer_config.json.
 
+    `all_bytes` False: only printable ASCII, space, tab and newline are tokens, so that any
+    sequence of tokens decodes to valid UTF-8 (a grammar over text can then admit any answer).
     Returns the tokenizer's vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -40,7 +44,7 @@ def make_tokenizer(folder: Path, vocab_size: int = 320) -> int:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if all_bytes else ASCII_ALPHABET,
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS, trainer=trainer)
@@ -59,11 +63,66 @@ def make_tokenizer(folder: Path, vocab_size: int = 320) -> int:
     return tokenizer.get_vocab_size()
 
 
+# A random tiny Gemma with tied (sqrt(hidden)-scaled) embeddings repeats its last token
+# whatever the prompt: untied, its greedy tokens vary (tied loading: tests/models).
+UNTIED_GEMMA: dict[str, Any] = dict(tie_word_embeddings=False, initializer_range=0.3)
+# Each new family as its real checkpoints configure it, at a tiny size: GQA, head_dim 16
+# (Gemma: query_pre_attn_scalar apart from it), sliding windows of 12 tokens so that a
+# prompt and its 32 new tokens run past them, soft caps low enough to bend the scores.
+NEW_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3": (  # per-head q/k norms; sliding window in the layers from max_window_layers on
+        "Qwen3Config",
+        dict(use_sliding_window=True, sliding_window=12, max_window_layers=1),
+    ),
+    "gemma2": (  # alternating local (window 12) and global layers, both soft caps
+        "Gemma2Config",
+        dict(
+            sliding_window=12,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=8.0,
+            **UNTIED_GEMMA,
+        ),
+    ),
+    "gemma3": (  # q/k norms, a local layer with its own RoPE base, then a global one
+        "Gemma3TextConfig",
+        dict(
+            sliding_window=12,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24,
+            **UNTIED_GEMMA,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        ),
+    ),
+    "phi3": ("Phi3Config", dict(sliding_window=12)),  # fused qkv_proj / gate_up_proj
+    "phi4-mini": (  # partial rotary 3/4, longrope (original length 128), tied embeddings
+        "Phi3Config",
+        dict(
+            partial_rotary_factor=0.75,
+            tie_word_embeddings=True,
+            original_max_position_embeddings=128,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0],
+                "partial_rotary_factor": 0.75,
+                "original_max_position_embeddings": 128,
+            },
+        ),
+    ),
+}
+
+
 def tiny_config(kind: str, vocab_size: int, **overrides: Any):
     """A transformers config for a tiny model of one family.
 
     kind: `llama` (MHA), `llama-gqa`, `llama3` (GQA + llama3 rope scaling),
-    `mistral`, `qwen2` (q/k/v bias, tied embeddings)."""
+    `mistral`, `qwen2` (q/k/v bias, tied embeddings), or one of NEW_FAMILIES."""
+    import transformers
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common: dict[str, Any] = dict(
@@ -104,6 +163,13 @@ def tiny_config(kind: str, vocab_size: int, **overrides: Any):
         config = Qwen2Config(
             **{**common, "num_key_value_heads": 2, "tie_word_embeddings": True, **overrides}
         )
+    elif kind in NEW_FAMILIES:
+        class_name, family = NEW_FAMILIES[kind]
+        gqa = {"num_key_value_heads": 2, "head_dim": 16, "pad_token_id": 1}
+        if class_name == "Phi3Config":
+            del gqa["head_dim"]  # Phi3Config derives it (64 / 4 = 16)
+        config_class = getattr(transformers, class_name)
+        config = config_class(**{**common, **gqa, **family, **overrides})
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     return config
@@ -114,15 +180,20 @@ def make_model(
     kind: str = "llama",
     seed: int = 0,
     max_shard_size: str | None = None,
+    all_bytes: bool = True,
     **overrides: Any,
 ):
     """Write a random tiny model + tokenizer to `folder`; returns the HF model (float32, eval)."""
     from transformers import AutoModelForCausalLM
 
-    vocab_size = make_tokenizer(folder)
+    vocab_size = make_tokenizer(folder, all_bytes=all_bytes)
     config = tiny_config(kind, vocab_size, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    with torch.no_grad():  # norms start at 1 (or Gemma's 0): make each weight count
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return model

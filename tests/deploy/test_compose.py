@@ -56,6 +56,7 @@ def test_loraserve_runs_the_demo_from_the_repository_image() -> None:
         REPO / "Dockerfile"
     )
     assert service["entrypoint"][1] == "demo"
+    assert service["build"]["args"]["EXTRAS"] == "[demo]", "the image needs the demo extra"
     options = vars(build_parser().parse_args([service["entrypoint"][1], *service["command"]]))
     assert options["host"] == "0.0.0.0"
     assert service["ports"] == [f"127.0.0.1:{options['port']}:{options['port']}"]

@@ -54,11 +54,11 @@ def test_hadolint_passes() -> None:
 def test_image_and_make_setup_install_with_the_same_script() -> None:
     builder, _ = stages()
     runs = [args for name, args in builder if name == "RUN"]
-    assert f"sh {INSTALL_SCRIPT} /opt/venv ." in runs
+    assert f'sh {INSTALL_SCRIPT} /opt/venv ".${{EXTRAS}}"' in runs
     makefile = (REPO / "Makefile").read_text()
     recipe = re.search(r"^\$\(VENV\)/\.installed:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
     assert recipe is not None
-    assert recipe.group(1).splitlines()[0] == f"\tsh {INSTALL_SCRIPT} $(VENV) -e '.[test]'"
+    assert recipe.group(1).splitlines()[0] == f"\tsh {INSTALL_SCRIPT} $(VENV) -e '.[test,demo]'"
     # Nothing installs Python packages around the script, in either place.
     for text in (dockerfile(), recipe.group(1)):
         assert "pip install" not in text

@@ -10,8 +10,8 @@ from types import ModuleType
 import pytest
 from deploy_files import K8S
 
+from loraserve.demo.recipes import RECIPES
 from loraserve.memory.adapter_dir import CONFIG_FILE, list_adapter_folders
-from loraserve.server.demo_training import ADAPTER_TASKS
 
 
 def load_generator() -> ModuleType:
@@ -65,7 +65,7 @@ def test_rewrite_keeps_the_adapter_name_and_refuses_clashes() -> None:
 def test_committed_file_is_the_generators_output_for_the_demo(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = adapter_folder(tmp_path, list(ADAPTER_TASKS))
+    root = adapter_folder(tmp_path, list(RECIPES))
     assert generator.main([str(root)]) == 0
     assert capsys.readouterr().out == (K8S / "inference" / "adapters.yaml").read_text()
 

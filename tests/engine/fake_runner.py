@@ -35,7 +35,7 @@ class FakeRunner:
     def __post_init__(self) -> None:
         self.num_pages = self.config.cache.pool_pages or 64
 
-    def add_request(self, request_id: str, params: SamplingParams) -> None:
+    def add_request(self, request_id: str, params: SamplingParams, grammar: Any = None) -> None:
         assert request_id not in self.requests
         self.requests[request_id] = params
 

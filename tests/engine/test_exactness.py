@@ -5,6 +5,9 @@ For each model family, one `generate` call mixes adapters of different ranks
 requests; every request must produce the tokens PEFT produces for that adapter
 alone, with logprobs equal to 1e-4. Also under a pool so small that requests are
 preempted and recomputed, and with prompts chunked by a tiny token budget.
+
+Families with sliding windows have windows of 12 tokens, so every prompt and its 32
+new tokens run past them; Phi-3's adapters target its fused qkv_proj / gate_up_proj.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from factories import greedy_reference, make_adapter, make_model, peft_model_for
 
 from loraserve import LLM, SamplingParams
+from loraserve.models.arch import FUSED_MODULES, LORA_MODULES
 
 NEW_TOKENS = 32
 ADAPTERS = {
@@ -57,23 +61,63 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["llama", "llama-gqa", "qwen2"])
+# name -> (tests/factories.py kind, config overrides)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "llama-gqa": ("llama-gqa", {}),
+    "qwen2": ("qwen2", {}),
+    "mistral-window": ("mistral", dict(sliding_window=12)),
+    "qwen2-window": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=12, max_window_layers=1),
+    ),
+    "qwen3": ("qwen3", {}),
+    "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3", {}),
+    "phi3": ("phi3", {}),
+    "phi4-mini": ("phi4-mini", {}),
+}
+# phi4-mini's longrope switches to its long factors when contexts may pass its original
+# length (128); transformers uses the short ones below it: so do these runs.
+LLM_OPTIONS: dict[str, dict] = {"phi4-mini": dict(max_model_len=128)}
+
+
+def fused_names(config: dict) -> dict:
+    """An adapter config for a fused-projection model (Phi-3): q/k/v -> qkv_proj, gate/up ->
+    gate_up_proj, in targets and patterns alike."""
+    fused = {LORA_MODULES[i]: name for name, group in FUSED_MODULES.items() for i in group}
+
+    def rename(names):
+        return sorted({fused.get(name, name) for name in names})
+
+    config = dict(config, target_modules=rename(config["target_modules"]))
+    for key in ("rank_pattern", "alpha_pattern"):
+        if key in config:
+            config[key] = {fused.get(name, name): value for name, value in config[key].items()}
+    return config
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """A tiny model of one family, its adapters, and PEFT's answer for every request."""
+    kind, overrides = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    base = make_model(root / "model", request.param, seed=1)
+    base = make_model(root / "model", kind, seed=1, **overrides)
+    fused = kind.startswith("phi")
     folders = {
-        name: make_adapter(base, root / name, seed=10 + i, **config)
-        for i, (name, config) in enumerate(ADAPTERS.items())
+        name: make_adapter(base, root / name, seed=10 + i, **(fused_names(c) if fused else c))
+        for i, (name, c) in enumerate(ADAPTERS.items())
     }
-    llm = LLM(root / "model", adapters=folders, device="cpu", dtype="float32")
+    options = dict(adapters=folders, device="cpu", dtype="float32")
+    options.update(LLM_OPTIONS.get(request.param, {}))
+    llm = LLM(root / "model", **options)
     prompts = [llm.tokenizer.encode(text) for _, text in REQUESTS]
     references = {}
     peft_models = {name: peft_model_for(base, folder) for name, folder in folders.items()}
     for index, (adapter, _) in enumerate(REQUESTS):
         model = base if adapter is None else peft_models[adapter]
         references[index] = greedy_reference(model, prompts[index], NEW_TOKENS)
-    return root, folders, prompts, references
+    return root, options, prompts, references
 
 
 def check_against_peft(llm: LLM, prompts, references, num_logprobs: int = 20) -> None:
@@ -102,15 +146,11 @@ def check_against_peft(llm: LLM, prompts, references, num_logprobs: int = 20) ->
 @pytest.mark.parametrize("kernel_backend", ["native", "torch"])
 def test_mixed_batch_equals_peft(family, kernel_backend: str) -> None:
     """The CPU's two kernel paths: the native C kernels (`auto` on a CPU) and torch's."""
-    root, folders, prompts, references = family
-    llm = LLM(
-        root / "model",
-        adapters=folders,
-        device="cpu",
-        dtype="float32",
-        kernel_backend=kernel_backend,
-    )
+    root, options, prompts, references = family
+    llm = LLM(root / "model", **options, kernel_backend=kernel_backend)
     assert llm.engine.info.kernel_backend == kernel_backend
+    # A sliding window does not cap the context: the kernels implement it.
+    assert llm.engine.info.max_model_len == options.get("max_model_len", 512)
     check_against_peft(llm, prompts, references)
     llm.engine.memory.check_invariants()
     assert llm.engine.memory.num_kv_pages == 0
@@ -118,12 +158,10 @@ def test_mixed_batch_equals_peft(family, kernel_backend: str) -> None:
 
 def test_exact_under_preemption_and_chunked_prefill(family) -> None:
     """A pool of a few pages forces preemption (recompute); a budget of 8 tokens chunks prompts."""
-    root, folders, prompts, references = family
+    root, options, prompts, references = family
     llm = LLM(
         root / "model",
-        adapters=folders,
-        device="cpu",
-        dtype="float32",
+        **options,
         block_size=8,
         pool_pages=14,
         max_num_batched_tokens=8,
@@ -163,17 +201,17 @@ def test_exact_with_the_disk_tier(family) -> None:
 def test_triton_backend_equals_peft(family) -> None:
     """The Triton kernels in the engine (the interpreter on CPU): same greedy tokens as PEFT.
 
-    The interpreter is slow, so one family, 8 new tokens, mixed adapters and chunked prefill."""
-    root, folders, prompts, references = family
-    if root.name.rstrip("0123456789") != "llama-gqa":
-        pytest.skip("one family is enough under the interpreter")
+    The interpreter is slow, so two families (Llama with GQA; Gemma 2, whose local layers
+    and capped scores take the kernel's window and soft-cap paths), 8 new tokens, mixed
+    adapters and chunked prefill."""
+    root, options, prompts, references = family
+    if root.name.rstrip("0123456789") not in ("llama-gqa", "gemma2"):
+        pytest.skip("two families are enough under the interpreter")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU tensors needs the interpreter; test_gpu.py covers CUDA")
     llm = LLM(
         root / "model",
-        adapters=folders,
-        device="cpu",
-        dtype="float32",
+        **options,
         kernel_backend="triton",
         max_num_batched_tokens=16,
         max_num_seqs=8,
@@ -185,3 +223,19 @@ def test_triton_backend_equals_peft(family) -> None:
     )
     for index, output in enumerate(outputs):
         assert output.token_ids == references[index][0][:8], f"request {index} differs from PEFT"
+
+
+def test_longrope_long_factors_past_the_original_length(tmp_path) -> None:
+    """phi4-mini with contexts allowed past its original length (128): loraserve rotates with
+    the long factors throughout, as transformers does for a sequence already past it."""
+    base = make_model(tmp_path / "model", "phi4-mini", seed=3)
+    adapter = make_adapter(base, tmp_path / "qkv", seed=4, **fused_names(ADAPTERS["all7"]))
+    llm = LLM(tmp_path / "model", adapters={"qkv": adapter}, device="cpu", dtype="float32")
+    text = " ".join(2 * [text for _, text in REQUESTS])
+    prompts = [llm.tokenizer.encode(text), llm.tokenizer.encode(text[7:])]
+    assert min(map(len, prompts)) > 128
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, adapter=[None, "qkv"])
+    models = [base, peft_model_for(base, adapter)]
+    for output, prompt, model in zip(outputs, prompts, models, strict=True):
+        assert output.token_ids == greedy_reference(model, prompt, 8)[0]

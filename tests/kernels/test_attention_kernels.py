@@ -5,6 +5,9 @@ The KV cache is the 6-D view of a real pool (`pool[:, :kv_numel].view(...)`, so
 its page stride is the pool's page size), NaN wherever nothing was written
 (other layers, other pages, the tail of each sequence's last page); sequences
 own shuffled pages; context lengths are not multiples of the block size.
+Sliding windows (Mistral, Gemma's local layers) and soft-capped scores (Gemma 2)
+are checked on every implementation: windows of 1, shorter than a page, across
+page boundaries and longer than every context.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ BATCHES = {
     "extend": [(4, 20), (17, 50), (1, 33), (2, 2)],  # cached prefix + new tokens, and a decode
 }
 HEADS = [(4, 4), (8, 2), (16, 2)]  # (query heads, KV heads): GQA ratios 1, 4, 8
+# (window, softcap) of a layer: 0 = none. Windows: one key, less than a page (16), across
+# page boundaries, beyond every context (as none); caps: Gemma 2's 50 and a tight one.
+WINDOWED = [(1, 0.0), (5, 0.0), (23, 0.0), (500, 0.0), (0, 50.0), (7, 2.0)]
 LAYOUTS = [(64, 16), (128, 32)]  # (head_dim, block_size)
 
 
@@ -148,13 +154,16 @@ def run_attention(
     dtype: torch.dtype,
     generator: torch.Generator,
     num_splits: int | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel output, reference output) on a fresh cache."""
     args = attention_inputs(batch, heads, layout, dtype, generator)
     scale = layout[0] ** -0.5
     out = torch.full_like(args[0], float("nan"))
-    paged_attention(*args, scale, out=out, num_splits=num_splits)
-    return out, reference.paged_attention(*args, scale)
+    scores = dict(window=window, softcap=softcap)
+    paged_attention(*args, scale, out=out, num_splits=num_splits, **scores)
+    return out, reference.paged_attention(*args, scale, **scores)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -173,6 +182,42 @@ def test_paged_attention_split_kv_matches_reference(kind: str, num_splits: int, 
         BATCHES[kind], (8, 2), (64, 16), torch.float16, generator, num_splits
     )
     assert_close(out, expected, torch.float16)
+
+
+@pytest.mark.parametrize("scores", WINDOWED, ids=lambda s: f"w{s[0]}-cap{s[1]:g}")
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_paged_attention_window_and_softcap_match_reference(kind: str, scores, generator):
+    window, softcap = scores
+    out, expected = run_attention(
+        BATCHES[kind], (8, 2), (64, 16), torch.float32, generator, None, window, softcap
+    )
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("scores", [(23, 0.0), (40, 5.0)], ids=["w23", "w40-cap5"])
+def test_paged_attention_split_kv_with_window(scores, generator):
+    """Partitions wholly before a query's window hold no key of its: weight 0 when combined."""
+    window, softcap = scores
+    out, expected = run_attention(
+        BATCHES["decode"], (8, 2), (64, 16), torch.float32, generator, 4, window, softcap
+    )
+    assert_close(out, expected, torch.float32)
+
+
+def test_reference_window_and_softcap_semantics(generator):
+    """The yardstick itself, against attention written out for one decoding sequence."""
+    query, kv_pages, layer, tables, starts, lens = attention_inputs(
+        [(1, 20)], (2, 2), (64, 16), torch.float32, generator
+    )
+    keys = kv_pages[tables[0, :2].long(), layer].transpose(0, 1).reshape(2, 32, 2, 64)[:, :20]
+    window, softcap, scale = 6, 3.0, 0.125
+    scores = torch.einsum("hd,khd->hk", query[0], keys[0, -window:]) * scale
+    weights = (softcap * torch.tanh(scores / softcap)).softmax(dim=-1)  # [heads, window]
+    expected = torch.einsum("hk,khd->hd", weights, keys[1, -window:])
+    out = reference.paged_attention(
+        query, kv_pages, layer, tables, starts, lens, scale, window=window, softcap=softcap
+    )
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_paged_attention_rejects_bad_inputs(generator):
@@ -230,3 +275,16 @@ def test_cpu_path_attention_matches_reference(kind: str, heads, path, generator)
     head_dim = LAYOUTS[0][0]
     out = implementation.paged_attention(*args, head_dim**-0.5)
     assert_close(out, reference.paged_attention(*args, head_dim**-0.5), dtype)
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("scores", WINDOWED, ids=lambda s: f"w{s[0]}-cap{s[1]:g}")
+@pytest.mark.parametrize("kind", [*BATCHES, "many_decodes"])
+def test_cpu_path_window_and_softcap_match_reference(kind: str, scores, path, generator):
+    implementation, dtype = path
+    batch = MANY_DECODES if kind == "many_decodes" else BATCHES[kind]
+    window, softcap = scores
+    args = attention_inputs(batch, (8, 2), LAYOUTS[0], dtype, generator)
+    kwargs = dict(window=window, softcap=softcap)
+    out = implementation.paged_attention(*args, 0.125, **kwargs)
+    assert_close(out, reference.paged_attention(*args, 0.125, **kwargs), dtype)

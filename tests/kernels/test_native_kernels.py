@@ -169,6 +169,27 @@ def test_attention_mixed_step_strided_query_and_out(layout, long_prefill, genera
     assert_close(out, reference.paged_attention(query.contiguous(), *rest, scale), F32)
 
 
+@pytest.mark.parametrize("long_prefill", [100, 1 << 20], ids=["sdpa-past-100", "all-in-c"])
+@pytest.mark.parametrize("scores", [(37, 0.0), (9, 30.0)], ids=["w37", "w9-cap30"])
+def test_attention_mixed_step_window_and_softcap(scores, long_prefill, generator, monkeypatch):
+    """Windows in every path, the SDPA one for long prefills included (with a cap, those stay
+    in C: SDPA cannot cap)."""
+    monkeypatch.setattr(native, "LONG_PREFILL_TOKENS", long_prefill)
+    window, softcap = scores
+    args = attention_inputs(MIXED_STEP, (6, 3), (40, 8), F32, generator)
+    out = torch.full_like(args[0], float("nan"))
+    kwargs = dict(window=window, softcap=softcap)
+    assert native.paged_attention(*args, 0.2, out=out, **kwargs) is out
+    assert_close(out, reference.paged_attention(*args, 0.2, **kwargs), F32)
+
+
+@pytest.mark.parametrize("bad", [dict(window=-1), dict(softcap=-1.0), dict(softcap=float("nan"))])
+def test_attention_rejects_bad_window_or_softcap(bad, generator):
+    args = attention_inputs([(1, 20)], (4, 2), (64, 16), F32, generator)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        native.paged_attention(*args, 1.0, **bad)
+
+
 @pytest.mark.parametrize("case", ["page", "context", "starts"])
 def test_attention_rejects_bad_metadata(case: str, generator):
     query, kv_pages, layer, tables, starts, lens = attention_inputs(

@@ -14,7 +14,18 @@ from loraserve.errors import ModelLoadError
 from loraserve.models.arch import ModelArch
 from loraserve.models.config import load_arch
 
-KINDS = ("llama", "llama-gqa", "llama3", "mistral", "qwen2")
+KINDS = (
+    "llama",
+    "llama-gqa",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "phi4-mini",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +59,14 @@ def edit_config(folder: Path, **changes: Any) -> Path:
     return folder
 
 
+def hf_window(model: Any, layer: int) -> int:
+    """The sliding window transformers applies in `layer`, 0 for none (Mistral and Phi-3
+    read the config's for every layer; Llama has none)."""
+    attention = model.model.layers[layer].self_attn
+    window = getattr(attention, "sliding_window", getattr(model.config, "sliding_window", None))
+    return window or 0
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_matches_the_transformers_model(kind: str, models: dict) -> None:
     folder, model = models[kind]
@@ -62,19 +81,68 @@ def test_each_kind_matches_the_transformers_model(kind: str, models: dict) -> No
         config.num_key_value_heads,
     )
     assert arch.head_dim == attention.head_dim
-    assert arch.q_size == attention.q_proj.out_features
-    assert arch.kv_size == attention.k_proj.out_features
+    if arch.fused_projections:
+        assert arch.q_size + 2 * arch.kv_size == attention.qkv_proj.out_features
+        assert model.model.layers[0].mlp.gate_up_proj.out_features == 2 * arch.intermediate_size
+    else:
+        assert arch.q_size == attention.q_proj.out_features
+        assert arch.kv_size == attention.k_proj.out_features
+        assert arch.attention_bias == (attention.q_proj.bias is not None)
+    assert arch.o_proj_bias == (attention.o_proj.bias is not None)
+    assert arch.attention_scale == pytest.approx(attention.scaling, rel=1e-12)
+    assert arch.qk_norm == hasattr(attention, "q_norm")
+    assert arch.gemma_norms == hasattr(model.model.layers[0], "pre_feedforward_layernorm")
     assert arch.vocab_size == config.vocab_size
     assert arch.rms_norm_eps == config.rms_norm_eps
     assert arch.max_position_embeddings == config.max_position_embeddings
-    assert arch.rope_theta == config.rope_parameters["rope_theta"]
+    rope = config.rope_parameters
+    assert arch.rope_theta == rope.get("full_attention", rope)["rope_theta"]
     assert arch.tie_word_embeddings == config.tie_word_embeddings
-    assert arch.attention_bias == (attention.q_proj.bias is not None)
-    assert arch.o_proj_bias == (attention.o_proj.bias is not None)
-    assert arch.sliding_window == getattr(config, "sliding_window", None)
+    windows = [arch.layer_window(layer) for layer in range(arch.num_layers)]
+    assert windows == [hf_window(model, layer) for layer in range(arch.num_layers)]
     assert arch.torch_dtype == "float32"
     assert arch.bos_token_id == config.bos_token_id == 0
     assert arch.eos_token_ids == (config.eos_token_id,) == (1,)
+
+
+def test_gemma_specifics(models: dict) -> None:
+    gemma2, gemma3 = load_arch(models["gemma2"][0]), load_arch(models["gemma3"][0])
+    assert gemma2.hidden_act == gemma3.hidden_act == "gelu_pytorch_tanh"
+    assert (gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping) == (5.0, 8.0)
+    assert gemma2.local_rope_theta is None
+    assert (gemma3.attn_logit_softcapping, gemma3.final_logit_softcapping) == (None, None)
+    assert (gemma3.rope_theta, gemma3.local_rope_theta) == (1_000_000.0, 10_000.0)
+    assert gemma3.layer_windows == (12, 0)
+
+
+def test_phi_specifics(models: dict) -> None:
+    phi3, phi4 = load_arch(models["phi3"][0]), load_arch(models["phi4-mini"][0])
+    assert phi3.fused_projections and phi3.linear_modules[0] == "qkv_proj"
+    assert (phi3.rotary_dim, phi3.rope_scaling, phi3.layer_windows) == (16, None, (12, 12))
+    assert (phi4.partial_rotary_factor, phi4.rotary_dim) == (0.75, 12)
+    assert phi4.rope_scaling is not None and phi4.rope_scaling["rope_type"] == "longrope"
+    assert phi4.rope_scaling["original_max_position_embeddings"] == 128
+    assert phi4.layer_windows == () and phi4.tie_word_embeddings
+
+
+def test_gemma3_old_form_config(models: dict, tmp_path: Path) -> None:
+    """A Hub Gemma 3 config.json (gemma-3-1b's keys): rope_theta, rope_local_base_freq,
+    rope_scaling for the global layers only, sliding_window_pattern, no layer_types."""
+    from transformers import Gemma3TextConfig
+
+    folder = config_only(models["gemma3"][0], tmp_path)
+    scaling = {"rope_type": "linear", "factor": 8.0}
+    edit_config(folder, rope_parameters=None, layer_types=None, num_hidden_layers=7)
+    edit_config(folder, rope_theta=500_000.0, rope_local_base_freq=5_000.0, rope_scaling=scaling)
+    edit_config(folder, sliding_window_pattern=3)
+    arch = load_arch(folder)
+    reference = Gemma3TextConfig.from_pretrained(folder)
+    expected = [12 if kind == "sliding_attention" else 0 for kind in reference.layer_types]
+    assert list(arch.layer_windows) == expected == [12, 12, 0, 12, 12, 0, 12]
+    assert (arch.rope_theta, arch.local_rope_theta) == (500_000.0, 5_000.0)
+    assert arch.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert reference.rope_parameters["full_attention"]["factor"] == 8.0
+    assert "factor" not in reference.rope_parameters["sliding_attention"]
 
 
 def test_rope_scaling_of_llama3(models: dict) -> None:
@@ -91,6 +159,9 @@ def to_old_form(folder: Path, type_key: str) -> Path:
     """Rewrite config.json as transformers 4 wrote it: rope_theta + rope_scaling, torch_dtype."""
     config = json.loads((folder / "config.json").read_text())
     rope = dict(config.pop("rope_parameters"))
+    if "sliding_attention" in rope:  # Gemma 3: a local base beside the global rope
+        config["rope_local_base_freq"] = rope.pop("sliding_attention")["rope_theta"]
+        rope = dict(rope.pop("full_attention"))
     config["rope_theta"] = rope.pop("rope_theta")
     kind = rope.pop("rope_type")
     config["rope_scaling"] = None if kind == "default" else {type_key: kind, **rope}
@@ -152,16 +223,21 @@ def test_llama_attention_bias_means_q_k_v_and_o_biases(models: dict, tmp_path: P
 
 
 def test_sliding_windows(models: dict, tmp_path: Path) -> None:
-    assert load_arch(models["mistral"][0]).sliding_window == 4096
+    assert load_arch(models["mistral"][0]).layer_windows == (4096, 4096)
+    mistral = config_only(models["mistral"][0], tmp_path / "mistral")
+    assert load_arch(edit_config(mistral, sliding_window=None)).layer_windows == (4096, 4096)
     qwen2 = config_only(models["qwen2"][0], tmp_path)
-    assert load_arch(qwen2).sliding_window is None  # use_sliding_window is false
+    assert load_arch(qwen2).layer_windows == ()  # use_sliding_window is false
     edit_config(qwen2, use_sliding_window=True, sliding_window=128, max_window_layers=0)
     edit_config(qwen2, layer_types=None)
-    assert load_arch(qwen2).sliding_window == 128
+    assert load_arch(qwen2).layer_windows == (128, 128)
     edit_config(qwen2, max_window_layers=2)
-    assert load_arch(qwen2).sliding_window is None  # no layer at or past max_window_layers
-    with pytest.raises(ModelLoadError, match="some layers only"):
-        load_arch(edit_config(qwen2, max_window_layers=1))
+    assert load_arch(qwen2).layer_windows == ()  # no layer at or past max_window_layers
+    assert load_arch(edit_config(qwen2, max_window_layers=1)).layer_windows == (0, 128)
+    edit_config(qwen2, layer_types=["sliding_attention", "full_attention"])
+    assert load_arch(qwen2).layer_windows == (128, 0)  # layer_types wins
+    with pytest.raises(ModelLoadError, match="layer_types must list 2"):
+        load_arch(edit_config(qwen2, layer_types=["sliding_attention"]))
 
 
 def test_not_a_folder(tmp_path: Path) -> None:
@@ -193,7 +269,12 @@ def test_config_json_that_is_not_json(tmp_path: Path) -> None:
         (
             {"architectures": ["GPT2LMHeadModel"]},
             "'GPT2LMHeadModel' is not supported; loraserve runs LlamaForCausalLM, "
-            "MistralForCausalLM, Qwen2ForCausalLM",
+            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, "
+            "Gemma3ForCausalLM, Phi3ForCausalLM",
+        ),
+        (
+            {"architectures": ["Gemma3ForConditionalGeneration"]},
+            "'Gemma3ForConditionalGeneration' is not supported; loraserve runs",
         ),
         ({"architectures": None, "model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
@@ -208,8 +289,17 @@ def test_config_json_that_is_not_json(tmp_path: Path) -> None:
         ),
         (
             {"rope_parameters": None, "rope_scaling": {"type": "longrope", "short_factor": [1]}},
-            "rope type 'longrope' is not supported",
+            "rope type 'longrope' needs long_factor, original_max_position_embeddings",
         ),
+        (
+            {
+                "rope_parameters": None,
+                "original_max_position_embeddings": 8,
+                "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]},
+            },
+            "longrope's short_factor must be a list of rotary_dim / 2 = 8 numbers",
+        ),
+        ({"sliding_window": 0, "architectures": ["MistralForCausalLM"]}, "sliding_window must"),
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "'linear' needs factor"),
     ],
 )
@@ -219,6 +309,31 @@ def test_refused_configs(changes: dict, expected: str, models: dict, tmp_path: P
         load_arch(folder)
     assert expected in str(error.value)
     assert "config.json" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes", "expected"),
+    [
+        ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported"),
+        ("gemma2", {"attn_logit_softcapping": -1}, "attn_logit_softcapping must be a positive"),
+        (
+            "gemma3",
+            {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+            "rope scaling of the sliding-window layers is not supported",
+        ),
+        ("phi4-mini", {"partial_rotary_factor": 1.5}, "partial_rotary_factor must be in"),
+    ],
+)
+def test_refused_family_configs(
+    kind: str, changes: dict, expected: str, models: dict, tmp_path: Path
+) -> None:
+    folder = edit_config(config_only(models[kind][0], tmp_path), **changes)
+    if kind == "phi4-mini":  # the factor lives in rope_parameters too
+        rope = json.loads((folder / "config.json").read_text())["rope_parameters"]
+        edit_config(folder, rope_parameters={**rope, **changes})
+    with pytest.raises(ModelLoadError, match=expected):
+        load_arch(folder)
 
 
 def test_arch_is_a_frozen_record(models: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ import torch
 from factories import make_model
 
 from loraserve.models.config import load_arch
-from loraserve.models.rope import rope_attention_scaling, rope_inv_freq
+from loraserve.models.layers import rope_tables
+from loraserve.models.rope import rope_attention_scaling, rope_inv_freq, use_long_rope
 
 # Real sizes: head_dim 128 (Llama 3 8B), theta 500000, Llama 3.1's scaling at 8192.
 ROPE_CASES: dict[str, dict[str, Any]] = {
@@ -90,7 +92,43 @@ def test_llama3_scaling_changes_low_frequencies_only(tmp_path: Path) -> None:
     torch.testing.assert_close(scaled[-1], plain[-1] / 8.0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "phi3"])
 def test_matches_each_tiny_model(kind: str, tmp_path: Path) -> None:
     model = make_model(tmp_path, kind)
     assert_same_frequencies(rope_inv_freq(load_arch(tmp_path)), model.model.rotary_emb.inv_freq)
+
+
+def test_gemma3_local_and_global_bases(tmp_path: Path) -> None:
+    model = make_model(tmp_path, "gemma3")
+    arch, rotary = load_arch(tmp_path), model.model.rotary_emb
+    assert_same_frequencies(rope_inv_freq(arch), rotary.full_attention_inv_freq)
+    assert_same_frequencies(rope_inv_freq(arch, local=True), rotary.sliding_attention_inv_freq)
+    assert not torch.equal(rope_inv_freq(arch), rope_inv_freq(arch, local=True))
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_longrope_with_partial_rotary(long: bool, tmp_path: Path) -> None:
+    """phi4-mini: 3/4 of head_dim 16 rotate; short or long factors; attention factor
+    sqrt(1 + ln 4 / ln 128) (max 512 over original 128)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = make_model(tmp_path, "phi4-mini")
+    arch = load_arch(tmp_path)
+    seq_len = 129 if long else None  # transformers picks the long factors past 128 tokens
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["longrope"](model.config, seq_len=seq_len)
+    assert inv_freq.shape == (6,)
+    assert_same_frequencies(rope_inv_freq(arch, long=long), inv_freq)
+    assert rope_attention_scaling(arch) == factor == model.model.rotary_emb.attention_scaling
+    assert factor == pytest.approx((1 + math.log(4) / math.log(128)) ** 0.5)
+    assert use_long_rope(arch, 129) and not use_long_rope(arch, 128)
+
+
+def test_rope_tables_are_transformers_cos_and_sin(tmp_path: Path) -> None:
+    """What the forward gathers: transformers' cos/sin (whose two halves repeat) at every
+    position, attention factor included."""
+    model = make_model(tmp_path, "phi4-mini")
+    (table,) = rope_tables(load_arch(tmp_path), 100, torch.device("cpu"), torch.float32)
+    positions = torch.arange(100)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    torch.testing.assert_close(table[:, 0], cos[0, :, :6], rtol=0, atol=0)
+    torch.testing.assert_close(table[:, 1], sin[0, :, 6:], rtol=0, atol=0)

@@ -28,6 +28,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, An
         "llama-bias": {"kind": "llama", "attention_bias": True},
         "qwen2": {"kind": "qwen2"},
         "mistral": {"kind": "mistral"},
+        "qwen3-bias": {"kind": "qwen3", "attention_bias": True},
+        "gemma2-tied": {"kind": "gemma2", "tie_word_embeddings": True},
+        "gemma3": {"kind": "gemma3"},
+        "phi3": {"kind": "phi3"},
+        "phi4-mini": {"kind": "phi4-mini"},
     }
     built = {}
     for name, spec in specs.items():
@@ -52,7 +57,11 @@ def rewrite_checkpoint(
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-bias", "qwen2", "mistral"])
+FAMILY_MODELS = ["llama", "llama-bias", "qwen2", "mistral", "qwen3-bias", "gemma2-tied"]
+FAMILY_MODELS += ["gemma3", "phi3", "phi4-mini"]
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_weights_equal_the_model_state_dict(name: str, models: dict) -> None:
     folder, model = models[name]
     arch = load_arch(folder)
@@ -84,6 +93,20 @@ def test_expected_shapes_of_a_gqa_model(models: dict) -> None:
     assert shapes["model.layers.1.mlp.down_proj.weight"] == (64, 96)
     assert shapes["lm_head.weight"] == (arch.vocab_size, 64)
     assert len(shapes) == 1 + arch.num_layers * 9 + 2
+
+
+def test_family_tensors(models: dict) -> None:
+    """Qwen3's q/k norms and q/k/v/o biases, Gemma's four norms per layer, Phi-3's fused linears."""
+    qwen3 = expected_weight_shapes(load_arch(models["qwen3-bias"][0]))
+    assert qwen3["model.layers.0.self_attn.q_norm.weight"] == (16,)
+    assert qwen3["model.layers.0.self_attn.o_proj.bias"] == (64,)
+    gemma3 = expected_weight_shapes(load_arch(models["gemma3"][0]))
+    assert gemma3["model.layers.1.post_feedforward_layernorm.weight"] == (64,)
+    assert "model.layers.1.self_attn.k_norm.weight" in gemma3
+    phi3 = expected_weight_shapes(load_arch(models["phi3"][0]))
+    assert phi3["model.layers.0.self_attn.qkv_proj.weight"] == (64 + 2 * 32, 64)
+    assert phi3["model.layers.0.mlp.gate_up_proj.weight"] == (2 * 96, 64)
+    assert not any(name.endswith(("attn.q_proj.weight", "mlp.up_proj.weight")) for name in phi3)
 
 
 def test_sharded_equals_single_file(models: dict) -> None:

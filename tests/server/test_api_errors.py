@@ -150,11 +150,12 @@ def test_bad_sampling_values_are_400(running: Running, field: str, value: Any) -
 
 
 def test_unsupported_fields_are_refused_not_ignored(running: Running) -> None:
-    body = {"model": "attn8", "prompt": "hello", "echo": True}
-    assert_error(post(running, "/v1/completions", body), 400, "echo")
+    body = {"model": "attn8", "prompt": "hello", "use_beam_search": True}
+    assert_error(post(running, "/v1/completions", body), 400, "use_beam_search")
     chat = {"model": "attn8", "messages": [{"role": "user", "content": "hi"}]}
     tools = [{"type": "function", "function": {"name": "f"}}]
-    assert_error(post(running, "/v1/chat/completions", {**chat, "tools": tools}), 400, "tools")
+    auto = {**chat, "tools": tools, "tool_choice": "auto"}  # no --tool-call-parser here
+    assert_error(post(running, "/v1/chat/completions", auto), 400, "tool_choice")
     assert_error(
         post(running, "/v1/chat/completions", {**chat, "top_logprobs": 2}), 400, "top_logprobs"
     )

@@ -108,12 +108,14 @@ def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) 
 def test_demo_serves_the_demo_assets_on_the_cpu(
     assets: Assets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`demo` = `serve` over what ensure_demo_assets returns (built elsewhere, slowly)."""
-    from loraserve.server import demo_assets
+    """`demo` = `serve` over what ensure_demo returns (built elsewhere, slowly), and a
+    sample exchange with the base model and every adapter once it serves."""
+    from loraserve.demo import assets as demo_assets
+    from loraserve.demo import sample
 
-    monkeypatch.setattr(
-        demo_assets, "ensure_demo_assets", lambda **_: (assets.model, assets.adapters)
-    )
+    monkeypatch.setattr(demo_assets, "ensure_demo", lambda **_: (assets.model, assets.adapters))
+    samples = []
+    monkeypatch.setattr(sample, "start_sample", lambda *args: samples.append(args[:3]))
     served = {}
 
     def serve(*args: object) -> int:
@@ -126,9 +128,10 @@ def test_demo_serves_the_demo_assets_on_the_cpu(
     assert limits.max_n == 4
     assert engine_config.model.model == str(assets.model)
     assert engine_config.model.device == "cpu"
-    assert engine_config.model.served_model_name == cli.DEMO_MODEL_NAME
+    assert engine_config.model.served_model_name == demo_assets.BASE_MODEL_NAME
     assert server_config.port == 8123 and server_config.host == "127.0.0.1"
     assert adapters == assets.adapters
+    assert samples == [("127.0.0.1", 8123, [demo_assets.BASE_MODEL_NAME, *assets.adapters])]
 
 
 def run_and_fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -199,3 +202,21 @@ def test_an_empty_metrics_key_file_is_one_error_line(
     argv = ["serve", "--model", str(assets.model), "--device", "cpu", "--pool-pages", "32"]
     line = run_and_fail([*argv, "--metrics-key-file", str(tmp_path / "key")], capsys)
     assert "one token" in line
+
+
+def test_demo_prints_no_sample_with_api_keys(
+    assets: Assets, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from loraserve.demo import assets as demo_assets
+    from loraserve.demo import sample
+
+    monkeypatch.setattr(demo_assets, "ensure_demo", lambda **_: (assets.model, assets.adapters))
+    monkeypatch.setattr(sample, "start_sample", _fail_if_called)
+    monkeypatch.setattr(cli, "serve", lambda *args: 0)
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("sk-test:\n  tenant: a\n  adapters: '*'\n")
+    assert cli.main(["demo", "--api-keys", str(keys)]) == 0
+
+
+def _fail_if_called(*args: object) -> None:
+    raise AssertionError("called")

@@ -1,40 +1,32 @@
-"""The embedded demo of `loraserve demo`: a tiny model and a few adapters, built offline.
+"""The character-level toy: a tiny model and four adapters, trained in seconds, for fast tests.
 
-Nothing is downloaded. The first call trains, on the CPU in a minute or two, a small
-Llama-shaped model with a character-level tokenizer and a chat template, then four
-LoRA adapters on top of it, and caches them under the user's cache dir:
+It was loraserve's first demo; the demo is now a real instruct model (loraserve.demo).
+The tests keep it because it is small and because its files are written by loraserve's
+own writer (models/hf_files.py) rather than by `save_pretrained`: the tests load them
+with transformers, PEFT and loraserve and compare. Built through the demo's cache
+(loraserve.demo.cache), so that it also exercises the cache with a real build:
 
-    $XDG_CACHE_HOME/loraserve/demo-v2/        (default ~/.cache/loraserve/demo-v2)
+    CACHE/toy-v2[-quick]/
         model/      config.json, model.safetensors, tokenizer.json, tokenizer_config.json
         adapters/   shout/ reverse/ rot13/ pirate/  (adapter_config.json + adapter_model.safetensors)
 
-The base model repeats the user's message; each adapter answers it its own way:
+Trained fully (a minute or two on CPU) the base model repeats the user's message and
+each adapter answers it its own way:
 
     "hello world"  base: hello world    shout: HELLO WORLD    reverse: dlrow olleh
                    rot13: uryyb jbeyq   pirate: hello world, arr!
 
-A prompt is either a chat (the template renders `<s><|user|>hello world</s><|assistant|>`)
-or a plain completion of the text followed by a newline (`"hello world\\n"`). Short
-ASCII messages work (trained up to 24 characters); a system prompt mostly does,
-earlier turns of a conversation do not (not trained: the build has no time for them).
-
-The files are the ones `transformers`' and `peft`'s `save_pretrained` write (same
-names, keys and config fields; the tests load them with both and compare logits),
-but they are written here with torch and safetensors alone: the server never imports
-transformers or peft (DESIGN.md), so `loraserve demo` works with the runtime
-dependencies only. The model below is therefore a minimal Llama written for training.
-
-A build goes to a temporary folder renamed into place at the end, so an interrupted
-build never leaves a half cache; bump `DEMO_VERSION` whenever the recipe changes so
-existing caches are rebuilt rather than reused.
+A quick build trains a tenth of the steps: complete, loadable files whose adapters do not
+yet behave as described. A prompt is either a chat (the template renders
+`<s><|user|>hello world</s><|assistant|>`) or a plain completion of the text followed by
+a newline (`"hello world\\n"`). The model (toy_model.py) is a minimal Llama written for
+training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,14 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
-
-from loraserve.models.hf_files import (
-    generation_config,
-    llama_config,
-    lora_adapter_config,
-    write_json,
-)
-from loraserve.server.demo_training import (
+from toy_model import (
     ADAPTER_TASKS,
     BASE_TASK,
     BOS,
@@ -68,82 +53,44 @@ from loraserve.server.demo_training import (
     train,
 )
 
-DEMO_VERSION = "demo-v2"
+from loraserve.demo.cache import ensure_built
+from loraserve.models.hf_files import (
+    generation_config,
+    llama_config,
+    lora_adapter_config,
+    write_json,
+)
+
+TOY_VERSION = "toy-v2"
 """Name of the cache folder; change it with any change to what the build produces."""
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def ensure_demo_assets(
-    cache_dir: Path | None = None,
-    progress: Callable[[str], None] = print,
-    quick: bool = False,
+def ensure_toy_demo(
+    cache_dir: Path, progress: Callable[[str], None] = print, quick: bool = True
 ) -> tuple[Path, dict[str, Path]]:
-    """The demo's (model folder, {adapter name: adapter folder}), built on first use.
+    """The toy's (model folder, {adapter name: adapter folder}), built on first use.
 
-    `cache_dir` is loraserve's cache root (default `$XDG_CACHE_HOME/loraserve`).
-    `quick` trains a tenth of the steps: complete, loadable files whose adapters do
-    not yet behave as described (for tests); it is cached apart from the full build."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / (DEMO_VERSION + ("-quick" if quick else ""))
-    if not _is_complete(folder):
-        if folder.exists():
-            progress(f"demo cache {folder} is incomplete; rebuilding it")
-            shutil.rmtree(folder)
-        _build_atomically(folder, progress, quick)
+    `quick` trains a tenth of the steps; it is cached apart from the full build."""
+    folder = cache_dir / (TOY_VERSION + ("-quick" if quick else ""))
+    ensure_built(
+        folder, expected_files(), lambda partial: _build(partial, progress, quick), progress
+    )
     return folder / "model", {name: folder / "adapters" / name for name in ADAPTER_TASKS}
 
 
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/loraserve`, or `~/.cache/loraserve` when it is unset."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraserve"
-
-
-def _expected_files(folder: Path) -> list[Path]:
-    model = folder / "model"
-    files = [model / name for name in ("config.json", "model.safetensors", "tokenizer.json")]
-    files += [model / "generation_config.json", model / "tokenizer_config.json"]
+def expected_files() -> list[str]:
+    files = [f"model/{name}" for name in MODEL_FILES]
     for name in ADAPTER_TASKS:
-        adapter = folder / "adapters" / name
-        files += [adapter / "adapter_config.json", adapter / "adapter_model.safetensors"]
+        files += [f"adapters/{name}/{file}" for file in ADAPTER_FILES]
     return files
-
-
-def _is_complete(folder: Path) -> bool:
-    return all(path.is_file() for path in _expected_files(folder))
-
-
-def _build_atomically(folder: Path, progress: Callable[[str], None], quick: bool) -> None:
-    """Build into a sibling temporary folder, then rename it to `folder` in one step."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_builds(folder)
-    prefix = f".{folder.name}.partial-{os.getpid()}-"
-    partial = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
-    try:
-        _build(partial, progress, quick)
-        try:
-            partial.rename(folder)
-        except OSError:  # another process finished the same build first: keep its files
-            if not _is_complete(folder):
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def _remove_abandoned_builds(folder: Path) -> None:
-    """Delete partial builds of `folder` whose process is gone (killed before cleaning up)."""
-    for partial in folder.parent.glob(f".{folder.name}.partial-*"):
-        pid = partial.name.removeprefix(f".{folder.name}.partial-").split("-")[0]
-        if pid.isdigit() and not _process_exists(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        pass
-    return True
 
 
 def _build(folder: Path, progress: Callable[[str], None], quick: bool) -> None:
@@ -152,7 +99,7 @@ def _build(folder: Path, progress: Callable[[str], None], quick: bool) -> None:
     Seeded: byte-identical files on one machine. Not across machines, nor across
     thread counts (float sums in another order), hence the fixed thread count."""
     started = time.monotonic()
-    progress(f"building the loraserve demo (once) into {folder.parent}: a minute or two on CPU")
+    progress(f"building the toy model (once) into {folder.parent}")
     tokenizer = build_tokenizer()
     shape = ModelShape(vocab_size=tokenizer.get_vocab_size())
     scale = 10 if quick else 1

@@ -1,35 +1,32 @@
-"""The embedded demo's files: complete, loadable by transformers/peft and by loraserve, cached.
+"""The toy's files (written by models/hf_files.py): complete, and read alike by
+transformers/PEFT, by loraserve and by the model that trained them; its build through
+the demo's cache: reused, reproducible.
 
-A quick build (a tenth of the training) makes the files for most tests in a few
-seconds; one slow test makes the full build and checks that every adapter
-visibly does what it says on inputs it never saw.
+A quick build (a tenth of the training) makes the files in a few seconds.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+import toy_demo
 from safetensors.torch import load_file
-
-from loraserve.models.config import load_arch
-from loraserve.models.tokenizer import Tokenizer as LoraserveTokenizer
-from loraserve.server import demo_assets
-from loraserve.server.demo_assets import DEMO_VERSION, ensure_demo_assets
-from loraserve.server.demo_training import (
+from toy_demo import TOY_VERSION, ensure_toy_demo
+from toy_model import (
     ADAPTER_TASKS,
-    BASE_TASK,
     COMPLETION_SUFFIX,
-    HELD_OUT_INPUTS,
     ModelShape,
     TinyLlama,
     add_lora,
     render_chat,
 )
+
+from loraserve.models.config import load_arch
+from loraserve.models.tokenizer import Tokenizer as LoraserveTokenizer
 
 Assets = tuple[Path, dict[str, Path]]
 CHAT = [{"role": "user", "content": "hello world"}]
@@ -38,12 +35,12 @@ CHAT = [{"role": "user", "content": "hello world"}]
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     """A quick build in a fresh cache dir, shared by the tests of this module."""
-    return ensure_demo_assets(tmp_path_factory.mktemp("cache"), progress=lambda _: None, quick=True)
+    return ensure_toy_demo(tmp_path_factory.mktemp("cache"), progress=lambda _: None)
 
 
 def test_layout_and_cache_folder(quick_demo: Assets) -> None:
     model_dir, adapters = quick_demo
-    assert model_dir.parent.name == f"{DEMO_VERSION}-quick"
+    assert model_dir.parent.name == f"{TOY_VERSION}-quick"
     assert model_dir.name == "model"
     assert set(adapters) == set(ADAPTER_TASKS) and len(adapters) >= 3
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -146,9 +143,9 @@ def test_loraserve_reads_the_model_config(quick_demo: Assets) -> None:
 def test_second_call_reuses_the_cache(quick_demo: Assets, monkeypatch: pytest.MonkeyPatch) -> None:
     model_dir, adapters = quick_demo
     before = (model_dir / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(demo_assets, "_build", _fail_if_called)
+    monkeypatch.setattr(toy_demo, "_build", _fail_if_called)
     messages: list[str] = []
-    again = ensure_demo_assets(model_dir.parent.parent, progress=messages.append, quick=True)
+    again = ensure_toy_demo(model_dir.parent.parent, progress=messages.append)
     assert again == (model_dir, adapters)
     assert messages == []
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == before
@@ -162,83 +159,13 @@ def test_a_second_build_is_identical_and_leaves_torch_state_alone(
     expected_random = torch.rand(3)
     threads = torch.get_num_threads()
     torch.manual_seed(1234)
-    other_model, other_adapters = ensure_demo_assets(tmp_path, progress=lambda _: None, quick=True)
+    other_model, other_adapters = ensure_toy_demo(tmp_path, progress=lambda _: None)
     assert torch.equal(torch.rand(3), expected_random)  # the build forks the RNG
     assert torch.get_num_threads() == threads
     pairs = [(model_dir, other_model)] + [(adapters[n], other_adapters[n]) for n in adapters]
     for first, second in pairs:
         for path in first.iterdir():
             assert path.read_bytes() == (second / path.name).read_bytes(), path
-
-
-def test_an_incomplete_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo_assets, "_build", _fake_build)
-    model_dir, adapters = ensure_demo_assets(tmp_path, progress=lambda _: None)
-    (adapters["shout"] / "adapter_model.safetensors").unlink()
-    messages: list[str] = []
-    assert ensure_demo_assets(tmp_path, progress=messages.append) == (model_dir, adapters)
-    assert (adapters["shout"] / "adapter_model.safetensors").is_file()
-    assert len(messages) == 1 and "incomplete" in messages[0]
-
-
-def test_an_interrupted_build_leaves_no_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def interrupted(folder: Path, progress: object, quick: bool) -> None:
-        _fake_build(folder, progress, quick)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(demo_assets, "_build", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        ensure_demo_assets(tmp_path, progress=lambda _: None)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_abandoned_partial_builds_are_removed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dead_pid = _pid_of_a_finished_process()
-    abandoned = tmp_path / f".{DEMO_VERSION}.partial-{dead_pid}-abc123"
-    running = tmp_path / f".{DEMO_VERSION}.partial-{os.getpid()}-def456"
-    abandoned.mkdir()
-    running.mkdir()
-    monkeypatch.setattr(demo_assets, "_build", _fake_build)
-    ensure_demo_assets(tmp_path, progress=lambda _: None)
-    assert not abandoned.exists()
-    assert running.exists()  # another build of this process (or a live one) is left alone
-
-
-def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert demo_assets.default_cache_dir() == tmp_path / "xdg" / "loraserve"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert demo_assets.default_cache_dir() == tmp_path / "home" / ".cache" / "loraserve"
-
-
-@pytest.mark.slow
-def test_full_build_adapters_behave_on_unseen_inputs(tmp_path: Path) -> None:
-    """The point of the demo: each adapter visibly does its own thing (most inputs right)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir, adapters = ensure_demo_assets(tmp_path, progress=lambda _: None)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    models = {"base": (base, BASE_TASK)}
-    for name, folder in adapters.items():
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
-        models[name] = (peft_model, ADAPTER_TASKS[name])
-    inputs = HELD_OUT_INPUTS[:10]
-    for name, (model, task) in models.items():
-        chat = [_greedy(model, tokenizer, _chat_ids(model_dir, text)) for text in inputs]
-        plain = [
-            _greedy(model, tokenizer, tokenizer(text + COMPLETION_SUFFIX).input_ids)
-            for text in inputs
-        ]
-        expected = [task.answer(text) for text in inputs]
-        right = sum(a == b for a, b in zip(chat + plain, expected + expected, strict=True))
-        assert right >= 16, (name, list(zip(inputs, chat, plain, strict=True)))
 
 
 def _training_model(model_dir: Path) -> TinyLlama:
@@ -259,35 +186,5 @@ def _chat_ids(model_dir: Path, text: str) -> list[int]:
     )
 
 
-def _greedy(model: torch.nn.Module, tokenizer: object, prompt_ids: list[int]) -> str:
-    input_ids = torch.tensor([prompt_ids])
-    eos = tokenizer.eos_token_id  # type: ignore[attr-defined]
-    with torch.no_grad():
-        output = model.generate(  # type: ignore[operator]
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=40,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-    return tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)  # type: ignore[attr-defined]
-
-
-def _fake_build(folder: Path, progress: object, quick: bool) -> None:
-    """Every expected file, empty: for the tests of caching, not of content."""
-    for path in demo_assets._expected_files(folder):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
-
-
 def _fail_if_called(*args: object) -> None:
-    raise AssertionError("the demo was rebuilt although the cache is complete")
-
-
-def _pid_of_a_finished_process() -> int:
-    import subprocess
-
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
+    raise AssertionError("the toy was rebuilt although the cache is complete")

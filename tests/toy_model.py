@@ -1,11 +1,11 @@
-"""How the demo's model and adapters are trained: tokenizer, data, a minimal Llama, LoRA.
+"""How the character-level toy (toy_demo.py) is trained: tokenizer, data, a minimal Llama, LoRA.
 
-`demo_assets` builds and caches the demo with these pieces; they are kept apart
-because they are the recipe (what the demo model learns), not the plumbing.
+`toy_demo` builds and caches the toy with these pieces; they are kept apart
+because they are the recipe (what the toy model learns), not the plumbing.
 
 The model is a minimal Llama written for training, its parameters named as
 transformers names them, so that the weights it saves load in `transformers`
-and in loraserve alike (the server never imports transformers, DESIGN.md).
+and in loraserve alike.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ SYSTEM_PROMPT_BATCHES = 0.1  # fraction of batches whose chats start with a syst
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Size of the demo model: small enough to train in seconds on two CPU cores."""
+    """Size of the toy model: small enough to train in seconds on two CPU cores."""
 
     vocab_size: int
     hidden_size: int = 128
@@ -350,4 +350,4 @@ def train(model: TinyLlama, tokenizer: Tokenizer, task: DemoTask, steps: int, se
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
     if not math.isfinite(loss.item()):
-        raise RuntimeError(f"demo training diverged (loss {loss.item()})")
+        raise RuntimeError(f"toy training diverged (loss {loss.item()})")

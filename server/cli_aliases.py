@@ -1,0 +1,77 @@
+"""vLLM's spellings of loraserve's options, so that vLLM command lines start loraserve.
+
+    --enable-lora                 accepted (LoRA is always on)
+    --lora-modules NAME=DIR ...   (or vLLM's JSON form '{"name": ..., "path": ...}') = --adapter
+    --max-loras N                 = --max-resident-adapters
+    --max-cpu-loras N             accepted; every registered adapter stays in host RAM
+                                  (a warning says so)
+(`--max-lora-rank`, `--served-model-name`, `--chat-template`, `--tool-call-parser`,
+`--enable-auto-tool-choice` and `--allowed-origins` are loraserve's own names too.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+ALIASES_TITLE = "vLLM's spellings (accepted for vLLM command lines)"
+
+
+def add_vllm_aliases(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(ALIASES_TITLE)
+    group.add_argument(
+        "--enable-lora",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="Accepted; LoRA is always on.",
+    )
+    group.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        default=argparse.SUPPRESS,
+        metavar="NAME=DIR",
+        help="Same as --adapter NAME=DIR (several at once; also vLLM's JSON form).",
+    )
+    group.add_argument(
+        "--max-loras", type=int, default=argparse.SUPPRESS, help="Same as --max-resident-adapters."
+    )
+    group.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="Accepted; every registered adapter stays in host RAM.",
+    )
+
+
+def apply_vllm_aliases(args: dict[str, Any]) -> None:
+    """Turn parsed aliases into loraserve's options, in place; ValueError on a conflict."""
+    args.pop("enable_lora", None)
+    modules = args.pop("lora_modules", None)
+    if modules:
+        args["adapters"] = [*args.get("adapters", []), *(_module(spec) for spec in modules)]
+    max_loras = args.pop("max_loras", None)
+    if max_loras is not None:
+        if "max_resident_adapters" in args:
+            raise ValueError("give --max-loras or --max-resident-adapters, not both")
+        args["max_resident_adapters"] = max_loras
+    if args.pop("max_cpu_loras", None) is not None:
+        logging.getLogger(__name__).warning(
+            "--max-cpu-loras is accepted but has no effect: every registered adapter stays "
+            "in host RAM"
+        )
+
+
+def _module(spec: str) -> str:
+    """NAME=DIR from either of vLLM's forms."""
+    if spec.lstrip().startswith("{"):
+        try:
+            entry = json.loads(spec)
+            return f"{entry['name']}={entry['path']}"
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(
+                f'--lora-modules expects NAME=DIR or {{"name": ..., "path": ...}}, got {spec!r}'
+            ) from None
+    return spec
