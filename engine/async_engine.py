@@ -33,6 +33,7 @@ from typing import Any
 import zmq
 
 from loraserve.engine import ipc
+from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
 from loraserve.engine.config import EngineConfig, RuntimeInfo
 from loraserve.engine.core_process import run_engine_core
 from loraserve.engine.origin import RequestOrigin
@@ -124,22 +125,21 @@ class AsyncEngine:
         config: EngineConfig,
         adapters: Mapping[str, str | Path] | None = None,
         pinned: Collection[str] = (),
+        adapter_dir: str | None = None,
     ):
         """Nothing starts yet: `start()` launches the core with the model and `adapters`
-        (name -> PEFT folder, read at start; those named in `pinned` are kept in the pool);
-        an error there means the server must not start."""
+        (name -> PEFT folder, read at start; those named in `pinned`, which may be in
+        `adapter_dir`, are read at start and kept in the pool); the other folders of
+        `adapter_dir` are listed, each read when a request first names it. An error in
+        `start()` means the server must not start; ValueError here for a name given twice
+        or a pin of nothing."""
         self.config = config
-        adapters = dict(adapters or {})
-        unknown = sorted(set(pinned) - set(adapters))
-        if unknown:
-            raise ValueError(f"cannot pin adapter(s) {unknown}: no such adapter")
-        self._initial_adapters = {
-            name: (str(path), name in pinned) for name, path in adapters.items()
-        }
+        self._initial_adapters = adapters_read_at_start(adapters or {}, pinned, adapter_dir)
+        self.names = AdapterNames(adapter_dir)
+        """The adapters served, by name (registered, or in the adapter dir)."""
         self.tokenizer = Tokenizer.from_folder(config.model.model)
         self.processor = OutputProcessor(self.tokenizer)
         self.info: RuntimeInfo | None = None
-        self._adapters: dict[str, Path] = {}
         self._running: dict[str, _Running] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
@@ -191,7 +191,9 @@ class AsyncEngine:
         if self._startup_error is not None:
             self.shutdown()
             raise self._startup_error
-        self._adapters = {name: Path(path) for name, (path, _) in self._initial_adapters.items()}
+        self.names.registered = {
+            name: Path(path) for name, (path, _) in self._initial_adapters.items()
+        }
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_SECONDS) -> None:
         """Stop the core after its current step; requests in flight fail with EngineDeadError."""
@@ -220,17 +222,8 @@ class AsyncEngine:
 
     @property
     def adapters(self) -> dict[str, Path]:
-        """Adapters registered at start or by `register_adapter`, name -> folder (a copy);
-        the adapter dir's are listed by the server (server/serving.py)."""
-        return dict(self._adapters)
-
-    def has_adapter(self, name: str) -> bool:
-        """Whether `name` is registered (no copy: this runs on every request)."""
-        return name in self._adapters
-
-    def adapter_folder(self, name: str) -> Path | None:
-        """The folder of registered adapter `name`, None if it is not registered."""
-        return self._adapters.get(name)
+        """Every adapter served, name -> folder (registered, and the adapter dir's)."""
+        return self.names.all()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -317,13 +310,13 @@ class AsyncEngine:
         """Load a PEFT folder, kept in the pool if `pinned` (AdapterError if refused or the
         name is taken). The core reads it while it steps; this returns once it is read."""
         await self._request("register_adapter", name, str(path), pinned)
-        self._adapters[name] = Path(path)
+        self.names.registered[name] = Path(path)
 
     async def unregister_adapter(self, name: str) -> None:
         """Forget an adapter: new requests for it are refused at once, requests in flight
         finish, then the core forgets it (UnknownAdapterError if not registered)."""
         await self._request("unregister_adapter", name)
-        self._adapters.pop(name, None)
+        self.names.registered.pop(name, None)
 
     async def stats(self) -> EngineStats:
         """Counts for /metrics; an empty picture once the engine is dead."""

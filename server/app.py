@@ -20,7 +20,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.memory.adapter_dir import AdapterDirectory
 from loraserve.server.auth import OPEN_TENANT, MetricsAccess, Tenant, Tenants, read_metrics_key
 from loraserve.server.chat import create_chat_completion
 from loraserve.server.completions import create_completion
@@ -102,6 +101,11 @@ def create_app(
 def _served(engine: AsyncEngine, config: ServerConfig, limits: RequestLimits) -> Served:
     info, engine_config = engine.info, engine.config
     assert info is not None, "the engine is started"
+    directory = engine.names.directory
+    if config.adapter_dir is not None and (
+        directory is None or directory.root != Path(config.adapter_dir)
+    ):
+        raise ValueError("--adapter-dir is the engine's: give it to AsyncEngine(adapter_dir=...)")
     static = StaticInfo(
         block_size=engine_config.cache.block_size,
         num_pages=info.num_pages,
@@ -111,7 +115,6 @@ def _served(engine: AsyncEngine, config: ServerConfig, limits: RequestLimits) ->
         model_name=info.served_model_name,
     )
     prompts = PromptBuilder(engine.tokenizer, info.max_model_len, config.chat_template_source())
-    directory = None if config.adapter_dir is None else AdapterDirectory(config.adapter_dir)
     return Served(
         engine,
         ServerMetrics(static),

@@ -30,7 +30,6 @@ from typing import Any
 
 from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, build_config
 from loraserve.errors import LoraserveError
-from loraserve.memory.adapter_dir import list_adapter_folders
 from loraserve.scheduler.config import SchedulerConfig
 from loraserve.server.cli_aliases import add_vllm_aliases, apply_vllm_aliases
 from loraserve.server.config import ServerConfig
@@ -160,22 +159,14 @@ def _split_options(args: dict[str, Any]) -> tuple[dict[str, Any], ServerConfig, 
 
 
 def adapters_of(config: ServerConfig) -> dict[str, Path]:
-    """The adapters read at start: --adapter NAME=DIR entries, and the --pin-adapter ones
-    of --adapter-dir. The rest of --adapter-dir is listed by the server and read on first use."""
+    """The --adapter NAME=DIR entries. (--adapter-dir is listed by the engine's handle, which
+    also reads the --pin-adapter ones at start: engine/adapter_names.py.)"""
     adapters: dict[str, Path] = {}
     for spec in config.adapters:
         name, _, path = spec.partition("=")
         if name in adapters:
             raise ValueError(f"adapter name {name!r} is given twice")
         adapters[name] = Path(path)
-    listed = {} if config.adapter_dir is None else list_adapter_folders(config.adapter_dir)
-    clashes = sorted(adapters.keys() & listed.keys())
-    if clashes:
-        raise ValueError(f"adapter name {clashes[0]!r} is given twice")
-    for name in config.pin_adapters:
-        if name not in adapters and name not in listed:
-            raise ValueError(f"--pin-adapter {name}: no such adapter (--adapter or --adapter-dir)")
-        adapters.setdefault(name, listed.get(name, Path()))
     return adapters
 
 
@@ -222,7 +213,9 @@ def serve(
     sockets = [listen(config.host, config.port)]
     if config.metrics_port is not None:
         sockets.append(listen(config.host, config.metrics_port))
-    async_engine = AsyncEngine(engine_config, adapters, pinned=config.pin_adapters)
+    async_engine = AsyncEngine(
+        engine_config, adapters, pinned=config.pin_adapters, adapter_dir=config.adapter_dir
+    )
     async_engine.start()  # loads the model and adapters in the engine-core process
     assert async_engine.info is not None
     names = ", ".join([async_engine.info.served_model_name, *adapters])

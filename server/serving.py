@@ -27,7 +27,6 @@ from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.errors import AdapterError, InvalidRequestError
-from loraserve.memory.adapter_dir import AdapterDirectory
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant
 from loraserve.server.errors import APIError, model_not_found, to_api_error
@@ -55,26 +54,14 @@ class Served:
     """`--tool-call-parser`: how `tool_choice: auto` finds tool calls in the output."""
     trust_request_chat_template: bool = False
     """Whether a request may bring its own `chat_template`."""
-    adapter_dir: AdapterDirectory | None = None
-    """--adapter-dir's listing: adapters served from disk, read by the engine on first use."""
 
     def __post_init__(self) -> None:
-        for name in self.adapters():
+        for name in self.engine.adapters:
             self.check_adapter_name(name)
 
-    def adapters(self) -> dict[str, Path]:
-        """Every adapter served, name -> folder: the adapter dir's, then those registered
-        at start or through the load route (which win on a name clash)."""
-        listed = {} if self.adapter_dir is None else self.adapter_dir.listing()
-        return {**listed, **self.engine.adapters}
-
     def adapter_path(self, name: str) -> Path | None:
-        """The folder of adapter `name`: registered, or found in the adapter dir (even one
-        copied in since the last listing); None if there is none."""
-        registered = self.engine.adapter_folder(name)
-        if registered is not None or self.adapter_dir is None or name == self.base_model:
-            return registered
-        return self.adapter_dir.resolve(name)
+        """The folder of adapter `name` (registered, or in the adapter dir); None if none."""
+        return None if name == self.base_model else self.engine.names.folder(name)
 
     @property
     def tokenizer(self) -> Tokenizer:

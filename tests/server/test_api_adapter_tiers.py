@@ -36,6 +36,7 @@ def server(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         build_config(str(assets.model), **options),
         {"attn8": assets.adapter_dir / "attn8"},
         pinned=["attn8"],
+        adapter_dir=str(folder / "dir"),
     )
     config = ServerConfig(
         adapter_dir=str(folder / "dir"), allowed_adapter_roots=(str(assets.spare_dir),)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from server_harness import ADAPTERS, Assets, free_port, start_process
 
+from loraserve.engine.adapter_names import adapters_read_at_start
 from loraserve.server import cli
 from loraserve.server.config import ServerConfig
 
@@ -82,13 +83,20 @@ def test_adapters_read_at_start_are_the_named_and_the_pinned(
         adapters=(f"other={assets.spare_dir / 'extra'}",),
         pin_adapters=("attn8", "other"),
     )
-    found = cli.adapters_of(config)
-    assert found == {"other": assets.spare_dir / "extra", "attn8": assets.adapter_dir / "attn8"}
+    found = read_at_start(config)
+    assert found == {
+        "other": (str(assets.spare_dir / "extra"), True),
+        "attn8": (str(assets.adapter_dir / "attn8"), True),
+    }
     twice = ServerConfig(adapter_dir=str(assets.adapter_dir), adapters=(f"attn8={tmp_path}",))
     with pytest.raises(ValueError, match="twice"):
-        cli.adapters_of(twice)
+        read_at_start(twice)
     with pytest.raises(ValueError, match="--pin-adapter nope: no such adapter"):
-        cli.adapters_of(ServerConfig(adapter_dir=str(assets.adapter_dir), pin_adapters=("nope",)))
+        read_at_start(ServerConfig(adapter_dir=str(assets.adapter_dir), pin_adapters=("nope",)))
+
+
+def read_at_start(config: ServerConfig) -> dict[str, tuple[str, bool]]:
+    return adapters_read_at_start(cli.adapters_of(config), config.pin_adapters, config.adapter_dir)
 
 
 def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) -> None:
