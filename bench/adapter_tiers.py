@@ -197,7 +197,9 @@ def steps(args: argparse.Namespace) -> list[dict[str, Any]]:
         for index in range(4):
             core.add_request(f"bg{index}", [5 + index] * 8, long)
         before = [_timed(core.step)[1] for _ in range(50)]
-        reading, admitting, adding = [], [], []
+        reading: list[float] = []
+        admitting: list[float] = []
+        adding: list[float] = []
         for index in range(args.num_cold):
             name = f"cold-{index:04d}"
             origin = RequestOrigin(adapter_path=str(folder / name))
