@@ -84,7 +84,9 @@ def test_pages_used_plus_free_is_total_with_reads_in_flight(assets, actions, poo
         **SMALL_ENGINE,
     )
     run_and_check(llm, adapters, actions, listed=True)
-    assert llm.engine.memory.pinned_adapters() == ["a2"] or "a2" not in llm.engine.catalog
+    # unloading drops the pin; a later request may read the folder again, unpinned
+    unloaded = ("unregister", "a2") in actions
+    assert llm.engine.memory.pinned_adapters() == ([] if unloaded else ["a2"])
 
 
 def run_and_check(llm: LLM, adapters: dict, actions: list, listed: bool = False) -> None:
