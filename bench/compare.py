@@ -139,9 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {output}")
     if len(points) > 1:
-        from bench.plot import plot_sweep
+        try:
+            from bench.plot import plot_sweep
 
-        print(f"wrote {plot_sweep(result, output.with_suffix('.png'))}")
+            print(f"wrote {plot_sweep(result, output.with_suffix('.png'))}")
+        except ModuleNotFoundError as missing:  # matplotlib comes with the `bench` extra
+            print(f"no picture: {missing} (pip install -e '.[bench]')")
 
 
 def _jsonable(values: dict) -> dict:

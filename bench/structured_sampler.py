@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import date
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.metrics import run_metadata
 from loraserve.engine.constraints import GrammarMasks
 from loraserve.engine.sampler import SequenceTokens, sample
 from loraserve.engine.sampling_params import SamplingParams
@@ -89,9 +89,8 @@ def main() -> None:
         rows[constrained] = run_case(compiler, vocab_size, args.batch, constrained, args.steps)
         print(f"{constrained:>3} of {args.batch} rows constrained: {rows[constrained]}", flush=True)
     result = {
+        **run_metadata(),
         "benchmark": "structured_sampler",
-        "date": date.today().isoformat(),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor()}".strip(),
         "torch_threads": torch.get_num_threads(),
         "tokenizer": str(args.tokenizer),
         "vocab_size": vocab_size,
@@ -99,7 +98,7 @@ def main() -> None:
         "steps": args.steps,
         "median_ms_per_step": {str(count): row for count, row in rows.items()},
     }
-    out = Path(args.output) / f"{result['date']}-structured-sampler.json"
+    out = Path(args.output) / f"{date.today().isoformat()}-structured-sampler.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

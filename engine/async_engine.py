@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,8 +33,10 @@ from typing import Any
 import zmq
 
 from loraserve.engine import ipc
+from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
 from loraserve.engine.config import EngineConfig, RuntimeInfo
 from loraserve.engine.core_process import run_engine_core
+from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.output_processor import OutputProcessor
 from loraserve.engine.outputs import CompletionDelta, EngineStats
 from loraserve.engine.sampling_params import SamplingParams
@@ -118,15 +120,26 @@ class _Running:
 class AsyncEngine:
     """The engine core in a child process, used from asyncio."""
 
-    def __init__(self, config: EngineConfig, adapters: Mapping[str, str | Path] | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        adapters: Mapping[str, str | Path] | None = None,
+        pinned: Collection[str] = (),
+        adapter_dir: str | None = None,
+    ):
         """Nothing starts yet: `start()` launches the core with the model and `adapters`
-        (name -> PEFT folder); an error there means the server must not start."""
+        (name -> PEFT folder, read at start; those named in `pinned`, which may be in
+        `adapter_dir`, are read at start and kept in the pool); the other folders of
+        `adapter_dir` are listed, each read when a request first names it. An error in
+        `start()` means the server must not start; ValueError here for a name given twice
+        or a pin of nothing."""
         self.config = config
-        self._initial_adapters = {name: str(path) for name, path in (adapters or {}).items()}
+        self._initial_adapters = adapters_read_at_start(adapters or {}, pinned, adapter_dir)
+        self.names = AdapterNames(adapter_dir)
+        """The adapters served, by name (registered, or in the adapter dir)."""
         self.tokenizer = Tokenizer.from_folder(config.model.model)
         self.processor = OutputProcessor(self.tokenizer)
         self.info: RuntimeInfo | None = None
-        self._adapters: dict[str, Path] = {}
         self._running: dict[str, _Running] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
@@ -178,7 +191,9 @@ class AsyncEngine:
         if self._startup_error is not None:
             self.shutdown()
             raise self._startup_error
-        self._adapters = {name: Path(path) for name, path in self._initial_adapters.items()}
+        self.names.registered = {
+            name: Path(path) for name, (path, _) in self._initial_adapters.items()
+        }
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_SECONDS) -> None:
         """Stop the core after its current step; requests in flight fail with EngineDeadError."""
@@ -207,12 +222,8 @@ class AsyncEngine:
 
     @property
     def adapters(self) -> dict[str, Path]:
-        """Registered adapters, name -> folder (a copy)."""
-        return dict(self._adapters)
-
-    def has_adapter(self, name: str) -> bool:
-        """Whether `name` is registered (no copy: this runs on every request)."""
-        return name in self._adapters
+        """Every adapter served, name -> folder (registered, and the adapter dir's)."""
+        return self.names.all()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -222,9 +233,13 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: str | None = None,
+        origin: RequestOrigin | None = None,
     ) -> RequestStream:
         """Queue a request (its `params.n` completions); raises what the core refuses
-        (InvalidRequestError, UnknownAdapterError, QueueFullError) before any output exists."""
+        (InvalidRequestError, UnknownAdapterError, QueueFullError, AdapterError for an
+        adapter folder that cannot be read) before any output exists. Returns once the
+        request is queued and its adapter is ready (read from disk, if it was not)."""
+        origin = origin or RequestOrigin()
         self._bind_loop()
         if request_id in self._running:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -235,7 +250,16 @@ class AsyncEngine:
         self._running[request_id] = _Running(stream, sub_ids, len(subs))
         call_id = next(self._call_ids)
         try:
-            await self._call(call_id, ipc.AddRequest(call_id, subs, prompt_token_ids, adapter))
+            message = ipc.AddRequest(
+                call_id,
+                subs,
+                prompt_token_ids,
+                adapter,
+                origin.adapter_path,
+                origin.tenant,
+                origin.tenant_weight,
+            )
+            await self._call(call_id, message)
         except BaseException as error:
             self._running.pop(request_id, None)
             self.processor.forget(sub_ids)
@@ -260,9 +284,10 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: str | None = None,
+        origin: RequestOrigin | None = None,
     ) -> AsyncIterator[CompletionDelta]:
         """The deltas of one request; closing or cancelling the iterator aborts it."""
-        stream = await self.add_request(request_id, prompt_token_ids, params, adapter)
+        stream = await self.add_request(request_id, prompt_token_ids, params, adapter, origin)
         async with stream:
             async for deltas in stream:
                 for delta in deltas:
@@ -281,16 +306,17 @@ class AsyncEngine:
 
     # -- admin calls, run by the core between two steps --------------------------------------
 
-    async def register_adapter(self, name: str, path: str | Path) -> None:
-        """Load a PEFT folder (AdapterError if refused or the name is taken)."""
-        await self._request("register_adapter", name, str(path))
-        self._adapters[name] = Path(path)
+    async def register_adapter(self, name: str, path: str | Path, pinned: bool = False) -> None:
+        """Load a PEFT folder, kept in the pool if `pinned` (AdapterError if refused or the
+        name is taken). The core reads it while it steps; this returns once it is read."""
+        await self._request("register_adapter", name, str(path), pinned)
+        self.names.registered[name] = Path(path)
 
     async def unregister_adapter(self, name: str) -> None:
         """Forget an adapter: new requests for it are refused at once, requests in flight
         finish, then the core forgets it (UnknownAdapterError if not registered)."""
         await self._request("unregister_adapter", name)
-        self._adapters.pop(name, None)
+        self.names.registered.pop(name, None)
 
     async def stats(self) -> EngineStats:
         """Counts for /metrics; an empty picture once the engine is dead."""

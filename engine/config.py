@@ -103,6 +103,12 @@ class LoraConfig:
     """Largest adapter rank accepted; sizes the pool's pages."""
     max_resident_adapters: int = 128
     """Adapters that may hold pool pages at once (rows of the offset table)."""
+    max_cpu_loras: int | None = None
+    """Adapters kept in host RAM once read from disk (least recently used dropped first; unlimited if unset). Adapters of unfinished requests are always kept."""
+    max_cpu_lora_memory_gib: float | None = None
+    """Host RAM the adapters read from disk may take, in GiB (least recently used dropped first; unlimited if unset)."""
+    adapter_load_workers: int = 1
+    """Threads that read adapter folders while the engine steps (0: read in the engine's own thread, pausing every request: a baseline for benchmarks)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -113,6 +119,23 @@ class LoraConfig:
             self.max_resident_adapters >= 1,
             f"max_resident_adapters must be >= 1, got {self.max_resident_adapters}",
         )
+        _check(
+            self.max_cpu_loras is None or self.max_cpu_loras >= 1,
+            f"max_cpu_loras must be >= 1, got {self.max_cpu_loras}",
+        )
+        _check(
+            self.max_cpu_lora_memory_gib is None or self.max_cpu_lora_memory_gib > 0,
+            f"max_cpu_lora_memory_gib must be > 0, got {self.max_cpu_lora_memory_gib}",
+        )
+        _check(
+            0 <= self.adapter_load_workers <= 64,
+            f"adapter_load_workers must be in 0..64, got {self.adapter_load_workers}",
+        )
+
+    @property
+    def max_cpu_lora_bytes(self) -> int | None:
+        gib = self.max_cpu_lora_memory_gib
+        return None if gib is None else int(gib * 2**30)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,14 @@ front end's (engine/output_processor.py), in the server's process or in `LLM`.
 It is not thread-safe: one thread drives it (the engine-core process's loop, or
 `LLM.generate`).
 
-A failure that belongs to one request (the sampler could not sample its row) ends
-that request alone with `finish_reason` `error` (`fail_request`); the step goes on
-for the others. Anything else a step raises is an engine fault and propagates.
+A failure that belongs to one request (the sampler could not sample its row, its
+adapter's folder was refused when read from disk) ends that request alone with
+`finish_reason` `error` (`fail_request`); the step goes on for the others. Anything
+else a step raises is an engine fault and propagates.
+
+Adapters come from three tiers (engine/adapter_manager.py): a request naming an
+adapter that is on disk only is queued at once, its folder is read off the engine
+thread, and the scheduler skips it until the read is in; the others keep running.
 
 A request with structured output owns a `RequestGrammar` (engine/structured.py): the
 runner reads its mask, postprocess advances it with the chosen token, and the request
@@ -28,14 +33,18 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
+from loraserve.engine.adapter_manager import AdapterManager, Waiter
 from loraserve.engine.config import EngineConfig, RuntimeInfo, resolve_max_model_len
+from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.outputs import EngineOutput, EngineStats, TokenLogprobs
 from loraserve.engine.runner import ModelRunner, TorchModelRunner
 from loraserve.engine.sampler import SamplerOutput
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.structured import GrammarCompiler, RequestGrammar
-from loraserve.errors import InvalidRequestError, QueueFullError, UnknownAdapterError
-from loraserve.memory.adapter_store import AdapterStore, HostAdapter
+from loraserve.errors import InvalidRequestError, QueueFullError
+from loraserve.memory.adapter_catalog import AdapterCatalog
+from loraserve.memory.adapter_loader import AdapterLoader
+from loraserve.memory.adapter_store import AdapterReader
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.pool import UnifiedPool
 from loraserve.models.arch import ModelArch
@@ -76,16 +85,22 @@ class EngineCore:
         )
         self.runner = runner_factory(config, self.arch, self.geometry, eos)
         runner = self.runner
-        self.store = AdapterStore(
+        reader = AdapterReader(
             self.arch,
             self.geometry,
             lora.max_lora_rank,
             runner.dtype,
             pin_memory=runner.device.type == "cuda",  # host-to-device copies from pinned pages
         )
-        self.memory = UnifiedPool(
-            self.runner.num_pages, config.cache.block_size, lora.max_resident_adapters, self.store
+        self.catalog = AdapterCatalog(
+            AdapterLoader(reader, lora.adapter_load_workers),
+            lora.max_cpu_loras,
+            lora.max_cpu_lora_bytes,
         )
+        self.memory = UnifiedPool(
+            self.runner.num_pages, config.cache.block_size, lora.max_resident_adapters, self.catalog
+        )
+        self.adapters = AdapterManager(self.catalog, self.memory)
         self.scheduler = Scheduler(config.scheduler, self.memory)
         self.info = RuntimeInfo(
             device=str(runner.device),
@@ -101,8 +116,6 @@ class EngineCore:
         self.requests: dict[str, RequestState] = {}
         self.num_preemptions = 0
         """Preemptions since start (each one recomputes a request's KV later)."""
-        self.retiring: set[str] = set()
-        """Adapters being unloaded: refused to new requests, forgotten once their last ends."""
 
     @cached_property
     def grammars(self) -> GrammarCompiler:
@@ -112,34 +125,28 @@ class EngineCore:
 
     # -- adapters --------------------------------------------------------------------------
 
-    def register_adapter(self, name: str, path: str | Path) -> HostAdapter:
-        """Load a PEFT folder into host RAM (AdapterError if refused; nothing registered);
-        refused while an adapter of that name is being unloaded."""
-        if name in self.retiring:
-            raise InvalidRequestError(
-                f"adapter {name!r} is being unloaded once its requests finish; load it again then",
-                "lora_name",
-            )
-        return self.store.register(name, path)
+    def register_adapter(
+        self, name: str, path: str | Path, pinned: bool = False, wait: bool = True
+    ) -> None:
+        """Register a PEFT folder, read into host RAM (and kept in the pool if `pinned`).
+        With `wait` it is read now (AdapterError if refused; nothing registered); without,
+        it is read in the background (see `when_adapter_ready`)."""
+        self.adapters.register(name, path, pinned, wait)
 
     def unregister_adapter(self, name: str) -> None:
         """Forget an adapter. With requests in flight, new requests for it are refused at
         once and it is forgotten when the last of them ends (refuse new, then unload)."""
-        if name not in self.store or name in self.retiring:
-            raise UnknownAdapterError(f"adapter {name!r} is not registered")
-        self.retiring.add(name)
-        self._retire_if_idle(name)
+        self.adapters.unregister(name)
 
-    def _retire_if_idle(self, name: str | None) -> None:
-        if name not in self.retiring:
-            return
-        if self.memory.is_in_use(name) or any(
-            state.seq.adapter == name for state in self.requests.values()
-        ):
-            return
-        self.retiring.discard(name)
-        self.memory.evict_if_idle(name)
-        self.store.unregister(name)
+    @property
+    def retiring(self) -> set[str]:
+        """Adapters being unloaded: refused to new requests, forgotten once their last ends."""
+        return self.adapters.retiring
+
+    def when_adapter_ready(self, name: str, waiter: Waiter) -> bool:
+        """True if adapter `name` is ready now; else `waiter` is called between two steps
+        once it is (with None) or once it failed (with the error)."""
+        return self.adapters.when_ready(name, waiter)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -149,12 +156,16 @@ class EngineCore:
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: str | None = None,
+        origin: RequestOrigin | None = None,
     ) -> None:
-        """Queue a request; raises InvalidRequestError / UnknownAdapterError if it cannot run."""
+        """Queue a request; raises InvalidRequestError / UnknownAdapterError if it cannot run,
+        AdapterError if its adapter's folder was refused before (and has not changed).
+        An adapter on disk only starts being read now; the request waits for it."""
+        origin = origin or RequestOrigin()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if adapter is not None and (adapter not in self.store or adapter in self.retiring):
-            raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
+        if adapter is not None:
+            self.adapters.ensure(adapter, origin.adapter_path)
         max_tokens = self._check_lengths(prompt_token_ids, params, adapter)
         self._check_token_ids(params)
         stops = self._stop_token_ids(params)
@@ -163,17 +174,25 @@ class EngineCore:
         grammar = None
         if params.structured_outputs is not None:
             grammar = self.grammars.grammar_for(params.structured_outputs)
-        seq = SequenceState(request_id=request_id, adapter=adapter, token_ids=prompt_token_ids)
+        seq = SequenceState(
+            request_id=request_id,
+            adapter=adapter,
+            token_ids=prompt_token_ids,
+            tenant=origin.tenant,
+            tenant_weight=origin.tenant_weight,
+        )
         prompt_logprobs = None if params.prompt_logprobs is None else [None]
         self.requests[request_id] = RequestState(params, seq, stops, grammar, prompt_logprobs)
         self.runner.add_request(request_id, params, grammar)
         self.scheduler.add(seq)
+        self.adapters.hold(adapter)
 
     def add_requests(
         self,
         sub_requests: list[tuple[str, SamplingParams]],
         prompt_token_ids: list[int],
         adapter: str | None = None,
+        origin: RequestOrigin | None = None,
     ) -> None:
         """Queue the completions of one request, all or none; QueueFullError if the waiting
         queue has no room for all of them (each completion counts)."""
@@ -186,7 +205,7 @@ class EngineCore:
         added: list[str] = []
         try:
             for request_id, params in sub_requests:
-                self.add_request(request_id, prompt_token_ids, params, adapter)
+                self.add_request(request_id, prompt_token_ids, params, adapter, origin)
                 added.append(request_id)
         except BaseException:
             for request_id in added:
@@ -206,21 +225,41 @@ class EngineCore:
             return False
         self.scheduler.abort(request_id)
         self.runner.remove_request(request_id)
-        self._retire_if_idle(state.seq.adapter)
+        self.adapters.release(state.seq.adapter)
         return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def is_reading_adapters(self) -> bool:
+        """Whether adapter folders are being read (a step collects the finished ones)."""
+        return self.catalog.loader.num_in_flight > 0
+
+    def wait_for_adapter_reads(self, timeout: float) -> None:
+        """When nothing runs and requests wait for adapters being read, block until a read
+        finishes (at most `timeout` seconds) instead of stepping in a busy loop."""
+        if self.scheduler.num_running() == 0 and self.is_reading_adapters():
+            self.catalog.loader.wait(timeout)
+
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[EngineOutput]:
-        """Run one forward pass over the scheduled chunks; outputs of requests that advanced."""
+        """Take the adapter reads that finished, then run one forward pass over the
+        scheduled chunks; outputs of requests that advanced (or failed)."""
+        failed = self._collect_adapter_reads()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return []
+            return failed
         sampled = self.runner.execute(plan)
-        return self._postprocess(plan, sampled)
+        return failed + self._postprocess(plan, sampled)
+
+    def _collect_adapter_reads(self) -> list[EngineOutput]:
+        """Requests whose adapter's folder was refused fail with its error."""
+        outputs = []
+        for name, error in self.adapters.collect():
+            doomed = [rid for rid, state in self.requests.items() if state.seq.adapter == name]
+            outputs += [self.fail_request(request_id, str(error)) for request_id in doomed]
+        return outputs
 
     def _postprocess(self, plan: SchedulerOutput, sampled: SamplerOutput) -> list[EngineOutput]:
         """Append each sampled token, finish the requests that stop, report what changed.
@@ -279,13 +318,13 @@ class EngineCore:
         self.scheduler.finish(request_id, status)
         self.runner.remove_request(request_id)
         del self.requests[request_id]
-        self._retire_if_idle(state.seq.adapter)
+        self.adapters.release(state.seq.adapter)
 
     # -- statistics ------------------------------------------------------------------------
 
     def adapter_names(self) -> list[str]:
         """Registered adapters, in registration order."""
-        return self.store.names()
+        return self.catalog.names()
 
     def stats(self) -> EngineStats:
         """Counts for /metrics, between two steps."""
@@ -300,11 +339,17 @@ class EngineCore:
             num_adapter_pages=memory.num_adapter_pages,
             num_free_pages=memory.num_free_pages,
             num_pinned_adapter_pages=memory.num_pinned_adapter_pages,
-            resident_adapters=tuple(memory.resident_adapters()),
+            loaded_adapters=tuple(
+                (r.name, r.level, r.pinned, r.rank) for r in self.adapters.residency()
+            ),
+            num_host_adapters=len(self.catalog.host_adapters()),
             num_adapter_loads=memory.stats.adapter_loads,
             num_adapter_evictions=memory.stats.adapter_evictions,
             num_preemptions=self.num_preemptions,
-            new_adapter_load_seconds=tuple(self.runner.drain_load_seconds()),
+            new_adapter_load_seconds=tuple(
+                [("disk", seconds) for seconds in self.catalog.drain_load_seconds()]
+                + [("cpu", seconds) for seconds in self.runner.drain_load_seconds()]
+            ),
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -353,11 +398,12 @@ class EngineCore:
             )
         pages = math.ceil((len(prompt) + max_tokens) / self.geometry.block_size)
         if adapter is not None:
-            pages += self.store.get(adapter).num_pages
-        if pages > self.info.num_pages:
+            pages += self.adapters.num_pages(adapter)  # the largest possible, before it is read
+        available = self.memory.num_pages_for_requests  # pinned adapters' pages never free up
+        if pages > available:
             raise InvalidRequestError(
                 f"the request needs {pages} pages of the pool at most, which has only "
-                f"{self.info.num_pages}; send a shorter prompt or fewer max_tokens",
+                f"{available} for requests; send a shorter prompt or fewer max_tokens",
                 "max_tokens",
             )
         return max_tokens

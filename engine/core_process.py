@@ -7,6 +7,11 @@ if any request is unfinished, send the step's outputs as one message. With nothi
 to do it blocks on its inbox, waking every `PARENT_CHECK_MS` to exit if the
 front end is gone. A step that raises is an engine fault: the core sends `Fatal`
 and exits, and the front end fails what is in flight and reports itself unhealthy.
+
+A request (or a load call) whose adapter must first be read from disk is answered
+once the read is in, or with the folder's error (a 4xx before any output): the
+answer waits, the loop does not. Between two steps the core collects finished reads
+and calls the waiters, which send their answers before that step's outputs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import zmq
 
 from loraserve.engine import ipc
 from loraserve.engine.config import EngineConfig
+from loraserve.engine.origin import RequestOrigin
 
 if TYPE_CHECKING:
     from loraserve.engine.core import EngineCore
@@ -32,11 +38,13 @@ logger = logging.getLogger(__name__)
 PARENT_CHECK_MS = 1000
 IDLE_RETRY_MS = 10
 """Pause when requests wait but none could be scheduled (pages all taken), so the loop does not spin."""
+READ_RETRY_MS = 1
+"""The same pause while adapters are being read from disk (a finished read ends it sooner)."""
 
 
 def run_engine_core(
     config: EngineConfig,
-    adapters: dict[str, str],
+    adapters: dict[str, tuple[str, bool]],
     to_core_address: str,
     to_front_end_address: str,
     parent_pid: int,
@@ -57,8 +65,8 @@ def run_engine_core(
             from loraserve.engine.core import EngineCore  # torch: the front end never imports it
 
             core = EngineCore(config)
-            for name, path in adapters.items():
-                core.register_adapter(name, Path(path))
+            for name, (path, pinned) in adapters.items():  # name -> (folder, pinned)
+                core.register_adapter(name, Path(path), pinned)
         except Exception as error:
             _, message, _ = ipc.error_fields(error)
             outbox.send(codec.encode(ipc.StartupFailed(type(error).__name__, message)))
@@ -89,9 +97,8 @@ class CoreLoop:
 
     def run(self) -> None:
         while not self.stopping:
-            busy = self.core.has_unfinished_requests()
-            self._receive(wait=not busy)
-            if self.stopping or not self.core.has_unfinished_requests():
+            self._receive(wait=not self._busy())
+            if self.stopping or not self._busy():
                 continue
             try:
                 outputs = self.core.step()
@@ -102,8 +109,14 @@ class CoreLoop:
             if outputs:
                 self._send(ipc.Outputs(outputs))
             elif self.core.scheduler.num_running() == 0:
-                # Requests wait but none could be admitted: pause rather than spin.
-                self.inbox.poll(IDLE_RETRY_MS)
+                # Requests wait but none could be admitted: pause rather than spin (shortly
+                # while adapters are read from disk: their requests start when one is in).
+                reading = self.core.is_reading_adapters()
+                self.inbox.poll(READ_RETRY_MS if reading else IDLE_RETRY_MS)
+
+    def _busy(self) -> bool:
+        """Requests to step, or adapter reads to collect (a step collects them)."""
+        return self.core.has_unfinished_requests() or self.core.is_reading_adapters()
 
     def _receive(self, wait: bool) -> None:
         """Handle every message that has arrived; when `wait`, block until one does."""
@@ -123,16 +136,43 @@ class CoreLoop:
             for request_id in message.request_ids:
                 self.core.abort_request(request_id)
         elif isinstance(message, ipc.AddRequest):
-            self._answer(
-                message.call_id,
-                lambda: self.core.add_requests(
-                    message.sub_requests, message.prompt_token_ids, message.adapter
-                ),
-            )
+            self._add(message)
+        elif isinstance(message, ipc.Call) and message.method == "register_adapter":
+            self._register(message)
         elif isinstance(message, ipc.Call):
             self._answer(message.call_id, lambda: self._call(message.method, message.args))
         elif isinstance(message, ipc.Shutdown):
             self.stopping = True
+
+    def _add(self, message: ipc.AddRequest) -> None:
+        """Queue the request; answer now if its adapter is ready, else once it is."""
+        origin = RequestOrigin(message.tenant, message.tenant_weight, message.adapter_path)
+        try:
+            self.core.add_requests(
+                message.sub_requests, message.prompt_token_ids, message.adapter, origin
+            )
+        except Exception as error:
+            self._send(ipc.CallResult(message.call_id, error=ipc.error_fields(error)))
+            return
+        self._answer_when_ready(message.call_id, message.adapter)
+
+    def _register(self, message: ipc.Call) -> None:
+        """A load call: the folder is read while the engine steps; answered once read."""
+        name, path, pinned = message.args
+        try:
+            self.core.register_adapter(name, path, pinned, wait=False)
+        except Exception as error:
+            self._send(ipc.CallResult(message.call_id, error=ipc.error_fields(error)))
+            return
+        self._answer_when_ready(message.call_id, name)
+
+    def _answer_when_ready(self, call_id: int, adapter: str | None) -> None:
+        def answer(error: Exception | None) -> None:
+            fields = None if error is None else ipc.error_fields(error)
+            self._send(ipc.CallResult(call_id, error=fields))
+
+        if adapter is None or self.core.when_adapter_ready(adapter, answer):
+            answer(None)
 
     def _call(self, method: str, args: list[Any]) -> Any:
         if method not in ipc.CALLS:
@@ -140,7 +180,7 @@ class CoreLoop:
         result = getattr(self.core, method)(*args)
         if method == "stats":
             return dataclasses.asdict(result)
-        return None if method == "register_adapter" else result
+        return result
 
     def _answer(self, call_id: int, work: Any) -> None:
         try:

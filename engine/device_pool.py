@@ -7,16 +7,23 @@ into its pool pages (one copy per page, from pinned memory on CUDA) and points i
 slot's rows of the offset and rank tables at them. A slot's rows are rewritten by
 every load into it, so rows of evicted adapters need no clearing: no batch names
 a slot that was not loaded before the forward pass that reads it.
+
+On CUDA the copies run on a side stream (engine/copy_stream.py), so that a copy the
+step does not need yet (an adapter brought in ahead of its request) overlaps the
+forward pass; `wait_for` makes the forward wait for exactly the copies it reads, and
+for any copy left from an earlier step (whose pages may hold KV now). On a CPU every
+copy is done when `load` returns.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
+from loraserve.engine.copy_stream import SideStreamCopies
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.pool import AdapterLoad
 from loraserve.models.arch import LORA_GROUPS, NUM_LORA_MODULES
@@ -63,16 +70,29 @@ class DevicePool:
         self.load_seconds: deque[float] = deque(maxlen=MAX_RECORDED_LOADS)
         """Latencies of loads not yet taken by `drain_load_seconds` (bounded: with no
         metrics reader, as under `LLM`, the oldest are dropped)."""
+        self.copies = SideStreamCopies(device) if device.type == "cuda" else None
 
     def load(self, loads: Sequence[AdapterLoad]) -> None:
-        """Copy each adapter's host pages into its pool pages and write its table rows."""
+        """Copy each adapter's host pages into its pool pages and write its table rows
+        (on CUDA: queue the copies on the side stream)."""
         for load in loads:
+            if self.copies is not None:
+                self.copies.run(load.slot, lambda load=load: self._load(load), keep=load.adapter)
+                continue
             started = time.perf_counter()
             self._load(load)
             self.load_seconds.append(time.perf_counter() - started)
 
+    def wait_for(self, slots: Collection[int]) -> None:
+        """Before a forward pass that reads the adapters in `slots`: order it after their
+        copies (a no-op on a CPU, where copies are done already)."""
+        if self.copies is not None:
+            self.copies.wait_for(slots)
+
     def drain_load_seconds(self) -> list[float]:
         """The load latencies recorded since the last call; they are forgotten here."""
+        if self.copies is not None:
+            self.load_seconds.extend(self.copies.drain_seconds())
         taken = list(self.load_seconds)
         self.load_seconds.clear()
         return taken

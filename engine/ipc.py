@@ -32,12 +32,18 @@ from loraserve.errors import (
 
 
 class AddRequest(msgspec.Struct, tag=True):
-    """Queue the `n` completions of one request (all or none); answered by a `CallResult`."""
+    """Queue the `n` completions of one request (all or none); answered by a `CallResult`
+    once they are queued and their adapter is ready (read from disk, if it had to be),
+    or with the error that refused them."""
 
     call_id: int
     sub_requests: list[tuple[str, SamplingParams]]
     prompt_token_ids: list[int]
     adapter: str | None
+    adapter_path: str | None = None
+    """The adapter's folder in the adapter dir, for the core to register it if unknown."""
+    tenant: str | None = None
+    tenant_weight: float = 1.0
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -47,7 +53,8 @@ class Abort(msgspec.Struct, tag=True):
 
 
 class Call(msgspec.Struct, tag=True):
-    """Run `EngineCore.<method>(*args)` between two steps; answered by a `CallResult`."""
+    """Run `EngineCore.<method>(*args)` between two steps; answered by a `CallResult`
+    (for `register_adapter`, once the folder is read: the engine steps meanwhile)."""
 
     call_id: int
     method: str
@@ -62,7 +69,8 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 class Ready(msgspec.Struct, tag=True):
-    """The core has loaded the model and the adapters given at start."""
+    """The core has loaded the model and the adapters given at start (and pinned those
+    asked)."""
 
     info: dict[str, Any]
     """The `RuntimeInfo`, as a dict."""

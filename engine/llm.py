@@ -10,12 +10,17 @@ from typing import Any, TypeVar
 
 from loraserve.engine.config import build_config
 from loraserve.engine.core import EngineCore
+from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.output_processor import OutputProcessor, sub_request_ids
 from loraserve.engine.outputs import CompletionOutput, RequestOutput
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.errors import UnknownAdapterError
+from loraserve.memory.adapter_dir import list_adapter_folders
 from loraserve.models.tokenizer import Tokenizer
 
 T = TypeVar("T")
+ADAPTER_READ_WAIT_S = 0.05
+"""Longest pause, with nothing to run, before stepping again while adapters are read."""
 
 
 def _per_prompt(value: T | Sequence[T] | None, count: int, default: T, name: str) -> list[T]:
@@ -37,11 +42,21 @@ class LLM:
         adapters: dict[str, str | Path] | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        adapter_dir: str | Path | None = None,
+        pinned_adapters: Sequence[str] = (),
         **options: Any,
     ) -> None:
+        """`adapters` (name -> PEFT folder) are read now; the folders under `adapter_dir`
+        are listed, each read when a prompt first names it (within the host-RAM budget of
+        `max_cpu_loras` / `max_cpu_lora_memory_gib`). `pinned_adapters` stay in the pool."""
         self.engine = EngineCore(build_config(str(model), device=device, dtype=dtype, **options))
+        self.adapter_dir = {} if adapter_dir is None else list_adapter_folders(adapter_dir)
+        """Adapter folders listed under `adapter_dir`, by name."""
         for name, path in (adapters or {}).items():
-            self.engine.register_adapter(name, path)
+            self.engine.register_adapter(name, path, pinned=name in pinned_adapters)
+        for name in pinned_adapters:
+            if name not in (adapters or {}):
+                self.engine.register_adapter(name, self._listed(name), pinned=True)
         self.tokenizer = Tokenizer.from_folder(model)
         self._processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -83,9 +98,10 @@ class LLM:
                     result.request_id, result.prompt_token_ids, param
                 )
                 result.outputs = [CompletionOutput(index) for index in range(len(subs))]
+                origin = RequestOrigin(adapter_path=self._path_of(result.adapter))
                 for sub_id, sub_params in subs:  # no waiting-queue limit offline
                     self.engine.add_request(
-                        sub_id, result.prompt_token_ids, sub_params, result.adapter
+                        sub_id, result.prompt_token_ids, sub_params, result.adapter, origin
                     )
                     added.append(sub_id)
         except Exception:
@@ -95,10 +111,26 @@ class LLM:
                 self.engine.abort_request(sub_id)
             raise
 
+    def _path_of(self, adapter: str | None) -> str | None:
+        """The listed folder of an adapter the engine may not know yet."""
+        if adapter is None or adapter in self.engine.catalog:
+            return None
+        path = self.adapter_dir.get(adapter)
+        return None if path is None else str(path)
+
+    def _listed(self, name: str) -> Path:
+        path = self.adapter_dir.get(name)
+        if path is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered")
+        return path
+
     def _run(self, results: list[RequestOutput]) -> list[RequestOutput]:
         by_id = {result.request_id: result for result in results}
         while self.engine.has_unfinished_requests():
-            processed = self._processor.process(self.engine.step())
+            outputs = self.engine.step()
+            if not outputs:
+                self.engine.wait_for_adapter_reads(ADAPTER_READ_WAIT_S)
+            processed = self._processor.process(outputs)
             for sub_id in processed.aborts:
                 self.engine.abort_request(sub_id)
             for request_id, delta in processed.deltas:

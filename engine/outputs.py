@@ -142,10 +142,16 @@ class EngineStats:
     num_adapter_pages: int = 0
     num_free_pages: int = 0
     num_pinned_adapter_pages: int = 0
-    """Pages of resident adapters that running requests use (not reclaimable now)."""
-    resident_adapters: tuple[str, ...] = ()
+    """Pages of resident adapters that running requests use or that are pinned (not
+    reclaimable now)."""
+    loaded_adapters: tuple[tuple[str, str, bool, int], ...] = ()
+    num_host_adapters: int = 0
+    """Adapters in host RAM (some of which may be in the pool too)."""
+    """(name, level, pinned, rank) of every adapter in the pool (level `gpu`) or only in
+    host RAM (`cpu`), sorted by name."""
     num_adapter_loads: int = 0
     num_adapter_evictions: int = 0
     num_preemptions: int = 0
-    new_adapter_load_seconds: tuple[float, ...] = ()
-    """Load latencies recorded since the previous reading (each reported once)."""
+    new_adapter_load_seconds: tuple[tuple[str, float], ...] = ()
+    """(source tier, seconds) of the loads since the previous reading, each reported once:
+    `disk` (a folder read into host RAM), `cpu` (host RAM copied into the pool)."""

@@ -7,8 +7,9 @@ on CUDA, the captured decode graphs. One call per step:
 
     sampled = runner.execute(plan)    # plan = scheduler.schedule()
 
-copies the adapters the plan brings in, builds the batch metadata once, runs the
-forward pass and samples one token for each chunk that reaches its sequence's end.
+copies the adapters the plan brings in (on CUDA on a side stream, waited for only by
+a forward that reads them), builds the batch metadata once, runs the forward pass
+and samples one token for each chunk that reaches its sequence's end.
 `ModelRunner` is the engine's view of it (tests drive the engine with a fake one).
 """
 
@@ -79,7 +80,7 @@ class ModelRunner(Protocol):
 
     def execute(self, plan: Plan) -> SamplerOutput:
         """Run one step: load adapters, forward, sample one token per sampling chunk
-        (in plan order)."""
+        (in plan order). A plan of copies only runs no forward."""
         ...
 
     def drain_load_seconds(self) -> list[float]:
@@ -192,6 +193,9 @@ class TorchModelRunner:
 
     def execute(self, plan: Plan) -> SamplerOutput:
         self.pool.load(plan.adapter_loads)
+        if not plan.chunks:  # copies only
+            return SamplerOutput([], [], [])
+        self.pool.wait_for({chunk.slot for chunk in plan.chunks})
         sampling = [chunk for chunk in plan.chunks if chunk.samples]
         rows = [self._requests[chunk.seq.request_id] for chunk in sampling]
         masks = self._start_masks(rows)

@@ -145,8 +145,11 @@ def _failure_codes(logits: torch.Tensor) -> torch.Tensor:
 
     logits: [num_seqs, vocab_size] float32, after penalties and masks. Returns [num_seqs] long.
     """
-    not_finite = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
-    nothing_left = torch.isneginf(logits).all(dim=-1)
+    # One pass over the logits: a row's maximum is NaN if any entry is (amax propagates
+    # NaN), +inf if one is, and -inf only if every entry is.
+    row_max = logits.amax(dim=-1)  # [num_seqs]
+    not_finite = torch.isnan(row_max) | torch.isposinf(row_max)
+    nothing_left = torch.isneginf(row_max)
     codes = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     codes = codes.masked_fill(nothing_left, _NO_TOKEN_LEFT_CODE)
     return codes.masked_fill(not_finite, _NOT_FINITE_CODE)

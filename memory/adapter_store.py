@@ -1,8 +1,10 @@
-"""The host-RAM adapter store: every registered adapter, already in the pool's layout.
+"""Reading an adapter into host RAM, already in the pool's layout (`HostAdapter`).
 
-An adapter is read from its PEFT folder once (memory/peft_format.py), converted to
-the pool's dtype with its scaling folded into B, and packed into page-sized slabs,
-so that bringing it into the GPU pool is one copy per page.
+An adapter is read from its PEFT folder (memory/peft_format.py), converted to the
+pool's dtype with its scaling folded into B, and packed into page-sized slabs, so
+that bringing it into the GPU pool is one copy per page. `AdapterReader` holds no
+adapters: it is safe to call from the catalog's loader threads while the engine
+steps (memory/adapter_catalog.py keeps what was read, within the host-RAM budget).
 
 Layout inside `HostAdapter.pages` (the contract with the LoRA kernels): every matrix
 is row-major `[rank, dim]`: A as PEFT stores it (`[r, in_features]`), B transposed
@@ -25,14 +27,13 @@ matrix per part, and the parts' A offsets all point at that one A.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loraserve.errors import AdapterError, UnknownAdapterError
+from loraserve.errors import AdapterError
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
 from loraserve.memory.peft_format import LoraModule, read_peft_lora, refuse
 from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
@@ -63,6 +64,11 @@ class HostAdapter:
         """Pages the adapter takes in the pool."""
         return int(self.pages.shape[0])
 
+    @property
+    def num_bytes(self) -> int:
+        """Host RAM its pages take (what the host tier's byte budget counts)."""
+        return self.pages.numel() * self.pages.element_size()
+
 
 def pack_matrices(sizes: Sequence[int], page_numel: int) -> tuple[list[int], int]:
     """Greedy placement of matrices of `sizes` elements: (offset of each from the first page, pages used)."""
@@ -78,8 +84,15 @@ def pack_matrices(sizes: Sequence[int], page_numel: int) -> tuple[list[int], int
     return offsets, page + 1 if sizes else 0
 
 
-class AdapterStore:
-    """Every registered adapter, by name, in host RAM."""
+def check_adapter_name(name: str) -> None:
+    """AdapterError for a name loraserve cannot serve under."""
+    if not name or any(char.isspace() for char in name) or "," in name:
+        # Names end up in comma-joined metric labels.
+        raise AdapterError(f"adapter name {name!r} must be non-empty, without whitespace or ','")
+
+
+class AdapterReader:
+    """Reads PEFT folders into `HostAdapter`s for one model and pool geometry."""
 
     def __init__(
         self,
@@ -97,51 +110,25 @@ class AdapterStore:
         self.max_lora_rank = max_lora_rank
         self.dtype = dtype
         self.pin_memory = pin_memory
-        self._adapters: dict[str, HostAdapter] = {}
-        # Registration may come from a server thread while the engine reads.
-        self._lock = threading.Lock()
 
-    def register(self, name: str, path: str | Path) -> HostAdapter:
-        """Load and check a PEFT LoRA folder, then add it under `name`; AdapterError if refused."""
-        if any(char.isspace() for char in name) or "," in name:
-            # Names end up in comma-joined metric labels.
-            raise AdapterError(f"adapter name {name!r} must not contain whitespace or ','")
-        self._check_free(name)
+    def read(self, name: str, path: str | Path) -> HostAdapter:
+        """Load and check a PEFT LoRA folder; AdapterError if refused."""
+        check_adapter_name(name)
         folder = Path(path)
         modules = read_peft_lora(folder, self.arch, self.max_lora_rank)
-        host = self._pack(name, folder, modules)
-        with self._lock:
-            self._check_free(name)  # another thread may have taken it while we loaded
-            self._adapters[name] = host
-        return host
+        return self._pack(name, folder, modules)
 
-    def unregister(self, name: str) -> None:
-        """Forget an adapter; UnknownAdapterError if it is not registered."""
-        with self._lock:
-            if name not in self._adapters:
-                raise UnknownAdapterError(f"adapter {name!r} is not registered")
-            del self._adapters[name]
-
-    def get(self, name: str) -> HostAdapter:
-        """The registered adapter `name`; UnknownAdapterError if absent."""
-        adapter = self._adapters.get(name)
-        if adapter is None:
-            raise UnknownAdapterError(f"adapter {name!r} is not registered")
-        return adapter
-
-    def names(self) -> list[str]:
-        """Registered names, in registration order."""
-        return list(self._adapters)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._adapters
-
-    def __len__(self) -> int:
-        return len(self._adapters)
-
-    def _check_free(self, name: str) -> None:
-        if name in self._adapters:
-            raise AdapterError(f"adapter {name!r} is already registered")
+    @property
+    def max_num_pages(self) -> int:
+        """Pages of the largest adapter this reader accepts (every module at max_lora_rank):
+        what a request must leave room for before its adapter is read."""
+        sizes = [
+            self.max_lora_rank * dim
+            for _ in range(self.arch.num_layers)
+            for module in LORA_MODULES
+            for dim in self.arch.module_dims(module)
+        ]
+        return pack_matrices(sizes, self.geometry.page_numel)[1]
 
     def _pack(self, name: str, folder: Path, modules: list[LoraModule]) -> HostAdapter:
         """Convert every module's matrices to the pool layout and pack them into pages."""

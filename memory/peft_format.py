@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loraserve.errors import AdapterError
+from loraserve.memory.adapter_dir import CONFIG_FILE
 from loraserve.models.arch import (
     FUSED_MODULES,
     MODULE_INDEX,
@@ -35,7 +36,6 @@ from loraserve.models.arch import (
     linear_parent,
 )
 
-CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 

@@ -4,40 +4,51 @@ Pure Python (no torch): the pool tensor itself, its KV view and the LoRA offset
 tables belong to the model runner (engine/device_pool.py), which copies what this
 bookkeeping decides. `UnifiedPool` is the scheduler's `PoolAccounting`.
 
-Residency: an adapter is pinned while any running request uses it; idle resident
-adapters stay (a later request finds them loaded) until pages or slots are needed,
-then the least recently used goes first. Making an adapter resident reserves its
-pages and a slot (a row of the runner's offset tables) at once, and queues an
-`AdapterLoad`; the scheduler hands the step's loads to the runner in its plan, so
-weights are copied before the forward pass that first reads them.
+Residency: an adapter is held while any running request uses it; an idle resident
+adapter stays (a later request finds it loaded) and joins the reclaimable set
+(memory/reclaimable.py): when pages or slots are needed, the least recently used
+reclaimable holder goes first. A pinned adapter (`pin_adapter`) is never reclaimed.
+Making an adapter resident takes its weights from host RAM (the catalog's tier): it
+reserves its pages and a slot (a row of the runner's offset tables) at once and
+queues an `AdapterLoad`; the scheduler hands the step's loads to the runner in its
+plan, so weights are copied before the forward pass that first reads them (on CUDA,
+on a side stream that the forward waits for only if it uses the adapter).
+
+Loads start in two ways: when a waiting request is admitted (`acquire_adapter`), or
+ahead of it (`prefetch_adapter`: into free pages only, never evicting; the adapter
+is then idle and reclaimable like any other). A load whose request is aborted or
+preempted is kept: the adapter stays resident, idle and reclaimable, in LRU order;
+if its pages are reclaimed before the runner got the load, the copy is dropped.
 
 Invariant (tested after every step): KV pages + adapter pages + free pages == total.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from loraserve.errors import UnknownAdapterError
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.memory.allocator import PageAllocator
+from loraserve.memory.reclaimable import ReclaimableKey, ReclaimableSet
 
 
-class SizedAdapter(Protocol):
-    """What the bookkeeping needs of a registered adapter (memory/adapter_store.HostAdapter)."""
+class HostTier(Protocol):
+    """Adapters in host RAM (memory/adapter_catalog.AdapterCatalog)."""
 
-    @property
-    def num_pages(self) -> int: ...
+    def in_host(self, name: str | None) -> bool: ...
+
+    def host(self, name: str) -> Any:
+        """The host copy (a `HostAdapter`, with `num_pages`)."""
+        ...
+
+    def touch(self, name: str) -> None: ...
 
 
-class AdapterCatalog(Protocol):
-    """Registered adapters by name (memory/adapter_store.AdapterStore)."""
-
-    def __contains__(self, name: object) -> bool: ...
-
-    def get(self, name: str) -> Any: ...
+ADAPTER = "adapter"
+"""The reclaimable kind of an idle resident adapter: key ("adapter", name)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,8 @@ class ResidentAdapter:
     slot: int
     pages: list[int]
     num_users: int = 0
+    pinned: bool = False
+    """Kept resident until unregistered (--pin-adapter): never reclaimable."""
 
 
 @dataclass
@@ -73,14 +86,23 @@ class UnifiedPool:
     """Pages of the pool (KV blocks and adapter slabs alike) and adapter residency."""
 
     def __init__(
-        self, num_pages: int, block_size: int, max_resident_adapters: int, adapters: AdapterCatalog
+        self,
+        num_pages: int,
+        block_size: int,
+        max_resident_adapters: int,
+        adapters: HostTier,
+        on_evict: Callable[[str], None] = lambda name: None,
     ) -> None:
         self.allocator = PageAllocator(num_pages)
         self._block_size = block_size
         self.adapters = adapters
+        self.on_evict = on_evict
+        """Called with an adapter's name when its pages are reclaimed."""
         self.max_resident_adapters = max_resident_adapters
         self._free_slots = list(range(max_resident_adapters - 1, -1, -1))
-        self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU first
+        self._resident: dict[str, ResidentAdapter] = {}
+        self.reclaimable = ReclaimableSet()
+        """Idle page holders, least recently used first (the one eviction order)."""
         self._pending_loads: list[AdapterLoad] = []
         self.num_kv_pages = 0
         self.stats = PoolStats()
@@ -96,18 +118,22 @@ class UnifiedPool:
         return self.allocator.num_pages
 
     def can_allocate(self, num_pages: int, adapter: str | None = None) -> bool:
+        free = self.allocator.num_free
         resident = adapter is None or adapter in self._resident
-        if resident and num_pages <= self.allocator.num_free:
-            return True  # the common case (a decode step), without looking at the adapters
+        if resident and num_pages <= free:
+            return True  # the common case (a decode step), without looking further
         # The request's own adapter is not reclaimable: acquiring it pins its pages.
-        reclaimable = [r for r in self._resident.values() if r.num_users == 0 and r.name != adapter]
-        available = self.allocator.num_free + sum(len(r.pages) for r in reclaimable)
+        own = 0 if adapter is None else self.reclaimable.pages_of((ADAPTER, adapter))
+        available = free + self.reclaimable.num_pages - own
         if resident:
             return num_pages <= available
-        if not self._free_slots and not reclaimable:
+        if not self._free_slots and self.reclaimable.least_recent(ADAPTER) is None:
             return False
         assert adapter is not None
-        return num_pages + self.adapters.get(adapter).num_pages <= available
+        return num_pages + self.adapters.host(adapter).num_pages <= available
+
+    def adapter_ready(self, adapter: str | None) -> bool:
+        return adapter is None or adapter in self._resident or self.adapters.in_host(adapter)
 
     def allocate(self, num_pages: int) -> list[int]:
         self._reclaim(num_pages)
@@ -124,9 +150,10 @@ class UnifiedPool:
             return
         resident = self._resident.get(adapter)
         if resident is None:
-            resident = self._make_resident(adapter)
+            resident = self._make_resident(adapter, evict=True)
         resident.num_users += 1
-        self._resident.move_to_end(adapter)
+        self.reclaimable.discard((ADAPTER, adapter))
+        self.adapters.touch(adapter)
 
     def release_adapter(self, adapter: str | None) -> None:
         if adapter is None:
@@ -134,6 +161,17 @@ class UnifiedPool:
         resident = self._resident[adapter]
         assert resident.num_users > 0, f"adapter {adapter} released more than acquired"
         resident.num_users -= 1
+        if not resident.num_users and not resident.pinned:
+            self.reclaimable.add((ADAPTER, adapter), len(resident.pages))
+
+    def prefetch_adapter(self, adapter: str | None) -> bool:
+        if adapter is None or adapter in self._resident or not self.adapters.in_host(adapter):
+            return False
+        if not self._free_slots or self.adapters.host(adapter).num_pages > self.allocator.num_free:
+            return False
+        resident = self._make_resident(adapter, evict=False)
+        self.reclaimable.add((ADAPTER, adapter), len(resident.pages))
+        return True
 
     def slot_of(self, adapter: str | None) -> int:
         """The offset-table row of a resident adapter; NO_ADAPTER for the base model."""
@@ -146,54 +184,97 @@ class UnifiedPool:
         self.stats.adapter_loads += len(loads)
         return loads
 
-    # -- lookups for the engine and metrics ----------------------------------------------
+    # -- pins, lookups for the engine and metrics ----------------------------------------
+
+    def pin_adapter(self, adapter: str) -> None:
+        """Keep `adapter` resident until unregistered (its weights must be in host RAM if it
+        is not resident yet). MemoryError if its pages cannot be had now, or if it would
+        take the last slot that other adapters could use (their requests would never run)."""
+        resident = self._resident.get(adapter)
+        if resident is not None and resident.pinned:
+            return
+        if len(self.pinned_adapters()) + 1 >= self.max_resident_adapters:
+            raise MemoryError(
+                f"pinning it would leave none of the {self.max_resident_adapters} adapter slots "
+                "to the other adapters (raise --max-resident-adapters)"
+            )
+        if resident is None:
+            needed = self.adapters.host(adapter).num_pages
+            if needed > self.allocator.num_free + self.reclaimable.num_pages:
+                raise MemoryError(f"no room in the pool to pin adapter {adapter!r}")
+            if not self._free_slots and self.reclaimable.least_recent(ADAPTER) is None:
+                raise MemoryError(f"every adapter slot is in use: cannot pin {adapter!r}")
+            resident = self._make_resident(adapter, evict=True)
+        resident.pinned = True
+        self.reclaimable.discard((ADAPTER, adapter))
 
     def evict_if_idle(self, adapter: str) -> bool:
-        """Drop an idle adapter's pages now (used when it is unregistered); False if in use."""
+        """Drop an idle adapter's pages now, pinned or not (used when it is unregistered);
+        False if in use."""
         resident = self._resident.get(adapter)
         if resident is None or resident.num_users:
             return resident is None
         self._evict(resident)
         return True
 
+    def is_resident(self, adapter: str) -> bool:
+        return adapter in self._resident
+
     def is_in_use(self, adapter: str) -> bool:
         resident = self._resident.get(adapter)
         return resident is not None and resident.num_users > 0
 
     def resident_adapters(self) -> list[str]:
-        """Names of resident adapters, least recently used first."""
+        """Names of resident adapters, in the order they became resident."""
         return list(self._resident)
+
+    def pinned_adapters(self) -> list[str]:
+        return [name for name, resident in self._resident.items() if resident.pinned]
 
     @property
     def num_adapter_pages(self) -> int:
         return sum(len(r.pages) for r in self._resident.values())
 
     @property
+    def num_pages_for_requests(self) -> int:
+        """Pages a request and its adapter may ever use: all but the pinned adapters'."""
+        pinned = sum(len(r.pages) for r in self._resident.values() if r.pinned)
+        return self.num_total_pages - pinned
+
+    @property
     def num_pinned_adapter_pages(self) -> int:
-        """Pages of resident adapters that running requests use (not reclaimable now)."""
-        return sum(len(r.pages) for r in self._resident.values() if r.num_users)
+        """Pages of resident adapters that are not reclaimable now (in use, or pinned)."""
+        return sum(len(r.pages) for r in self._resident.values() if r.num_users or r.pinned)
 
     @property
     def num_free_pages(self) -> int:
         return self.allocator.num_free
 
     def check_invariants(self) -> None:
-        """Pages in use + pages free == pages total (asserts; tests call it every step)."""
+        """Pages in use + pages free == pages total, and the reclaimable set is exactly the
+        idle unpinned adapters (asserts; tests call it every step)."""
         used = self.num_kv_pages + self.num_adapter_pages
         assert used + self.allocator.num_free == self.num_total_pages, (
             f"page leak: {self.num_kv_pages} kv + {self.num_adapter_pages} adapter + "
             f"{self.allocator.num_free} free != {self.num_total_pages}"
         )
+        idle = {(ADAPTER, r.name) for r in self._resident.values() if not (r.num_users or r.pinned)}
+        assert set(self.reclaimable) == idle, f"reclaimable {set(self.reclaimable)} != idle {idle}"
+        assert len(self._free_slots) + len(self._resident) == self.max_resident_adapters
 
     # -- internals -----------------------------------------------------------------------
 
-    def _make_resident(self, name: str) -> ResidentAdapter:
-        if name not in self.adapters:
-            raise UnknownAdapterError(f"adapter {name!r} is not registered")
-        host = self.adapters.get(name)
-        if not self._free_slots:
-            self._evict(self._least_recent_idle())
-        self._reclaim(host.num_pages)
+    def _make_resident(self, name: str, evict: bool) -> ResidentAdapter:
+        if not self.adapters.in_host(name):
+            raise UnknownAdapterError(f"adapter {name!r} is not in host RAM")
+        host = self.adapters.host(name)
+        if evict:
+            if not self._free_slots:
+                least_recent = self.reclaimable.least_recent(ADAPTER)
+                if least_recent is None:
+                    raise MemoryError("no idle adapter to evict: every slot is in use")
+                self._evict_holder(least_recent)
+            self._reclaim(host.num_pages)
         pages = self.allocator.allocate(host.num_pages)
         resident = ResidentAdapter(name, self._free_slots.pop(), pages)
         self._resident[name] = resident
@@ -201,21 +282,27 @@ class UnifiedPool:
         return resident
 
     def _reclaim(self, num_pages: int) -> None:
-        """Evict idle adapters, least recently used first, until `num_pages` are free."""
+        """Evict reclaimable holders, least recently used first, until `num_pages` are free."""
         while self.allocator.num_free < num_pages:
-            self._evict(self._least_recent_idle())
+            least_recent = self.reclaimable.least_recent()
+            if least_recent is None:
+                raise MemoryError("nothing reclaimable left: the pool is full")
+            self._evict_holder(least_recent)
 
-    def _least_recent_idle(self) -> ResidentAdapter:
-        for resident in self._resident.values():
-            if resident.num_users == 0:
-                return resident
-        raise MemoryError("no idle adapter to evict: the pool is full")
+    def _evict_holder(self, key: ReclaimableKey) -> None:
+        """Reclaim one holder's pages. Each reclaimable kind is evicted here (prefix
+        caching adds its cached blocks' kind)."""
+        kind, name = key
+        assert kind == ADAPTER, f"no eviction for reclaimable kind {kind!r}"
+        self._evict(self._resident[str(name)])
 
     def _evict(self, resident: ResidentAdapter) -> None:
         del self._resident[resident.name]
+        self.reclaimable.discard((ADAPTER, resident.name))
         self.allocator.free(resident.pages)
         self._free_slots.append(resident.slot)
         pending = [load for load in self._pending_loads if load.name != resident.name]
         if len(pending) == len(self._pending_loads):
             self.stats.adapter_evictions += 1  # its weights had been handed to the runner
         self._pending_loads = pending
+        self.on_evict(resident.name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraserve.scheduler.policy import POLICIES
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -15,6 +17,14 @@ class SchedulerConfig:
     """Tokens computed per step, prefill chunks and decodes together; longer prompts are chunked."""
     max_waiting_requests: int = 10_000
     """Requests queued beyond the running ones; more are refused (HTTP 429)."""
+    policy: str = "vtc"
+    """Admission order of waiting requests: vtc (fair share between tenants: the Virtual Token Counter; with one tenant it is FCFS) | fcfs (arrival order)."""
+    vtc_input_token_weight: float = 1.0
+    """VTC: service counted per prompt token."""
+    vtc_output_token_weight: float = 2.0
+    """VTC: service counted per generated token (a generated token costs more than a prompt token)."""
+    max_adapter_prefetch: int = 4
+    """Adapters of waiting requests copied into free pool pages per step, ahead of their admission (0: only at admission)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -27,3 +37,10 @@ class SchedulerConfig:
             )
         if self.max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        weights = (self.vtc_input_token_weight, self.vtc_output_token_weight)
+        if not (min(weights) >= 0 and sum(weights) > 0):
+            raise ValueError(f"VTC token weights must be >= 0 and not both 0, got {weights}")
+        if self.max_adapter_prefetch < 0:
+            raise ValueError(f"max_adapter_prefetch must be >= 0, got {self.max_adapter_prefetch}")

@@ -31,6 +31,12 @@ class PoolAccounting(Protocol):
         `adapter` itself: acquiring it pins it, so its pages cannot also serve as KV."""
         ...
 
+    def adapter_ready(self, adapter: str | None) -> bool:
+        """Whether `acquire_adapter(adapter)` can make it resident now: it is resident, or
+        its weights are in host RAM. False while it is being read from disk (the engine
+        started that read); the base model (None) is always ready."""
+        ...
+
     def allocate(self, num_pages: int) -> list[int]:
         """Take `num_pages` KV pages, evicting idle adapters (LRU) if needed.
         Raises `MemoryError` if they cannot be had (call `can_allocate` first)."""
@@ -41,12 +47,18 @@ class PoolAccounting(Protocol):
         ...
 
     def acquire_adapter(self, adapter: str | None) -> None:
-        """Pin `adapter` for one more running request, making it resident
-        (pages reserved now, weights copied in by `memory.prepare`). None is a no-op."""
+        """Hold `adapter` for one more running request, making it resident (pages and
+        a slot reserved now, its copy handed out by `take_loads`). None is a no-op."""
         ...
 
     def release_adapter(self, adapter: str | None) -> None:
         """Unpin `adapter` for one request; it stays resident until evicted."""
+        ...
+
+    def prefetch_adapter(self, adapter: str | None) -> bool:
+        """Start bringing a waiting request's ready adapter into free pages ahead of its
+        admission, never evicting anything; it stays idle (reclaimable) until acquired.
+        False if nothing was started (resident already, not ready, or no free room)."""
         ...
 
     def slot_of(self, adapter: str | None) -> int:

@@ -40,6 +40,10 @@ class SequenceState:
     """Adapter name; None is the base model."""
     token_ids: list[int]
     """The prompt, then every generated token (they survive preemption)."""
+    tenant: str | None = None
+    """Who sent it (the API key's tenant); None is the anonymous tenant. Fairness is per tenant."""
+    tenant_weight: float = 1.0
+    """The tenant's share of service relative to others (the API-keys file's `weight`)."""
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0
     """Tokens whose KV is in the pool; reset to 0 by preemption."""
@@ -48,13 +52,15 @@ class SequenceState:
     between steps."""
     status: SequenceStatus = SequenceStatus.WAITING
     arrival_index: int = -1
-    """Order of arrival, stamped by `Scheduler.add`; FCFS compares it."""
+    """Order of arrival, stamped by `Scheduler.add`; the admission policies compare it."""
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise ValueError(f"request {self.request_id!r} has an empty prompt")
         self.token_ids = list(self.token_ids)  # ours to append to, not the caller's list
+        if not self.tenant_weight > 0:
+            raise ValueError(f"tenant_weight must be > 0, got {self.tenant_weight}")
         self.num_prompt_tokens = len(self.token_ids)
 
     @property

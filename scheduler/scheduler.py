@@ -1,11 +1,22 @@
 """Continuous batching: which requests compute which tokens this step, and who holds pages.
 
-One token budget per step. Running requests come first, oldest first: each computes
-the rest of its known tokens (a decode is 1; a prefill is chunked by the budget).
-When the pool cannot give a running request its next pages, the latest-arrived
-running request is preempted (recompute: its pages are freed and it is re-prefilled
-later, generated tokens included). Then waiting requests are admitted in strict
-arrival order while budget, `max_num_seqs` and pages allow.
+One token budget per step. Running requests come first, in admission order: each
+computes the rest of its known tokens (a decode is 1; a prefill is chunked by the
+budget). When the pool cannot give a running request its next pages, the last
+admitted running request is preempted (recompute: its pages are freed and it is
+re-prefilled later, generated tokens included). Then waiting requests are admitted in
+the admission policy's order (scheduler/policy.py: VTC fair share between tenants,
+or FCFS) while budget, `max_num_seqs` and pages allow.
+
+Adapters being read from disk: a waiting request whose adapter is not in host RAM or
+the pool yet is skipped, keeping its place, and those behind it are offered instead;
+it is offered again every step until its adapter is ready. Only that skips: a ready
+request that does not fit the pool's free pages stops admission (head-of-line
+blocking, so a long prompt is not starved by shorter ones behind it). Under VTC the
+skipped request's tenant stays backlogged: its counter does not grow while it waits,
+so once the adapter is in, that tenant is served first until its counter catches up.
+Then the adapters of a few waiting requests are brought into free pool pages ahead of
+admission (`max_adapter_prefetch`), so that their copies overlap this step.
 
 Example, budget 8, block_size 4, A decoding (10 tokens, 9 computed), B waiting
 with a 12-token prompt:
@@ -18,7 +29,6 @@ No torch here: the pool is reached only through `PoolAccounting`.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import count
@@ -26,6 +36,7 @@ from typing import Any
 
 from loraserve.scheduler.config import SchedulerConfig
 from loraserve.scheduler.interfaces import PoolAccounting
+from loraserve.scheduler.policy import AdmissionPolicy, make_policy
 from loraserve.scheduler.request import SequenceState, SequenceStatus
 
 
@@ -73,25 +84,35 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        """Nothing to run and nothing to copy (a plan may carry only copies: a pin, or
+        adapters brought in ahead of their requests)."""
+        return not self.chunks and not self.adapter_loads
 
 
 class Scheduler:
-    """FCFS continuous batching with chunked prefill and preemption by recompute.
+    """Continuous batching with chunked prefill and preemption by recompute.
 
-    Invariants (tested): running requests are ordered by arrival and all arrived
-    before every waiting one; a running request pins its adapter exactly once and
-    holds ceil(num_computed_tokens / block_size) pages between steps (as many as its
-    scheduled chunk needs during one); waiting and finished requests hold nothing.
+    Invariants (tested): a running request pins its adapter exactly once and holds
+    ceil(num_computed_tokens / block_size) pages between steps (as many as its
+    scheduled chunk needs during one); waiting and finished requests hold nothing;
+    with the FCFS policy and every adapter ready, running requests arrived before
+    every waiting one.
     """
 
     def __init__(self, config: SchedulerConfig, pool: PoolAccounting) -> None:
         self.config = config
         self._pool = pool
-        self._waiting: deque[SequenceState] = deque()
+        self._waiting: AdmissionPolicy = make_policy(
+            config.policy, config.vtc_input_token_weight, config.vtc_output_token_weight
+        )
         self._running: list[SequenceState] = []
         self._requests: dict[str, SequenceState] = {}  # every unfinished request, by id
         self._arrivals = count()
+
+    @property
+    def policy(self) -> AdmissionPolicy:
+        """The waiting queue and its admission order."""
+        return self._waiting
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -104,7 +125,7 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id!r} is not new (status {seq.status.name})")
         seq.arrival_index = next(self._arrivals)
         self._requests[seq.request_id] = seq
-        self._waiting.append(seq)
+        self._waiting.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request, freeing what it holds; False if unknown
@@ -120,26 +141,29 @@ class Scheduler:
         if not status.is_finished:
             raise ValueError(f"finish needs a FINISHED_* status, got {status.name}")
         seq = self._requests.pop(request_id)
-        if seq.status is SequenceStatus.RUNNING:
+        was_running = seq.status is SequenceStatus.RUNNING
+        seq.status = status
+        if was_running:
             self._running.remove(seq)
             self._release(seq)
+            self._waiting.on_finished(seq)
         else:
             self._waiting.remove(seq)  # waiting requests hold no pages and no pin
-        seq.status = status
 
     # -- the step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         """Plan one step and take the pages it needs.
 
-        Returns an empty output when nothing can run: nothing is waiting or running,
-        or nothing runs and the head of waiting cannot be admitted (the pool is
-        smaller than it; the engine rejects such requests before `add`).
+        Returns an empty output when nothing can run: nothing is waiting or running, or
+        nothing runs and no waiting request can be admitted (their adapters are still
+        being read from disk, or the pool is smaller than the first ready one: the
+        engine rejects such requests before `add`).
         """
         output = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        # (1) Running requests, oldest first: they already hold pages, and the oldest
-        # always progresses (it may preempt every later one), so nothing livelocks.
+        # (1) Running requests, first admitted first: they already hold pages, and the
+        # first always progresses (it may preempt every later one), so nothing livelocks.
         index = 0
         while index < len(self._running) and budget > 0:
             seq = self._running[index]
@@ -150,27 +174,11 @@ class Scheduler:
             output.chunks.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
             index += 1
-        # (2) Waiting requests in strict arrival order (head-of-line blocking is the
-        # fairness we want). Not after a preemption: the victim would be readmitted
-        # into the pages it just lost and thrash.
-        while (
-            self._waiting
-            and budget > 0
-            and len(self._running) < self.config.max_num_seqs
-            and not output.preempted
-        ):
-            seq = self._waiting[0]
-            num_tokens = min(seq.num_tokens, budget)
-            num_pages = self._num_new_pages(seq, num_tokens)
-            if not self._pool.can_allocate(num_pages, seq.adapter):
-                break
-            self._waiting.popleft()
-            self._pool.acquire_adapter(seq.adapter)  # before allocate: the pin reserves its pages
-            seq.block_table.extend(self._pool.allocate(num_pages))
-            seq.status = SequenceStatus.RUNNING
-            self._running.append(seq)
-            output.chunks.append(ScheduledChunk(seq, num_tokens))
-            budget -= num_tokens
+        # (2) Waiting requests, in the policy's order. Not after a preemption: the victim
+        # would be readmitted into the pages it just lost and thrash.
+        if not output.preempted:
+            self._admit(output, budget)
+        self._prefetch()
         return self._finish_plan(output)
 
     def update_after_step(
@@ -191,6 +199,7 @@ class Scheduler:
             seq.num_computed_tokens += chunk.num_tokens
             if chunk.samples:
                 seq.token_ids.append(sampled[seq.request_id])
+                self._waiting.on_token(seq)
                 grown.append(seq)
         return grown
 
@@ -220,6 +229,35 @@ class Scheduler:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _admit(self, output: SchedulerOutput, budget: int) -> None:
+        """Admit waiting requests in the policy's order while budget, seats and pages allow;
+        requests whose adapter is not ready are skipped (see the module docstring)."""
+        for seq in self._waiting.candidates():
+            if budget <= 0 or len(self._running) >= self.config.max_num_seqs:
+                return
+            if not self._pool.adapter_ready(seq.adapter):
+                continue
+            num_tokens = min(seq.num_tokens, budget)
+            num_pages = self._num_new_pages(seq, num_tokens)
+            if not self._pool.can_allocate(num_pages, seq.adapter):
+                return
+            self._waiting.remove(seq)
+            self._pool.acquire_adapter(seq.adapter)  # before allocate: the pin reserves its pages
+            seq.block_table.extend(self._pool.allocate(num_pages))
+            seq.status = SequenceStatus.RUNNING
+            self._running.append(seq)
+            self._waiting.on_admitted(seq)
+            output.chunks.append(ScheduledChunk(seq, num_tokens))
+            budget -= num_tokens
+
+    def _prefetch(self) -> None:
+        """Bring the adapters of the first waiting requests into free pages (never evicting)."""
+        remaining = self.config.max_adapter_prefetch
+        for index, seq in enumerate(self._waiting):
+            if remaining <= 0 or index >= 4 * self.config.max_adapter_prefetch:
+                return
+            remaining -= self._pool.prefetch_adapter(seq.adapter)
+
     def _finish_plan(self, output: SchedulerOutput) -> SchedulerOutput:
         """Group the chunks by adapter (one LoRA segment each) and attach the step's loads."""
         for chunk in output.chunks:
@@ -236,7 +274,7 @@ class Scheduler:
 
     def _grow_or_preempt(self, seq: SequenceState, num_tokens: int, preempted: list[str]) -> bool:
         """Give running `seq` the pages for `num_tokens` more tokens, preempting the
-        latest-arrived running requests until they fit. False if `seq` itself was
+        last admitted running requests until they fit. False if `seq` itself was
         preempted (it was the latest left). Victims always come after `seq` in
         `_running`, so none of them was scheduled earlier in this step."""
         num_pages = self._num_new_pages(seq, num_tokens)
@@ -250,13 +288,13 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: SequenceState) -> None:
-        """Back to the front of waiting, holding nothing; its KV is recomputed later.
-        Victims are taken latest first, so pushing each to the front keeps arrival order."""
+        """Back to the front of its line in waiting, holding nothing; its KV is recomputed
+        later."""
         self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self._waiting.appendleft(seq)
+        self._waiting.requeue(seq)
 
     def _release(self, seq: SequenceState) -> None:
         """Free a running request's pages and unpin its adapter."""

@@ -101,6 +101,11 @@ def create_app(
 def _served(engine: AsyncEngine, config: ServerConfig, limits: RequestLimits) -> Served:
     info, engine_config = engine.info, engine.config
     assert info is not None, "the engine is started"
+    directory = engine.names.directory
+    if config.adapter_dir is not None and (
+        directory is None or directory.root != Path(config.adapter_dir)
+    ):
+        raise ValueError("--adapter-dir is the engine's: give it to AsyncEngine(adapter_dir=...)")
     static = StaticInfo(
         block_size=engine_config.cache.block_size,
         num_pages=info.num_pages,
@@ -165,7 +170,7 @@ def _add_routes(app: FastAPI) -> None:
         served.check_adapter_name(body.lora_name)
         path = adapter_path(body.lora_path, request.app.state.adapter_roots)
         try:
-            await served.engine.register_adapter(body.lora_name, path)
+            await served.engine.register_adapter(body.lora_name, path, body.pinned)
         except OSError as error:  # a file the server may not read, say
             message = f"cannot read the adapter at lora_path: {error}"
             raise APIError(400, message, "lora_path", "invalid_adapter") from None

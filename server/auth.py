@@ -6,6 +6,7 @@ The `--api-keys` file (YAML or JSON) maps each API key to its tenant:
       tenant: alpha
       adapters: [caps, pirate]     # or "*" for every adapter, present and future
       requests_per_minute: 60      # optional; completions (n counts n), shared by its keys
+      weight: 2                    # optional (default 1): its share of service under load
     sk-ops:
       tenant: ops
       adapters: "*"
@@ -13,6 +14,11 @@ The `--api-keys` file (YAML or JSON) maps each API key to its tenant:
 
 Every tenant may use the base model unless `base_model: false`. Without the file
 the server is open: every caller is the anonymous admin tenant.
+
+`weight` is the tenant's share of service when the server is loaded: with the VTC
+admission policy (scheduler/policy.py, the default), backlogged tenants receive
+prompt and generated tokens in proportion to their weights; a tenant of weight 2 gets
+twice the service of a tenant of weight 1 while both have requests waiting.
 
 `/metrics` names every adapter in use and the load on the server, so with
 `--api-keys` it needs a key too: an admin key, or the metrics key, a separate
@@ -54,6 +60,7 @@ class _KeyEntry(BaseModel):
     base_model: bool = True
     admin: bool = False
     requests_per_minute: int | None = Field(default=None, ge=1)
+    weight: float = Field(default=1.0, gt=0, le=1_000_000)
 
 
 @dataclass(eq=False)
@@ -92,6 +99,8 @@ class Tenant:
     base_model: bool = True
     admin: bool = False
     limiter: RateLimiter | None = None
+    weight: float = 1.0
+    """Share of service under load, relative to other tenants (VTC fairness)."""
 
     def may_use(self, adapter: str | None) -> bool:
         """Whether this tenant may call `adapter` (None = the base model)."""
@@ -229,4 +238,4 @@ def _tenant(entry: _KeyEntry) -> Tenant:
     adapters = None if entry.adapters == "*" else frozenset(entry.adapters)
     rate = entry.requests_per_minute
     limiter = None if rate is None else RateLimiter(rate)
-    return Tenant(entry.tenant, adapters, entry.base_model, entry.admin, limiter)
+    return Tenant(entry.tenant, adapters, entry.base_model, entry.admin, limiter, entry.weight)

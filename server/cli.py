@@ -37,7 +37,6 @@ from loraserve.server.limits import RequestLimits
 
 ENGINE_CONFIGS: tuple[type, ...] = (ModelConfig, CacheConfig, LoraConfig, SchedulerConfig)
 SERVER_CONFIGS: tuple[type, ...] = (ServerConfig, RequestLimits)
-PEFT_CONFIG_FILE = "adapter_config.json"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,22 +159,14 @@ def _split_options(args: dict[str, Any]) -> tuple[dict[str, Any], ServerConfig, 
 
 
 def adapters_of(config: ServerConfig) -> dict[str, Path]:
-    """--adapter NAME=DIR entries, then every PEFT folder under --adapter-dir."""
+    """The --adapter NAME=DIR entries. (--adapter-dir is listed by the engine's handle, which
+    also reads the --pin-adapter ones at start: engine/adapter_names.py.)"""
     adapters: dict[str, Path] = {}
     for spec in config.adapters:
         name, _, path = spec.partition("=")
         if name in adapters:
             raise ValueError(f"adapter name {name!r} is given twice")
         adapters[name] = Path(path)
-    if config.adapter_dir is not None:
-        root = Path(config.adapter_dir)
-        if not root.is_dir():
-            raise ValueError(f"--adapter-dir {root} is not a folder")
-        for folder in sorted(root.iterdir()):
-            if (folder / PEFT_CONFIG_FILE).is_file():
-                if folder.name in adapters:
-                    raise ValueError(f"adapter name {folder.name!r} is given twice")
-                adapters[folder.name] = folder
     return adapters
 
 
@@ -222,7 +213,9 @@ def serve(
     sockets = [listen(config.host, config.port)]
     if config.metrics_port is not None:
         sockets.append(listen(config.host, config.metrics_port))
-    async_engine = AsyncEngine(engine_config, adapters)
+    async_engine = AsyncEngine(
+        engine_config, adapters, pinned=config.pin_adapters, adapter_dir=config.adapter_dir
+    )
     async_engine.start()  # loads the model and adapters in the engine-core process
     assert async_engine.info is not None
     names = ", ".join([async_engine.info.served_model_name, *adapters])

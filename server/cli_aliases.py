@@ -3,9 +3,7 @@
     --enable-lora                 accepted (LoRA is always on)
     --lora-modules NAME=DIR ...   (or vLLM's JSON form '{"name": ..., "path": ...}') = --adapter
     --max-loras N                 = --max-resident-adapters
-    --max-cpu-loras N             accepted; every registered adapter stays in host RAM
-                                  (a warning says so)
-(`--max-lora-rank`, `--served-model-name`, `--chat-template`, `--tool-call-parser`,
+(`--max-cpu-loras`, `--max-lora-rank`, `--served-model-name`, `--chat-template`, `--tool-call-parser`,
 `--enable-auto-tool-choice` and `--allowed-origins` are loraserve's own names too.)
 """
 
@@ -13,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from typing import Any
 
 ALIASES_TITLE = "vLLM's spellings (accepted for vLLM command lines)"
@@ -38,12 +35,6 @@ def add_vllm_aliases(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-loras", type=int, default=argparse.SUPPRESS, help="Same as --max-resident-adapters."
     )
-    group.add_argument(
-        "--max-cpu-loras",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="Accepted; every registered adapter stays in host RAM.",
-    )
 
 
 def apply_vllm_aliases(args: dict[str, Any]) -> None:
@@ -57,11 +48,6 @@ def apply_vllm_aliases(args: dict[str, Any]) -> None:
         if "max_resident_adapters" in args:
             raise ValueError("give --max-loras or --max-resident-adapters, not both")
         args["max_resident_adapters"] = max_loras
-    if args.pop("max_cpu_loras", None) is not None:
-        logging.getLogger(__name__).warning(
-            "--max-cpu-loras is accepted but has no effect: every registered adapter stays "
-            "in host RAM"
-        )
 
 
 def _module(spec: str) -> str:

@@ -25,7 +25,11 @@ class ServerConfig:
     )
     """Serve the PEFT adapter in folder DIR as model NAME (repeatable)."""
     adapter_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
-    """Serve every PEFT folder under DIR, named by its folder; /v1/load_lora_adapter may load from under it."""
+    """Serve every PEFT folder under DIR, named by its folder: listed at start and when DIR changes, read on first use (thousands are fine); /v1/load_lora_adapter may load from under it."""
+    pin_adapters: tuple[str, ...] = field(
+        default=(), metadata={"flag": "--pin-adapter", "metavar": "NAME"}
+    )
+    """Keep adapter NAME (from --adapter or --adapter-dir) resident in the pool, read at start (repeatable)."""
     allowed_adapter_roots: tuple[str, ...] = field(
         default=(), metadata={"flag": "--allowed-adapter-root", "metavar": "DIR"}
     )

@@ -5,10 +5,19 @@ Two families of names:
   queue length, KV-cache usage and adapter affinity: `vllm:num_requests_running`,
   `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (a fraction, 1 = full,
   as in vLLM), `vllm:lora_requests_info` (value = now, labels = running/waiting
-  adapters comma-joined, `max_lora`), `vllm:cache_config_info`.
-- loraserve's own `loraserve_*`: pool pages by use, adapter loads/evictions and
-  load latency, resident adapters, request latency histograms, token counters,
-  requests per model (adapter).
+  adapters comma-joined, `max_lora`), `vllm:cache_config_info`; and the residency
+  series of vLLM's LoRA metrics stack (vLLM PRs #54830/#54833) that the llm-d
+  router's residency scorer reads (llm-d-router #2792): one
+  `vllm:lora_adapter_loaded{adapter_name, level, pinned, rank, model_name}` = 1 per
+  adapter that is loaded, at its best level (`gpu`: in the pool, on whatever device;
+  `cpu`: in host RAM only), gone once it is evicted from both; `pinned` is
+  "true"/"false" (--pin-adapter); `vllm:num_gpu_loaded_lora_adapters`,
+  `vllm:num_cpu_loaded_lora_adapters` (adapters in host RAM, whether or not also in
+  the pool), `vllm:max_gpu_lora_adapters` (adapter slots of the pool), and the
+  `vllm:lora_adapter_load_seconds` histogram by `source` tier (`disk`: a folder read
+  into host RAM; `cpu`: host RAM copied into the pool).
+- loraserve's own `loraserve_*`: pool pages by use, adapter loads/evictions,
+  request latency histograms, token counters, requests per model (adapter).
 - request latencies and tokens under vLLM's names too, with `model_name`
   (server/request_metrics.py), so that vLLM's dashboards work.
 
@@ -61,8 +70,10 @@ class ServerMetrics:
         self.healthy = True
         self.registry.register(_EngineCollector(self, info))
         self.adapter_load_seconds = Histogram(
-            "loraserve_adapter_load_seconds",
-            "Time to copy an adapter from host RAM into the pool.",
+            "vllm:lora_adapter_load_seconds",
+            "Time to load an adapter, by source tier: disk (read into host RAM), "
+            "cpu (copied from host RAM into the pool).",
+            ["source"],
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -72,8 +83,8 @@ class ServerMetrics:
         """Take a fresh engine picture (call before `render`)."""
         self.stats = stats
         self.healthy = healthy
-        for seconds in stats.new_adapter_load_seconds:
-            self.adapter_load_seconds.observe(seconds)
+        for source, seconds in stats.new_adapter_load_seconds:
+            self.adapter_load_seconds.labels(source=source).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -89,6 +100,7 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self.metrics.stats
         yield from self._vllm(stats)
+        yield from self._residency(stats)
         yield from self._pool(stats)
 
     def _vllm(self, stats: EngineStats) -> Iterator[Metric]:
@@ -100,7 +112,8 @@ class _EngineCollector(Collector):
         yield _gauge("vllm:gpu_cache_usage_perc", "Pool usage, 1 = full.", usage)
         lora = GaugeMetricFamily(
             "vllm:lora_requests_info",
-            "Running and waiting adapters (value: time of the reading).",
+            "Running and waiting adapters (value: time of the reading); "
+            "vllm:lora_adapter_loaded says which adapters are loaded.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
         running, waiting = ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)
@@ -116,6 +129,26 @@ class _EngineCollector(Collector):
         config.add_metric([str(value) for value in labels], 1)
         yield config
 
+    def _residency(self, stats: EngineStats) -> Iterator[Metric]:
+        loaded = GaugeMetricFamily(
+            "vllm:lora_adapter_loaded",
+            "1 per loaded adapter, at its best level: gpu (in the pool), cpu (host RAM only).",
+            labels=["model_name", "adapter_name", "level", "pinned", "rank"],
+        )
+        for name, level, pinned, rank in stats.loaded_adapters:
+            labels = [self.info.model_name, name, level, str(pinned).lower(), str(rank)]
+            loaded.add_metric(labels, 1)
+        yield loaded
+        num_gpu = sum(level == "gpu" for _, level, _, _ in stats.loaded_adapters)
+        for name, documentation, value in (
+            ("vllm:num_gpu_loaded_lora_adapters", "Adapters in the pool.", num_gpu),
+            ("vllm:num_cpu_loaded_lora_adapters", "Adapters in host RAM.", stats.num_host_adapters),
+            ("vllm:max_gpu_lora_adapters", "Adapter slots of the pool.", self.info.max_lora),
+        ):
+            gauge = GaugeMetricFamily(name, documentation, labels=["model_name"])
+            gauge.add_metric([self.info.model_name], value)
+            yield gauge
+
     def _pool(self, stats: EngineStats) -> Iterator[Metric]:
         pages = GaugeMetricFamily(
             "loraserve_pool_pages", "Pool pages by use (kv, adapter, free).", labels=["use"]
@@ -125,11 +158,6 @@ class _EngineCollector(Collector):
         pages.add_metric(["free"], stats.num_free_pages)
         yield pages
         yield _gauge("loraserve_pool_pages_total", "Pages in the pool.", stats.num_total_pages)
-        yield _gauge(
-            "loraserve_resident_adapters",
-            "Adapters whose weights are in the pool.",
-            len(stats.resident_adapters),
-        )
         yield _counter("loraserve_adapter_loads", "Adapters copied in.", stats.num_adapter_loads)
         yield _counter(
             "loraserve_adapter_evictions", "Adapters evicted.", stats.num_adapter_evictions
@@ -141,8 +169,8 @@ class _EngineCollector(Collector):
 
 
 def _usage(stats: EngineStats) -> float:
-    """KV pages plus pinned adapter pages over all pages. Idle resident adapters
-    count as free: they are evicted as soon as the pages are wanted."""
+    """KV pages plus the pages of adapters in use or pinned, over all pages. Idle
+    resident adapters count as free: they are evicted as soon as the pages are wanted."""
     if not stats.num_total_pages:
         return 0.0
     return (stats.num_kv_pages + stats.num_pinned_adapter_pages) / stats.num_total_pages

@@ -316,10 +316,13 @@ AdapterName = Annotated[
 
 
 class LoadAdapterRequest(StrictBody):
-    """POST /v1/load_lora_adapter (vLLM's body)."""
+    """POST /v1/load_lora_adapter (vLLM's body, and SGLang's `pinned`)."""
 
     lora_name: AdapterName
     lora_path: str = Field(min_length=1)
+    pinned: bool = Field(
+        default=False, description="Keep the adapter resident in the pool until it is unloaded."
+    )
 
 
 class UnloadAdapterRequest(StrictBody):

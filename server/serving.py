@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -22,9 +23,10 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from loraserve.engine.async_engine import AsyncEngine, RequestStream
+from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.errors import InvalidRequestError
+from loraserve.errors import AdapterError, InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import Tenant
 from loraserve.server.errors import APIError, model_not_found, to_api_error
@@ -57,6 +59,10 @@ class Served:
         for name in self.engine.adapters:
             self.check_adapter_name(name)
 
+    def adapter_path(self, name: str) -> Path | None:
+        """The folder of adapter `name` (registered, or in the adapter dir); None if none."""
+        return None if name == self.base_model else self.engine.names.folder(name)
+
     @property
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
@@ -81,7 +87,7 @@ class Served:
         adapters stay unseen."""
         if model is None or model == self.base_model:
             adapter = None
-        elif self.engine.has_adapter(model):
+        elif self.adapter_path(model) is not None:
             adapter = model
         else:
             raise model_not_found(model)
@@ -90,21 +96,41 @@ class Served:
         return adapter
 
     async def start(
-        self, request_id: str, prompts: list[Prompt], params: SamplingParams, adapter: str | None
+        self,
+        request_id: str,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        adapter: str | None,
+        tenant: Tenant,
     ) -> list[RequestStream]:
-        """Queue every prompt, or none: a refused one withdraws those already queued."""
+        """Queue every prompt, or none: a refused one withdraws those already queued. An
+        adapter on disk only is read first (its request waits; the others do not)."""
+        path = None if adapter is None else self.adapter_path(adapter)
+        origin = RequestOrigin(tenant.name, tenant.weight, None if path is None else str(path))
         streams: list[RequestStream] = []
         try:
             for index, prompt in enumerate(prompts):
                 sub_id = request_id if len(prompts) == 1 else f"{request_id}-p{index}"
                 streams.append(
-                    await self.engine.add_request(sub_id, prompt.token_ids, params, adapter)
+                    await self.engine.add_request(sub_id, prompt.token_ids, params, adapter, origin)
                 )
-        except BaseException:
+        except BaseException as error:
             for stream in streams:
                 stream.abort()
+            if isinstance(error, AdapterError) and adapter is not None:
+                raise adapter_unavailable(adapter, path, error) from None
             raise
         return streams
+
+
+def adapter_unavailable(adapter: str, path: Path | None, error: AdapterError) -> APIError:
+    """The 400 of a request whose adapter's folder was refused when read (or before: the
+    refusal is remembered until the folder changes). The folder is not named: tenants
+    never see where adapters live."""
+    message = str(error).replace(f"adapter folder '{path}'", f"the folder of adapter {adapter!r}")
+    return APIError(
+        400, f"adapter {adapter!r} cannot be loaded: {message}", "model", "invalid_adapter"
+    )
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Write one InferenceModelRewrite per adapter folder, for the Gateway API Inference Extension.
+"""Write one InferenceModelRewrite per adapter folder, for the llm-d router's endpoint picker.
 
     python deploy/k8s/generate_adapters.py ADAPTER_DIR [--pool loraserve] \
         > deploy/k8s/inference/adapters.yaml
@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 PEFT_CONFIG_FILE = "adapter_config.json"
-REWRITE_API_VERSION = "inference.networking.x-k8s.io/v1alpha2"
+REWRITE_API_VERSION = "llm-d.ai/v1alpha2"
+"""The llm-d router's InferenceModelRewrite (it moved there from the Inference Extension)."""
 POOL_GROUP = "inference.networking.k8s.io"
 MAX_OBJECT_NAME_LENGTH = 253
 """Object names are RFC 1123 subdomains: at most 253 characters of [a-z0-9.-]."""

@@ -11,8 +11,7 @@ import pytest
 from deploy_files import K8S
 
 from loraserve.demo.recipes import RECIPES
-from loraserve.server.cli import PEFT_CONFIG_FILE, adapters_of
-from loraserve.server.config import ServerConfig
+from loraserve.memory.adapter_dir import CONFIG_FILE, list_adapter_folders
 
 
 def load_generator() -> ModuleType:
@@ -31,7 +30,7 @@ def adapter_folder(root: Path, names: list[str]) -> Path:
     """Folders that look like PEFT adapters to the server (their config file is enough)."""
     for name in names:
         (root / name).mkdir(parents=True)
-        (root / name / PEFT_CONFIG_FILE).write_text("{}")
+        (root / name / CONFIG_FILE).write_text("{}")
     return root
 
 
@@ -39,7 +38,7 @@ def test_names_adapters_as_the_server_does(tmp_path: Path) -> None:
     root = adapter_folder(tmp_path / "adapters", ["sql", "Customer_42", "fr.v2"])
     (root / "notes").mkdir()  # no adapter config: not an adapter
     (root / "README").write_text("not a folder")
-    served = list(adapters_of(ServerConfig(adapter_dir=str(root))))
+    served = list(list_adapter_folders(root))
     assert generator.adapter_names(root) == served == ["Customer_42", "fr.v2", "sql"]
 
 

@@ -22,7 +22,9 @@ DASHBOARD_MUST_SHOW = {
     "loraserve_pool_pages",
     "loraserve_adapter_loads_total",
     "loraserve_adapter_evictions_total",
-    "loraserve_resident_adapters",
+    "vllm:num_gpu_loaded_lora_adapters",
+    "vllm:num_cpu_loaded_lora_adapters",
+    "vllm:lora_adapter_load_seconds_bucket",
 }
 
 
@@ -103,5 +105,7 @@ def test_metrics_the_endpoint_picker_reads_are_exported(exposition: str) -> None
     readme = (DEPLOY / "README.md").read_text()
     named = set(re.findall(r"`(vllm:[a-z_]+)", readme))
     assert named >= {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}
-    assert "vllm:lora_requests_info" in named
-    assert named <= exported_names(exposition)
+    assert {"vllm:lora_requests_info", "vllm:lora_adapter_loaded"} <= named
+    exported = exported_names(exposition)
+    for name in named:  # a histogram is exported as its _bucket, _sum and _count series
+        assert name in exported or f"{name}_bucket" in exported, name

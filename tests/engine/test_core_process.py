@@ -24,12 +24,20 @@ class BrokenCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def add_requests(self, subs: list[Any], prompt: list[int], adapter: str | None) -> None:
+    def add_requests(
+        self, subs: list[Any], prompt: list[int], adapter: str | None, origin: Any = None
+    ) -> None:
         if adapter == "nope":
             raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
         if not prompt:
             raise InvalidRequestError("the prompt is empty", "prompt")
         self.requests += [sub_id for sub_id, _ in subs]
+
+    def when_adapter_ready(self, name: str, waiter: Any) -> bool:
+        return True
+
+    def is_reading_adapters(self) -> bool:
+        return False
 
     def step(self) -> list[Any]:
         raise RuntimeError("a kernel failed")

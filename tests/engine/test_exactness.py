@@ -169,6 +169,33 @@ def test_exact_under_preemption_and_chunked_prefill(family) -> None:
     llm.engine.memory.check_invariants()
 
 
+def test_exact_with_the_disk_tier(family) -> None:
+    """Adapters listed in a folder and read on first use by a loader thread, host RAM for
+    one idle adapter, one pinned, and two pool slots: requests wait for their reads and
+    for slots (adapters are evicted and read again), and still equal PEFT's tokens."""
+    root, options, prompts, references = family
+    folders = options["adapters"]
+    family_options = {key: value for key, value in options.items() if key != "adapters"}
+    llm = LLM(
+        root / "model",
+        **family_options,
+        adapter_dir=root,  # the model folder beside the adapters has no adapter config
+        pinned_adapters=["pattern"],
+        max_cpu_loras=1,
+        max_resident_adapters=2,
+        adapter_load_workers=1,
+    )
+    assert sorted(llm.adapter_dir) == sorted(folders)
+    assert llm.engine.catalog.names() == ["pattern"]  # the others are read when named
+    check_against_peft(llm, prompts, references, num_logprobs=5)
+    memory, catalog = llm.engine.memory, llm.engine.catalog
+    memory.check_invariants()
+    assert sorted(catalog.names()) == sorted(folders)
+    assert memory.pinned_adapters() == ["pattern"] and memory.num_kv_pages == 0
+    assert len(catalog.host_adapters()) <= 1  # the budget holds once nothing is in use
+    assert memory.stats.adapter_evictions > 0, "two slots were meant to be too few"
+
+
 def test_triton_backend_equals_peft(family) -> None:
     """The Triton kernels in the engine (the interpreter on CPU): same greedy tokens as PEFT.
 

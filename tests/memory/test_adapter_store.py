@@ -20,7 +20,9 @@ from factories import make_adapter, make_model, peft_model_for, tiny_config
 from safetensors.torch import load_file, save_file
 
 from loraserve.errors import AdapterError, UnknownAdapterError
-from loraserve.memory.adapter_store import NOT_TARGETED, AdapterStore, HostAdapter, pack_matrices
+from loraserve.memory.adapter_catalog import AdapterCatalog
+from loraserve.memory.adapter_loader import AdapterLoader
+from loraserve.memory.adapter_store import NOT_TARGETED, AdapterReader, HostAdapter, pack_matrices
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
 from loraserve.models.arch import LORA_MODULES, MODULE_INDEX, ModelArch
 from loraserve.models.hf_config import load_arch
@@ -83,10 +85,41 @@ def adapter_folder(base: tuple[Any, ModelArch, Path]) -> Callable[[str], Path]:
     return folder
 
 
-def new_store(arch: ModelArch, dtype: torch.dtype = torch.float32) -> AdapterStore:
+class Store:
+    """A catalog whose registrations are read at once, as start-up registers adapters."""
+
+    def __init__(self, reader: AdapterReader) -> None:
+        self.catalog = AdapterCatalog(AdapterLoader(reader, num_workers=0))
+        self.geometry = reader.geometry
+
+    def register(self, name: str, path: str | Path) -> HostAdapter:
+        self.catalog.register(name, path)
+        try:
+            return self.catalog.read_now(name)
+        except AdapterError:
+            self.catalog.unregister(name)
+            raise
+
+    def get(self, name: str) -> HostAdapter:
+        return self.catalog.host(name)
+
+    def unregister(self, name: str) -> None:
+        self.catalog.unregister(name)
+
+    def names(self) -> list[str]:
+        return self.catalog.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.catalog
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+
+def new_store(arch: ModelArch, dtype: torch.dtype = torch.float32) -> Store:
     # block_size 1 keeps pages small (one rank-16 matrix), so packing crosses many pages.
     geometry = PoolGeometry.for_model(arch, block_size=1, max_lora_rank=MAX_RANK)
-    return AdapterStore(arch, geometry, MAX_RANK, dtype)
+    return Store(AdapterReader(arch, geometry, MAX_RANK, dtype))
 
 
 def read_matrix(host: HostAdapter, layer: int, module: int, which: int, dim: int) -> torch.Tensor:
@@ -193,7 +226,7 @@ def test_register_get_unregister(base, adapter_folder) -> None:
     assert store.names() == ["a", "b"] and host.path == str(adapter_folder("subset"))
     store.unregister("a")
     assert "a" not in store and store.names() == ["b"]
-    with pytest.raises(UnknownAdapterError, match="'a' is not registered"):
+    with pytest.raises(UnknownAdapterError, match="'a' is not in host RAM"):
         store.get("a")
     with pytest.raises(UnknownAdapterError, match="'a' is not registered"):
         store.unregister("a")
@@ -219,7 +252,7 @@ def edit_tensors(folder: Path, edit: Callable[[dict[str, torch.Tensor]], Any]) -
     save_file(edited if isinstance(edited, dict) else tensors, folder / WEIGHTS)
 
 
-def assert_refused(store: AdapterStore, folder: Path, good: Path, match: str) -> None:
+def assert_refused(store: Store, folder: Path, good: Path, match: str) -> None:
     """Refused with `match` naming the folder; the store unchanged; the name still usable."""
     before = store.names()
     with pytest.raises(AdapterError, match=match) as refused:
@@ -385,6 +418,6 @@ def test_refuses_duplicate_and_bad_names(refusal) -> None:
     with pytest.raises(AdapterError, match="'other' is already registered"):
         store.register("other", good)
     for name in ["two words", "a,b", "tab\there"]:
-        with pytest.raises(AdapterError, match="must not contain whitespace or ','"):
+        with pytest.raises(AdapterError, match="without whitespace or ','"):
             store.register(name, good)
     assert store.names() == ["other"]

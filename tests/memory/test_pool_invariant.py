@@ -3,7 +3,9 @@
 Random prompts, adapters, output lengths, aborts and adapter churn (register,
 unregister) run through the real engine with a small pool; after every step,
 pages in use + pages free == pages total, and once every request has ended only
-resident idle adapters hold pages.
+resident idle adapters hold pages. The same with the disk tier: adapters read on a
+loader thread while the steps go on (one idle adapter in host RAM, two pool slots, a
+pinned adapter), so aborts and preemptions land while reads and copies are in flight.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loraserve import LLM, SamplingParams
+from loraserve.engine.origin import RequestOrigin
 from loraserve.errors import InvalidRequestError
 
 ADAPTER_CONFIGS = [
@@ -49,22 +52,45 @@ action_strategy = st.one_of(
 )
 
 
+SMALL_ENGINE = dict(
+    device="cpu", dtype="float32", block_size=8, max_num_batched_tokens=24, max_num_seqs=8
+)
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(actions=st.lists(action_strategy, min_size=5, max_size=40), pool_pages=st.integers(8, 24))
 def test_pages_used_plus_free_is_total(assets, actions, pool_pages) -> None:
     model, adapters = assets
+    llm = LLM(model, adapters=adapters, pool_pages=pool_pages, **SMALL_ENGINE)
+    run_and_check(llm, adapters, actions)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(actions=st.lists(action_strategy, min_size=5, max_size=40), pool_pages=st.integers(10, 24))
+def test_pages_used_plus_free_is_total_with_reads_in_flight(assets, actions, pool_pages) -> None:
+    model, adapters = assets
     llm = LLM(
         model,
-        adapters=adapters,
-        device="cpu",
-        dtype="float32",
-        block_size=8,
+        adapter_dir=model.parent,
+        pinned_adapters=["a2"],
         pool_pages=pool_pages,
-        max_num_batched_tokens=24,
-        max_num_seqs=8,
+        max_cpu_loras=1,
+        max_resident_adapters=2,
+        adapter_load_workers=1,
+        **SMALL_ENGINE,
     )
+    run_and_check(llm, adapters, actions, listed=True)
+    # unloading drops the pin; a later request may read the folder again, unpinned
+    unloaded = ("unregister", "a2") in actions
+    assert llm.engine.memory.pinned_adapters() == ([] if unloaded else ["a2"])
+
+
+def run_and_check(llm: LLM, adapters: dict, actions: list, listed: bool = False) -> None:
+    """Play `actions` on the engine, checking the pool after each step and at the end."""
     engine, memory = llm.engine, llm.engine.memory
     added: list[str] = []
     for kind, value in actions:
@@ -72,8 +98,9 @@ def test_pages_used_plus_free_is_total(assets, actions, pool_pages) -> None:
             prompt_len, max_tokens, adapter = value
             if adapter in engine.retiring:
                 continue  # being unloaded once its requests end: it takes no new ones
-            if adapter is not None and adapter not in engine.store:
+            if adapter is not None and adapter not in engine.catalog and not listed:
                 engine.register_adapter(adapter, adapters[adapter])  # churn: back again
+            path = None if adapter is None else str(adapters[adapter])
             request_id = f"r{len(added)}"
             try:
                 engine.add_request(
@@ -81,6 +108,7 @@ def test_pages_used_plus_free_is_total(assets, actions, pool_pages) -> None:
                     list(range(2, 2 + prompt_len)),
                     SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
                     adapter,
+                    RequestOrigin(adapter_path=path if listed else None),
                 )
                 added.append(request_id)
             except InvalidRequestError:
@@ -98,7 +126,8 @@ def test_pages_used_plus_free_is_total(assets, actions, pool_pages) -> None:
     for _ in range(2000):
         if not engine.has_unfinished_requests():
             break
-        engine.step()
+        if not engine.step():
+            engine.wait_for_adapter_reads(0.05)
         memory.check_invariants()
     assert not engine.has_unfinished_requests()
     assert memory.num_kv_pages == 0

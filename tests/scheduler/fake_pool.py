@@ -1,8 +1,9 @@
 """A pure-Python `PoolAccounting`: a free list, adapters of a few pages each, LRU eviction.
 
-It follows the contract of memory/manager.py without tensors: an adapter is pinned
-while any running request uses it, stays resident when idle, and idle adapters are
-evicted least recently used first when pages are needed.
+It follows the contract of memory/pool.py without tensors: an adapter is held while
+any running request uses it, stays resident when idle, and idle adapters are evicted
+least recently used first when pages are needed. Adapters in `not_ready` are "being
+read from disk": `adapter_ready` says False until a test makes them ready.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class FakePool:
         self.evictions: list[str] = []
         self.slots: dict[str, int] = {}  # resident adapter -> its slot
         self.loads: list[str] = []  # made resident since the last take_loads()
+        self.not_ready: set[str] = set()  # adapters still being read from disk
+        self.prefetched: list[str] = []
 
     # -- PoolAccounting ------------------------------------------------------------------
 
@@ -32,6 +35,18 @@ class FakePool:
         # `adapter` itself is not reclaimable, even if idle now: acquiring it pins it.
         reclaimable = self.num_reclaimable_pages(excluding=adapter)
         return needed <= len(self.free_pages) + reclaimable
+
+    def adapter_ready(self, adapter: str | None) -> bool:
+        return adapter not in self.not_ready
+
+    def prefetch_adapter(self, adapter: str | None) -> bool:
+        if adapter is None or adapter in self.resident or adapter in self.not_ready:
+            return False
+        if self.adapter_pages[adapter] > len(self.free_pages):
+            return False
+        self._make_resident(adapter)
+        self.prefetched.append(adapter)
+        return True
 
     def allocate(self, num_pages: int) -> list[int]:
         pages = self._take(num_pages)
@@ -48,11 +63,9 @@ class FakePool:
     def acquire_adapter(self, adapter: str | None) -> None:
         if adapter is None:
             return
+        assert adapter not in self.not_ready, f"acquired {adapter} before it was ready"
         if adapter not in self.resident:
-            self.resident[adapter] = self._take(self.adapter_pages[adapter])
-            self.users[adapter] = 0
-            self.slots[adapter] = min(set(range(len(self.slots) + 1)) - set(self.slots.values()))
-            self.loads.append(adapter)
+            self._make_resident(adapter)
         self.users[adapter] += 1
         self.resident.move_to_end(adapter)
 
@@ -90,6 +103,12 @@ class FakePool:
             self.num_total_pages
         ), "page leak"
         assert sorted(every_page) == list(range(self.num_total_pages)), "page in two places"
+
+    def _make_resident(self, adapter: str) -> None:
+        self.resident[adapter] = self._take(self.adapter_pages[adapter])
+        self.users[adapter] = 0
+        self.slots[adapter] = min(set(range(len(self.slots) + 1)) - set(self.slots.values()))
+        self.loads.append(adapter)
 
     def _take(self, num_pages: int) -> list[int]:
         while len(self.free_pages) < num_pages:

@@ -286,3 +286,45 @@ def test_is_full_at_max_waiting_requests() -> None:
     assert not scheduler.is_full()
     scheduler.add(request("b", 2))
     assert scheduler.is_full()
+
+
+def test_a_request_whose_adapter_is_being_read_is_skipped_and_keeps_its_place() -> None:
+    scheduler, pool = make(adapter_pages={"cold": 1, "hot": 1}, max_num_seqs=2)
+    pool.not_ready = {"cold"}
+    for seq in (request("a", 4, "cold"), request("b", 4, "hot"), request("c", 4), request("d", 4)):
+        scheduler.add(seq)
+    assert plan(step(scheduler, pool)) == [("c", 4), ("b", 4)]  # `a` waits, two seats filled
+    pool.not_ready.clear()
+    scheduler.finish("b", SequenceStatus.FINISHED_LENGTH)
+    scheduler.finish("c", SequenceStatus.FINISHED_LENGTH)
+    assert plan(step(scheduler, pool)) == [("d", 4), ("a", 4)]  # `a` first, then `d`
+    assert [chunk.seq.request_id for chunk in scheduler.schedule().chunks] == ["d", "a"]
+
+
+def test_a_ready_request_that_does_not_fit_blocks_those_behind_it() -> None:
+    """Only adapter reads are skipped: a long prompt is not starved by short ones."""
+    scheduler, _ = make(num_pages=4, block_size=4)
+    scheduler.add(request("long", 20))  # 5 pages: never fits this pool
+    scheduler.add(request("short", 2))
+    assert scheduler.schedule().is_empty
+
+
+def test_adapters_of_waiting_requests_are_prefetched_into_free_pages() -> None:
+    scheduler, pool = make(
+        num_pages=8,
+        adapter_pages={"x": 2, "y": 2, "big": 9},
+        max_num_seqs=1,
+        max_adapter_prefetch=4,
+    )
+    for seq in (
+        request("a", 4),
+        request("b", 4, "x"),
+        request("c", 4, "big"),
+        request("d", 4, "y"),
+    ):
+        scheduler.add(seq)
+    output = step(scheduler, pool)
+    assert plan(output) == [("a", 4)]  # one seat
+    assert pool.prefetched == ["x", "y"]  # `big` does not fit the free pages
+    assert set(output.adapter_loads) == {"x", "y"}  # copied during this step
+    assert pool.num_reclaimable_pages() == 4  # idle until their requests run

@@ -20,10 +20,13 @@ GATEWAY_METRICS = (
 )
 OWN_METRICS = (
     "loraserve_pool_pages",
-    "loraserve_resident_adapters",
+    "vllm:lora_adapter_loaded",
+    "vllm:num_gpu_loaded_lora_adapters",
+    "vllm:num_cpu_loaded_lora_adapters",
+    "vllm:max_gpu_lora_adapters",
     "loraserve_adapter_loads_total",
     "loraserve_adapter_evictions_total",
-    "loraserve_adapter_load_seconds_count",
+    "vllm:lora_adapter_load_seconds_count",
     "loraserve_time_to_first_token_seconds_count",
     "loraserve_time_per_output_token_seconds_count",
     "loraserve_e2e_request_latency_seconds_count",

@@ -123,6 +123,7 @@ def test_vllm_cli_spellings_are_accepted() -> None:
     apply_vllm_aliases(args)
     assert args["adapters"] == ["a=/x", "b=/y"]
     assert args["max_resident_adapters"] == 4 and args["max_lora_rank"] == 16
+    assert args["max_cpu_loras"] == 8  # loraserve's own option, spelled as vLLM's
     assert args["served_model_name"] == "base" and "enable_lora" not in args
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from server_harness import ADAPTERS, Assets, free_port, start_process
 
+from loraserve.engine.adapter_names import adapters_read_at_start
 from loraserve.server import cli
 from loraserve.server.config import ServerConfig
 
@@ -71,16 +72,31 @@ def test_serve_needs_a_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--model" in capsys.readouterr().err
 
 
-def test_adapter_dir_registers_every_peft_folder_by_name(assets: Assets, tmp_path: Path) -> None:
+def test_adapters_read_at_start_are_the_named_and_the_pinned(
+    assets: Assets, tmp_path: Path
+) -> None:
+    """--adapter-dir's folders are only listed (the server reads them on first use), except
+    those pinned; a name given twice, or a pin of nothing, is refused."""
     (assets.adapter_dir / "not-an-adapter").mkdir(exist_ok=True)
     config = ServerConfig(
-        adapter_dir=str(assets.adapter_dir), adapters=(f"other={assets.spare_dir / 'extra'}",)
+        adapter_dir=str(assets.adapter_dir),
+        adapters=(f"other={assets.spare_dir / 'extra'}",),
+        pin_adapters=("attn8", "other"),
     )
-    found = cli.adapters_of(config)
-    assert found == {"other": assets.spare_dir / "extra", **assets.adapters}
+    found = read_at_start(config)
+    assert found == {
+        "other": (str(assets.spare_dir / "extra"), True),
+        "attn8": (str(assets.adapter_dir / "attn8"), True),
+    }
     twice = ServerConfig(adapter_dir=str(assets.adapter_dir), adapters=(f"attn8={tmp_path}",))
     with pytest.raises(ValueError, match="twice"):
-        cli.adapters_of(twice)
+        read_at_start(twice)
+    with pytest.raises(ValueError, match="--pin-adapter nope: no such adapter"):
+        read_at_start(ServerConfig(adapter_dir=str(assets.adapter_dir), pin_adapters=("nope",)))
+
+
+def read_at_start(config: ServerConfig) -> dict[str, tuple[str, bool]]:
+    return adapters_read_at_start(cli.adapters_of(config), config.pin_adapters, config.adapter_dir)
 
 
 def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) -> None:

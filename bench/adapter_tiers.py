@@ -1,0 +1,324 @@
+"""Thousands of adapters from disk: the S1-like sweep, and what a cold adapter costs the others.
+
+    python -m bench.adapter_tiers sweep --counts 5,50,500,2000 --duration 10
+    python -m bench.adapter_tiers cold --num-cold 12
+    python -m bench.adapter_tiers steps --num-cold 12
+
+`sweep` (S-LoRA's S1 on the CPU model): rank-8 adapters on q/k/v/o, uniform popularity,
+the cpu-s1 trace (Poisson arrivals, 8..64-token prompts and outputs) replayed over HTTP
+against a `loraserve serve` process that *lists* an adapter folder (`--adapter-dir`)
+and reads each adapter on first use, with host RAM for `--max-cpu-loras` adapters
+(fewer than the larger sets). Each count runs twice: as is, and with the first 64
+adapters (or all, if fewer) pinned in the pool. Reported per point: throughput, TTFT
+p50/p99, failed requests, adapters read from disk, and the throughput against the
+smallest count's (the target: at least 0.9x at 2000 adapters against 5).
+
+`cold`: four background greedy streams on the base model; once they flow, a short
+request naming a cold adapter (rank 64 on every module: about 5 MB to read) is sent
+every `--interval` seconds, then the same requests again (their adapters now in the
+pool). Reported: the background streams' median and worst gap between two chunks,
+before, while the cold adapters are read, and while the same requests run warm (what
+admitting a request costs the others anyway); with the reads on a loader thread
+(`--adapter-load-workers 1`) and in the engine's own thread (`0`, the baseline without
+overlap); and the time to first token of a request whose adapter is on disk, in the
+pool (the second pass), and in host RAM (read by the load route first).
+
+`steps`: the same in-process, without HTTP between the clock and the engine: the
+engine core runs four decoding requests, and a request naming a cold adapter is added
+every 12 steps. Reported per mode: the median step before, the slowest step while the
+read is in flight, the step that admits the new request (its page copy and prefill),
+and how long adding the request held the engine (the read itself, without overlap).
+
+`sweep` and `cold` start one server at a time on a free port of 127.0.0.1; the client
+runs in this process. Results go to `bench/results/<date>-adapter-tiers-<command>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import itertools
+import json
+import re
+import statistics
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.assets import default_cache_dir, ensure_assets
+from bench.hostile import Watch
+from bench.metrics import run_metadata, summarize
+from bench.models import SHAPES, build_adapter
+from bench.replay import replay
+from bench.servers import BASE_MODEL_NAME, loraserve_server
+from bench.trace import PRESETS, adapter_name, generate_trace
+
+RESULTS = Path(__file__).parent / "results"
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PINNED = 64
+
+
+def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    counts = [int(count) for count in args.counts.split(",")]
+    model, adapters = ensure_assets("cpu", (8,), max(counts), args.cache_dir, "float32")
+    folder = next(iter(adapters.values())).parent  # holds every built rank-8 adapter
+    points = []
+    for pinned in (False, True):
+        for count in counts:
+            pins = [adapter_name(i) for i in range(min(PINNED, count))] if pinned else []
+            point = _sweep_point(model, folder, count, pins, args)
+            print(json.dumps(_row(point)), flush=True)
+            points.append(point)
+    for point in points:
+        smallest = next(p for p in points if bool(p["pinned"]) == bool(point["pinned"]))
+        ratio = point["throughput_req_s"] / smallest["throughput_req_s"]
+        point["throughput_vs_smallest"] = round(ratio, 3)
+    return points
+
+
+def _sweep_point(
+    model: Path, folder: Path, count: int, pins: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """One replay of the S1-like trace with `count` adapters listed and `pins` pinned."""
+    params = replace(
+        PRESETS["cpu-s1"].trace,
+        num_adapters=count,
+        req_rate=args.req_rate,
+        duration=args.duration,
+        vocab_size=SHAPES["cpu"].vocab_size,
+    )
+    server_args = [*common_args(args), "--adapter-dir", str(folder)]
+    server_args += ["--max-cpu-loras", str(args.max_cpu_loras)]
+    server_args += [arg for name in pins for arg in ("--pin-adapter", name)]
+    with loraserve_server(model, {}, server_args) as url:
+        records, duration = asyncio.run(
+            replay(url, generate_trace(params), base_model=BASE_MODEL_NAME)
+        )
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    point = {"num_adapters": count, "pinned": len(pins), **summarize(records, duration)}
+    point["disk_reads"] = _series(text, "vllm:lora_adapter_load_seconds_count", "disk")
+    point["pool_copies"] = _series(text, "vllm:lora_adapter_load_seconds_count", "cpu")
+    return point
+
+
+def _row(point: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: point[key]
+        for key in ("num_adapters", "pinned", "throughput_req_s", "errors", "disk_reads")
+    } | {"ttft_p99_s": point["ttft_s"]["p99"]}
+
+
+def _cold_adapters(args: argparse.Namespace) -> Path:
+    """The folder of rank-64, every-module adapters `cold-0000`...(built on first use)."""
+    folder: Path = args.cache_dir / "cpu-float32" / "adapters-cold"
+    for index in range(args.num_cold + 4):
+        path = folder / f"cold-{index:04d}"
+        if not (path / "adapter_config.json").is_file():
+            build_adapter(path, SHAPES["cpu"], 64, ALL_MODULES, seed=1000 + index)
+    return folder
+
+
+def cold(args: argparse.Namespace) -> list[dict[str, Any]]:
+    model, _ = ensure_assets("cpu", (8,), 0, args.cache_dir, "float32")
+    folder = _cold_adapters(args)
+    results = []
+    for workers in (1, 0):
+        server_args = [*common_args(args), "--adapter-dir", str(folder)]
+        server_args += ["--adapter-load-workers", str(workers), "--max-cpu-loras", "4"]
+        server_args += ["--allowed-adapter-root", str(folder)]
+        with loraserve_server(model, {}, server_args) as url:
+            result = _cold_run(url, args, folder)
+        result["adapter_load_workers"] = workers
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
+def _cold_run(url: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    watch = Watch()
+    threads = [
+        threading.Thread(target=_background, args=(url, watch, i), daemon=True) for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    while len(watch.chunks) < 4 or not all(len(times) >= 5 for times in watch.chunks):
+        time.sleep(0.05)
+    warm = time.perf_counter()
+    time.sleep(args.baseline)
+    names = [f"cold-{index:04d}" for index in range(args.num_cold)]
+    # The same requests twice, at the same pace: first their adapters are read from disk,
+    # then they are in the pool, so the second pass is what admitting them costs anyway.
+    phases = {"disk": _paced(url, names, args.interval), "pool": _paced(url, names, args.interval)}
+    host = []
+    for index in range(args.num_cold, args.num_cold + 4):
+        name = f"cold-{index:04d}"
+        body = {"lora_name": name, "lora_path": str(folder / name)}
+        httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=60).raise_for_status()
+        host.append(_ttft(url, name))
+    watch.stop.set()
+    baseline = _gaps(watch, warm, phases["disk"][0])
+    result: dict[str, Any] = {
+        "baseline_median_gap_s": round(statistics.median(baseline), 4),
+        "baseline_worst_gap_s": round(max(baseline), 4),
+    }
+    for phase, (start, end, ttfts) in phases.items():
+        result[f"worst_gap_while_{phase}_requests_s"] = round(max(_gaps(watch, start, end)), 4)
+        result[f"ttft_{phase}_s"] = _spread(ttfts)
+    result["ttft_host_s"] = _spread(host)
+    return result
+
+
+def _paced(url: str, names: list[str], interval: float) -> tuple[float, float, list[float]]:
+    """One short request per adapter, `interval` apart: (start, end, their TTFTs)."""
+    start = time.perf_counter()
+    ttfts = []
+    for name in names:
+        ttfts.append(_ttft(url, name))
+        time.sleep(interval)
+    return start, time.perf_counter(), ttfts
+
+
+def steps(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from loraserve.engine.config import build_config
+    from loraserve.engine.core import EngineCore
+    from loraserve.engine.origin import RequestOrigin
+    from loraserve.engine.sampling_params import SamplingParams
+
+    model, _ = ensure_assets("cpu", (8,), 0, args.cache_dir, "float32")
+    folder = _cold_adapters(args)
+    results = []
+    for workers in (1, 0):
+        core = EngineCore(build_config(str(model), adapter_load_workers=workers))
+        long = SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+        for index in range(4):
+            core.add_request(f"bg{index}", [5 + index] * 8, long)
+        before = [_timed(core.step)[1] for _ in range(50)]
+        reading: list[float] = []
+        admitting: list[float] = []
+        adding: list[float] = []
+        for index in range(args.num_cold):
+            name = f"cold-{index:04d}"
+            origin = RequestOrigin(adapter_path=str(folder / name))
+            params = SamplingParams(max_tokens=1, ignore_eos=True)
+            request = (f"c{index}", [7] * 8, params, name, origin)
+            adding.append(_timed(core.add_request, *request)[1])
+            for _ in range(12):
+                was_in_host = core.catalog.in_host(name)
+                outputs, seconds = _timed(core.step)
+                (admitting if len(outputs) > 4 else reading if not was_in_host else before).append(
+                    seconds
+                )
+        result = {
+            "adapter_load_workers": workers,
+            "median_step_s": round(statistics.median(before), 4),
+            "slowest_step_while_reading_s": round(max(reading, default=0.0), 4),
+            "median_admitting_step_s": round(statistics.median(admitting), 4),
+            "median_engine_held_by_add_s": round(statistics.median(adding), 4),
+        }
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
+def _timed(work: Any, *args: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    value = work(*args)
+    return value, time.perf_counter() - started
+
+
+def _background(url: str, watch: Watch, index: int) -> None:
+    body = {
+        "model": BASE_MODEL_NAME,
+        "prompt": [5 + index] * 8,
+        "max_tokens": 900,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.Client(timeout=None) as http:
+        while not watch.stop.is_set():
+            times: list[float] = []
+            watch.chunks.append(times)
+            with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+                    if watch.stop.is_set():
+                        return
+
+
+def _ttft(url: str, model: str) -> float:
+    """Seconds from sending a one-token streamed request on `model` to its first chunk."""
+    body = {"model": model, "prompt": [7] * 8, "max_tokens": 1, "stream": True}
+    sent = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                return time.perf_counter() - sent
+    raise RuntimeError(f"no token from {model}")
+
+
+def _gaps(watch: Watch, start: float, end: float) -> list[float]:
+    """Gaps between consecutive chunks of each background stream that end in [start, end]."""
+    return [
+        after - before
+        for times in watch.chunks
+        for before, after in itertools.pairwise(times)
+        if start <= after <= end
+    ]
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 4),
+        "max": round(max(values), 4),
+        "n": len(values),
+    }
+
+
+def _series(text: str, name: str, source: str) -> float:
+    match = re.search(rf'^{re.escape(name)}\{{source="{source}"\}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def common_args(args: argparse.Namespace) -> list[str]:
+    return ["--device", "cpu", "--dtype", "float32", *args.server_arg]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    results = {"sweep": sweep, "cold": cold, "steps": steps}[args.command](args)
+    date = datetime.date.today().isoformat()
+    output = args.output or RESULTS / f"{date}-adapter-tiers-{args.command}.json"
+    arguments = {key: str(value) for key, value in vars(args).items()}
+    record = {**run_metadata(), "args": arguments, "results": results}
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {output}")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["sweep", "cold", "steps"])
+    parser.add_argument("--counts", default="5,50,500,2000", help="sweep: numbers of adapters")
+    parser.add_argument("--duration", type=float, default=10.0, help="sweep: trace seconds")
+    parser.add_argument("--req-rate", type=float, default=40.0, help="sweep: requests/s")
+    parser.add_argument("--max-cpu-loras", type=int, default=256, help="sweep: host budget")
+    parser.add_argument("--num-cold", type=int, default=12, help="cold: cold requests sent")
+    parser.add_argument("--interval", type=float, default=0.3, help="cold: s between them")
+    parser.add_argument("--baseline", type=float, default=2.0, help="cold: s watched before")
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="extra `loraserve serve` argument"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--output", type=Path)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main()
