@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"offline {kind}: {seconds[f'offline {kind}']:.3f} s", flush=True)
     del llm
-    with loraserve_server(model, adapters, ["--device", "cpu", "--dtype", "float32"]) as url:
+    server_args = ["--device", "cpu", "--dtype", "float32", *args.server_arg]
+    with loraserve_server(model, adapters, server_args) as url:
         for stream in (True, False):
             for kind, names in kinds.items():
                 key = f"server {'stream' if stream else 'plain'} {kind}"
@@ -173,6 +174,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `loraserve serve` argument (repeatable), e.g. --server-arg=--cpu-threads=2",
+    )
     parser.add_argument("--output", type=Path)
     return parser.parse_args(argv)
 

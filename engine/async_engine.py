@@ -34,7 +34,7 @@ import zmq
 
 from loraserve.engine import ipc
 from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
-from loraserve.engine.config import EngineConfig, RuntimeInfo
+from loraserve.engine.config import EngineConfig, RuntimeInfo, with_serving_threads
 from loraserve.engine.core_process import run_engine_core
 from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.output_processor import OutputProcessor
@@ -133,7 +133,7 @@ class AsyncEngine:
         `adapter_dir` are listed, each read when a request first names it. An error in
         `start()` means the server must not start; ValueError here for a name given twice
         or a pin of nothing."""
-        self.config = config
+        self.config = with_serving_threads(config)
         self._initial_adapters = adapters_read_at_start(adapters or {}, pinned, adapter_dir)
         self.names = AdapterNames(adapter_dir)
         """The adapters served, by name (registered, or in the adapter dir)."""

@@ -8,6 +8,7 @@ never written back here.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,11 @@ class ModelConfig:
     """Name of the base model in the API (default: the folder's name)."""
     enforce_eager: bool = False
     """On CUDA, run every step eagerly instead of replaying captured decode graphs."""
+    cpu_threads: int | None = None
+    """Threads of the forward pass on a CPU (torch and the native kernels). Default: under
+    `loraserve serve`, one per core less one, which the HTTP front end needs (an engine
+    whose threads fill every core stalls whenever the front end runs); in `LLM`, torch's
+    (one per core)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -60,6 +66,10 @@ class ModelConfig:
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        _check(
+            self.cpu_threads is None or self.cpu_threads >= 1,
+            f"cpu_threads must be >= 1, got {self.cpu_threads}",
         )
 
 
@@ -162,6 +172,16 @@ class RuntimeInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     served_model_name: str
+
+
+def with_serving_threads(config: EngineConfig) -> EngineConfig:
+    """`config` for an engine core beside an HTTP front end: unless `cpu_threads` is set,
+    one core is left to the front end (on a CPU; on CUDA the host threads matter little)."""
+    if config.model.cpu_threads is not None:
+        return config
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = dataclasses.replace(config.model, cpu_threads=max(1, (cores or 1) - 1))
+    return dataclasses.replace(config, model=model)
 
 
 def resolve_max_model_len(arch: ModelArch, requested: int | None) -> int:

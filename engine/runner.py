@@ -138,6 +138,8 @@ class TorchModelRunner:
         self.config, self.arch = config, arch
         self.eos_token_ids = eos_token_ids
         self.device = resolve_device(config.model.device)
+        if self.device.type == "cpu" and config.model.cpu_threads is not None:
+            torch.set_num_threads(config.model.cpu_threads)  # the native kernels follow it
         self.dtype = resolve_dtype(config.model.dtype, arch.torch_dtype, self.device)
         weights = load_weights(config.model.model, arch, self.dtype, self.device)
         self.kernels = select_kernels(config.model.kernel_backend, self.device, self.dtype)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 from factories import make_adapter, make_model
 
 from loraserve import LLM, SamplingParams
+from loraserve.engine.config import build_config, with_serving_threads
 from loraserve.errors import AdapterError, InvalidRequestError, UnknownAdapterError
 
 
@@ -122,3 +126,20 @@ def test_register_and_unregister_adapters(llm: LLM, assets) -> None:
     with pytest.raises(AdapterError, match="already registered"):
         llm.engine.register_adapter("sql", adapters["fr"])
     llm.engine.memory.check_invariants()
+
+
+def test_cpu_threads_are_set_and_a_served_engine_leaves_a_core_to_the_front_end(assets) -> None:
+    model = assets[0] / "model"
+    before = torch.get_num_threads()
+    try:
+        LLM(model, device="cpu", cpu_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    cores = len(os.sched_getaffinity(0))
+    served = with_serving_threads(build_config(str(model)))
+    assert served.model.cpu_threads == max(1, cores - 1)
+    chosen = build_config(str(model), cpu_threads=3)
+    assert with_serving_threads(chosen) is chosen
+    with pytest.raises(ValueError, match="cpu_threads must be >= 1, got 0"):
+        build_config(str(model), cpu_threads=0)
