@@ -232,24 +232,7 @@ def _timed(work: Any, *args: Any) -> tuple[Any, float]:
 
 
 def _background(url: str, watch: Watch, index: int) -> None:
-    body = {
-        "model": BASE_MODEL_NAME,
-        "prompt": [5 + index] * 8,
-        "max_tokens": 900,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    with httpx.Client(timeout=None) as http:
-        while not watch.stop.is_set():
-            times: list[float] = []
-            watch.chunks.append(times)
-            with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: {"):
-                        times.append(time.perf_counter())
-                    if watch.stop.is_set():
-                        return
+    watch.stream(url, {"model": BASE_MODEL_NAME, "prompt": [5 + index] * 8, "max_tokens": 900})
 
 
 def _ttft(url: str, model: str) -> float:

@@ -85,6 +85,21 @@ class Watch:
     """(sent, latency s, status; 0 = no answer)."""
     stop: threading.Event = field(default_factory=threading.Event)
 
+    def stream(self, url: str, body: dict[str, Any]) -> None:
+        """Greedy streamed completions of `body`, one after another until `stop`,
+        recording when each chunk arrives."""
+        body = {**body, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=None) as http:
+            while not self.stop.is_set():
+                times: list[float] = []
+                self.chunks.append(times)
+                with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+                    for line in response.iter_lines():
+                        if line.startswith("data: {"):
+                            times.append(time.perf_counter())
+                        if self.stop.is_set():
+                            return
+
     def worst_gap(self, start: float, end: float) -> float:
         """The longest wait for a stream's next chunk that overlaps [start, end]."""
         worst = 0.0
@@ -100,25 +115,8 @@ class Watch:
 
 
 def _stream(url: str, watch: Watch, index: int) -> None:
-    """Streams one after the other until told to stop (each runs to the context limit)."""
-    body = {
-        "model": BASE_MODEL_NAME,
-        "prompt": f"stream {index}",
-        "max_tokens": None,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    with httpx.Client(timeout=None) as http:
-        while not watch.stop.is_set():
-            times: list[float] = []
-            watch.chunks.append(times)
-            with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: {"):
-                        times.append(time.perf_counter())
-                    if watch.stop.is_set():
-                        return
+    body = {"model": BASE_MODEL_NAME, "prompt": f"stream {index}", "max_tokens": None}
+    watch.stream(url, body)
 
 
 def _poll_health(url: str, watch: Watch) -> None:
