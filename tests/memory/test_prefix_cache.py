@@ -134,7 +134,7 @@ def test_a_cached_block_older_than_an_idle_adapter_is_reclaimed_first() -> None:
     pool.acquire_adapter("x")
     pool.release_adapter("x")  # x idle, more recent than the blocks
     # The tail block was released first, so it goes first: the head stays longest.
-    tail, head = (key for key in pool.reclaimable if key[0] == KV_BLOCK)
+    _, head = (key for key in pool.reclaimable if key[0] == KV_BLOCK)
     assert head[1] == chain_hash(BASE_MODEL_IDENTITY, [0, 1, 2, 3])
     pool.allocate(4)  # 2 free + both blocks; x stays
     assert pool.is_resident("x") and pool.num_cached_pages == 0
