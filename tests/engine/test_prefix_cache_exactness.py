@@ -135,3 +135,20 @@ def test_off_computes_every_token(assets) -> None:
         0,
         0,
     )
+
+
+def test_prompt_logprobs_are_computed_for_every_prompt_token(assets) -> None:
+    """Cached blocks have no logits: a request reporting prompt logprobs reads no cache
+    (and is not counted as a query), and its logprobs equal those of a cold run."""
+    model, folders, prompts, _ = assets
+    llm = LLM(model, adapters=folders, device="cpu", dtype="float32", block_size=BLOCK)
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=1)
+    (cold,) = llm.generate(prompt_token_ids=[prompts[0]], sampling_params=params, adapter="a")
+    queries = llm.engine.memory.stats.prefix_cache_queries
+    (warm,) = llm.generate(prompt_token_ids=[prompts[0]], sampling_params=params, adapter="a")
+    assert (hits(llm), llm.engine.memory.stats.prefix_cache_queries) == (0, queries) == (0, 0)
+    cold_logprobs, warm_logprobs = cold.outputs[0].prompt_logprobs, warm.outputs[0].prompt_logprobs
+    assert cold_logprobs is not None and len(cold_logprobs) == len(prompts[0])
+    assert warm_logprobs == cold_logprobs
+    generate(llm, assets, [("a", 1)])  # its blocks were cached all the same
+    assert hits(llm) == 5 * BLOCK
