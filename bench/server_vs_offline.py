@@ -10,10 +10,10 @@ of 16..64 tokens (seeded), each generating exactly `--output-tokens` greedy toke
 - mixed: request i on adapter i mod `--adapters` (ranks 64/32/16/8 in turn).
 
 Offline: one `LLM.generate` over all of them, in this process. Server: a real
-`loraserve serve` process on 127.0.0.1 and all requests sent at once from an async
-client, streamed (SSE, as clients use it) and, separately, not streamed. The client
-only counts events, so that it takes as little of the machine's CPU as possible
-from the server it measures. Each figure is the median wall time of `--repeats`
+`loraserve serve` process on 127.0.0.1 and all requests sent at once, each on its
+own connection, streamed (SSE, as clients use it) and, separately, not streamed.
+The client writes HTTP/1.1 by hand and only counts events, so that it takes as
+little of the machine's CPU as possible from the server it measures. Each figure is the median wall time of `--repeats`
 runs after one warm-up run; the ratios are of throughputs (time of the reference
 over time of the other).
 """
@@ -27,8 +27,6 @@ import random
 import statistics
 import time
 from pathlib import Path
-
-import httpx
 
 from bench.compare import default_cache_dir, ensure_assets, loraserve_server
 from bench.metrics import run_metadata
@@ -65,38 +63,42 @@ def time_offline(llm, prompts, names, output_tokens: int, repeats: int) -> float
     return statistics.median(times[1:])
 
 
-async def _send(client: httpx.AsyncClient, prompt, name, output_tokens: int, stream: bool) -> int:
-    body = {
-        "model": name,
-        "prompt": prompt,
-        "max_tokens": output_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": stream,
-    }
-    if not stream:
-        response = await client.post("/v1/completions", json=body)
-        response.raise_for_status()
-        return 1
-    events = 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            events += line.startswith("data:")
-    return events
+async def _send(url: str, prompt, name, output_tokens: int, stream: bool) -> int:
+    """One request on its own connection, HTTP/1.1 by hand: the body is sent, the answer
+    read to the end (the server closes the connection) and only its `data:` events
+    counted. A full client (httpx) takes several times the CPU per request and per
+    event, and it shares the machine's cores with the server it measures."""
+    body = json.dumps(
+        {
+            "model": name,
+            "prompt": prompt,
+            "max_tokens": output_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": stream,
+        }
+    ).encode()
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    answer = await reader.read()  # to the end: the server closes after the answer
+    writer.close()
+    if not answer.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(answer[:300].decode(errors="replace"))
+    return answer.count(b"data: ") if stream else 1
 
 
 async def _server_run(url: str, prompts, names, output_tokens: int, stream: bool) -> float:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
-        start = time.perf_counter()
-        await asyncio.gather(
-            *(
-                _send(client, p, n, output_tokens, stream)
-                for p, n in zip(prompts, names, strict=True)
-            )
-        )
-        return time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(_send(url, p, n, output_tokens, stream) for p, n in zip(prompts, names, strict=True))
+    )
+    return time.perf_counter() - start
 
 
 def time_server(url: str, prompts, names, output_tokens: int, stream: bool, repeats: int) -> float:
