@@ -322,11 +322,9 @@ class UnifiedPool:
         cached blocks nothing reads; with the running requests' `block_tables`, no page is
         in two places and each cached page's count is the number of tables holding it."""
         kv, cached, adapter = self.num_kv_pages, self.num_cached_pages, self.num_adapter_pages
-        assert (
-            kv >= 0 and kv + cached + adapter + self.allocator.num_free == self.num_total_pages
-        ), (
-            f"page leak: {kv} kv + {cached} cached + {adapter} adapter + "
-            f"{self.allocator.num_free} free != {self.num_total_pages}"
+        free, total = self.allocator.num_free, self.num_total_pages
+        assert kv >= 0 and kv + cached + adapter + free == total, (
+            f"page leak: {kv} kv + {cached} cached + {adapter} adapter + {free} free != {total}"
         )
         idle: set[Any] = {
             (ADAPTER, r.name) for r in self._resident.values() if not (r.num_users or r.pinned)
@@ -342,9 +340,10 @@ class UnifiedPool:
 
     def _check_pages(self, held: Counter[int]) -> None:
         """Every page is free, an adapter's, cached, or one running request's own, once."""
-        cached = set() if self.prefix_cache is None else self.prefix_cache.pages()
+        cached: set[int] = set()
         if self.prefix_cache is not None:
             self.prefix_cache.check(held)
+            cached = self.prefix_cache.pages()
         own = [page for page, count in held.items() if page not in cached]
         assert all(held[page] == 1 for page in own), "an uncached page in two block tables"
         adapter_pages = [page for r in self._resident.values() for page in r.pages]

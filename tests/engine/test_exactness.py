@@ -176,11 +176,12 @@ def test_exact_with_the_disk_tier(family) -> None:
     """Adapters listed in a folder and read on first use by a loader thread, host RAM for
     one idle adapter, one pinned, and two pool slots: requests wait for their reads and
     for slots (adapters are evicted and read again), and still equal PEFT's tokens."""
-    root, folders, prompts, references = family
+    root, options, prompts, references = family
+    folders = options["adapters"]
+    family_options = {key: value for key, value in options.items() if key != "adapters"}
     llm = LLM(
         root / "model",
-        device="cpu",
-        dtype="float32",
+        **family_options,
         adapter_dir=root,  # the model folder beside the adapters has no adapter config
         pinned_adapters=["pattern"],
         max_cpu_loras=1,
