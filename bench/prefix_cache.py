@@ -11,10 +11,13 @@ may reuse it (the same tokens under another adapter share no KV). `--concurrency
 clients each send their next request when their last one ends (a closed loop), over
 SSE as chat clients do; TTFT is the time to the first streamed token.
 
-Each mode runs on its own fresh `loraserve serve` process on 127.0.0.1 (the CPU
-benchmark model of bench/models.py, float32): prefix caching on (the default), then
-`--no-prefix-caching`. One short warm-up request (the base model, a prompt sharing
-nothing) precedes each. The cache's own counters are read from /metrics after the run.
+Each run is a fresh `loraserve serve` process on 127.0.0.1 (the CPU benchmark model of
+bench/models.py, float32): prefix caching on (the default), or `--no-prefix-caching`.
+One short warm-up request (the base model, a prompt sharing nothing) precedes each. The
+modes alternate for `--rounds` rounds (on first in even rounds, off first in odd ones),
+so that a machine shared with other work weighs on both alike; each mode's TTFTs are
+pooled over its runs, its throughput is its requests over its total time. The cache's
+own counters are read from /metrics after each run.
 """
 
 from __future__ import annotations
@@ -93,18 +96,28 @@ def _counter(text: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def run_mode(model, adapters, requests, server_args: list[str], args) -> dict:
+def run_once(model, adapters, requests, server_args: list[str], args) -> dict:
+    """One run on a fresh server: every TTFT, the wall time, the cache's counters."""
     options = ["--device", "cpu", "--dtype", "float32", *server_args]
     with loraserve_server(model, adapters, options) as url:
         ttfts, seconds = asyncio.run(_run(url, requests, args))
         text = httpx.get(f"{url}/metrics", timeout=10).text
-    queries = _counter(text, "vllm:prefix_cache_queries_total")
-    hits = _counter(text, "vllm:prefix_cache_hits_total")
     return {
-        "ttft_s": describe(ttfts),
+        "ttfts": ttfts,
         "seconds": seconds,
-        "requests_per_s": len(requests) / seconds,
-        "output_tokens_per_s": len(requests) * args.output_tokens / seconds,
+        "queries": _counter(text, "vllm:prefix_cache_queries_total"),
+        "hits": _counter(text, "vllm:prefix_cache_hits_total"),
+    }
+
+
+def summarize(runs: list[dict], num_requests: int, output_tokens: int) -> dict:
+    seconds = sum(run["seconds"] for run in runs)
+    queries, hits = sum(run["queries"] for run in runs), sum(run["hits"] for run in runs)
+    return {
+        "ttft_s": describe([ttft for run in runs for ttft in run["ttfts"]]),
+        "seconds_per_run": [run["seconds"] for run in runs],
+        "requests_per_s": num_requests * len(runs) / seconds,
+        "output_tokens_per_s": num_requests * len(runs) * output_tokens / seconds,
         "prefix_cache_queries": queries,
         "prefix_cache_hits": hits,
         "hit_rate": hits / queries if queries else 0.0,
@@ -125,10 +138,16 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     model, adapters = ensure_assets("cpu", (args.rank,), args.adapters, args.cache_dir, "float32")
     requests = workload(args, SHAPES["cpu"].vocab_size)
-    results = {}
-    for mode, server_args in MODES.items():
-        results[mode] = run_mode(model, adapters, requests, server_args, args)
-        print(f"{mode}: {json.dumps(results[mode])}", flush=True)
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for number in range(args.rounds):
+        for mode in list(MODES)[:: 1 if number % 2 == 0 else -1]:
+            run = run_once(model, adapters, requests, MODES[mode], args)
+            runs[mode].append(run)
+            print(f"round {number} {mode}: {run['seconds']:.2f} s", flush=True)
+    results = {
+        mode: summarize(mode_runs, len(requests), args.output_tokens)
+        for mode, mode_runs in runs.items()
+    }
     print_table(results)
     if args.output:
         result = {**run_metadata(), "args": _jsonable(vars(args)), "results": results}
@@ -148,6 +167,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8, help="rank of every adapter")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each mode, alternating")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--output", type=Path)
