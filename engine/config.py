@@ -85,6 +85,8 @@ class CacheConfig:
     """Pool size in GiB (default on CPU: 1 GiB; on CUDA: from gpu_memory_utilization)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of the GPU's memory loraserve may use (weights, pool and activations)."""
+    enable_prefix_caching: bool = field(default=True, metadata={"flag": "--prefix-caching"})
+    """Keep the KV of full blocks after their requests end, keyed by adapter, and start new requests after the longest cached prefix of their prompt (reclaimed least recently used first, with idle adapters)."""
 
     def __post_init__(self) -> None:
         _check(

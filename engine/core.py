@@ -98,7 +98,11 @@ class EngineCore:
             lora.max_cpu_lora_bytes,
         )
         self.memory = UnifiedPool(
-            self.runner.num_pages, config.cache.block_size, lora.max_resident_adapters, self.catalog
+            self.runner.num_pages,
+            config.cache.block_size,
+            lora.max_resident_adapters,
+            self.catalog,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
         )
         self.adapters = AdapterManager(self.catalog, self.memory)
         self.scheduler = Scheduler(config.scheduler, self.memory)
@@ -180,6 +184,8 @@ class EngineCore:
             token_ids=prompt_token_ids,
             tenant=origin.tenant,
             tenant_weight=origin.tenant_weight,
+            # Cached blocks have no logits: a request that reports prompt logprobs computes all.
+            reuse_cached_prefix=params.prompt_logprobs is None,
         )
         prompt_logprobs = None if params.prompt_logprobs is None else [None]
         self.requests[request_id] = RequestState(params, seq, stops, grammar, prompt_logprobs)
@@ -336,6 +342,7 @@ class EngineCore:
             waiting_adapters=tuple(scheduler.waiting_adapters()),
             num_total_pages=memory.num_total_pages,
             num_kv_pages=memory.num_kv_pages,
+            num_cached_kv_pages=memory.num_cached_pages,
             num_adapter_pages=memory.num_adapter_pages,
             num_free_pages=memory.num_free_pages,
             num_pinned_adapter_pages=memory.num_pinned_adapter_pages,
@@ -346,6 +353,8 @@ class EngineCore:
             num_adapter_loads=memory.stats.adapter_loads,
             num_adapter_evictions=memory.stats.adapter_evictions,
             num_preemptions=self.num_preemptions,
+            prefix_cache_queries=memory.stats.prefix_cache_queries,
+            prefix_cache_hits=memory.stats.prefix_cache_hits,
             new_adapter_load_seconds=tuple(
                 [("disk", seconds) for seconds in self.catalog.drain_load_seconds()]
                 + [("cpu", seconds) for seconds in self.runner.drain_load_seconds()]

@@ -139,6 +139,9 @@ class EngineStats:
     waiting_adapters: tuple[str, ...] = ()
     num_total_pages: int = 0
     num_kv_pages: int = 0
+    """KV pages running requests hold."""
+    num_cached_kv_pages: int = 0
+    """Cached KV blocks no running request reads (prefix caching; reclaimable)."""
     num_adapter_pages: int = 0
     num_free_pages: int = 0
     num_pinned_adapter_pages: int = 0
@@ -152,6 +155,10 @@ class EngineStats:
     num_adapter_loads: int = 0
     num_adapter_evictions: int = 0
     num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache since start (vLLM's counter)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached."""
     new_adapter_load_seconds: tuple[tuple[str, float], ...] = ()
     """(source tier, seconds) of the loads since the previous reading, each reported once:
     `disk` (a folder read into host RAM), `cpu` (host RAM copied into the pool)."""

@@ -27,6 +27,7 @@ matrix per part, and the parts' A offsets all point at that one A.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,9 @@ class HostAdapter:
     max_rank: int
     target_modules: tuple[str, ...]
     """Names (the model's `linear_modules` order) of the modules adapted in at least one layer."""
+    digest: bytes
+    """SHA-256 of its pages, offsets and ranks: its identity for prefix caching (the KV its
+    requests compute depends on exactly these), new when other weights are read under its name."""
 
     @property
     def num_pages(self) -> int:
@@ -82,6 +86,14 @@ def pack_matrices(sizes: Sequence[int], page_numel: int) -> tuple[list[int], int
         offsets.append(page * page_numel + start)
         cursor = start + numel
     return offsets, page + 1 if sizes else 0
+
+
+def weights_digest(*tensors: torch.Tensor) -> bytes:
+    """SHA-256 of the tensors' bytes, in order."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.digest()
 
 
 def check_adapter_name(name: str) -> None:
@@ -159,6 +171,7 @@ class AdapterReader:
             ranks=ranks,
             max_rank=max(module.rank for module in modules),
             target_modules=tuple(m for m in self.arch.linear_modules if m in targeted),
+            digest=weights_digest(pages, local_offsets, ranks),
         )
 
     def _host_matrices(self, folder: Path, module: LoraModule) -> list[torch.Tensor]:

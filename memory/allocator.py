@@ -18,6 +18,9 @@ class PageAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
+    def is_free(self, page: int) -> bool:
+        return self._is_free[page]
+
     def allocate(self, count: int) -> list[int]:
         """Take `count` pages; raises MemoryError (taking none) if fewer are free."""
         if count > len(self._free):

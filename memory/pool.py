@@ -20,18 +20,26 @@ is then idle and reclaimable like any other). A load whose request is aborted or
 preempted is kept: the adapter stays resident, idle and reclaimable, in LRU order;
 if its pages are reclaimed before the runner got the load, the copy is dropped.
 
-Invariant (tested after every step): KV pages + adapter pages + free pages == total.
+Prefix caching (memory/prefix_cache.py): full KV blocks stay cached after their
+requests end; cached blocks that nothing running reads are reclaimable too, under the
+same one order as idle adapters (key ("kv_block", hash)). A request's pages are
+`cached_prefix` (found, then `acquire_cached`) followed by pages of its own (`allocate`).
+
+Invariant (tested after every step): KV pages (in use or cached) + adapter pages + free
+pages == total, each page counted once, reference counts never negative.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from loraserve.errors import UnknownAdapterError
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.memory.allocator import PageAllocator
+from loraserve.memory.prefix_cache import BASE_MODEL_IDENTITY, KV_BLOCK, CachedSequence, PrefixCache
 from loraserve.memory.reclaimable import ReclaimableKey, ReclaimableSet
 
 
@@ -41,7 +49,7 @@ class HostTier(Protocol):
     def in_host(self, name: str | None) -> bool: ...
 
     def host(self, name: str) -> Any:
-        """The host copy (a `HostAdapter`, with `num_pages`)."""
+        """The host copy (a `HostAdapter`, with `num_pages` and `digest`)."""
         ...
 
     def touch(self, name: str) -> None: ...
@@ -69,6 +77,8 @@ class ResidentAdapter:
     name: str
     slot: int
     pages: list[int]
+    identity: bytes
+    """The digest of its weights (`HostAdapter.digest`): the seed of its KV blocks' hashes."""
     num_users: int = 0
     pinned: bool = False
     """Kept resident until unregistered (--pin-adapter): never reclaimable."""
@@ -80,6 +90,11 @@ class PoolStats:
 
     adapter_loads: int = 0
     adapter_evictions: int = 0
+    prefix_cache_queries: int = 0
+    """Tokens of admitted requests looked up in the prefix cache (vLLM's counting)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached (their KV was not computed again)."""
+    kv_block_evictions: int = 0
 
 
 class UnifiedPool:
@@ -92,6 +107,7 @@ class UnifiedPool:
         max_resident_adapters: int,
         adapters: HostTier,
         on_evict: Callable[[str], None] = lambda name: None,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.allocator = PageAllocator(num_pages)
         self._block_size = block_size
@@ -104,7 +120,10 @@ class UnifiedPool:
         self.reclaimable = ReclaimableSet()
         """Idle page holders, least recently used first (the one eviction order)."""
         self._pending_loads: list[AdapterLoad] = []
-        self.num_kv_pages = 0
+        self.prefix_cache = (
+            PrefixCache(block_size, self.reclaimable) if enable_prefix_caching else None
+        )
+        self._num_kv_allocated = 0  # KV pages off the free list: in use or cached idle
         self.stats = PoolStats()
 
     # -- the scheduler's view (PoolAccounting) -------------------------------------------
@@ -117,17 +136,21 @@ class UnifiedPool:
     def num_total_pages(self) -> int:
         return self.allocator.num_pages
 
-    def can_allocate(self, num_pages: int, adapter: str | None = None) -> bool:
+    def can_allocate(
+        self, num_pages: int, adapter: str | None = None, cached: Sequence[int] = ()
+    ) -> bool:
         free = self.allocator.num_free
         resident = adapter is None or adapter in self._resident
         if resident and num_pages <= free:
             return True  # the common case (a decode step), without looking further
-        # The request's own adapter is not reclaimable: acquiring it pins its pages.
+        # The request's own adapter and cached prefix are not reclaimable: it pins them.
         own = 0 if adapter is None else self.reclaimable.pages_of((ADAPTER, adapter))
+        if cached and self.prefix_cache is not None:
+            own += self.prefix_cache.num_idle(cached)
         available = free + self.reclaimable.num_pages - own
         if resident:
             return num_pages <= available
-        if not self._free_slots and self.reclaimable.least_recent(ADAPTER) is None:
+        if not self._free_slots and not self.reclaimable.count(ADAPTER):
             return False
         assert adapter is not None
         return num_pages + self.adapters.host(adapter).num_pages <= available
@@ -138,12 +161,45 @@ class UnifiedPool:
     def allocate(self, num_pages: int) -> list[int]:
         self._reclaim(num_pages)
         pages = self.allocator.allocate(num_pages)
-        self.num_kv_pages += num_pages
+        self._num_kv_allocated += num_pages
         return pages
 
     def free(self, pages: list[int]) -> None:
+        if self.prefix_cache is not None:
+            pages = self.prefix_cache.release(pages)  # cached ones stay, idle at 0 readers
         self.allocator.free(pages)
-        self.num_kv_pages -= len(pages)
+        self._num_kv_allocated -= len(pages)
+
+    def cached_prefix(self, seq: CachedSequence) -> list[int]:
+        """Pages of the longest cached chain of full blocks that starts `seq`'s tokens under
+        its adapter (never all its tokens); empty when caching is off or `seq` asks to
+        compute every token. Its adapter must be ready (`adapter_ready`)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return []
+        identity = self._identity(seq.adapter)
+        if not seq.reuse_cached_prefix:
+            cache.block_hashes(seq, identity, 0)  # its own blocks are cached under it
+            return []
+        return cache.lookup(seq, identity)
+
+    def acquire_cached(self, seq: CachedSequence, pages: list[int]) -> list[int]:
+        """`seq` is admitted reading `pages` (its `cached_prefix`): take them before its
+        adapter and new pages, so that reclaiming room for those cannot take them."""
+        if self.prefix_cache is None:
+            return []
+        if seq.reuse_cached_prefix:
+            self.stats.prefix_cache_queries += len(seq.token_ids)
+            self.stats.prefix_cache_hits += len(pages) * self._block_size
+        self.prefix_cache.acquire(pages)
+        return list(pages)
+
+    def cache_full_blocks(self, seq: CachedSequence, start: int) -> None:
+        """`seq` computed its tokens from `start` to `num_computed_tokens` this step: cache
+        the blocks that became full (a decode step mostly finds none: two divisions)."""
+        first, end = start // self._block_size, seq.num_computed_tokens // self._block_size
+        if self.prefix_cache is not None and end > first:
+            self.prefix_cache.register(seq, first, end)
 
     def acquire_adapter(self, adapter: str | None) -> None:
         if adapter is None:
@@ -202,7 +258,7 @@ class UnifiedPool:
             needed = self.adapters.host(adapter).num_pages
             if needed > self.allocator.num_free + self.reclaimable.num_pages:
                 raise MemoryError(f"no room in the pool to pin adapter {adapter!r}")
-            if not self._free_slots and self.reclaimable.least_recent(ADAPTER) is None:
+            if not self._free_slots and not self.reclaimable.count(ADAPTER):
                 raise MemoryError(f"every adapter slot is in use: cannot pin {adapter!r}")
             resident = self._make_resident(adapter, evict=True)
         resident.pinned = True
@@ -232,6 +288,16 @@ class UnifiedPool:
         return [name for name, resident in self._resident.items() if resident.pinned]
 
     @property
+    def num_kv_pages(self) -> int:
+        """KV pages running requests hold (a page shared by several counted once)."""
+        return self._num_kv_allocated - self.num_cached_pages
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Cached KV blocks that no running request reads (reclaimable)."""
+        return 0 if self.prefix_cache is None else self.prefix_cache.num_idle_pages
+
+    @property
     def num_adapter_pages(self) -> int:
         return sum(len(r.pages) for r in self._resident.values())
 
@@ -250,17 +316,40 @@ class UnifiedPool:
     def num_free_pages(self) -> int:
         return self.allocator.num_free
 
-    def check_invariants(self) -> None:
-        """Pages in use + pages free == pages total, and the reclaimable set is exactly the
-        idle unpinned adapters (asserts; tests call it every step)."""
-        used = self.num_kv_pages + self.num_adapter_pages
-        assert used + self.allocator.num_free == self.num_total_pages, (
-            f"page leak: {self.num_kv_pages} kv + {self.num_adapter_pages} adapter + "
-            f"{self.allocator.num_free} free != {self.num_total_pages}"
+    def check_invariants(self, block_tables: Iterable[Sequence[int]] | None = None) -> None:
+        """Asserts (tests call it every step): KV pages in use + cached + adapter pages + free
+        pages == total; the reclaimable set is exactly the idle unpinned adapters and the
+        cached blocks nothing reads; with the running requests' `block_tables`, no page is
+        in two places and each cached page's count is the number of tables holding it."""
+        kv, cached, adapter = self.num_kv_pages, self.num_cached_pages, self.num_adapter_pages
+        free, total = self.allocator.num_free, self.num_total_pages
+        assert kv >= 0 and kv + cached + adapter + free == total, (
+            f"page leak: {kv} kv + {cached} cached + {adapter} adapter + {free} free != {total}"
         )
-        idle = {(ADAPTER, r.name) for r in self._resident.values() if not (r.num_users or r.pinned)}
+        idle: set[Any] = {
+            (ADAPTER, r.name) for r in self._resident.values() if not (r.num_users or r.pinned)
+        }
+        if self.prefix_cache is not None:
+            idle |= self.prefix_cache.idle_keys()
         assert set(self.reclaimable) == idle, f"reclaimable {set(self.reclaimable)} != idle {idle}"
         assert len(self._free_slots) + len(self._resident) == self.max_resident_adapters
+        if block_tables is not None:
+            self._check_pages(Counter(page for table in block_tables for page in table))
+        elif self.prefix_cache is not None:
+            self.prefix_cache.check()
+
+    def _check_pages(self, held: Counter[int]) -> None:
+        """Every page is free, an adapter's, cached, or one running request's own, once."""
+        cached: set[int] = set()
+        if self.prefix_cache is not None:
+            self.prefix_cache.check(held)
+            cached = self.prefix_cache.pages()
+        own = [page for page, count in held.items() if page not in cached]
+        assert all(held[page] == 1 for page in own), "an uncached page in two block tables"
+        adapter_pages = [page for r in self._resident.values() for page in r.pages]
+        free = [page for page in range(self.num_total_pages) if self.allocator.is_free(page)]
+        every = sorted([*own, *cached, *adapter_pages, *free])
+        assert every == list(range(self.num_total_pages)), "a page in two places, or lost"
 
     # -- internals -----------------------------------------------------------------------
 
@@ -276,7 +365,7 @@ class UnifiedPool:
                 self._evict_holder(least_recent)
             self._reclaim(host.num_pages)
         pages = self.allocator.allocate(host.num_pages)
-        resident = ResidentAdapter(name, self._free_slots.pop(), pages)
+        resident = ResidentAdapter(name, self._free_slots.pop(), pages, host.digest)
         self._resident[name] = resident
         self._pending_loads.append(AdapterLoad(name, resident.slot, tuple(pages), host))
         return resident
@@ -290,11 +379,24 @@ class UnifiedPool:
             self._evict_holder(least_recent)
 
     def _evict_holder(self, key: ReclaimableKey) -> None:
-        """Reclaim one holder's pages. Each reclaimable kind is evicted here (prefix
-        caching adds its cached blocks' kind)."""
+        """Reclaim one holder's pages, whichever kind it is."""
         kind, name = key
+        if kind == KV_BLOCK:
+            assert self.prefix_cache is not None and isinstance(name, bytes)
+            self.allocator.free([self.prefix_cache.evict(name)])
+            self._num_kv_allocated -= 1
+            self.stats.kv_block_evictions += 1
+            return
         assert kind == ADAPTER, f"no eviction for reclaimable kind {kind!r}"
         self._evict(self._resident[str(name)])
+
+    def _identity(self, adapter: str | None) -> bytes:
+        """What the KV of `adapter`'s requests depends on: the weights resident (those its
+        requests run with), else those in host RAM (those it will be made resident from)."""
+        if adapter is None:
+            return BASE_MODEL_IDENTITY
+        resident = self._resident.get(adapter)
+        return self.adapters.host(adapter).digest if resident is None else resident.identity
 
     def _evict(self, resident: ResidentAdapter) -> None:
         del self._resident[resident.name]

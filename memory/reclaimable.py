@@ -1,8 +1,8 @@
 """Idle holders of pool pages, in one least-recently-used order.
 
-A page holder is reclaimable when nothing running needs it: today an idle resident
-adapter (no running request uses it, not pinned); with prefix caching, the cached KV
-blocks of finished requests will be too. When the pool needs pages, it reclaims the
+A page holder is reclaimable when nothing running needs it: an idle resident adapter
+(no running request uses it, not pinned), or a cached KV block that no running request
+reads (memory/prefix_cache.py). When the pool needs pages, it reclaims the
 least recently used holder first, whatever its kind, so an idle adapter and a cold
 cached block compete on recency alone (DESIGN.md: "both reclaimable under one
 eviction order").
@@ -14,11 +14,11 @@ O(1) on the scheduler's hot path.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterator
 
 ReclaimableKey = tuple[str, Hashable]
-"""(kind, id): ("adapter", name), later ("kv_block", block hash)."""
+"""(kind, id): ("adapter", name) or ("kv_block", block hash)."""
 
 
 class ReclaimableSet:
@@ -27,12 +27,14 @@ class ReclaimableSet:
     def __init__(self) -> None:
         self._holders: OrderedDict[ReclaimableKey, int] = OrderedDict()
         self._num_pages = 0
+        self._num_of_kind: Counter[str] = Counter()
 
     def add(self, key: ReclaimableKey, num_pages: int) -> None:
         """`key` has become idle (most recently used now); it holds `num_pages` pages."""
         self.discard(key)
         self._holders[key] = num_pages
         self._num_pages += num_pages
+        self._num_of_kind[key[0]] += 1
 
     def discard(self, key: ReclaimableKey) -> bool:
         """`key` is in use again, or gone; False if it was not here."""
@@ -40,6 +42,7 @@ class ReclaimableSet:
         if num_pages is None:
             return False
         self._num_pages -= num_pages
+        self._num_of_kind[key[0]] -= 1
         return True
 
     def least_recent(self, kind: str | None = None) -> ReclaimableKey | None:
@@ -48,6 +51,10 @@ class ReclaimableSet:
             if kind is None or key[0] == kind:
                 return key
         return None
+
+    def count(self, kind: str) -> int:
+        """Holders of `kind` here (O(1): the scheduler asks it on admission)."""
+        return self._num_of_kind[kind]
 
     def pages_of(self, key: ReclaimableKey) -> int:
         """Pages `key` holds if it is reclaimable, else 0."""

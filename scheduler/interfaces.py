@@ -8,7 +8,10 @@ with a fake pool and no torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
+
+from loraserve.scheduler.request import SequenceState
 
 
 class PoolAccounting(Protocol):
@@ -24,11 +27,30 @@ class PoolAccounting(Protocol):
         """Pages in the pool (KV and adapters together)."""
         ...
 
-    def can_allocate(self, num_pages: int, adapter: str | None = None) -> bool:
+    def can_allocate(
+        self, num_pages: int, adapter: str | None = None, cached: Sequence[int] = ()
+    ) -> bool:
         """Whether `num_pages` KV pages, plus the pages of `adapter` if it is not
-        resident yet, can be had now, i.e. after `acquire_adapter(adapter)` then
-        `allocate(num_pages)`. Idle resident adapters count as reclaimable, except
-        `adapter` itself: acquiring it pins it, so its pages cannot also serve as KV."""
+        resident yet, can be had now, i.e. after `acquire_cached(seq, cached)`,
+        `acquire_adapter(adapter)` then `allocate(num_pages)`. Idle resident adapters and
+        idle cached blocks count as reclaimable, except `adapter` itself and the `cached`
+        prefix: acquiring them pins them, so their pages cannot also serve as new KV."""
+        ...
+
+    def cached_prefix(self, seq: SequenceState) -> list[int]:
+        """Pages holding the KV of the longest chain of full blocks that starts `seq`'s
+        tokens under its adapter, at most all but its last token ([] with prefix caching
+        off, or for a request that computes every token). `seq`'s adapter must be ready."""
+        ...
+
+    def acquire_cached(self, seq: SequenceState, pages: list[int]) -> list[int]:
+        """Admit `seq` reading `pages` (its `cached_prefix`, found this step): they are
+        shared, not reclaimable while it runs. Returns them, for its block table."""
+        ...
+
+    def cache_full_blocks(self, seq: SequenceState, start: int) -> None:
+        """`seq` computed its tokens from `start` to `num_computed_tokens` this step: the
+        blocks that became full may be found by later requests."""
         ...
 
     def adapter_ready(self, adapter: str | None) -> bool:
@@ -38,12 +60,13 @@ class PoolAccounting(Protocol):
         ...
 
     def allocate(self, num_pages: int) -> list[int]:
-        """Take `num_pages` KV pages, evicting idle adapters (LRU) if needed.
+        """Take `num_pages` KV pages, reclaiming idle adapters and cached blocks (LRU) if needed.
         Raises `MemoryError` if they cannot be had (call `can_allocate` first)."""
         ...
 
     def free(self, pages: list[int]) -> None:
-        """Return KV pages to the free list."""
+        """A request lets go of its KV pages: cached ones stay cached (reclaimable once no
+        running request reads them), the others return to the free list."""
         ...
 
     def acquire_adapter(self, adapter: str | None) -> None:

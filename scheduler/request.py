@@ -51,6 +51,13 @@ class SequenceState:
     """Page ids of this request's KV, in token order: exactly ceil(num_computed_tokens / block_size)
     between steps."""
     status: SequenceStatus = SequenceStatus.WAITING
+    reuse_cached_prefix: bool = True
+    """Start after the longest cached prefix of its tokens (prefix caching); False computes
+    every token (prompt logprobs need the logits of every prompt position)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Hashes of its first full blocks, kept by the pool's prefix cache (each computed once)."""
+    block_hash_seed: bytes = b""
+    """The adapter identity `block_hashes` were computed under."""
     arrival_index: int = -1
     """Order of arrival, stamped by `Scheduler.add`; the admission policies compare it."""
     num_preemptions: int = 0

@@ -18,6 +18,12 @@ so once the adapter is in, that tenant is served first until its counter catches
 Then the adapters of a few waiting requests are brought into free pool pages ahead of
 admission (`max_adapter_prefetch`), so that their copies overlap this step.
 
+Prefix caching: an admitted request first takes the longest chain of cached full
+blocks that starts its tokens (`PoolAccounting.cached_prefix`; shared pages, computed
+by earlier requests of the same adapter) and computes from there; after each step
+the blocks that became full are offered to the cache. A preempted request keeps its
+block hashes, so its recompute starts from what is still cached.
+
 Example, budget 8, block_size 4, A decoding (10 tokens, 9 computed), B waiting
 with a 12-token prompt:
     step 1: A 1 token (samples), B 7 tokens (prefill chunk, B takes 2 pages)
@@ -197,6 +203,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.num_computed_tokens += chunk.num_tokens
+            self._pool.cache_full_blocks(seq, chunk.start)
             if chunk.samples:
                 seq.token_ids.append(sampled[seq.request_id])
                 self._waiting.on_token(seq)
@@ -237,12 +244,18 @@ class Scheduler:
                 return
             if not self._pool.adapter_ready(seq.adapter):
                 continue
-            num_tokens = min(seq.num_tokens, budget)
-            num_pages = self._num_new_pages(seq, num_tokens)
-            if not self._pool.can_allocate(num_pages, seq.adapter):
+            cached = self._pool.cached_prefix(seq)
+            num_cached = len(cached) * self._pool.block_size
+            num_tokens = min(seq.num_tokens - num_cached, budget)
+            num_pages = self._num_new_pages(seq, num_cached + num_tokens) - len(cached)
+            if not self._pool.can_allocate(num_pages, seq.adapter, cached):
                 return
             self._waiting.remove(seq)
-            self._pool.acquire_adapter(seq.adapter)  # before allocate: the pin reserves its pages
+            # Cached pages, then the adapter, then new pages: each pin reserves its pages
+            # before the next may reclaim idle ones.
+            seq.block_table.extend(self._pool.acquire_cached(seq, cached))
+            seq.num_computed_tokens = num_cached
+            self._pool.acquire_adapter(seq.adapter)
             seq.block_table.extend(self._pool.allocate(num_pages))
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)

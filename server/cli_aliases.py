@@ -3,6 +3,7 @@
     --enable-lora                 accepted (LoRA is always on)
     --lora-modules NAME=DIR ...   (or vLLM's JSON form '{"name": ..., "path": ...}') = --adapter
     --max-loras N                 = --max-resident-adapters
+    --[no-]enable-prefix-caching  = --[no-]prefix-caching
 (`--max-cpu-loras`, `--max-lora-rank`, `--served-model-name`, `--chat-template`, `--tool-call-parser`,
 `--enable-auto-tool-choice` and `--allowed-origins` are loraserve's own names too.)
 """
@@ -34,6 +35,13 @@ def add_vllm_aliases(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-loras", type=int, default=argparse.SUPPRESS, help="Same as --max-resident-adapters."
+    )
+    group.add_argument(
+        "--enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="Same as --prefix-caching / --no-prefix-caching.",
     )
 
 

@@ -15,8 +15,13 @@ Two families of names:
   `vllm:num_cpu_loaded_lora_adapters` (adapters in host RAM, whether or not also in
   the pool), `vllm:max_gpu_lora_adapters` (adapter slots of the pool), and the
   `vllm:lora_adapter_load_seconds` histogram by `source` tier (`disk`: a folder read
-  into host RAM; `cpu`: host RAM copied into the pool).
-- loraserve's own `loraserve_*`: pool pages by use, adapter loads/evictions,
+  into host RAM; `cpu`: host RAM copied into the pool); and vLLM's prefix-cache
+  counters in tokens, `vllm:prefix_cache_queries_total` (prompt tokens looked up when
+  requests are admitted) and `vllm:prefix_cache_hits_total` (of those, tokens found
+  cached), with `model_name`.
+- loraserve's own `loraserve_*`: pool pages by use (`kv`: read by running requests;
+  `kv_cached`: cached blocks nothing reads, reclaimable; `adapter`; `free`: the four sum
+  to `loraserve_pool_pages_total`), adapter loads/evictions,
   request latency histograms, token counters, requests per model (adapter).
 - request latencies and tokens under vLLM's names too, with `model_name`
   (server/request_metrics.py), so that vLLM's dashboards work.
@@ -102,6 +107,7 @@ class _EngineCollector(Collector):
         yield from self._vllm(stats)
         yield from self._residency(stats)
         yield from self._pool(stats)
+        yield from self._prefix_cache(stats)
 
     def _vllm(self, stats: EngineStats) -> Iterator[Metric]:
         yield _gauge("vllm:num_requests_running", "Requests running.", stats.num_running)
@@ -151,9 +157,12 @@ class _EngineCollector(Collector):
 
     def _pool(self, stats: EngineStats) -> Iterator[Metric]:
         pages = GaugeMetricFamily(
-            "loraserve_pool_pages", "Pool pages by use (kv, adapter, free).", labels=["use"]
+            "loraserve_pool_pages",
+            "Pool pages by use (kv, kv_cached, adapter, free).",
+            labels=["use"],
         )
         pages.add_metric(["kv"], stats.num_kv_pages)
+        pages.add_metric(["kv_cached"], stats.num_cached_kv_pages)
         pages.add_metric(["adapter"], stats.num_adapter_pages)
         pages.add_metric(["free"], stats.num_free_pages)
         yield pages
@@ -167,10 +176,28 @@ class _EngineCollector(Collector):
             "loraserve_engine_healthy", "1 while the engine runs.", int(self.metrics.healthy)
         )
 
+    def _prefix_cache(self, stats: EngineStats) -> Iterator[Metric]:
+        for name, documentation, value in (
+            (
+                "vllm:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_cache_queries,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                stats.prefix_cache_hits,
+            ),
+        ):
+            counter = CounterMetricFamily(name, documentation, labels=["model_name"])
+            counter.add_metric([self.info.model_name], value)
+            yield counter
+
 
 def _usage(stats: EngineStats) -> float:
     """KV pages plus the pages of adapters in use or pinned, over all pages. Idle
-    resident adapters count as free: they are evicted as soon as the pages are wanted."""
+    resident adapters and cached blocks count as free: they are reclaimed as soon as the
+    pages are wanted (vLLM counts its cached blocks so too)."""
     if not stats.num_total_pages:
         return 0.0
     return (stats.num_kv_pages + stats.num_pinned_adapter_pages) / stats.num_total_pages

@@ -4,33 +4,10 @@ their adapter is reclaimed before the runner got them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
+from fake_tier import FakeTier
 
 from loraserve.memory.pool import ADAPTER, UnifiedPool
-
-
-@dataclass
-class FakeHost:
-    num_pages: int
-
-
-class FakeTier:
-    """Adapters in host RAM, by name -> pages."""
-
-    def __init__(self, pages: dict[str, int]) -> None:
-        self.pages = pages
-        self.touched: list[str] = []
-
-    def in_host(self, name: str | None) -> bool:
-        return name in self.pages
-
-    def host(self, name: str) -> FakeHost:
-        return FakeHost(self.pages[name])
-
-    def touch(self, name: str) -> None:
-        self.touched.append(name)
 
 
 def make(num_pages: int = 10, slots: int = 3, **pages: int) -> tuple[UnifiedPool, list[str]]:

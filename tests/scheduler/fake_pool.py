@@ -9,6 +9,9 @@ read from disk": `adapter_ready` says False until a test makes them ready.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
+
+from loraserve.scheduler import SequenceState
 
 
 class FakePool:
@@ -28,7 +31,10 @@ class FakePool:
 
     # -- PoolAccounting ------------------------------------------------------------------
 
-    def can_allocate(self, num_pages: int, adapter: str | None = None) -> bool:
+    def can_allocate(
+        self, num_pages: int, adapter: str | None = None, cached: Sequence[int] = ()
+    ) -> bool:
+        assert not cached, "this pool caches no prefix"
         needed = num_pages
         if adapter is not None and adapter not in self.resident:
             needed += self.adapter_pages[adapter]
@@ -47,6 +53,15 @@ class FakePool:
         self._make_resident(adapter)
         self.prefetched.append(adapter)
         return True
+
+    def cached_prefix(self, seq: SequenceState) -> list[int]:
+        return []  # no prefix caching here (tests/memory/test_prefix_cache_properties.py has it)
+
+    def acquire_cached(self, seq: SequenceState, pages: list[int]) -> list[int]:
+        return []
+
+    def cache_full_blocks(self, seq: SequenceState, start: int) -> None:
+        pass
 
     def allocate(self, num_pages: int) -> list[int]:
         pages = self._take(num_pages)

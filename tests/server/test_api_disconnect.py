@@ -33,6 +33,8 @@ OWN_METRICS = (
     "loraserve_prompt_tokens_total",
     "loraserve_generation_tokens_total",
     "loraserve_requests_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
 )
 
 
@@ -96,7 +98,8 @@ def test_metrics_carry_the_names_the_gateway_reads_and_ours(running: Running) ->
     text = scrape(running)
     for name in GATEWAY_METRICS + OWN_METRICS:
         assert any(line.startswith(name) for line in text.splitlines()), name
-    pages = [metric(text, "loraserve_pool_pages", use=use) for use in ("kv", "adapter", "free")]
+    uses = ("kv", "kv_cached", "adapter", "free")
+    pages = [metric(text, "loraserve_pool_pages", use=use) for use in uses]
     assert sum(pages) == metric(text, "loraserve_pool_pages_total") == 96
     assert metric(text, "loraserve_requests_total", model="all6", outcome="finished") >= 1
     assert series_labels(text, "vllm:cache_config_info")["num_gpu_blocks"] == "96"
@@ -117,3 +120,28 @@ def test_lora_requests_info_names_the_running_adapters(running: Running) -> None
     assert wait_for(lambda: metric(scrape(running), "vllm:num_requests_running") == 0)
     labels = series_labels(scrape(running), "vllm:lora_requests_info")
     assert labels["running_lora_adapters"] == ""
+
+
+def test_a_repeated_prompt_hits_the_prefix_cache(running: Running) -> None:
+    """vLLM's counters, in tokens: the second send of a 40-token prompt finds its two full
+    16-token blocks; under another adapter it finds nothing."""
+    client = running.server.client()
+    prompt = [7 + (index * 13) % 250 for index in range(40)]
+    before = scrape(running)
+    model_name = series_labels(before, "vllm:prefix_cache_hits_total")["model_name"]
+
+    def counters() -> tuple[float, float]:
+        text = scrape(running)
+        return tuple(  # type: ignore[return-value]
+            metric(text, f"vllm:prefix_cache_{name}_total", model_name=model_name)
+            for name in ("queries", "hits")
+        )
+
+    start = counters()
+    for model in ("all6", "all6", "mlp4"):
+        client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    queries, hits = counters()
+    assert queries - start[0] == 3 * 40
+    assert hits - start[1] == 2 * 16
+    text = scrape(running)
+    assert metric(text, "loraserve_pool_pages", use="kv_cached") >= 4  # 2 blocks of all6, 2 of mlp4

@@ -228,3 +228,22 @@ def test_demo_prints_no_sample_with_api_keys(
 
 def _fail_if_called(*args: object) -> None:
     raise AssertionError("called")
+
+
+@pytest.mark.parametrize(
+    ("options", "enabled"),
+    [
+        ([], None),  # the config's default: on
+        (["--no-prefix-caching"], False),
+        (["--prefix-caching"], True),
+        (["--no-enable-prefix-caching"], False),  # vLLM's spelling
+        (["--enable-prefix-caching"], True),
+    ],
+)
+def test_prefix_caching_is_on_unless_turned_off(options: list[str], enabled: bool | None) -> None:
+    args = vars(cli.build_parser().parse_args(["serve", "--model", "m", *options]))
+    assert args.get("enable_prefix_caching") is enabled
+    config = cli.build_config(
+        "m", **{k: v for k, v in args.items() if k == "enable_prefix_caching"}
+    )
+    assert config.cache.enable_prefix_caching is (enabled is not False)
