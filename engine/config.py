@@ -45,10 +45,10 @@ class ModelConfig:
     enforce_eager: bool = False
     """On CUDA, run every step eagerly instead of replaying captured decode graphs."""
     cpu_threads: int | None = None
-    """Threads of the forward pass on a CPU (torch and the native kernels). Default: under
-    `loraserve serve`, one per core less one, which the HTTP front end needs (an engine
-    whose threads fill every core stalls whenever the front end runs); in `LLM`, torch's
-    (one per core)."""
+    """Threads of the forward pass on a CPU (torch and the native kernels). Default: one
+    per core; under `loraserve serve` on 4 or more cores, one per core less one, left to
+    the HTTP front end (OpenMP threads that fill every core stall whenever another
+    process runs). On 2 cores halving the engine's threads costs more than that."""
 
     def __post_init__(self) -> None:
         _check(
@@ -178,11 +178,14 @@ class RuntimeInfo:
 
 def with_serving_threads(config: EngineConfig) -> EngineConfig:
     """`config` for an engine core beside an HTTP front end: unless `cpu_threads` is set,
-    one core is left to the front end (on a CPU; on CUDA the host threads matter little)."""
+    on 4 or more cores one is left to the front end (bench/results/README.md, issue 11:
+    on 2 cores the engine on one thread served 0.56x as fast as on two, quiet, and
+    3-5x faster while other processes loaded the machine)."""
     if config.model.cpu_threads is not None:
         return config
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    model = dataclasses.replace(config.model, cpu_threads=max(1, (cores or 1) - 1))
+    cores = cores or 1
+    model = dataclasses.replace(config.model, cpu_threads=cores - 1 if cores >= 4 else cores)
     return dataclasses.replace(config, model=model)
 
 
