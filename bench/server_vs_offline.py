@@ -13,9 +13,9 @@ Offline: one `LLM.generate` over all of them, in this process. Server: a real
 `loraserve serve` process on 127.0.0.1 and all requests sent at once, each on its
 own connection, streamed (SSE, as clients use it) and, separately, not streamed.
 The client writes HTTP/1.1 by hand and only counts events, so that it takes as
-little of the machine's CPU as possible from the server it measures. Each figure is the median wall time of `--repeats`
-runs after one warm-up run; the ratios are of throughputs (time of the reference
-over time of the other).
+little of the machine's CPU as possible from the server it measures. Each figure is
+the median wall time of `--repeats` runs after one warm-up run; the ratios are of
+throughputs (time of the reference over time of the other).
 """
 
 from __future__ import annotations

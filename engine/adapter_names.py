@@ -15,16 +15,15 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from loraserve.memory.adapter_dir import AdapterDirectory, list_adapter_folders
+from loraserve.memory.adapter_dir import AdapterDirectory
 
 
 def adapters_read_at_start(
-    adapters: Mapping[str, str | Path], pinned: Collection[str], adapter_dir: str | None
+    adapters: Mapping[str, str | Path], pinned: Collection[str], listed: Mapping[str, Path]
 ) -> dict[str, tuple[str, bool]]:
     """name -> (folder, pinned) of the adapters the core reads at start: those given, and
-    the pinned ones of the adapter dir. ValueError for a name given twice or a pin of
-    nothing."""
-    listed = {} if adapter_dir is None else list_adapter_folders(adapter_dir)
+    the pinned ones of the adapter dir's listing. ValueError for a name given twice or a
+    pin of nothing."""
     clashes = sorted(adapters.keys() & listed.keys())
     if clashes:
         raise ValueError(f"adapter name {clashes[0]!r} is given twice")
@@ -41,14 +40,17 @@ def adapters_read_at_start(
 class AdapterNames:
     """Registered adapters and the adapter dir's, name -> folder."""
 
-    def __init__(self, adapter_dir: str | None = None) -> None:
+    def __init__(self, adapter_dir: str | Path | None = None) -> None:
         self.directory = None if adapter_dir is None else AdapterDirectory(adapter_dir)
         self.registered: dict[str, Path] = {}
 
+    def listed(self) -> dict[str, Path]:
+        """The adapter dir's folders, by name (empty without an adapter dir)."""
+        return {} if self.directory is None else self.directory.listing()
+
     def all(self) -> dict[str, Path]:
         """Every adapter served (a new dict)."""
-        listed = {} if self.directory is None else self.directory.listing()
-        return {**listed, **self.registered}
+        return {**self.listed(), **self.registered}
 
     def folder(self, name: str) -> Path | None:
         """The folder of adapter `name`: registered, or found in the adapter dir (even one

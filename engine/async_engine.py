@@ -134,9 +134,9 @@ class AsyncEngine:
         `start()` means the server must not start; ValueError here for a name given twice
         or a pin of nothing."""
         self.config = with_serving_threads(config)
-        self._initial_adapters = adapters_read_at_start(adapters or {}, pinned, adapter_dir)
         self.names = AdapterNames(adapter_dir)
         """The adapters served, by name (registered, or in the adapter dir)."""
+        self._initial_adapters = adapters_read_at_start(adapters or {}, pinned, self.names.listed())
         self.tokenizer = Tokenizer.from_folder(config.model.model)
         self.processor = OutputProcessor(self.tokenizer)
         self.info: RuntimeInfo | None = None

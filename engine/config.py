@@ -86,7 +86,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     """Fraction of the GPU's memory loraserve may use (weights, pool and activations)."""
     enable_prefix_caching: bool = field(default=True, metadata={"flag": "--prefix-caching"})
-    """Keep the KV of full blocks after their requests end, keyed by adapter, and start new requests after the longest cached prefix of their prompt (reclaimed least recently used first, with idle adapters)."""
+    """Keep the KV of full blocks after their requests end, keyed by adapter, and start
+    new requests after the longest cached prefix of their prompt (reclaimed least
+    recently used first, with idle adapters)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -116,11 +118,14 @@ class LoraConfig:
     max_resident_adapters: int = 128
     """Adapters that may hold pool pages at once (rows of the offset table)."""
     max_cpu_loras: int | None = None
-    """Adapters kept in host RAM once read from disk (least recently used dropped first; unlimited if unset). Adapters of unfinished requests are always kept."""
+    """Adapters kept in host RAM once read from disk (least recently used dropped first;
+    unlimited if unset). Adapters of unfinished requests are always kept."""
     max_cpu_lora_memory_gib: float | None = None
-    """Host RAM the adapters read from disk may take, in GiB (least recently used dropped first; unlimited if unset)."""
+    """Host RAM the adapters read from disk may take, in GiB (least recently used
+    dropped first; unlimited if unset)."""
     adapter_load_workers: int = 1
-    """Threads that read adapter folders while the engine steps (0: read in the engine's own thread, pausing every request: a baseline for benchmarks)."""
+    """Threads that read adapter folders while the engine steps (0: read in the
+    engine's own thread, pausing every request: a baseline for benchmarks)."""
 
     def __post_init__(self) -> None:
         _check(

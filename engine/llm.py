@@ -8,14 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
 from loraserve.engine.config import build_config
 from loraserve.engine.core import EngineCore
 from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.output_processor import OutputProcessor, sub_request_ids
 from loraserve.engine.outputs import CompletionOutput, RequestOutput
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.errors import UnknownAdapterError
-from loraserve.memory.adapter_dir import list_adapter_folders
 from loraserve.models.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -50,13 +49,11 @@ class LLM:
         are listed, each read when a prompt first names it (within the host-RAM budget of
         `max_cpu_loras` / `max_cpu_lora_memory_gib`). `pinned_adapters` stay in the pool."""
         self.engine = EngineCore(build_config(str(model), device=device, dtype=dtype, **options))
-        self.adapter_dir = {} if adapter_dir is None else list_adapter_folders(adapter_dir)
-        """Adapter folders listed under `adapter_dir`, by name."""
-        for name, path in (adapters or {}).items():
-            self.engine.register_adapter(name, path, pinned=name in pinned_adapters)
-        for name in pinned_adapters:
-            if name not in (adapters or {}):
-                self.engine.register_adapter(name, self._listed(name), pinned=True)
+        self.names = AdapterNames(adapter_dir)
+        """The adapter dir's folders (the engine's catalog holds those registered)."""
+        at_start = adapters_read_at_start(adapters or {}, pinned_adapters, self.names.listed())
+        for name, (path, pinned) in at_start.items():
+            self.engine.register_adapter(name, path, pinned=pinned)
         self.tokenizer = Tokenizer.from_folder(model)
         self._processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -115,14 +112,8 @@ class LLM:
         """The listed folder of an adapter the engine may not know yet."""
         if adapter is None or adapter in self.engine.catalog:
             return None
-        path = self.adapter_dir.get(adapter)
+        path = self.names.folder(adapter)
         return None if path is None else str(path)
-
-    def _listed(self, name: str) -> Path:
-        path = self.adapter_dir.get(name)
-        if path is None:
-            raise UnknownAdapterError(f"adapter {name!r} is not registered")
-        return path
 
     def _run(self, results: list[RequestOutput]) -> list[RequestOutput]:
         by_id = {result.request_id: result for result in results}

@@ -185,7 +185,7 @@ def test_exact_with_the_disk_tier(family) -> None:
         max_resident_adapters=2,
         adapter_load_workers=1,
     )
-    assert sorted(llm.adapter_dir) == sorted(folders)
+    assert sorted(llm.names.listed()) == sorted(folders)
     assert llm.engine.catalog.names() == ["pattern"]  # the others are read when named
     check_against_peft(llm, prompts, references, num_logprobs=5)
     memory, catalog = llm.engine.memory, llm.engine.catalog

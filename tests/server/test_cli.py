@@ -15,7 +15,7 @@ import pytest
 import torch
 from server_harness import ADAPTERS, Assets, free_port, start_process
 
-from loraserve.engine.adapter_names import adapters_read_at_start
+from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
 from loraserve.server import cli
 from loraserve.server.config import ServerConfig
 
@@ -96,7 +96,8 @@ def test_adapters_read_at_start_are_the_named_and_the_pinned(
 
 
 def read_at_start(config: ServerConfig) -> dict[str, tuple[str, bool]]:
-    return adapters_read_at_start(cli.adapters_of(config), config.pin_adapters, config.adapter_dir)
+    listed = AdapterNames(config.adapter_dir).listed()
+    return adapters_read_at_start(cli.adapters_of(config), config.pin_adapters, listed)
 
 
 def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) -> None:
