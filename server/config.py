@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+"""`--tool-call-parser` choices (server/tools.py has a scanner for each)."""
 MIN_DEFAULT_BODY_BYTES = 2**20
 BODY_BYTES_PER_CONTEXT_TOKEN = 16
 """JSON bytes a prompt token may take: a token id is at most 7 ("128255,"), a token of
@@ -87,10 +89,10 @@ class ServerConfig:
             name, sep, path = spec.partition("=")
             if not (sep and name and path):
                 raise ValueError(f"--adapter expects NAME=DIR, got {spec!r}")
-        parsers = ("hermes", "llama3_json", "mistral")
-        if self.tool_call_parser is not None and self.tool_call_parser not in parsers:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(
-                f"tool_call_parser must be one of {parsers}, got {self.tool_call_parser!r}"
+                f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, "
+                f"got {self.tool_call_parser!r}"
             )
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")

@@ -38,6 +38,8 @@ class ToolStream:
 
     def feed(self, new_text: str, final: bool) -> tuple[str, list[ToolCallDelta]]:
         """(content, tool-call deltas) to send for `new_text`."""
+        if self.mode.kind == "none":  # no tools: the text is all content, nothing to scan
+            return new_text, []
         self.text += new_text
         scan = self.mode.scan(self.text, final)
         content = scan.content[self.content_sent :]

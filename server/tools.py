@@ -27,10 +27,10 @@ from typing import Any
 
 from loraserve.engine.structured import StructuredOutputs
 from loraserve.errors import InvalidRequestError
+from loraserve.server.config import TOOL_CALL_PARSERS
 from loraserve.server.json_scan import scan_object
 from loraserve.server.protocol import ChatCompletionRequest, NamedToolChoice
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 PYTHON_TAG = "<|python_tag|>"
 END = "\x00"
 """Appended to a whole output before scanning it: no tag starts with it, so nothing at the
@@ -44,7 +44,6 @@ class PartialCall:
     name: str | None = None
     arguments: str = ""
     """The arguments' JSON text so far (only ever grows)."""
-    complete: bool = False
 
 
 @dataclass
@@ -69,9 +68,9 @@ class ToolMode:
         """What `text` holds; not `final`: more may follow, so a tail that could begin a
         tool-call tag is held back from the content."""
         if self.kind == "named":
-            return Scan(calls=[PartialCall(self.function, text, False)])
+            return Scan(calls=[PartialCall(self.function, text)])
         if self.kind == "required":
-            return _scan_list(text, "parameters")
+            return _scan_list(text, ("parameters",))
         if self.kind == "auto":
             scan = SCANNERS[str(self.parser)](text + (END if final else ""))
             scan.content = scan.content.removesuffix(END)
@@ -152,8 +151,11 @@ def finished_calls(scan: Scan, parallel: bool) -> list[tuple[str, str]] | None:
 # -- the formats ---------------------------------------------------------------------------
 
 
-def _call_at(text: str, start: int, arguments_key: str) -> tuple[PartialCall, int | None]:
-    """The `{"name", arguments_key}` object at `text[start]`, and the index past it."""
+def _call_at(
+    text: str, start: int, arguments_keys: tuple[str, ...]
+) -> tuple[PartialCall, int | None]:
+    """The `{"name", arguments}` object at `text[start]` (its arguments under the first of
+    `arguments_keys` it has), and the index past it."""
     scanned = scan_object(text, start)
     call = PartialCall()
     name = scanned.value(text, "name")
@@ -162,18 +164,20 @@ def _call_at(text: str, start: int, arguments_key: str) -> tuple[PartialCall, in
             call.name = str(json.loads(name[0]))
         except ValueError:
             call.name = name[0].strip('"')
-    arguments = scanned.value(text, arguments_key)
-    if arguments is not None:
-        call.arguments, call.complete = arguments[0], arguments[1] and scanned.end is not None
+    for key in arguments_keys:
+        arguments = scanned.value(text, key)
+        if arguments is not None:
+            call.arguments = arguments[0]
+            break
     return call, scanned.end
 
 
-def _scan_list(text: str, arguments_key: str, start: int = 0) -> Scan:
+def _scan_list(text: str, arguments_keys: tuple[str, ...], start: int = 0) -> Scan:
     """A JSON list of call objects (`required`; Mistral's `[TOOL_CALLS]` list)."""
     scan = Scan()
     position = text.find("{", start)
     while position >= 0:
-        call, end = _call_at(text, position, arguments_key)
+        call, end = _call_at(text, position, arguments_keys)
         scan.calls.append(call)
         if end is None:
             break
@@ -193,7 +197,7 @@ def _scan_hermes(text: str) -> Scan:
         brace = text.find("{", open_tag)
         if brace < 0:
             return scan
-        call, end = _call_at(text, brace, "arguments")
+        call, end = _call_at(text, brace, ("arguments",))
         scan.calls.append(call)
         close = -1 if end is None else text.find("</tool_call>", end)
         if close < 0:
@@ -212,9 +216,7 @@ def _scan_llama3(text: str) -> Scan:
     scan = Scan()
     position: int | None = offset
     while position is not None and position < len(text):
-        call, end = _call_at(text, position, "parameters")
-        if call.name is None and not call.arguments:
-            call, end = _call_at(text, position, "arguments")
+        call, end = _call_at(text, position, ("parameters", "arguments"))
         scan.calls.append(call)
         next_brace = -1 if end is None else text.find("{", end)
         position = None if next_brace < 0 else next_brace
@@ -225,7 +227,7 @@ def _scan_mistral(text: str) -> Scan:
     marker = text.find("[TOOL_CALLS]")
     if marker < 0:
         return Scan(content=_hold_back(text, "[TOOL_CALLS]"))
-    scan = _scan_list(text, "arguments", marker + len("[TOOL_CALLS]"))
+    scan = _scan_list(text, ("arguments",), marker + len("[TOOL_CALLS]"))
     scan.content = text[:marker]
     return scan
 
@@ -243,3 +245,4 @@ SCANNERS: dict[str, Callable[[str], Scan]] = {
     "llama3_json": _scan_llama3,
     "mistral": _scan_mistral,
 }
+assert tuple(SCANNERS) == TOOL_CALL_PARSERS

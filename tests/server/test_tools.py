@@ -32,6 +32,8 @@ EXPECTED = [
 ]
 CASES = [
     (ToolMode("auto", parser="llama3_json"), LLAMA3, ""),
+    # Llama 3 models also write "arguments", as OpenAI names them
+    (ToolMode("auto", parser="llama3_json"), LLAMA3.replace("parameters", "arguments"), ""),
     (ToolMode("auto", parser="mistral"), MISTRAL, ""),
     (ToolMode("required"), REQUIRED, ""),
 ]
