@@ -118,9 +118,6 @@ class AdapterCatalog:
         """Registered names, in registration order."""
         return list(self._entries)
 
-    def path(self, name: str) -> Path:
-        return self._entry(name).path
-
     # -- reading -------------------------------------------------------------------------
 
     def read_now(self, name: str) -> HostAdapter:
@@ -154,11 +151,6 @@ class AdapterCatalog:
         results = [result for result in self.loader.poll() if self._record(result)]
         self._fit_budget(keep={result.name for result in results})
         return results
-
-    def failure(self, name: str) -> AdapterError | None:
-        """Why `name`'s folder was refused, while that is remembered."""
-        entry = self._entries.get(name)
-        return None if entry is None else entry.failure
 
     def is_loading(self, name: str) -> bool:
         entry = self._entries.get(name)

@@ -19,9 +19,18 @@ CONFIG_FILE = "adapter_config.json"
 """What makes a folder an adapter folder (PEFT writes it beside the weights)."""
 
 
+def is_servable_name(name: str) -> bool:
+    """Whether loraserve can serve an adapter under `name`: non-empty, without whitespace
+    or ',' (names end up in comma-joined metric labels)."""
+    return bool(name) and "," not in name and not any(char.isspace() for char in name)
+
+
 def is_adapter_name(name: str) -> bool:
-    """Whether `name` can be a folder directly under the adapter dir (no path tricks)."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+    """Whether `name` can be an adapter folder directly under the adapter dir: servable,
+    and no path tricks."""
+    return (
+        is_servable_name(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+    )
 
 
 def list_adapter_folders(root: str | Path) -> dict[str, Path]:
@@ -32,7 +41,11 @@ def list_adapter_folders(root: str | Path) -> dict[str, Path]:
         raise ValueError(f"--adapter-dir {folder} is not a folder")
     with os.scandir(folder) as entries:
         names = sorted(entry.name for entry in entries if entry.is_dir())
-    return {name: folder / name for name in names if (folder / name / CONFIG_FILE).is_file()}
+    return {
+        name: folder / name
+        for name in names
+        if is_adapter_name(name) and (folder / name / CONFIG_FILE).is_file()
+    }
 
 
 class AdapterDirectory:

@@ -63,6 +63,8 @@ class AdapterLoader:
 
     def poll(self) -> list[LoadResult]:
         """Reads finished since the last call, in the order they finished."""
+        if not self.num_in_flight:
+            return []  # every step asks; most steps nothing is being read
         self._finished.clear()
         results = []
         while True:
@@ -79,11 +81,6 @@ class AdapterLoader:
     def _put(self, result: LoadResult) -> None:
         self._done.put(result)
         self._finished.set()
-
-    def shutdown(self) -> None:
-        """Stop the threads (reads in progress finish; nobody collects them)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def read(self, name: str, path: Path) -> LoadResult:
         """Read `path` as adapter `name` on the calling thread."""

@@ -27,6 +27,7 @@ matrix per part, and the parts' A offsets all point at that one A.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from loraserve.errors import AdapterError
+from loraserve.memory.adapter_dir import is_servable_name
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
 from loraserve.memory.peft_format import LoraModule, read_peft_lora, refuse
 from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
@@ -98,8 +100,7 @@ def weights_digest(*tensors: torch.Tensor) -> bytes:
 
 def check_adapter_name(name: str) -> None:
     """AdapterError for a name loraserve cannot serve under."""
-    if not name or any(char.isspace() for char in name) or "," in name:
-        # Names end up in comma-joined metric labels.
+    if not is_servable_name(name):
         raise AdapterError(f"adapter name {name!r} must be non-empty, without whitespace or ','")
 
 
@@ -130,7 +131,7 @@ class AdapterReader:
         modules = read_peft_lora(folder, self.arch, self.max_lora_rank)
         return self._pack(name, folder, modules)
 
-    @property
+    @functools.cached_property
     def max_num_pages(self) -> int:
         """Pages of the largest adapter this reader accepts (every module at max_lora_rank):
         what a request must leave room for before its adapter is read."""

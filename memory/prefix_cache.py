@@ -155,11 +155,6 @@ class PrefixCache:
 
     # -- checks --------------------------------------------------------------------------
 
-    @property
-    def num_pages(self) -> int:
-        """Pages holding cached blocks, read or idle."""
-        return len(self._refs)
-
     def pages(self) -> set[int]:
         return set(self._refs)
 

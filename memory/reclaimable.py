@@ -14,7 +14,7 @@ O(1) on the scheduler's hot path.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 
 ReclaimableKey = tuple[str, Hashable]
@@ -26,15 +26,17 @@ class ReclaimableSet:
 
     def __init__(self) -> None:
         self._holders: OrderedDict[ReclaimableKey, int] = OrderedDict()
+        self._of_kind: dict[str, OrderedDict[ReclaimableKey, None]] = {}
+        """The same holders, one order per kind: the least recent adapter is found at once
+        however many cached blocks are idle."""
         self._num_pages = 0
-        self._num_of_kind: Counter[str] = Counter()
 
     def add(self, key: ReclaimableKey, num_pages: int) -> None:
         """`key` has become idle (most recently used now); it holds `num_pages` pages."""
         self.discard(key)
         self._holders[key] = num_pages
+        self._of_kind.setdefault(key[0], OrderedDict())[key] = None
         self._num_pages += num_pages
-        self._num_of_kind[key[0]] += 1
 
     def discard(self, key: ReclaimableKey) -> bool:
         """`key` is in use again, or gone; False if it was not here."""
@@ -42,19 +44,18 @@ class ReclaimableSet:
         if num_pages is None:
             return False
         self._num_pages -= num_pages
-        self._num_of_kind[key[0]] -= 1
+        del self._of_kind[key[0]][key]
         return True
 
     def least_recent(self, kind: str | None = None) -> ReclaimableKey | None:
         """The holder to reclaim first (of `kind` only, if given); None if there is none."""
-        for key in self._holders:
-            if kind is None or key[0] == kind:
-                return key
-        return None
+        if kind is None:
+            return next(iter(self._holders), None)
+        return next(iter(self._of_kind.get(kind, ())), None)
 
     def count(self, kind: str) -> int:
         """Holders of `kind` here (O(1): the scheduler asks it on admission)."""
-        return self._num_of_kind[kind]
+        return len(self._of_kind.get(kind, ()))
 
     def pages_of(self, key: ReclaimableKey) -> int:
         """Pages `key` holds if it is reclaimable, else 0."""

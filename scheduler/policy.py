@@ -107,19 +107,14 @@ class FcfsPolicy:
 class VtcPolicy:
     """Virtual Token Counter fair queueing between tenants (see the module docstring)."""
 
-    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0) -> None:
-        if not (input_weight >= 0 and output_weight >= 0 and input_weight + output_weight > 0):
-            raise ValueError(
-                f"VTC token weights must be >= 0 and not both 0, got {input_weight}, "
-                f"{output_weight}"
-            )
+    def __init__(self, input_weight: float, output_weight: float) -> None:
+        """Weights of a prompt and a generated token (SchedulerConfig checks them)."""
         self.input_weight = input_weight
         self.output_weight = output_weight
         self.counters: dict[str, float] = {}
         """Service received per tenant, in weighted tokens (divided by the tenant's weight)."""
         self._queues: dict[str, deque[SequenceState]] = {}
         self._num_running: dict[str, int] = {}
-        self._charged: set[str] = set()  # request ids whose prompt was charged
         self._last_left = 0.0  # counter of the tenant that left the backlog last
         self._num_waiting = 0
 
@@ -143,7 +138,6 @@ class VtcPolicy:
         self._queues[tenant].remove(seq)
         self._num_waiting -= 1
         if seq.status.is_finished:  # aborted while waiting
-            self._forget(seq)
             self._note_if_idle(tenant)
 
     def candidates(self) -> Iterator[SequenceState]:
@@ -165,14 +159,12 @@ class VtcPolicy:
     def on_admitted(self, seq: SequenceState) -> None:
         tenant = _tenant(seq)
         self._num_running[tenant] = self._num_running.get(tenant, 0) + 1
-        if seq.request_id not in self._charged:  # a recompute after preemption is free
-            self._charged.add(seq.request_id)
+        if seq.num_preemptions == 0:  # a recompute after preemption is free
             self._charge(seq, self.input_weight * seq.num_prompt_tokens)
 
     def on_finished(self, seq: SequenceState) -> None:
         tenant = _tenant(seq)
         self._num_running[tenant] -= 1
-        self._forget(seq)
         self._note_if_idle(tenant)
 
     def on_token(self, seq: SequenceState) -> None:
@@ -196,17 +188,12 @@ class VtcPolicy:
         if not self._is_backlogged(tenant):
             self._last_left = self.counters.get(tenant, 0.0)
 
-    def _forget(self, seq: SequenceState) -> None:
-        self._charged.discard(seq.request_id)
-
 
 def _tenant(seq: SequenceState) -> str:
     return seq.tenant or ""
 
 
-def make_policy(
-    name: str, input_weight: float = 1.0, output_weight: float = 2.0
-) -> AdmissionPolicy:
+def make_policy(name: str, input_weight: float, output_weight: float) -> AdmissionPolicy:
     """The policy named by `SchedulerConfig.policy`."""
     if name == "fcfs":
         return FcfsPolicy()

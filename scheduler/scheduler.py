@@ -115,11 +115,6 @@ class Scheduler:
         self._requests: dict[str, SequenceState] = {}  # every unfinished request, by id
         self._arrivals = count()
 
-    @property
-    def policy(self) -> AdmissionPolicy:
-        """The waiting queue and its admission order."""
-        return self._waiting
-
     # -- requests in and out -------------------------------------------------------------
 
     def add(self, seq: SequenceState) -> None:
@@ -239,6 +234,8 @@ class Scheduler:
     def _admit(self, output: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests in the policy's order while budget, seats and pages allow;
         requests whose adapter is not ready are skipped (see the module docstring)."""
+        if budget <= 0 or len(self._running) >= self.config.max_num_seqs:
+            return  # the common saturated step: no need to walk the queue
         for seq in self._waiting.candidates():
             if budget <= 0 or len(self._running) >= self.config.max_num_seqs:
                 return
@@ -291,6 +288,8 @@ class Scheduler:
         preempted (it was the latest left). Victims always come after `seq` in
         `_running`, so none of them was scheduled earlier in this step."""
         num_pages = self._num_new_pages(seq, num_tokens)
+        if num_pages <= 0:
+            return True  # most decode steps: the last page has room
         while not self._pool.can_allocate(num_pages):
             victim = self._running.pop()
             self._preempt(victim)

@@ -126,11 +126,13 @@ def test_the_adapter_dir_is_listed_and_rescanned_when_it_changes(folders, tmp_pa
     root = tmp_path / "dir"
     shutil.copytree(folders["a"], root / "a")
     (root / "notes").mkdir()  # no adapter config: not an adapter
+    shutil.copytree(folders["a"], root / "my adapter")  # a name no request could serve under
     assert list(list_adapter_folders(root)) == ["a"]
     directory = AdapterDirectory(root)
     shutil.copytree(folders["b"], root / "b")
     assert directory.resolve("b") == root / "b"  # found at once, before any rescan
     assert directory.resolve("../a") is None and directory.resolve("missing") is None
+    assert directory.resolve("my adapter") is None
     later = time.time() + 5
     os.utime(root, (later, later))
     assert list(directory.listing()) == ["a", "b"]
