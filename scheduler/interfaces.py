@@ -1,9 +1,10 @@
 """The scheduler's view of the page pool: counts and page ids, no tensors.
 
 The scheduler decides *which* requests run and *how many* pages they hold; the
-memory manager (memory/) owns the free list and adapter residency and implements
-this protocol. Keeping the seam this small is what lets the scheduler be tested
-with a fake pool and no torch.
+pool's bookkeeping (memory/pool.py, `UnifiedPool`) owns the free list, adapter
+residency and the prefix cache, and implements this protocol. Keeping the seam a
+Protocol of counts and page ids is what lets the scheduler be tested with a fake pool
+and no torch.
 """
 
 from __future__ import annotations

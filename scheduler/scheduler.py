@@ -43,6 +43,10 @@ from typing import Any
 from loraserve.scheduler.config import SchedulerConfig
 from loraserve.scheduler.interfaces import PoolAccounting
 from loraserve.scheduler.policy import AdmissionPolicy, make_policy
+
+PREFETCH_LOOKAHEAD = 4
+"""Waiting requests looked at per adapter that may be prefetched: bounds the walk when the
+head of a long queue names adapters that are resident already."""
 from loraserve.scheduler.request import SequenceState, SequenceStatus
 
 
@@ -264,7 +268,7 @@ class Scheduler:
         """Bring the adapters of the first waiting requests into free pages (never evicting)."""
         remaining = self.config.max_adapter_prefetch
         for index, seq in enumerate(self._waiting):
-            if remaining <= 0 or index >= 4 * self.config.max_adapter_prefetch:
+            if remaining <= 0 or index >= PREFETCH_LOOKAHEAD * self.config.max_adapter_prefetch:
                 return
             remaining -= self._pool.prefetch_adapter(seq.adapter)
 
