@@ -43,11 +43,11 @@ from typing import Any
 from loraserve.scheduler.config import SchedulerConfig
 from loraserve.scheduler.interfaces import PoolAccounting
 from loraserve.scheduler.policy import AdmissionPolicy, make_policy
+from loraserve.scheduler.request import SequenceState, SequenceStatus
 
 PREFETCH_LOOKAHEAD = 4
 """Waiting requests looked at per adapter that may be prefetched: bounds the walk when the
 head of a long queue names adapters that are resident already."""
-from loraserve.scheduler.request import SequenceState, SequenceStatus
 
 
 @dataclass(eq=False)
