@@ -18,18 +18,16 @@ copy is done when `load` returns.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Collection, Sequence
 
 import torch
 
 from loraserve.engine.copy_stream import SideStreamCopies
 from loraserve.memory.geometry import PoolGeometry
+from loraserve.memory.latency_log import LatencyLog
 from loraserve.memory.pool import AdapterLoad
 from loraserve.models.arch import LORA_GROUPS, NUM_LORA_MODULES
 from loraserve.models.batch import lora_tables
-
-MAX_RECORDED_LOADS = 10_000
 
 
 class DevicePool:
@@ -67,9 +65,8 @@ class DevicePool:
         """Per layer and module group, the views of both tables the LoRA kernels read."""
         self.slot_max_rank = [0] * max_resident_adapters
         """Largest rank of the adapter last loaded into each slot (host side, for batch shapes)."""
-        self.load_seconds: deque[float] = deque(maxlen=MAX_RECORDED_LOADS)
-        """Latencies of loads not yet taken by `drain_load_seconds` (bounded: with no
-        metrics reader, as under `LLM`, the oldest are dropped)."""
+        self.load_seconds = LatencyLog()
+        """Latencies of loads not yet taken by `drain_load_seconds`."""
         self.copies = SideStreamCopies(device) if device.type == "cuda" else None
 
     def load(self, loads: Sequence[AdapterLoad]) -> None:
@@ -81,7 +78,7 @@ class DevicePool:
                 continue
             started = time.perf_counter()
             self._load(load)
-            self.load_seconds.append(time.perf_counter() - started)
+            self.load_seconds.record(time.perf_counter() - started)
 
     def wait_for(self, slots: Collection[int]) -> None:
         """Before a forward pass that reads the adapters in `slots`: order it after their
@@ -93,9 +90,7 @@ class DevicePool:
         """The load latencies recorded since the last call; they are forgotten here."""
         if self.copies is not None:
             self.load_seconds.extend(self.copies.drain_seconds())
-        taken = list(self.load_seconds)
-        self.load_seconds.clear()
-        return taken
+        return self.load_seconds.drain()
 
     def _load(self, load: AdapterLoad) -> None:
         host, page_numel = load.adapter, self.geometry.page_numel

@@ -36,6 +36,7 @@ from loraserve.errors import AdapterError, UnknownAdapterError
 from loraserve.memory.adapter_dir import CONFIG_FILE
 from loraserve.memory.adapter_loader import AdapterLoader, LoadResult
 from loraserve.memory.adapter_store import AdapterReader, HostAdapter, check_adapter_name
+from loraserve.memory.latency_log import LatencyLog
 from loraserve.memory.peft_format import SAFETENSORS_FILE
 
 Signature = tuple[tuple[int, int] | None, ...]
@@ -85,7 +86,7 @@ class AdapterCatalog:
         self._entries: dict[str, _Entry] = {}
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # least recently used first
         self._host_bytes = 0
-        self.load_seconds: list[float] = []
+        self.load_seconds = LatencyLog()
         """Durations of reads from disk not yet taken by `drain_load_seconds`."""
 
     @property
@@ -187,8 +188,7 @@ class AdapterCatalog:
         return self._entry(name).max_rank
 
     def drain_load_seconds(self) -> list[float]:
-        taken, self.load_seconds = self.load_seconds, []
-        return taken
+        return self.load_seconds.drain()
 
     # -- internals -----------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ class AdapterCatalog:
         if entry is None or entry.path != result.path:
             return False
         entry.loading = False
-        self.load_seconds.append(result.seconds)
+        self.load_seconds.record(result.seconds)
         if result.error is not None:
             entry.failure, entry.failed_signature = result.error, folder_signature(entry.path)
             return True
