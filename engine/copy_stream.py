@@ -60,9 +60,13 @@ class SideStreamCopies:
             copy()
             end.record()
         previous = self._in_flight.pop(slot, None)
+        step = self._step
         if previous is not None:  # its slot was reclaimed before any batch read it
             self._waited.append(previous)
-        self._in_flight[slot] = _Copy(start, end, self._step, keep)
+            # Its pages may hold KV from the next forward on: waiting for this copy, queued
+            # after it on the same stream, must happen when waiting for it would have.
+            step = previous.step
+        self._in_flight[slot] = _Copy(start, end, step, keep)
 
     def wait_for(self, slots: Collection[int]) -> None:
         """Order the main stream after the copies of `slots` and every earlier step's copy."""

@@ -202,8 +202,8 @@ class EngineCore:
     ) -> None:
         """Queue the completions of one request, all or none; QueueFullError if the waiting
         queue has no room for all of them (each completion counts)."""
-        room = self.config.scheduler.max_waiting_requests - self.scheduler.num_waiting()
-        if len(sub_requests) > room:
+        if self.scheduler.is_full(len(sub_requests)):
+            room = self.config.scheduler.max_waiting_requests - self.scheduler.num_waiting()
             raise QueueFullError(
                 f"the server has {self.scheduler.num_waiting()} requests waiting and room for "
                 f"{max(room, 0)} more; this one needs {len(sub_requests)}: retry later"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from loraserve.engine.batch_metadata import BatchMetadata, Chunk
-from loraserve.engine.config import EngineConfig, resolve_max_model_len
+from loraserve.engine.config import DTYPES, EngineConfig, resolve_max_model_len
 from loraserve.engine.constraints import GrammarMasks
 from loraserve.engine.cuda_graphs import DecodeGraphs
 from loraserve.engine.device_pool import DevicePool
@@ -45,7 +45,7 @@ from loraserve.models.weights import load_weights
 
 CPU_DEFAULT_POOL_GIB = 1.0
 MAX_GRAPH_BATCH_SIZE = 512  # larger decode batches run eagerly (their launch cost is amortized)
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 class Plan(Protocol):
@@ -122,7 +122,6 @@ class _Request:
     params: SamplingParams
     generator: torch.Generator | None
     grammar: RequestGrammar | None
-    prompt: PromptProgress | None
 
 
 class TorchModelRunner:
@@ -182,10 +181,9 @@ class TorchModelRunner:
         self, request_id: str, params: SamplingParams, grammar: RequestGrammar | None = None
     ) -> None:
         generator = None if params.seed is None else make_generator(params.seed, self.device)
-        prompt = None
         if params.prompt_logprobs is not None:
-            prompt = self._prompt_progress[request_id] = PromptProgress(params.prompt_logprobs)
-        self._requests[request_id] = _Request(params, generator, grammar, prompt)
+            self._prompt_progress[request_id] = PromptProgress(params.prompt_logprobs)
+        self._requests[request_id] = _Request(params, generator, grammar)
 
     def remove_request(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -203,13 +201,10 @@ class TorchModelRunner:
         masks = self._start_masks(rows)
         prompt_rows = plan_prompt_rows(plan.chunks, self._prompt_progress)
         logits = self._logits(plan.chunks, prompt_rows)  # [sampling + prompt rows, vocab]
-        histories = [
-            _History(chunk.seq.token_ids, chunk.seq.num_prompt_tokens) for chunk in sampling
-        ]
         output = sample(
             logits[: len(sampling)],
             [row.params for row in rows],
-            histories,
+            [chunk.seq for chunk in sampling],
             [row.generator for row in rows],
             self.eos_token_ids,
             None if masks is None else masks.result(),
@@ -270,19 +265,3 @@ class TorchModelRunner:
         arch, tokens = self.arch, self.config.scheduler.max_num_batched_tokens
         per_token = 4 * (6 * arch.hidden_size + 4 * arch.intermediate_size + arch.vocab_size)
         return tokens * per_token + 512 * 2**20
-
-
-@dataclass(frozen=True)
-class _History:
-    """A sequence's prompt and output tokens, as the penalties read them (sliced on demand)."""
-
-    token_ids: list[int]
-    num_prompt_tokens: int
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]

@@ -23,7 +23,7 @@ produced NaN, or a combination of masks that left nothing.
 Per-request state the sampler needs (`TokenHistory`): the prompt token ids and the
 output token ids so far; penalties are recomputed from them every step, which
 keeps the engine's request object the single owner of that state. A request
-with a seed has its own `torch.Generator`, made once by the engine with
+with a seed has its own `torch.Generator`, made once by the model runner with
 `make_generator` and passed for every step, so its draws depend on nothing else
 in the batch; requests without a seed pass None and share the default generator.
 """
@@ -191,7 +191,7 @@ def _mask_stop_tokens_before_min_tokens(
     """Forbid EOS and stop_token_ids (in place) for rows short of `min_tokens` outputs."""
     vocab_size = logits.shape[1]
     for row, (p, history) in enumerate(zip(params, token_histories, strict=True)):
-        if len(history.output_token_ids) >= p.min_tokens:
+        if not p.min_tokens or len(history.output_token_ids) >= p.min_tokens:
             continue
         # With ignore_eos, EOS does not end the request, so there is nothing to delay.
         stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import llguidance
@@ -123,11 +123,6 @@ class StructuredOutputs:
         return GRAMMAR_OPTIONS + body
 
 
-def structured_fields() -> tuple[str, ...]:
-    """The names of StructuredOutputs' fields."""
-    return tuple(field.name for field in fields(StructuredOutputs))
-
-
 def check_grammar(grammar: str, param: str) -> None:
     """InvalidRequestError (naming `param`) unless llguidance accepts `grammar`.
     Costs up to the grammar's compilation: the front end runs it in a worker thread."""
@@ -163,17 +158,11 @@ class GrammarCompiler:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
         """`tokenizer_json`: the model's tokenizer.json text; `vocab_size`: the width of
         the logits (masks cover it; ids the tokenizer lacks are never allowed)."""
-        self.vocab_size = vocab_size
         self._tokenizer = llguidance.LLTokenizer(
             tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids)
         )
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._executor = llguidance.LLExecutor()
-
-    @property
-    def mask_width(self) -> int:
-        """int32 words of one row's bitmask."""
-        return (self._tokenizer.vocab_size + 31) // 32
 
     def grammar_for(self, constraint: StructuredOutputs) -> RequestGrammar:
         """A fresh matcher for `constraint`; InvalidRequestError if it does not compile."""
@@ -193,7 +182,7 @@ class GrammarCompiler:
 
     def fill_masks(self, grammars: Sequence[RequestGrammar]) -> np.ndarray:
         """The allowed-token bitmask of each grammar's next token (grammars of this
-        compiler), `[len(grammars), mask_width]` int32 (bit t % 32 of word t // 32 set =
+        compiler), `[len(grammars), ceil(vocab_size / 32)]` int32 (bit t % 32 of word t // 32 set =
         token t allowed), computed on llguidance's threads without the GIL."""
         bitmask = llguidance_numpy.allocate_token_bitmask(len(grammars), self._tokenizer.vocab_size)
         matchers = [(grammar.matcher, row) for row, grammar in enumerate(grammars)]
