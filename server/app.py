@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.server.auth import OPEN_TENANT, MetricsAccess, Tenant, Tenants, read_metrics_key
+from loraserve.server.auth import MetricsAccess, Tenant, Tenants, read_metrics_key
 from loraserve.server.chat import create_chat_completion
 from loraserve.server.completions import create_completion
 from loraserve.server.config import ServerConfig
@@ -39,7 +39,7 @@ from loraserve.server.protocol import (
 )
 from loraserve.server.responses import ModelList
 from loraserve.server.routes_extra import add_extra_routes, model_cards
-from loraserve.server.serving import Served
+from loraserve.server.serving import Served, served_of, tenant_of, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +127,6 @@ def _served(engine: AsyncEngine, config: ServerConfig, limits: RequestLimits) ->
     )
 
 
-def tenant_of(request: Request) -> Tenant:
-    """The caller, as AuthMiddleware found it."""
-    return getattr(request.state, "tenant", OPEN_TENANT)
-
-
 def admin_of(request: Request) -> Tenant:
     tenant = tenant_of(request)
     if not tenant.admin:
@@ -141,10 +136,6 @@ def admin_of(request: Request) -> Tenant:
 
 CallerTenant = Annotated[Tenant, Depends(tenant_of)]
 AdminTenant = Annotated[Tenant, Depends(admin_of)]
-
-
-def served_of(request: Request) -> Served:
-    return request.app.state.served  # type: ignore[no-any-return]
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -190,10 +181,9 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         """200 while the engine runs and the server is not draining, else 503."""
-        if not served_of(request).engine.is_healthy:
-            raise APIError(503, "the engine is not running", code="engine_dead")
-        if request.app.state.drain.draining:
-            raise APIError(503, "the server is shutting down", code="draining")
+        reason = unavailable(request)
+        if reason is not None:
+            raise reason
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", response_class=PlainTextResponse)

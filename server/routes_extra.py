@@ -10,19 +10,19 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from loraserve.errors import InvalidRequestError
-from loraserve.server.auth import OPEN_TENANT, Tenant
+from loraserve.server.auth import Tenant
 from loraserve.server.errors import model_not_found
 from loraserve.server.prompts import ChatRendering, Tokenizing
 from loraserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from loraserve.server.responses import ModelCard
-from loraserve.server.serving import Served
+from loraserve.server.serving import Served, served_of, tenant_of, unavailable
 
 
 def add_extra_routes(app: FastAPI) -> None:
     @app.get("/v1/models/{model_id:path}", response_model=None)
     async def model_card(model_id: str, request: Request) -> JSONResponse:
         """One model (the base model or an adapter), as OpenAI's `models.retrieve` reads it."""
-        served, tenant = _served(request), _tenant(request)
+        served, tenant = served_of(request), tenant_of(request)
         for card in model_cards(served, tenant):
             if card.id == model_id:
                 return JSONResponse(card.dump())
@@ -31,8 +31,8 @@ def add_extra_routes(app: FastAPI) -> None:
     @app.post("/tokenize", response_model=None)
     async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
         """A prompt's (or a conversation's) token ids, as the generation routes make them."""
-        served = _served(request)
-        served.resolve_adapter(body.model, _tenant(request))
+        served = served_of(request)
+        served.resolve_adapter(body.model, tenant_of(request))
         prompt = await _tokenize(served, body)
         answer: dict[str, Any] = {
             "count": len(prompt),
@@ -45,8 +45,8 @@ def add_extra_routes(app: FastAPI) -> None:
 
     @app.post("/detokenize", response_model=None)
     async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
-        served = _served(request)
-        served.resolve_adapter(body.model, _tenant(request))
+        served = served_of(request)
+        served.resolve_adapter(body.model, tenant_of(request))
         vocab = served.tokenizer.vocab_size
         if any(token >= vocab for token in body.tokens):
             raise InvalidRequestError(f"tokens must be in [0, {vocab})", "tokens")
@@ -58,10 +58,9 @@ def add_extra_routes(app: FastAPI) -> None:
 
     @app.api_route("/ping", methods=["GET", "POST"], response_model=None)
     async def ping(request: Request) -> Response:
-        """200 while the engine runs (SageMaker's and vLLM's health route)."""
-        if not _served(request).engine.is_healthy:
-            return Response(status_code=503)
-        return Response(status_code=200)
+        """200 while the engine runs and the server is not draining (SageMaker's and
+        vLLM's health route), else 503."""
+        return Response(status_code=200 if unavailable(request) is None else 503)
 
 
 async def _tokenize(served: Served, body: TokenizeRequest) -> list[int]:
@@ -102,11 +101,3 @@ def _version() -> str:
         return version("loraserve")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _served(request: Request) -> Served:
-    return request.app.state.served  # type: ignore[no-any-return]
-
-
-def _tenant(request: Request) -> Tenant:
-    return getattr(request.state, "tenant", OPEN_TENANT)

@@ -28,7 +28,7 @@ from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLog
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.errors import AdapterError, InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
-from loraserve.server.auth import Tenant
+from loraserve.server.auth import OPEN_TENANT, Tenant
 from loraserve.server.errors import APIError, model_not_found, to_api_error
 from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics
@@ -329,6 +329,25 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def served_of(request: Request) -> Served:
+    return request.app.state.served  # type: ignore[no-any-return]
+
+
+def tenant_of(request: Request) -> Tenant:
+    """The caller, as AuthMiddleware found it."""
+    return getattr(request.state, "tenant", OPEN_TENANT)
+
+
+def unavailable(request: Request) -> APIError | None:
+    """Why this server should get no traffic now (engine stopped, or draining); None if
+    it should: what /health and /ping answer."""
+    if not served_of(request).engine.is_healthy:
+        return APIError(503, "the engine is not running", code="engine_dead")
+    if request.app.state.drain.draining:
+        return APIError(503, "the server is shutting down", code="draining")
+    return None
 
 
 def sse(data: ResponseBody | dict[str, Any]) -> str:

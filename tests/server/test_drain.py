@@ -87,6 +87,7 @@ def test_sigterm_drains_then_exits_0(assets: Assets) -> None:
         with httpx.Client(base_url=url, timeout=10) as http:
             assert wait_for(lambda: http.get("/health").status_code == 503, timeout_s=10)
             assert http.get("/health").json()["error"]["code"] == "draining"
+            assert http.get("/ping").status_code == 503  # load balancers probe this one too
             body = {"model": "attn8", "prompt": "late", "max_tokens": 2}
             late = http.post("/v1/completions", json=body)
             assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
