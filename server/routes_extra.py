@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -11,7 +12,6 @@ from fastapi.responses import JSONResponse
 
 from loraserve.errors import InvalidRequestError
 from loraserve.server.auth import Tenant
-from loraserve.server.errors import model_not_found
 from loraserve.server.prompts import ChatRendering, Tokenizing
 from loraserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from loraserve.server.responses import ModelCard
@@ -22,11 +22,10 @@ def add_extra_routes(app: FastAPI) -> None:
     @app.get("/v1/models/{model_id:path}", response_model=None)
     async def model_card(model_id: str, request: Request) -> JSONResponse:
         """One model (the base model or an adapter), as OpenAI's `models.retrieve` reads it."""
-        served, tenant = served_of(request), tenant_of(request)
-        for card in model_cards(served, tenant):
-            if card.id == model_id:
-                return JSONResponse(card.dump())
-        raise model_not_found(model_id)
+        served = served_of(request)
+        adapter = served.resolve_adapter(model_id, tenant_of(request))  # 404 if not theirs
+        path = None if adapter is None else served.adapter_path(adapter)
+        return JSONResponse(_card(served, model_id, path, tenant_of(request)).dump())
 
     @app.post("/tokenize", response_model=None)
     async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
@@ -80,20 +79,23 @@ async def _tokenize(served: Served, body: TokenizeRequest) -> list[int]:
 def model_cards(served: Served, tenant: Tenant) -> list[ModelCard]:
     """The base model and the adapters this tenant may use (adapters name their parent).
     Only admins see an adapter's folder (`root`): it tells a tenant about the server's disk."""
-    cards = []
-    if tenant.may_use(None):
-        cards.append(ModelCard(id=served.base_model, max_model_len=served.max_model_len))
+    cards = [_card(served, served.base_model, None, tenant)] if tenant.may_use(None) else []
     for name, path in sorted(served.engine.adapters.items()):
         if tenant.may_use(name):
-            cards.append(
-                ModelCard(
-                    id=name,
-                    root=str(path) if tenant.admin else None,
-                    parent=served.base_model,
-                    max_model_len=served.max_model_len,
-                )
-            )
+            cards.append(_card(served, name, path, tenant))
     return cards
+
+
+def _card(served: Served, name: str, path: Path | None, tenant: Tenant) -> ModelCard:
+    """The base model's card (`path` None) or an adapter's."""
+    if path is None:
+        return ModelCard(id=name, max_model_len=served.max_model_len)
+    return ModelCard(
+        id=name,
+        root=str(path) if tenant.admin else None,
+        parent=served.base_model,
+        max_model_len=served.max_model_len,
+    )
 
 
 def _version() -> str:
