@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -40,6 +41,10 @@ TokenNamer = Callable[[int], str]
 """How logprobs name a token id: its text, or `token_id:ID`."""
 
 
+TOKEN_TEXT_CACHE = 1 << 16
+"""Token ids whose text is kept (a vocabulary of up to 65536 tokens, whole)."""
+
+
 @dataclass
 class Served:
     """The engine and what the routes need to know about it."""
@@ -58,6 +63,11 @@ class Served:
     def __post_init__(self) -> None:
         for name in self.engine.adapters:
             self.check_adapter_name(name)
+        tokenizer = self.tokenizer
+        # A token's text never changes: logprobs name the same tokens over and over.
+        self._token_text = functools.lru_cache(maxsize=TOKEN_TEXT_CACHE)(
+            lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
+        )
 
     def adapter_path(self, name: str) -> Path | None:
         """The folder of adapter `name` (registered, or in the adapter dir); None if none."""
@@ -78,8 +88,7 @@ class Served:
     def token_namer(self, as_token_ids: bool) -> TokenNamer:
         if as_token_ids:
             return lambda token_id: f"token_id:{token_id}"
-        tokenizer = self.tokenizer
-        return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._token_text  # type: ignore[no-any-return]
 
     def resolve_adapter(self, model: str | None, tenant: Tenant) -> str | None:
         """The adapter `model` names (None = the base model, as is an absent `model`); 404
