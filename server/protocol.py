@@ -3,8 +3,8 @@
 The rule: every field a body may carry is either honoured or refused with a 400 that
 names it (server/params.py refuses; tests/server/test_api_parameter_rule.py walks these
 models and sends each field with a value that would change the output). Fields that
-change nothing about the output (`user`, `metadata`, `store`, `service_tier`,
-`cache_salt`, `prediction`) are accepted and ignored. Unknown fields are ignored with a
+change nothing about the output (`user`, `metadata`, ...: `params.NO_EFFECT`) are
+accepted and ignored. Unknown fields are ignored with a
 warning in the log, as vLLM does, so that clients sending newer fields still work: a
 field from OpenAI's or vLLM's API that could change the output is declared here, so an
 unknown one is neither's.
