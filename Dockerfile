@@ -20,7 +20,11 @@ WORKDIR /src
 # .dockerignore lets in only what the install reads: pyproject.toml, README.md, the packages
 # and deploy/install.sh.
 COPY . .
-ENV PIP_NO_CACHE_DIR=1
+# Every package at the version requirements/cuda.txt names (`make lock` writes it for this
+# image's Python, 3.12): torch==2.13.0 from PyPI, the Linux build that brings CUDA 13.0, with
+# its nvidia-* libraries and the triton it was built with pinned there too.
+ENV PIP_NO_CACHE_DIR=1 \
+    LORASERVE_LOCK=requirements/cuda.txt
 # EXTRAS="[demo]" adds what `loraserve demo` needs (deploy/compose.yaml builds it so).
 ARG EXTRAS=""
 RUN sh deploy/install.sh /opt/venv ".${EXTRAS}"

@@ -1,13 +1,24 @@
 # One command each, from a fresh clone:
 #   make test   set up .venv, install, lint, type-check, run the tests
 #   make demo   set up .venv, install, convert the demo model (once), serve it and its adapters
+# On purpose, now and then:
+#   make lock         refresh the lock files to the newest releases (requirements/README.md)
+#   make test-latest  the tests against the newest releases, ignoring the lock
 VENV ?= .venv
+LATEST_VENV ?= .venv-latest
+LOCK_VENV ?= .venv-lock
+UV_VERSION = 0.13.9
+# Where uv finds torch's CPU wheel (uv does not read pip's configuration): a folder on this
+# project's machines; elsewhere e.g. TORCH_CPU_WHEELS="--extra-index-url URL-of-PyTorch's-CPU-index".
+TORCH_CPU_WHEELS ?= --find-links /opt/wheels
+COMPILE = $(LOCK_VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --upgrade \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
-.PHONY: test demo setup lint typecheck pytest clean
+.PHONY: test demo setup lint typecheck pytest lock test-latest clean
 
 test: setup lint typecheck pytest
 
-$(VENV)/.installed: pyproject.toml deploy/install.sh
+$(VENV)/.installed: pyproject.toml deploy/install.sh requirements/cpu.txt
 	sh deploy/install.sh $(VENV) -e '.[test,demo]'
 	touch $@
 
@@ -23,8 +34,26 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# The installed pytest, not `python -m pytest`: that would put the root on sys.path.
 pytest: setup
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lock:
+	python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q uv==$(UV_VERSION)
+	$(COMPILE) --extra test --extra demo --extra bench --python-version 3.11 \
+		$(TORCH_CPU_WHEELS) -o requirements/cpu.txt
+	$(COMPILE) --extra demo --python-version 3.12 -o requirements/cuda.txt
+
+# Lint and types are left out: a new ruff or mypy release judges style, not whether
+# loraserve works with the new releases of what it imports.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	LORASERVE_LOCK= sh deploy/install.sh $(LATEST_VENV) -e '.[test,demo]'
+	@echo "newer than requirements/cpu.txt:"
+	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | sort \
+		| comm -23 - "$$(grep -E '^[a-z0-9]' requirements/cpu.txt | sort | tee $(LATEST_VENV)/locked.txt >/dev/null; echo $(LATEST_VENV)/locked.txt)"
+	$(LATEST_VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache

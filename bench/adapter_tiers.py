@@ -50,13 +50,13 @@ from typing import Any
 
 import httpx
 
-from bench.assets import default_cache_dir, ensure_assets
-from bench.hostile import Watch
-from bench.metrics import run_metadata, summarize
-from bench.models import SHAPES, build_adapter
-from bench.replay import replay
-from bench.servers import BASE_MODEL_NAME, loraserve_server
-from bench.trace import PRESETS, adapter_name, generate_trace
+from .assets import default_cache_dir, ensure_assets
+from .hostile import Watch
+from .metrics import run_metadata, summarize
+from .models import SHAPES, build_adapter
+from .replay import replay
+from .servers import BASE_MODEL_NAME, loraserve_server
+from .trace import PRESETS, adapter_name, generate_trace
 
 RESULTS = Path(__file__).parent / "results"
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

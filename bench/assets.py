@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from bench.models import SHAPES, build_adapter, build_model
-from bench.trace import adapter_name
+from .models import SHAPES, build_adapter, build_model
+from .trace import adapter_name
 
 
 def default_cache_dir() -> Path:

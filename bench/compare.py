@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from bench.assets import default_cache_dir, ensure_assets
-from bench.metrics import run_metadata, summarize
-from bench.models import SHAPES
-from bench.peft_baseline import PeftBaseline
-from bench.replay import replay
-from bench.servers import BASE_MODEL_NAME, loraserve_server
-from bench.trace import PRESETS, Preset, TraceRequest, generate_trace
+from .assets import default_cache_dir, ensure_assets
+from .metrics import run_metadata, summarize
+from .models import SHAPES
+from .peft_baseline import PeftBaseline
+from .replay import replay
+from .servers import BASE_MODEL_NAME, loraserve_server
+from .trace import PRESETS, Preset, TraceRequest, generate_trace
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {output}")
     if len(points) > 1:
         try:
-            from bench.plot import plot_sweep
+            from .plot import plot_sweep
 
             print(f"wrote {plot_sweep(result, output.with_suffix('.png'))}")
         except ModuleNotFoundError as missing:  # matplotlib comes with the `bench` extra

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from bench.metrics import run_metadata
-from bench.models import SHAPES
 from loraserve.kernels import native, reference, torch_path
+
+from .metrics import run_metadata
+from .models import SHAPES
 
 MODEL = SHAPES["cpu"]  # the cpu-s1 and cpu-s2 presets' model
 HIDDEN, NUM_HEADS, HEAD_DIM, NUM_LAYERS = (

@@ -18,10 +18,11 @@ import random
 import time
 from pathlib import Path
 
-from bench.assets import default_cache_dir, ensure_assets
-from bench.models import SHAPES
-from bench.trace import PRESETS
 from loraserve.kernels.dispatch import KERNEL_BACKENDS
+
+from .assets import default_cache_dir, ensure_assets
+from .models import SHAPES
+from .trace import PRESETS
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,12 +37,13 @@ from typing import Any
 
 import httpx
 
-from bench.assets import default_cache_dir, ensure_assets
-from bench.metrics import run_metadata
-from bench.servers import BASE_MODEL_NAME, loraserve_server
 from loraserve.errors import InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.prompts import PromptBuilder
+
+from .assets import default_cache_dir, ensure_assets
+from .metrics import run_metadata
+from .servers import BASE_MODEL_NAME, loraserve_server
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 """The benchmark model has no chat template; this one renders every message in full."""

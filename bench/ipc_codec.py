@@ -22,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import run_metadata
 from loraserve.engine import ipc
 from loraserve.engine.outputs import EngineOutput, TokenLogprobs
+
+from .metrics import run_metadata
 
 
 def step_message(requests: int, with_logprobs: bool) -> ipc.Outputs:

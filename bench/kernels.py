@@ -27,11 +27,11 @@ from dataclasses import asdict
 
 import torch
 
-from bench import kernels_attention, kernels_lora
-from bench.bandwidth import copy_bandwidth
-from bench.kernel_timing import DECODE_BATCHES, DTYPE, HEADER, Result, Timer
-from bench.metrics import run_metadata
-from bench.models import SHAPES
+from . import kernels_attention, kernels_lora
+from .bandwidth import copy_bandwidth
+from .kernel_timing import DECODE_BATCHES, DTYPE, HEADER, Result, Timer
+from .metrics import run_metadata
+from .models import SHAPES
 
 MODELS = ("llama-2-7b", "llama-3-8b")
 """bench/models.py shapes measured."""

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from bench.kernel_timing import DECODE_BATCHES, DTYPE, Result, Timer, make_result
 from loraserve.models.arch import ModelArch
+
+from .kernel_timing import DECODE_BATCHES, DTYPE, Result, Timer, make_result
 
 CONTEXTS = (512, 2048, 4096)
 BLOCK_SIZE = 16

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.kernel_timing import DECODE_BATCHES, DTYPE, Result, Timer, make_result
 from loraserve.models.arch import DOWN_GROUP, GATE_UP_GROUP, LORA_MODULES, QKV_GROUP, ModelArch
+
+from .kernel_timing import DECODE_BATCHES, DTYPE, Result, Timer, make_result
 
 RANK_CHOICES = (8, 16, 32, 64)
 ADAPTER_COUNTS = (1, 8, 32, 256)

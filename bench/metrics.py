@@ -107,7 +107,7 @@ def _finish(record: RequestRecord) -> float:
 def run_metadata() -> dict[str, Any]:
     """Where and when a result was measured: date, machine, packages, git commit."""
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
             "processor": _cpu_name(),

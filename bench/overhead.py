@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from bench.assets import default_cache_dir, ensure_assets
-from bench.bandwidth import copy_bandwidth
-from bench.metrics import run_metadata
-from bench.models import ATTENTION_MODULES, SHAPES
 from loraserve.models.arch import ModelArch
+
+from .assets import default_cache_dir, ensure_assets
+from .bandwidth import copy_bandwidth
+from .metrics import run_metadata
+from .models import ATTENTION_MODULES, SHAPES
 
 
 def step_bytes(arch: ModelArch, args: argparse.Namespace, with_lora: bool) -> int:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from bench.metrics import RequestRecord, run_metadata, summarize
-from bench.trace import TraceRequest, read_trace
+from .metrics import RequestRecord, run_metadata, summarize
+from .trace import TraceRequest, read_trace
 
 
 class PeftBaseline:

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import httpx
 
-from bench.assets import default_cache_dir, ensure_assets
-from bench.metrics import describe, run_metadata
-from bench.models import SHAPES
-from bench.servers import loraserve_server
-from bench.trace import adapter_name
+from .assets import default_cache_dir, ensure_assets
+from .metrics import describe, run_metadata
+from .models import SHAPES
+from .servers import loraserve_server
+from .trace import adapter_name
 
 QUESTION_RANGE = (16, 48)
 MODES = {"caching": [], "no caching": ["--no-prefix-caching"]}

@@ -31,8 +31,8 @@ from typing import Any
 
 import httpx
 
-from bench.metrics import RequestRecord, run_metadata, summarize
-from bench.trace import TraceRequest, read_trace
+from .metrics import RequestRecord, run_metadata, summarize
+from .trace import TraceRequest, read_trace
 
 Clock = Callable[[], float]
 ERROR_BODY_CHARS = 300
@@ -91,7 +91,7 @@ async def _send_at(
         await asyncio.wait_for(
             _stream(client, _body(request, base_model), record, clock), timeout_s
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         record.error = f"no answer within {timeout_s} s"
     except Exception as error:  # a broken connection or a malformed chunk: this request failed
         record.error = f"{type(error).__name__}: {error}"

@@ -28,11 +28,11 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.assets import default_cache_dir, ensure_assets
-from bench.metrics import run_metadata
-from bench.models import SHAPES
-from bench.servers import loraserve_server
-from bench.trace import PRESETS, adapter_name
+from .assets import default_cache_dir, ensure_assets
+from .metrics import run_metadata
+from .models import SHAPES
+from .servers import loraserve_server
+from .trace import PRESETS, adapter_name
 
 PROMPT_RANGE = (16, 64)
 

@@ -30,7 +30,7 @@ def loraserve_server(
 ) -> Iterator[str]:
     """A `loraserve serve` process on a free port; yields its URL, stops it on exit."""
     port = free_port()
-    command = [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(model)]
+    command = [sys.executable, "-P", "-m", "loraserve.server.cli", "serve", "--model", str(model)]
     command += ["--served-model-name", BASE_MODEL_NAME, "--port", str(port), *server_args]
     for name, folder in adapters.items():
         command += ["--adapter", f"{name}={folder}"]

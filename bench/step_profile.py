@@ -23,9 +23,9 @@ from pathlib import Path
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.assets import default_cache_dir, ensure_assets
-from bench.metrics import run_metadata
-from bench.trace import PRESETS
+from .assets import default_cache_dir, ensure_assets
+from .metrics import run_metadata
+from .trace import PRESETS
 
 PROMPT_TOKENS = 16
 DECODE_TOKENS = 24

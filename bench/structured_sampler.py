@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from bench.metrics import run_metadata
 from loraserve.engine.constraints import GrammarMasks
 from loraserve.engine.sampler import SequenceTokens, sample
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.structured import GrammarCompiler, StructuredOutputs
 from loraserve.models.tokenizer import Tokenizer
+
+from .metrics import run_metadata
 
 SCHEMA = {
     "type": "object",

@@ -67,7 +67,9 @@ def adapter_folders(root: Path = ADAPTERS_DIR) -> dict[str, Path]:
 def _convert(folder: Path, progress: Progress) -> None:
     """`python -m loraserve.demo.convert folder`, its chatter shown only if it fails."""
     progress(f"converting SmolLM2-135M-Instruct (GGUF) into {folder.parent}, once: about 30 s")
-    command = [sys.executable, "-m", "loraserve.demo.convert", str(folder)]
+    # -P: `-m` would put the current folder first on sys.path, and transformers imports
+    # `kernels`, a name the repository's own folder takes when this runs from a clone's root.
+    command = [sys.executable, "-P", "-m", "loraserve.demo.convert", str(folder)]
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
         lines = result.stdout.strip().splitlines()[-8:]

@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
-import os
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -35,7 +34,7 @@ import zmq
 from loraserve.engine import ipc
 from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
 from loraserve.engine.config import EngineConfig, RuntimeInfo, with_serving_threads
-from loraserve.engine.core_process import run_engine_core
+from loraserve.engine.core_process import spawn_engine_core
 from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.output_processor import OutputProcessor
 from loraserve.engine.outputs import CompletionDelta, EngineStats
@@ -167,20 +166,9 @@ class AsyncEngine:
         self._receiver.bind(to_front_end)
         self._codec = ipc.Codec(ipc.ToFrontEnd)
         log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core,
-            args=(
-                self.config,
-                self._initial_adapters,
-                to_core,
-                to_front_end,
-                os.getpid(),
-                log_level,
-            ),
-            name="loraserve-engine-core",
-            daemon=True,
+        self._process = spawn_engine_core(
+            self.config, self._initial_adapters, to_core, to_front_end, log_level
         )
-        self._process.start()
         self._thread = threading.Thread(
             target=self._receive, name="loraserve-receiver", daemon=True
         )

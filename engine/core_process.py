@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import os
 import signal
 import traceback
@@ -40,6 +41,38 @@ IDLE_RETRY_MS = 10
 """Pause when requests wait but none could be scheduled (pages all taken), so the loop does not spin."""
 READ_RETRY_MS = 1
 """The same pause while adapters are being read from disk (a finished read ends it sooner)."""
+
+
+def spawn_engine_core(
+    config: EngineConfig,
+    adapters: dict[str, tuple[str, bool]],
+    to_core_address: str,
+    to_front_end_address: str,
+    log_level: str,
+) -> multiprocessing.process.BaseProcess:
+    """Start the engine-core process (`spawn`, a daemon of this one) running `run_engine_core`.
+
+    `spawn` starts `python -c ...`, which puts the current folder first on sys.path, and the
+    child imports the standard library (`struct`, `pickle`...) before multiprocessing gives it
+    this process's path: a `struct.py` or a `kernels/` folder where `loraserve serve` was
+    started would be imported in place of the real module. PYTHONSAFEPATH keeps it off.
+    """
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_engine_core,
+        args=(config, adapters, to_core_address, to_front_end_address, os.getpid(), log_level),
+        name="loraserve-engine-core",
+        daemon=True,
+    )
+    previous = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        process.start()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = previous
+    return process
 
 
 def run_engine_core(

@@ -17,7 +17,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).parent))  # `import factories` from any test
+TESTS = Path(__file__).parent
+# importlib mode (pyproject.toml) puts no test folder on sys.path; the folders whose modules
+# tests import by name go on it here: helpers/ (`import factories` from any test) and each
+# package's folder (its fakes and harnesses). tests/ itself never does: its folders are named
+# like the repository's (kernels/, server/, ...) and would shadow installed packages.
+sys.path[:0] = [
+    str(folder)
+    for folder in sorted(TESTS.iterdir())
+    if folder.is_dir() and folder.name.isidentifier() and not folder.name.startswith("_")
+]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -97,6 +97,6 @@ def test_the_front_end_process_loads_no_torch() -> None:
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {THIRD_PARTY_HEAVY!r}))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "[]", result.stdout

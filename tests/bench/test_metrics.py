@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.metrics import RequestRecord, describe, run_metadata, summarize
+from loraserve.bench.metrics import RequestRecord, describe, run_metadata, summarize
 
 
 def run() -> list[RequestRecord]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bench.kernels_lora import lora_groups
-from bench.models import SHAPES, build_adapter, build_model
+from loraserve.bench.kernels_lora import lora_groups
+from loraserve.bench.models import SHAPES, build_adapter, build_model
 from loraserve.models.hf_config import load_arch
 
 

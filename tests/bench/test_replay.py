@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 from factories import make_adapter, make_model
+from server_harness import ServerThread
 
-from bench.metrics import summarize
-from bench.replay import replay
-from bench.trace import TraceParams, TraceRequest, adapter_name, generate_trace
+from loraserve.bench.metrics import summarize
+from loraserve.bench.replay import replay
+from loraserve.bench.trace import TraceParams, TraceRequest, adapter_name, generate_trace
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import build_config
 from loraserve.server.app import create_app
 from loraserve.server.config import ServerConfig
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
-from server_harness import ServerThread
 
 BASE_MODEL = "tiny-base"
 NUM_ADAPTERS = 2

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.trace import (
+from loraserve.bench.trace import (
     FIRST_PROMPT_TOKEN,
     PRESETS,
     TraceParams,
@@ -196,7 +196,7 @@ def test_every_request_is_well_formed(
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_fit_their_models(name: str) -> None:
-    from bench.models import SHAPES
+    from loraserve.bench.models import SHAPES
 
     preset = PRESETS[name]
     shape = SHAPES[preset.model]

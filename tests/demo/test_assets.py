@@ -56,7 +56,7 @@ def test_a_failed_conversion_is_a_model_load_error_with_its_last_words(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def failing(command: list[str], **_: object) -> subprocess.CompletedProcess[str]:
-        assert command[1:3] == ["-m", "loraserve.demo.convert"]
+        assert command[1:4] == ["-P", "-m", "loraserve.demo.convert"]
         return subprocess.CompletedProcess(command, 1, stdout="noise\nloraserve: error: no gguf")
 
     monkeypatch.setattr(subprocess, "run", failing)
@@ -91,4 +91,4 @@ def test_the_demo_front_end_imports_no_torch() -> None:
         "loaded = [m for m in ('torch', 'transformers', 'gguf') if m in sys.modules]; "
         "assert not loaded, loaded"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)

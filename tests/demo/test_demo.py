@@ -101,7 +101,7 @@ def test_each_adapter_behaves_through_the_real_server(cache_dir: Path) -> None:
     to every model at once; each adapter's property holds on most replies, not the base's."""
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "loraserve.server.cli", "demo", "--port", str(port)],
+        [sys.executable, "-P", "-m", "loraserve.server.cli", "demo", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

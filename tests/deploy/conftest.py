@@ -5,16 +5,11 @@ The server comes from tests/server's harness (a tiny model on 127.0.0.1), not a 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
 from deploy_files import DEPLOY
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
-
 from server_harness import ADAPTERS, Running, assets, start_server
 
 from loraserve.server.auth import read_metrics_key

@@ -15,6 +15,7 @@ from deploy_files import REPO, tool
 from loraserve.server.cli import build_parser
 
 INSTALL_SCRIPT = "deploy/install.sh"
+LOCK_FILES = ("requirements/cuda.txt", "requirements/tools.in")
 
 
 def dockerfile() -> str:
@@ -80,7 +81,14 @@ def test_build_context_is_what_the_install_reads() -> None:
         if line.startswith("!")
     }
     packages = set(setuptools["package-dir"].values())
-    assert allowed == packages | {"pyproject.toml", "README.md", INSTALL_SCRIPT}
+    assert allowed == packages | {"pyproject.toml", "README.md", INSTALL_SCRIPT, *LOCK_FILES}
+
+
+def test_image_installs_its_lock_file() -> None:
+    builder, _ = stages()
+    environment = " ".join(args for name, args in builder if name == "ENV")
+    assert "LORASERVE_LOCK=requirements/cuda.txt" in environment
+    assert (REPO / "requirements/cuda.txt").read_text().count("\ntorch==2.13.0\n") == 1
 
 
 def test_final_stage_is_small_and_runs_as_a_non_root_user() -> None:

@@ -58,7 +58,7 @@ def test_config_validation_names_the_bad_value() -> None:
 
 def test_importing_the_scheduler_does_not_import_torch() -> None:
     code = "import sys, loraserve.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 

@@ -75,12 +75,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_process(assets: Assets, *options: str) -> tuple[subprocess.Popen[str], str]:
-    """`loraserve serve` in a process of its own, on a free port of 127.0.0.1, serving the
-    tiny model and the adapter folder on the CPU: (the process, its URL) once /health is 200.
-    Its stdout and stderr are one text pipe; the caller stops it."""
+def start_process(
+    assets: Assets, *options: str, cwd: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """The installed `loraserve serve` in a process of its own (started in `cwd`), on a free
+    port of 127.0.0.1, serving the tiny model and the adapter folder on the CPU: (the process,
+    its URL) once /health is 200. Its stdout and stderr are one text pipe; the caller stops it."""
     port = free_port()
-    command = [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(assets.model)]
+    command = [
+        str(Path(sys.executable).with_name("loraserve")),
+        "serve",
+        "--model",
+        str(assets.model),
+    ]
     command += ["--adapter-dir", str(assets.adapter_dir), "--port", str(port), "--device", "cpu"]
     process = subprocess.Popen(
         [*command, "--pool-pages", "64", *options],
@@ -88,6 +95,7 @@ def start_process(assets: Assets, *options: str) -> tuple[subprocess.Popen[str],
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=cwd,
     )
     url = f"http://127.0.0.1:{port}"
     started = wait_for(lambda: _health(url) == 200 or process.poll() is not None, timeout_s=90)

@@ -114,6 +114,29 @@ def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) 
     assert "open" in output  # it said it runs without API keys
 
 
+def test_serve_ignores_modules_in_the_folder_it_is_started_from(
+    assets: Assets, tmp_path: Path
+) -> None:
+    """A `struct.py` and folders named like ours or like installed packages, where the user
+    runs `loraserve serve`, are never imported: not by the front end, not by the engine core
+    (which `spawn` starts as `python -c`, the current folder first on its path)."""
+    junk = "raise SystemExit('imported from the current folder')\n"
+    (tmp_path / "struct.py").write_text(junk)
+    for name in ("kernels", "server", "engine", "memory", "models", "scheduler", "loraserve"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(junk)
+    process, url = start_process(assets, "--log-level", "warning", cwd=tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = client.completions.create(model="mlp4", prompt="hello", max_tokens=3)
+        assert answer.usage is not None and answer.usage.completion_tokens == 3
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "imported from the current folder" not in output
+
+
 def test_demo_serves_the_demo_assets_on_the_cpu(
     assets: Assets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
