@@ -186,7 +186,7 @@ def _paced(url: str, names: list[str], interval: float) -> tuple[float, float, l
 def steps(args: argparse.Namespace) -> list[dict[str, Any]]:
     from loraserve.engine.config import build_config
     from loraserve.engine.core import EngineCore
-    from loraserve.engine.origin import RequestOrigin
+    from loraserve.engine.request import EngineRequest
     from loraserve.engine.sampling_params import SamplingParams
 
     model, _ = ensure_assets("cpu", (8,), 0, args.cache_dir, "float32")
@@ -196,17 +196,16 @@ def steps(args: argparse.Namespace) -> list[dict[str, Any]]:
         core = EngineCore(build_config(str(model), adapter_load_workers=workers))
         long = SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
         for index in range(4):
-            core.add_request(f"bg{index}", [5 + index] * 8, long)
+            core.add_request(EngineRequest(f"bg{index}", [5 + index] * 8, long))
         before = [_timed(core.step)[1] for _ in range(50)]
         reading: list[float] = []
         admitting: list[float] = []
         adding: list[float] = []
         for index in range(args.num_cold):
             name = f"cold-{index:04d}"
-            origin = RequestOrigin(adapter_path=str(folder / name))
             params = SamplingParams(max_tokens=1, ignore_eos=True)
-            request = (f"c{index}", [7] * 8, params, name, origin)
-            adding.append(_timed(core.add_request, *request)[1])
+            request = EngineRequest(f"c{index}", [7] * 8, params, name, str(folder / name))
+            adding.append(_timed(core.add_request, request)[1])
             for _ in range(12):
                 was_in_host = core.catalog.in_host(name)
                 outputs, seconds = _timed(core.step)

@@ -46,13 +46,14 @@ class _CallCounter(TorchDispatchMode):
 def _decode_steps(llm, batch: int, names: list[str], count_calls: bool) -> list[float]:
     """Per decode step: seconds (count_calls False) or torch calls (True)."""
     from loraserve import SamplingParams
+    from loraserve.engine.request import EngineRequest
 
     engine = llm.engine
     params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
     prompts = [[3 + (i + j) % 900 for j in range(PROMPT_TOKENS)] for i in range(batch)]
     adapters = [names[i % len(names)] for i in range(batch)]
     for index, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):
-        engine.add_request(f"profile-{count_calls}-{index}", prompt, params, adapter)
+        engine.add_request(EngineRequest(f"profile-{count_calls}-{index}", prompt, params, adapter))
     figures = []
     while engine.has_unfinished_requests():
         decoding = engine.scheduler.num_waiting() == 0 and all(

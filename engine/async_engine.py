@@ -35,10 +35,9 @@ from loraserve.engine import ipc
 from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
 from loraserve.engine.config import EngineConfig, RuntimeInfo, with_serving_threads
 from loraserve.engine.core_process import spawn_engine_core
-from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.output_processor import OutputProcessor
 from loraserve.engine.outputs import CompletionDelta, EngineStats
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.request import EngineRequest
 from loraserve.errors import (
     AdapterError,
     EngineDeadError,
@@ -215,39 +214,23 @@ class AsyncEngine:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        adapter: str | None = None,
-        origin: RequestOrigin | None = None,
-    ) -> RequestStream:
+    async def add_request(self, request: EngineRequest) -> RequestStream:
         """Queue a request (its `params.n` completions); raises what the core refuses
         (InvalidRequestError, UnknownAdapterError, QueueFullError, AdapterError for an
         adapter folder that cannot be read) before any output exists. Returns once the
         request is queued and its adapter is ready (read from disk, if it was not)."""
-        origin = origin or RequestOrigin()
         self._bind_loop()
+        request_id = request.request_id
         if request_id in self._running:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self._check_token_ids(prompt_token_ids)
-        subs = self.processor.add_request(request_id, prompt_token_ids, params)
-        sub_ids = [sub_id for sub_id, _ in subs]
+        self._check_token_ids(request.prompt_token_ids)
+        subs = self.processor.add_request(request)
+        sub_ids = [sub.request_id for sub in subs]
         stream = RequestStream(self, request_id, len(subs))
         self._running[request_id] = _Running(stream, sub_ids, len(subs))
         call_id = next(self._call_ids)
         try:
-            message = ipc.AddRequest(
-                call_id,
-                subs,
-                prompt_token_ids,
-                adapter,
-                origin.adapter_path,
-                origin.tenant,
-                origin.tenant_weight,
-            )
-            await self._call(call_id, message)
+            await self._call(call_id, ipc.AddRequest(call_id, subs))
         except BaseException as error:
             self._running.pop(request_id, None)
             self.processor.forget(sub_ids)
@@ -266,16 +249,9 @@ class AsyncEngine:
         if prompt_token_ids and not (min(prompt_token_ids) >= 0 and max(prompt_token_ids) < vocab):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        adapter: str | None = None,
-        origin: RequestOrigin | None = None,
-    ) -> AsyncIterator[CompletionDelta]:
+    async def generate(self, request: EngineRequest) -> AsyncIterator[CompletionDelta]:
         """The deltas of one request; closing or cancelling the iterator aborts it."""
-        stream = await self.add_request(request_id, prompt_token_ids, params, adapter, origin)
+        stream = await self.add_request(request)
         async with stream:
             async for deltas in stream:
                 for delta in deltas:

@@ -29,18 +29,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
+import msgspec
+
 from loraserve.engine.adapter_manager import AdapterManager, Waiter
 from loraserve.engine.config import EngineConfig, RuntimeInfo, resolve_max_model_len
-from loraserve.engine.origin import RequestOrigin
-from loraserve.engine.outputs import EngineOutput, EngineStats, TokenLogprobs
+from loraserve.engine.outputs import EngineOutput, EngineStats
+from loraserve.engine.request import EngineRequest, RequestState, Step
 from loraserve.engine.runner import ModelRunner, TorchModelRunner
 from loraserve.engine.sampler import SamplerOutput
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.structured import GrammarCompiler, RequestGrammar
+from loraserve.engine.structured import GrammarCompiler
 from loraserve.errors import InvalidRequestError, QueueFullError
 from loraserve.memory.adapter_catalog import AdapterCatalog
 from loraserve.memory.adapter_loader import AdapterLoader
@@ -53,21 +55,12 @@ from loraserve.models.tokenizer import Tokenizer
 from loraserve.scheduler.request import SequenceState, SequenceStatus
 from loraserve.scheduler.scheduler import Scheduler, SchedulerOutput
 
+IDLE_RETRY_S = 0.01
+"""Pause when requests wait but none could be scheduled (pages all taken), so no loop spins."""
+READ_RETRY_S = 0.001
+"""The same pause while adapters are being read from disk (a finished read may end it sooner)."""
 FINISHED = {"stop": SequenceStatus.FINISHED_STOPPED, "length": SequenceStatus.FINISHED_LENGTH}
 RunnerFactory = Callable[[EngineConfig, ModelArch, PoolGeometry, tuple[int, ...]], ModelRunner]
-
-
-@dataclass
-class RequestState:
-    """The core's side of a request: its sampling params and its tokens (in `seq`)."""
-
-    params: SamplingParams
-    seq: SequenceState
-    stop_token_ids: frozenset[int]
-    """Tokens that end it once `min_tokens` are out: its stop_token_ids, plus EOS unless ignored."""
-    grammar: RequestGrammar | None = None
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-    """Prompt logprobs gathered so far, sent with the request's first output (then None)."""
 
 
 class EngineCore:
@@ -118,6 +111,10 @@ class EngineCore:
             served_model_name=config.model.served_model_name or Path(folder).resolve().name,
         )
         self.requests: dict[str, RequestState] = {}
+        self._started: dict[str, RequestState] = {}
+        """Requests added since the last step the runner executed (it learns of them then)."""
+        self._finished: list[str] = []
+        """Requests the runner knows that ended since its last step."""
         self.num_preemptions = 0
         """Preemptions since start (each one recomputes a request's KV later)."""
 
@@ -154,65 +151,59 @@ class EngineCore:
 
     # -- requests --------------------------------------------------------------------------
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        adapter: str | None = None,
-        origin: RequestOrigin | None = None,
-    ) -> None:
+    def add_request(self, request: EngineRequest) -> None:
         """Queue a request; raises InvalidRequestError / UnknownAdapterError if it cannot run,
         AdapterError if its adapter's folder was refused before (and has not changed).
         An adapter on disk only starts being read now; the request waits for it."""
-        origin = origin or RequestOrigin()
+        request_id, prompt, params, adapter = (
+            request.request_id,
+            request.prompt_token_ids,
+            request.params,
+            request.adapter,
+        )
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if adapter is not None:
-            self.adapters.ensure(adapter, origin.adapter_path)
-        max_tokens = self._check_lengths(prompt_token_ids, params, adapter)
+            self.adapters.ensure(adapter, request.adapter_path)
+        max_tokens = self._check_lengths(prompt, params, adapter)
         self._check_token_ids(params)
         stops = self._stop_token_ids(params)
         if max_tokens != params.max_tokens:
-            params = replace(params, max_tokens=max_tokens)
+            request = msgspec.structs.replace(
+                request, params=replace(params, max_tokens=max_tokens)
+            )
         grammar = None
         if params.structured_outputs is not None:
             grammar = self.grammars.grammar_for(params.structured_outputs)
         seq = SequenceState(
             request_id=request_id,
             adapter=adapter,
-            token_ids=prompt_token_ids,
-            tenant=origin.tenant,
-            tenant_weight=origin.tenant_weight,
+            token_ids=prompt,
+            tenant=request.tenant,
+            tenant_weight=request.tenant_weight,
             # Cached blocks have no logits: a request that reports prompt logprobs computes all.
             reuse_cached_prefix=params.prompt_logprobs is None,
         )
         prompt_logprobs = None if params.prompt_logprobs is None else [None]
-        self.requests[request_id] = RequestState(params, seq, stops, grammar, prompt_logprobs)
-        self.runner.add_request(request_id, params, grammar)
+        state = RequestState(request, seq, stops, grammar, prompt_logprobs)
+        self.requests[request_id] = self._started[request_id] = state
         self.scheduler.add(seq)
         self.adapters.hold(adapter)
 
-    def add_requests(
-        self,
-        sub_requests: list[tuple[str, SamplingParams]],
-        prompt_token_ids: list[int],
-        adapter: str | None = None,
-        origin: RequestOrigin | None = None,
-    ) -> None:
+    def add_requests(self, requests: list[EngineRequest]) -> None:
         """Queue the completions of one request, all or none; QueueFullError if the waiting
         queue has no room for all of them (each completion counts)."""
-        if self.scheduler.is_full(len(sub_requests)):
+        if self.scheduler.is_full(len(requests)):
             room = self.config.scheduler.max_waiting_requests - self.scheduler.num_waiting()
             raise QueueFullError(
                 f"the server has {self.scheduler.num_waiting()} requests waiting and room for "
-                f"{max(room, 0)} more; this one needs {len(sub_requests)}: retry later"
+                f"{max(room, 0)} more; this one needs {len(requests)}: retry later"
             )
         added: list[str] = []
         try:
-            for request_id, params in sub_requests:
-                self.add_request(request_id, prompt_token_ids, params, adapter, origin)
-                added.append(request_id)
+            for request in requests:
+                self.add_request(request)
+                added.append(request.request_id)
         except BaseException:
             for request_id in added:
                 self.abort_request(request_id)
@@ -230,9 +221,14 @@ class EngineCore:
         if state is None:
             return False
         self.scheduler.abort(request_id)
-        self.runner.remove_request(request_id)
+        self._forget(request_id)
         self.adapters.release(state.seq.adapter)
         return True
+
+    def _forget(self, request_id: str) -> None:
+        """Tell the runner, with its next step, that a request it knows has ended."""
+        if self._started.pop(request_id, None) is None:
+            self._finished.append(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -247,6 +243,17 @@ class EngineCore:
         if self.scheduler.num_running() == 0 and self.is_reading_adapters():
             self.catalog.loader.wait(timeout)
 
+    def step_or_wait(self, wait: Callable[[float], object]) -> list[EngineOutput]:
+        """One turn of the loop that every driver runs (the core process's, `LLM`'s): a step;
+        if it produced nothing and nothing runs, `wait(seconds)` for news
+        rather than spin: briefly while adapters are read from disk (a finished read lets
+        their requests start), longer when none could be admitted. The driver says how it
+        waits (the core process on its inbox, `LLM` on the reads); the core, for how long."""
+        outputs = self.step()
+        if not outputs and self.scheduler.num_running() == 0:
+            wait(READ_RETRY_S if self.is_reading_adapters() else IDLE_RETRY_S)
+        return outputs
+
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[EngineOutput]:
@@ -256,7 +263,9 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return failed
-        sampled = self.runner.execute(plan)
+        step = Step(plan, list(self._started.values()), self._finished)
+        self._started, self._finished = {}, []
+        sampled = self.runner.execute(step)
         return failed + self._postprocess(plan, sampled)
 
     def _collect_adapter_reads(self) -> list[EngineOutput]:
@@ -322,7 +331,7 @@ class EngineCore:
     def _finish(self, state: RequestState, status: SequenceStatus) -> None:
         request_id = state.seq.request_id
         self.scheduler.finish(request_id, status)
-        self.runner.remove_request(request_id)
+        self._forget(request_id)
         del self.requests[request_id]
         self.adapters.release(state.seq.adapter)
 

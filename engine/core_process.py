@@ -29,7 +29,6 @@ import zmq
 
 from loraserve.engine import ipc
 from loraserve.engine.config import EngineConfig
-from loraserve.engine.origin import RequestOrigin
 
 if TYPE_CHECKING:
     from loraserve.engine.core import EngineCore
@@ -37,10 +36,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PARENT_CHECK_MS = 1000
-IDLE_RETRY_MS = 10
-"""Pause when requests wait but none could be scheduled (pages all taken), so the loop does not spin."""
-READ_RETRY_MS = 1
-"""The same pause while adapters are being read from disk (a finished read ends it sooner)."""
 
 
 def spawn_engine_core(
@@ -134,18 +129,17 @@ class CoreLoop:
             if self.stopping or not self._busy():
                 continue
             try:
-                outputs = self.core.step()
+                outputs = self.core.step_or_wait(self._wait_for_messages)
             except Exception:
                 logger.exception("engine step failed; the engine core exits")
                 self._send(ipc.Fatal(traceback.format_exc(limit=20)))
                 raise
             if outputs:
                 self._send(ipc.Outputs(outputs))
-            elif self.core.scheduler.num_running() == 0:
-                # Requests wait but none could be admitted: pause rather than spin (shortly
-                # while adapters are read from disk: their requests start when one is in).
-                reading = self.core.is_reading_adapters()
-                self.inbox.poll(READ_RETRY_MS if reading else IDLE_RETRY_MS)
+
+    def _wait_for_messages(self, seconds: float) -> None:
+        """The core's pause: over as soon as a message arrives."""
+        self.inbox.poll(max(1, round(seconds * 1000)))
 
     def _busy(self) -> bool:
         """Requests to step, or adapter reads to collect (a step collects them)."""
@@ -179,15 +173,12 @@ class CoreLoop:
 
     def _add(self, message: ipc.AddRequest) -> None:
         """Queue the request; answer now if its adapter is ready, else once it is."""
-        origin = RequestOrigin(message.tenant, message.tenant_weight, message.adapter_path)
         try:
-            self.core.add_requests(
-                message.sub_requests, message.prompt_token_ids, message.adapter, origin
-            )
+            self.core.add_requests(message.requests)
         except Exception as error:
             self._send(ipc.CallResult(message.call_id, error=ipc.error_fields(error)))
             return
-        self._answer_when_ready(message.call_id, message.adapter)
+        self._answer_when_ready(message.call_id, message.requests[0].adapter)
 
     def _register(self, message: ipc.Call) -> None:
         """A load call: the folder is read while the engine steps; answered once read."""

@@ -5,7 +5,7 @@ front end -> core carries requests, aborts and calls; core -> front end carries
 one `Outputs` message per step, call results, and the start-up and failure notices.
 Messages are msgspec structs encoded as MessagePack: a step of 64 requests'
 outputs encodes and decodes in ~55 us, under half of pickle's time, and decodes
-straight into the engine's own records (`EngineOutput`, `SamplingParams`).
+straight into the engine's own records (`EngineRequest`, `EngineOutput`).
 
 A call (`Call`) names an `EngineCore` operation the front end may ask for; its
 `CallResult` carries the value, or the typed error it raised (kind, message,
@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from loraserve.engine.outputs import EngineOutput, EngineStats
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.request import EngineRequest
 from loraserve.errors import (
     AdapterError,
     InvalidRequestError,
@@ -32,18 +32,12 @@ from loraserve.errors import (
 
 
 class AddRequest(msgspec.Struct, tag=True):
-    """Queue the `n` completions of one request (all or none); answered by a `CallResult`
-    once they are queued and their adapter is ready (read from disk, if it had to be),
-    or with the error that refused them."""
+    """Queue the `n` completions of one request (all or none; one adapter); answered by a
+    `CallResult` once they are queued and their adapter is ready (read from disk, if it had
+    to be), or with the error that refused them."""
 
     call_id: int
-    sub_requests: list[tuple[str, SamplingParams]]
-    prompt_token_ids: list[int]
-    adapter: str | None
-    adapter_path: str | None = None
-    """The adapter's folder in the adapter dir, for the core to register it if unknown."""
-    tenant: str | None = None
-    tenant_weight: float = 1.0
+    requests: list[EngineRequest]
 
 
 class Abort(msgspec.Struct, tag=True):

@@ -11,15 +11,13 @@ from typing import Any, TypeVar
 from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
 from loraserve.engine.config import build_config
 from loraserve.engine.core import EngineCore
-from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.output_processor import OutputProcessor, sub_request_ids
 from loraserve.engine.outputs import CompletionOutput, RequestOutput
+from loraserve.engine.request import EngineRequest
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.models.tokenizer import Tokenizer
 
 T = TypeVar("T")
-ADAPTER_READ_WAIT_S = 0.05
-"""Longest pause, with nothing to run, before stepping again while adapters are read."""
 
 
 def _per_prompt(value: T | Sequence[T] | None, count: int, default: T, name: str) -> list[T]:
@@ -88,39 +86,34 @@ class LLM:
 
     def _add_all(self, results: list[RequestOutput], params: list[SamplingParams]) -> None:
         """Queue every prompt's completions; on a refused one, withdraw all and raise."""
-        added: list[str] = []
+        added: list[EngineRequest] = []
         try:
             for result, param in zip(results, params, strict=True):
-                subs = self._processor.add_request(
-                    result.request_id, result.prompt_token_ids, param
+                folder = None if result.adapter is None else self.names.folder(result.adapter)
+                request = EngineRequest(
+                    result.request_id,
+                    result.prompt_token_ids,
+                    param,
+                    result.adapter,
+                    None if folder is None else str(folder),
                 )
+                subs = self._processor.add_request(request)
                 result.outputs = [CompletionOutput(index) for index in range(len(subs))]
-                origin = RequestOrigin(adapter_path=self._path_of(result.adapter))
-                for sub_id, sub_params in subs:  # no waiting-queue limit offline
-                    self.engine.add_request(
-                        sub_id, result.prompt_token_ids, sub_params, result.adapter, origin
-                    )
-                    added.append(sub_id)
+                self.engine.add_requests(subs)  # all or none; no waiting-queue limit offline
+                added += subs
         except Exception:
             for result in results:
                 self._processor.forget(sub_request_ids(result.request_id, len(result.outputs)))
-            for sub_id in added:
-                self.engine.abort_request(sub_id)
+            for sub in added:
+                self.engine.abort_request(sub.request_id)
             raise
 
-    def _path_of(self, adapter: str | None) -> str | None:
-        """The listed folder of an adapter the engine may not know yet."""
-        if adapter is None or adapter in self.engine.catalog:
-            return None
-        path = self.names.folder(adapter)
-        return None if path is None else str(path)
-
     def _run(self, results: list[RequestOutput]) -> list[RequestOutput]:
+        """The core process's loop, in this process: step (or wait, as the core hints)
+        until every request has finished."""
         by_id = {result.request_id: result for result in results}
         while self.engine.has_unfinished_requests():
-            outputs = self.engine.step()
-            if not outputs:
-                self.engine.wait_for_adapter_reads(ADAPTER_READ_WAIT_S)
+            outputs = self.engine.step_or_wait(self.engine.wait_for_adapter_reads)
             processed = self._processor.process(outputs)
             for sub_id in processed.aborts:
                 self.engine.abort_request(sub_id)

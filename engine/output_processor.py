@@ -14,9 +14,12 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from loraserve.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from loraserve.engine.outputs import CompletionDelta, EngineOutput
-from loraserve.engine.sampling_params import SamplingParams, per_completion
+from loraserve.engine.request import EngineRequest
+from loraserve.engine.sampling_params import per_completion
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +54,18 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._completions: dict[str, _Completion] = {}  # engine-core id -> its state
 
-    def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> list[tuple[str, SamplingParams]]:
-        """Fan a request out into its completions; (engine-core id, params) of each."""
-        subs = list(zip(sub_request_ids(request_id, params.n), per_completion(params), strict=True))
-        for index, (sub_id, sub_params) in enumerate(subs):
-            detokenizer = IncrementalDetokenizer.from_params(
-                self.tokenizer, prompt_token_ids, sub_params
-            )
-            self._completions[sub_id] = _Completion(request_id, index, detokenizer)
+    def add_request(self, request: EngineRequest) -> list[EngineRequest]:
+        """Fan a request out into its completions: the engine-core record of each (its own
+        id and params, the rest of `request` shared)."""
+        request_id, prompt = request.request_id, request.prompt_token_ids
+        ids = sub_request_ids(request_id, request.params.n)
+        subs = [
+            msgspec.structs.replace(request, request_id=sub_id, params=params)
+            for sub_id, params in zip(ids, per_completion(request.params), strict=True)
+        ]
+        for index, sub in enumerate(subs):
+            detokenizer = IncrementalDetokenizer.from_params(self.tokenizer, prompt, sub.params)
+            self._completions[sub.request_id] = _Completion(request_id, index, detokenizer)
         return subs
 
     def forget(self, sub_ids: Iterable[str]) -> None:

@@ -5,11 +5,13 @@ executes: it owns the model, the kernels, the device side of the unified pool,
 the per-step metadata buffers, the sampler's device state (seeded generators) and,
 on CUDA, the captured decode graphs. One call per step:
 
-    sampled = runner.execute(plan)    # plan = scheduler.schedule()
+    sampled = runner.execute(step)    # step = Step(scheduler.schedule(), started, finished)
 
-copies the adapters the plan brings in (on CUDA on a side stream, waited for only by
-a forward that reads them), builds the batch metadata once, runs the forward pass
-and samples one token for each chunk that reaches its sequence's end.
+sets up the requests the step starts (seeded generator, grammar, prompt-logprob
+progress) and forgets those that ended, copies the adapters the plan brings in (on CUDA
+on a side stream, waited for only by a forward that reads them), builds the batch
+metadata once, runs the forward pass and samples one token for each chunk that reaches
+its sequence's end. The step is its only input: nothing else tells it of requests.
 `ModelRunner` is the engine's view of it (tests drive the engine with a fake one).
 """
 
@@ -34,6 +36,7 @@ from loraserve.engine.prompt_logprobs import (
     gather_prompt_logprobs,
     plan_prompt_rows,
 )
+from loraserve.engine.request import Step
 from loraserve.engine.sampler import SamplerOutput, make_generator, sample
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.structured import RequestGrammar, fill_masks
@@ -48,13 +51,6 @@ MAX_GRAPH_BATCH_SIZE = 512  # larger decode batches run eagerly (their launch co
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
-class Plan(Protocol):
-    """A step's plan (the scheduler's `SchedulerOutput`)."""
-
-    chunks: list
-    adapter_loads: list
-
-
 class ModelRunner(Protocol):
     """What the engine core needs of the device side."""
 
@@ -66,21 +62,11 @@ class ModelRunner(Protocol):
     dtype: torch.dtype
     """The pool's and the activations' dtype (the adapter store converts to it)."""
 
-    def add_request(
-        self, request_id: str, params: SamplingParams, grammar: RequestGrammar | None = None
-    ) -> None:
-        """Set up a request's sampling state (its seeded generator, the grammar whose masks
-        constrain it, its prompt-logprob progress) before it first runs. The engine
-        advances `grammar` after each step; the runner only reads its masks."""
-        ...
-
-    def remove_request(self, request_id: str) -> None:
-        """Forget a finished or aborted request's sampling state."""
-        ...
-
-    def execute(self, plan: Plan) -> SamplerOutput:
-        """Run one step: load adapters, forward, sample one token per sampling chunk
-        (in plan order). A plan of copies only runs no forward."""
+    def execute(self, step: Step) -> SamplerOutput:
+        """Run one step: forget the requests that ended, set up those that start (the
+        engine advances their grammars after each step; the runner only reads the masks),
+        load adapters, forward, sample one token per sampling chunk (in plan order). A plan
+        of copies only runs no forward."""
         ...
 
     def drain_load_seconds(self) -> list[float]:
@@ -177,21 +163,26 @@ class TorchModelRunner:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def add_request(
-        self, request_id: str, params: SamplingParams, grammar: RequestGrammar | None = None
+    def _start(
+        self, request_id: str, params: SamplingParams, grammar: RequestGrammar | None
     ) -> None:
         generator = None if params.seed is None else make_generator(params.seed, self.device)
         if params.prompt_logprobs is not None:
             self._prompt_progress[request_id] = PromptProgress(params.prompt_logprobs)
         self._requests[request_id] = _Request(params, generator, grammar)
 
-    def remove_request(self, request_id: str) -> None:
-        self._requests.pop(request_id, None)
+    def _forget(self, request_id: str) -> None:
+        del self._requests[request_id]
         self._prompt_progress.pop(request_id, None)
 
     # -- the step ----------------------------------------------------------------------------
 
-    def execute(self, plan: Plan) -> SamplerOutput:
+    def execute(self, step: Step) -> SamplerOutput:
+        for request_id in step.finished:
+            self._forget(request_id)
+        for state in step.started:
+            self._start(state.request.request_id, state.params, state.grammar)
+        plan = step.plan
         self.pool.load(plan.adapter_loads)
         if not plan.chunks:  # copies only
             return SamplerOutput([], [], [])

@@ -24,8 +24,8 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from loraserve.engine.async_engine import AsyncEngine, RequestStream
-from loraserve.engine.origin import RequestOrigin
 from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
+from loraserve.engine.request import EngineRequest
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.errors import AdapterError, InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
@@ -115,14 +115,19 @@ class Served:
         """Queue every prompt, or none: a refused one withdraws those already queued. An
         adapter on disk only is read first (its request waits; the others do not)."""
         path = None if adapter is None else self.adapter_path(adapter)
-        origin = RequestOrigin(tenant.name, tenant.weight, None if path is None else str(path))
         streams: list[RequestStream] = []
         try:
             for index, prompt in enumerate(prompts):
-                sub_id = request_id if len(prompts) == 1 else f"{request_id}-p{index}"
-                streams.append(
-                    await self.engine.add_request(sub_id, prompt.token_ids, params, adapter, origin)
+                request = EngineRequest(
+                    request_id if len(prompts) == 1 else f"{request_id}-p{index}",
+                    prompt.token_ids,
+                    params,
+                    adapter,
+                    None if path is None else str(path),
+                    tenant.name,
+                    tenant.weight,
                 )
+                streams.append(await self.engine.add_request(request))
         except BaseException as error:
             for stream in streams:
                 stream.abort()

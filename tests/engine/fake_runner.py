@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from loraserve.engine.config import EngineConfig
+from loraserve.engine.request import Step
 from loraserve.engine.sampler import SamplerOutput
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.memory.geometry import PoolGeometry
@@ -35,14 +36,13 @@ class FakeRunner:
     def __post_init__(self) -> None:
         self.num_pages = self.config.cache.pool_pages or 64
 
-    def add_request(self, request_id: str, params: SamplingParams, grammar: Any = None) -> None:
-        assert request_id not in self.requests
-        self.requests[request_id] = params
-
-    def remove_request(self, request_id: str) -> None:
-        del self.requests[request_id]
-
-    def execute(self, plan: Any) -> SamplerOutput:
+    def execute(self, step: Step) -> SamplerOutput:
+        for request_id in step.finished:
+            del self.requests[request_id]
+        for state in step.started:
+            assert state.request.request_id not in self.requests
+            self.requests[state.request.request_id] = state.params
+        plan = step.plan
         self.plans.append(plan)
         self.loaded += [(load.name, load.slot) for load in plan.adapter_loads]
         tokens = []

@@ -13,6 +13,7 @@ from fake_runner import FakeRunner
 
 from loraserve.engine.config import build_config
 from loraserve.engine.core import EngineCore
+from loraserve.engine.request import EngineRequest
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.kernels.constants import NO_ADAPTER
 
@@ -60,7 +61,7 @@ def test_a_step_runs_chunks_grouped_by_adapter_and_loads_each_adapter_once(asset
     runner = core.runner
     assert isinstance(runner, FakeRunner)
     for index, adapter in enumerate(["b", None, "a", "b", None, "a"]):
-        core.add_request(f"r{index}", [5, 6, 7], GREEDY(max_tokens=3), adapter)
+        core.add_request(EngineRequest(f"r{index}", [5, 6, 7], GREEDY(max_tokens=3), adapter))
     outputs = run(core)
     assert {rid: tokens(outs) for rid, outs in outputs.items()} == {
         f"r{i}": [8, 9, 10] for i in range(6)
@@ -71,15 +72,20 @@ def test_a_step_runs_chunks_grouped_by_adapter_and_loads_each_adapter_once(asset
     first = runner.plans[0]
     assert [chunk.slot == NO_ADAPTER for chunk in first.chunks].count(True) == 2
     assert sorted(name for name, _ in runner.loaded) == ["a", "b"], "each adapter loaded once"
-    assert not runner.requests, "finished requests are removed from the runner"
+    assert len(runner.requests) == 6, "the runner learns that requests ended with its next step"
+    core.add_request(EngineRequest("next", [5], GREEDY(max_tokens=1)))
+    core.step()
+    assert set(runner.requests) == {"next"}
     assert core.memory.num_kv_pages == 0
 
 
 def test_outputs_are_deltas_with_finish_reasons(assets) -> None:
     core = make_core(assets)
-    core.add_request("len", [5], GREEDY(max_tokens=4))
-    core.add_request("stop", [5], GREEDY(max_tokens=9, stop_token_ids=[8]))
-    core.add_request("min", [5], GREEDY(max_tokens=9, stop_token_ids=[6], min_tokens=2))
+    core.add_request(EngineRequest("len", [5], GREEDY(max_tokens=4)))
+    core.add_request(EngineRequest("stop", [5], GREEDY(max_tokens=9, stop_token_ids=[8])))
+    core.add_request(
+        EngineRequest("min", [5], GREEDY(max_tokens=9, stop_token_ids=[6], min_tokens=2))
+    )
     outputs = run(core)
     assert all(len(output.new_token_ids) == 1 for outs in outputs.values() for output in outs)
     assert tokens(outputs["len"]) == [6, 7, 8, 9]
@@ -95,8 +101,8 @@ def test_eos_stops_unless_ignored(assets) -> None:
     core = make_core(assets)
     eos, vocab = core.info.eos_token_ids[0], core.arch.vocab_size
     start = (eos - 2) % vocab  # the fake runner counts up from it to EOS in two tokens
-    core.add_request("eos", [start], SamplingParams(max_tokens=5, temperature=0.0))
-    core.add_request("ignored", [start], GREEDY(max_tokens=5))
+    core.add_request(EngineRequest("eos", [start], SamplingParams(max_tokens=5, temperature=0.0)))
+    core.add_request(EngineRequest("ignored", [start], GREEDY(max_tokens=5)))
     outputs = run(core)
     assert tokens(outputs["eos"]) == [(start + 1) % vocab, eos]
     assert outputs["eos"][-1].finish_reason == "stop"
@@ -106,14 +112,16 @@ def test_eos_stops_unless_ignored(assets) -> None:
 
 def test_abort_frees_everything(assets) -> None:
     core = make_core(assets, pool_pages=32)
-    core.add_request("x", list(range(3, 40)), GREEDY(max_tokens=50), "c")
-    core.add_request("y", [3], GREEDY(max_tokens=50), "c")
+    core.add_request(EngineRequest("x", list(range(3, 40)), GREEDY(max_tokens=50), "c"))
+    core.add_request(EngineRequest("y", [3], GREEDY(max_tokens=50), "c"))
     core.step()
     assert core.memory.num_kv_pages > 0 and core.memory.is_in_use("c")
     assert core.abort_request("x") and core.abort_request("y")
     assert not core.abort_request("y")
     assert core.memory.num_kv_pages == 0 and not core.memory.is_in_use("c")
-    assert not core.runner.requests  # type: ignore[attr-defined]
+    core.add_request(EngineRequest("z", [3], GREEDY(max_tokens=1)))
+    core.step()
+    assert set(core.runner.requests) == {"z"}  # type: ignore[attr-defined]
     core.memory.check_invariants()
 
 
@@ -122,7 +130,11 @@ def test_preemption_recomputes_and_keeps_the_outputs(assets) -> None:
     and every request still gets exactly its tokens."""
     core = make_core(assets, pool_pages=12, block_size=8, max_num_batched_tokens=16, max_num_seqs=8)
     for index in range(6):
-        core.add_request(f"r{index}", [10 * index + 1] * 9, GREEDY(max_tokens=20), "abc"[index % 3])
+        core.add_request(
+            EngineRequest(
+                f"r{index}", [10 * index + 1] * 9, GREEDY(max_tokens=20), "abc"[index % 3]
+            )
+        )
     outputs = run(core)
     assert core.num_preemptions > 0
     for index in range(6):
@@ -134,13 +146,15 @@ def test_preemption_recomputes_and_keeps_the_outputs(assets) -> None:
 def test_a_group_of_completions_is_added_whole_or_not_at_all(assets) -> None:
     core = make_core(assets, max_waiting_requests=3)
     subs = [(f"g-{i}", GREEDY(max_tokens=2)) for i in range(2)]
-    core.add_requests(subs, [4, 5], "a")
+    core.add_requests([EngineRequest(i, [4, 5], params, "a") for i, params in subs])
     from loraserve.errors import QueueFullError, UnknownAdapterError
 
     with pytest.raises(QueueFullError):  # 2 waiting + 2 more > 3
-        core.add_requests([("h-0", GREEDY()), ("h-1", GREEDY())], [4], None)
+        core.add_requests(
+            [EngineRequest("h-0", [4], GREEDY()), EngineRequest("h-1", [4], GREEDY())]
+        )
     with pytest.raises(UnknownAdapterError):
-        core.add_requests([("k-0", GREEDY())], [4], "nope")
+        core.add_requests([EngineRequest("k-0", [4], GREEDY(), "nope")])
     assert sorted(core.requests) == ["g-0", "g-1"]
     run(core)
     core.memory.check_invariants()

@@ -11,6 +11,7 @@ import zmq
 
 from loraserve.engine import ipc
 from loraserve.engine.core_process import CoreLoop
+from loraserve.engine.request import EngineRequest
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.errors import InvalidRequestError, UnknownAdapterError
 
@@ -24,14 +25,12 @@ class BrokenCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def add_requests(
-        self, subs: list[Any], prompt: list[int], adapter: str | None, origin: Any = None
-    ) -> None:
-        if adapter == "nope":
-            raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
-        if not prompt:
+    def add_requests(self, requests: list[EngineRequest]) -> None:
+        if requests[0].adapter == "nope":
+            raise UnknownAdapterError("adapter 'nope' is not registered")
+        if not requests[0].prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
-        self.requests += [sub_id for sub_id, _ in subs]
+        self.requests += [request.request_id for request in requests]
 
     def when_adapter_ready(self, name: str, waiter: Any) -> bool:
         return True
@@ -39,7 +38,7 @@ class BrokenCore:
     def is_reading_adapters(self) -> bool:
         return False
 
-    def step(self) -> list[Any]:
+    def step_or_wait(self, wait: Any) -> list[Any]:
         raise RuntimeError("a kernel failed")
 
 
@@ -63,9 +62,9 @@ def test_calls_are_answered_and_a_failing_step_is_fatal(channel) -> None:
     front_end, core_side = ipc.Codec(ipc.ToFrontEnd), ipc.Codec(ipc.ToCore)
     params = SamplingParams(max_tokens=2)
     for message in (
-        ipc.AddRequest(1, [("a-0", params)], [3], "nope"),
-        ipc.AddRequest(2, [("b-0", params)], [], None),
-        ipc.AddRequest(3, [("c-0", params)], [3], None),
+        ipc.AddRequest(1, [EngineRequest("a-0", [3], params, "nope")]),
+        ipc.AddRequest(2, [EngineRequest("b-0", [], params)]),
+        ipc.AddRequest(3, [EngineRequest("c-0", [3], params)]),
     ):
         to_core.send(front_end.encode(message))
     loop = CoreLoop(BrokenCore(), inbox, outbox, core_side, os.getppid())  # type: ignore[arg-type]

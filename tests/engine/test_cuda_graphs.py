@@ -10,6 +10,7 @@ from factories import make_model
 from test_exactness import REQUESTS, make_adapters
 
 from loraserve import LLM, SamplingParams
+from loraserve.engine.request import EngineRequest
 
 pytestmark = pytest.mark.gpu
 
@@ -44,7 +45,7 @@ def test_replay_equals_eager_on_the_same_padded_batch(assets, batch_size: int) -
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for index in range(batch_size):
         adapter, text = REQUESTS[index % len(REQUESTS)]
-        core.add_request(str(index), llm.tokenizer.encode(text), params, adapter)
+        core.add_request(EngineRequest(str(index), llm.tokenizer.encode(text), params, adapter))
     core.step()  # the prefills
     plan = core.scheduler.schedule()  # a decode step of every request
     runner.pool.load(plan.adapter_loads)

@@ -71,10 +71,10 @@ def test_an_error_while_detokenizing_fails_that_request_alone(
     processor = llm._processor
     add = processor.add_request
 
-    def add_with_a_broken_detokenizer(request_id: str, prompt: Any, params: Any) -> Any:
-        subs = add(request_id, prompt, params)
-        if prompt == llm.tokenizer.encode("broken"):
-            for sub_id, _ in subs:
+    def add_with_a_broken_detokenizer(request: Any) -> Any:
+        subs = add(request)
+        if request.prompt_token_ids == llm.tokenizer.encode("broken"):
+            for sub_id in (sub.request_id for sub in subs):
 
                 def explode(token: int) -> str:
                     raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")

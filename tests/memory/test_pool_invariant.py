@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loraserve import LLM, SamplingParams
-from loraserve.engine.origin import RequestOrigin
+from loraserve.engine.request import EngineRequest
 from loraserve.errors import InvalidRequestError
 
 ADAPTER_CONFIGS = [
@@ -109,11 +109,13 @@ def run_and_check(llm: LLM, adapters: dict, actions: list, listed: bool = False)
             request_id = f"r{len(added)}"
             try:
                 engine.add_request(
-                    request_id,
-                    list(range(2, 2 + prompt_len)),
-                    SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
-                    adapter,
-                    RequestOrigin(adapter_path=path if listed else None),
+                    EngineRequest(
+                        request_id,
+                        list(range(2, 2 + prompt_len)),
+                        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                        adapter,
+                        adapter_path=path if listed else None,
+                    )
                 )
                 added.append(request_id)
             except InvalidRequestError:

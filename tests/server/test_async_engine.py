@@ -17,6 +17,7 @@ from server_harness import ENGINE_OPTIONS, Assets
 from loraserve import SamplingParams
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import build_config
+from loraserve.engine.request import EngineRequest
 from loraserve.errors import (
     AdapterError,
     EngineDeadError,
@@ -44,7 +45,9 @@ def prompt(engine: AsyncEngine, text: str = "hello") -> list[int]:
 
 def test_generate_streams_deltas_to_the_end(engine: AsyncEngine) -> None:
     async def run() -> None:
-        deltas = [d async for d in engine.generate("r", prompt(engine), GREEDY, "attn8")]
+        deltas = [
+            d async for d in engine.generate(EngineRequest("r", prompt(engine), GREEDY, "attn8"))
+        ]
         assert [d.num_tokens for d in deltas] == list(range(1, 9))
         assert all(len(d.new_token_ids) == 1 for d in deltas)  # deltas, never the whole
         assert deltas[-1].finished and deltas[-1].finish_reason == "length"
@@ -58,7 +61,7 @@ def test_n_completions_arrive_with_their_index(engine: AsyncEngine) -> None:
     params = SamplingParams(n=3, max_tokens=4, temperature=1.0, seed=3)
 
     async def run() -> set[int]:
-        stream = await engine.add_request("r", prompt(engine), params, "mlp4")
+        stream = await engine.add_request(EngineRequest("r", prompt(engine), params, "mlp4"))
         async with stream:
             return {d.index async for deltas in stream for d in deltas if d.finished}
 
@@ -68,12 +71,14 @@ def test_n_completions_arrive_with_their_index(engine: AsyncEngine) -> None:
 def test_add_errors_are_raised_in_the_caller(engine: AsyncEngine) -> None:
     async def run() -> None:
         with pytest.raises(UnknownAdapterError):
-            await engine.add_request("a", prompt(engine), GREEDY, "missing")
+            await engine.add_request(EngineRequest("a", prompt(engine), GREEDY, "missing"))
         with pytest.raises(InvalidRequestError, match="maximum context length"):
-            await engine.add_request("b", prompt(engine, "hello " * 600), GREEDY, None)
-        stream = await engine.add_request("c", prompt(engine), GREEDY)
+            await engine.add_request(
+                EngineRequest("b", prompt(engine, "hello " * 600), GREEDY, None)
+            )
+        stream = await engine.add_request(EngineRequest("c", prompt(engine), GREEDY))
         with pytest.raises(InvalidRequestError, match="already in use"):
-            await engine.add_request("c", prompt(engine), GREEDY)
+            await engine.add_request(EngineRequest("c", prompt(engine), GREEDY))
         async with stream:
             assert [deltas async for deltas in stream][-1][-1].finished
 
@@ -85,7 +90,7 @@ def test_a_cancelled_consumer_aborts_and_frees_its_pages(engine: AsyncEngine) ->
         baseline = (await engine.stats()).num_kv_pages
 
         async def consume() -> None:
-            async for _ in engine.generate("long", prompt(engine), LONG, "all6"):
+            async for _ in engine.generate(EngineRequest("long", prompt(engine), LONG, "all6")):
                 pass
 
         task = asyncio.create_task(consume())
@@ -107,7 +112,9 @@ def test_admin_calls_change_the_core(engine: AsyncEngine, assets: Assets) -> Non
         await engine.register_adapter("extra", assets.spare_dir / "extra")
         with pytest.raises(AdapterError, match="already registered"):
             await engine.register_adapter("extra", assets.spare_dir / "extra")
-        deltas = [d async for d in engine.generate("x", prompt(engine), GREEDY, "extra")]
+        deltas = [
+            d async for d in engine.generate(EngineRequest("x", prompt(engine), GREEDY, "extra"))
+        ]
         assert deltas[-1].finish_reason == "length"
         await engine.unregister_adapter("extra")
         with pytest.raises(UnknownAdapterError):
@@ -125,13 +132,17 @@ def test_a_full_queue_is_refused_counting_every_completion(assets: Assets) -> No
     engine.start()
 
     async def run() -> None:
-        first = await engine.add_request("1", prompt(engine), LONG)
+        first = await engine.add_request(EngineRequest("1", prompt(engine), LONG))
         while (await engine.stats()).num_running == 0:
             await asyncio.sleep(0.01)
-        second = await engine.add_request("2", prompt(engine), LONG)  # waits: room for 1 more
+        second = await engine.add_request(
+            EngineRequest("2", prompt(engine), LONG)
+        )  # waits: room for 1 more
         with pytest.raises(QueueFullError):  # two completions do not fit
-            await engine.add_request("3", prompt(engine), SamplingParams(n=2, max_tokens=2))
-        third = await engine.add_request("4", prompt(engine), GREEDY)  # one does
+            await engine.add_request(
+                EngineRequest("3", prompt(engine), SamplingParams(n=2, max_tokens=2))
+            )
+        third = await engine.add_request(EngineRequest("4", prompt(engine), GREEDY))  # one does
         for stream in (first, second, third):
             stream.abort()
 
@@ -144,7 +155,8 @@ def test_a_full_queue_is_refused_counting_every_completion(assets: Assets) -> No
 def test_a_dead_core_fails_every_request_and_later_calls(engine: AsyncEngine) -> None:
     async def run() -> None:
         streams = [
-            await engine.add_request(str(i), prompt(engine), LONG, "attn8") for i in range(3)
+            await engine.add_request(EngineRequest(str(i), prompt(engine), LONG, "attn8"))
+            for i in range(3)
         ]
         await anext(streams[0])
         assert engine._process is not None and engine._process.pid is not None
@@ -154,7 +166,7 @@ def test_a_dead_core_fails_every_request_and_later_calls(engine: AsyncEngine) ->
                 async for _ in stream:
                     pass
         with pytest.raises(EngineDeadError):
-            await engine.add_request("late", prompt(engine), GREEDY)
+            await engine.add_request(EngineRequest("late", prompt(engine), GREEDY))
 
     asyncio.run(asyncio.wait_for(run(), timeout=30))
     assert not engine.is_healthy
