@@ -45,14 +45,18 @@ lock:
 		$(TORCH_CPU_WHEELS) -o requirements/cpu.txt
 	$(COMPILE) --extra demo --python-version 3.12 -o requirements/cuda.txt
 
+# Package names as the lock writes them (lower case, dashes), sorted for comm.
+NAMES = sed -E ':a; s/^([^=]*)[_.]/\1-/; ta; s/^([^=]*)==/\L\1==/' | sort
+
 # Lint and types are left out: a new ruff or mypy release judges style, not whether
 # loraserve works with the new releases of what it imports.
 test-latest:
 	rm -rf $(LATEST_VENV)
 	LORASERVE_LOCK= sh deploy/install.sh $(LATEST_VENV) -e '.[test,demo]'
+	@grep -E '^[a-z0-9]' requirements/cpu.txt | $(NAMES) > $(LATEST_VENV)/locked.txt
 	@echo "newer than requirements/cpu.txt:"
-	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | sort \
-		| comm -23 - "$$(grep -E '^[a-z0-9]' requirements/cpu.txt | sort | tee $(LATEST_VENV)/locked.txt >/dev/null; echo $(LATEST_VENV)/locked.txt)"
+	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | $(NAMES) \
+		| comm -23 - $(LATEST_VENV)/locked.txt
 	$(LATEST_VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 clean:

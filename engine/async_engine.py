@@ -1,11 +1,10 @@
 """`AsyncEngine`: the front end's handle on the engine core, which runs in its own process.
 
-The event loop and the engine's step never share a GIL: the core runs in a child
-process (engine/core_process.py) and the two talk over ZeroMQ (engine/ipc.py). On
-this side, a receiver thread blocks on the core's channel and hands each decoded
-message to the event loop, where all state lives: the output processor (fan-out,
-detokenizing, stop strings), the streams of running requests, the pending calls.
-Requests are sent as token ids; what comes back is one message per step.
+The event loop and the engine's step never share a GIL: the core runs in a child process,
+reached through `CoreClient` (engine/core_client.py: the process, the ZeroMQ channels, the
+receiver thread). This side keeps, on the event loop, the output processor (fan-out,
+detokenizing, stop strings) and the streams of running requests. Requests are sent as
+`EngineRequest`s of token ids; what comes back is one message per step.
 
 A request the core failed alone (`finish_reason` `error`: its sampling broke down)
 raises `RequestFailedError` in its own stream, and its other completions stop;
@@ -17,33 +16,24 @@ flight fails with `EngineError`, later calls fail at once with `EngineDeadError`
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
-import multiprocessing
-import tempfile
-import threading
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import zmq
-
 from loraserve.engine import ipc
 from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
 from loraserve.engine.config import EngineConfig, RuntimeInfo, with_serving_threads
-from loraserve.engine.core_process import spawn_engine_core
+from loraserve.engine.core_client import CoreClient
 from loraserve.engine.output_processor import OutputProcessor
 from loraserve.engine.outputs import CompletionDelta, EngineStats
 from loraserve.engine.request import EngineRequest
 from loraserve.errors import (
-    AdapterError,
     EngineDeadError,
     EngineError,
     InvalidRequestError,
-    ModelLoadError,
     RequestFailedError,
 )
 from loraserve.models.tokenizer import Tokenizer
@@ -51,8 +41,6 @@ from loraserve.models.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 600.0  # loading a large model and many adapters takes a while
-RECEIVE_POLL_MS = 200
-"""How often the receiver thread checks that the core process is still alive."""
 SHUTDOWN_TIMEOUT_SECONDS = 10.0
 
 
@@ -116,7 +104,7 @@ class _Running:
 
 
 class AsyncEngine:
-    """The engine core in a child process, used from asyncio."""
+    """The engine core in a child process, used from asyncio: requests in, streams out."""
 
     def __init__(
         self,
@@ -134,19 +122,12 @@ class AsyncEngine:
         self.config = with_serving_threads(config)
         self.names = AdapterNames(adapter_dir)
         """The adapters served, by name (registered, or in the adapter dir)."""
-        self._initial_adapters = adapters_read_at_start(adapters or {}, pinned, self.names.listed())
+        at_start = adapters_read_at_start(adapters or {}, pinned, self.names.listed())
+        self.client = CoreClient(self.config, at_start, self._on_message, self._on_death)
         self.tokenizer = Tokenizer.from_folder(config.model.model)
         self.processor = OutputProcessor(self.tokenizer)
         self.info: RuntimeInfo | None = None
         self._running: dict[str, _Running] = {}
-        self._calls: dict[int, asyncio.Future[Any]] = {}
-        self._call_ids = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._dead: EngineDeadError | None = None
-        self._started = threading.Event()
-        self._startup_error: Exception | None = None
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -154,58 +135,23 @@ class AsyncEngine:
         """Launch the core process and wait until it has loaded everything (idempotent).
 
         Raises the core's start-up error (ModelLoadError, AdapterError, ValueError...)."""
-        if self._process is not None:
+        if self.client.process is not None:
             return
-        folder = tempfile.mkdtemp(prefix="loraserve-")
-        to_core, to_front_end = f"ipc://{folder}/to-core", f"ipc://{folder}/to-front-end"
-        self._context = zmq.Context()
-        self._sender = self._context.socket(zmq.PUSH)
-        self._sender.bind(to_core)
-        self._receiver = self._context.socket(zmq.PULL)
-        self._receiver.bind(to_front_end)
-        self._codec = ipc.Codec(ipc.ToFrontEnd)
-        log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        self._process = spawn_engine_core(
-            self.config, self._initial_adapters, to_core, to_front_end, log_level
-        )
-        self._thread = threading.Thread(
-            target=self._receive, name="loraserve-receiver", daemon=True
-        )
-        self._thread.start()
-        if not self._started.wait(timeout):
-            self.shutdown()
-            raise EngineError(f"the engine core did not start within {timeout:.0f} s")
-        if self._startup_error is not None:
-            self.shutdown()
-            raise self._startup_error
+        self.info = self.client.start(timeout)
         self.names.registered = {
-            name: Path(path) for name, (path, _) in self._initial_adapters.items()
+            name: Path(path) for name, (path, _) in self.client.adapters.items()
         }
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_SECONDS) -> None:
         """Stop the core after its current step; requests in flight fail with EngineDeadError."""
-        if self._process is None or self._stopping:
+        if self.client.process is None or self.client.stopping:
             return
-        self._stopping = True
-        with contextlib.suppress(zmq.ZMQError):
-            self._sender.send(self._codec.encode(ipc.Shutdown()), zmq.NOBLOCK)
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._thread.join(timeout)
-        self._sender.close(linger=0)
-        self._context.term()
+        self.client.shutdown(timeout)
         self._fail_all(EngineDeadError("the engine is shutting down"))
 
     @property
     def is_healthy(self) -> bool:
-        return (
-            self._dead is None
-            and self._process is not None
-            and self._process.is_alive()
-            and not self._stopping
-        )
+        return self.client.is_alive
 
     @property
     def adapters(self) -> dict[str, Path]:
@@ -228,14 +174,13 @@ class AsyncEngine:
         sub_ids = [sub.request_id for sub in subs]
         stream = RequestStream(self, request_id, len(subs))
         self._running[request_id] = _Running(stream, sub_ids, len(subs))
-        call_id = next(self._call_ids)
         try:
-            await self._call(call_id, ipc.AddRequest(call_id, subs))
+            await self.client.call(lambda call_id: ipc.AddRequest(call_id, subs))
         except BaseException as error:
             self._running.pop(request_id, None)
             self.processor.forget(sub_ids)
             if isinstance(error, asyncio.CancelledError):
-                self._send(ipc.Abort(sub_ids))  # it may have been added just before
+                self.client.send(ipc.Abort(sub_ids))  # it may have been added just before
             raise
         return stream
 
@@ -265,8 +210,8 @@ class AsyncEngine:
             if running is not None:
                 sub_ids += running.sub_ids
         self.processor.forget(sub_ids)
-        if sub_ids and self._dead is None:
-            self._send(ipc.Abort(sub_ids))
+        if sub_ids and self.client.dead is None:
+            self.client.send(ipc.Abort(sub_ids))
 
     # -- admin calls, run by the core between two steps --------------------------------------
 
@@ -284,87 +229,30 @@ class AsyncEngine:
 
     async def stats(self) -> EngineStats:
         """Counts for /metrics; an empty picture once the engine is dead."""
-        if self._dead is not None:
+        if self.client.dead is not None:
             return EngineStats()
         return ipc.stats_from(await self._request("stats"))
 
     async def _request(self, method: str, *args: Any) -> Any:
         self._bind_loop()
-        call_id = next(self._call_ids)
-        return await self._call(call_id, ipc.Call(call_id, method, list(args)))
+        return await self.client.call(lambda call_id: ipc.Call(call_id, method, list(args)))
 
-    # -- plumbing ----------------------------------------------------------------------------
+    # -- what the core sends -----------------------------------------------------------------
 
     def _bind_loop(self) -> None:
         """Deliver the core's messages to the running event loop: the first one used (or,
         once it is closed, the next); using the engine from two loops at once is a bug."""
-        if self._process is None:
+        if self.client.process is None:
             self.start()
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            if self._loop is not None and not self._loop.is_closed() and self._running:
+        loop, bound = asyncio.get_running_loop(), self.client.loop
+        if bound is not loop:
+            if bound is not None and not bound.is_closed() and self._running:
                 raise RuntimeError("this AsyncEngine serves another event loop")
-            self._loop = loop
-
-    async def _call(self, call_id: int, message: Any) -> Any:
-        if self._dead is not None:
-            raise self._dead
-        future = asyncio.get_running_loop().create_future()
-        self._calls[call_id] = future
-        self._send(message)
-        try:
-            return await future
-        finally:
-            self._calls.pop(call_id, None)
-
-    def _send(self, message: Any) -> None:
-        self._sender.send(self._codec.encode(message))
-
-    def _receive(self) -> None:
-        """The receiver thread: decode each message from the core, hand it to the loop."""
-        poller = zmq.Poller()
-        poller.register(self._receiver, zmq.POLLIN)
-        while True:
-            if poller.poll(RECEIVE_POLL_MS):
-                message = self._codec.decode(self._receiver.recv())
-                if isinstance(message, ipc.Ready | ipc.StartupFailed):
-                    self._on_startup(message)
-                else:
-                    self._to_loop(self._on_message, message)
-            elif self._process is not None and not self._process.is_alive():
-                break
-        self._receiver.close(linger=0)
-        if not self._started.is_set():  # died while loading
-            self._startup_error = EngineError("the engine core exited while starting")
-            self._started.set()
-        elif not self._stopping:
-            code = self._process.exitcode if self._process is not None else None
-            self._to_loop(self._on_death, f"the engine core process exited (code {code})")
-
-    def _to_loop(self, callback: Any, argument: Any) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening
-            loop.call_soon_threadsafe(callback, argument)
-
-    def _on_startup(self, message: ipc.Ready | ipc.StartupFailed) -> None:
-        if isinstance(message, ipc.Ready):
-            self.info = RuntimeInfo(**message.info)
-        else:
-            self._startup_error = _startup_error(message)
-        self._started.set()
+            self.client.bind_loop()
 
     def _on_message(self, message: Any) -> None:
         if isinstance(message, ipc.Outputs):
             self._on_outputs(message)
-        elif isinstance(message, ipc.CallResult):
-            future = self._calls.get(message.call_id)
-            if future is not None and not future.done():
-                if message.error is not None:
-                    future.set_exception(ipc.rebuild_error(*message.error))
-                else:
-                    future.set_result(message.value)
         elif isinstance(message, ipc.Fatal):
             logger.error("the engine core failed:\n%s", message.message)
             self._on_death("the engine failed")
@@ -372,7 +260,7 @@ class AsyncEngine:
     def _on_outputs(self, message: ipc.Outputs) -> None:
         processed = self.processor.process(message.outputs)
         if processed.aborts:
-            self._send(ipc.Abort(processed.aborts))
+            self.client.send(ipc.Abort(processed.aborts))
         for request_id, delta in processed.deltas:
             running = self._running.get(request_id)
             if running is None:
@@ -388,24 +276,10 @@ class AsyncEngine:
                     del self._running[request_id]
 
     def _on_death(self, reason: str) -> None:
-        self._dead = EngineDeadError(f"the engine is not running ({reason})")
         self._fail_all(EngineError(reason))
 
     def _fail_all(self, error: Exception) -> None:
-        if self._dead is None:
-            self._dead = EngineDeadError(f"the engine is not running ({error})")
+        self.client.fail_calls(error)
         for running in self._running.values():
             running.stream.queue.put_nowait(error)
         self._running.clear()
-        for future in self._calls.values():
-            if not future.done():
-                future.set_exception(self._dead)
-
-
-def _startup_error(message: ipc.StartupFailed) -> Exception:
-    """The error to raise in the front end for a core that could not start."""
-    if message.kind == "ModelLoadError":
-        return ModelLoadError(message.message)
-    if message.kind == "AdapterError":
-        return AdapterError(message.message)
-    return ValueError(message.message)

@@ -18,6 +18,7 @@ from loraserve.engine.sampling_params import SamplingParams
 from loraserve.models.tokenizer import Tokenizer
 
 T = TypeVar("T")
+OFFLINE_MAX_WAITING_REQUESTS = 2**62
 
 
 def _per_prompt(value: T | Sequence[T] | None, count: int, default: T, name: str) -> list[T]:
@@ -46,6 +47,8 @@ class LLM:
         """`adapters` (name -> PEFT folder) are read now; the folders under `adapter_dir`
         are listed, each read when a prompt first names it (within the host-RAM budget of
         `max_cpu_loras` / `max_cpu_lora_memory_gib`). `pinned_adapters` stay in the pool."""
+        # Every prompt of a `generate` call is queued at once: no waiting-queue limit offline.
+        options.setdefault("max_waiting_requests", OFFLINE_MAX_WAITING_REQUESTS)
         self.engine = EngineCore(build_config(str(model), device=device, dtype=dtype, **options))
         self.names = AdapterNames(adapter_dir)
         """The adapter dir's folders (the engine's catalog holds those registered)."""
@@ -99,7 +102,7 @@ class LLM:
                 )
                 subs = self._processor.add_request(request)
                 result.outputs = [CompletionOutput(index) for index in range(len(subs))]
-                self.engine.add_requests(subs)  # all or none; no waiting-queue limit offline
+                self.engine.add_requests(subs)  # all or none
                 added += subs
         except Exception:
             for result in results:

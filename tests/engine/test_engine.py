@@ -10,7 +10,7 @@ from factories import make_adapter, make_model
 
 from loraserve import LLM, SamplingParams
 from loraserve.engine.config import build_config, with_serving_threads
-from loraserve.errors import AdapterError, InvalidRequestError, UnknownAdapterError
+from loraserve.errors import AdapterError, InvalidRequestError, QueueFullError, UnknownAdapterError
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,17 @@ def test_cpu_threads_are_set_and_a_served_engine_leaves_a_core_to_the_front_end_
     assert with_serving_threads(chosen) is chosen
     with pytest.raises(ValueError, match="cpu_threads must be >= 1, got 0"):
         build_config(str(model), cpu_threads=0)
+
+
+def test_offline_generate_queues_every_prompt_unless_a_limit_is_asked(assets) -> None:
+    """The server's waiting-queue limit (429s) does not apply to `LLM.generate`, which
+    queues all its prompts at once; a limit given to `LLM` is kept (and refuses, whole)."""
+    model = assets[0] / "model"
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    limited = LLM(model, device="cpu", max_waiting_requests=2)
+    with pytest.raises(QueueFullError):
+        limited.generate(["a"], SamplingParams(n=3, max_tokens=1))
+    assert not limited.engine.has_unfinished_requests()
+    assert len(limited.generate(["a", "b"], params)) == 2
+    unlimited = LLM(model, device="cpu")
+    assert unlimited.engine.config.scheduler.max_waiting_requests > 10**9

@@ -64,7 +64,7 @@ def test_an_engine_failure_fails_requests_in_flight_then_503(failing: Running) -
         next(chunks)  # the engine is stepping
         plain = pool.submit(client.completions.create, model="mlp4", prompt="b", **LONG)
         assert wait_for(lambda: num_running(running) == 2)
-        process = running.engine._process
+        process = running.engine.client.process
         assert process is not None and process.pid is not None
         os.kill(process.pid, signal.SIGKILL)
         with pytest.raises(openai.APIError, match="engine"):

@@ -159,8 +159,8 @@ def test_a_dead_core_fails_every_request_and_later_calls(engine: AsyncEngine) ->
             for i in range(3)
         ]
         await anext(streams[0])
-        assert engine._process is not None and engine._process.pid is not None
-        os.kill(engine._process.pid, signal.SIGKILL)
+        assert engine.client.process is not None and engine.client.process.pid is not None
+        os.kill(engine.client.process.pid, signal.SIGKILL)
         for stream in streams:
             with pytest.raises(EngineError, match="exited"):
                 async for _ in stream:
@@ -175,8 +175,8 @@ def test_a_dead_core_fails_every_request_and_later_calls(engine: AsyncEngine) ->
 def test_an_idle_core_sleeps(engine: AsyncEngine) -> None:
     """No busy loop: over half a second idle, the core process uses (almost) no CPU."""
     asyncio.run(engine.stats())  # make sure it started and went idle
-    assert engine._process is not None
-    stat = Path(f"/proc/{engine._process.pid}/stat")
+    assert engine.client.process is not None
+    stat = Path(f"/proc/{engine.client.process.pid}/stat")
     if not stat.exists():
         pytest.skip("needs Linux /proc")
 
