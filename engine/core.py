@@ -27,7 +27,6 @@ stops (`stop`) once its grammar is complete and admits nothing more.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import replace
 from functools import cached_property
@@ -36,12 +35,12 @@ from pathlib import Path
 import msgspec
 
 from loraserve.engine.adapter_manager import AdapterManager, Waiter
+from loraserve.engine.admission import Admission
 from loraserve.engine.config import EngineConfig, RuntimeInfo, resolve_max_model_len
 from loraserve.engine.outputs import EngineOutput, EngineStats
 from loraserve.engine.request import EngineRequest, RequestState, Step
 from loraserve.engine.runner import ModelRunner, TorchModelRunner
 from loraserve.engine.sampler import SamplerOutput
-from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.structured import GrammarCompiler
 from loraserve.errors import InvalidRequestError, QueueFullError
 from loraserve.memory.adapter_catalog import AdapterCatalog
@@ -110,6 +109,7 @@ class EngineCore:
             eos_token_ids=eos,
             served_model_name=config.model.served_model_name or Path(folder).resolve().name,
         )
+        self.admission = Admission(self.arch.vocab_size, self.info, self.geometry.block_size)
         self.requests: dict[str, RequestState] = {}
         self._started: dict[str, RequestState] = {}
         """Requests added since the last step the runner executed (it learns of them then)."""
@@ -165,9 +165,12 @@ class EngineCore:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if adapter is not None:
             self.adapters.ensure(adapter, request.adapter_path)
-        max_tokens = self._check_lengths(prompt, params, adapter)
-        self._check_token_ids(params)
-        stops = self._stop_token_ids(params)
+        adapter_pages = 0 if adapter is None else self.adapters.num_pages(adapter)
+        max_tokens = self.admission.max_tokens(
+            prompt, params, adapter_pages, self.memory.num_pages_for_requests
+        )
+        self.admission.check_token_ids(params)
+        stops = self.admission.stop_token_ids(params)
         if max_tokens != params.max_tokens:
             request = msgspec.structs.replace(
                 request, params=replace(params, max_tokens=max_tokens)
@@ -369,59 +372,3 @@ class EngineCore:
                 + [("cpu", seconds) for seconds in self.runner.drain_load_seconds()]
             ),
         )
-
-    # -- helpers ---------------------------------------------------------------------------
-
-    def _check_token_ids(self, params: SamplingParams) -> None:
-        """Every token id a field names is within the vocabulary."""
-        vocab = self.arch.vocab_size
-        for name, token_ids in params.token_ids_to_check():
-            if any(not token_id < vocab for token_id in token_ids):
-                raise InvalidRequestError(f"{name} must hold token ids in [0, {vocab})", name)
-
-    def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
-        """The tokens that end a request, leaving a token to sample before `min_tokens`
-        are out."""
-        vocab = self.arch.vocab_size
-        stops = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stops.update(self.info.eos_token_ids)
-        if params.min_tokens and len(stops) >= vocab:
-            raise InvalidRequestError(
-                "stop_token_ids (with EOS) cover the whole vocabulary: with min_tokens, no "
-                "token could ever be generated",
-                "stop_token_ids",
-            )
-        return frozenset(stops)
-
-    def _check_lengths(self, prompt: list[int], params: SamplingParams, adapter: str | None) -> int:
-        """Validate the prompt against the context and the pool; returns max_tokens."""
-        limit, vocab = self.info.max_model_len, self.arch.vocab_size
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if len(prompt) >= limit:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt)} tokens; this model's maximum context length is "
-                f"{limit} tokens, prompt and output together",
-                "prompt",
-            )
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(prompt)
-        if len(prompt) + max_tokens > limit:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {limit} tokens; you asked for "
-                f"{len(prompt) + max_tokens} ({len(prompt)} in the prompt, {max_tokens} to generate)",
-                "max_tokens",
-            )
-        pages = math.ceil((len(prompt) + max_tokens) / self.geometry.block_size)
-        if adapter is not None:
-            pages += self.adapters.num_pages(adapter)  # the largest possible, before it is read
-        available = self.memory.num_pages_for_requests  # pinned adapters' pages never free up
-        if pages > available:
-            raise InvalidRequestError(
-                f"the request needs {pages} pages of the pool at most, which has only "
-                f"{available} for requests; send a shorter prompt or fewer max_tokens",
-                "max_tokens",
-            )
-        return max_tokens

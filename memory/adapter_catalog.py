@@ -1,6 +1,6 @@
 """Every adapter the engine knows, and whether its weights are in host RAM.
 
-Three tiers hold an adapter's weights (DESIGN.md): its folder on disk, host RAM (this
+Three tiers hold an adapter's weights (docs/architecture.md): its folder on disk, host RAM (this
 catalog), the pool (memory/pool.py). Registering an adapter records its folder and
 reads nothing; the first request that names it starts a read in the loader's threads
 (`request`), and the engine collects finished reads between steps (`poll`). A

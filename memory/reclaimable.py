@@ -4,8 +4,8 @@ A page holder is reclaimable when nothing running needs it: an idle resident ada
 (no running request uses it, not pinned), or a cached KV block that no running request
 reads (memory/prefix_cache.py). When the pool needs pages, it reclaims the
 least recently used holder first, whatever its kind, so an idle adapter and a cold
-cached block compete on recency alone (DESIGN.md: "both reclaimable under one
-eviction order").
+cached block compete on recency alone (docs/architecture.md: both are reclaimable under
+one eviction order).
 
 Keys are `(kind, id)` tuples, e.g. `("adapter", "sql")`; the pool knows how to evict
 each kind. The set keeps a running page count, so "how many pages could be had" is

@@ -1,4 +1,4 @@
-"""Each folder imports only what it may (DESIGN.md: arrows point down only).
+"""Each folder imports only what it may (docs/architecture.md: arrows point down only).
 
     server -> engine -> {scheduler, memory, models} -> kernels
 
