@@ -25,7 +25,7 @@ import torch
 from loraserve.engine.copy_stream import SideStreamCopies
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.latency_log import LatencyLog
-from loraserve.memory.pool import AdapterLoad
+from loraserve.memory.residency import AdapterLoad
 from loraserve.models.arch import LORA_GROUPS, NUM_LORA_MODULES
 from loraserve.models.batch import lora_tables
 

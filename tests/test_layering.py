@@ -36,7 +36,12 @@ FORBIDDEN_THIRD_PARTY: dict[str, tuple[str, ...]] = {
     "scheduler": THIRD_PARTY_HEAVY,
     "server": THIRD_PARTY_HEAVY,
 }
-PURE_PYTHON_MODULES = ("memory/pool.py", "memory/allocator.py", "memory/geometry.py")
+PURE_PYTHON_MODULES = (
+    "memory/pool.py",
+    "memory/residency.py",
+    "memory/allocator.py",
+    "memory/geometry.py",
+)
 """Pool bookkeeping: the scheduler's accounting, tested with fakes, no torch."""
 
 
