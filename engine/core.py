@@ -184,6 +184,7 @@ class EngineCore:
             token_ids=prompt,
             tenant=request.tenant,
             tenant_weight=request.tenant_weight,
+            cache_scope=request.cache_scope,
             # Cached blocks have no logits: a request that reports prompt logprobs computes all.
             reuse_cached_prefix=params.prompt_logprobs is None,
         )

@@ -38,6 +38,9 @@ class EngineRequest(msgspec.Struct):
     """The API key's tenant (fairness is per tenant); None is the anonymous tenant."""
     tenant_weight: float = 1.0
     """The tenant's share of service relative to others (the API-keys file's `weight`)."""
+    cache_scope: str = ""
+    """Who may reuse the KV blocks it caches, and whose it may reuse: requests of the same
+    scope ("" is every request; the server scopes by tenant group and `cache_salt`)."""
 
 
 @dataclass

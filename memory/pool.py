@@ -38,7 +38,13 @@ from typing import Any
 from loraserve.errors import UnknownAdapterError
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.memory.allocator import PageAllocator
-from loraserve.memory.prefix_cache import BASE_MODEL_IDENTITY, KV_BLOCK, CachedSequence, PrefixCache
+from loraserve.memory.prefix_cache import (
+    BASE_MODEL_IDENTITY,
+    KV_BLOCK,
+    CachedSequence,
+    PrefixCache,
+    scoped,
+)
 from loraserve.memory.reclaimable import ReclaimableKey, ReclaimableSet
 from loraserve.memory.residency import AdapterLoad, HostTier, PoolStats, ResidentAdapter
 
@@ -121,12 +127,12 @@ class UnifiedPool:
 
     def cached_prefix(self, seq: CachedSequence) -> list[int]:
         """Pages of the longest cached chain of full blocks that starts `seq`'s tokens under
-        its adapter (never all its tokens); empty when caching is off or `seq` asks to
+        its adapter and its cache scope (never all its tokens); empty when caching is off or `seq` asks to
         compute every token. Its adapter must be ready (`adapter_ready`)."""
         cache = self.prefix_cache
         if cache is None:
             return []
-        identity = self._identity(seq.adapter)
+        identity = scoped(self._identity(seq.adapter), seq.cache_scope)
         if not seq.reuse_cached_prefix:
             cache.block_hashes(seq, identity, 0)  # its own blocks are cached under it
             return []

@@ -47,12 +47,23 @@ class CachedSequence(Protocol):
     """What prefix caching reads and keeps on a request (the scheduler's `SequenceState`)."""
 
     adapter: str | None
+    cache_scope: str
     token_ids: list[int]
     num_computed_tokens: int
     block_table: list[int]
     reuse_cached_prefix: bool
     block_hashes: list[bytes]
     block_hash_seed: bytes
+
+
+def scoped(identity: bytes, scope: str) -> bytes:
+    """The chain's seed for requests that share cached blocks only with requests of the same
+    `scope` (their tenant's group, their `cache_salt`); "" shares with every request."""
+    if not scope:
+        return identity
+    return hashlib.sha256(
+        identity + b"\x00scope\x00" + scope.encode("utf-8", "surrogatepass")
+    ).digest()
 
 
 def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:

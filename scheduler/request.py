@@ -44,6 +44,8 @@ class SequenceState:
     """Who sent it (the API key's tenant); None is the anonymous tenant. Fairness is per tenant."""
     tenant_weight: float = 1.0
     """The tenant's share of service relative to others (the API-keys file's `weight`)."""
+    cache_scope: str = ""
+    """Who may reuse its cached KV blocks: requests of the same scope ("" is everyone)."""
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0
     """Tokens whose KV is in the pool; reset to 0 by preemption."""

@@ -7,6 +7,7 @@ The `--api-keys` file (YAML or JSON) maps each API key to its tenant:
       adapters: [caps, pirate]     # or "*" for every adapter, present and future
       requests_per_minute: 60      # optional; completions (n counts n), shared by its keys
       weight: 2                    # optional (default 1): its share of service under load
+      prefix_cache_group: shared   # optional: share cached prompt prefixes with this group
     sk-ops:
       tenant: ops
       adapters: "*"
@@ -14,6 +15,13 @@ The `--api-keys` file (YAML or JSON) maps each API key to its tenant:
 
 Every tenant may use the base model unless `base_model: false`. Without the file
 the server is open: every caller is the anonymous admin tenant.
+
+The prefix cache is private to each tenant: a request reuses only KV blocks that requests
+of its own tenant cached, so no tenant learns from the time to its first token whether
+another sent the same prompt. Tenants that name the same `prefix_cache_group` share their
+cached prefixes (a common system prompt, say), with each other only. A request's
+`cache_salt` (as in vLLM) narrows it further: it shares only with requests of the same
+tenant (or group) and the same salt. On an open server every request shares, as in vLLM.
 
 `weight` is the tenant's share of service when the server is loaded: with the VTC
 admission policy (scheduler/policy.py, the default), backlogged tenants receive
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import threading
 import time
@@ -61,6 +70,7 @@ class _KeyEntry(BaseModel):
     admin: bool = False
     requests_per_minute: int | None = Field(default=None, ge=1)
     weight: float = Field(default=1.0, gt=0, le=1_000_000)
+    prefix_cache_group: str | None = Field(default=None, min_length=1)
 
 
 @dataclass(eq=False)
@@ -101,6 +111,15 @@ class Tenant:
     limiter: RateLimiter | None = None
     weight: float = 1.0
     """Share of service under load, relative to other tenants (VTC fairness)."""
+    cache_scope: str | None = None
+    """With whom its requests share cached prefixes: its group, itself, or (None, an open
+    server) every request."""
+
+    def cache_scope_of(self, cache_salt: str | None) -> str:
+        """A request's `EngineRequest.cache_scope`: this tenant's, narrowed by its salt."""
+        if self.cache_scope is None and cache_salt is None:
+            return ""
+        return json.dumps([self.cache_scope, cache_salt])
 
     def may_use(self, adapter: str | None) -> bool:
         """Whether this tenant may call `adapter` (None = the base model)."""
@@ -238,4 +257,8 @@ def _tenant(entry: _KeyEntry) -> Tenant:
     adapters = None if entry.adapters == "*" else frozenset(entry.adapters)
     rate = entry.requests_per_minute
     limiter = None if rate is None else RateLimiter(rate)
-    return Tenant(entry.tenant, adapters, entry.base_model, entry.admin, limiter, entry.weight)
+    group = entry.prefix_cache_group
+    scope = f"tenant:{entry.tenant}" if group is None else f"group:{group}"
+    return Tenant(
+        entry.tenant, adapters, entry.base_model, entry.admin, limiter, entry.weight, scope
+    )

@@ -82,7 +82,7 @@ async def create_chat_completion(
             Tokenizing(bool(body.add_special_tokens), body.truncate_prompt_tokens),
         )
         request_id = f"chatcmpl-{body.request_id or uuid.uuid4().hex}"
-        streams = await served.start(request_id, [prompt], params, adapter, tenant)
+        streams = await served.start(request_id, [prompt], params, adapter, tenant, body.cache_salt)
     tracker = Tracker(served.metrics, model, len(prompt.token_ids), arrival)
     view = _View(served, body, model, mode, prompt)
     if body.stream:

@@ -83,7 +83,7 @@ async def create_completion(
     )
     prompts = await served.prompts.completion_prompts(body.prompt, tokenizing)
     request_id = f"cmpl-{body.request_id or uuid.uuid4().hex}"
-    streams = await served.start(request_id, prompts, params, adapter, tenant)
+    streams = await served.start(request_id, prompts, params, adapter, tenant, body.cache_salt)
     num_prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
     tracker = Tracker(served.metrics, model, num_prompt_tokens, arrival)
     view = _View(served, body, model, prompts)

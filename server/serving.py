@@ -111,6 +111,7 @@ class Served:
         params: SamplingParams,
         adapter: str | None,
         tenant: Tenant,
+        cache_salt: str | None = None,
     ) -> list[RequestStream]:
         """Queue every prompt, or none: a refused one withdraws those already queued. An
         adapter on disk only is read first (its request waits; the others do not)."""
@@ -126,6 +127,7 @@ class Served:
                     None if path is None else str(path),
                     tenant.name,
                     tenant.weight,
+                    tenant.cache_scope_of(cache_salt),
                 )
                 streams.append(await self.engine.add_request(request))
         except BaseException as error:

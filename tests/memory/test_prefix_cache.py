@@ -152,3 +152,20 @@ def test_a_requests_own_cached_prefix_does_not_count_as_reclaimable() -> None:
     assert len(cached) == 2
     assert pool.can_allocate(2, None, cached) and not pool.can_allocate(3, None, cached)
     assert pool.can_allocate(4)  # without reading them, both blocks could be reclaimed
+
+
+def test_blocks_are_shared_only_within_a_cache_scope() -> None:
+    pool, _ = make()
+    tokens = list(range(10))
+    alpha = SequenceState("a", None, tokens, cache_scope="tenant:alpha")
+    assert run(pool, alpha) == []
+    finish(pool, alpha)
+    beta = SequenceState("b", None, tokens, cache_scope="tenant:beta")
+    assert run(pool, beta) == [], "the same tokens in another scope share nothing"
+    finish(pool, beta)
+    open_server = SequenceState("o", None, tokens)
+    assert run(pool, open_server) == []
+    finish(pool, open_server)
+    again = SequenceState("a2", None, tokens, cache_scope="tenant:alpha")
+    assert len(run(pool, again)) == 2, "the same scope reuses its full blocks"
+

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from server_harness import Assets, Running, free_socket, start_server
+from server_harness import Assets, Running, free_socket, metric, start_server
 
 from loraserve.server.auth import Tenants
 
@@ -21,6 +21,8 @@ KEYS = {
     "sk-beta": {"tenant": "beta", "adapters": ["mlp4"], "base_model": False},
     "sk-gamma": {"tenant": "gamma", "adapters": ["mlp4"], "requests_per_minute": 2},
     "sk-ops": {"tenant": "ops", "adapters": "*", "admin": True},
+    "sk-delta": {"tenant": "delta", "prefix_cache_group": "team"},
+    "sk-epsilon": {"tenant": "epsilon", "prefix_cache_group": "team"},
 }
 
 
@@ -210,3 +212,30 @@ def test_keys_are_not_kept_in_clear(tmp_path: Path) -> None:
     assert tenants.authenticate("Bearer sk-secret").name == "t"
     with pytest.raises(Exception, match="API key"):
         tenants.authenticate("Basic sk-secret")
+
+
+def test_the_prefix_cache_is_shared_within_a_tenant_or_its_group_only(running: Running) -> None:
+    """Read from the hit counter, not the clock: a tenant never reuses blocks that another
+    tenant cached (so cannot time whether it sent a prompt); its own keys, and tenants of
+    one `prefix_cache_group`, do; a `cache_salt` shares only with the same salt."""
+    prompt = "a system prompt that several tenants happen to send " * 4
+
+    def hits_after(key: str, cache_salt: str | None = None) -> float:
+        extra = {} if cache_salt is None else {"extra_body": {"cache_salt": cache_salt}}
+        client = running.server.client(key)
+        client.completions.create(
+            model="tiny-llama", prompt=prompt, max_tokens=1, temperature=0, **extra
+        )
+        with running.server.http() as http:
+            text = http.get("/metrics", headers={"Authorization": "Bearer sk-ops"}).text
+        return metric(text, "vllm:prefix_cache_hits_total")
+
+    first = hits_after("sk-alpha")
+    assert hits_after("sk-delta") == first, "another tenant's cached prompt is not reused"
+    grouped = hits_after("sk-epsilon")
+    assert grouped > first, "tenants of one prefix_cache_group share"
+    own = hits_after("sk-alpha-2")
+    assert own > grouped, "a tenant's keys share its cache"
+    assert hits_after("sk-alpha", "s1") == own, "a salted request shares only with its salt"
+    assert hits_after("sk-alpha-2", "s1") > own
+
