@@ -161,28 +161,39 @@ class AsyncEngine:
     # -- requests ----------------------------------------------------------------------------
 
     async def add_request(self, request: EngineRequest) -> RequestStream:
-        """Queue a request (its `params.n` completions); raises what the core refuses
-        (InvalidRequestError, UnknownAdapterError, QueueFullError, AdapterError for an
-        adapter folder that cannot be read) before any output exists. Returns once the
-        request is queued and its adapter is ready (read from disk, if it was not)."""
+        """`add_requests` of one request."""
+        return (await self.add_requests([request]))[0]
+
+    async def add_requests(self, requests: list[EngineRequest]) -> list[RequestStream]:
+        """Queue requests of one adapter (the `params.n` completions of each), all or none
+        in one message, so the core weighs them against its waiting queue at once; raises
+        what the core refuses (InvalidRequestError, UnknownAdapterError, QueueFullError,
+        AdapterError for an adapter folder that cannot be read) before any output exists.
+        Returns once they are queued and their adapter is ready (read from disk, if not)."""
         self._bind_loop()
-        request_id = request.request_id
-        if request_id in self._running:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self._check_token_ids(request.prompt_token_ids)
-        subs = self.processor.add_request(request)
-        sub_ids = [sub.request_id for sub in subs]
-        stream = RequestStream(self, request_id, len(subs))
-        self._running[request_id] = _Running(stream, sub_ids, len(subs))
+        ids = [request.request_id for request in requests]
+        if len(set(ids)) < len(ids) or any(request_id in self._running for request_id in ids):
+            raise InvalidRequestError(f"request ids {ids!r} are already in use")
+        for request in requests:
+            self._check_token_ids(request.prompt_token_ids)
+        streams, subs = [], []
+        for request in requests:
+            completions = self.processor.add_request(request)
+            stream = RequestStream(self, request.request_id, len(completions))
+            sub_ids = [sub.request_id for sub in completions]
+            self._running[request.request_id] = _Running(stream, sub_ids, len(completions))
+            streams.append(stream)
+            subs += completions
         try:
             await self.client.call(lambda call_id: ipc.AddRequest(call_id, subs))
         except BaseException as error:
-            self._running.pop(request_id, None)
-            self.processor.forget(sub_ids)
-            if isinstance(error, asyncio.CancelledError):
-                self.client.send(ipc.Abort(sub_ids))  # it may have been added just before
+            for request_id in ids:
+                self._running.pop(request_id, None)
+            self.processor.forget(sub.request_id for sub in subs)
+            if isinstance(error, asyncio.CancelledError):  # it may have been added just before
+                self.client.send(ipc.Abort([sub.request_id for sub in subs]))
             raise
-        return stream
+        return streams
 
     def _check_token_ids(self, prompt_token_ids: list[int]) -> None:
         """Ids within the vocabulary, looked at only once the length is known to fit: the

@@ -23,6 +23,8 @@ class RequestLimits:
     """Most completions per prompt (`n`, and `best_of`); each is a request for the engine."""
     max_prompts_per_request: int = 256
     """Most prompts in one /v1/completions request (a list of texts or of token-id lists)."""
+    max_sequences_per_request: int = 1024
+    """Most sequences one request may queue: its prompts times `n` (or `best_of`), checked before anything is queued (the waiting queue then takes all or none)."""
     max_stop_strings: int = 64
     """Most `stop` strings per request (each is checked against the text at every token)."""
     max_stop_string_chars: int = 1024
@@ -42,6 +44,7 @@ class RequestLimits:
         """`n` completions of each of `num_prompts` prompts."""
         _at_most(n, self.max_n, param, "completions per prompt")
         _at_most(num_prompts, self.max_prompts_per_request, "prompt", "prompts per request")
+        _at_most(n * num_prompts, self.max_sequences_per_request, param, "sequences (prompts x n)")
 
     def check_stops(self, stop: str | Sequence[str] | None, stop_token_ids: Sequence[int]) -> None:
         stops = [stop] if isinstance(stop, str) else list(stop or [])

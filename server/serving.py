@@ -113,30 +113,29 @@ class Served:
         tenant: Tenant,
         cache_salt: str | None = None,
     ) -> list[RequestStream]:
-        """Queue every prompt, or none: a refused one withdraws those already queued. An
-        adapter on disk only is read first (its request waits; the others do not)."""
+        """Queue every prompt (`n` completions each), or none, in one message: the core weighs
+        them all against its waiting queue at once. An adapter on disk only is read first
+        (these requests wait; the others do not). `cache_salt` narrows the tenant's cache."""
         path = None if adapter is None else self.adapter_path(adapter)
-        streams: list[RequestStream] = []
+        requests = [
+            EngineRequest(
+                request_id if len(prompts) == 1 else f"{request_id}-p{index}",
+                prompt.token_ids,
+                params,
+                adapter,
+                None if path is None else str(path),
+                tenant.name,
+                tenant.weight,
+                tenant.cache_scope_of(cache_salt),
+            )
+            for index, prompt in enumerate(prompts)
+        ]
         try:
-            for index, prompt in enumerate(prompts):
-                request = EngineRequest(
-                    request_id if len(prompts) == 1 else f"{request_id}-p{index}",
-                    prompt.token_ids,
-                    params,
-                    adapter,
-                    None if path is None else str(path),
-                    tenant.name,
-                    tenant.weight,
-                    tenant.cache_scope_of(cache_salt),
-                )
-                streams.append(await self.engine.add_request(request))
-        except BaseException as error:
-            for stream in streams:
-                stream.abort()
-            if isinstance(error, AdapterError) and adapter is not None:
+            return await self.engine.add_requests(requests)
+        except AdapterError as error:
+            if adapter is not None:
                 raise adapter_unavailable(adapter, path, error) from None
             raise
-        return streams
 
 
 def adapter_unavailable(adapter: str, path: Path | None, error: AdapterError) -> APIError:

@@ -168,4 +168,3 @@ def test_blocks_are_shared_only_within_a_cache_scope() -> None:
     finish(pool, open_server)
     again = SequenceState("a2", None, tokens, cache_scope="tenant:alpha")
     assert len(run(pool, again)) == 2, "the same scope reuses its full blocks"
-

@@ -13,6 +13,8 @@ import pytest
 from factories import make_overflowing_adapter
 from server_harness import Assets, Running, metric, start_server, wait_for
 
+from loraserve.server.limits import RequestLimits
+
 LONG = {"max_tokens": 200, "temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
@@ -38,6 +40,41 @@ def test_a_full_queue_is_429_with_retry_after(one_at_a_time: Running) -> None:
     assert response.json()["error"]["code"] == "queue_full"
     answer = client.completions.create(model="attn8", prompt="d", max_tokens=2)
     assert answer.usage is not None and answer.usage.completion_tokens == 2
+
+
+@pytest.fixture
+def small_queue(assets: Assets) -> Iterator[Running]:
+    """One running request, three waiting at most, four sequences per request at most."""
+    server = start_server(
+        assets,
+        engine_options={"max_num_seqs": 1, "max_waiting_requests": 3},
+        limits=RequestLimits(max_sequences_per_request=4),
+    )
+    yield server
+    server.server.stop()
+
+
+def test_prompts_times_n_is_bounded_and_queued_all_or_none(small_queue: Running) -> None:
+    """A request's sequences (prompts x n) are bounded before anything is queued (400), and
+    weighed against the waiting queue at once: one that does not fit whole is a 429 that
+    leaves nothing behind."""
+    server = small_queue.server
+    client = server.client()
+    with server.http() as http:
+        too_many = {"model": "attn8", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 2}
+        response = http.post("/v1/completions", json=too_many)
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "n"
+        first = client.completions.create(model="attn8", prompt="a", stream=True, **LONG)
+        with first:
+            next(iter(first))  # it runs: the queue is empty, with room for 3
+            two_by_two = {"model": "attn8", "prompt": ["b", "c"], "n": 2, "max_tokens": 2}
+            response = http.post("/v1/completions", json=two_by_two)
+            assert response.status_code == 429, response.text
+            waiting = metric(http.get("/metrics").text, "vllm:num_requests_waiting")
+            assert waiting == 0, "a refused request leaves none of its sequences queued"
+    answer = client.completions.create(model="attn8", prompt=["b", "c"], n=1, max_tokens=2)
+    assert len(answer.choices) == 2
 
 
 @pytest.fixture

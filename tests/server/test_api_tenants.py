@@ -238,4 +238,3 @@ def test_the_prefix_cache_is_shared_within_a_tenant_or_its_group_only(running: R
     assert own > grouped, "a tenant's keys share its cache"
     assert hits_after("sk-alpha", "s1") == own, "a salted request shares only with its salt"
     assert hits_after("sk-alpha-2", "s1") > own
-
