@@ -43,6 +43,11 @@ from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
 
 NOT_TARGETED = -1
 """`local_offsets` entry of a module the adapter does not adapt."""
+MAX_FOLDED_MAGNITUDE = 1e4
+"""Largest entry of A or of scaled B that an adapter may hold. PEFT starts A near
+±1/sqrt(in_features) and B at zero, and trained adapters' scaled entries stay within ~10;
+an adapter past this bound (`lora_alpha: 1e38`, weights of 60,000) is a corrupt or absurd
+file whose output would be overflow or noise: it is refused, naming the tensor."""
 
 
 @dataclass(frozen=True)
@@ -183,5 +188,13 @@ class AdapterReader:
         for tensor_name, matrix in ((module.a_name, lora_a), (module.b_name, lora_b)):
             if not torch.isfinite(matrix).all():
                 raise refuse(folder, f"tensor {tensor_name} overflows {self.dtype} once scaled")
+            largest = float(matrix.abs().max())
+            if largest > MAX_FOLDED_MAGNITUDE:
+                raise refuse(
+                    folder,
+                    f"tensor {tensor_name} has entries of magnitude {largest:.3g} once scaled "
+                    f"(scaling {module.scaling:.3g}); loraserve refuses adapters past "
+                    f"{MAX_FOLDED_MAGNITUDE:g}, which no trained adapter comes near",
+                )
         widths = [self.arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
         return [lora_a, *(part.contiguous() for part in lora_b.split(widths, dim=1))]

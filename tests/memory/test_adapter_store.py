@@ -291,6 +291,7 @@ CONFIG_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"target_modules": ["c_attn"]}, "matches no module"),
     ({"target_modules": "(q_proj"}, "not a valid regex"),
     ({"r": 6}, "q_proj.lora_A.weight has rank 7 but adapter_config.json gives .* rank 6"),
+    ({"lora_alpha": 1e38}, r"lora_B.weight has entries of magnitude .* once scaled \(scaling"),
     ({"rank_pattern": {"down_proj": 32}}, "rank 32 of .*down_proj is above max_lora_rank 16"),
 ]
 
@@ -311,6 +312,10 @@ LAYER_0_Q = "base_model.model.model.layers.0.self_attn.q_proj"
 TENSOR_REFUSALS: list[tuple[Callable[[dict[str, torch.Tensor]], Any], str]] = [
     (lambda t: set_first(t, "lora_A.weight", float("nan")), "lora_A.weight contains NaN or inf"),
     (lambda t: set_first(t, "lora_B.weight", float("inf")), "lora_B.weight contains NaN or inf"),
+    (
+        lambda t: set_first(t, "lora_A.weight", 60_000.0),
+        "lora_A.weight has entries of magnitude 6e\\+04 once scaled",
+    ),
     (lambda t: t.pop(f"{LAYER_0_Q}.lora_B.weight"), "q_proj.lora_A.weight has no matching lora_B"),
     (
         lambda t: {k.replace("layers.1.", "layers.2."): v for k, v in t.items()},
@@ -378,13 +383,15 @@ def test_refuses_rank_above_limit(base, refusal) -> None:
     assert_refused(store, folder, good, "rank 32 of .*v_proj is above max_lora_rank 16")
 
 
-def test_refuses_overflow_in_half_precision(base, adapter_folder, tmp_path) -> None:
+def test_refuses_overflow_in_half_precision_and_absurd_entries_in_any(
+    base, adapter_folder, tmp_path
+) -> None:
     _, arch, _ = base
     good = adapter_folder("odd_rank_all_modules")
     folder = copy_adapter(good, tmp_path / "big")
     edit_tensors(folder, lambda t: set_first(t, "lora_B.weight", 1e5))
-    new_store(arch, torch.float32).register("fine_in_fp32", folder)
     assert_refused(new_store(arch, torch.float16), folder, good, "overflows torch.float16")
+    assert_refused(new_store(arch, torch.float32), folder, good, "entries of magnitude")
 
 
 def test_refuses_missing_or_broken_folder(refusal, tmp_path) -> None:
