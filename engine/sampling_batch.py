@@ -26,7 +26,7 @@ its request's next output token, or the request ends (engine/core.py's postproce
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import numpy as np
@@ -74,6 +74,7 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 class PreparedRequest:
     """What a request's rows are made of, prepared once when it is added."""
 
+    request_id: str
     params: SamplingParams
     generator: torch.Generator | None
     """Its own random stream (seeded requests), kept for its whole life, slot or not."""
@@ -103,10 +104,14 @@ class HostColumns:
 
     @staticmethod
     def allocate(max_num_seqs: int) -> HostColumns:
-        """Columns of `max_num_seqs` slots: 7 bool, 3 int64."""
-        flags = [np.zeros(max_num_seqs, dtype=bool) for _ in range(7)]
-        counts = [np.zeros(max_num_seqs, dtype=np.int64) for _ in range(3)]
-        return HostColumns(*flags, *counts)
+        """Columns of `max_num_seqs` slots, each [max_num_seqs]: bool flags, int64 counts."""
+        counts = ("num_top", "min_tokens", "num_outputs")
+        return HostColumns(
+            **{
+                column.name: np.zeros(max_num_seqs, np.int64 if column.name in counts else bool)
+                for column in fields(HostColumns)
+            }
+        )
 
     def write(self, slot: int, request: PreparedRequest) -> None:
         """The facts of a slot's new request (Python's truth of each, NaN included)."""
@@ -145,8 +150,7 @@ class SamplingBatch:
         self.eos_token_ids, self.device = tuple(eos_token_ids), device
         self._requests: dict[str, PreparedRequest] = {}
         self._slot_of: dict[str, int] = {}
-        self._holders: list[str | None] = [None] * max_num_seqs
-        self._seated: list[PreparedRequest | None] = [None] * max_num_seqs
+        self._seated: list[PreparedRequest | None] = [None] * max_num_seqs  # by slot
         self._free = list(range(max_num_seqs - 1, -1, -1))  # popped from the end: slot 0 first
         self._host = HostColumns.allocate(max_num_seqs)
         self._values = torch.zeros(max_num_seqs, NUM_VALUES, device=device)
@@ -162,11 +166,11 @@ class SamplingBatch:
     ) -> None:
         """Prepare a request's rows (it takes a slot when it first samples)."""
         assert request_id not in self._requests, f"request {request_id!r} added twice"
-        eos = (
-            () if params.ignore_eos else self.eos_token_ids
-        )  # EOS that ends nothing waits for nothing
+        # With ignore_eos, EOS ends nothing, so min_tokens has no reason to hold it back.
+        eos = () if params.ignore_eos else self.eos_token_ids
         stop_ids = [token for token in [*params.stop_token_ids, *eos] if token < self.vocab_size]
         self._requests[request_id] = PreparedRequest(
+            request_id=request_id,
             params=params,
             generator=None if params.seed is None else make_generator(params.seed, self.device),
             grammar=grammar,
@@ -179,7 +183,7 @@ class SamplingBatch:
         self._requests.pop(request_id, None)
         slot = self._slot_of.pop(request_id, None)
         if slot is not None:
-            self._holders[slot] = self._seated[slot] = None
+            self._seated[slot] = None
             self._free.append(slot)
 
     def rows(self, seqs: Sequence[SampledSequence]) -> SamplingRows:
@@ -208,7 +212,7 @@ class SamplingBatch:
             seq = seqs[row]
             request = self._requests[seq.request_id]
             slot = slots[row] = self._take_slot(slots)
-            self._holders[slot], self._seated[slot] = seq.request_id, request
+            self._seated[slot] = request
             self._slot_of[seq.request_id] = slot
             self._host.write(slot, request)
             values.append(slot_values(request.params, self.vocab_size))
@@ -234,9 +238,9 @@ class SamplingBatch:
         idle = np.setdiff1d(np.arange(self.max_num_seqs), step_slots)
         assert len(idle), f"a step samples more than max_num_seqs ({self.max_num_seqs}) rows"
         slot = int(idle[0])
-        holder = self._holders[slot]
-        assert holder is not None
-        del self._slot_of[holder]  # it counts its tokens again when it next samples
+        del self._slot_of[
+            self._at(slot).request_id
+        ]  # it counts its tokens again when it next samples
         return slot
 
     # -- the step's view ---------------------------------------------------------------------
@@ -252,17 +256,12 @@ class SamplingBatch:
         slot_index, sampled_index, unseeded_index, penalized_index, stop_rows, stop_ids = to_device(
             [slots, sampled, unseeded, penalized, *stops], self.device
         )
-        values = self._values[slot_index]  # [num_rows, NUM_VALUES]
         return SamplingRows(
             num_rows=len(slots),
             slots=slots,
             slot_index=slot_index,
-            sampled=None
-            if not len(sampled)
-            else self._sampled(slots[sampled], sampled_index, unseeded_index, values),
-            penalized=None
-            if not len(penalized)
-            else self._penalized(slot_index[penalized_index], penalized_index, values),
+            sampled=self._sampled(slots[sampled], slot_index, sampled_index, unseeded_index),
+            penalized=self._penalized(slot_index, penalized_index),
             min_tokens_stops=(stop_rows, stop_ids) if len(short) else None,
             constrained=self._constrained(seqs, slots),
             grammars=[
@@ -275,34 +274,40 @@ class SamplingBatch:
     def _sampled(
         self,
         sampled_slots: np.ndarray,
+        slot_index: torch.Tensor,
         index: torch.Tensor,
         unseeded: torch.Tensor,
-        values: torch.Tensor,
-    ) -> SampledRows:
+    ) -> SampledRows | None:
+        """The rows at `index` that draw (slots `sampled_slots`), or None if none does."""
+        if not len(sampled_slots):
+            return None
         host = self._host
         seeded = np.flatnonzero(host.seeded[sampled_slots]).tolist()
         return SampledRows(
             index=index,
-            values=values[index],  # [num_sampled, NUM_VALUES]
+            values=self._values[slot_index[index]],  # [num_sampled, NUM_VALUES]
             filters_top_k_top_p=bool(host.filters_top_k_top_p[sampled_slots].any()),
             filters_min_p=bool(host.filters_min_p[sampled_slots].any()),
             unseeded=unseeded,
             seeded=[(position, self._generator_at(sampled_slots[position])) for position in seeded],
         )
 
-    def _penalized(
-        self, penalized_slots: torch.Tensor, index: torch.Tensor, values: torch.Tensor
-    ) -> PenalizedRows:
+    def _penalized(self, slot_index: torch.Tensor, index: torch.Tensor) -> PenalizedRows | None:
+        """The penalized rows at `index`, with their counts, or None if there are none."""
+        if not len(index):
+            return None
+        slots = slot_index[index]  # [num_penalized]
         return PenalizedRows(
             index=index,
-            values=values[index],  # [num_penalized, NUM_VALUES]
-            output_counts=self._output_counts[penalized_slots],  # [num_penalized, vocab_size]
-            in_prompt=self._in_prompt[penalized_slots],  # [num_penalized, vocab_size]
+            values=self._values[slots],  # [num_penalized, NUM_VALUES]
+            output_counts=self._output_counts[slots],  # [num_penalized, vocab_size]
+            in_prompt=self._in_prompt[slots],  # [num_penalized, vocab_size]
         )
 
     def _constrained(
         self, seqs: Sequence[SampledSequence], slots: np.ndarray
     ) -> list[ConstrainedRow]:
+        """The rows with constraints, with the tokens their bad words ban now."""
         constrained = []
         for row in np.flatnonzero(self._host.constrained[slots]).tolist():
             constraints = self._at(slots[row]).constraints
