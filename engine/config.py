@@ -126,6 +126,9 @@ class LoraConfig:
     adapter_load_workers: int = 1
     """Threads that read adapter folders while the engine steps (0: read in the
     engine's own thread, pausing every request: a baseline for benchmarks)."""
+    max_adapter_weight: float = 1e4
+    """Largest entry of an adapter's A or scaled B accepted; past it the folder is refused as
+    corrupt or absurd (e.g. lora_alpha 1e38). Trained adapters' entries stay within ~10."""
 
     def __post_init__(self) -> None:
         _check(
@@ -143,6 +146,10 @@ class LoraConfig:
         _check(
             self.max_cpu_lora_memory_gib is None or self.max_cpu_lora_memory_gib > 0,
             f"max_cpu_lora_memory_gib must be > 0, got {self.max_cpu_lora_memory_gib}",
+        )
+        _check(
+            self.max_adapter_weight > 0,
+            f"max_adapter_weight must be > 0, got {self.max_adapter_weight}",
         )
         _check(
             0 <= self.adapter_load_workers <= 64,

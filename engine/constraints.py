@@ -9,25 +9,74 @@ Semantics, per row r (as vLLM's sampler, which applies them before the penalties
     l[r, w[-1]] = -inf   for each bad word w whose w[:-1] ends the output
     l[r, t] = -inf   where the grammar's bitmask bit t is 0   (structured output)
 
-A row whose every token ends up -inf fails alone (the sampler's NO_TOKEN_LEFT).
+Token ids past the model's vocabulary are dropped when a request's constraints are
+prepared (`RequestConstraints.of`, once per request); a row whose every token ends up
+-inf fails alone (the sampler's NO_TOKEN_LEFT).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
+import numpy as np
 import torch
 
 from loraserve.engine.sampling_params import SamplingParams
 
 
-class OutputTokens(Protocol):
-    """A row's generated tokens (the sampler's `TokenHistory`)."""
+@dataclass(frozen=True)
+class RequestConstraints:
+    """One request's token constraints, prepared once (ids within the vocabulary only)."""
 
-    @property
-    def output_token_ids(self) -> Sequence[int]: ...
+    bias_tokens: np.ndarray
+    """[num_biased] int64: the tokens of `logit_bias`."""
+    bias_values: np.ndarray
+    """[num_biased] float32: what is added to each."""
+    allowed_tokens: np.ndarray | None
+    """[num_allowed] int64, or None when every token is allowed (an empty array allows none)."""
+    bad_words: list[list[int]]
+    """The bad words whose last token can be banned."""
+
+    @staticmethod
+    def of(params: SamplingParams, vocab_size: int) -> RequestConstraints | None:
+        """The constraints of `params`, or None when it has none."""
+        if not (
+            params.logit_bias or params.allowed_token_ids is not None or params.bad_words_token_ids
+        ):
+            return None
+        biased = [(token, bias) for token, bias in params.logit_bias.items() if token < vocab_size]
+        allowed = None
+        if params.allowed_token_ids is not None:
+            allowed = _int64([token for token in params.allowed_token_ids if token < vocab_size])
+        return RequestConstraints(
+            bias_tokens=_int64([token for token, _ in biased]),
+            bias_values=np.array([bias for _, bias in biased], dtype=np.float32),
+            allowed_tokens=allowed,
+            bad_words=[word for word in params.bad_words_token_ids if word[-1] < vocab_size],
+        )
+
+    def banned_now(self, output_token_ids: Sequence[int]) -> list[int]:
+        """The last token of each bad word whose other tokens end the output."""
+        banned = []
+        for word in self.bad_words:
+            prefix = word[:-1]
+            if not prefix or (
+                len(output_token_ids) >= len(prefix)
+                and list(output_token_ids[len(output_token_ids) - len(prefix) :]) == prefix
+            ):
+                banned.append(word[-1])
+        return banned
+
+
+@dataclass
+class ConstrainedRow:
+    """A row of one step that has constraints."""
+
+    row: int
+    constraints: RequestConstraints
+    banned: list[int]
+    """The tokens its bad words ban at this step."""
 
 
 @dataclass
@@ -46,68 +95,52 @@ _BIT_VALUES = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).to(torch.i
 
 def apply_constraints(
     logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    histories: Sequence[OutputTokens],
+    constrained: Sequence[ConstrainedRow],
     grammar: GrammarMasks | None = None,
 ) -> None:
     """Every row's constraints, in place. logits: [num_seqs, vocab_size] float32;
-    histories: each row's generated tokens so far (read only for rows with bad words)."""
-    _add_logit_bias(logits, params)
-    _keep_allowed(logits, params)
-    _ban_bad_words(logits, params, histories)
+    constrained: the rows with logit_bias, allowed_token_ids or bad words, in row order."""
+    if constrained:
+        _add_logit_bias(logits, constrained)
+        _keep_allowed(logits, constrained)
+        _ban_bad_words(logits, constrained)
     if grammar is not None and grammar.rows:
         _apply_bitmask(logits, grammar)
 
 
-def _add_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
-    vocab_size = logits.shape[1]
-    rows, tokens, values = [], [], []
-    for row, p in enumerate(params):
-        for token, bias in p.logit_bias.items():
-            if token < vocab_size:
-                rows.append(row)
-                tokens.append(token)
-                values.append(bias)
-    if rows:
-        index = (_long(rows, logits), _long(tokens, logits))
-        logits.index_put_(index, torch.tensor(values, device=logits.device), accumulate=True)
+def _add_logit_bias(logits: torch.Tensor, constrained: Sequence[ConstrainedRow]) -> None:
+    biased = [entry for entry in constrained if len(entry.constraints.bias_tokens)]
+    if not biased:
+        return
+    rows = np.repeat(
+        [entry.row for entry in biased], [len(e.constraints.bias_tokens) for e in biased]
+    )
+    tokens = np.concatenate([entry.constraints.bias_tokens for entry in biased])
+    values = np.concatenate([entry.constraints.bias_values for entry in biased])
+    index = (_long(rows, logits), _long(tokens, logits))
+    logits.index_put_(index, torch.from_numpy(values).to(logits.device), accumulate=True)
 
 
-def _keep_allowed(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
-    rows = [row for row, p in enumerate(params) if p.allowed_token_ids is not None]
+def _keep_allowed(logits: torch.Tensor, constrained: Sequence[ConstrainedRow]) -> None:
+    rows, allowed = [], []
+    for entry in constrained:
+        if entry.constraints.allowed_tokens is not None:
+            rows.append(entry.row)
+            allowed.append(entry.constraints.allowed_tokens)
     if not rows:
         return
-    vocab_size = logits.shape[1]
-    keep = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=logits.device)
-    positions, tokens = [], []
-    for position, row in enumerate(rows):
-        allowed = [t for t in params[row].allowed_token_ids or () if t < vocab_size]
-        positions += [position] * len(allowed)
-        tokens += allowed
-    keep[_long(positions, logits), _long(tokens, logits)] = True  # [num_rows, vocab_size]
-    index = _long(rows, logits)
+    keep = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=logits.device)
+    positions = np.repeat(np.arange(len(rows)), [len(tokens) for tokens in allowed])
+    keep[_long(positions, logits), _long(np.concatenate(allowed), logits)] = True  # [rows, vocab]
+    index = _long(np.array(rows), logits)
     logits[index] = logits[index].masked_fill(~keep, float("-inf"))
 
 
-def _ban_bad_words(
-    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[OutputTokens]
-) -> None:
-    vocab_size = logits.shape[1]
-    rows, tokens = [], []
-    for row, p in enumerate(params):
-        if not p.bad_words_token_ids:
-            continue
-        output = histories[row].output_token_ids
-        for word in p.bad_words_token_ids:
-            prefix = word[:-1]
-            ends_with_prefix = not prefix or (
-                len(output) >= len(prefix) and list(output[len(output) - len(prefix) :]) == prefix
-            )
-            if ends_with_prefix and word[-1] < vocab_size:
-                rows.append(row)
-                tokens.append(word[-1])
+def _ban_bad_words(logits: torch.Tensor, constrained: Sequence[ConstrainedRow]) -> None:
+    rows = [entry.row for entry in constrained for _ in entry.banned]
     if rows:
-        logits[_long(rows, logits), _long(tokens, logits)] = float("-inf")
+        tokens = [token for entry in constrained for token in entry.banned]
+        logits[_long(np.array(rows), logits), _long(np.array(tokens), logits)] = float("-inf")
 
 
 def _apply_bitmask(logits: torch.Tensor, grammar: GrammarMasks) -> None:
@@ -122,9 +155,13 @@ def _apply_bitmask(logits: torch.Tensor, grammar: GrammarMasks) -> None:
     if grammar.rows == list(range(logits.shape[0])):  # every row: in place, no copies
         logits.masked_fill_(~allowed, float("-inf"))
         return
-    index = _long(grammar.rows, logits)
+    index = _long(np.array(grammar.rows), logits)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
-def _long(values: list[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=like.device)
+def _int64(values: list[int]) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _long(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(values.astype(np.int64)).to(like.device)

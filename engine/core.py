@@ -83,6 +83,7 @@ class EngineCore:
             lora.max_lora_rank,
             runner.dtype,
             pin_memory=runner.device.type == "cuda",  # host-to-device copies from pinned pages
+            max_weight=lora.max_adapter_weight,
         )
         self.catalog = AdapterCatalog(
             AdapterLoader(reader, lora.adapter_load_workers),

@@ -2,7 +2,8 @@
 
 The engine core decides (requests, scheduler, pool bookkeeping, stops); the runner
 executes: it owns the model, the kernels, the device side of the unified pool,
-the per-step metadata buffers, the sampler's device state (seeded generators) and,
+the per-step metadata buffers, the sampling batch (every running request's sampling
+parameters, seeded generator and token counts, engine/sampling_batch.py) and,
 on CUDA, the captured decode graphs. One call per step:
 
     sampled = runner.execute(step)    # step = Step(scheduler.schedule(), started, finished)
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -37,7 +37,8 @@ from loraserve.engine.prompt_logprobs import (
     plan_prompt_rows,
 )
 from loraserve.engine.request import Step
-from loraserve.engine.sampler import SamplerOutput, make_generator, sample
+from loraserve.engine.sampler import SamplerOutput, sample
+from loraserve.engine.sampling_batch import SamplingBatch
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.structured import RequestGrammar, fill_masks
 from loraserve.kernels.dispatch import select_kernels
@@ -103,13 +104,6 @@ def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> tor
     return TORCH_DTYPES.get(checkpoint_dtype, torch.bfloat16)
 
 
-@dataclass
-class _Request:
-    params: SamplingParams
-    generator: torch.Generator | None
-    grammar: RequestGrammar | None
-
-
 class TorchModelRunner:
     """The runner of a Llama-family model on one device, in torch."""
 
@@ -121,7 +115,6 @@ class TorchModelRunner:
         eos_token_ids: tuple[int, ...],
     ) -> None:
         self.config, self.arch = config, arch
-        self.eos_token_ids = eos_token_ids
         self.device = resolve_device(config.model.device)
         if self.device.type == "cpu" and config.model.cpu_threads is not None:
             torch.set_num_threads(config.model.cpu_threads)  # the native kernels follow it
@@ -132,12 +125,16 @@ class TorchModelRunner:
         max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
         self.model = LlamaModel(arch, weights, self.kernels, max_model_len)
         del weights
+        scheduler = config.scheduler
+        # Before the pool is sized, so that on CUDA the free memory it measures excludes it.
+        self.sampling = SamplingBatch(
+            scheduler.max_num_seqs, arch.vocab_size, eos_token_ids, self.device
+        )
         self.num_pages = self._num_pages(geometry)
         lora = config.lora
         self.pool = DevicePool(
             geometry, self.num_pages, lora.max_resident_adapters, self.dtype, self.device
         )
-        scheduler = config.scheduler
         max_blocks = -(-max_model_len // geometry.block_size)
         self.metadata = BatchMetadata(
             scheduler.max_num_batched_tokens,
@@ -155,7 +152,6 @@ class TorchModelRunner:
             self._forward,
         )
         self.graphs.capture_all(self.metadata, self.pool)
-        self._requests: dict[str, _Request] = {}
         self._prompt_progress: dict[str, PromptProgress] = {}
         # Grammar masks are computed here while the forward pass runs (llguidance lets go
         # of the GIL), so that structured output costs the step only their application.
@@ -166,13 +162,12 @@ class TorchModelRunner:
     def _start(
         self, request_id: str, params: SamplingParams, grammar: RequestGrammar | None
     ) -> None:
-        generator = None if params.seed is None else make_generator(params.seed, self.device)
+        self.sampling.add(request_id, params, grammar)
         if params.prompt_logprobs is not None:
             self._prompt_progress[request_id] = PromptProgress(params.prompt_logprobs)
-        self._requests[request_id] = _Request(params, generator, grammar)
 
     def _forget(self, request_id: str) -> None:
-        del self._requests[request_id]
+        self.sampling.remove(request_id)
         self._prompt_progress.pop(request_id, None)
 
     # -- the step ----------------------------------------------------------------------------
@@ -187,32 +182,25 @@ class TorchModelRunner:
         if not plan.chunks:  # copies only
             return SamplerOutput([], [], [])
         self.pool.wait_for({chunk.slot for chunk in plan.chunks})
-        sampling = [chunk for chunk in plan.chunks if chunk.samples]
-        rows = [self._requests[chunk.seq.request_id] for chunk in sampling]
-        masks = self._start_masks(rows)
+        rows = self.sampling.rows([chunk.seq for chunk in plan.chunks if chunk.samples])
+        masks = self._start_masks(rows.grammars)
         prompt_rows = plan_prompt_rows(plan.chunks, self._prompt_progress)
         logits = self._logits(plan.chunks, prompt_rows)  # [sampling + prompt rows, vocab]
-        output = sample(
-            logits[: len(sampling)],
-            [row.params for row in rows],
-            [chunk.seq for chunk in sampling],
-            [row.generator for row in rows],
-            self.eos_token_ids,
-            None if masks is None else masks.result(),
-        )
-        output.prompt_logprobs = gather_prompt_logprobs(logits[len(sampling) :], prompt_rows)
+        output = sample(logits[: rows.num_rows], rows, None if masks is None else masks.result())
+        self.sampling.append(rows, output.token_ids)
+        output.prompt_logprobs = gather_prompt_logprobs(logits[rows.num_rows :], prompt_rows)
         return output
 
-    def _start_masks(self, rows: list[_Request]) -> Future[GrammarMasks] | None:
-        """The grammar masks of the rows that have a grammar, computed in a thread."""
-        constrained = [row for row, request in enumerate(rows) if request.grammar is not None]
-        if not constrained:
+    def _start_masks(
+        self, grammars: list[tuple[int, RequestGrammar]]
+    ) -> Future[GrammarMasks] | None:
+        """The grammar masks of the (row, grammar) pairs, computed in a thread."""
+        if not grammars:
             return None
-        grammars = [rows[row].grammar for row in constrained]
 
         def compute() -> GrammarMasks:
-            bitmask: np.ndarray = fill_masks(grammars)  # type: ignore[arg-type]
-            return GrammarMasks(constrained, torch.from_numpy(bitmask))
+            bitmask: np.ndarray = fill_masks([grammar for _, grammar in grammars])
+            return GrammarMasks([row for row, _ in grammars], torch.from_numpy(bitmask))
 
         return self._mask_thread.submit(compute)
 

@@ -20,46 +20,35 @@ distribution broke down has no meaningful next token to give. `SamplingParams`
 refuses every value that could cause it, so a failure here means a model that
 produced NaN, or a combination of masks that left nothing.
 
-Per-request state the sampler needs (`TokenHistory`): the prompt token ids and the
-output token ids so far; penalties are recomputed from them every step, which
-keeps the engine's request object the single owner of that state. A request
-with a seed has its own `torch.Generator`, made once by the model runner with
-`make_generator` and passed for every step, so its draws depend on nothing else
-in the batch; requests without a seed pass None and share the default generator.
+Per-row state lives in a `SamplingBatch` (engine/sampling_batch.py): each request's
+parameters, prepared once, and its token counts, kept as tokens are drawn; a step passes
+the sampler the view of its rows (`SamplingRows`), so every stage is one batched operation
+over the rows that need it. A request with a seed has its own `torch.Generator`, so its
+draws depend on nothing else in the batch; requests without one share the default
+generator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from loraserve.engine.constraints import GrammarMasks, apply_constraints
 from loraserve.engine.outputs import TokenLogprobs
-from loraserve.engine.sampling_params import SamplingParams
-
-_SEED_MASK = (1 << 64) - 1  # torch seeds are 64-bit; any Python int maps into that range
-
-
-class TokenHistory(Protocol):
-    """The tokens of one sequence that the penalties look at."""
-
-    @property
-    def prompt_token_ids(self) -> Sequence[int]: ...
-
-    @property
-    def output_token_ids(self) -> Sequence[int]: ...
-
-
-@dataclass
-class SequenceTokens:
-    """A plain `TokenHistory`, for callers without a request object at hand."""
-
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-
+from loraserve.engine.sampling_rows import (
+    FREQUENCY,
+    MIN_P,
+    PRESENCE,
+    REPETITION,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    PenalizedRows,
+    SampledRows,
+    SamplingRows,
+)
 
 NO_TOKEN_LEFT = "every token was excluded by this request's sampling parameters"
 NOT_FINITE = "the model's logits for this request are not finite (NaN or infinity)"
@@ -79,57 +68,44 @@ class SamplerOutput:
     order (the runner adds them for requests with `prompt_logprobs`)."""
 
 
-def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator for one seeded request, on the device the logits live on."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed & _SEED_MASK)
-    return generator
-
-
 def sample(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    token_histories: Sequence[TokenHistory],
-    generators: Sequence[torch.Generator | None],
-    eos_token_ids: Sequence[int] = (),
-    grammar: GrammarMasks | None = None,
+    logits: torch.Tensor, rows: SamplingRows, grammar: GrammarMasks | None = None
 ) -> SamplerOutput:
     """Choose one token per row of `logits`.
 
     logits: [num_seqs, vocab_size], any float dtype; not modified.
-    params, token_histories, generators: one per row.
-    eos_token_ids: the model's EOS ids, masked (with `stop_token_ids`) until a
-        request has `min_tokens` outputs.
+    rows: the step's rows of the sampling batch, one per row of `logits`.
     grammar: the allowed-token bitmasks of the rows with structured output.
     """
     num_seqs = logits.shape[0]
-    assert len(params) == len(token_histories) == len(generators) == num_seqs
+    assert rows.num_rows == num_seqs
     logits = logits.to(torch.float32, copy=True)  # [num_seqs, vocab_size]
     raw_logprobs = None
-    if any(p.logprobs is not None for p in params):
+    if rows.num_top is not None:
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # [num_seqs, vocab_size]
 
-    apply_constraints(logits, params, token_histories, grammar)
-    apply_penalties(logits, params, token_histories)
-    _mask_stop_tokens_before_min_tokens(logits, params, token_histories, eos_token_ids)
+    apply_constraints(logits, rows.constrained, grammar)
+    if rows.penalized is not None:
+        apply_penalties(logits, rows.penalized)
+    if rows.min_tokens_stops is not None:  # EOS and stop ids of rows short of min_tokens
+        logits[rows.min_tokens_stops] = float("-inf")
     failure_codes = _failure_codes(logits)  # [num_seqs]
 
     token_ids = logits.argmax(dim=-1)  # [num_seqs]; kept for the greedy rows
-    sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=logits.device)
-        probs = _sampling_probs(logits[rows], [params[row] for row in sampled_rows])
+    if rows.sampled is not None:
+        index = rows.sampled.index
+        probs = _sampling_probs(logits[index], rows.sampled)
         # A row whose probabilities broke down anyway draws from a stand-in, so that
         # multinomial never raises; its failure code is already set.
         broken = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)  # [num_rows]
-        failure_codes[rows] = torch.where(
-            broken & (failure_codes[rows] == 0), _NOT_FINITE_CODE, failure_codes[rows]
+        failure_codes[index] = torch.where(
+            broken & (failure_codes[index] == 0), _NOT_FINITE_CODE, failure_codes[index]
         )
         probs[broken] = 1.0
-        token_ids[rows] = _draw(probs, [generators[row] for row in sampled_rows])
+        token_ids[index] = _draw(probs, rows.sampled)
     logprobs: list[TokenLogprobs | None] = [None] * num_seqs
-    if raw_logprobs is not None:
-        logprobs = gather_logprobs(raw_logprobs, token_ids, [p.logprobs for p in params])
+    if raw_logprobs is not None and rows.num_top is not None:
+        logprobs = gather_logprobs(raw_logprobs, token_ids, rows.num_top)
     # One transfer for both: on a GPU every .tolist() is a sync.
     token_list, code_list = torch.stack([token_ids, failure_codes]).tolist()
     failures = [_FAILURES[code] for code in code_list]
@@ -155,69 +131,40 @@ def _failure_codes(logits: torch.Tensor) -> torch.Tensor:
     return codes.masked_fill(not_finite, _NOT_FINITE_CODE)
 
 
-def apply_penalties(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    token_histories: Sequence[TokenHistory],
-) -> None:
-    """Repetition, frequency and presence penalties, in place.
+def apply_penalties(logits: torch.Tensor, penalized: PenalizedRows) -> None:
+    """Repetition, frequency and presence penalties of the penalized rows, in place.
 
     Semantics, for row r with penalties (rep, freq, pres) and output counts c[t]:
         for t in set(prompt + output): l[t] = l[t] / rep if l[t] > 0 else l[t] * rep
         l[t] -= freq * c[t] + pres * (c[t] > 0)
     logits: [num_seqs, vocab_size] float32.
     """
-    vocab_size = logits.shape[1]
-    for row, (p, history) in enumerate(zip(params, token_histories, strict=True)):
-        if p.repetition_penalty != 1.0:
-            seen = list(history.prompt_token_ids) + list(history.output_token_ids)
-            if seen:
-                ids = torch.tensor(seen, device=logits.device).unique()  # [num_distinct]
-                values = logits[row, ids]
-                penalty = p.repetition_penalty
-                logits[row, ids] = torch.where(values > 0, values / penalty, values * penalty)
-        if (p.frequency_penalty or p.presence_penalty) and history.output_token_ids:
-            output = torch.tensor(list(history.output_token_ids), device=logits.device)
-            counts = torch.bincount(output, minlength=vocab_size)[:vocab_size]  # [vocab_size]
-            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    values = penalized.values  # [num_penalized, NUM_VALUES]
+    counts = penalized.output_counts  # [num_penalized, vocab_size]
+    seen = penalized.in_prompt | (counts > 0)  # [num_penalized, vocab_size]
+    rows = logits[penalized.index]  # [num_penalized, vocab_size]
+    repetition = values[:, REPETITION : REPETITION + 1]  # [num_penalized, 1]
+    repeated = torch.where(rows > 0, rows / repetition, rows * repetition)
+    rows = torch.where(seen, repeated, rows)
+    frequency = values[:, FREQUENCY : FREQUENCY + 1]  # [num_penalized, 1]
+    presence = values[:, PRESENCE : PRESENCE + 1]  # [num_penalized, 1]
+    # Only tokens in the output change: a row without these penalties keeps its bits.
+    logits[penalized.index] = torch.where(counts > 0, rows - (frequency * counts + presence), rows)
 
 
-def _mask_stop_tokens_before_min_tokens(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    token_histories: Sequence[TokenHistory],
-    eos_token_ids: Sequence[int],
-) -> None:
-    """Forbid EOS and stop_token_ids (in place) for rows short of `min_tokens` outputs."""
-    vocab_size = logits.shape[1]
-    for row, (p, history) in enumerate(zip(params, token_histories, strict=True)):
-        if not p.min_tokens or len(history.output_token_ids) >= p.min_tokens:
-            continue
-        # With ignore_eos, EOS does not end the request, so there is nothing to delay.
-        stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
-        stop_ids = [token_id for token_id in stop_ids if token_id < vocab_size]
-        logits[row, stop_ids] = float("-inf")
-
-
-def _sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+def _sampling_probs(logits: torch.Tensor, sampled: SampledRows) -> torch.Tensor:
     """Temperature, top_k, top_p and min_p for rows that sample; returns probabilities.
 
     logits: [num_rows, vocab_size] float32 (a copy, changed freely). Returns the same shape.
     """
-    device = logits.device
-    temperatures = torch.tensor([p.temperature for p in params], device=device)  # [num_rows]
-    logits = logits / temperatures.unsqueeze(1)
-    if any(p.effective_top_k or p.top_p < 1 for p in params):
-        vocab_size = logits.shape[1]
-        top_k = torch.tensor(  # [num_rows]; clamped, so that no value overflows a tensor
-            [min(p.effective_top_k, vocab_size) for p in params], device=device
-        )
-        top_p = torch.tensor([p.top_p for p in params], device=device)  # [num_rows]
-        logits = _apply_top_k_top_p(logits, top_k, top_p)
+    values = sampled.values  # [num_rows, NUM_VALUES]
+    logits = logits / values[:, TEMPERATURE : TEMPERATURE + 1]
+    if sampled.filters_top_k_top_p:
+        top_k = values[:, TOP_K].long()  # [num_rows]; clamped to the vocabulary when prepared
+        logits = _apply_top_k_top_p(logits, top_k, values[:, TOP_P])
     probs = torch.softmax(logits, dim=-1)  # [num_rows, vocab_size]
-    if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device)  # [num_rows]
-        threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+    if sampled.filters_min_p:
+        threshold = values[:, MIN_P : MIN_P + 1] * probs.max(dim=-1, keepdim=True).values
         # The top token always survives (its prob >= min_p * itself, since min_p <= 1).
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs
@@ -248,19 +195,17 @@ def _apply_top_k_top_p(
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def _draw(probs: torch.Tensor, sampled: SampledRows) -> torch.Tensor:
     """One multinomial draw per row; seeded rows each from their own generator.
 
     probs: [num_rows, vocab_size]. Returns [num_rows] token ids.
     """
     drawn = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    unseeded = [row for row, generator in enumerate(generators) if generator is None]
-    if unseeded:  # one call for all of them: they share the default generator anyway
-        rows = torch.tensor(unseeded, device=probs.device)
+    if len(sampled.unseeded):  # one call for all of them: they share the default generator
+        rows = sampled.unseeded
         drawn[rows] = torch.multinomial(probs[rows], num_samples=1).squeeze(1)
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            drawn[row] = torch.multinomial(probs[row], num_samples=1, generator=generator)[0]
+    for row, generator in sampled.seeded:
+        drawn[row] = torch.multinomial(probs[row], num_samples=1, generator=generator)[0]
     return drawn
 
 

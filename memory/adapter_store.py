@@ -44,7 +44,7 @@ from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
 NOT_TARGETED = -1
 """`local_offsets` entry of a module the adapter does not adapt."""
 MAX_FOLDED_MAGNITUDE = 1e4
-"""Largest entry of A or of scaled B that an adapter may hold. PEFT starts A near
+"""Largest entry of A or of scaled B that an adapter may hold by default. PEFT starts A near
 ±1/sqrt(in_features) and B at zero, and trained adapters' scaled entries stay within ~10;
 an adapter past this bound (`lora_alpha: 1e38`, weights of 60,000) is a corrupt or absurd
 file whose output would be overflow or noise: it is refused, naming the tensor."""
@@ -119,7 +119,9 @@ class AdapterReader:
         max_lora_rank: int,
         dtype: torch.dtype,
         pin_memory: bool = False,
+        max_weight: float = MAX_FOLDED_MAGNITUDE,
     ) -> None:
+        """`max_weight`: the largest entry of A or scaled B accepted (`max_adapter_weight`)."""
         assert geometry.page_numel >= max_lora_rank * arch.max_module_dim(), (
             f"page of {geometry.page_numel} elements cannot hold a rank-{max_lora_rank} matrix"
         )
@@ -128,6 +130,7 @@ class AdapterReader:
         self.max_lora_rank = max_lora_rank
         self.dtype = dtype
         self.pin_memory = pin_memory
+        self.max_weight = max_weight
 
     def read(self, name: str, path: str | Path) -> HostAdapter:
         """Load and check a PEFT LoRA folder; AdapterError if refused."""
@@ -189,12 +192,12 @@ class AdapterReader:
             if not torch.isfinite(matrix).all():
                 raise refuse(folder, f"tensor {tensor_name} overflows {self.dtype} once scaled")
             largest = float(matrix.abs().max())
-            if largest > MAX_FOLDED_MAGNITUDE:
+            if largest > self.max_weight:
                 raise refuse(
                     folder,
                     f"tensor {tensor_name} has entries of magnitude {largest:.3g} once scaled "
-                    f"(scaling {module.scaling:.3g}); loraserve refuses adapters past "
-                    f"{MAX_FOLDED_MAGNITUDE:g}, which no trained adapter comes near",
+                    f"(scaling {module.scaling:.3g}); past max_adapter_weight "
+                    f"{self.max_weight:g}, which no trained adapter comes near",
                 )
         widths = [self.arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
         return [lora_a, *(part.contiguous() for part in lora_b.split(widths, dim=1))]

@@ -204,7 +204,6 @@ def test_bitmasks_apply_to_their_rows_only_bit_by_bit() -> None:
     """Bit t % 32 of word t // 32 allows token t, the sign bit (31) included; rows without
     a grammar are untouched; tokens past the mask's width are refused."""
     from loraserve.engine.constraints import GrammarMasks, apply_constraints
-    from loraserve.engine.sampler import SequenceTokens
 
     torch.manual_seed(0)
     vocab_size = 70  # three words, the last partly past the vocabulary
@@ -217,9 +216,7 @@ def test_bitmasks_apply_to_their_rows_only_bit_by_bit() -> None:
             if token < 64:
                 word = int(bitmask[position, token // 32]) | (1 << (token % 32))
                 bitmask[position, token // 32] = word - (1 << 32) if word >= 1 << 31 else word
-    params = [SamplingParams()] * 4
-    histories = [SequenceTokens([], []) for _ in range(4)]
-    apply_constraints(logits, params, histories, GrammarMasks([1, 3], bitmask))
+    apply_constraints(logits, [], GrammarMasks([1, 3], bitmask))
     for row in (0, 2):
         assert torch.equal(logits[row], before[row])
     for row, tokens in allowed.items():

@@ -29,7 +29,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
 @pytest.fixture(scope="module")
 def llm(assets: tuple[Path, dict[str, Path]]) -> LLM:
     model, adapters = assets
-    return LLM(model, adapters=adapters, device="cpu", dtype="float32")
+    return LLM(model, adapters=adapters, device="cpu", dtype="float32", max_adapter_weight=1e38)
 
 
 def assert_pool_is_back(llm: LLM) -> None:
@@ -44,7 +44,14 @@ def test_a_row_the_sampler_cannot_sample_fails_alone(
 ) -> None:
     """An adapter whose output overflows gives NaN logits: its request alone fails."""
     model, adapters = assets
-    other = LLM(model, adapters, device="cpu", dtype="float32", kernel_backend=kernel_backend)
+    other = LLM(
+        model,
+        adapters,
+        device="cpu",
+        dtype="float32",
+        kernel_backend=kernel_backend,
+        max_adapter_weight=1e38,  # the broken adapter is refused by default
+    )
     alone = other.generate(["hello", "SELECT"], [NORMAL, SEEDED], adapter=[None, "a"])
     outs = other.generate(
         ["hello", "hello", "SELECT"], [NORMAL, NORMAL, SEEDED], adapter=[None, "broken", "a"]

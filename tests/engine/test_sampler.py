@@ -6,27 +6,20 @@ import math
 
 import pytest
 import torch
+from sampling_rows_of import SequenceTokens, rows_of
 
-from loraserve.engine.sampler import (
-    SequenceTokens,
-    apply_penalties,
-    make_generator,
-    sample,
-)
+from loraserve.engine.sampler import apply_penalties, sample
+from loraserve.engine.sampling_batch import SamplingBatch, make_generator
 from loraserve.engine.sampling_params import SamplingParams
 
 EOS = 1
 CHI2_CRITICAL_DF7_P001 = 24.32  # chi-square, 7 degrees of freedom, p = 0.001
 
 
-def empty_histories(num_seqs: int) -> list[SequenceTokens]:
-    return [SequenceTokens([], []) for _ in range(num_seqs)]
-
-
 def draw_many(logits_row: torch.Tensor, params: SamplingParams, num_draws: int) -> list[int]:
     """`num_draws` independent draws for one row, made as one batch of identical rows."""
     logits = logits_row.unsqueeze(0).expand(num_draws, -1)  # [num_draws, vocab_size]
-    output = sample(logits, [params] * num_draws, empty_histories(num_draws), [None] * num_draws)
+    output = sample(logits, rows_of([params] * num_draws, logits.shape[1]))
     return output.token_ids
 
 
@@ -53,7 +46,7 @@ def test_greedy_is_argmax(dtype: torch.dtype) -> None:
     logits = (torch.randn(6, 50) * 3).to(dtype)  # [num_seqs, vocab_size]
     before = logits.clone()
     params = [SamplingParams(temperature=0.0, top_k=2, top_p=0.1)] * 6  # top_k/p irrelevant
-    output = sample(logits, params, empty_histories(6), [None] * 6)
+    output = sample(logits, rows_of(params, 50))
     assert output.token_ids == logits.float().argmax(dim=-1).tolist()
     assert output.logprobs == [None] * 6
     assert torch.equal(logits, before)  # the caller's logits are not touched
@@ -127,7 +120,9 @@ def test_penalties_follow_the_formulas() -> None:
     ]
     expected = torch.tensor(penalized_by_loop(logits, params, histories), dtype=torch.float32)
     penalized = logits.clone()
-    apply_penalties(penalized, params, histories)
+    rows = rows_of(params, vocab_size, histories)
+    assert rows.penalized is not None
+    apply_penalties(penalized, rows.penalized)
     torch.testing.assert_close(penalized, expected, rtol=1e-6, atol=1e-6)
     assert not torch.equal(penalized[:3], logits[:3]) and torch.equal(penalized[3], logits[3])
 
@@ -135,39 +130,42 @@ def test_penalties_follow_the_formulas() -> None:
 def test_repetition_penalty_changes_the_greedy_choice() -> None:
     logits = torch.tensor([[0.0, 0.0, 3.0, 2.0]])
     params = [SamplingParams(temperature=0.0, repetition_penalty=2.0)]
-    assert sample(logits, params, [SequenceTokens([2], [])], [None]).token_ids == [3]
-    assert sample(logits, params, [SequenceTokens([], [])], [None]).token_ids == [2]
+    assert sample(logits, rows_of(params, 4, [SequenceTokens([2])])).token_ids == [3]
+    assert sample(logits, rows_of(params, 4)).token_ids == [2]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_min_tokens_masks_eos_and_stop_ids_until_reached(temperature: float) -> None:
     logits = torch.tensor([[0.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0, 19.0]])  # EOS, then 7
     params = [SamplingParams(temperature=temperature, min_tokens=3, stop_token_ids=[7])]
-    generators = [make_generator(0, "cpu")]
-    for _ in range(50):
-        short = sample(logits, params, [SequenceTokens([5], [4, 4])], generators, [EOS])
-        assert short.token_ids[0] not in (EOS, 7)
-    done = sample(logits, params, [SequenceTokens([5], [4, 4, 4])], generators, [EOS])
+    short = rows_of(params * 50, 8, [SequenceTokens([5], [4, 4])] * 50, [EOS])
+    assert not {EOS, 7} & set(sample(logits.expand(50, -1), short).token_ids)
+    done = sample(logits, rows_of(params, 8, [SequenceTokens([5], [4, 4, 4])], [EOS]))
     assert temperature > 0 or done.token_ids == [EOS]
     ignoring = [SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True)]
-    early = sample(logits, ignoring, [SequenceTokens([5], [])], [None], [EOS])
+    early = sample(logits, rows_of(ignoring, 8, [SequenceTokens([5])], [EOS]))
     assert early.token_ids == [EOS]  # EOS does not end this request, so it is not delayed
 
 
 def steps_of_target(position: int, batch_size: int, seed: int, num_steps: int = 8) -> list[int]:
-    """Tokens a seeded request draws over `num_steps` steps, sitting at `position` in the batch."""
+    """Tokens a seeded request draws over `num_steps` steps, sitting at `position` in the batch
+    among requests that start and finish around it (one of them seeded too)."""
     target_logits = torch.randn(num_steps, 100, generator=torch.Generator().manual_seed(9))
-    target = SamplingParams(temperature=1.0, seed=seed)
-    target_generator = make_generator(seed, "cpu")
+    batch = SamplingBatch(batch_size, 100, (), torch.device("cpu"))
+    batch.add("target", SamplingParams(temperature=1.0, seed=seed))
     tokens = []
     for step in range(num_steps):
         logits = torch.randn(batch_size, 100)  # other rows: whatever
         logits[position] = target_logits[step]
-        params = [SamplingParams(temperature=0.9, seed=row) for row in range(batch_size)]
-        generators: list[torch.Generator | None] = [None] * batch_size
-        generators[0] = make_generator(step, "cpu")  # another seeded request
-        params[position], generators[position] = target, target_generator
-        output = sample(logits, params, empty_histories(batch_size), generators)
+        others = [f"{step}-{row}" for row in range(batch_size - 1)]
+        for row, request_id in enumerate(others):
+            batch.add(request_id, SamplingParams(temperature=0.9, seed=step if row == 0 else None))
+        request_ids = [*others[:position], "target", *others[position:]]
+        rows = batch.rows([SequenceTokens([3], [], request_id) for request_id in request_ids])
+        output = sample(logits, rows)
+        batch.append(rows, output.token_ids)
+        for request_id in others:
+            batch.remove(request_id)
         tokens.append(output.token_ids[position])
     return tokens
 
@@ -198,8 +196,8 @@ def test_logprobs_are_raw_and_sorted(dtype: torch.dtype) -> None:
         SamplingParams(temperature=1.3, top_k=3, logprobs=20),
         SamplingParams(),
     ]
-    histories = [SequenceTokens([raw_argmax], []), *empty_histories(3)]
-    output = sample(logits, params, histories, [None] * 4)
+    histories = [SequenceTokens([raw_argmax]), *[SequenceTokens([]) for _ in range(3)]]
+    output = sample(logits, rows_of(params, 64, histories))
     expected = torch.log_softmax(logits.float(), dim=-1)  # [num_seqs, vocab_size]
     assert output.logprobs[3] is None
     for row, p in enumerate(params[:3]):

@@ -15,14 +15,9 @@ import math
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sampling_rows_of import SequenceTokens, rows_of
 
-from loraserve.engine.sampler import (
-    NO_TOKEN_LEFT,
-    NOT_FINITE,
-    SequenceTokens,
-    make_generator,
-    sample,
-)
+from loraserve.engine.sampler import NO_TOKEN_LEFT, NOT_FINITE, sample
 from loraserve.engine.sampling_params import SamplingParams
 
 VOCAB_SIZE = 32
@@ -105,8 +100,7 @@ NORMAL = [
 
 
 def run(logits: torch.Tensor, params: list[SamplingParams], histories: list[SequenceTokens]):
-    generators = [None if p.seed is None else make_generator(p.seed, "cpu") for p in params]
-    return sample(logits, params, histories, generators, eos_token_ids=(EOS,))
+    return sample(logits, rows_of(params, VOCAB_SIZE, histories, eos_token_ids=(EOS,)))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -220,7 +220,7 @@ def make_adapter(base_model, folder: Path, seed: int = 0, **lora_config: Any) ->
 def make_overflowing_adapter(base_model, folder: Path, seed: int = 0) -> Path:
     """A finite adapter whose output overflows float32 (a broken fine-tune): lora_B of
     ~1e30 on q_proj and k_proj makes the attention scores infinite, so the logits of any
-    request using it are NaN. loraserve accepts the folder (every weight is finite)."""
+    request using it are NaN. loraserve refuses it unless `max_adapter_weight` allows 1e30."""
     from safetensors.torch import load_file, save_file
 
     make_adapter(base_model, folder, seed=seed, r=4, target_modules=["q_proj", "k_proj"])

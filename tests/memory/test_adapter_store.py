@@ -314,7 +314,7 @@ TENSOR_REFUSALS: list[tuple[Callable[[dict[str, torch.Tensor]], Any], str]] = [
     (lambda t: set_first(t, "lora_B.weight", float("inf")), "lora_B.weight contains NaN or inf"),
     (
         lambda t: set_first(t, "lora_A.weight", 60_000.0),
-        "lora_A.weight has entries of magnitude 6e\\+04 once scaled",
+        "lora_A.weight has entries of magnitude 6e\\+04 once scaled .* max_adapter_weight 10000",
     ),
     (lambda t: t.pop(f"{LAYER_0_Q}.lora_B.weight"), "q_proj.lora_A.weight has no matching lora_B"),
     (

@@ -124,7 +124,11 @@ def test_a_request_the_engine_fails_alone_does_not_touch_the_others(assets: Asse
     request using it gets the error, streams beside it run to their end, the engine stays
     healthy and every page comes back."""
     broken = make_overflowing_adapter(assets.base_model, assets.spare_dir / "overflowing")
-    running = start_server(assets, allowed_adapter_roots=(str(assets.spare_dir),))
+    running = start_server(
+        assets,
+        {"max_adapter_weight": 1e38},  # refused by default: no trained adapter comes near
+        allowed_adapter_roots=(str(assets.spare_dir),),
+    )
     try:
         client = running.server.client(timeout=30)
         with running.server.http() as http:
