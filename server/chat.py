@@ -116,6 +116,7 @@ def _renamed(body: ChatCompletionRequest) -> dict[str, str]:
 
 async def _params(served: Served, body: ChatCompletionRequest, mode: ToolMode) -> SamplingParams:
     found = structured_outputs(body)
+    served.limits.check_tools(body.tools)
     constraint = tool_constraint(body, mode)
     if constraint is not None:
         if found is not None:
@@ -124,13 +125,19 @@ async def _params(served: Served, body: ChatCompletionRequest, mode: ToolMode) -
                 found[1],
             )
         found = (constraint, "tools")
-    structured = await checked_grammar(found)
+    checked = await checked_grammar(found, served.limits, served.grammars)
     # OpenAI's newer name wins when both are sent; 0 is refused either way, as in vLLM.
     max_tokens = (
         body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     )
     params = sampling_params(
-        body, max_tokens, _num_top_logprobs(body), served.limits, served.tokenizer, structured
+        body,
+        max_tokens,
+        _num_top_logprobs(body),
+        served.limits,
+        served.tokenizer,
+        checked,
+        served.eos_token_ids,
     )
     if mode.parser == "mistral":  # [TOOL_CALLS] is a special token: keep it in the text
         params = replace(params, skip_special_tokens=False)
