@@ -38,7 +38,9 @@ class RequestLimits:
     max_grammar_rules: int = 1024
     """Most rule definitions in a Lark or GBNF grammar (`guided_grammar`)."""
     max_guided_choices: int = 1024
-    """Most strings in `guided_choice` (llguidance gives up on tens of thousands)."""
+    """Most strings in `guided_choice` (llguidance's parser gives up past 2,000 items in a row)."""
+    max_grammar_alternatives: int = 1024
+    """Most alternatives (`|`) in a Lark or GBNF grammar, for the same reason."""
     max_tools: int = 128
     """Most `tools` in one chat request (OpenAI's own limit)."""
 
@@ -74,6 +76,8 @@ class RequestLimits:
         if constraint.grammar is not None:
             rules = len(RULE_DEFINITION.findall(constraint.grammar))
             _at_most(rules, self.max_grammar_rules, param, "grammar rules")
+            alternatives = constraint.grammar.count("|")  # in literals too: errs on the safe side
+            _at_most(alternatives, self.max_grammar_alternatives, param, "grammar alternatives")
 
     def check_tools(self, tools: Sequence[object] | None) -> None:
         _at_most(len(tools or ()), self.max_tools, "tools", "tools")

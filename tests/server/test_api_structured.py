@@ -13,7 +13,10 @@ import httpx
 import pytest
 from server_harness import Assets, Running, start_server
 
+from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.limits import RequestLimits
+from loraserve.server.prompts import ChatRendering, PromptBuilder
+from loraserve.server.protocol import ChatMessage
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 DEFAULTS = RequestLimits()
@@ -230,12 +233,7 @@ def agent_history() -> list[dict[str, Any]]:
 
 
 def test_a_tool_call_round_trip_with_null_content_is_served(http: httpx.Client) -> None:
-    body = {
-        "messages": agent_history(),
-        "tools": [WEATHER],
-        "tool_choice": "required",
-        "max_tokens": 4,
-    }
+    body = {"messages": agent_history(), "max_tokens": 4}  # tools: see the test below
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     tokens = http.post("/tokenize", json={"messages": agent_history()}).json()["tokens"]
@@ -254,3 +252,82 @@ def test_a_json_schema_format_logs_no_unknown_field(
         )
     assert response.status_code == 200, response.text
     assert not [record for record in caplog.records if "unknown field" in record.getMessage()]
+
+
+def test_a_message_without_content_renders_as_an_empty_string() -> None:
+    """Templates that concatenate `message['content']` raised on the SDK's `content: null`."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = ChatMessage.model_validate(
+        {"role": "assistant", "content": None, "tool_calls": [call]}
+    )
+    assert message.template_dict()["content"] == ""
+    assert message.template_dict()["tool_calls"] == [call]
+
+
+# -- fuzzing the grammar path ----------------------------------------------------------------
+
+
+def fuzz_cases() -> dict[str, dict[str, Any]]:
+    """Grammars a hostile client could write: chains, nesting, huge alternations, forms that
+    admit nothing, `$ref` cycles, `x-guidance` keys; each within the body limit."""
+    nested_schema: dict[str, Any] = {"type": "string"}
+    for _ in range(120):
+        nested_schema = {"type": "object", "properties": {"a": nested_schema}}
+    refs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(600)}
+    return {
+        "chain 300": {"guided_grammar": chain(300)},
+        "chain 900": {"guided_grammar": chain(900)},
+        "gbnf chain": {
+            "guided_grammar": chain(900).replace(": ", " ::= ").replace("start", "root")
+        },
+        "parentheses": {"guided_grammar": "start: " + "(" * 2000 + '"a"' + ")" * 2000},
+        "regex nesting": {"guided_regex": "(" * 3000 + "a" + ")" * 3000},
+        "alternation": {
+            "guided_grammar": 'start: "x" (' + "|".join(f'"{i}"' for i in range(5000)) + ")"
+        },
+        "regex alternation": {"guided_regex": "|".join(f"w{i}" for i in range(5000))},
+        "enum": {"guided_json": {"enum": [f"v{i}" for i in range(3000)]}},
+        "nested schema": {"guided_json": nested_schema},
+        "ref chain": {
+            "guided_json": {"$defs": {**refs, "d600": {"type": "string"}}, "$ref": "#/$defs/d0"}
+        },
+        "ref cycle": {"guided_json": {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}},
+        "x-guidance nested": {
+            "guided_json": {
+                "type": "object",
+                "properties": {"a": {"x-guidance": {"lenient": True}}},
+            }
+        },
+        "empty grammar": {"guided_grammar": ""},
+        "undefined rule": {"guided_grammar": "start: nothing"},
+        "gbnf unsatisfiable": {"guided_grammar": 'root ::= a\na ::= a "x"'},
+        "lark import": {"guided_grammar": "%import common.WORD\nstart: WORD"},
+        "bad regex": {"guided_regex": "a{99999999}"},
+        "choice of empties": {"guided_choice": ["", ""]},
+    }
+
+
+@pytest.mark.parametrize("extra", fuzz_cases().values(), ids=fuzz_cases().keys())
+def test_the_grammar_fuzzer_finds_no_5xx_and_the_server_lives(
+    http: httpx.Client, extra: dict[str, Any]
+) -> None:
+    response = http.post("/v1/chat/completions", json={**CHAT, **extra})
+    assert response.status_code < 500, response.text[:2000]
+    if response.status_code >= 400:
+        message = response.json()["error"]["message"]
+        assert "<state>" not in message and len(message) < 400, message
+    normal = http.post("/v1/chat/completions", json=CHAT)
+    assert normal.status_code == 200, normal.text
+
+
+def test_tools_are_described_to_a_template_that_never_shows_them(assets: Assets) -> None:
+    """The test model's template has no tools section: the tools reach the model in the
+    system message, in the `<tool_call>` words the hermes parser reads."""
+    builder = PromptBuilder(Tokenizer.from_folder(assets.model), 4096)
+    history = [{"role": "system", "content": "Be brief."}, *agent_history()]
+    text = builder.render(history, ChatRendering(tools=[WEATHER]))
+    assert "Be brief." in text and "<tools>" in text and '"get_weather"' in text
+    assert text.count("<|system|>") == 1
+    assert "<tools>" not in builder.render(history, ChatRendering())
+    own = ChatRendering(tools=[WEATHER], template="{{ tools | length }}")
+    assert builder.render(history, own) == "1"  # a template that shows tools is left alone
