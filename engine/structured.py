@@ -49,14 +49,17 @@ from loraserve.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-JSON_WHITESPACE = r"\x0A?[\x20\x09]{0,8}"
-"""Whitespace allowed between two JSON tokens: one line break and an indent of up to 8 (four
-levels of two spaces). OpenAI's strict mode emits compact JSON (no whitespace at all), and
-models pretty-print with one break and an indent per gap, so this costs a model nothing it
-writes; a weak model that takes every blank the grammar allows, one token each, spends at
-most 9 tokens per gap: `{"city": "Paris"}` (4 gaps, ~9 other tokens) closes within 45 tokens.
-The old bound (20 of any blank, line breaks included) let such a model spend 80 tokens on
-the same object's gaps and be cut by `max_tokens` before it closed."""
+JSON_WHITESPACE = r"(?:\x0A\x20{0,8}|\x20)?"
+"""Whitespace allowed between two JSON tokens: one space, or a line break and an indent of up
+to 8 spaces (four levels of two). OpenAI's strict mode emits compact JSON, and models
+pretty-print with one break and an indent per gap, so this costs a model nothing it writes;
+a weak model that takes every blank the grammar allows spends at most 9 tokens per gap, so
+`{"city": "Paris"}` (4 gaps) closes within 45 tokens whatever it does. Measured on the demo
+(SmolLM2-135M, greedy, "What is the capital of France? Reply in JSON.", max_tokens 60): the
+base model and every demo adapter answer as before (6-10 tokens; `caps` loops inside the
+string under any bound), and a random adapter (B std 0.1 on all seven modules) closes in 10
+tokens, where the old bound (20 blanks of any kind per gap) let it write tabs for 49 and
+one of `\x0a?[\x20\x09]{0,8}` for 34."""
 MAX_WHITESPACE_CHARS = 9
 """Most characters a request's own `whitespace_pattern` may match per gap (JSON_WHITESPACE's)."""
 GRAMMAR_OPTIONS = '%llguidance {"no_forcing": true}\n'

@@ -263,11 +263,11 @@ def test_a_request_cannot_widen_the_whitespace_between_json_tokens(options) -> N
         StructuredOutputs(**options)
 
 
-def test_the_whitespace_bound_allows_one_break_and_an_indent() -> None:
-    assert re.fullmatch(JSON_WHITESPACE, "\n" + " " * 8)
-    assert re.fullmatch(JSON_WHITESPACE, "")
-    assert not re.fullmatch(JSON_WHITESPACE, "\n\n")
-    assert not re.fullmatch(JSON_WHITESPACE, " " * 9)
+def test_the_whitespace_bound_allows_one_space_or_one_break_and_an_indent() -> None:
+    for allowed in ("", " ", "\n", "\n" + " " * 8):
+        assert re.fullmatch(JSON_WHITESPACE, allowed), repr(allowed)
+    for refused in ("\n\n", "  ", "\t", "\n" + " " * 9, "\r\n"):
+        assert not re.fullmatch(JSON_WHITESPACE, refused), repr(refused)
 
 
 def test_client_errors_carry_no_parser_state() -> None:
