@@ -254,16 +254,16 @@ def check_first_token(
     `allowed_token_ids`, less the tokens that would end the request before `min_tokens`
     (the sampler would otherwise find every token masked and fail the request)."""
     allowed: set[int] | None = None
-    if checked is not None:
-        allowed = set(allowed_token_ids(checked.first_mask).tolist())
     if params.allowed_token_ids is not None:
-        given = set(params.allowed_token_ids)
-        allowed = given if allowed is None else allowed & given
-        if not allowed:
+        allowed = set(params.allowed_token_ids)
+    if checked is not None:
+        first = set(allowed_token_ids(checked.first_mask).tolist())
+        if allowed is not None and not allowed & first:
             raise InvalidRequestError(
-                f"allowed_token_ids: none of them is allowed by {checked and checked.param}",
+                f"allowed_token_ids: {checked.param} allows none of them first",
                 "allowed_token_ids",
             )
+        allowed = first if allowed is None else allowed & first
     if allowed is None or not params.min_tokens:
         return
     stops = set(params.stop_token_ids)
