@@ -55,6 +55,8 @@ class ChatRendering:
     """A Jinja template used instead of the model's."""
     variables: dict[str, Any] = field(default_factory=dict)
     """More template variables (`chat_template_kwargs`, `documents`, ...)."""
+    describe_tools: bool = False
+    """Describe `tools` in the system message (`TOOLS_PROMPT`) if the template never shows them."""
 
 
 TOOLS_PROMPT = """# Tools
@@ -73,7 +75,8 @@ For each function call, return a json object with function name and arguments wi
 </tool_call>"""
 """How tools are described to a model whose chat template never shows them: the words of
 Qwen2.5's and Hermes' templates, whose `<tool_call>` format `--tool-call-parser hermes`
-reads (transformers and vLLM leave such a model unaware of its tools)."""
+reads (transformers and vLLM leave such a model unaware of its tools); so only with that
+parser and `tool_choice: auto`."""
 
 
 def with_tools_described(
@@ -154,7 +157,11 @@ class PromptBuilder:
                 "continue_final_message and add_generation_prompt cannot both be true",
                 "continue_final_message",
             )
-        if rendering.tools and "tools" not in self._template_source(rendering):
+        if (
+            rendering.tools
+            and rendering.describe_tools
+            and "tools" not in self._template_source(rendering)
+        ):
             messages = with_tools_described(messages, rendering.tools)
         text = self.tokenizer.apply_chat_template(
             messages,

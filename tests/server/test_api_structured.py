@@ -325,9 +325,10 @@ def test_tools_are_described_to_a_template_that_never_shows_them(assets: Assets)
     system message, in the `<tool_call>` words the hermes parser reads."""
     builder = PromptBuilder(Tokenizer.from_folder(assets.model), 4096)
     history = [{"role": "system", "content": "Be brief."}, *agent_history()]
-    text = builder.render(history, ChatRendering(tools=[WEATHER]))
+    text = builder.render(history, ChatRendering(tools=[WEATHER], describe_tools=True))
     assert "Be brief." in text and "<tools>" in text and '"get_weather"' in text
     assert text.count("<|system|>") == 1
     assert "<tools>" not in builder.render(history, ChatRendering())
-    own = ChatRendering(tools=[WEATHER], template="{{ tools | length }}")
+    assert "<tools>" not in builder.render(history, ChatRendering(tools=[WEATHER]))
+    own = ChatRendering(tools=[WEATHER], template="{{ tools | length }}", describe_tools=True)
     assert builder.render(history, own) == "1"  # a template that shows tools is left alone
