@@ -13,7 +13,11 @@ streams' worst gap between two chunks and /health's worst latency, before the ho
 request (baseline) and from its sending to `--settle` seconds after its answer.
 
 Cases (what issue 10 found): `prompt-5mib` (a 5 MiB text prompt), `token-ids-14mb` (a
-14 MB JSON list of token ids), `n-20000` (n=20000 completions of a short prompt).
+14 MB JSON list of token ids), `n-20000` (n=20000 completions of a short prompt); issue 24's
+grammar path: `grammar-chain-3000` (the Lark chain that killed the server), `grammar-chain-900`
+(within the limits, too deep for the checking child's stack), `choice-600kb`, and two
+constraints at the limits that the core compiles between steps (`choice-at-limit`,
+`schema-at-byte-limit`); target: a worst gap within 2x the baseline's.
 The client runs in this process: its threads share this process's GIL, not the server's.
 
 `tokenizer` (in-process, no server): the event loop's worst stall while the server's
@@ -69,10 +73,41 @@ def _n_20000() -> dict[str, Any]:
     return {"model": BASE_MODEL_NAME, "prompt": "hello", "n": 20000, "max_tokens": 1}
 
 
+def _grammar(guided: dict[str, Any]) -> dict[str, Any]:
+    return {"model": BASE_MODEL_NAME, "prompt": "hello", "max_tokens": 8, **guided}
+
+
+def _lark_chain(num_rules: int) -> dict[str, Any]:
+    """Issue 24's R1: Lark rules each referring to the next (3,000 killed the server)."""
+    rules = "\n".join(f'r{i}: "a" r{i + 1} | "b"' for i in range(num_rules))
+    return _grammar({"guided_grammar": f'start: r0\n{rules}\nr{num_rules}: "z"'})
+
+
+def _choices(count: int, width: int) -> dict[str, Any]:
+    return _grammar({"guided_choice": [f"{i:0{width}d}" for i in range(count)]})
+
+
+def _schema_at_byte_limit() -> dict[str, Any]:
+    """A `tool_choice: required`-like schema of ~60 KiB (just under max_grammar_bytes): the
+    engine core compiles it between two steps."""
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+    items = [
+        {"type": "object", "properties": {"name": {"const": f"tool_{i}"}, "parameters": parameters}}
+        for i in range(430)
+    ]
+    return _grammar({"guided_json": {"type": "array", "items": {"anyOf": items}}})
+
+
 CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "prompt-5mib": _prompt_5mib,
     "token-ids-14mb": _token_ids_14mb,
     "n-20000": _n_20000,
+    # issue 24: the grammar path
+    "grammar-chain-3000": lambda: _lark_chain(3000),  # refused by max_grammar_rules
+    "grammar-chain-900": lambda: _lark_chain(900),  # within the limits: its checker dies
+    "choice-600kb": lambda: _choices(50_000, 10),  # refused by max_guided_choices
+    "choice-at-limit": lambda: _choices(1024, 60),  # compiled by the checker and the core
+    "schema-at-byte-limit": _schema_at_byte_limit,
 }
 
 

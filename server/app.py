@@ -67,6 +67,7 @@ def create_app(
                 "every adapter and load or unload adapters"
             )
         yield
+        served.grammars.close()
         engine.shutdown()
 
     app = FastAPI(title="loraserve", lifespan=lifespan)

@@ -78,7 +78,7 @@ async def create_chat_completion(
         params = await _params(served, body, mode)
         prompt = await served.prompts.chat_prompt(
             [_template_message(m.template_dict()) for m in body.messages],
-            _rendering(served, body),
+            _rendering(served, body, mode),
             Tokenizing(bool(body.add_special_tokens), body.truncate_prompt_tokens),
         )
         request_id = f"chatcmpl-{body.request_id or uuid.uuid4().hex}"
@@ -116,6 +116,7 @@ def _renamed(body: ChatCompletionRequest) -> dict[str, str]:
 
 async def _params(served: Served, body: ChatCompletionRequest, mode: ToolMode) -> SamplingParams:
     found = structured_outputs(body)
+    served.limits.check_tools(body.tools)
     constraint = tool_constraint(body, mode)
     if constraint is not None:
         if found is not None:
@@ -124,20 +125,26 @@ async def _params(served: Served, body: ChatCompletionRequest, mode: ToolMode) -
                 found[1],
             )
         found = (constraint, "tools")
-    structured = await checked_grammar(found)
+    checked = await checked_grammar(found, served.limits, served.grammars)
     # OpenAI's newer name wins when both are sent; 0 is refused either way, as in vLLM.
     max_tokens = (
         body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     )
     params = sampling_params(
-        body, max_tokens, _num_top_logprobs(body), served.limits, served.tokenizer, structured
+        body,
+        max_tokens,
+        _num_top_logprobs(body),
+        served.limits,
+        served.tokenizer,
+        checked,
+        served.eos_token_ids,
     )
     if mode.parser == "mistral":  # [TOOL_CALLS] is a special token: keep it in the text
         params = replace(params, skip_special_tokens=False)
     return params
 
 
-def _rendering(served: Served, body: ChatCompletionRequest) -> ChatRendering:
+def _rendering(served: Served, body: ChatCompletionRequest, mode: ToolMode) -> ChatRendering:
     if body.chat_template is not None and not served.trust_request_chat_template:
         raise InvalidRequestError(
             "chat_template: this server runs only its own chat templates (start it with "
@@ -160,8 +167,11 @@ def _rendering(served: Served, body: ChatCompletionRequest) -> ChatRendering:
     if add_generation_prompt is None:
         add_generation_prompt = not continue_final
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    # Hermes' words ask for <tool_call> tags: only where the hermes parser reads them (a
+    # grammar forces `required` and named calls into another form).
+    describe = mode.kind == "auto" and mode.parser == "hermes"
     return ChatRendering(
-        add_generation_prompt, continue_final, tools, body.chat_template, variables
+        add_generation_prompt, continue_final, tools, body.chat_template, variables, describe
     )
 
 

@@ -48,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_options, server_config, limits = _split_options(args)
         if command == "demo":
             model, adapters = _demo_assets(engine_options, server_config)
+            if server_config.tool_call_parser is None:  # SmolLM2 writes Hermes' <tool_call>
+                server_config = dataclasses.replace(server_config, tool_call_parser="hermes")
         else:
             model = engine_options.pop("model")
             adapters = {}

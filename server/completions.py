@@ -70,10 +70,16 @@ async def create_completion(
     num_prompts = served.prompts.num_prompts(body.prompt)
     served.limits.check_n(n, num_prompts)
     tenant.check_rate(n * num_prompts)
-    structured = await checked_grammar(structured_outputs(body))
+    checked = await checked_grammar(structured_outputs(body), served.limits, served.grammars)
     max_tokens = 1 if body.max_tokens == 0 else body.max_tokens  # 0: see the module's doc
     params = sampling_params(
-        body, max_tokens, body.logprobs, served.limits, served.tokenizer, structured
+        body,
+        max_tokens,
+        body.logprobs,
+        served.limits,
+        served.tokenizer,
+        checked,
+        served.eos_token_ids,
     )
     if body.echo and body.logprobs is not None:  # the prompt's logprobs come back too
         params = replace(params, prompt_logprobs=max(params.prompt_logprobs or 0, body.logprobs))

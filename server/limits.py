@@ -9,9 +9,11 @@ event loop or memory for long. Each field is a `loraserve serve` option.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+from loraserve.engine.structured import StructuredOutputs
 from loraserve.errors import InvalidRequestError
 
 
@@ -33,6 +35,16 @@ class RequestLimits:
     """Most `stop_token_ids` per request."""
     max_token_constraints: int = 4096
     """Most entries of each of `logit_bias`, `allowed_token_ids` and `bad_words` per request (the sampler reads them every step)."""
+    max_grammar_bytes: int = 65536
+    """Largest output constraint, in UTF-8 bytes: a grammar, a regex, a JSON schema (as JSON), `guided_choice` (all its strings) or the schema `tools` make (the engine compiles it between two steps: ~1 ms per KB)."""
+    max_grammar_rules: int = 1024
+    """Most rule definitions in a Lark or GBNF grammar (`guided_grammar`)."""
+    max_guided_choices: int = 1024
+    """Most strings in `guided_choice` (llguidance's parser gives up past 2,000 items in a row)."""
+    max_grammar_alternatives: int = 1024
+    """Most alternatives (`|`) in a Lark or GBNF grammar, for the same reason."""
+    max_tools: int = 128
+    """Most `tools` in one chat request (OpenAI's own limit)."""
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -59,6 +71,25 @@ class RequestLimits:
             ("allowed_token_ids", "logit_bias", "bad_words"), lists, strict=True
         ):
             _at_most(len(values or ()), self.max_token_constraints, name, "entries")
+
+    def check_constraint(self, constraint: StructuredOutputs, param: str) -> None:
+        """An output constraint's size, before anything compiles it."""
+        _at_most(constraint.source_bytes(), self.max_grammar_bytes, param, "bytes of constraint")
+        _at_most(len(constraint.choice or ()), self.max_guided_choices, param, "choices")
+        if constraint.grammar is not None:
+            rules = len(RULE_DEFINITION.findall(constraint.grammar))
+            _at_most(rules, self.max_grammar_rules, param, "grammar rules")
+            alternatives = constraint.grammar.count("|")  # in literals too: errs on the safe side
+            _at_most(alternatives, self.max_grammar_alternatives, param, "grammar alternatives")
+
+    def check_tools(self, tools: Sequence[object] | None) -> None:
+        _at_most(len(tools or ()), self.max_tools, "tools", "tools")
+
+
+RULE_DEFINITION = re.compile(
+    r"^[ \t]*[?!]?[A-Za-z_][\w-]*(?:\.-?\d+)?[ \t]*(?::|::=)", re.MULTILINE
+)
+"""The start of a rule (or terminal) definition in Lark (`name:`, `?name.2:`) or GBNF (`name ::=`)."""
 
 
 def _at_most(value: int, limit: int, param: str, what: str) -> None:

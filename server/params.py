@@ -8,15 +8,18 @@ change the output (`user`, `metadata`, ...; listed in `NO_EFFECT`).
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.structured import StructuredOutputs, check_grammar
+from loraserve.engine.structured import StructuredOutputs, allowed_token_ids
 from loraserve.errors import InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
+from loraserve.server.grammar_check import GrammarChecker
 from loraserve.server.limits import RequestLimits
 from loraserve.server.protocol import SamplingFields
 
@@ -85,10 +88,12 @@ def sampling_params(
     logprobs: int | None,
     limits: RequestLimits,
     tokenizer: Tokenizer,
-    structured: StructuredOutputs | None,
+    checked: CheckedConstraint | None,
+    eos_token_ids: Sequence[int],
 ) -> SamplingParams:
     """The engine's params from the body; InvalidRequestError (400) names a bad field.
-    The server's limits on counts come first, so that nothing is built for a huge list."""
+    The server's limits on counts come first, so that nothing is built for a huge list;
+    last, some token must be allowed first (`check_first_token`)."""
     limits.check_stops(body.stop, body.stop_token_ids or [])
     limits.check_token_lists(body.allowed_token_ids, body.logit_bias, body.bad_words)
     values: dict[str, Any] = {
@@ -112,11 +117,13 @@ def sampling_params(
         "logit_bias": _logit_bias(body.logit_bias),
         "allowed_token_ids": body.allowed_token_ids,
         "bad_words_token_ids": _bad_words(body.bad_words, tokenizer),
-        "structured_outputs": structured,
+        "structured_outputs": None if checked is None else checked.constraint,
     }
     # null means "the default", except for max_tokens (null = up to the context limit).
     given = {name: value for name, value in values.items() if value is not None}
-    return SamplingParams(**given, max_tokens=max_tokens)
+    params = SamplingParams(**given, max_tokens=max_tokens)
+    check_first_token(params, checked, eos_token_ids)
+    return params
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
@@ -201,6 +208,7 @@ def _from_structured(body: Any) -> StructuredOutputs:
         grammar=body.grammar,
         json_object=bool(body.json_object),
         whitespace_pattern=whitespace,
+        disable_additional_properties=bool(body.disable_additional_properties),
     )
 
 
@@ -216,18 +224,53 @@ def _constraint(param: str, **fields: Any) -> StructuredOutputs:
         raise InvalidRequestError(str(error), param) from None
 
 
-async def checked_grammar(found: tuple[StructuredOutputs, str] | None) -> StructuredOutputs | None:
-    """The constraint, once llguidance accepts its grammar (checked in a worker thread:
-    a large schema takes a while); a 400 naming its field otherwise."""
+@dataclass(frozen=True)
+class CheckedConstraint:
+    """An output constraint that compiled, and the tokens it allows first."""
+
+    constraint: StructuredOutputs
+    param: str
+    first_mask: np.ndarray
+    """Bitmask row of the tokens allowed first (`GrammarCompiler.first_mask`)."""
+
+
+async def checked_grammar(
+    found: tuple[StructuredOutputs, str] | None, limits: RequestLimits, checker: GrammarChecker
+) -> CheckedConstraint | None:
+    """The constraint, once its size is within the limits and it compiled (in a child
+    process: server/grammar_check.py); a 400 naming its field otherwise."""
     if found is None:
         return None
     constraint, param = found
+    limits.check_constraint(constraint, param)
+    mask = await checker.first_mask(constraint, param)
+    return CheckedConstraint(constraint, param, mask)
 
-    def check() -> None:
-        try:
-            check_grammar(constraint.to_grammar(), param)
-        except InvalidRequestError as error:
-            raise InvalidRequestError(str(error), param) from None
 
-    await asyncio.to_thread(check)
-    return constraint
+def check_first_token(
+    params: SamplingParams, checked: CheckedConstraint | None, eos_token_ids: Sequence[int]
+) -> None:
+    """A 400 unless some token may be sampled first: the grammar's first tokens, within
+    `allowed_token_ids`, less the tokens that would end the request before `min_tokens`
+    (the sampler would otherwise find every token masked and fail the request)."""
+    allowed: set[int] | None = None
+    if params.allowed_token_ids is not None:
+        allowed = set(params.allowed_token_ids)
+    if checked is not None:
+        first = set(allowed_token_ids(checked.first_mask).tolist())
+        if allowed is not None and not allowed & first:
+            raise InvalidRequestError(
+                f"allowed_token_ids: {checked.param} allows none of them first",
+                "allowed_token_ids",
+            )
+        allowed = first if allowed is None else allowed & first
+    if allowed is None or not params.min_tokens:
+        return
+    stops = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        stops.update(eos_token_ids)
+    if allowed <= stops:
+        raise InvalidRequestError(
+            "min_tokens: every token allowed first would end the output before min_tokens",
+            "min_tokens",
+        )

@@ -14,6 +14,7 @@ context and the pool.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,41 @@ class ChatRendering:
     """A Jinja template used instead of the model's."""
     variables: dict[str, Any] = field(default_factory=dict)
     """More template variables (`chat_template_kwargs`, `documents`, ...)."""
+    describe_tools: bool = False
+    """Describe `tools` in the system message (`TOOLS_PROMPT`) if the template never shows them."""
+
+
+TOOLS_PROMPT = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+"""How tools are described to a model whose chat template never shows them: the words of
+Qwen2.5's and Hermes' templates, whose `<tool_call>` format `--tool-call-parser hermes`
+reads (transformers and vLLM leave such a model unaware of its tools); so only with that
+parser and `tool_choice: auto`."""
+
+
+def with_tools_described(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`messages` with `TOOLS_PROMPT` at the end of the system message (one is added first
+    if there is none)."""
+    described = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool) for tool in tools))
+    if messages and messages[0].get("role") == "system":
+        system = messages[0]
+        content = f"{system.get('content') or ''}\n\n{described}".lstrip()
+        return [{**system, "content": content}, *messages[1:]]
+    return [{"role": "system", "content": described}, *messages]
 
 
 class PromptBuilder:
@@ -121,6 +157,12 @@ class PromptBuilder:
                 "continue_final_message and add_generation_prompt cannot both be true",
                 "continue_final_message",
             )
+        if (
+            rendering.tools
+            and rendering.describe_tools
+            and "tools" not in self._template_source(rendering)
+        ):
+            messages = with_tools_described(messages, rendering.tools)
         text = self.tokenizer.apply_chat_template(
             messages,
             rendering.add_generation_prompt,
@@ -131,6 +173,15 @@ class PromptBuilder:
         if rendering.continue_final_message:
             text = _open_final_message(text, messages)
         return text
+
+    def _template_source(self, rendering: ChatRendering) -> str:
+        """The Jinja source that will render this conversation."""
+        source = rendering.template or self.chat_template
+        if source is None:
+            templates = self.tokenizer.chat_templates
+            source = templates.get("tool_use" if rendering.tools else "default")
+            source = source or templates.get("default", "")
+        return source
 
     def _token_prompt(self, token_ids: list[int], tokenizing: Tokenizing) -> Prompt:
         keep = self._keep(tokenizing)

@@ -66,7 +66,7 @@ class StrictBody(BaseModel):
     @classmethod
     def _warn_unknown(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = set(data) - set(cls.model_fields) - _warned_fields
+            unknown = set(data) - _known_keys(cls) - _warned_fields
             if unknown and len(_warned_fields) < MAX_WARNED_FIELDS:
                 _warned_fields.update(unknown)
                 logger.warning(
@@ -75,6 +75,11 @@ class StrictBody(BaseModel):
                     ", ".join(sorted(repr(name[:64]) for name in unknown)),
                 )
         return data
+
+
+def _known_keys(model: type[BaseModel]) -> set[str]:
+    """The keys a body of `model` may carry: its fields' names and their aliases (`schema`)."""
+    return {key for name, info in model.model_fields.items() for key in (name, info.alias) if key}
 
 
 class StreamOptions(StrictBody):
@@ -230,10 +235,12 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as the chat template sees it: content parts joined into a string."""
+        """The message as the chat template sees it: content parts joined into a string, and
+        no content (an assistant's tool calls: `content: null`) an empty one, as vLLM does."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             message["content"] = "".join(part.text for part in self.content)
+        message.setdefault("content", "")
         return message
 
 

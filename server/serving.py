@@ -31,6 +31,7 @@ from loraserve.errors import AdapterError, InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import OPEN_TENANT, Tenant
 from loraserve.server.errors import APIError, model_not_found, to_api_error
+from loraserve.server.grammar_check import GrammarChecker
 from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.prompts import Prompt, PromptBuilder
@@ -59,11 +60,17 @@ class Served:
     """`--tool-call-parser`: how `tool_choice: auto` finds tool calls in the output."""
     trust_request_chat_template: bool = False
     """Whether a request may bring its own `chat_template`."""
+    grammars: GrammarChecker = field(init=False)
+    """Compiles requests' output constraints in child processes, with the engine's tokenizer."""
 
     def __post_init__(self) -> None:
         for name in self.engine.adapters:
             self.check_adapter_name(name)
         tokenizer = self.tokenizer
+        info = self.engine.info
+        assert info is not None, "the engine is started"
+        vocab_size = max(info.vocab_size, tokenizer.vocab_size)  # as the core's GrammarCompiler
+        self.grammars = GrammarChecker(tokenizer.backend.to_str(), vocab_size, info.eos_token_ids)
         # A token's text never changes: logprobs name the same tokens over and over.
         self._token_text = functools.lru_cache(maxsize=TOKEN_TEXT_CACHE)(
             lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
@@ -76,6 +83,11 @@ class Served:
     @property
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        info = self.engine.info
+        return () if info is None else info.eos_token_ids
 
     def check_adapter_name(self, name: str) -> None:
         """An adapter may not take the base model's name: requests for it would never

@@ -19,7 +19,7 @@ import torch
 from factories import greedy_reference, make_adapter, make_model, peft_model_for
 
 from loraserve import LLM, SamplingParams
-from loraserve.engine.structured import StructuredOutputs
+from loraserve.engine.structured import JSON_WHITESPACE, StructuredOutputs, public_error
 from loraserve.errors import InvalidRequestError
 
 NEW_TOKENS = 12
@@ -224,3 +224,53 @@ def test_bitmasks_apply_to_their_rows_only_bit_by_bit() -> None:
         for token in range(vocab_size):
             expected = before[row, token].item() if token in kept else float("-inf")
             assert logits[row, token].item() == expected
+
+
+def test_disable_additional_properties_closes_every_object_that_does_not_say() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "inner": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            "open": {"type": "object", "additionalProperties": True},
+            "list": {"type": "array", "items": {"properties": {"b": {"type": "string"}}}},
+        },
+    }
+    closed = StructuredOutputs(json=schema, disable_additional_properties=True)
+    grammar_schema = json.loads(closed.to_grammar().split("%json ", 1)[1])
+    properties = grammar_schema["properties"]
+    assert grammar_schema["additionalProperties"] is False
+    assert properties["inner"]["additionalProperties"] is False
+    assert properties["open"]["additionalProperties"] is True
+    assert properties["list"]["items"]["additionalProperties"] is False
+    untouched = json.loads(StructuredOutputs(json=schema).to_grammar().split("%json ", 1)[1])
+    assert "additionalProperties" not in untouched
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"json": {"type": "object", "x-guidance": {"whitespace_pattern": "\\s*"}}},
+        {"json_object": True, "whitespace_pattern": "[ \\n]+"},
+        {"json_object": True, "whitespace_pattern": "\\s{0,10}"},
+        {"json_object": True, "whitespace_pattern": "(unclosed"},
+    ],
+)
+def test_a_request_cannot_widen_the_whitespace_between_json_tokens(options) -> None:
+    with pytest.raises(InvalidRequestError, match=r"x-guidance|whitespace_pattern"):
+        StructuredOutputs(**options)
+
+
+def test_the_whitespace_bound_allows_one_space_or_one_break_and_an_indent() -> None:
+    for allowed in ("", " ", "\n", "\n" + " " * 8):
+        assert re.fullmatch(JSON_WHITESPACE, allowed), repr(allowed)
+    for refused in ("\n\n", "  ", "\t", "\n" + " " * 9, "\r\n"):
+        assert not re.fullmatch(JSON_WHITESPACE, refused), repr(refused)
+
+
+def test_client_errors_carry_no_parser_state() -> None:
+    dump = (
+        'lexer error: too many expressions constructed\n<state>\nTokens: ...\nParser: {"rows": 1}'
+    )
+    assert public_error(dump) == "lexer error: too many expressions constructed"
+    assert "admits no output" in public_error("NoExtensionBias\n<state>...")
+    assert len(public_error("x" * 10_000)) <= 203
