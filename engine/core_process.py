@@ -45,19 +45,25 @@ def spawn_engine_core(
     to_front_end_address: str,
     log_level: str,
 ) -> multiprocessing.process.BaseProcess:
-    """Start the engine-core process (`spawn`, a daemon of this one) running `run_engine_core`.
-
-    `spawn` starts `python -c ...`, which puts the current folder first on sys.path, and the
-    child imports the standard library (`struct`, `pickle`...) before multiprocessing gives it
-    this process's path: a `struct.py` or a `kernels/` folder where `loraserve serve` was
-    started would be imported in place of the real module. PYTHONSAFEPATH keeps it off.
-    """
+    """Start the engine-core process (`spawn`, a daemon of this one) running `run_engine_core`."""
     process = multiprocessing.get_context("spawn").Process(
         target=run_engine_core,
         args=(config, adapters, to_core_address, to_front_end_address, os.getpid(), log_level),
         name="loraserve-engine-core",
         daemon=True,
     )
+    start_without_current_folder(process)
+    return process
+
+
+def start_without_current_folder(process: multiprocessing.process.BaseProcess) -> None:
+    """Start a `spawn` process with the current folder off its import path.
+
+    `spawn` starts `python -c ...`, which puts the current folder first on sys.path, and the
+    child imports the standard library (`struct`, `pickle`...) before multiprocessing gives it
+    this process's path: a `struct.py` or a `kernels/` folder where `loraserve serve` was
+    started would be imported in place of the real module. PYTHONSAFEPATH keeps it off.
+    """
     previous = os.environ.get("PYTHONSAFEPATH")
     os.environ["PYTHONSAFEPATH"] = "1"
     try:
@@ -67,7 +73,6 @@ def spawn_engine_core(
             del os.environ["PYTHONSAFEPATH"]
         else:
             os.environ["PYTHONSAFEPATH"] = previous
-    return process
 
 
 def run_engine_core(

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from loraserve.engine.core_process import start_without_current_folder
 from loraserve.engine.structured import GrammarCompiler, StructuredOutputs, public_error
 from loraserve.errors import InvalidRequestError
 
@@ -101,7 +102,7 @@ class _Child:
         self._process = context.Process(
             target=serve_checks, args=(child_end, *arguments), daemon=True, name="grammar-check"
         )
-        self._process.start()
+        start_without_current_folder(self._process)
         child_end.close()
         self._ready = False
 

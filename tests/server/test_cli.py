@@ -130,6 +130,12 @@ def test_serve_ignores_modules_in_the_folder_it_is_started_from(
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         answer = client.completions.create(model="mlp4", prompt="hello", max_tokens=3)
         assert answer.usage is not None and answer.usage.completion_tokens == 3
+        # A constraint is checked in a spawned process of its own: the same holds there.
+        choice = {"guided_choice": ["yes", "no"]}
+        constrained = client.completions.create(
+            model="mlp4", prompt="hello", max_tokens=3, extra_body=choice
+        )
+        assert constrained.choices[0].text in ("yes", "no")
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=30)
