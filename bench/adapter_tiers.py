@@ -184,10 +184,10 @@ def _paced(url: str, names: list[str], interval: float) -> tuple[float, float, l
 
 
 def steps(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from loraserve.engine.config import build_config
-    from loraserve.engine.core import EngineCore
-    from loraserve.engine.request import EngineRequest
-    from loraserve.engine.sampling_params import SamplingParams
+    from loraserve.engine.core.config import build_config
+    from loraserve.engine.core.core import EngineCore
+    from loraserve.engine.core.request import EngineRequest
+    from loraserve.engine.core.sampling_params import SamplingParams
 
     model, _ = ensure_assets("cpu", (8,), 0, args.cache_dir, "float32")
     folder = _cold_adapters(args)

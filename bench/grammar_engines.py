@@ -1,4 +1,4 @@
-"""How the structured-output engines compare on one vocabulary: what engine/structured.py
+"""How the structured-output engines compare on one vocabulary: what engine/sampling/structured.py
 chose llguidance on.
 
     pip install xgrammar   # optional: compared when importable (it imports torch and transformers)

@@ -3,7 +3,7 @@
     python -m bench.ipc_codec                     # the table: msgspec (ours) vs pickle
     python -m bench.ipc_codec --requests 64 --output result.json
 
-The message is the `Outputs` of one decode step (engine/ipc.py): one `EngineOutput` per
+The message is the `Outputs` of one decode step (engine/core/ipc.py): one `EngineOutput` per
 running request, each with one new token, as a step of `--requests` requests sends it
 (and, in a second row, with the top-5 logprobs of that token too). Each codec encodes
 and decodes it `--repeats` times; the figure is the median time of one round trip
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loraserve.engine import ipc
-from loraserve.engine.outputs import EngineOutput, TokenLogprobs
+from loraserve.engine.core import ipc
+from loraserve.engine.core.outputs import EngineOutput, TokenLogprobs
 
 from .metrics import run_metadata
 

@@ -46,7 +46,7 @@ class _CallCounter(TorchDispatchMode):
 def _decode_steps(llm, batch: int, names: list[str], count_calls: bool) -> list[float]:
     """Per decode step: seconds (count_calls False) or torch calls (True)."""
     from loraserve import SamplingParams
-    from loraserve.engine.request import EngineRequest
+    from loraserve.engine.core.request import EngineRequest
 
     engine = llm.engine
     params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from loraserve.engine.constraints import GrammarMasks
-from loraserve.engine.sampler import SequenceTokens, sample
-from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.structured import GrammarCompiler, StructuredOutputs
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.constraints import GrammarMasks
+from loraserve.engine.sampling.sampler import SequenceTokens, sample
+from loraserve.engine.sampling.structured import GrammarCompiler, StructuredOutputs
 from loraserve.models.tokenizer import Tokenizer
 
 from .metrics import run_metadata

@@ -33,9 +33,9 @@ def _off_the_clone_root(path: list[str]) -> list[str]:
 sys.path[:] = _off_the_clone_root(sys.path)
 
 if TYPE_CHECKING:
-    from loraserve.engine.llm import LLM
-    from loraserve.engine.sampling_params import SamplingParams
-    from loraserve.engine.structured import StructuredOutputs
+    from loraserve.engine.client.llm import LLM
+    from loraserve.engine.core.sampling_params import SamplingParams
+    from loraserve.engine.sampling.structured import StructuredOutputs
 
 __all__ = ["LLM", "SamplingParams", "StructuredOutputs"]
 
@@ -43,15 +43,15 @@ __all__ = ["LLM", "SamplingParams", "StructuredOutputs"]
 def __getattr__(name: str) -> Any:
     # Imported lazily so that `import loraserve.scheduler` stays free of torch.
     if name == "LLM":
-        from loraserve.engine.llm import LLM
+        from loraserve.engine.client.llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from loraserve.engine.sampling_params import SamplingParams
+        from loraserve.engine.core.sampling_params import SamplingParams
 
         return SamplingParams
     if name == "StructuredOutputs":
-        from loraserve.engine.structured import StructuredOutputs
+        from loraserve.engine.sampling.structured import StructuredOutputs
 
         return StructuredOutputs
     raise AttributeError(name)

@@ -1,7 +1,7 @@
 """Durations recorded between two reads of the engine's stats, bounded.
 
 The engine records how long each adapter read (memory/adapter_catalog.py) and each copy
-into the pool (engine/device_pool.py) took; /metrics takes them for its histograms. With
+into the pool (engine/runner/device_pool.py) took; /metrics takes them for its histograms. With
 nobody reading the stats (the `LLM` class), only the latest `MAX_RECORDED` are kept.
 """
 

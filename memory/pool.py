@@ -1,7 +1,7 @@
 """The unified page pool's bookkeeping: which pages hold KV, which hold adapters, which are free.
 
 Pure Python (no torch): the pool tensor itself, its KV view and the LoRA offset
-tables belong to the model runner (engine/device_pool.py), which copies what this
+tables belong to the model runner (engine/runner/device_pool.py), which copies what this
 bookkeeping decides. `UnifiedPool` is the scheduler's `PoolAccounting`.
 
 Residency: an adapter is held while any running request uses it; an idle resident

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.client.async_engine import AsyncEngine
 from loraserve.server.auth import MetricsAccess, Tenant, Tenants, read_metrics_key
 from loraserve.server.chat import create_chat_completion
 from loraserve.server.completions import create_completion

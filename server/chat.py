@@ -18,8 +18,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.core.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
+from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.errors import InvalidRequestError
 from loraserve.server.auth import Tenant
 from loraserve.server.params import (

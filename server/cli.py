@@ -28,7 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loraserve.engine.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, build_config
+from loraserve.engine.core.config import (
+    CacheConfig,
+    EngineConfig,
+    LoraConfig,
+    ModelConfig,
+    build_config,
+)
 from loraserve.errors import LoraserveError
 from loraserve.scheduler.config import SchedulerConfig
 from loraserve.server.cli_aliases import add_vllm_aliases, apply_vllm_aliases
@@ -162,7 +168,7 @@ def _split_options(args: dict[str, Any]) -> tuple[dict[str, Any], ServerConfig, 
 
 def adapters_of(config: ServerConfig) -> dict[str, Path]:
     """The --adapter NAME=DIR entries. (--adapter-dir is listed by the engine's handle, which
-    also reads the --pin-adapter ones at start: engine/adapter_names.py.)"""
+    also reads the --pin-adapter ones at start: engine/client/adapter_names.py.)"""
     adapters: dict[str, Path] = {}
     for spec in config.adapters:
         name, _, path = spec.partition("=")
@@ -203,7 +209,7 @@ def serve(
     """Listen, load the model and adapters, then serve until stopped; the exit status."""
     import uvicorn
 
-    from loraserve.engine.async_engine import AsyncEngine
+    from loraserve.engine.client.async_engine import AsyncEngine
     from loraserve.server.app import create_app
     from loraserve.server.auth import Tenants
     from loraserve.server.lifecycle import CUT_GRACE_SECONDS, DrainingServer, listen

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
+from loraserve.engine.core.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
 from loraserve.errors import InvalidRequestError
 from loraserve.server.auth import Tenant
 from loraserve.server.params import (

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from loraserve.engine.core_process import start_without_current_folder
-from loraserve.engine.structured import GrammarCompiler, StructuredOutputs, public_error
+from loraserve.engine.core.core_process import start_without_current_folder
+from loraserve.engine.sampling.structured import GrammarCompiler, StructuredOutputs, public_error
 from loraserve.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)

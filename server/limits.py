@@ -1,7 +1,7 @@
 """How much one request may ask for: counts and sizes the server refuses (HTTP 400) before
 any work is done for it.
 
-`SamplingParams` (engine/sampling_params.py) bounds each value to what the sampler can
+`SamplingParams` (engine/core/sampling_params.py) bounds each value to what the sampler can
 compute; these limits bound how *many* things one request may bring (completions,
 prompts, stop strings), so that no single request can hold the engine thread, the
 event loop or memory for long. Each field is a `loraserve serve` option.
@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from loraserve.engine.structured import StructuredOutputs
+from loraserve.engine.sampling.structured import StructuredOutputs
 from loraserve.errors import InvalidRequestError
 
 

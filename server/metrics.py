@@ -45,7 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loraserve.engine.outputs import EngineStats
+from loraserve.engine.core.outputs import EngineStats
 from loraserve.server.request_metrics import TOKEN_LATENCY_BUCKETS, RequestMetrics
 
 # The `*_created` series only repeat the start time, once per metric; vLLM leaves them out too.

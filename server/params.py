@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.structured import StructuredOutputs, allowed_token_ids
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.structured import StructuredOutputs, allowed_token_ids
 from loraserve.errors import InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.grammar_check import GrammarChecker
@@ -64,7 +64,7 @@ REFUSED: tuple[Refusal, ...] = (
 """(field, refused when, why): values loraserve cannot honour."""
 GUIDED_BACKENDS = ("auto", "guidance", "llguidance", "xgrammar", "outlines", "lm-format-enforcer")
 """`guided_decoding_backend` values accepted: the constraint is honoured whichever engine a
-client names (loraserve's is llguidance; engine/structured.py says why)."""
+client names (loraserve's is llguidance; engine/sampling/structured.py says why)."""
 
 
 def refuse_unsupported(body: Any) -> None:

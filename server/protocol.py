@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from loraserve.engine.sampling_params import (
+from loraserve.engine.core.sampling_params import (
     MAX_LOGPROBS,
     MAX_TEMPERATURE,
     MAX_TOP_K,
@@ -126,7 +126,7 @@ TokenId = Annotated[int, Field(ge=0)]
 class SamplingFields(StrictBody):
     """What both generation endpoints accept: OpenAI's fields, then vLLM's extras.
 
-    The ranges are SamplingParams' (engine/sampling_params.py, which says why), stated
+    The ranges are SamplingParams' (engine/core/sampling_params.py, which says why), stated
     here too so that the OpenAPI schema tells clients (and fuzzers) what is accepted;
     limits on counts are the server's (server/limits.py)."""
 

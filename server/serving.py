@@ -23,10 +23,10 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from loraserve.engine.async_engine import AsyncEngine, RequestStream
-from loraserve.engine.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
-from loraserve.engine.request import EngineRequest
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.client.async_engine import AsyncEngine, RequestStream
+from loraserve.engine.core.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
+from loraserve.engine.core.request import EngineRequest
+from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.errors import AdapterError, InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import OPEN_TENANT, Tenant

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loraserve.engine.structured import StructuredOutputs
+from loraserve.engine.sampling.structured import StructuredOutputs
 from loraserve.errors import InvalidRequestError
 from loraserve.server.config import TOOL_CALL_PARSERS
 from loraserve.server.json_scan import scan_object

@@ -57,11 +57,11 @@ def imports_of(path: Path) -> list[tuple[str, int]]:
 
 
 def python_files(folder: str) -> list[Path]:
-    return sorted((ROOT / folder).glob("*.py")) if (ROOT / folder).is_dir() else []
+    return sorted((ROOT / folder).rglob("*.py")) if (ROOT / folder).is_dir() else []
 
 
 def subpackage(module: str) -> str | None:
-    """`loraserve.engine.core` -> `engine`; `loraserve.errors` -> `errors`; else None."""
+    """`loraserve.engine.core.core` -> `engine`; `loraserve.errors` -> `errors`; else None."""
     parts = module.split(".")
     if parts[0] != "loraserve":
         return None
@@ -97,7 +97,7 @@ def test_the_front_end_process_loads_no_torch() -> None:
     """What the server process imports to serve (the app, the CLI, the engine's handle)."""
     code = (
         "import sys\n"
-        "import loraserve.server.app, loraserve.server.cli, loraserve.engine.async_engine\n"
+        "import loraserve.server.app, loraserve.server.cli, loraserve.engine.client.async_engine\n"
         "import loraserve.memory.pool, loraserve.scheduler\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {THIRD_PARTY_HEAVY!r}))\n"
     )
@@ -105,3 +105,43 @@ def test_the_front_end_process_loads_no_torch() -> None:
         [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "[]", result.stdout
+
+
+# engine/'s rooms (engine/*/__init__.py say what each holds): room -> rooms it must not import.
+# The client runs in the front end's process: no runner, no sampling (so no torch there);
+# the runner and sampling never reach back up into the client, sampling never into the runner.
+ROOM_FORBIDDEN: dict[str, set[str]] = {
+    "client": {"runner", "sampling"},
+    "core": {"client"},
+    "runner": {"client"},
+    "sampling": {"client", "runner"},
+}
+CLIENT_MODELS = {"loraserve.models.tokenizer", "loraserve.models.chat_template"}
+"""What the client may import of models/: the tokenizer (and its chat template), never compute."""
+
+
+def engine_room(module: str) -> str | None:
+    """`loraserve.engine.runner.device_pool` -> `runner`; else None."""
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["loraserve", "engine"] and len(parts) > 2 else None
+
+
+def test_engine_has_exactly_the_rooms_the_rules_name() -> None:
+    rooms = {p.name for p in (ROOT / "engine").iterdir() if (p / "__init__.py").is_file()}
+    assert rooms == set(ROOM_FORBIDDEN)
+    assert [p.name for p in (ROOT / "engine").glob("*.py")] == ["__init__.py"]
+
+
+@pytest.mark.parametrize("room", ROOM_FORBIDDEN)
+def test_an_engine_room_imports_only_what_it_may(room: str) -> None:
+    wrong = []
+    for path in python_files(f"engine/{room}"):
+        for module, line in imports_of(path):
+            target = engine_room(module)
+            models_compute = module.startswith("loraserve.models") and module not in CLIENT_MODELS
+            forbidden = target in ROOM_FORBIDDEN[room] or (
+                room == "client" and (module.startswith("loraserve.kernels") or models_compute)
+            )
+            if forbidden:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not wrong, "\n".join(wrong)

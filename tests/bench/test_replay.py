@@ -20,8 +20,8 @@ from server_harness import ServerThread
 from loraserve.bench.metrics import summarize
 from loraserve.bench.replay import replay
 from loraserve.bench.trace import TraceParams, TraceRequest, adapter_name, generate_trace
-from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.config import build_config
+from loraserve.engine.client.async_engine import AsyncEngine
+from loraserve.engine.core.config import build_config
 from loraserve.server.app import create_app
 from loraserve.server.config import ServerConfig
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from loraserve.engine.config import EngineConfig
-from loraserve.engine.request import Step
-from loraserve.engine.sampler import SamplerOutput
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.core.config import EngineConfig
+from loraserve.engine.core.request import Step
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.sampler import SamplerOutput
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.models.arch import ModelArch
 

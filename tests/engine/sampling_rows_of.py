@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.engine.sampling_batch import SamplingBatch
-from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.sampling_rows import SamplingRows
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.sampling_batch import SamplingBatch
+from loraserve.engine.sampling.sampling_rows import SamplingRows
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The step's batch metadata: the worked example of engine/batch_metadata.py, buffers that keep
+"""The step's batch metadata: the worked example of engine/runner/batch_metadata.py, buffers that keep
 their addresses from step to step, and padding to a CUDA-graph bucket."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.engine.batch_metadata import BatchMetadata
+from loraserve.engine.runner.batch_metadata import BatchMetadata
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.scheduler.request import SequenceState
 

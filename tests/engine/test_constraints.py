@@ -19,7 +19,7 @@ import torch
 from factories import greedy_reference, make_adapter, make_model, peft_model_for
 
 from loraserve import LLM, SamplingParams
-from loraserve.engine.structured import JSON_WHITESPACE, StructuredOutputs, public_error
+from loraserve.engine.sampling.structured import JSON_WHITESPACE, StructuredOutputs, public_error
 from loraserve.errors import InvalidRequestError
 
 NEW_TOKENS = 12
@@ -203,7 +203,7 @@ def test_prompt_logprobs_equal_peft_once_per_prompt_token(setup, options) -> Non
 def test_bitmasks_apply_to_their_rows_only_bit_by_bit() -> None:
     """Bit t % 32 of word t // 32 allows token t, the sign bit (31) included; rows without
     a grammar are untouched; tokens past the mask's width are refused."""
-    from loraserve.engine.constraints import GrammarMasks, apply_constraints
+    from loraserve.engine.sampling.constraints import GrammarMasks, apply_constraints
 
     torch.manual_seed(0)
     vocab_size = 70  # three words, the last partly past the vocabulary

@@ -11,10 +11,10 @@ import pytest
 from factories import make_adapter, make_model
 from fake_runner import FakeRunner
 
-from loraserve.engine.config import build_config
-from loraserve.engine.core import EngineCore
-from loraserve.engine.request import EngineRequest
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.core.config import build_config
+from loraserve.engine.core.core import EngineCore
+from loraserve.engine.core.request import EngineRequest
+from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.kernels.constants import NO_ADAPTER
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import zmq
 
-from loraserve.engine import ipc
-from loraserve.engine.core_process import CoreLoop
-from loraserve.engine.request import EngineRequest
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.core import ipc
+from loraserve.engine.core.core_process import CoreLoop
+from loraserve.engine.core.request import EngineRequest
+from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.errors import InvalidRequestError, UnknownAdapterError
 
 

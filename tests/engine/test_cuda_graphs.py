@@ -10,7 +10,7 @@ from factories import make_model
 from test_exactness import REQUESTS, make_adapters
 
 from loraserve import LLM, SamplingParams
-from loraserve.engine.request import EngineRequest
+from loraserve.engine.core.request import EngineRequest
 
 pytestmark = pytest.mark.gpu
 

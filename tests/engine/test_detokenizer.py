@@ -8,8 +8,8 @@ import pytest
 from factories import CORPUS, SPECIAL_TOKENS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from loraserve.engine.detokenizer import IncrementalDetokenizer
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.client.detokenizer import IncrementalDetokenizer
+from loraserve.engine.core.sampling_params import SamplingParams
 
 MULTILINGUAL = [
     "Crème brûlée, café, naïve façade: ça coûte 5 €.",

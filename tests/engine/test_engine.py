@@ -9,7 +9,7 @@ import torch
 from factories import make_adapter, make_model
 
 from loraserve import LLM, SamplingParams
-from loraserve.engine.config import build_config, with_serving_threads
+from loraserve.engine.core.config import build_config, with_serving_threads
 from loraserve.errors import AdapterError, InvalidRequestError, QueueFullError, UnknownAdapterError
 
 

@@ -10,7 +10,7 @@ import pytest
 from factories import make_adapter, make_model, make_overflowing_adapter
 
 from loraserve import LLM, SamplingParams
-from loraserve.engine.sampler import NOT_FINITE
+from loraserve.engine.sampling.sampler import NOT_FINITE
 from loraserve.errors import InvalidRequestError
 
 NORMAL = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

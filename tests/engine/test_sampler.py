@@ -8,9 +8,9 @@ import pytest
 import torch
 from sampling_rows_of import SequenceTokens, rows_of
 
-from loraserve.engine.sampler import apply_penalties, sample
-from loraserve.engine.sampling_batch import SamplingBatch, make_generator
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.sampler import apply_penalties, sample
+from loraserve.engine.sampling.sampling_batch import SamplingBatch, make_generator
 
 EOS = 1
 CHI2_CRITICAL_DF7_P001 = 24.32  # chi-square, 7 degrees of freedom, p = 0.001

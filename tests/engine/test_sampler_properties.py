@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sampling_rows_of import SequenceTokens, rows_of
 
-from loraserve.engine.sampler import NO_TOKEN_LEFT, NOT_FINITE, sample
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.sampler import NO_TOKEN_LEFT, NOT_FINITE, sample
 
 VOCAB_SIZE = 32
 EOS = 1

@@ -8,10 +8,10 @@ import random
 import torch
 from sampling_rows_of import SequenceTokens
 
-from loraserve.engine.sampler import sample
-from loraserve.engine.sampling_batch import SamplingBatch
-from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.sampling_rows import FREQUENCY, REPETITION, TEMPERATURE
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.sampler import sample
+from loraserve.engine.sampling.sampling_batch import SamplingBatch
+from loraserve.engine.sampling.sampling_rows import FREQUENCY, REPETITION, TEMPERATURE
 
 VOCAB_SIZE = 24
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from loraserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from loraserve.engine.core.sampling_params import MAX_LOGPROBS, SamplingParams
 from loraserve.errors import InvalidRequestError
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loraserve import LLM, SamplingParams
-from loraserve.engine.request import EngineRequest
+from loraserve.engine.core.request import EngineRequest
 from loraserve.errors import InvalidRequestError
 
 ADAPTER_CONFIGS = [

@@ -23,8 +23,8 @@ import pytest
 import uvicorn
 from factories import make_adapter, make_model
 
-from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.config import build_config
+from loraserve.engine.client.async_engine import AsyncEngine
+from loraserve.engine.core.config import build_config
 from loraserve.server.app import create_app
 from loraserve.server.auth import Tenants
 from loraserve.server.config import ServerConfig

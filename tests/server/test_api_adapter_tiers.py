@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 from server_harness import Assets, ServerThread, metric
 
-from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.config import build_config
+from loraserve.engine.client.async_engine import AsyncEngine
+from loraserve.engine.core.config import build_config
 from loraserve.server.app import create_app
 from loraserve.server.config import ServerConfig
 

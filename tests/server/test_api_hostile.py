@@ -300,8 +300,8 @@ def test_an_adapter_may_not_take_the_base_models_name(
 
 
 def test_an_adapter_named_like_the_base_model_fails_the_start(assets: Assets) -> None:
-    from loraserve.engine.async_engine import AsyncEngine
-    from loraserve.engine.config import build_config
+    from loraserve.engine.client.async_engine import AsyncEngine
+    from loraserve.engine.core.config import build_config
 
     config = build_config(str(assets.model), device="cpu", pool_pages=32, served_model_name="attn8")
     engine = AsyncEngine(config, assets.adapters)

@@ -15,9 +15,9 @@ import pytest
 from server_harness import ENGINE_OPTIONS, Assets
 
 from loraserve import SamplingParams
-from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.config import build_config
-from loraserve.engine.request import EngineRequest
+from loraserve.engine.client.async_engine import AsyncEngine
+from loraserve.engine.core.config import build_config
+from loraserve.engine.core.request import EngineRequest
 from loraserve.errors import (
     AdapterError,
     EngineDeadError,

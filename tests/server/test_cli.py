@@ -15,7 +15,7 @@ import pytest
 import torch
 from server_harness import ADAPTERS, Assets, free_port, start_process
 
-from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
+from loraserve.engine.client.adapter_names import AdapterNames, adapters_read_at_start
 from loraserve.server import cli
 from loraserve.server.config import ServerConfig
 

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
-from loraserve.engine.config import build_config
-from loraserve.engine.core import EngineCore
-from loraserve.engine.output_processor import OutputProcessor, sub_request_ids
-from loraserve.engine.outputs import CompletionOutput, RequestOutput
-from loraserve.engine.request import EngineRequest
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.client.adapter_names import AdapterNames, adapters_read_at_start
+from loraserve.engine.client.output_processor import OutputProcessor, sub_request_ids
+from loraserve.engine.core.config import build_config
+from loraserve.engine.core.core import EngineCore
+from loraserve.engine.core.outputs import CompletionOutput, RequestOutput
+from loraserve.engine.core.request import EngineRequest
+from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.models.tokenizer import Tokenizer
 
 T = TypeVar("T")

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.core.sampling_params import SamplingParams
 
 PROMPT_CONTEXT_TOKENS = 5
 """Prompt tokens decoded along with the first outputs, so that merges across the

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from loraserve.engine.outputs import TokenLogprobs
-from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.structured import RequestGrammar
+from loraserve.engine.core.outputs import TokenLogprobs
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.structured import RequestGrammar
 from loraserve.scheduler.request import SequenceState
 from loraserve.scheduler.scheduler import SchedulerOutput
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from loraserve.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
-from loraserve.engine.outputs import CompletionDelta, EngineOutput
-from loraserve.engine.request import EngineRequest
-from loraserve.engine.sampling_params import per_completion
+from loraserve.engine.client.detokenizer import IncrementalDetokenizer, TokenDecoder
+from loraserve.engine.core.outputs import CompletionDelta, EngineOutput
+from loraserve.engine.core.request import EngineRequest
+from loraserve.engine.core.sampling_params import per_completion
 
 logger = logging.getLogger(__name__)
 

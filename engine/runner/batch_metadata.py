@@ -21,7 +21,7 @@ Worked example, block size 4, three chunks in slot order:
     block_tables    [[7, 2, 0], [5, 0, 0], [1, 4, 6]]   (entries past a table never read)
     slot_mapping    [2*4+1 | 5*4+0, 5*4+1, 5*4+2 | 6*4+0]
     logits_indices  [0, 3, 4]                         (every chunk reaches its end)
-                    + any `extra_logits` after them   (prompt logprobs: engine/prompt_logprobs.py)
+                    + any `extra_logits` after them   (prompt logprobs: engine/sampling/prompt_logprobs.py)
     segment_starts  [0, 1, 5]    segment_slots [NO_ADAPTER, 0]   (B and C share slot 0)
 """
 

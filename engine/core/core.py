@@ -7,7 +7,7 @@ One step is three calls, and no part reaches back into another:
     outputs = postprocess(plan, sampled)   tokens appended, stops and lengths, pages freed
 
 The core works in token ids: tokenizing, detokenizing and stop strings are the
-front end's (engine/output_processor.py), in the server's process or in `LLM`.
+front end's (engine/client/output_processor.py), in the server's process or in `LLM`.
 It is not thread-safe: one thread drives it (the engine-core process's loop, or
 `LLM.generate`).
 
@@ -16,11 +16,11 @@ adapter's folder was refused when read from disk) ends that request alone with
 `finish_reason` `error` (`fail_request`); the step goes on for the others. Anything
 else a step raises is an engine fault and propagates.
 
-Adapters come from three tiers (engine/adapter_manager.py): a request naming an
+Adapters come from three tiers (engine/core/adapter_manager.py): a request naming an
 adapter that is on disk only is queued at once, its folder is read off the engine
 thread, and the scheduler skips it until the read is in; the others keep running.
 
-A request with structured output owns a `RequestGrammar` (engine/structured.py): the
+A request with structured output owns a `RequestGrammar` (engine/sampling/structured.py): the
 runner reads its mask, postprocess advances it with the chosen token, and the request
 stops (`stop`) once its grammar is complete and admits nothing more.
 """
@@ -34,14 +34,14 @@ from pathlib import Path
 
 import msgspec
 
-from loraserve.engine.adapter_manager import AdapterManager, Waiter
-from loraserve.engine.admission import Admission
-from loraserve.engine.config import EngineConfig, RuntimeInfo, resolve_max_model_len
-from loraserve.engine.outputs import EngineOutput, EngineStats
-from loraserve.engine.request import EngineRequest, RequestState, Step
-from loraserve.engine.runner import ModelRunner, TorchModelRunner
-from loraserve.engine.sampler import SamplerOutput
-from loraserve.engine.structured import GrammarCompiler
+from loraserve.engine.core.adapter_manager import AdapterManager, Waiter
+from loraserve.engine.core.admission import Admission
+from loraserve.engine.core.config import EngineConfig, RuntimeInfo, resolve_max_model_len
+from loraserve.engine.core.outputs import EngineOutput, EngineStats
+from loraserve.engine.core.request import EngineRequest, RequestState, Step
+from loraserve.engine.runner.runner import ModelRunner, TorchModelRunner
+from loraserve.engine.sampling.sampler import SamplerOutput
+from loraserve.engine.sampling.structured import GrammarCompiler
 from loraserve.errors import InvalidRequestError, QueueFullError
 from loraserve.memory.adapter_catalog import AdapterCatalog
 from loraserve.memory.adapter_loader import AdapterLoader

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loraserve.engine.config import RuntimeInfo
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.core.config import RuntimeInfo
+from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.errors import InvalidRequestError
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.engine.batch_metadata import Chunk
-from loraserve.engine.outputs import TokenLogprobs
-from loraserve.engine.sampler import gather_logprobs
+from loraserve.engine.core.outputs import TokenLogprobs
+from loraserve.engine.sampling.sampler import gather_logprobs
+from loraserve.scheduler.scheduler import ScheduledChunk
 
 
 @dataclass
@@ -50,7 +50,9 @@ class PromptRows:
     num_top: list[int | None] = field(default_factory=list)
 
 
-def plan_prompt_rows(chunks: Sequence[Chunk], progress: Mapping[str, PromptProgress]) -> PromptRows:
+def plan_prompt_rows(
+    chunks: Sequence[ScheduledChunk], progress: Mapping[str, PromptProgress]
+) -> PromptRows:
     """The rows this step must add, advancing each request's progress past them."""
     rows = PromptRows()
     offset = 0

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.core.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

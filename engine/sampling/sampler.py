@@ -20,7 +20,7 @@ distribution broke down has no meaningful next token to give. `SamplingParams`
 refuses every value that could cause it, so a failure here means a model that
 produced NaN, or a combination of masks that left nothing.
 
-Per-row state lives in a `SamplingBatch` (engine/sampling_batch.py): each request's
+Per-row state lives in a `SamplingBatch` (engine/sampling/sampling_batch.py): each request's
 parameters, prepared once, and its token counts, kept as tokens are drawn; a step passes
 the sampler the view of its rows (`SamplingRows`), so every stage is one batched operation
 over the rows that need it. A request with a seed has its own `torch.Generator`, so its
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.engine.constraints import GrammarMasks, apply_constraints
-from loraserve.engine.outputs import TokenLogprobs
-from loraserve.engine.sampling_rows import (
+from loraserve.engine.core.outputs import TokenLogprobs
+from loraserve.engine.sampling.constraints import GrammarMasks, apply_constraints
+from loraserve.engine.sampling.sampling_rows import (
     FREQUENCY,
     MIN_P,
     PRESENCE,

@@ -20,7 +20,7 @@ A slot is held from a request's first sampling step until `remove`. When every s
 held and a row needs one, it takes the slot of a request this step does not sample (one
 preempted, back in the queue), whose counts are rebuilt from its tokens when it samples
 again. Counting what was drawn is exact because every token the runner samples becomes
-its request's next output token, or the request ends (engine/core.py's postprocess).
+its request's next output token, or the request ends (engine/core/core.py's postprocess).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from loraserve.engine.constraints import ConstrainedRow, RequestConstraints
-from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.sampling_rows import (
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.constraints import ConstrainedRow, RequestConstraints
+from loraserve.engine.sampling.sampling_rows import (
     NUM_VALUES,
     PenalizedRows,
     SampledRows,
@@ -43,7 +43,7 @@ from loraserve.engine.sampling_rows import (
     slot_values,
     to_device,
 )
-from loraserve.engine.structured import RequestGrammar
+from loraserve.engine.sampling.structured import RequestGrammar
 
 _SEED_MASK = (1 << 64) - 1  # torch seeds are 64-bit; any Python int maps into that range
 NO_SLOT = -1

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from loraserve.engine import ipc
-from loraserve.engine.config import EngineConfig
+from loraserve.engine.core import ipc
+from loraserve.engine.core.config import EngineConfig
 
 if TYPE_CHECKING:
-    from loraserve.engine.core import EngineCore
+    from loraserve.engine.core.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,9 @@ def run_engine_core(
     codec = ipc.Codec(ipc.ToCore)
     try:
         try:
-            from loraserve.engine.core import EngineCore  # torch: the front end never imports it
+            from loraserve.engine.core.core import (
+                EngineCore,  # torch: the front end never imports it
+            )
 
             core = EngineCore(config)
             for name, (path, pinned) in adapters.items():  # name -> (folder, pinned)

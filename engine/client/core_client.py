@@ -1,8 +1,8 @@
 """`CoreClient`: the front end's transport to the engine core in its own process (vLLM's
 `MPClient`; `LLM` drives an `EngineCore` in its own process instead).
 
-It starts the core process (engine/core_process.py), binds the two ZeroMQ channels to it
-(engine/ipc.py) and runs the receiver thread, which blocks on the core's channel and hands
+It starts the core process (engine/core/core_process.py), binds the two ZeroMQ channels to it
+(engine/core/ipc.py) and runs the receiver thread, which blocks on the core's channel and hands
 each decoded message to the event loop: a `CallResult` completes the call that asked for
 it; everything else (`Outputs`, `Fatal`) goes to `on_message`. If the core process dies,
 `on_death` is called on the loop; every pending call fails and later ones fail at once
@@ -23,9 +23,9 @@ from typing import Any
 
 import zmq
 
-from loraserve.engine import ipc
-from loraserve.engine.config import EngineConfig, RuntimeInfo
-from loraserve.engine.core_process import spawn_engine_core
+from loraserve.engine.core import ipc
+from loraserve.engine.core.config import EngineConfig, RuntimeInfo
+from loraserve.engine.core.core_process import spawn_engine_core
 from loraserve.errors import AdapterError, EngineDeadError, EngineError, ModelLoadError
 
 RECEIVE_POLL_MS = 200

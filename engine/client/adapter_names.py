@@ -1,6 +1,6 @@
 """The front end's view of which adapters exist: registered ones and the adapter dir's.
 
-The engine core owns what is loaded where (engine/adapter_manager.py); the front end
+The engine core owns what is loaded where (engine/core/adapter_manager.py); the front end
 only needs names and folders, to refuse unknown models (404), to list `/v1/models`,
 and to tell the core where an adapter it has not seen yet lives. Two sources:
 adapters registered at start (`--adapter`, `--pin-adapter`) or by the load route, and

@@ -3,7 +3,7 @@
 The engine core decides (requests, scheduler, pool bookkeeping, stops); the runner
 executes: it owns the model, the kernels, the device side of the unified pool,
 the per-step metadata buffers, the sampling batch (every running request's sampling
-parameters, seeded generator and token counts, engine/sampling_batch.py) and,
+parameters, seeded generator and token counts, engine/sampling/sampling_batch.py) and,
 on CUDA, the captured decode graphs. One call per step:
 
     sampled = runner.execute(step)    # step = Step(scheduler.schedule(), started, finished)
@@ -25,22 +25,22 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from loraserve.engine.batch_metadata import BatchMetadata, Chunk
-from loraserve.engine.config import DTYPES, EngineConfig, resolve_max_model_len
-from loraserve.engine.constraints import GrammarMasks
-from loraserve.engine.cuda_graphs import DecodeGraphs
-from loraserve.engine.device_pool import DevicePool
-from loraserve.engine.prompt_logprobs import (
+from loraserve.engine.core.config import DTYPES, EngineConfig, resolve_max_model_len
+from loraserve.engine.core.request import Step
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.runner.batch_metadata import BatchMetadata, Chunk
+from loraserve.engine.runner.cuda_graphs import DecodeGraphs
+from loraserve.engine.runner.device_pool import DevicePool
+from loraserve.engine.sampling.constraints import GrammarMasks
+from loraserve.engine.sampling.prompt_logprobs import (
     PromptProgress,
     PromptRows,
     gather_prompt_logprobs,
     plan_prompt_rows,
 )
-from loraserve.engine.request import Step
-from loraserve.engine.sampler import SamplerOutput, sample
-from loraserve.engine.sampling_batch import SamplingBatch
-from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.structured import RequestGrammar, fill_masks
+from loraserve.engine.sampling.sampler import SamplerOutput, sample
+from loraserve.engine.sampling.sampling_batch import SamplingBatch
+from loraserve.engine.sampling.structured import RequestGrammar, fill_masks
 from loraserve.kernels.dispatch import select_kernels
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.models.arch import ModelArch

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from loraserve.engine.structured import StructuredOutputs
+from loraserve.engine.sampling.structured import StructuredOutputs
 from loraserve.errors import InvalidRequestError
 
 GREEDY_EPSILON = 1e-5

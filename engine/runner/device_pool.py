@@ -8,7 +8,7 @@ slot's rows of the offset and rank tables at them. A slot's rows are rewritten b
 every load into it, so rows of evicted adapters need no clearing: no batch names
 a slot that was not loaded before the forward pass that reads it.
 
-On CUDA the copies run on a side stream (engine/copy_stream.py), so that a copy the
+On CUDA the copies run on a side stream (engine/runner/copy_stream.py), so that a copy the
 step does not need yet (an adapter brought in ahead of its request) overlaps the
 forward pass; `wait_for` makes the forward wait for exactly the copies it reads, and
 for any copy left from an earlier step (whose pages may hold KV now). On a CPU every
@@ -22,7 +22,7 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from loraserve.engine.copy_stream import SideStreamCopies
+from loraserve.engine.runner.copy_stream import SideStreamCopies
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.latency_log import LatencyLog
 from loraserve.memory.residency import AdapterLoad

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loraserve.engine.constraints import ConstrainedRow
-from loraserve.engine.sampling_params import SamplingParams
-from loraserve.engine.structured import RequestGrammar
+from loraserve.engine.core.sampling_params import SamplingParams
+from loraserve.engine.sampling.constraints import ConstrainedRow
+from loraserve.engine.sampling.structured import RequestGrammar
 
 TEMPERATURE, TOP_K, TOP_P, MIN_P, REPETITION, FREQUENCY, PRESENCE = range(7)
 NUM_VALUES = 7

@@ -1,7 +1,7 @@
 """What crosses from the engine core to the front end, and what the front end hands out.
 
 Plain records (no torch): the core's outputs travel to the front-end process as
-they are (engine/ipc.py serializes them).
+they are (engine/core/ipc.py serializes them).
 
 - `EngineOutput`: one request's progress in one step, from the core: the token(s)
   it gained, their logprobs, and how it finished. Deltas only: nothing the front

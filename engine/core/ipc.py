@@ -18,8 +18,8 @@ from typing import Any
 
 import msgspec
 
-from loraserve.engine.outputs import EngineOutput, EngineStats
-from loraserve.engine.request import EngineRequest
+from loraserve.engine.core.outputs import EngineOutput, EngineStats
+from loraserve.engine.core.request import EngineRequest
 from loraserve.errors import (
     AdapterError,
     InvalidRequestError,

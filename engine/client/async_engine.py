@@ -1,7 +1,7 @@
 """`AsyncEngine`: the front end's handle on the engine core, which runs in its own process.
 
 The event loop and the engine's step never share a GIL: the core runs in a child process,
-reached through `CoreClient` (engine/core_client.py: the process, the ZeroMQ channels, the
+reached through `CoreClient` (engine/client/core_client.py: the process, the ZeroMQ channels, the
 receiver thread). This side keeps, on the event loop, the output processor (fan-out,
 detokenizing, stop strings) and the streams of running requests. Requests are sent as
 `EngineRequest`s of token ids; what comes back is one message per step.
@@ -23,13 +23,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from loraserve.engine import ipc
-from loraserve.engine.adapter_names import AdapterNames, adapters_read_at_start
-from loraserve.engine.config import EngineConfig, RuntimeInfo, with_serving_threads
-from loraserve.engine.core_client import CoreClient
-from loraserve.engine.output_processor import OutputProcessor
-from loraserve.engine.outputs import CompletionDelta, EngineStats
-from loraserve.engine.request import EngineRequest
+from loraserve.engine.client.adapter_names import AdapterNames, adapters_read_at_start
+from loraserve.engine.client.core_client import CoreClient
+from loraserve.engine.client.output_processor import OutputProcessor
+from loraserve.engine.core import ipc
+from loraserve.engine.core.config import EngineConfig, RuntimeInfo, with_serving_threads
+from loraserve.engine.core.outputs import CompletionDelta, EngineStats
+from loraserve.engine.core.request import EngineRequest
 from loraserve.errors import (
     EngineDeadError,
     EngineError,
