@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from loraserve.kernels import native, reference, torch_path
+from loraserve.kernels.ops import LoraWeights, OutputSlices, Scores, SequenceBatch
+from loraserve.models.batch import LoraBatch
 
 from .metrics import run_metadata
 from .models import SHAPES
@@ -129,27 +131,16 @@ def lora_timings(
     starts = torch.tensor(starts_list, dtype=torch.int32)
     slots = torch.tensor(slots_list, dtype=torch.int32)
     a_offsets, b_offsets = adapters.offsets[:, modules, 0], adapters.offsets[:, modules, 1]
-    ranks, max_rank = adapters.ranks[:, modules], max(RANKS)
+    ranks, segments = adapters.ranks[:, modules], LoraBatch(starts, slots, max(RANKS))
+    slices = OutputSlices.of([0, *torch.tensor(widths).cumsum(0).tolist()], "cpu")
+    weights = LoraWeights(adapters.pool, a_offsets, b_offsets, ranks, slices)
     x = torch.randn(num_tokens, in_dim, generator=generator)
-    y = reference.lora_shrink(x, adapters.pool, a_offsets, ranks, starts, slots, max_rank)
-    slice_starts = [0, *torch.tensor(widths).cumsum(0).tolist()]
-    out = torch.zeros(num_tokens, slice_starts[-1])
+    y = reference.lora_shrink(x, weights, segments)
+    out = torch.zeros(num_tokens, slices.starts[-1])
     shrink, expand = {}, {}
     for name, kernels in BACKENDS.items():
-        shrink_call = partial(
-            kernels.lora_shrink, x, adapters.pool, a_offsets, ranks, starts, slots, max_rank
-        )
-        expand_call = partial(
-            kernels.lora_expand,
-            out,
-            y,
-            adapters.pool,
-            b_offsets,
-            ranks,
-            starts,
-            slots,
-            slice_starts,
-        )
+        shrink_call = partial(kernels.lora_shrink, x, weights, segments)
+        expand_call = partial(kernels.lora_expand, out, y, weights, segments)
         shrink[name], expand[name] = time_us(shrink_call, budget_s), time_us(expand_call, budget_s)
     distinct = sorted(set(slots_list))
     a_bytes = int(ranks[distinct].sum()) * in_dim * 4
@@ -169,7 +160,7 @@ def attention_timings(
     blocks = [-(-context // BLOCK_SIZE) for context in context_lens]
     num_pages = sum(blocks) + 1
     pool = torch.randn(num_pages, PAGE_NUMEL, generator=generator)
-    kv_pages = pool.view(num_pages, NUM_LAYERS, 2, BLOCK_SIZE, NUM_HEADS, HEAD_DIM)
+    kv = pool.view(num_pages, NUM_LAYERS, 2, BLOCK_SIZE, NUM_HEADS, HEAD_DIM)[:, 2]
     pages = torch.randperm(num_pages, generator=generator)
     tables = torch.zeros(len(blocks), max(blocks), dtype=torch.int32)
     used = 0
@@ -179,7 +170,8 @@ def attention_timings(
     starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
     lens = torch.tensor(context_lens, dtype=torch.int32)
     query = torch.randn(sum(query_lens), NUM_HEADS, HEAD_DIM, generator=generator)
-    args = (query, kv_pages, 2, tables, starts, lens, HEAD_DIM**-0.5)
+    seqs = SequenceBatch(query_starts=starts, context_lens=lens, block_tables=tables)
+    args = (query, kv, seqs, Scores(HEAD_DIM**-0.5))
     us = {name: time_us(partial(function, *args), budget_s) for name, function in backends.items()}
     return Timing(us, sum(context_lens) * 2 * NUM_HEADS * HEAD_DIM * 4)
 

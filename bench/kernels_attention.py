@@ -27,6 +27,7 @@ def attention_functions(
     import torch.nn.functional as F
 
     from loraserve.kernels import reference
+    from loraserve.kernels.ops import Scores, SequenceBatch
     from loraserve.kernels.paged_attention import paged_attention
 
     kv_heads, head_dim = model.num_kv_heads, model.head_dim
@@ -39,7 +40,10 @@ def attention_functions(
     query = torch.randn(num_seqs * query_len, model.num_heads, head_dim, device="cuda", dtype=DTYPE)
     query_starts = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * query_len
     context_lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device="cuda")
-    args = (query, kv_pages, 0, block_tables, query_starts, context_lens, head_dim**-0.5)
+    seqs = SequenceBatch(
+        query_starts=query_starts, context_lens=context_lens, block_tables=block_tables
+    )
+    args = (query, kv_pages[:, 0], seqs, Scores(head_dim**-0.5))
 
     gathered = kv_pages[block_tables.long(), 0]  # [seqs, blocks, 2, block_size, kv_heads, head_dim]
     gathered = gathered.permute(2, 0, 4, 1, 3, 5).reshape(2, num_seqs, kv_heads, -1, head_dim)

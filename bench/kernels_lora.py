@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.kernels.ops import LoraWeights, OutputSlices
 from loraserve.models.arch import DOWN_GROUP, GATE_UP_GROUP, LORA_MODULES, QKV_GROUP, ModelArch
+from loraserve.models.batch import LoraBatch
 
 from .kernel_timing import DECODE_BATCHES, DTYPE, Result, Timer, make_result
 
@@ -43,7 +45,7 @@ class LoraCase:
     ranks: torch.Tensor  # [num_adapters, num_slices] int32
     segment_starts: torch.Tensor  # [num_adapters + 1] int32
     segment_slots: torch.Tensor  # [num_adapters] int32
-    slice_starts: list[int]
+    slices: OutputSlices
     max_rank: int
     dense: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per adapter, slice: (A.T, B) contiguous
     weight_bytes: int
@@ -89,7 +91,7 @@ def make_lora_case(
         ranks=ranks.to("cuda"),
         segment_starts=starts.to("cuda"),
         segment_slots=torch.arange(num_adapters, dtype=torch.int32, device="cuda"),
-        slice_starts=[0, *torch.tensor(widths).cumsum(0).tolist()],
+        slices=OutputSlices.of([0, *torch.tensor(widths).cumsum(0).tolist()], "cuda"),
         max_rank=max(adapter_ranks),
         dense=dense,
         weight_bytes=weight_bytes,
@@ -102,20 +104,16 @@ def lora_functions(case: LoraCase) -> dict[str, Callable[[], None]]:
     from loraserve.kernels.lora_expand import lora_expand
     from loraserve.kernels.lora_shrink import lora_shrink
 
-    segments = (case.segment_starts, case.segment_slots)
+    segments = LoraBatch(case.segment_starts, case.segment_slots, case.max_rank)
     a_offsets, b_offsets = case.offsets[..., 0], case.offsets[..., 1]
+    weights = LoraWeights(case.pool, a_offsets, b_offsets, case.ranks, case.slices)
 
     def triton_op() -> None:
-        y = lora_shrink(case.x, case.pool, a_offsets, case.ranks, *segments, case.max_rank)
-        lora_expand(case.out, y, case.pool, b_offsets, case.ranks, *segments, case.slice_starts)
+        lora_expand(case.out, lora_shrink(case.x, weights, segments), weights, segments)
 
     def reference_op() -> None:
-        y = reference.lora_shrink(
-            case.x, case.pool, a_offsets, case.ranks, *segments, case.max_rank
-        )
-        reference.lora_expand(
-            case.out, y, case.pool, b_offsets, case.ranks, *segments, case.slice_starts
-        )
+        y = reference.lora_shrink(case.x, weights, segments)
+        reference.lora_expand(case.out, y, weights, segments)
 
     bounds = case.segment_starts.tolist()
 
@@ -123,7 +121,7 @@ def lora_functions(case: LoraCase) -> dict[str, Callable[[], None]]:
         for adapter, pairs in enumerate(case.dense):
             tokens = slice(bounds[adapter], bounds[adapter + 1])
             for index, (a_t, b) in enumerate(pairs):
-                columns = slice(case.slice_starts[index], case.slice_starts[index + 1])
+                columns = slice(case.slices.starts[index], case.slices.starts[index + 1])
                 case.out[tokens, columns].addmm_(torch.mm(case.x[tokens], a_t), b)
 
     return {"triton": triton_op, "reference": reference_op, "baseline": loop_op}

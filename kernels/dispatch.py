@@ -1,26 +1,16 @@
-"""The one place that chooses the kernels: Triton, native C (CPU), the torch path, the references."""
+"""The one place that chooses the kernels: Triton, native C (CPU), the torch path, the references.
+
+Each backend is a `Kernels` (kernels/ops.py): its implementation of every op, held to the
+op's protocol.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from loraserve.kernels import native, native_build, reference, torch_path
 from loraserve.kernels.constants import KERNEL_BACKENDS
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """The kernels the forward pass calls; see kernels/reference.py for their semantics."""
-
-    name: str
-    lora_shrink: Callable[..., torch.Tensor]
-    lora_expand: Callable[..., None]
-    write_kv: Callable[..., None]
-    paged_attention: Callable[..., torch.Tensor]
-
+from loraserve.kernels.ops import Kernels
 
 # The native backend: C kernels for float32 on the CPU (kernels/native.py), built on first use.
 NATIVE_KERNELS = Kernels(

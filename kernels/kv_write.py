@@ -1,11 +1,11 @@
 """KV write: scatter the new tokens' keys and values into their pages of the pool.
 
-Semantics: kv_pages[s // B, layer, 0, s % B] = key[t]; same for value at 1; s = slot_mapping[t].
+Semantics: kv[s // B, 0, s % B] = key[t]; the same for value at 1; s = slot_mapping[t].
 
 Grid: (token, K or V). One program moves one token's `[num_kv_heads, head_dim]`
 block (a few KB), reading key/value through their strides (the engine passes
-`v` as a column slice of the fused qkv output) and writing through kv_pages'
-strides (a view of the pool whose page stride is the page size, not the KV
+`v` as a column slice of the fused qkv output) and writing through kv's strides
+(one layer's view of the pool, whose page stride is the page size, not the KV
 block size). A negative slot marks a padding token and is skipped.
 """
 
@@ -15,14 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from loraserve.kernels.triton_utils import FLOAT_DTYPES, check_same_device
+from loraserve.kernels.checks import FLOAT_DTYPES, check_same_device, check_write_kv
 
 
 @triton.jit
 def _kv_write_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim]
     value_ptr,  # [num_tokens, num_kv_heads, head_dim]
-    kv_ptr,  # kv_pages[:, layer]: [num_pages, 2, block_size, num_kv_heads, head_dim]
+    kv_ptr,  # one layer's [num_pages, 2, block_size, num_kv_heads, head_dim]
     slot_mapping_ptr,  # [num_tokens] int64, page * block_size + position in the page
     num_kv_heads,
     head_dim,
@@ -60,53 +60,33 @@ def _kv_write_kernel(
 
 
 def write_kv(
-    kv_pages: torch.Tensor,
-    layer: int,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Semantics: kv_pages[s // B, layer, 0, s % B] = key[t]; same for value at 1; s = slot_mapping[t].
-
-    kv_pages:     [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim], any page stride,
-                  unit stride along head_dim
-    key, value:   [num_tokens, num_kv_heads, head_dim], unit stride along head_dim
-    slot_mapping: [num_tokens] int64, page * block_size + position in the page; < 0 = skip
-    """
-    check_same_device(kv_pages=kv_pages, key=key, value=value, slot_mapping=slot_mapping)
-    if kv_pages.dim() != 6 or kv_pages.stride(5) != 1 or kv_pages.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"kv_pages must be a 6-D float view with unit head_dim stride, got {kv_pages.shape}"
-        )
-    num_kv_heads, head_dim = kv_pages.shape[4], kv_pages.shape[5]
-    for name, tensor in (("key", key), ("value", value)):
-        if tensor.shape != (key.shape[0], num_kv_heads, head_dim) or tensor.stride(2) != 1:
-            raise ValueError(
-                f"{name} must be [num_tokens, {num_kv_heads}, {head_dim}], got {tensor.shape}"
-            )
-    if slot_mapping.shape != (key.shape[0],) or slot_mapping.dtype != torch.int64:
-        raise ValueError(f"slot_mapping must be int64 [{key.shape[0]}], got {slot_mapping.dtype}")
-    if not 0 <= layer < kv_pages.shape[1]:
-        raise ValueError(f"layer must be in [0, {kv_pages.shape[1]}), got {layer}")
+    """ops.WriteKV. kv of a float dtype (any strides but a unit one along head_dim), all on
+    one device."""
+    check_same_device(kv=kv, key=key, value=value)
+    check_write_kv(kv, key, value, slot_mapping)
+    if kv.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"kv must be a float tensor, got {kv.dtype}")
+    num_kv_heads, head_dim = kv.shape[3], kv.shape[4]
     if key.shape[0] == 0:
         return
-    layer_pages = kv_pages[:, layer]  # [num_pages, 2, block_size, num_kv_heads, head_dim]
     _kv_write_kernel[(key.shape[0], 2)](
         key,
         value,
-        layer_pages,
+        kv,
         slot_mapping,
         num_kv_heads,
         head_dim,
-        kv_pages.shape[3],
+        kv.shape[2],
         key.stride(0),
         key.stride(1),
         value.stride(0),
         value.stride(1),
-        layer_pages.stride(0),
-        layer_pages.stride(1),
-        layer_pages.stride(2),
-        layer_pages.stride(3),
+        kv.stride(0),
+        kv.stride(1),
+        kv.stride(2),
+        kv.stride(3),
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
         # A 32 x 128 block is 4096 elements: 8 warps give each thread 16 of them.

@@ -14,25 +14,22 @@ Grid: (virtual token tiles, slice, column tile of the widest slice).
   before touching memory, so `out` rows of base-model tokens stay bit-identical.
 - Axes 1, 2: every slice in the same launch. Slices narrower than the widest
   (k/v beside q under GQA) leave their last column tiles empty: those programs
-  return after three scalar loads. With a device tensor for slice_starts the
-  widest slice is not known without a sync, so axis 2 spans all of `out`.
+  return after three scalar loads (the widest slice is known on the host:
+  `OutputSlices` is made once per projection, with the columns on the device).
 The sum is computed in float32 (half-precision B goes through tf32 on the
 tensor cores) and added to `out` in float32, rounded once to out's dtype.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
+from loraserve.kernels.checks import FLOAT_DTYPES, check_expand, check_same_device, check_segments
 from loraserve.kernels.constants import NO_ADAPTER
+from loraserve.kernels.ops import LoraWeights, Segments
 from loraserve.kernels.triton_utils import (
-    FLOAT_DTYPES,
-    check_same_device,
     dot_precision,
     num_virtual_tiles,
     search_block,
@@ -51,7 +48,7 @@ def _lora_expand_kernel(
     ranks_ptr,  # [num_slots, num_slices] int32 ranks, 0 = slice not targeted
     segment_starts_ptr,  # [num_segments + 1] token boundaries
     segment_slots_ptr,  # [num_segments] adapter slot of each segment, or NO_ADAPTER
-    slice_starts_ptr,  # [num_slices + 1] int32 first column of each slice in out
+    slice_starts_ptr,  # [num_slices + 1] int64 first column of each slice in out
     num_segments,
     stride_out_token,
     stride_y_token,
@@ -74,8 +71,8 @@ def _lora_expand_kernel(
         return
     slice_index = tl.program_id(1)
     rank = tl.load(ranks_ptr + slot * stride_rank_slot + slice_index * stride_rank_slice)
-    first_column = tl.load(slice_starts_ptr + slice_index)
-    end_column = tl.load(slice_starts_ptr + slice_index + 1)
+    first_column = tl.load(slice_starts_ptr + slice_index).to(tl.int32)
+    end_column = tl.load(slice_starts_ptr + slice_index + 1).to(tl.int32)
     column_start = first_column + tl.program_id(2) * BLOCK_N
     if (rank == 0) | (column_start >= end_column):
         return
@@ -111,40 +108,30 @@ def _lora_expand_kernel(
 
 
 def lora_expand(
-    out: torch.Tensor,
-    y: torch.Tensor,
-    pool: torch.Tensor,
-    b_offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    segment_starts: torch.Tensor,
-    segment_slots: torch.Tensor,
-    slice_starts: Sequence[int] | torch.Tensor,
+    out: torch.Tensor, y: torch.Tensor, weights: LoraWeights, segments: Segments
 ) -> None:
-    """Semantics: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i], for each token t and slice i.
-
-    out:            [num_tokens, slice_starts[-1]], unit column stride, updated in place
-    y:              [num_tokens, num_slices, max_rank] float32 (from lora_shrink), contiguous
-    pool:           [num_pages, page_numel] contiguous
-    b_offsets:      [num_slots, num_slices] int64, element offset of B (`[r, out_i]`); any strides
-    ranks:          [num_slots, num_slices] int32, 0 where the slice is not targeted; any strides
-    segment_starts: [num_segments + 1] int32/int64, from 0 to num_tokens
-    segment_slots:  [num_segments], NO_ADAPTER segments are skipped (out untouched)
-    slice_starts:   [num_slices + 1] column where each slice's output begins in `out`:
-                    a list (no device traffic after the first call) or a tensor
-    """
-    _check(out, y, pool, b_offsets, ranks, segment_starts, segment_slots)
+    """ops.LoraExpand. out (unit column stride) and the contiguous pool of a float dtype;
+    segments int32 or int64; all on one device."""
+    pool, b_offsets, ranks, slices = weights.pool, weights.b_offsets, weights.ranks, weights.slices
+    segment_starts, segment_slots = segments.segment_starts, segments.segment_slots
+    check_same_device(out=out, y=y, pool=pool, starts=segment_starts, slots=segment_slots)
+    check_expand(out, y, weights)
+    check_segments(segment_starts, segment_slots)
+    if out.dtype not in FLOAT_DTYPES or pool.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out and pool must be float tensors, got {out.dtype} and {pool.dtype}")
+    if not pool.is_contiguous():
+        raise ValueError("pool must be contiguous: offsets are flat element offsets")
     num_tokens, num_slices, max_rank = y.shape
     num_segments = segment_slots.shape[0]
     if num_tokens == 0 or max_rank == 0:
         return
-    slice_starts_device, widest = _slice_starts(slice_starts, num_slices, out)
     block_m = 16 if num_tokens <= 16 * num_segments else 64  # as in lora_shrink
     block_n = 128  # a 256-byte bf16 row segment of B and out per load
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))  # K of the dot: 16..64
     grid = (
         num_virtual_tiles(num_tokens, num_segments, block_m),
         num_slices,
-        triton.cdiv(widest, block_n),
+        triton.cdiv(slices.widest, block_n),
     )
     _lora_expand_kernel[grid](
         out,
@@ -154,7 +141,7 @@ def lora_expand(
         ranks,
         segment_starts,
         segment_slots,
-        slice_starts_device,
+        slices.tensor,
         num_segments,
         out.stride(0),
         y.stride(0),
@@ -171,72 +158,3 @@ def lora_expand(
         num_warps=4,
         num_stages=2,
     )
-
-
-_SLICE_STARTS_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-
-
-def _slice_starts(
-    slice_starts: Sequence[int] | torch.Tensor, num_slices: int, out: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """(slice_starts as a device int32 tensor, widest slice or an upper bound of it)."""
-    if isinstance(slice_starts, torch.Tensor) and slice_starts.device.type != "cpu":
-        if slice_starts.shape != (num_slices + 1,):
-            raise ValueError(f"slice_starts must have {num_slices + 1} entries")
-        return slice_starts.to(device=out.device, dtype=torch.int32), out.shape[1]
-    starts = tuple(int(column) for column in slice_starts)
-    if len(starts) != num_slices + 1 or starts[0] != 0 or starts[-1] != out.shape[1]:
-        raise ValueError(
-            f"slice_starts {starts} must go from 0 to {out.shape[1]} in {num_slices} steps"
-        )
-    if any(last <= first for first, last in itertools.pairwise(starts)):
-        raise ValueError(f"slice_starts {starts} must be increasing")
-    key = (starts, out.device)
-    if key not in _SLICE_STARTS_CACHE:  # a handful of layouts per model: q/k/v, o, gate/up, down
-        _SLICE_STARTS_CACHE[key] = torch.tensor(starts, dtype=torch.int32, device=out.device)
-    widest = max(last - first for first, last in itertools.pairwise(starts))
-    return _SLICE_STARTS_CACHE[key], widest
-
-
-def _check(
-    out: torch.Tensor,
-    y: torch.Tensor,
-    pool: torch.Tensor,
-    b_offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    segment_starts: torch.Tensor,
-    segment_slots: torch.Tensor,
-) -> None:
-    """Raise ValueError on a shape, dtype or layout the kernel cannot read."""
-    check_same_device(
-        out=out,
-        y=y,
-        pool=pool,
-        b_offsets=b_offsets,
-        ranks=ranks,
-        starts=segment_starts,
-        slots=segment_slots,
-    )
-    if out.dim() != 2 or out.stride(1) != 1 or out.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"out must be a float [num_tokens, out_dim] with unit column stride, got {out.shape}"
-        )
-    if (
-        y.dim() != 3
-        or y.dtype != torch.float32
-        or not y.is_contiguous()
-        or y.shape[0] != out.shape[0]
-    ):
-        raise ValueError(
-            f"y must be contiguous float32 [num_tokens, num_slices, max_rank], got {y.shape}"
-        )
-    if not pool.is_contiguous() or pool.dtype not in FLOAT_DTYPES:
-        raise ValueError("pool must be a contiguous float tensor: offsets are flat element offsets")
-    if b_offsets.shape != (b_offsets.shape[0], y.shape[1]) or b_offsets.dtype != torch.int64:
-        raise ValueError(
-            f"b_offsets must be int64 [num_slots, {y.shape[1]}], got {b_offsets.shape}"
-        )
-    if ranks.shape != b_offsets.shape or ranks.dtype != torch.int32:
-        raise ValueError(f"ranks must be int32 {tuple(b_offsets.shape)}, got {ranks.dtype}")
-    if segment_starts.shape != (segment_slots.shape[0] + 1,):
-        raise ValueError("segment_starts must have one more entry than segment_slots")

@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from loraserve.kernels.checks import FLOAT_DTYPES, check_same_device, check_segments, check_shrink
 from loraserve.kernels.constants import NO_ADAPTER
+from loraserve.kernels.ops import LoraWeights, Segments
 from loraserve.kernels.triton_utils import (
-    FLOAT_DTYPES,
-    check_same_device,
     dot_precision,
     num_virtual_tiles,
     programs_to_fill,
@@ -122,30 +122,29 @@ def _lora_shrink_kernel(
 
 def lora_shrink(
     x: torch.Tensor,
-    pool: torch.Tensor,
-    a_offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    segment_starts: torch.Tensor,
-    segment_slots: torch.Tensor,
-    max_rank: int,
+    weights: LoraWeights,
+    segments: Segments,
     *,
     out: torch.Tensor | None = None,
     split_k: int | None = None,
 ) -> torch.Tensor:
-    """Semantics: y[t, i, :r] = x[t] @ A[slot(t), i].T, for each token t and slice i.
+    """ops.LoraShrink. x (unit stride along in_dim) and the contiguous pool share a float
+    dtype; segments int32 or int64; all on one device.
 
-    x:              [num_tokens, in_dim], same dtype as the pool, unit stride along in_dim
-    pool:           [num_pages, page_numel] contiguous
-    a_offsets:      [num_slots, num_slices] int64, element offset of A (`[r, in_dim]`); any strides
-    ranks:          [num_slots, num_slices] int32, 0 where the slice is not targeted; any strides
-    segment_starts: [num_segments + 1] int32/int64, from 0 to num_tokens
-    segment_slots:  [num_segments], NO_ADAPTER segments are skipped (y = 0 there)
-    max_rank:       at least every rank used by the batch
-    out:            optional [num_tokens, num_slices, max_rank] float32 contiguous buffer for y
-    split_k:        programs per (token tile, slice) along in_dim; None picks one
-    returns y:      [num_tokens, num_slices, max_rank] float32, zero beyond each rank
+    out:     optional [num_tokens, num_slices, max_rank] float32 contiguous buffer for y
+    split_k: programs per (token tile, slice) along in_dim; None picks one
     """
-    num_tokens, in_dim = _check(x, pool, a_offsets, ranks, segment_starts, segment_slots)
+    pool, a_offsets, ranks = weights.pool, weights.a_offsets, weights.ranks
+    segment_starts, segment_slots = segments.segment_starts, segments.segment_slots
+    max_rank = segments.max_rank
+    check_same_device(x=x, pool=pool, starts=segment_starts, slots=segment_slots)
+    check_shrink(x, weights)
+    check_segments(segment_starts, segment_slots)
+    if x.dtype != pool.dtype or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x and pool must share a float dtype, got {x.dtype} and {pool.dtype}")
+    if not pool.is_contiguous():
+        raise ValueError("pool must be contiguous: offsets are flat element offsets")
+    num_tokens, in_dim = x.shape
     num_slices, num_segments = a_offsets.shape[1], segment_slots.shape[0]
     shape = (num_tokens, num_slices, max_rank)
     if out is None:
@@ -199,30 +198,3 @@ def lora_shrink(
         num_stages=3,
     )
     return out
-
-
-def _check(
-    x: torch.Tensor,
-    pool: torch.Tensor,
-    a_offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    segment_starts: torch.Tensor,
-    segment_slots: torch.Tensor,
-) -> tuple[int, int]:
-    """Raise ValueError on a shape, dtype or layout the kernel cannot read; (tokens, in_dim)."""
-    check_same_device(
-        x=x, pool=pool, a_offsets=a_offsets, ranks=ranks, starts=segment_starts, slots=segment_slots
-    )
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"x must be [num_tokens, in_dim] with unit column stride, got {x.shape}")
-    if x.dtype != pool.dtype or x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x and pool must share a float dtype, got {x.dtype} and {pool.dtype}")
-    if not pool.is_contiguous():
-        raise ValueError("pool must be contiguous: offsets are flat element offsets")
-    if a_offsets.dim() != 2 or a_offsets.dtype != torch.int64:
-        raise ValueError(f"a_offsets must be int64 [num_slots, num_slices], got {a_offsets.dtype}")
-    if ranks.shape != a_offsets.shape or ranks.dtype != torch.int32:
-        raise ValueError(f"ranks must be int32 {tuple(a_offsets.shape)}, got {ranks.dtype}")
-    if segment_starts.shape != (segment_slots.shape[0] + 1,):
-        raise ValueError("segment_starts must have one more entry than segment_slots")
-    return x.shape[0], x.shape[1]

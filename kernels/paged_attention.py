@@ -7,8 +7,8 @@ last `q_len = query_starts[s+1] - query_starts[s]` being its queries, so query i
 sits at position p = context_len - q_len + i and sees keys w..p: w = 0, or with a
 sliding window W > 0, w = max(0, p - W + 1). With a soft cap c > 0 the scaled scores
 become c * tanh(score / c) (Gemma 2). Its K/V live in the pages `block_tables[s]` of
-the 6-D `kv_pages` view of the pool, read through its strides (its page stride is
-the pool's page size, not the KV block's).
+the layer's `kv` view of the pool, read through its strides (its page stride is the
+pool's page size, not the KV block's).
 
 One kernel, flash-attention style: a program owns BLOCK_M query rows = up to
 BLOCK_M // GROUP tokens x the GROUP query heads that share one KV head (GQA), so
@@ -36,10 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
+from loraserve.kernels.checks import (
+    FLOAT_DTYPES,
+    check_attention,
+    check_same_device,
+    check_sequences,
+)
+from loraserve.kernels.ops import Scores, Sequences
 from loraserve.kernels.paged_attention_combine import combine_partitions
 from loraserve.kernels.triton_utils import (
-    FLOAT_DTYPES,
-    check_same_device,
     dot_precision,
     num_virtual_tiles,
     programs_to_fill,
@@ -67,7 +72,7 @@ def _paged_attention_kernel(
     partial_out_ptr,  # [num_splits, num_tokens, num_heads, head_dim] float32 if SPLIT_KV
     partial_max_ptr,  # [num_splits, num_tokens, num_heads] float32 (log2 units)
     partial_sum_ptr,  # [num_splits, num_tokens, num_heads] float32
-    kv_ptr,  # kv_pages[:, layer]: [num_pages, 2, block_size, num_kv_heads, head_dim]
+    kv_ptr,  # one layer's [num_pages, 2, block_size, num_kv_heads, head_dim]
     block_tables_ptr,  # [num_seqs, max_blocks] int32 pages of each sequence
     query_starts_ptr,  # [num_seqs + 1] first query token of each sequence
     context_lens_ptr,  # [num_seqs] tokens of each sequence in the pool, new ones included
@@ -207,37 +212,35 @@ def _paged_attention_kernel(
 
 def paged_attention(
     query: torch.Tensor,
-    kv_pages: torch.Tensor,
-    layer: int,
-    block_tables: torch.Tensor,
-    query_starts: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
+    kv: torch.Tensor,
+    seqs: Sequences,
+    scores: Scores,
     *,
-    window: int = 0,
-    softcap: float = 0.0,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Semantics: out[t] = softmax(cap(q[t] @ K[seq(t), w(t):p(t)+1].T * scale)) @ V[seq(t), w(t):p(t)+1].
+    """ops.PagedAttention. query contiguous, kv of its float dtype (any strides but a unit
+    one along head_dim), all on one device.
 
-    query:        [num_tokens, num_heads, head_dim] contiguous, kv_pages' dtype
-    kv_pages:     [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim], any
-                  strides but a unit one along head_dim
-    block_tables: [num_seqs, max_blocks] int32, pages of each sequence in order
-    query_starts: [num_seqs + 1] int32, from 0 to num_tokens
-    context_lens: [num_seqs] int32, at most max_blocks * block_size
-    window:       a query sees its last `window` keys (itself included); 0 = all before it
-    softcap:      scores -> softcap * tanh(score / softcap); 0 = no capping
-    out:          optional [num_tokens, num_heads, head_dim] buffer, query's dtype
-    num_splits:   KV partitions per query tile; None picks enough to fill the GPU
-    returns:      [num_tokens, num_heads, head_dim], query's dtype
+    out:        optional [num_tokens, num_heads, head_dim] buffer, query's dtype
+    num_splits: KV partitions per query tile; None picks enough to fill the GPU
     """
-    _check(query, kv_pages, layer, block_tables, query_starts, context_lens)
-    if window < 0 or not softcap >= 0:
-        raise ValueError(f"window and softcap must be >= 0, got {window} and {softcap}")
-    num_tokens, num_heads, head_dim = query.shape
-    num_seqs, block_size, num_kv_heads = context_lens.shape[0], kv_pages.shape[3], kv_pages.shape[4]
+    block_tables, query_starts, context_lens = (
+        seqs.block_tables,
+        seqs.query_starts,
+        seqs.context_lens,
+    )
+    check_same_device(
+        query=query, kv=kv, tables=block_tables, starts=query_starts, lens=context_lens
+    )
+    num_tokens, num_heads, head_dim = check_attention(query, kv)
+    check_sequences(block_tables, query_starts, context_lens)
+    if not query.is_contiguous() or query.dtype not in FLOAT_DTYPES or kv.dtype != query.dtype:
+        raise ValueError(
+            f"query must be contiguous and of a float dtype that kv shares, got "
+            f"{query.dtype} and kv {kv.dtype}"
+        )
+    num_seqs, block_size, num_kv_heads = context_lens.shape[0], kv.shape[2], kv.shape[3]
     group = num_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(query)
@@ -263,12 +266,12 @@ def paged_attention(
     partition_size = triton.cdiv(triton.cdiv(max_keys, max(1, num_splits)), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_keys, partition_size))
     partials = _partials(num_splits, query)
-    layer_pages = kv_pages[:, layer]  # [num_pages, 2, block_size, num_kv_heads, head_dim]
+    scale, softcap, window = scores.scale, scores.softcap, scores.window
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         query,
         out,
         *partials,
-        layer_pages,
+        kv,
         block_tables,
         query_starts,
         context_lens,
@@ -287,10 +290,10 @@ def paged_attention(
         out.stride(1),
         block_tables.stride(0),
         block_tables.stride(1),
-        layer_pages.stride(0),
-        layer_pages.stride(1),
-        layer_pages.stride(2),
-        layer_pages.stride(3),
+        kv.stride(0),
+        kv.stride(1),
+        kv.stride(2),
+        kv.stride(3),
         GROUP=group,
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
@@ -320,35 +323,3 @@ def _partials(
     partial_out = torch.empty(*rows, query.shape[2], dtype=torch.float32, device=query.device)
     partial_max = torch.empty(rows, dtype=torch.float32, device=query.device)
     return partial_out, partial_max, torch.empty_like(partial_max)
-
-
-def _check(
-    query: torch.Tensor,
-    kv_pages: torch.Tensor,
-    layer: int,
-    block_tables: torch.Tensor,
-    query_starts: torch.Tensor,
-    context_lens: torch.Tensor,
-) -> None:
-    """Raise ValueError on a shape, dtype or layout the kernel cannot read."""
-    check_same_device(
-        query=query, kv_pages=kv_pages, tables=block_tables, starts=query_starts, lens=context_lens
-    )
-    if query.dim() != 3 or not query.is_contiguous() or query.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"query must be a contiguous float [num_tokens, heads, head_dim], got {query.shape}"
-        )
-    if kv_pages.dim() != 6 or kv_pages.stride(5) != 1 or kv_pages.dtype != query.dtype:
-        raise ValueError(
-            f"kv_pages must be 6-D, unit head_dim stride, {query.dtype}, got {kv_pages.shape}"
-        )
-    if kv_pages.shape[5] != query.shape[2] or query.shape[1] % kv_pages.shape[4] != 0:
-        raise ValueError(
-            f"query heads {tuple(query.shape[1:])} do not match kv_pages {kv_pages.shape}"
-        )
-    if not 0 <= layer < kv_pages.shape[1]:
-        raise ValueError(f"layer must be in [0, {kv_pages.shape[1]}), got {layer}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != context_lens.shape[0]:
-        raise ValueError(f"block_tables must be [num_seqs, max_blocks], got {block_tables.shape}")
-    if query_starts.shape != (context_lens.shape[0] + 1,):
-        raise ValueError("query_starts must have one more entry than context_lens")

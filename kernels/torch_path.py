@@ -23,64 +23,42 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.kernels import reference
-from loraserve.kernels.reference import write_kv
+from loraserve.kernels.ops import LoraWeights, Scores, Segments, SequenceBatch, Sequences
+from loraserve.kernels.reference import pool_matrix, write_kv
 
 __all__ = ["lora_expand", "lora_shrink", "paged_attention", "write_kv"]
 
 MAX_DECODE_GROUPS, MIN_DECODE_GROUP = 4, 32  # decode attention batches (see _context_groups)
 
 
-def _matrix(pool: torch.Tensor, offset: int, rows: int, cols: int) -> torch.Tensor:
-    """The `[rows, cols]` matrix at element `offset` of the flat pool: a view, no copy."""
-    return pool.view(-1)[offset : offset + rows * cols].view(rows, cols)
-
-
-def lora_shrink(
-    x: torch.Tensor,
-    pool: torch.Tensor,
-    a_offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    segment_starts: torch.Tensor,
-    segment_slots: torch.Tensor,
-    max_rank: int,
-) -> torch.Tensor:
-    """Semantics (as reference.lora_shrink): y[t, i, :r] = x[t] @ A[slot(t), i].T.
-
-    x:      [num_tokens, in_dim]; returns y: [num_tokens, num_slices, max_rank] float32."""
-    num_slices = a_offsets.shape[1]
-    y = torch.zeros(x.shape[0], num_slices, max_rank, dtype=torch.float32, device=x.device)
+def lora_shrink(x: torch.Tensor, weights: LoraWeights, segments: Segments) -> torch.Tensor:
+    """ops.LoraShrink: y[t, i, :r] = x[t] @ A[slot(t), i].T."""
+    num_slices, pool = weights.a_offsets.shape[1], weights.pool
+    y = torch.zeros(x.shape[0], num_slices, segments.max_rank, dtype=torch.float32, device=x.device)
     x = x.float()  # no copy when it already is
-    offsets, slot_ranks = a_offsets.tolist(), ranks.tolist()
-    for start, end, slot in reference.adapter_segments(segment_starts, segment_slots):
+    offsets, slot_ranks = weights.a_offsets.tolist(), weights.ranks.tolist()
+    for start, end, slot in reference.adapter_segments(segments):
         x_segment = x[start:end]  # [segment_len, in_dim]
         for index, rank in enumerate(slot_ranks[slot]):
             if rank:
-                a = _matrix(pool, offsets[slot][index], rank, x.shape[1])  # [rank, in]
+                a = pool_matrix(pool, offsets[slot][index], rank, x.shape[1])  # [rank, in]
                 torch.mm(x_segment, a.t().float(), out=y[start:end, index, :rank])
     return y
 
 
 def lora_expand(
-    out: torch.Tensor,
-    y: torch.Tensor,
-    pool: torch.Tensor,
-    b_offsets: torch.Tensor,
-    ranks: torch.Tensor,
-    segment_starts: torch.Tensor,
-    segment_slots: torch.Tensor,
-    slice_starts: list[int],
+    out: torch.Tensor, y: torch.Tensor, weights: LoraWeights, segments: Segments
 ) -> None:
-    """Semantics (as reference.lora_expand): out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i].
-
-    out: [num_tokens, slice_starts[-1]], updated in place; y from lora_shrink."""
-    offsets, slot_ranks = b_offsets.tolist(), ranks.tolist()
+    """ops.LoraExpand: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i]."""
+    pool, columns = weights.pool, weights.slices.starts
+    offsets, slot_ranks = weights.b_offsets.tolist(), weights.ranks.tolist()
     exact_dtype = out.dtype == torch.float32 and pool.dtype == torch.float32
-    for start, end, slot in reference.adapter_segments(segment_starts, segment_slots):
+    for start, end, slot in reference.adapter_segments(segments):
         for index, rank in enumerate(slot_ranks[slot]):
             if not rank:
                 continue
-            first, last = slice_starts[index], slice_starts[index + 1]
-            b = _matrix(pool, offsets[slot][index], rank, last - first)  # [rank, out_i]
+            first, last = columns[index], columns[index + 1]
+            b = pool_matrix(pool, offsets[slot][index], rank, last - first)  # [rank, out_i]
             if exact_dtype:
                 out[start:end, first:last].addmm_(y[start:end, index, :rank], b)
             else:  # summed in float32, rounded once, as the reference does
@@ -89,51 +67,21 @@ def lora_expand(
 
 
 def paged_attention(
-    query: torch.Tensor,
-    kv_pages: torch.Tensor,
-    layer: int,
-    block_tables: torch.Tensor,
-    query_starts: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    *,
-    window: int = 0,
-    softcap: float = 0.0,
+    query: torch.Tensor, kv: torch.Tensor, seqs: Sequences, scores: Scores
 ) -> torch.Tensor:
-    """Semantics (as reference.paged_attention): causal attention of each sequence's
-    new tokens over its cached prefix (the last `window` keys when window > 0), K/V read
-    through `block_tables`, scores soft-capped when softcap > 0.
-
-    query: [num_tokens, num_heads, head_dim]; returns the same shape, query's dtype.
-    `block_tables`, `query_starts` and `context_lens` are a step's, shared by its layers
-    and never changed in place (the engine makes new ones each step)."""
-    plan = _attention_plan(block_tables, query_starts, context_lens)
-    scores = _Scores(scale, window, softcap)
+    """ops.PagedAttention: decodes batched by context length, the rest as the reference."""
+    plan = _attention_plan(seqs)
     out = torch.empty_like(query)
     for group in plan.decode_groups:
-        out[group.tokens] = _decode_attention(query[group.tokens], kv_pages, layer, group, scores)
+        out[group.tokens] = _decode_attention(query[group.tokens], kv, group, scores)
     for seq, start, end in plan.prefills:
-        out[start:end] = reference.paged_attention(
-            query[start:end],
-            kv_pages,
-            layer,
-            block_tables[seq : seq + 1],
-            query_starts.new_tensor([0, end - start]),
-            context_lens[seq : seq + 1],
-            scale,
-            window=window,
-            softcap=softcap,
+        one = SequenceBatch(
+            query_starts=seqs.query_starts.new_tensor([0, end - start]),
+            context_lens=seqs.context_lens[seq : seq + 1],
+            block_tables=seqs.block_tables[seq : seq + 1],
         )
+        out[start:end] = reference.paged_attention(query[start:end], kv, one, scores)
     return out
-
-
-@dataclass(frozen=True)
-class _Scores:
-    """How a layer turns q @ k into attention weights: scale, window (0 = none), cap (0 = none)."""
-
-    scale: float
-    window: int
-    softcap: float
 
 
 @dataclass(frozen=True)
@@ -151,13 +99,12 @@ class _AttentionPlan:
     prefills: list[tuple[int, int, int]]  # (sequence, first token, end token)
 
 
-def _attention_plan(
-    block_tables: torch.Tensor, query_starts: torch.Tensor, context_lens: torch.Tensor
-) -> _AttentionPlan:
+def _attention_plan(seqs: Sequences) -> _AttentionPlan:
     """How this call's sequences split (made per call: this path keeps no state across calls)."""
+    query_starts, context_lens = seqs.query_starts, seqs.context_lens
     decoding = (query_starts[1:] - query_starts[:-1]) == 1  # [num_seqs]
     groups = [
-        _DecodeGroup(query_starts[rows].long(), block_tables[rows], context_lens[rows])
+        _DecodeGroup(query_starts[rows].long(), seqs.block_tables[rows], context_lens[rows])
         for rows in _context_groups(decoding.nonzero().squeeze(1), context_lens)
     ]
     starts = query_starts.tolist()
@@ -182,25 +129,21 @@ def _context_groups(rows: torch.Tensor, context_lens: torch.Tensor) -> list[torc
 
 
 def _decode_attention(
-    query: torch.Tensor,
-    kv_pages: torch.Tensor,
-    layer: int,
-    group: _DecodeGroup,
-    scores: _Scores,
+    query: torch.Tensor, kv: torch.Tensor, group: _DecodeGroup, scores: Scores
 ) -> torch.Tensor:
     """One query per sequence, these sequences in one batched product.
 
     query: [num_seqs, num_heads, head_dim]; the group's block_tables: [num_seqs, max_blocks]."""
     num_seqs, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = kv_pages.shape[3], kv_pages.shape[4]
+    block_size, num_kv_heads = kv.shape[2], kv.shape[3]
     context_lens = group.context_lens
     max_context = int(context_lens.max())
     num_blocks = (max_context + block_size - 1) // block_size
     pages = group.block_tables[:, :num_blocks].long()  # [seqs, blocks]; padding entries are masked
     context = num_blocks * block_size
     # Gathered apart, K and V come out contiguous: [seqs, context, kv_heads, head_dim] views.
-    key = kv_pages[pages, layer, 0].view(num_seqs, context, num_kv_heads, head_dim).float()
-    value = kv_pages[pages, layer, 1].view(num_seqs, context, num_kv_heads, head_dim).float()
+    key = kv[pages, 0].view(num_seqs, context, num_kv_heads, head_dim).float()
+    value = kv[pages, 1].view(num_seqs, context, num_kv_heads, head_dim).float()
     positions = torch.arange(context, device=query.device)
     valid = positions < context_lens[:, None]  # [seqs, context]
     # Slots past a sequence's end hold whatever the pool held, NaN included: masking
@@ -233,7 +176,7 @@ def _capped_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: torch.Tensor,
-    scores: _Scores,
+    scores: Scores,
 ) -> torch.Tensor:
     """SDPA's semantics with soft-capped scores (which SDPA cannot apply), float32.
 

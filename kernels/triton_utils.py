@@ -82,17 +82,7 @@ def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def check_same_device(**tensors: torch.Tensor) -> None:
-    """Raise ValueError unless every tensor lives on the same device."""
-    devices = {name: tensor.device for name, tensor in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all tensors must be on one device, got {devices}")
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 operands multiply in full precision (the engine's fp32 path is the
     correctness anchor); half-precision weights go through tf32 when cast up."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

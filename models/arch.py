@@ -32,7 +32,7 @@ O_GROUP = (3,)
 GATE_UP_GROUP = (4, 5)
 DOWN_GROUP = (6,)
 LORA_GROUPS = (QKV_GROUP, O_GROUP, GATE_UP_GROUP, DOWN_GROUP)
-"""The groups in layer order; `LoraBatch.tables[layer][i]` is group i's."""
+"""The groups in layer order; `models.batch.lora_tables(...)[layer][i]` is group i's."""
 QKV, O_PROJ, GATE_UP, DOWN = range(len(LORA_GROUPS))
 
 FUSED_MODULES: dict[str, tuple[int, ...]] = {"qkv_proj": QKV_GROUP, "gate_up_proj": GATE_UP_GROUP}

@@ -10,6 +10,10 @@ Built once per step by the engine. Example with two sequences, one prefilling
     block_tables   [[7, 2], [5, -]]           pages of each sequence (padded)
     slot_mapping   [2*16+0 .. 2*16+3, 5*16+9] where each new token's K/V goes
     logits_indices [3, 4]                     the tokens whose logits are sampled
+
+The device state every step reads (the pool's KV view, the pool itself, the LoRA
+offset and rank tables) is not part of it: the model binds it once
+(`LlamaModel.bind`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 
 @dataclass(frozen=True)
 class LoraTables:
-    """The offset and rank tables of one module group of one layer, as the kernels read them.
+    """The offset and rank tables of one module group of one layer (the model binds each,
+    with the pool, into the `kernels.ops.LoraWeights` the LoRA kernels read).
 
     Views of the runner's `[slots, layers, modules, 2]` offset table and `[slots, layers,
     modules]` rank table, made once at start-up (the tables never move)."""
@@ -49,15 +54,13 @@ def lora_tables(
 
 @dataclass
 class LoraBatch:
-    """Which adapter each token uses and where the adapters' weights are.
+    """Which adapter each token uses (the adapters' weights and tables are bound to the model).
 
     Example: 4 sequences with adapter slots [-1, 0, 2, 1] and 3, 10, 5, 2 tokens ->
     segment_starts [0, 3, 13, 18, 20], segment_slots [-1, 0, 2, 1]."""
 
     segment_starts: torch.Tensor  # [num_segments + 1] int32
     segment_slots: torch.Tensor  # [num_segments] int32, NO_ADAPTER for base-model runs
-    pool: torch.Tensor  # [num_pages, page_numel]
-    tables: list[list[LoraTables]]  # [layer][module group], see `lora_tables`
     max_rank: int  # largest rank among the batch's adapters
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraserve.kernels.dispatch import Kernels
+from loraserve.kernels.ops import Kernels, LoraWeights, OutputSlices, Scores
 from loraserve.models.arch import DOWN, GATE_UP, O_PROJ, QKV, ModelArch
-from loraserve.models.batch import ForwardBatch, LoraBatch
+from loraserve.models.batch import ForwardBatch, LoraBatch, LoraTables
 from loraserve.models.layers import (
     ACTIVATION_FUNCTIONS,
     RMSNorm,
@@ -47,14 +47,23 @@ class LayerWeights:
     post_norm: torch.Tensor  # [hidden], before the MLP (Gemma's pre_feedforward_layernorm)
     gate_up: torch.Tensor  # [2 * intermediate, hidden]
     down: torch.Tensor  # [hidden, intermediate]
+    scores: Scores  # the attention's scale, sliding window (0: none) and soft cap (0: none)
     q_norm: torch.Tensor | None = None  # [head_dim] (Qwen3, Gemma 3)
     k_norm: torch.Tensor | None = None  # [head_dim]
     attention_out_norm: torch.Tensor | None = None  # [hidden], Gemma's post_attention_layernorm
     mlp_out_norm: torch.Tensor | None = None  # [hidden], Gemma's post_feedforward_layernorm
-    window: int = 0
-    """The layer's sliding window, 0 for full attention."""
     rope: int = 0
     """Which of the model's cos/sin tables the layer rotates with (1: Gemma 3's local one)."""
+
+
+@dataclass(frozen=True)
+class LayerPool:
+    """What one layer reads in the unified pool, bound once (`LlamaModel.bind`)."""
+
+    kv: torch.Tensor
+    """The layer's KV view, [num_pages, 2, block_size, num_kv_heads, head_dim]."""
+    lora: tuple[LoraWeights, ...]
+    """Per module group (models.arch.LORA_GROUPS: q/k/v, o, gate/up, down)."""
 
 
 def fuse_layer(
@@ -80,7 +89,7 @@ def fuse_layer(
         post_norm=norm.weight(weights[prefix + "post_attention_layernorm.weight"]),
         gate_up=gate_up,
         down=weights[mlp + "down_proj.weight"],
-        window=window,
+        scores=Scores(arch.attention_scale, window, arch.attn_logit_softcapping or 0.0),
         rope=1 if window and arch.local_rope_theta is not None else 0,
     )
     if arch.qk_norm:
@@ -98,9 +107,14 @@ def fuse_layer(
 class LlamaModel:
     """Weights plus the forward pass; stateless across steps (the KV lives in the pool).
 
-    A layer is a fixed sequence of calls whatever the batch: no data-dependent Python
-    control flow, no host syncs, so that a decode step can be captured as a CUDA graph.
+    The device state every step reads besides its batch is bound once (`bind`), so that
+    `forward(batch)` takes the step's batch alone. A layer is a fixed sequence of calls
+    whatever the batch: no data-dependent Python control flow, no host syncs, so that a
+    decode step can be captured as a CUDA graph.
     """
+
+    pools: list[LayerPool]
+    """Each layer's KV view and adapter tables (`bind`)."""
 
     def __init__(
         self,
@@ -122,75 +136,90 @@ class LlamaModel:
         self.cos_sin = rope_tables(
             arch, max_model_len or arch.max_position_embeddings, self.embed.device, self.embed.dtype
         )
-        self.attention_scale = arch.attention_scale
-        self.attention_softcap = arch.attn_logit_softcapping or 0.0  # 0: none, for the kernels
         self.qkv_split = [arch.q_size, arch.kv_size, arch.kv_size]
-        self.qkv_slices = [
-            0,
-            arch.q_size,
-            arch.q_size + arch.kv_size,
-            arch.q_size + 2 * arch.kv_size,
+
+    def bind(
+        self, kv_pages: torch.Tensor, pool: torch.Tensor, lora_tables: list[list[LoraTables]]
+    ) -> None:
+        """Point the forward pass at the unified pool, once, when the pool is made (after
+        the weights, whose size sets the pool's); these tensors never move.
+
+        kv_pages:    [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim], its KV view
+        pool:        [num_pages, page_numel], where the adapters' matrices are
+        lora_tables: [layer][module group] views of its offset and rank tables"""
+        arch = self.arch
+        q, kv, intermediate = arch.q_size, arch.kv_size, arch.intermediate_size
+        hidden = OutputSlices.of([0, arch.hidden_size], pool.device)
+        slices = {  # where each slice of a module group's fused output begins
+            QKV: OutputSlices.of([0, q, q + kv, q + 2 * kv], pool.device),
+            O_PROJ: hidden,
+            GATE_UP: OutputSlices.of([0, intermediate, 2 * intermediate], pool.device),
+            DOWN: hidden,
+        }
+        self.pools = [
+            LayerPool(
+                kv_pages[:, layer],
+                tuple(
+                    LoraWeights(pool, table.a_offsets, table.b_offsets, table.ranks, slices[group])
+                    for group, table in enumerate(tables)
+                ),
+            )
+            for layer, tables in enumerate(lora_tables)
         ]
-        self.gate_up_slices = [0, arch.intermediate_size, 2 * arch.intermediate_size]
-        self.hidden_slices = [0, arch.hidden_size]
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_pages: torch.Tensor) -> torch.Tensor:
-        """Logits of the batch's `logits_indices` tokens, float32 `[num_logits, vocab]`.
-
-        kv_pages: [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim]"""
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits of the batch's `logits_indices` tokens, float32 `[num_logits, vocab]`."""
         hidden = self.embed[batch.input_ids]  # [num_tokens, hidden]
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
         # per table: cos, sin [num_tokens, 1, rotary_dim // 2] each, broadcast over heads
         rotations = [table[batch.positions].unsqueeze(1).unbind(2) for table in self.cos_sin]
-        for index, layer in enumerate(self.layers):
+        for layer, pool in zip(self.layers, self.pools, strict=True):
             cos, sin = rotations[layer.rope]
-            hidden = self._layer(index, layer, hidden, cos, sin, batch, kv_pages)
+            hidden = self._layer(layer, pool, hidden, cos, sin, batch)
         hidden = self.norm_fn(hidden[batch.logits_indices], self.norm)
         logits = softcap(hidden @ self.lm_head.T, self.arch.final_logit_softcapping)
         return logits.float()
 
     def _layer(
         self,
-        index: int,
         layer: LayerWeights,
+        pool: LayerPool,
         hidden: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: ForwardBatch,
-        kv_pages: torch.Tensor,
     ) -> torch.Tensor:
-        norm, lora = self.norm_fn, batch.lora
+        norm, lora, adapters = self.norm_fn, batch.lora, pool.lora
         x = norm(hidden, layer.input_norm)
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [num_tokens, q_size + 2 * kv_size]
-        self._add_lora(lora, index, QKV, x, qkv, self.qkv_slices)
-        attn = self._attention(index, layer, qkv, cos, sin, batch, kv_pages)  # [tokens, q_size]
+        self._add_lora(lora, adapters[QKV], x, qkv)
+        attn = self._attention(layer, pool.kv, qkv, cos, sin, batch)  # [tokens, q_size]
         out = F.linear(attn, layer.o, layer.o_bias)
-        self._add_lora(lora, index, O_PROJ, attn, out, self.hidden_slices)
+        self._add_lora(lora, adapters[O_PROJ], attn, out)
         if layer.attention_out_norm is not None:
             out = norm(out, layer.attention_out_norm)
         hidden = hidden + out
         x = norm(hidden, layer.post_norm)
         gate_up = F.linear(x, layer.gate_up)  # [num_tokens, 2 * intermediate]
-        self._add_lora(lora, index, GATE_UP, x, gate_up, self.gate_up_slices)
+        self._add_lora(lora, adapters[GATE_UP], x, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         act = self.activation(gate).mul_(up)  # [num_tokens, intermediate]
         down = F.linear(act, layer.down)
-        self._add_lora(lora, index, DOWN, act, down, self.hidden_slices)
+        self._add_lora(lora, adapters[DOWN], act, down)
         if layer.mlp_out_norm is not None:
             down = norm(down, layer.mlp_out_norm)
         return hidden.add_(down)
 
     def _attention(
         self,
-        index: int,
         layer: LayerWeights,
+        kv: torch.Tensor,
         qkv: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: ForwardBatch,
-        kv_pages: torch.Tensor,
     ) -> torch.Tensor:
         arch = self.arch
         q, k, v = qkv.split(self.qkv_split, dim=-1)
@@ -200,37 +229,15 @@ class LlamaModel:
             q, k = self.norm_fn(q, layer.q_norm), self.norm_fn(k, layer.k_norm)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(-1, arch.num_kv_heads, arch.head_dim)  # a view of qkv
-        self.kernels.write_kv(kv_pages, index, k, v, batch.slot_mapping)
-        out = self.kernels.paged_attention(
-            q,
-            kv_pages,
-            index,
-            batch.block_tables,
-            batch.query_starts,
-            batch.context_lens,
-            self.attention_scale,
-            window=layer.window,
-            softcap=self.attention_softcap,
-        )
+        self.kernels.write_kv(kv, k, v, batch.slot_mapping)
+        out = self.kernels.paged_attention(q, kv, batch, layer.scores)
         return out.view(-1, arch.q_size)
 
     def _add_lora(
-        self,
-        lora: LoraBatch | None,
-        layer: int,
-        group: int,
-        x: torch.Tensor,
-        out: torch.Tensor,
-        slice_starts: list[int],
+        self, lora: LoraBatch | None, weights: LoraWeights, x: torch.Tensor, out: torch.Tensor
     ) -> None:
         """out[:, slice i] += x @ A_i.T @ B_i for each token's adapter (all slices in one launch)."""
         if lora is None:
             return
-        tables = lora.tables[layer][group]
-        starts, slots = lora.segment_starts, lora.segment_slots
-        y = self.kernels.lora_shrink(
-            x, lora.pool, tables.a_offsets, tables.ranks, starts, slots, lora.max_rank
-        )  # [num_tokens, num_slices, max_rank]
-        self.kernels.lora_expand(
-            out, y, lora.pool, tables.b_offsets, tables.ranks, starts, slots, slice_starts
-        )
+        y = self.kernels.lora_shrink(x, weights, lora)  # [num_tokens, num_slices, max_rank]
+        self.kernels.lora_expand(out, y, weights, lora)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from loraserve.kernels.constants import NO_ADAPTER
-from loraserve.models.batch import ForwardBatch, LoraBatch, LoraTables
+from loraserve.models.batch import ForwardBatch, LoraBatch
 from loraserve.scheduler.request import SequenceState
 
 
@@ -49,10 +49,8 @@ class Chunk(Protocol):
 
 
 class AdapterTables(Protocol):
-    """Where the LoRA kernels find the adapters (engine/device_pool.DevicePool)."""
+    """The ranks of the adapters in the slots (engine/device_pool.DevicePool)."""
 
-    pages: torch.Tensor
-    lora: list[list[LoraTables]]
     slot_max_rank: list[int]
 
 
@@ -146,8 +144,6 @@ class BatchMetadata:
             lora_batch = LoraBatch(
                 self.segment_starts.view(num_segments + 1),
                 self.segment_slots.view(num_segments),
-                adapters.pages,
-                adapters.lora,
                 max(max_rank, 1),
             )
         return ForwardBatch(

@@ -135,6 +135,7 @@ class TorchModelRunner:
         self.pool = DevicePool(
             geometry, self.num_pages, lora.max_resident_adapters, self.dtype, self.device
         )
+        self.model.bind(self.pool.kv_pages, self.pool.pages, self.pool.lora)
         max_blocks = -(-max_model_len // geometry.block_size)
         self.metadata = BatchMetadata(
             scheduler.max_num_batched_tokens,
@@ -149,7 +150,7 @@ class TorchModelRunner:
             # The torch paths read metadata on the host (syncs): only Triton can be captured.
             not config.model.enforce_eager and self.kernel_backend == "triton",
             min(scheduler.max_num_seqs, MAX_GRAPH_BATCH_SIZE),
-            self._forward,
+            self.model.forward,
         )
         self.graphs.capture_all(self.metadata, self.pool)
         self._prompt_progress: dict[str, PromptProgress] = {}
@@ -215,10 +216,7 @@ class TorchModelRunner:
         if bucket is not None:
             batch = self.metadata.build(chunks, self.pool, pad_to=bucket)
             return self.graphs.replay(bucket, batch)[: sum(chunk.samples for chunk in chunks)]
-        return self._forward(self.metadata.build(chunks, self.pool, extra_logits=extra))
-
-    def _forward(self, batch) -> torch.Tensor:
-        return self.model.forward(batch, self.pool.kv_pages)
+        return self.model.forward(self.metadata.build(chunks, self.pool, extra_logits=extra))
 
     def _num_pages(self, geometry: PoolGeometry) -> int:
         """Pages in the pool: as configured, or what memory allows."""

@@ -27,8 +27,6 @@ class Chunk:
 
 @dataclass
 class Adapters:
-    pages: torch.Tensor = field(default_factory=lambda: torch.zeros(1))
-    lora: list = field(default_factory=list)
     slot_max_rank: list[int] = field(default_factory=lambda: [8, 0, 0])
 
 

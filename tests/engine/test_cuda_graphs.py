@@ -52,7 +52,7 @@ def test_replay_equals_eager_on_the_same_padded_batch(assets, batch_size: int) -
     bucket = runner.graphs.bucket_for(plan.chunks)
     assert bucket is not None and bucket >= batch_size
     batch = runner.metadata.build(plan.chunks, runner.pool, pad_to=bucket)
-    eager = runner._forward(batch)[:batch_size].clone()
+    eager = runner.model.forward(batch)[:batch_size].clone()
     replayed = runner.graphs.replay(bucket, batch)[:batch_size].clone()
     assert torch.equal(eager, replayed)
     for request_id in list(core.requests):

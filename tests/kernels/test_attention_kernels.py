@@ -20,6 +20,7 @@ import torch
 
 from loraserve.kernels import native, reference, torch_path
 from loraserve.kernels.kv_write import write_kv
+from loraserve.kernels.ops import Scores, SequenceBatch
 from loraserve.kernels.paged_attention import paged_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,7 +119,7 @@ def fill_cache(cache: PagedCache, generator: torch.Generator) -> None:
         key, value = torch.randn(2, len(slots), kv_heads, head_dim, generator=generator).to(
             DEVICE, cache.pool.dtype
         )
-        reference.write_kv(cache.kv_pages, layer, key, value, slots)
+        reference.write_kv(cache.kv_pages[:, layer], key, value, slots)
 
 
 def attention_inputs(
@@ -128,7 +129,7 @@ def attention_inputs(
     dtype: torch.dtype,
     generator: torch.Generator,
 ) -> tuple:
-    """(query, kv_pages, layer, block_tables, query_starts, context_lens) on a fresh cache."""
+    """(query, the KV view of layer LAYER, the sequences) on a fresh cache."""
     (num_heads, kv_heads), (head_dim, block_size) = heads, layout
     query_lens, context_lens = zip(*batch, strict=True)
     cache = make_cache(list(context_lens), kv_heads, head_dim, block_size, dtype, generator)
@@ -137,14 +138,12 @@ def attention_inputs(
     query_starts = torch.tensor(
         [0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32
     )
-    return (
-        query,
-        cache.kv_pages,
-        LAYER,
-        cache.block_tables,
-        query_starts.to(DEVICE),
-        cache.context_lens,
+    seqs = SequenceBatch(
+        query_starts=query_starts.to(DEVICE),
+        context_lens=cache.context_lens,
+        block_tables=cache.block_tables,
     )
+    return query, cache.kv_pages[:, LAYER], seqs
 
 
 def run_attention(
@@ -158,12 +157,11 @@ def run_attention(
     softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel output, reference output) on a fresh cache."""
-    args = attention_inputs(batch, heads, layout, dtype, generator)
-    scale = layout[0] ** -0.5
-    out = torch.full_like(args[0], float("nan"))
-    scores = dict(window=window, softcap=softcap)
-    paged_attention(*args, scale, out=out, num_splits=num_splits, **scores)
-    return out, reference.paged_attention(*args, scale, **scores)
+    query, kv, seqs = attention_inputs(batch, heads, layout, dtype, generator)
+    scores = Scores(layout[0] ** -0.5, window, softcap)
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, kv, seqs, scores, out=out, num_splits=num_splits)
+    return out, reference.paged_attention(query, kv, seqs, scores)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -206,17 +204,13 @@ def test_paged_attention_split_kv_with_window(scores, generator):
 
 def test_reference_window_and_softcap_semantics(generator):
     """The yardstick itself, against attention written out for one decoding sequence."""
-    query, kv_pages, layer, tables, starts, lens = attention_inputs(
-        [(1, 20)], (2, 2), (64, 16), torch.float32, generator
-    )
-    keys = kv_pages[tables[0, :2].long(), layer].transpose(0, 1).reshape(2, 32, 2, 64)[:, :20]
+    query, kv, seqs = attention_inputs([(1, 20)], (2, 2), (64, 16), torch.float32, generator)
+    keys = kv[seqs.block_tables[0, :2].long()].transpose(0, 1).reshape(2, 32, 2, 64)[:, :20]
     window, softcap, scale = 6, 3.0, 0.125
     scores = torch.einsum("hd,khd->hk", query[0], keys[0, -window:]) * scale
     weights = (softcap * torch.tanh(scores / softcap)).softmax(dim=-1)  # [heads, window]
     expected = torch.einsum("hk,khd->hd", weights, keys[1, -window:])
-    out = reference.paged_attention(
-        query, kv_pages, layer, tables, starts, lens, scale, window=window, softcap=softcap
-    )
+    out = reference.paged_attention(query, kv, seqs, Scores(scale, window, softcap))
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -224,14 +218,21 @@ def test_paged_attention_rejects_bad_inputs(generator):
     cache = make_cache([5], 2, 64, 16, torch.float32, generator)
     query = torch.randn(1, 6, 64, device=DEVICE)  # GQA group of 3
     starts = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="layer"):
-        paged_attention(
-            query, cache.kv_pages, NUM_LAYERS, cache.block_tables, starts, cache.context_lens, 1.0
-        )
-    with pytest.raises(ValueError, match="kv_pages"):
-        paged_attention(
-            query.half(), cache.kv_pages, 0, cache.block_tables, starts, cache.context_lens, 1.0
-        )
+    seqs = SequenceBatch(starts, cache.context_lens, cache.block_tables)
+    kv, scores = cache.kv_pages[:, 0], Scores(1.0)
+    with pytest.raises(ValueError, match="one layer's"):
+        paged_attention(query, cache.kv_pages, seqs, scores)  # every layer's
+    with pytest.raises(ValueError, match="kv"):
+        paged_attention(query.half(), kv, seqs, scores)
+    with pytest.raises(ValueError, match="query_starts"):
+        bad = SequenceBatch(starts[:1], cache.context_lens, cache.block_tables)
+        paged_attention(query, kv, bad, scores)
+
+
+@pytest.mark.parametrize("bad", [dict(window=-1), dict(softcap=-1.0), dict(softcap=float("nan"))])
+def test_scores_reject_bad_window_or_softcap(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Scores(1.0, **bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -247,8 +248,8 @@ def test_write_kv_matches_reference(layout, dtype: torch.dtype, generator):
     value = fused[:, kv_heads * head_dim : 2 * kv_heads * head_dim].view(-1, kv_heads, head_dim)
     expected = cache.pool.clone()
     expected_pages = expected[:, : cache.kv_pages[0].numel()].view(cache.kv_pages.shape)
-    reference.write_kv(expected_pages, LAYER, key, value, slots)
-    write_kv(cache.kv_pages, LAYER, key, value, slots)
+    reference.write_kv(expected_pages[:, LAYER], key, value, slots)
+    write_kv(cache.kv_pages[:, LAYER], key, value, slots)
     torch.testing.assert_close(cache.pool, expected, rtol=0, atol=0, equal_nan=True)
 
 
@@ -273,8 +274,9 @@ def test_cpu_path_attention_matches_reference(kind: str, heads, path, generator)
     batch = MANY_DECODES if kind == "many_decodes" else BATCHES[kind]
     args = attention_inputs(batch, heads, LAYOUTS[0], dtype, generator)
     head_dim = LAYOUTS[0][0]
-    out = implementation.paged_attention(*args, head_dim**-0.5)
-    assert_close(out, reference.paged_attention(*args, head_dim**-0.5), dtype)
+    scores = Scores(head_dim**-0.5)
+    out = implementation.paged_attention(*args, scores)
+    assert_close(out, reference.paged_attention(*args, scores), dtype)
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)
@@ -285,6 +287,5 @@ def test_cpu_path_window_and_softcap_match_reference(kind: str, scores, path, ge
     batch = MANY_DECODES if kind == "many_decodes" else BATCHES[kind]
     window, softcap = scores
     args = attention_inputs(batch, (8, 2), LAYOUTS[0], dtype, generator)
-    kwargs = dict(window=window, softcap=softcap)
-    out = implementation.paged_attention(*args, 0.125, **kwargs)
-    assert_close(out, reference.paged_attention(*args, 0.125, **kwargs), dtype)
+    out = implementation.paged_attention(*args, Scores(0.125, window, softcap))
+    assert_close(out, reference.paged_attention(*args, Scores(0.125, window, softcap)), dtype)

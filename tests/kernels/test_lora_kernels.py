@@ -13,6 +13,8 @@ dimensions are scaled down, keeping their odd factors (11008 = 43 * 256 -> 1376)
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import zlib
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.kernels.dispatch import select_kernels
 from loraserve.kernels.lora_expand import lora_expand
 from loraserve.kernels.lora_shrink import lora_shrink
+from loraserve.kernels.ops import LoraWeights, OutputSlices
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -55,6 +58,10 @@ class Group:
     in_dim: int
     widths: tuple[int, ...]
 
+    def slices(self, device: torch.device = DEVICE) -> OutputSlices:
+        """Where each slice's output begins, as the model makes it once per projection."""
+        return OutputSlices.of([0, *itertools.accumulate(self.widths)], device)
+
 
 # Llama-2-7B / Llama-3-8B shapes on a GPU; under the interpreter scaled down by a power of two.
 GROUPS = [
@@ -73,7 +80,8 @@ NO_ADAPTER_SEGMENTS = {3, 7}
 
 @dataclass
 class LoraBatch:
-    """A pool with adapters in it and a batch of segments, as the engine hands them over."""
+    """A pool with adapters in it and a batch of segments (a `kernels.ops.Segments`), as the
+    engine hands them over."""
 
     pool: torch.Tensor  # [num_pages, page_numel], NaN where nothing was written
     offsets: torch.Tensor  # [NUM_SLOTS, NUM_LAYERS, NUM_MODULES, 2] int64
@@ -82,10 +90,11 @@ class LoraBatch:
     segment_slots: torch.Tensor  # [num_segments] int32
     max_rank: int
 
-    def views(self, group: Group, which: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(offsets of A (which=0) or B (1), ranks) of the tested layer: strided views."""
+    def weights(self, group: Group) -> LoraWeights:
+        """The tested layer's weights of `group`: strided views of the tables, as the model binds."""
         modules = slice(group.first_module, group.first_module + len(group.widths))
-        return self.offsets[:, LAYER, modules, which], self.ranks[:, LAYER, modules]
+        offsets, ranks = self.offsets[:, LAYER, modules], self.ranks[:, LAYER, modules]
+        return LoraWeights(self.pool, offsets[..., 0], offsets[..., 1], ranks, group.slices())
 
 
 @pytest.fixture
@@ -183,19 +192,10 @@ def run_shrink(
 ):
     num_tokens = int(batch.segment_starts[-1])
     x = torch.randn(num_tokens, group.in_dim, generator=generator).to(DEVICE, dtype)
-    a_offsets, ranks = batch.views(group, 0)
-    args = (
-        x,
-        batch.pool,
-        a_offsets,
-        ranks,
-        batch.segment_starts,
-        batch.segment_slots,
-        batch.max_rank,
-    )
+    weights = batch.weights(group)
     y = torch.full((num_tokens, len(group.widths), batch.max_rank), float("nan"), device=DEVICE)
-    lora_shrink(*args, out=y, **kwargs)
-    return y, reference.lora_shrink(*args)
+    lora_shrink(x, weights, batch, out=y, **kwargs)
+    return y, reference.lora_shrink(x, weights, batch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -223,22 +223,21 @@ def test_shrink_prefill_tiles(group: Group, dtype: torch.dtype, generator):
     assert_close(y, expected, dtype)
 
 
-def run_expand(
-    group: Group, batch: LoraBatch, dtype: torch.dtype, generator: torch.Generator, slice_starts
-):
+def run_expand(group: Group, batch: LoraBatch, dtype: torch.dtype, generator: torch.Generator):
     """(out after the kernel, out after the reference, out before both)."""
     num_tokens, num_slices = int(batch.segment_starts[-1]), len(group.widths)
-    b_offsets, ranks = batch.views(group, 1)
+    weights = batch.weights(group)
     y = torch.randn(num_tokens, num_slices, batch.max_rank, generator=generator).to(DEVICE)
     # NaN past each token's rank (and everywhere for base-model tokens): never to be read.
     slots = token_slots(batch)
-    token_ranks = torch.where(slots[:, None] >= 0, ranks[slots.clamp(min=0)], 0)  # [tokens, slices]
-    y[torch.arange(batch.max_rank, device=DEVICE) >= token_ranks[..., None]] = float("nan")
+    ranks = torch.where(
+        slots[:, None] >= 0, weights.ranks[slots.clamp(min=0)], 0
+    )  # [tokens, slices]
+    y[torch.arange(batch.max_rank, device=DEVICE) >= ranks[..., None]] = float("nan")
     before = torch.randn(num_tokens, sum(group.widths), generator=generator).to(DEVICE, dtype)
-    args = (y, batch.pool, b_offsets, ranks, batch.segment_starts, batch.segment_slots)
     out, expected = before.clone(), before.clone()
-    lora_expand(out, *args, slice_starts)
-    reference.lora_expand(expected, *args, [0, *torch.tensor(group.widths).cumsum(0).tolist()])
+    lora_expand(out, y, weights, batch)
+    reference.lora_expand(expected, y, weights, batch)
     return out, expected, before
 
 
@@ -247,29 +246,26 @@ def run_expand(
 @pytest.mark.parametrize("group", GROUPS, ids=lambda group: group.name)
 def test_expand_matches_reference(group: Group, popularity: str, dtype: torch.dtype, generator):
     batch = make_batch(group, DECODE_MIX, popularity, dtype, generator)
-    slice_starts = [0, *torch.tensor(group.widths).cumsum(0).tolist()]
-    out, expected, before = run_expand(group, batch, dtype, generator, slice_starts)
+    out, expected, before = run_expand(group, batch, dtype, generator)
     assert_close(out, expected, dtype)
     base_tokens = token_slots(batch) == NO_ADAPTER
     assert torch.equal(out[base_tokens], before[base_tokens])  # bit for bit
 
 
-@pytest.mark.parametrize("slice_starts_on", ["host", "device"])
 @pytest.mark.parametrize("lengths", [DECODE_MIX, PREFILL], ids=["decode_mix", "prefill"])
-def test_expand_slice_starts_tensor_and_prefill(
-    lengths: tuple[int, ...], slice_starts_on: str, generator
-):
+def test_expand_decode_and_prefill_tiles(lengths: tuple[int, ...], generator):
     group = GROUPS[0]
     batch = make_batch(group, lengths, "zipf", torch.float16, generator)
-    slice_starts = torch.tensor([0, *torch.tensor(group.widths).cumsum(0).tolist()])
-    out, expected, _ = run_expand(
-        group,
-        batch,
-        torch.float16,
-        generator,
-        slice_starts.to(DEVICE if slice_starts_on == "device" else "cpu"),
-    )
+    out, expected, _ = run_expand(group, batch, torch.float16, generator)
     assert_close(out, expected, torch.float16)
+
+
+@pytest.mark.parametrize("starts", [[], [0], [1, 5], [0, 5, 5], [0, 7, 3]])
+def test_output_slices_must_increase_from_zero(starts: list[int]):
+    with pytest.raises(ValueError, match="slice_starts"):
+        OutputSlices.of(starts, DEVICE)
+    slices = OutputSlices.of([0, 4096, 5120, 6144], DEVICE)
+    assert slices.widest == 4096 and slices.tensor.tolist() == list(slices.starts)
 
 
 def test_no_adapter_batch_is_zero_and_untouched(generator):
@@ -278,23 +274,22 @@ def test_no_adapter_batch_is_zero_and_untouched(generator):
     batch.segment_slots.fill_(NO_ADAPTER)
     y, expected = run_shrink(group, batch, torch.float32, generator)
     assert torch.equal(y, torch.zeros_like(y)) and torch.equal(expected, y)
-    out, _, before = run_expand(group, batch, torch.float32, generator, [0, group.widths[0]])
+    out, _, before = run_expand(group, batch, torch.float32, generator)
     assert torch.equal(out, before)
 
 
 def test_launchers_reject_bad_inputs(generator):
     group = GROUPS[3]
     batch = make_batch(group, (2, 2), "uniform", torch.float32, generator)
-    a_offsets, ranks = batch.views(group, 0)
+    weights = batch.weights(group)
     x = torch.randn(4, group.in_dim, dtype=torch.float16, device=DEVICE)  # pool is float32
     with pytest.raises(ValueError, match="dtype"):
-        lora_shrink(x, batch.pool, a_offsets, ranks, batch.segment_starts, batch.segment_slots, 8)
+        lora_shrink(x, weights, batch)
     y = torch.zeros(4, 1, 8, device=DEVICE)
     out = torch.zeros(4, group.widths[0], device=DEVICE)
+    narrow = dataclasses.replace(weights, slices=OutputSlices.of([0, 5], DEVICE))  # not out's
     with pytest.raises(ValueError, match="slice_starts"):
-        lora_expand(
-            out, y, batch.pool, a_offsets, ranks, batch.segment_starts, batch.segment_slots, [0, 5]
-        )
+        lora_expand(out, y, narrow, batch)
 
 
 def test_dispatch_selects_these_kernels():
@@ -320,19 +315,14 @@ def test_cpu_path_matches_reference(path, popularity: str, lengths, generator):
     batch = make_batch(group, lengths, popularity, dtype, generator)
     num_tokens = int(batch.segment_starts[-1])
     x = torch.randn(num_tokens, group.in_dim, generator=generator).to(DEVICE, dtype)
-    a_offsets, ranks = batch.views(group, 0)
-    segments = (batch.segment_starts, batch.segment_slots)
-    y = implementation.lora_shrink(x, batch.pool, a_offsets, ranks, *segments, batch.max_rank)
-    expected_y = reference.lora_shrink(x, batch.pool, a_offsets, ranks, *segments, batch.max_rank)
+    weights = batch.weights(group)
+    y = implementation.lora_shrink(x, weights, batch)
+    expected_y = reference.lora_shrink(x, weights, batch)
     assert_close(y, expected_y, dtype)
-    b_offsets, ranks = batch.views(group, 1)
-    slice_starts = [0, *torch.tensor(group.widths).cumsum(0).tolist()]
-    before = torch.randn(num_tokens, slice_starts[-1], generator=generator).to(DEVICE, dtype)
+    before = torch.randn(num_tokens, sum(group.widths), generator=generator).to(DEVICE, dtype)
     out, expected = before.clone(), before.clone()
     for kernels, target in ((implementation, out), (reference, expected)):
-        kernels.lora_expand(
-            target, expected_y, batch.pool, b_offsets, ranks, *segments, slice_starts
-        )
+        kernels.lora_expand(target, expected_y, weights, batch)
     assert_close(out, expected, dtype)
     base_tokens = token_slots(batch) == NO_ADAPTER
     assert torch.equal(out[base_tokens], before[base_tokens])
@@ -344,11 +334,10 @@ def test_cpu_path_reads_what_the_pool_holds_now(implementation, generator):
     group = GROUPS[3]
     batch = make_batch(group, (2, 3), "uniform", torch.float32, generator)
     x = torch.randn(5, group.in_dim, generator=generator).to(DEVICE)
-    a_offsets, ranks = batch.views(group, 0)
-    args = (batch.pool, a_offsets, ranks, batch.segment_starts, batch.segment_slots, batch.max_rank)
-    first = implementation.lora_shrink(x, *args)
+    weights = batch.weights(group)
+    first = implementation.lora_shrink(x, weights, batch)
     batch.pool.mul_(2.0)  # NaN stays NaN; every stored matrix doubles
-    assert_close(implementation.lora_shrink(x, *args), 2 * first, torch.float32)
+    assert_close(implementation.lora_shrink(x, weights, batch), 2 * first, torch.float32)
 
 
 def test_dispatch_selects_the_cpu_path_on_cpu():

@@ -12,6 +12,7 @@ torch.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import zlib
 from pathlib import Path
@@ -30,6 +31,7 @@ from test_lora_kernels import (
 
 from loraserve.kernels import native, reference
 from loraserve.kernels.constants import NO_ADAPTER
+from loraserve.kernels.ops import LoraWeights, Scores, SequenceBatch
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler")
 
@@ -57,11 +59,12 @@ def wide_view(rows: int, columns: int, generator: torch.Generator) -> torch.Tens
     return torch.randn(rows, columns + 11, generator=generator)[:, 5 : 5 + columns]
 
 
-def shrink_inputs(group: Group, batch: LoraBatch, generator: torch.Generator) -> tuple:
+def shrink_inputs(
+    group: Group, batch: LoraBatch, generator: torch.Generator
+) -> tuple[torch.Tensor, LoraWeights]:
+    """(x, a row-strided view as the model passes it; the weights of `group`)."""
     num_tokens = int(batch.segment_starts[-1])
-    a_offsets, ranks = batch.views(group, 0)
-    x = wide_view(num_tokens, group.in_dim, generator)
-    return x, batch.pool, a_offsets, ranks, batch.segment_starts, batch.segment_slots
+    return wide_view(num_tokens, group.in_dim, generator), batch.weights(group)
 
 
 @pytest.mark.parametrize("lengths", [MIXED, (70, 1, 45)], ids=["mixed", "prefill"])
@@ -69,54 +72,52 @@ def shrink_inputs(group: Group, batch: LoraBatch, generator: torch.Generator) ->
 @pytest.mark.parametrize("group", ODD_GROUPS, ids=lambda group: group.name)
 def test_lora_matches_reference_on_odd_sizes_and_views(group, popularity, lengths, generator):
     batch = make_batch(group, lengths, popularity, F32, generator)
-    args = shrink_inputs(group, batch, generator)
-    num_tokens, num_slices = args[0].shape[0], len(group.widths)
+    x, weights = shrink_inputs(group, batch, generator)
+    num_tokens, num_slices = x.shape[0], len(group.widths)
     y = torch.full((num_tokens, num_slices, batch.max_rank), float("nan"))
-    assert native.lora_shrink(*args, batch.max_rank, out=y) is y
-    expected_y = reference.lora_shrink(*args, batch.max_rank)
+    assert native.lora_shrink(x, weights, batch, out=y) is y
+    expected_y = reference.lora_shrink(x, weights, batch)
     assert_close(y, expected_y, F32)  # zeros past each rank and for NO_ADAPTER: no NaN left
-    slice_starts = [0, *torch.tensor(group.widths).cumsum(0).tolist()]
-    out = wide_view(num_tokens, slice_starts[-1], generator)  # the model's row-strided output
+    out = wide_view(num_tokens, sum(group.widths), generator)  # the model's row-strided output
     before, expected = out.clone(), out.clone()
-    b_offsets, ranks = batch.views(group, 1)
-    expand_args = (batch.pool, b_offsets, ranks, batch.segment_starts, batch.segment_slots)
-    native.lora_expand(out, y, *expand_args, slice_starts)
-    reference.lora_expand(expected, expected_y, *expand_args, slice_starts)
+    native.lora_expand(out, y, weights, batch)
+    reference.lora_expand(expected, expected_y, weights, batch)
     assert_close(out, expected, F32)
     base_tokens = token_slots(batch) == NO_ADAPTER
     assert torch.equal(out[base_tokens], before[base_tokens])
 
 
-def test_lora_takes_int64_segments_and_tensor_slice_starts(generator):
+def test_lora_takes_int64_segments(generator):
     group = ODD_GROUPS[2]
     batch = make_batch(group, MIXED, "zipf", F32, generator)
-    x, pool, a_offsets, ranks, starts, slots = shrink_inputs(group, batch, generator)
-    y = native.lora_shrink(x, pool, a_offsets, ranks, starts.long(), slots.long(), batch.max_rank)
-    expected_y = reference.lora_shrink(x, pool, a_offsets, ranks, starts, slots, batch.max_rank)
-    assert_close(y, expected_y, F32)
-    slice_starts = torch.tensor([0, *torch.tensor(group.widths).cumsum(0).tolist()])
-    out, expected = torch.zeros(2, x.shape[0], int(slice_starts[-1]))
-    b_offsets, ranks = batch.views(group, 1)
-    native.lora_expand(out, y, pool, b_offsets, ranks, starts.long(), slots, slice_starts)
-    reference.lora_expand(expected, y, pool, b_offsets, ranks, starts, slots, slice_starts.tolist())
+    x, weights = shrink_inputs(group, batch, generator)
+    int64 = dataclasses.replace(
+        batch, segment_starts=batch.segment_starts.long(), segment_slots=batch.segment_slots.long()
+    )
+    y = native.lora_shrink(x, weights, int64)
+    assert_close(y, reference.lora_shrink(x, weights, batch), F32)
+    out, expected = torch.zeros(2, x.shape[0], sum(group.widths))
+    native.lora_expand(out, y, weights, int64)
+    reference.lora_expand(expected, y, weights, batch)
     assert_close(out, expected, F32)
 
 
-def bad_metadata(batch: LoraBatch, group: Group) -> dict[str, tuple[str, dict]]:
-    """Metadata that would make the kernel read out of bounds -> the error it must raise."""
-    offsets, ranks = batch.views(group, 0)
-    beyond_pool = offsets.clone()
+def bad_metadata(batch: LoraBatch, group: Group) -> dict[str, tuple[str, dict, dict]]:
+    """Metadata that would make the kernel read out of bounds -> (the error it must raise,
+    changes to the weights, changes to the segments)."""
+    weights = batch.weights(group)
+    beyond_pool = weights.a_offsets.clone()
     beyond_pool[:, 0] = batch.pool.numel() - 1
-    too_high = ranks.clone()
+    too_high = weights.ranks.clone()
     too_high[:, 0] = batch.max_rank + 1
     slots, starts = batch.segment_slots.clone(), batch.segment_starts.clone()
     slots[0], starts[-1] = 99, starts[-1] - 1
     return {
-        "slot": ("segment_slots", {"segment_slots": slots}),
-        "rank": ("max_rank", {"ranks": too_high}),
-        "offset": ("inside the pool", {"a_offsets": beyond_pool}),
-        "starts": ("segment_starts", {"segment_starts": starts}),
-        "dtype": ("float32", {"x": None}),
+        "slot": ("segment_slots", {}, {"segment_slots": slots}),
+        "rank": ("max_rank", {"ranks": too_high}, {}),
+        "offset": ("inside the pool", {"a_offsets": beyond_pool}, {}),
+        "starts": ("segment_starts", {}, {"segment_starts": starts}),
+        "dtype": ("float32", {}, {}),
     }
 
 
@@ -124,16 +125,15 @@ def bad_metadata(batch: LoraBatch, group: Group) -> dict[str, tuple[str, dict]]:
 def test_lora_rejects_bad_metadata_and_writes_nothing(case: str, generator):
     group = ODD_GROUPS[1]
     batch = make_batch(group, (2, 3, 1), "distinct", F32, generator)
-    x, pool, a_offsets, ranks, starts, slots = shrink_inputs(group, batch, generator)
-    kwargs = {"x": x, "a_offsets": a_offsets, "ranks": ranks}
-    kwargs |= {"segment_starts": starts, "segment_slots": slots}
-    match, changes = bad_metadata(batch, group)[case]
-    kwargs |= changes
+    x, weights = shrink_inputs(group, batch, generator)
+    match, weight_changes, segment_changes = bad_metadata(batch, group)[case]
+    weights = dataclasses.replace(weights, **weight_changes)
+    segments = dataclasses.replace(batch, **segment_changes)
     if case == "dtype":
-        kwargs["x"] = x.half()
+        x = x.half()
     y = torch.full((6, 3, batch.max_rank), float("nan"))
     with pytest.raises(ValueError, match=match):
-        native.lora_shrink(pool=pool, max_rank=batch.max_rank, out=y, **kwargs)
+        native.lora_shrink(x, weights, segments, out=y)
     assert y.isnan().all()
 
 
@@ -156,7 +156,7 @@ MIXED_STEP = [(1, 1), (1, 90), (130, 130), (5, 77), (1, 33), (101, 200), (100, 1
 def test_attention_mixed_step_strided_query_and_out(layout, long_prefill, generator, monkeypatch):
     monkeypatch.setattr(native, "LONG_PREFILL_TOKENS", long_prefill)
     num_heads, kv_heads, head_dim, block_size = layout
-    query, *rest = attention_inputs(
+    query, kv, seqs = attention_inputs(
         MIXED_STEP, (num_heads, kv_heads), (head_dim, block_size), F32, generator
     )
     # As the model passes it: the query part of a fused [tokens, (heads + 2 kv) * dim] buffer.
@@ -164,9 +164,9 @@ def test_attention_mixed_step_strided_query_and_out(layout, long_prefill, genera
     qkv[:, : num_heads * head_dim] = query.flatten(1)
     query = qkv[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
     out = torch.full((query.shape[0], num_heads, head_dim + 3), float("nan"))[..., :head_dim]
-    scale = head_dim**-0.5
-    assert native.paged_attention(query, *rest, scale, out=out) is out
-    assert_close(out, reference.paged_attention(query.contiguous(), *rest, scale), F32)
+    scores = Scores(head_dim**-0.5)
+    assert native.paged_attention(query, kv, seqs, scores, out=out) is out
+    assert_close(out, reference.paged_attention(query.contiguous(), kv, seqs, scores), F32)
 
 
 @pytest.mark.parametrize("long_prefill", [100, 1 << 20], ids=["sdpa-past-100", "all-in-c"])
@@ -178,26 +178,21 @@ def test_attention_mixed_step_window_and_softcap(scores, long_prefill, generator
     window, softcap = scores
     args = attention_inputs(MIXED_STEP, (6, 3), (40, 8), F32, generator)
     out = torch.full_like(args[0], float("nan"))
-    kwargs = dict(window=window, softcap=softcap)
-    assert native.paged_attention(*args, 0.2, out=out, **kwargs) is out
-    assert_close(out, reference.paged_attention(*args, 0.2, **kwargs), F32)
-
-
-@pytest.mark.parametrize("bad", [dict(window=-1), dict(softcap=-1.0), dict(softcap=float("nan"))])
-def test_attention_rejects_bad_window_or_softcap(bad, generator):
-    args = attention_inputs([(1, 20)], (4, 2), (64, 16), F32, generator)
-    with pytest.raises(ValueError, match=next(iter(bad))):
-        native.paged_attention(*args, 1.0, **bad)
+    scores = Scores(0.2, window, softcap)
+    assert native.paged_attention(*args, scores, out=out) is out
+    assert_close(out, reference.paged_attention(*args, scores), F32)
 
 
 @pytest.mark.parametrize("case", ["page", "context", "starts"])
 def test_attention_rejects_bad_metadata(case: str, generator):
-    query, kv_pages, layer, tables, starts, lens = attention_inputs(
-        [(1, 20), (3, 3)], (4, 2), (64, 16), F32, generator
+    query, kv, seqs = attention_inputs([(1, 20), (3, 3)], (4, 2), (64, 16), F32, generator)
+    tables, starts, lens = (
+        seqs.block_tables.clone(),
+        seqs.query_starts.clone(),
+        seqs.context_lens.clone(),
     )
-    tables, starts, lens = tables.clone(), starts.clone(), lens.clone()
     if case == "page":
-        tables[0, 1] = kv_pages.shape[0]
+        tables[0, 1] = kv.shape[0]
     elif case == "context":
         lens[1] = 2  # fewer than its 3 queries
     else:
@@ -207,7 +202,7 @@ def test_attention_rejects_bad_metadata(case: str, generator):
         ValueError,
         match={"page": "block_tables", "context": "context_lens"}.get(case, "query_starts"),
     ):
-        native.paged_attention(query, kv_pages, layer, tables, starts, lens, 1.0, out=out)
+        native.paged_attention(query, kv, SequenceBatch(starts, lens, tables), Scores(1.0), out=out)
     assert out.isnan().all()
 
 
@@ -222,12 +217,12 @@ def test_write_kv_strided_views_and_skipped_slots(generator):
     expected = cache.pool.clone()
     expected_pages = expected[:, : cache.kv_pages[0].numel()].view(cache.kv_pages.shape)
     kept = slots >= 0
-    reference.write_kv(expected_pages, LAYER, key[kept], value[kept], slots[kept])
-    native.write_kv(cache.kv_pages, LAYER, key, value, slots)
+    reference.write_kv(expected_pages[:, LAYER], key[kept], value[kept], slots[kept])
+    native.write_kv(cache.kv_pages[:, LAYER], key, value, slots)
     torch.testing.assert_close(cache.pool, expected, rtol=0, atol=0, equal_nan=True)
     slots[0] = cache.kv_pages.shape[0] * block_size
     with pytest.raises(ValueError, match="slot_mapping"):
-        native.write_kv(cache.kv_pages, LAYER, key, value, slots)
+        native.write_kv(cache.kv_pages[:, LAYER], key, value, slots)
 
 
 def test_one_openmp_runtime_shared_with_torch():
@@ -243,7 +238,7 @@ def test_same_results_on_one_thread(generator):
     """Every output element is computed by one thread: the thread count changes nothing."""
     group = ODD_GROUPS[3]
     batch = make_batch(group, MIXED, "uniform", F32, generator)
-    args = shrink_inputs(group, batch, generator)
+    x, weights = shrink_inputs(group, batch, generator)
     attention_args = attention_inputs(MIXED_STEP[:5], (8, 2), (64, 16), F32, generator)
     threads = torch.get_num_threads()
     results = []
@@ -252,8 +247,8 @@ def test_same_results_on_one_thread(generator):
         try:
             results.append(
                 (
-                    native.lora_shrink(*args, batch.max_rank),
-                    native.paged_attention(*attention_args, 0.125),
+                    native.lora_shrink(x, weights, batch),
+                    native.paged_attention(*attention_args, Scores(0.125)),
                 )
             )
         finally:
@@ -267,7 +262,7 @@ def test_attention_nan_query_stays_its_own(generator):
     args = attention_inputs([(1, 20), (1, 7), (3, 9)], (4, 2), (64, 16), F32, generator)
     query = args[0].clone()
     query[1, 0, 5] = float("nan")
-    out = native.paged_attention(query, *args[1:], 0.125)
-    expected = reference.paged_attention(query, *args[1:], 0.125)
+    out = native.paged_attention(query, *args[1:], Scores(0.125))
+    expected = reference.paged_attention(query, *args[1:], Scores(0.125))
     assert out[1, 0].isnan().all() and expected[1, 0].isnan().all()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, equal_nan=True)

@@ -1,0 +1,205 @@
+"""The kernel seam: one protocol per op the forward pass calls, and the records they take.
+
+Every backend (kernels/dispatch.py picks one) implements the four ops with these
+signatures; kernels/reference.py is each op's executable definition, the yardstick the
+other backends are tested against. An op's arguments come in two kinds: what a layer
+binds once (`LoraWeights`, `Scores`, its view of the KV pool) and what a step brings
+(activations, `Segments`, `Sequences`).
+
+Layouts:
+- `pool`: the unified page pool, `[num_pages, page_numel]`. An adapter matrix is
+  stored row-major as `[rank, dim]` at an element offset into the flat pool: A as
+  PEFT writes it (`[r, in]`), B transposed with the LoRA scaling folded in (`[r, out]`).
+- `kv`: one layer's view of the pool's KV pages, `[num_pages, 2, block_size,
+  num_kv_heads, head_dim]` (index 0 of the second axis is K, 1 is V): `kv_pages[:, layer]`
+  of the 6-D `[num_pages, num_layers, 2, ...]` view, so its page stride is the pool's.
+- Segments: the batch's tokens are grouped into runs that share one adapter:
+  `segment_starts` `[num_segments + 1]` token boundaries, `segment_slots`
+  `[num_segments]` the adapter slot of each run, or `NO_ADAPTER` (skipped).
+  Example: slots of 4 requests `[-1, 0, 2, 1]` with 3, 10, 5, 2 tokens ->
+  `segment_starts = [0, 3, 13, 18, 20]`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class OutputSlices:
+    """Where each slice of a fused projection's output begins (q/k/v: `[0, q, q + kv,
+    q + 2 kv]`), made once per projection when the model loads: checked then, never per call.
+
+    Example: `OutputSlices.of([0, 4096, 5120, 6144], device)` -> widest 4096."""
+
+    starts: tuple[int, ...]
+    """[num_slices + 1] columns, from 0 to the output's width, increasing."""
+    tensor: torch.Tensor
+    """The same, int64 on the device the kernels run on (read there by Triton and C)."""
+    widest: int
+    """Columns of the widest slice (the grid of the Triton expand)."""
+
+    @classmethod
+    def of(cls, starts: Sequence[int], device: torch.device | str) -> OutputSlices:
+        starts = tuple(int(column) for column in starts)
+        widths = [last - first for first, last in itertools.pairwise(starts)]
+        if not widths or starts[0] != 0 or min(widths) <= 0:
+            raise ValueError(f"slice_starts {starts} must increase from 0 in at least one step")
+        return cls(starts, torch.tensor(starts, dtype=torch.int64, device=device), max(widths))
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """Where every adapter slot's matrices of one fused projection (one layer's q/k/v, o,
+    gate/up or down) are: bound once; the pool's table rows change as adapters load."""
+
+    pool: torch.Tensor
+    """[num_pages, page_numel], the unified pool."""
+    a_offsets: torch.Tensor
+    """[num_slots, num_slices] int64, element offset of each A (`[r, in_dim]`); any strides."""
+    b_offsets: torch.Tensor
+    """[num_slots, num_slices] int64, element offset of each B (`[r, out_i]`, scaled)."""
+    ranks: torch.Tensor
+    """[num_slots, num_slices] int32, 0 where the slice is not targeted; any strides."""
+    slices: OutputSlices
+    """Where each slice's output begins in the projection's output (lora_expand's `out`)."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """How a layer turns q @ k into attention weights, fixed when the model loads.
+
+    Sliding window: with `window` > 0 a query at position p sees only the keys at
+    p - window + 1 .. p (transformers' `kv_idx > q_idx - sliding_window`); 0 = every key
+    up to p. Soft-capping: with `softcap` > 0 the scaled scores become
+    `softcap * tanh(score / softcap)` before the softmax (Gemma 2); 0 = none."""
+
+    scale: float
+    window: int = 0
+    softcap: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(
+                f"window must be an int >= 0 (0: no sliding window), got {self.window!r}"
+            )
+        if not self.softcap >= 0:  # NaN fails too
+            raise ValueError(f"softcap must be >= 0 (0: no capping), got {self.softcap!r}")
+
+
+class Segments(Protocol):
+    """A step's tokens as the LoRA ops read them (models.batch.LoraBatch is one)."""
+
+    @property
+    def segment_starts(self) -> torch.Tensor:
+        """[num_segments + 1] int32, from 0 to num_tokens."""
+        ...
+
+    @property
+    def segment_slots(self) -> torch.Tensor:
+        """[num_segments] int32, the adapter slot of each segment, or NO_ADAPTER."""
+        ...
+
+    @property
+    def max_rank(self) -> int:
+        """At least every rank the batch uses: the width of lora_shrink's y."""
+        ...
+
+
+class Sequences(Protocol):
+    """A step's sequences as the attention op reads them (models.batch.ForwardBatch is one).
+
+    Sequence s has `context_lens[s]` tokens in the pool (its new ones included), the last
+    `q_len = query_starts[s+1] - query_starts[s]` being its queries, so query i sits at
+    position p = context_lens[s] - q_len + i. Decode is the case q_len = 1. Shared by
+    the step's layers and never changed in place during the step."""
+
+    @property
+    def query_starts(self) -> torch.Tensor:
+        """[num_seqs + 1] int32, from 0 to num_tokens."""
+        ...
+
+    @property
+    def context_lens(self) -> torch.Tensor:
+        """[num_seqs] int32, at most max_blocks * block_size."""
+        ...
+
+    @property
+    def block_tables(self) -> torch.Tensor:
+        """[num_seqs, max_blocks] int32, the pages of each sequence in order."""
+        ...
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """A plain `Sequences` (for one sequence of a step, tests and benchmarks)."""
+
+    query_starts: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+
+
+class LoraShrink(Protocol):
+    def __call__(self, x: torch.Tensor, weights: LoraWeights, segments: Segments) -> torch.Tensor:
+        """Semantics: y[t, i, :r] = x[t] @ A[slot(t), i].T, for each token t and slice i.
+
+        x:         [num_tokens, in_dim], the pool's dtype
+        returns y: [num_tokens, num_slices, segments.max_rank] float32, zero beyond each
+                   rank and for NO_ADAPTER tokens"""
+        ...
+
+
+class LoraExpand(Protocol):
+    def __call__(
+        self, out: torch.Tensor, y: torch.Tensor, weights: LoraWeights, segments: Segments
+    ) -> None:
+        """Semantics: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i], for each token t and slice i.
+
+        out: [num_tokens, weights.slices.starts[-1]], updated in place; NO_ADAPTER tokens'
+             rows are left untouched (bit for bit). c_i = weights.slices.starts[i].
+        y:   [num_tokens, num_slices, max_rank] float32 (from lora_shrink)
+        The sum is float32, rounded once to out's dtype."""
+        ...
+
+
+class WriteKV(Protocol):
+    def __call__(
+        self, kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Semantics: kv[s // B, 0, s % B] = key[t]; the same for value at 1; s = slot_mapping[t].
+
+        key, value:   [num_tokens, num_kv_heads, head_dim] (any row stride: views of qkv)
+        slot_mapping: [num_tokens] int64, page * block_size + position in the page; the
+                      Triton and native kernels skip a slot < 0 (a padding token)"""
+        ...
+
+
+class PagedAttention(Protocol):
+    def __call__(
+        self, query: torch.Tensor, kv: torch.Tensor, seqs: Sequences, scores: Scores
+    ) -> torch.Tensor:
+        """Semantics: out[t] = softmax(cap(q[t] @ K[seq(t), w(t):p(t)+1].T * scale)) @ V[seq(t), w(t):p(t)+1].
+
+        Causal attention of each sequence's new tokens over its cached prefix and
+        themselves (`Sequences` places them), K/V read through the block tables, within
+        the window and soft-capped as `scores` says; heads share K/V in groups (GQA).
+
+        query:   [num_tokens, num_heads, head_dim]
+        returns: [num_tokens, num_heads, head_dim], query's dtype"""
+        ...
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels the forward pass calls: one backend's implementation of each op."""
+
+    name: str
+    lora_shrink: LoraShrink
+    lora_expand: LoraExpand
+    write_kv: WriteKV
+    paged_attention: PagedAttention
