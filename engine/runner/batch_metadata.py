@@ -28,30 +28,17 @@ Worked example, block size 4, three chunks in slot order:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.models.batch import ForwardBatch, LoraBatch
-from loraserve.scheduler.request import SequenceState
+from loraserve.scheduler.scheduler import ScheduledChunk
 
-
-class Chunk(Protocol):
-    """One scheduled run of a sequence's tokens (the scheduler's `ScheduledChunk`)."""
-
-    seq: SequenceState
-    num_tokens: int
-    start: int
-    slot: int
-    samples: bool
-
-
-class AdapterTables(Protocol):
-    """The ranks of the adapters in the slots (engine/device_pool.DevicePool)."""
-
-    slot_max_rank: list[int]
+if TYPE_CHECKING:
+    from loraserve.engine.runner.device_pool import DevicePool
 
 
 class _Buffer:
@@ -102,8 +89,8 @@ class BatchMetadata:
 
     def build(
         self,
-        chunks: Sequence[Chunk],
-        adapters: AdapterTables,
+        chunks: Sequence[ScheduledChunk],
+        adapters: DevicePool,
         pad_to: int | None = None,
         extra_logits: Sequence[int] = (),
     ) -> ForwardBatch:
@@ -158,7 +145,11 @@ class BatchMetadata:
         )
 
     def _fill_tokens(
-        self, chunks: Sequence[Chunk], lens: np.ndarray, starts: np.ndarray, num_tokens: int
+        self,
+        chunks: Sequence[ScheduledChunk],
+        lens: np.ndarray,
+        starts: np.ndarray,
+        num_tokens: int,
     ) -> None:
         """input_ids, positions and slot_mapping of every token."""
         input_ids = self.input_ids.host
@@ -181,7 +172,7 @@ class BatchMetadata:
         pages = self.block_tables.host[seq_of_token, positions // self.block_size]
         self.slot_mapping.host[:num_tokens] = pages * self.block_size + positions % self.block_size
 
-    def _fill_block_tables(self, chunks: Sequence[Chunk]) -> int:
+    def _fill_block_tables(self, chunks: Sequence[ScheduledChunk]) -> int:
         """Each sequence's pages, in order; returns the widest table's width."""
         tables = self.block_tables.host
         width = 1
@@ -191,7 +182,9 @@ class BatchMetadata:
             width = max(width, len(table))
         return width
 
-    def _fill_segments(self, chunks: Sequence[Chunk], slot_max_rank: list[int]) -> tuple[int, int]:
+    def _fill_segments(
+        self, chunks: Sequence[ScheduledChunk], slot_max_rank: list[int]
+    ) -> tuple[int, int]:
         """Runs of consecutive chunks of one slot; returns (segments, largest adapter rank)."""
         starts, slots = self.segment_starts.host, self.segment_slots.host
         num_segments, offset, max_rank = 0, 0, 0

@@ -19,21 +19,17 @@ prefill and mixed steps run eagerly.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from loraserve.engine.runner.batch_metadata import BatchMetadata
+    from loraserve.engine.runner.device_pool import DevicePool
+    from loraserve.scheduler.scheduler import ScheduledChunk
+
 BUCKET_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 WARMUP_RUNS = 2
-
-
-class DecodeChunk(Protocol):
-    num_tokens: int
-    samples: bool
-
-
-class Builder(Protocol):
-    def build(self, chunks: Sequence[Any], adapters: Any, pad_to: int | None = None) -> Any: ...
 
 
 class DecodeGraphs:
@@ -60,7 +56,7 @@ class DecodeGraphs:
         buckets = [size for size in BUCKET_SIZES if size < max_batch_size] + [max_batch_size]
         return cls(sorted(set(buckets)), forward)
 
-    def bucket_for(self, chunks: Sequence[DecodeChunk]) -> int | None:
+    def bucket_for(self, chunks: Sequence[ScheduledChunk]) -> int | None:
         """The smallest bucket holding this batch, if it is a decode batch; else None."""
         if not self.buckets or len(chunks) > self.buckets[-1]:
             return None
@@ -68,7 +64,7 @@ class DecodeGraphs:
             return None
         return next(size for size in self.buckets if size >= len(chunks))
 
-    def capture_all(self, metadata: Builder, adapters: Any) -> None:
+    def capture_all(self, metadata: BatchMetadata, adapters: DevicePool) -> None:
         """Capture every bucket, largest first (the largest sets the shared memory pool)."""
         for bucket in reversed(self.buckets):
             self._capture(bucket, metadata.build([], adapters, pad_to=bucket))

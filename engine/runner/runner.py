@@ -28,7 +28,7 @@ import torch
 from loraserve.engine.core.config import DTYPES, EngineConfig, resolve_max_model_len
 from loraserve.engine.core.request import Step
 from loraserve.engine.core.sampling_params import SamplingParams
-from loraserve.engine.runner.batch_metadata import BatchMetadata, Chunk
+from loraserve.engine.runner.batch_metadata import BatchMetadata
 from loraserve.engine.runner.cuda_graphs import DecodeGraphs
 from loraserve.engine.runner.device_pool import DevicePool
 from loraserve.engine.sampling.constraints import GrammarMasks
@@ -46,6 +46,7 @@ from loraserve.memory.geometry import PoolGeometry
 from loraserve.models.arch import ModelArch
 from loraserve.models.llama import LlamaModel
 from loraserve.models.weights import load_weights
+from loraserve.scheduler.scheduler import ScheduledChunk
 
 CPU_DEFAULT_POOL_GIB = 1.0
 MAX_GRAPH_BATCH_SIZE = 512  # larger decode batches run eagerly (their launch cost is amortized)
@@ -208,7 +209,7 @@ class TorchModelRunner:
     def drain_load_seconds(self) -> list[float]:
         return self.pool.drain_load_seconds()
 
-    def _logits(self, chunks: Sequence[Chunk], prompt_rows: PromptRows) -> torch.Tensor:
+    def _logits(self, chunks: Sequence[ScheduledChunk], prompt_rows: PromptRows) -> torch.Tensor:
         """Logits of the sampling chunks, then of the prompt-logprob rows: a graph replay
         for a decode batch it covers (which has no prompt rows)."""
         extra = prompt_rows.flat_indices
