@@ -41,7 +41,6 @@ from loraserve.server.responses import (
     TopLogprob,
 )
 from loraserve.server.serving import (
-    EventStreamResponse,
     Served,
     TokenNamer,
     Tracker,
@@ -50,9 +49,9 @@ from loraserve.server.serving import (
     follow,
     merge_deltas,
     prompt_logprobs,
-    sse,
     until_disconnect,
 )
+from loraserve.server.sse import EventStreamResponse, sse
 from loraserve.server.tool_stream import ToolStream, finish_reason, message
 from loraserve.server.tools import ToolMode, tool_constraint, tool_mode
 

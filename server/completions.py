@@ -36,7 +36,6 @@ from loraserve.server.responses import (
     Usage,
 )
 from loraserve.server.serving import (
-    EventStreamResponse,
     Served,
     TokenNamer,
     Tracker,
@@ -44,9 +43,9 @@ from loraserve.server.serving import (
     follow,
     merge_deltas,
     prompt_logprobs,
-    sse,
     until_disconnect,
 )
+from loraserve.server.sse import EventStreamResponse, sse
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from loraserve.engine.client.async_engine import AsyncEngine, RequestStream
 from loraserve.engine.core.outputs import CompletionDelta, CompletionOutput, TokenLogprobs
@@ -30,12 +27,12 @@ from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.errors import AdapterError, InvalidRequestError
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.server.auth import OPEN_TENANT, Tenant
-from loraserve.server.errors import APIError, model_not_found, to_api_error
+from loraserve.server.errors import APIError, model_not_found
 from loraserve.server.grammar_check import GrammarChecker
 from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.prompts import Prompt, PromptBuilder
-from loraserve.server.responses import PromptLogprobs, ResponseBody, TokenLogprobEntry, Usage
+from loraserve.server.responses import PromptLogprobs, TokenLogprobEntry, Usage
 
 T = TypeVar("T")
 TokenNamer = Callable[[int], str]
@@ -375,38 +372,3 @@ def unavailable(request: Request) -> APIError | None:
     if request.app.state.drain.draining:
         return APIError(503, "the server is shutting down", code="draining")
     return None
-
-
-def sse(data: ResponseBody | dict[str, Any]) -> str:
-    """One server-sent event, as OpenAI frames them."""
-    return f"data: {_json(data.dump() if isinstance(data, ResponseBody) else data)}\n\n"
-
-
-async def _with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The events, then `[DONE]`; an error after the 200 went out becomes an error event."""
-    try:
-        async for event in events:
-            yield event
-    except Exception as error:
-        yield sse(to_api_error(error).body())
-    yield "data: [DONE]\n\n"
-
-
-class EventStreamResponse(StreamingResponse):
-    """SSE that aborts its engine requests however the response ends, even when the
-    client is gone before the first event was pulled from the generators."""
-
-    def __init__(self, events: AsyncIterator[str], streams: list[RequestStream]) -> None:
-        super().__init__(_with_done(events), media_type="text/event-stream")
-        self.streams = streams
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            for stream in self.streams:
-                stream.abort()
-
-
-def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, separators=(",", ":"))
