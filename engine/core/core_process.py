@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,9 @@ def spawn_engine_core(
     return process
 
 
+_ENVIRONMENT_LOCK = threading.Lock()
+
+
 def start_without_current_folder(process: multiprocessing.process.BaseProcess) -> None:
     """Start a `spawn` process with the current folder off its import path.
 
@@ -64,15 +68,16 @@ def start_without_current_folder(process: multiprocessing.process.BaseProcess) -
     this process's path: a `struct.py` or a `kernels/` folder where `loraserve serve` was
     started would be imported in place of the real module. PYTHONSAFEPATH keeps it off.
     """
-    previous = os.environ.get("PYTHONSAFEPATH")
-    os.environ["PYTHONSAFEPATH"] = "1"
-    try:
-        process.start()
-    finally:
-        if previous is None:
-            del os.environ["PYTHONSAFEPATH"]
-        else:
-            os.environ["PYTHONSAFEPATH"] = previous
+    with _ENVIRONMENT_LOCK:  # two threads starting processes would restore each other's value
+        previous = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            process.start()
+        finally:
+            if previous is None:
+                del os.environ["PYTHONSAFEPATH"]
+            else:
+                os.environ["PYTHONSAFEPATH"] = previous
 
 
 def run_engine_core(
