@@ -196,6 +196,13 @@ def running(assets: Assets) -> Iterator[Running]:
     server.server.stop()
 
 
+@pytest.fixture
+def http(running: Running) -> Iterator[httpx.Client]:
+    """An HTTP client of the module's server (its own `running`, or the default above)."""
+    with running.server.http() as client:
+        yield client
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one series in Prometheus text (0 when absent, as for a fresh counter)."""
     for line in text.splitlines():

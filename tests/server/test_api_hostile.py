@@ -30,12 +30,6 @@ def running(assets: Assets) -> Iterator[Running]:
     server.server.stop()
 
 
-@pytest.fixture
-def http(running: Running) -> Iterator[httpx.Client]:
-    with running.server.http() as client:
-        yield client
-
-
 def send(http: httpx.Client, path: str, body: Any) -> httpx.Response:
     """POST a dict as JSON, or raw bytes/str as they are (JSON the json module would not write)."""
     if isinstance(body, dict):

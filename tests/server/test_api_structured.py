@@ -29,12 +29,6 @@ def running(assets: Assets) -> Iterator[Running]:
     server.server.stop()
 
 
-@pytest.fixture
-def http(running: Running) -> Iterator[httpx.Client]:
-    with running.server.http() as client:
-        yield client
-
-
 def refused_then_served(http: httpx.Client, extra: dict[str, Any], param: str) -> str:
     """The chat request with `extra` is a 400 naming `param`, its message free of llguidance
     internals; a normal request is answered after. Returns the message."""
