@@ -54,7 +54,7 @@ REQUESTS = [
 ]
 
 
-# name -> (tests/factories.py kind, config overrides)
+# name -> (tests/helpers/factories.py kind, config overrides)
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("llama", {}),
     "llama-gqa": ("llama-gqa", {}),
