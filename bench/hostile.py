@@ -243,7 +243,7 @@ def tokenizer_stalls(model: Path) -> list[dict[str, Any]]:
     messages = [{"role": "user", "content": text}]
     cases = {
         "tokenize-5mib-in-worker": lambda: builder.completion_prompts(text),
-        "chat-5mib-in-worker": lambda: builder.chat_prompt(messages, True),
+        "chat-5mib-in-worker": lambda: builder.chat_prompt(messages),
         "tokenize-5mib-on-loop (for comparison)": lambda: _on_loop(tokenizer, text),
     }
     results = []
