@@ -6,11 +6,11 @@ it takes a slot: a row of tensors allocated once at `max_num_seqs` that holds it
 parameters, how often it produced each token (for the frequency and presence penalties)
 and which tokens its prompt holds (for the repetition penalty). Each step, `rows(seqs)`
 gathers the rows the step samples, in plan order, by one index tensor; `append` then
-counts the tokens they drew, so that no step recounts a sequence.
+counts the tokens the penalized ones drew, so that no step recounts a sequence.
 
 Worked example, max_num_seqs 2:
 
-    add a; add b; add c          prepared, no slot yet (a request may wait long)
+    add a; add b; add c          prepared (a, b penalized), no slot yet (a request may wait)
     rows([b, a])                 b -> slot 0, a -> slot 1, their tokens so far counted;
                                  slot index [0, 1]
     append(view, [7, 9])         counts[0, 7] += 1; counts[1, 9] += 1
@@ -197,11 +197,16 @@ class SamplingBatch:
         return self._gather(seqs, slots)
 
     def append(self, rows: SamplingRows, token_ids: Sequence[int]) -> None:
-        """Count the token each row drew (in row order) into its request's output."""
-        tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)  # [num_rows]
-        ones = torch.ones(len(token_ids), dtype=torch.int32, device=self.device)
-        self._output_counts.index_put_((rows.slot_index, tokens), ones, accumulate=True)
+        """Count the token each row drew (in row order) into its request's output. Only the
+        penalties read the device counts, so a step without penalized rows touches no tensor."""
         self._host.num_outputs[rows.slots] += 1
+        penalized = np.flatnonzero(self._host.penalized[rows.slots])
+        if not len(penalized):
+            return
+        drawn = np.asarray(token_ids, dtype=np.int64)[penalized]
+        slots, tokens = to_device([rows.slots[penalized], drawn], self.device)
+        ones = torch.ones(len(penalized), dtype=torch.int32, device=self.device)
+        self._output_counts.index_put_((slots, tokens), ones, accumulate=True)
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -218,8 +223,9 @@ class SamplingBatch:
             values.append(slot_values(request.params, self.vocab_size))
             repetition = request.params.repetition_penalty != 1.0
             prompts.append(seq.prompt_token_ids if repetition else ())
-            outputs.append(seq.output_token_ids)
-            self._host.num_outputs[slot] = len(outputs[-1])
+            # Counted for the penalties only (`append` counts the same rows).
+            outputs.append(seq.output_token_ids if self._host.penalized[slot] else ())
+            self._host.num_outputs[slot] = len(seq.output_token_ids)
         new_slots = slots[rows]
         slot_index, prompt_slots, prompt_tokens, output_slots, output_tokens = to_device(
             [new_slots, *flatten(new_slots, prompts), *flatten(new_slots, outputs)], self.device
