@@ -243,9 +243,9 @@ class EngineCore:
         return self.catalog.loader.num_in_flight > 0
 
     def wait_for_adapter_reads(self, timeout: float) -> None:
-        """When nothing runs and requests wait for adapters being read, block until a read
-        finishes (at most `timeout` seconds) instead of stepping in a busy loop."""
-        if self.scheduler.num_running() == 0 and self.is_reading_adapters():
+        """Block until an adapter read in flight finishes (at most `timeout` seconds): the
+        in-process driver's wait in `step_or_wait`, which calls it only when nothing runs."""
+        if self.is_reading_adapters():
             self.catalog.loader.wait(timeout)
 
     def step_or_wait(self, wait: Callable[[float], object]) -> list[EngineOutput]:

@@ -130,11 +130,10 @@ def run_and_check(llm: LLM, adapters: dict, actions: list, listed: bool = False)
                 engine.step()
                 check(engine)
         check(engine)
-    for _ in range(2000):
+    for _ in range(20_000):  # turns of 1 ms waits at most while adapters are read
         if not engine.has_unfinished_requests():
             break
-        if not engine.step():
-            engine.wait_for_adapter_reads(0.05)
+        engine.step_or_wait(engine.wait_for_adapter_reads)
         check(engine)
     assert not engine.has_unfinished_requests()
     assert memory.num_kv_pages == 0
