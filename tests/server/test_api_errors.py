@@ -33,7 +33,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 
 def assert_still_serving(running: Running, model: str = "attn8") -> None:
     response = running.server.client().completions.create(
-        model=model, prompt="hello", max_tokens=2, temperature=0
+        model=model, prompt="hello", max_tokens=2, temperature=0, extra_body={"ignore_eos": True}
     )
     assert response.usage is not None and response.usage.completion_tokens == 2
 

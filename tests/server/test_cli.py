@@ -105,7 +105,9 @@ def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) 
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"tiny", *ADAPTERS}
-        answer = client.completions.create(model="mlp4", prompt="hello", max_tokens=3)
+        answer = client.completions.create(
+            model="mlp4", prompt="hello", max_tokens=3, extra_body={"ignore_eos": True}
+        )
         assert answer.usage is not None and answer.usage.completion_tokens == 3
     finally:
         process.send_signal(signal.SIGINT)
@@ -128,7 +130,9 @@ def test_serve_ignores_modules_in_the_folder_it_is_started_from(
     process, url = start_process(assets, "--log-level", "warning", cwd=tmp_path)
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        answer = client.completions.create(model="mlp4", prompt="hello", max_tokens=3)
+        answer = client.completions.create(
+            model="mlp4", prompt="hello", max_tokens=3, extra_body={"ignore_eos": True}
+        )
         assert answer.usage is not None and answer.usage.completion_tokens == 3
         # A constraint is checked in a spawned process of its own: the same holds there.
         choice = {"guided_choice": ["yes", "no"]}
