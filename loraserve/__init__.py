@@ -1,7 +1,7 @@
 """loraserve: serve thousands of LoRA adapters on one base model.
 
-The public Python API is `LLM`, `SamplingParams` and `StructuredOutputs`; the HTTP
-server is `loraserve serve` (see README).
+The public Python API is `LLM` (with vLLM's `LoRARequest`), `SamplingParams` and
+`StructuredOutputs`; the HTTP server is `loraserve serve` (see README).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ def _off_the_clone_root(path: list[str]) -> list[str]:
 sys.path[:] = _off_the_clone_root(sys.path)
 
 if TYPE_CHECKING:
-    from loraserve.engine.client.llm import LLM
+    from loraserve.engine.client.llm import LLM, LoRARequest
     from loraserve.engine.core.sampling_params import SamplingParams
     from loraserve.engine.sampling.structured import StructuredOutputs
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputs"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "StructuredOutputs"]
 
 
 def __getattr__(name: str) -> Any:
@@ -46,6 +46,10 @@ def __getattr__(name: str) -> Any:
         from loraserve.engine.client.llm import LLM
 
         return LLM
+    if name == "LoRARequest":
+        from loraserve.engine.client.llm import LoRARequest
+
+        return LoRARequest
     if name == "SamplingParams":
         from loraserve.engine.core.sampling_params import SamplingParams
 

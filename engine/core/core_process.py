@@ -8,10 +8,7 @@ to do it blocks on its inbox, waking every `PARENT_CHECK_MS` to exit if the
 front end is gone. A step that raises is an engine fault: the core sends `Fatal`
 and exits, and the front end fails what is in flight and reports itself unhealthy.
 
-A request (or a load call) whose adapter must first be read from disk is answered
-once the read is in, or with the folder's error (a 4xx before any output): the
-answer waits, the loop does not. Between two steps the core collects finished reads
-and calls the waiters, which send their answers before that step's outputs.
+The messages are handled by `CoreService` (service.py), which `LLM` uses in its own process.
 """
 
 from __future__ import annotations
@@ -23,13 +20,13 @@ import os
 import signal
 import threading
 import traceback
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import zmq
 
 from loraserve.engine.core import ipc
 from loraserve.engine.core.config import EngineConfig
+from loraserve.engine.core.service import CoreService, start_core
 
 if TYPE_CHECKING:
     from loraserve.engine.core.core import EngineCore
@@ -100,13 +97,7 @@ def run_engine_core(
     codec = ipc.Codec(ipc.ToCore)
     try:
         try:
-            from loraserve.engine.core.core import (
-                EngineCore,  # torch: the front end never imports it
-            )
-
-            core = EngineCore(config)
-            for name, (path, pinned) in adapters.items():  # name -> (folder, pinned)
-                core.register_adapter(name, Path(path), pinned)
+            core = start_core(config, adapters)
         except Exception as error:
             _, message, _ = ipc.error_fields(error)
             outbox.send(codec.encode(ipc.StartupFailed(type(error).__name__, message)))
@@ -120,7 +111,7 @@ def run_engine_core(
 
 
 class CoreLoop:
-    """Messages in, steps, outputs out."""
+    """Messages in (from the inbox socket), turns of `CoreService`, what it says out."""
 
     def __init__(
         self,
@@ -130,32 +121,26 @@ class CoreLoop:
         codec: ipc.Codec,
         parent_pid: int,
     ) -> None:
-        self.core = core
+        self.service = CoreService(core, self._send)
         self.inbox, self.outbox, self.codec = inbox, outbox, codec
         self.parent_pid = parent_pid
         self.stopping = False
 
     def run(self) -> None:
         while not self.stopping:
-            self._receive(wait=not self._busy())
-            if self.stopping or not self._busy():
+            self._receive(wait=not self.service.busy())
+            if self.stopping or not self.service.busy():
                 continue
             try:
-                outputs = self.core.step_or_wait(self._wait_for_messages)
+                self.service.turn(self._wait_for_messages)
             except Exception:
                 logger.exception("engine step failed; the engine core exits")
                 self._send(ipc.Fatal(traceback.format_exc(limit=20)))
                 raise
-            if outputs:
-                self._send(ipc.Outputs(outputs))
 
     def _wait_for_messages(self, seconds: float) -> None:
         """The core's pause: over as soon as a message arrives."""
         self.inbox.poll(max(1, round(seconds * 1000)))
-
-    def _busy(self) -> bool:
-        """Requests to step, or adapter reads to collect (a step collects them)."""
-        return self.core.has_unfinished_requests() or self.core.is_reading_adapters()
 
     def _receive(self, wait: bool) -> None:
         """Handle every message that has arrived; when `wait`, block until one does."""
@@ -168,63 +153,11 @@ class CoreLoop:
                 data = self.inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._handle(self.codec.decode(data))
+            message = self.codec.decode(data)
+            if isinstance(message, ipc.Shutdown):
+                self.stopping = True
+            else:
+                self.service.handle(message)
 
-    def _handle(self, message: Any) -> None:
-        if isinstance(message, ipc.Abort):
-            for request_id in message.request_ids:
-                self.core.abort_request(request_id)
-        elif isinstance(message, ipc.AddRequest):
-            self._add(message)
-        elif isinstance(message, ipc.Call) and message.method == "register_adapter":
-            self._register(message)
-        elif isinstance(message, ipc.Call):
-            self._answer(message.call_id, lambda: self._call(message.method, message.args))
-        elif isinstance(message, ipc.Shutdown):
-            self.stopping = True
-
-    def _add(self, message: ipc.AddRequest) -> None:
-        """Queue the request; answer now if its adapter is ready, else once it is."""
-        try:
-            self.core.add_requests(message.requests)
-        except Exception as error:
-            self._send(ipc.CallResult(message.call_id, error=ipc.error_fields(error)))
-            return
-        self._answer_when_ready(message.call_id, message.requests[0].adapter)
-
-    def _register(self, message: ipc.Call) -> None:
-        """A load call: the folder is read while the engine steps; answered once read."""
-        name, path, pinned = message.args
-        try:
-            self.core.register_adapter(name, path, pinned, wait=False)
-        except Exception as error:
-            self._send(ipc.CallResult(message.call_id, error=ipc.error_fields(error)))
-            return
-        self._answer_when_ready(message.call_id, name)
-
-    def _answer_when_ready(self, call_id: int, adapter: str | None) -> None:
-        def answer(error: Exception | None) -> None:
-            fields = None if error is None else ipc.error_fields(error)
-            self._send(ipc.CallResult(call_id, error=fields))
-
-        if adapter is None or self.core.when_adapter_ready(adapter, answer):
-            answer(None)
-
-    def _call(self, method: str, args: list[Any]) -> Any:
-        if method not in ipc.CALLS:
-            raise ValueError(f"unknown engine call {method!r}")
-        result = getattr(self.core, method)(*args)
-        if method == "stats":
-            return dataclasses.asdict(result)
-        return result
-
-    def _answer(self, call_id: int, work: Any) -> None:
-        try:
-            value = work()
-        except Exception as error:  # the caller's mistake (bad request, bad adapter...)
-            self._send(ipc.CallResult(call_id, error=ipc.error_fields(error)))
-        else:
-            self._send(ipc.CallResult(call_id, value=value))
-
-    def _send(self, message: Any) -> None:
+    def _send(self, message: ipc.ToFrontEnd) -> None:
         self.outbox.send(self.codec.encode(message))

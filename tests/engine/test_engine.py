@@ -159,3 +159,25 @@ def test_offline_generate_queues_every_prompt_unless_a_limit_is_asked(assets) ->
     assert len(limited.generate(["a", "b"], params)) == 2
     unlimited = LLM(model, device="cpu")
     assert unlimited.engine.config.scheduler.max_waiting_requests > 10**9
+
+
+def test_an_adapter_folder_refused_when_first_read_refuses_the_whole_call(assets, tmp_path) -> None:
+    """`LLM` hears the core as the server does: a folder of the adapter dir that cannot be
+    read (known only once the core reads it, while the other prompts step) raises its
+    `AdapterError` for the call, as the server answers 400, and withdraws every prompt."""
+    root, adapters = assets
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text(
+        (adapters["sql"] / "adapter_config.json").read_text()
+    )
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "good").symlink_to(adapters["sql"])
+    llm = LLM(root / "model", device="cpu", dtype="float32", adapter_dir=tmp_path)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    with pytest.raises(AdapterError, match="broken"):
+        llm.generate(["a", "b", "c"], params, adapter=[None, "good", "broken"])
+    assert not llm.engine.has_unfinished_requests()
+    llm.engine.memory.check_invariants()
+    assert llm.engine.memory.num_kv_pages == 0
+    again = llm.generate(["b"], params, adapter="good")
+    assert len(again[0].token_ids) == 40

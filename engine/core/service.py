@@ -1,0 +1,124 @@
+"""`CoreService`: the engine core's side of its conversation with a client, whatever carries it.
+
+A client sends `ipc.ToCore` messages: the server's `CoreClient` over ZeroMQ to the core's own
+process (core_process.py), `LLM`'s `InprocClient` by a plain call in its own process. The
+service handles each (queue requests all or none, abort, answer calls) and says what the core
+has to say through `send`: a `CallResult` per call, the `Outputs` of each step. Its `turn` is
+the one turn of the loop that both drivers run: one step of the core, or the wait it hints at.
+So the offline API and the server share every rule but the transport.
+
+A request (or a load call) whose adapter must first be read from disk is answered once the
+read is in, or with the folder's error (a 4xx before any output): the answer waits, the loop
+does not. Between two steps the core collects finished reads and calls the waiters, which
+send their answers before that step's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraserve.engine.core import ipc
+from loraserve.engine.core.config import EngineConfig
+
+if TYPE_CHECKING:
+    from loraserve.engine.core.core import EngineCore
+
+logger = logging.getLogger(__name__)
+
+
+def start_core(config: EngineConfig, adapters: Mapping[str, tuple[str, bool]]) -> EngineCore:
+    """Load the model and the adapters named at start (name -> (folder, pinned)): every
+    driver's first step. Raises what refused them (ModelLoadError, AdapterError...)."""
+    from loraserve.engine.core.core import EngineCore  # torch: the front end never imports it
+
+    core = EngineCore(config)
+    for name, (path, pinned) in adapters.items():
+        core.register_adapter(name, Path(path), pinned)
+    return core
+
+
+class CoreService:
+    """Messages in, answers and step outputs out through `send`."""
+
+    def __init__(self, core: EngineCore, send: Callable[[ipc.ToFrontEnd], None]) -> None:
+        self.core = core
+        self.send = send
+
+    def busy(self) -> bool:
+        """Requests to step, or adapter reads to collect (a step collects them)."""
+        return self.core.has_unfinished_requests() or self.core.is_reading_adapters()
+
+    def turn(self, wait: Callable[[float], object]) -> None:
+        """One turn of the loop: a step (its outputs sent as one message), or a wait for news
+        as the core hints (`EngineCore.step_or_wait`; the driver says how it waits). A step
+        that raises is an engine fault: it goes to the driver."""
+        outputs = self.core.step_or_wait(wait)
+        if outputs:
+            self.send(ipc.Outputs(outputs))
+
+    def handle(self, message: ipc.AddRequest | ipc.Abort | ipc.Call) -> None:
+        """Everything a client may send but `Shutdown`, which is its driver's business."""
+        if isinstance(message, ipc.Abort):
+            for request_id in message.request_ids:
+                self.core.abort_request(request_id)
+        elif isinstance(message, ipc.AddRequest):
+            self._add(message)
+        elif message.method == "register_adapter":
+            self._register(message)
+        else:
+            self._answer(message.call_id, lambda: self._call(message.method, message.args))
+
+    def _add(self, message: ipc.AddRequest) -> None:
+        """Queue the request; answer now if its adapter is ready, else once it is."""
+        try:
+            self.core.add_requests(message.requests)
+        except Exception as error:
+            self._refuse(message.call_id, error)
+            return
+        self._answer_when_ready(message.call_id, message.requests[0].adapter)
+
+    def _register(self, message: ipc.Call) -> None:
+        """A load call: the folder is read while the engine steps; answered once read."""
+        name, path, pinned = message.args
+        try:
+            self.core.register_adapter(name, path, pinned, wait=False)
+        except Exception as error:
+            self._refuse(message.call_id, error)
+            return
+        self._answer_when_ready(message.call_id, name)
+
+    def _answer_when_ready(self, call_id: int, adapter: str | None) -> None:
+        def answer(error: Exception | None) -> None:
+            if error is None:
+                self.send(ipc.CallResult(call_id))
+            else:
+                self._refuse(call_id, error)
+
+        if adapter is None or self.core.when_adapter_ready(adapter, answer):
+            answer(None)
+
+    def _call(self, method: str, args: list[Any]) -> Any:
+        if method not in ipc.CALLS:
+            raise ValueError(f"unknown engine call {method!r}")
+        result = getattr(self.core, method)(*args)
+        if method == "stats":
+            return dataclasses.asdict(result)
+        return result
+
+    def _answer(self, call_id: int, work: Callable[[], Any]) -> None:
+        try:
+            value = work()
+        except Exception as error:  # the caller's mistake (bad request, bad adapter...)
+            self._refuse(call_id, error)
+        else:
+            self.send(ipc.CallResult(call_id, value=value))
+
+    def _refuse(self, call_id: int, error: Exception) -> None:
+        fields = ipc.error_fields(error)
+        if fields[0] == "internal":  # not the caller's mistake: keep the traceback
+            logger.error("engine call %d failed", call_id, exc_info=error)
+        self.send(ipc.CallResult(call_id, error=fields))
