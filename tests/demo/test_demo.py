@@ -6,25 +6,17 @@ never saw, while the base model does not.
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
+from demo_harness import DemoServer
 from factories import greedy_reference
 
 from loraserve import LLM, SamplingParams
-from loraserve.demo.assets import BASE_MODEL_NAME, MODEL_CACHE_NAME, adapter_folders, ensure_model
+from loraserve.demo.assets import BASE_MODEL_NAME, MODEL_CACHE_NAME, adapter_folders
 from loraserve.demo.lora_training import chat_prompt_ids
 from loraserve.demo.questions import HELD_OUT_QUESTIONS
 from loraserve.demo.recipes import RECIPES
@@ -36,16 +28,6 @@ pytestmark = pytest.mark.slow
 QUESTIONS = HELD_OUT_QUESTIONS[::5]  # eight, of eight kinds, France's capital first
 MIN_PASSED = len(QUESTIONS) - 2  # "most": a 135M model slips now and then
 MAX_TOKENS = 96  # enough for a whole JSON object of a trimmed answer
-STARTUP_TIMEOUT_S = 300.0
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """loraserve's cache root for this session (`$XDG_CACHE_HOME/loraserve` of the server
-    the tests start), holding the converted model."""
-    root = tmp_path_factory.getbasetemp() / "xdg-cache" / "loraserve"
-    ensure_model(root, progress=lambda _: None)
-    return root
 
 
 def test_the_converted_model_is_a_plain_hugging_face_folder(cache_dir: Path) -> None:
@@ -96,40 +78,22 @@ def test_loraserve_equals_transformers_and_peft(cache_dir: Path) -> None:
             torch.testing.assert_close(ours, expected[step, ids], atol=1e-4, rtol=1e-4)
 
 
-def test_each_adapter_behaves_through_the_real_server(cache_dir: Path) -> None:
+def test_each_adapter_behaves_through_the_real_server(demo: DemoServer) -> None:
     """`loraserve demo` as a user runs it: its sample exchange, then held-out questions
     to every model at once; each adapter's property holds on most replies, not the base's."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-P", "-m", "loraserve.server.cli", "demo", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "XDG_CACHE_HOME": str(cache_dir.parent), "PYTHONUNBUFFERED": "1"},
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True)
-    reader.start()
-    try:
-        client = _wait_for_client(f"http://127.0.0.1:{port}", process, lines)
-        models = [BASE_MODEL_NAME, *RECIPES]
-        _wait_for_sample(models, process, lines)
-        requests = [(model, question) for model in models for question in QUESTIONS]
-        with ThreadPoolExecutor(len(requests)) as pool:
-            replies = list(pool.map(lambda request: _ask(client, *request), requests))
-        by_model = {
-            model: replies[index * len(QUESTIONS) : (index + 1) * len(QUESTIONS)]
-            for index, model in enumerate(models)
-        }
-        for name, recipe in RECIPES.items():
-            passed = [recipe.check(reply) for reply in by_model[name]]
-            by_base = [recipe.check(reply) for reply in by_model[BASE_MODEL_NAME]]
-            assert sum(passed) >= MIN_PASSED, (name, by_model[name])
-            assert sum(by_base) <= len(QUESTIONS) - MIN_PASSED, (name, by_model[BASE_MODEL_NAME])
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
-        reader.join(10)
+    models = [BASE_MODEL_NAME, *RECIPES]
+    requests = [(model, question) for model in models for question in QUESTIONS]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        replies = list(pool.map(lambda request: _ask(demo.client, *request), requests))
+    by_model = {
+        model: replies[index * len(QUESTIONS) : (index + 1) * len(QUESTIONS)]
+        for index, model in enumerate(models)
+    }
+    for name, recipe in RECIPES.items():
+        passed = [recipe.check(reply) for reply in by_model[name]]
+        by_base = [recipe.check(reply) for reply in by_model[BASE_MODEL_NAME]]
+        assert sum(passed) >= MIN_PASSED, (name, by_model[name])
+        assert sum(by_base) <= len(QUESTIONS) - MIN_PASSED, (name, by_model[BASE_MODEL_NAME])
 
 
 def _ask(client: openai.OpenAI, model: str, question: str) -> str:
@@ -140,37 +104,3 @@ def _ask(client: openai.OpenAI, model: str, question: str) -> str:
         temperature=0,
     )
     return reply.choices[0].message.content or ""
-
-
-def _wait_for_sample(models: list[str], process: subprocess.Popen[str], lines: list[str]) -> None:
-    """Until the demo has printed its sample exchange: a line per model after the header."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        printed = "".join(lines)
-        _, header, exchange = printed.partition(f"Asked {SAMPLE_QUESTION!r}, greedy:\n")
-        if header and all(
-            re.search(rf"^ *{re.escape(model)}: \S", exchange, re.MULTILINE) for model in models
-        ):
-            return
-        assert process.poll() is None and "no sample exchange" not in printed, printed
-        time.sleep(0.5)
-    raise AssertionError("no sample exchange:\n" + "".join(lines))
-
-
-def _wait_for_client(url: str, process: subprocess.Popen[str], lines: list[str]) -> openai.OpenAI:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "".join(lines)
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("the demo did not start:\n" + "".join(lines))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
