@@ -63,7 +63,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if tenants is None:
             logger.warning(
-                "no --api-keys file: the server is open; anyone who can reach it may use "
+                "no --api-keys file nor --api-key: the server is open; anyone who can reach it may use "
                 "every adapter and load or unload adapters"
             )
         yield

@@ -66,7 +66,7 @@ async def create_chat_completion(
 ) -> JSONResponse | EventStreamResponse:
     """Validate, render and queue the conversation, then stream or wait for the answer."""
     arrival = time.perf_counter()
-    model = body.model or served.base_model
+    model = served.model_name(body.model)
     adapter = served.resolve_adapter(body.model, tenant)
     refuse_unsupported(body)
     mode = tool_mode(body, served.tool_call_parser)

@@ -62,7 +62,7 @@ async def create_completion(
 ) -> JSONResponse | EventStreamResponse:
     """Validate, queue every prompt, then stream or wait for the whole answer."""
     arrival = time.perf_counter()
-    model = body.model or served.base_model
+    model = served.model_name(body.model)
     adapter = served.resolve_adapter(body.model, tenant)
     _refuse_unsupported(body)
     n = body.n or 1

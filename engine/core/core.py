@@ -108,7 +108,7 @@ class EngineCore:
             max_model_len=resolve_max_model_len(self.arch, config.model.max_model_len),
             vocab_size=self.arch.vocab_size,
             eos_token_ids=eos,
-            served_model_name=config.model.served_model_name or Path(folder).resolve().name,
+            served_model_names=config.model.served_model_names(),
         )
         self.admission = Admission(self.arch.vocab_size, self.info, self.geometry.block_size)
         self.requests: dict[str, RequestState] = {}

@@ -124,7 +124,7 @@ def test_vllm_cli_spellings_are_accepted() -> None:
     assert args["adapters"] == ["a=/x", "b=/y"]
     assert args["max_resident_adapters"] == 4 and args["max_lora_rank"] == 16
     assert args["max_cpu_loras"] == 8  # loraserve's own option, spelled as vLLM's
-    assert args["served_model_name"] == "base" and "enable_lora" not in args
+    assert args["served_model_name"] == ["base"] and "enable_lora" not in args
 
 
 def test_unloading_an_adapter_in_use_refuses_new_requests_then_forgets_it(
