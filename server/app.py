@@ -114,6 +114,7 @@ def _served(engine: AsyncEngine, config: ServerConfig, limits: RequestLimits) ->
         gpu_memory_utilization=engine_config.cache.gpu_memory_utilization,
         dtype=str(info.dtype).removeprefix("torch."),
         model_name=info.served_model_name,
+        max_model_len=info.max_model_len,
     )
     prompts = PromptBuilder(engine.tokenizer, info.max_model_len, config.chat_template_source())
     return Served(

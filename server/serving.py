@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from loraserve.server.grammar_check import GrammarChecker
 from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.prompts import Prompt, PromptBuilder
-from loraserve.server.responses import PromptLogprobs, TokenLogprobEntry, Usage
+from loraserve.server.request_metrics import Tracker
+from loraserve.server.responses import PromptLogprobs, TokenLogprobEntry
 
 T = TypeVar("T")
 TokenNamer = Callable[[int], str]
@@ -186,54 +186,6 @@ def fields_as_sent(renamed: dict[str, str]) -> Iterator[None]:
         if message.startswith(old):
             message = new + message[len(old) :]
         raise InvalidRequestError(message, new) from None
-
-
-@dataclass
-class Tracker:
-    """Latency and token accounting of one HTTP request, for the metrics."""
-
-    metrics: ServerMetrics
-    model: str
-    num_prompt_tokens: int
-    arrival: float = field(default_factory=time.perf_counter)
-    """When the request came in (`time.perf_counter()`), before tokenizing and queueing."""
-    first_token: float | None = None
-    completions: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
-    """(prompt, completion) -> (time of its first token, tokens so far)."""
-    finish_reasons: list[str] = field(default_factory=list)
-
-    def observe(self, prompt_index: int, delta: CompletionDelta) -> None:
-        now = time.perf_counter()
-        if self.first_token is None:
-            self.first_token = now
-            self.metrics.requests.first_token(now - self.arrival)
-        key = (prompt_index, delta.index)
-        started, _ = self.completions.get(key, (now, 0))
-        self.completions[key] = (started, delta.num_tokens)
-        if delta.finish_reason is not None:
-            self.finish_reasons.append(delta.finish_reason)
-        if delta.finished and delta.num_tokens > 1:
-            mean = (now - started) / (delta.num_tokens - 1)
-            self.metrics.requests.time_per_output_token(mean)
-
-    def close(self, outcome: str) -> None:
-        """Record the request's end: `finished`, `aborted` (client gone) or `failed`."""
-        self.metrics.requests.finished(
-            time.perf_counter() - self.arrival,
-            self.num_prompt_tokens,
-            sum(count for _, count in self.completions.values()),
-            self.model,
-            outcome,
-            self.finish_reasons if outcome == "finished" else ["abort"],
-        )
-
-    def usage(self) -> Usage:
-        completion_tokens = sum(count for _, count in self.completions.values())
-        return Usage(
-            prompt_tokens=self.num_prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=self.num_prompt_tokens + completion_tokens,
-        )
 
 
 def prompt_logprobs(
