@@ -38,6 +38,7 @@ from loraserve.server.protocol import (
     UnloadAdapterRequest,
 )
 from loraserve.server.responses import ModelList
+from loraserve.server.responses_api import add_compat_routes
 from loraserve.server.routes_extra import add_extra_routes, model_cards
 from loraserve.server.serving import Served, served_of, tenant_of, unavailable
 
@@ -96,6 +97,7 @@ def create_app(
         )
     _add_routes(app)
     add_extra_routes(app)
+    add_compat_routes(app)
     return app
 
 
