@@ -10,12 +10,17 @@ import httpx
 import openai
 import pytest
 from openai.types.responses import Response
-from server_harness import Running
+from server_harness import Assets, Running, start_server
+
+from loraserve.server.auth import Tenants
 
 
 def chat_answer(running: Running, model: str, messages: list[dict[str, Any]], max_tokens: int):
     return running.server.client().chat.completions.create(
-        model=model, messages=messages, max_tokens=max_tokens, temperature=0  # type: ignore[arg-type]
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,  # type: ignore[arg-type]
     )
 
 
@@ -90,7 +95,7 @@ def test_the_response_object_has_the_shape_the_sdk_declares(running: Running) ->
         ({"input": "hi", "temperature": -1}, 400, "temperature"),
         ({"input": []}, 400, "input"),
         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, 400, "input"),
-        ({"input": "hi", "stream": True}, 400, "stream"),
+        ({"input": "hi", "stream": "yes"}, 400, "stream"),
         ({"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools"),
         ({"input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
         ({"input": "hi", "text": {"format": {"type": "json_object"}}}, 400, "text"),
@@ -106,6 +111,42 @@ def test_what_responses_cannot_serve_is_an_error_naming_the_field(
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and error["message"], error
+
+
+def test_responses_stream_as_the_sdk_reads_them(running: Running) -> None:
+    """`stream=True`: the events in order, the deltas adding up to the text the same request
+    gets unstreamed, and `responses.stream()` (the SDK's accumulator) agreeing. (Its
+    `get_final_response()` wants `response.completed`; a response cut by max_output_tokens
+    ends with `response.incomplete`, as OpenAI's do.)"""
+    client = running.server.client()
+    base = running.app.state.served.base_model
+    options: Any = dict(model=base, input="Say hi", instructions="Be brief.", max_output_tokens=5)
+    whole = client.responses.create(**options, temperature=0)
+    events = list(client.responses.create(**options, temperature=0, stream=True))
+    kinds = [event.type for event in events]
+    final = "response.incomplete" if whole.status == "incomplete" else "response.completed"
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        final,
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert "".join(deltas) == whole.output_text and deltas
+    done = events[-1].response  # type: ignore[union-attr]
+    assert done.output_text == whole.output_text and done.usage == whole.usage
+    with client.responses.stream(**options, temperature=0) as stream:  # its text snapshots
+        snapshots = [
+            event.snapshot for event in stream if event.type == "response.output_text.delta"
+        ]
+    assert snapshots[-1] == whole.output_text
 
 
 def test_responses_errors_reach_the_sdk_as_its_exceptions(running: Running) -> None:
@@ -163,10 +204,7 @@ def test_invocations_streams_as_the_chat_route(running: Running) -> None:
     assert lines[-1] == "data: [DONE]"
 
 
-def test_invocations_needs_a_key_when_keys_are_set(assets: Any) -> None:
-    from loraserve.server.auth import Tenants
-    from server_harness import start_server
-
+def test_invocations_needs_a_key_when_keys_are_set(assets: Assets) -> None:
     tenants = Tenants.from_options(None, "sk-one")
     server = start_server(assets, tenants=tenants)
     try:
