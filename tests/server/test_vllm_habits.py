@@ -30,7 +30,7 @@ def test_vllm_serve_command_line_with_aliases_and_one_api_key(assets: Assets) ->
         assets,
         *("--served-model-name", "tiny", "tiny-alias"),
         *("--api-key", "sk-only", "--uvicorn-log-level", "warning"),
-        *("--disable-log-requests", "--disable-log-stats", "--log-level", "warning"),
+        *("--disable-log-requests", "--disable-log-stats", "--log-level", "info"),
         model=(str(assets.model),),
     )
     try:
@@ -52,7 +52,8 @@ def test_vllm_serve_command_line_with_aliases_and_one_api_key(assets: Assets) ->
         assert loaded.status_code == 200, loaded.text
     finally:
         log = stop(process)
-    assert "POST /v1/completions" not in log  # uvicorn's access lines are at info
+    assert "serving tiny, tiny-alias on http" in log  # loraserve's info lines are there
+    assert "POST /v1/completions" not in log  # uvicorn's access lines (info) are not
 
 
 def test_the_model_path_as_given_names_the_base_model(running: Running) -> None:
