@@ -38,6 +38,7 @@ from loraserve.server.protocol import (
     UnloadAdapterRequest,
 )
 from loraserve.server.responses import ModelList
+from loraserve.server.responses_api import add_compat_routes
 from loraserve.server.routes_extra import add_extra_routes, model_cards
 from loraserve.server.serving import Served, served_of, tenant_of, unavailable
 
@@ -63,7 +64,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if tenants is None:
             logger.warning(
-                "no --api-keys file: the server is open; anyone who can reach it may use "
+                "no --api-keys file nor --api-key: the server is open; anyone who can reach it may use "
                 "every adapter and load or unload adapters"
             )
         yield
@@ -96,6 +97,7 @@ def create_app(
         )
     _add_routes(app)
     add_extra_routes(app)
+    add_compat_routes(app)
     return app
 
 
@@ -114,6 +116,7 @@ def _served(engine: AsyncEngine, config: ServerConfig, limits: RequestLimits) ->
         gpu_memory_utilization=engine_config.cache.gpu_memory_utilization,
         dtype=str(info.dtype).removeprefix("torch."),
         model_name=info.served_model_name,
+        max_model_len=info.max_model_len,
     )
     prompts = PromptBuilder(engine.tokenizer, info.max_model_len, config.chat_template_source())
     return Served(

@@ -13,8 +13,10 @@ The `--api-keys` file (YAML or JSON) maps each API key to its tenant:
       adapters: "*"
       admin: true                  # may call /v1/load_lora_adapter and unload
 
-Every tenant may use the base model unless `base_model: false`. Without the file
-the server is open: every caller is the anonymous admin tenant.
+Every tenant may use the base model unless `base_model: false`. `--api-key KEY` (vLLM's
+simple mode) adds one key that may do everything, as an admin key with every adapter, with or
+without the file. Without either the server is open: every caller is the anonymous admin
+tenant.
 
 The prefix cache is private to each tenant: a request reuses only KV blocks that requests
 of its own tenant cached, so no tenant learns from the time to its first token whether
@@ -151,7 +153,10 @@ class Tenant:
 
 
 OPEN_TENANT = Tenant("anonymous", admin=True)
-"""Every caller, when the server runs without --api-keys."""
+"""Every caller, when the server runs without --api-keys and --api-key."""
+API_KEY_TENANT = "--api-key"
+"""The tenant of the `--api-key` key (not a name the keys file can clash with in effect:
+its cache scope is its own)."""
 
 
 def read_metrics_key(path: str | Path) -> str:
@@ -207,6 +212,21 @@ class Tenants:
         if not isinstance(raw, dict) or not raw:
             raise ValueError(f"{path}: expected a mapping of API key -> tenant")
         return cls(_tenants_by_digest(raw, path))
+
+    @classmethod
+    def from_options(cls, api_keys: str | None, api_key: str | None) -> Tenants | None:
+        """The tenants of `--api-keys FILE` and `--api-key KEY` (vLLM's one key, which may do
+        everything, as an admin key with every adapter); None (an open server) without
+        either. ValueError if the key is also in the file."""
+        if api_keys is None and api_key is None:
+            return None
+        by_digest = {} if api_keys is None else cls.from_file(api_keys)._by_digest
+        if api_key is not None:
+            if _digest(api_key) in by_digest:
+                raise ValueError("the --api-key key is in the --api-keys file too; give it once")
+            # Its own cache scope: the file's scopes are all `tenant:...` or `group:...`.
+            by_digest[_digest(api_key)] = Tenant(API_KEY_TENANT, admin=True, cache_scope="api-key")
+        return cls(by_digest)
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of an `Authorization: Bearer KEY` header; APIError 401 otherwise."""

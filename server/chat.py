@@ -30,6 +30,7 @@ from loraserve.server.params import (
 )
 from loraserve.server.prompts import ChatRendering, Prompt, Tokenizing
 from loraserve.server.protocol import ChatCompletionRequest
+from loraserve.server.request_metrics import Tracker
 from loraserve.server.responses import (
     ChatChoice,
     ChatChunkChoice,
@@ -43,7 +44,6 @@ from loraserve.server.responses import (
 from loraserve.server.serving import (
     Served,
     TokenNamer,
-    Tracker,
     collect,
     fields_as_sent,
     follow,
@@ -66,7 +66,7 @@ async def create_chat_completion(
 ) -> JSONResponse | EventStreamResponse:
     """Validate, render and queue the conversation, then stream or wait for the answer."""
     arrival = time.perf_counter()
-    model = body.model or served.base_model
+    model = served.model_name(body.model)
     adapter = served.resolve_adapter(body.model, tenant)
     refuse_unsupported(body)
     mode = tool_mode(body, served.tool_call_parser)
@@ -82,7 +82,7 @@ async def create_chat_completion(
         )
         request_id = f"chatcmpl-{body.request_id or uuid.uuid4().hex}"
         streams = await served.start(request_id, [prompt], params, adapter, tenant, body.cache_salt)
-    tracker = Tracker(served.metrics, model, len(prompt.token_ids), arrival)
+    tracker = Tracker(served.metrics.requests, model, [len(prompt.token_ids)], arrival)
     view = _View(served, body, model, mode, prompt)
     if body.stream:
         return EventStreamResponse(

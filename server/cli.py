@@ -57,12 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if server_config.tool_call_parser is None:  # SmolLM2 writes Hermes' <tool_call>
                 server_config = dataclasses.replace(server_config, tool_call_parser="hermes")
         else:
-            model = engine_options.pop("model")
+            model = _model_of(engine_options)
             adapters = {}
         adapters.update(adapters_of(server_config))
-        engine_config = build_config(model, **engine_options)
+        engine_config = build_config(model, **engine_options)  # a repo id: found or fetched
     except ValueError as error:
         parser.error(str(error))
+    except LoraserveError as error:
+        print(f"loraserve: error: {error}", file=sys.stderr)
+        return 1
     try:
         return serve(engine_config, server_config, adapters, limits)
     except (LoraserveError, ValueError, OSError) as error:
@@ -92,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pirate, as JSON, in one short sentence; on the CPU unless told.",
         allow_abbrev=False,
     )
+    serve_parser.add_argument(
+        "model_tag",
+        nargs="?",
+        metavar="MODEL",
+        default=argparse.SUPPRESS,
+        help="the model, as `vllm serve MODEL` takes it: a local folder, or a Hugging Face "
+        "repo id (org/name) found in the local Hugging Face cache or downloaded; or --model",
+    )
     for sub, needs_model in ((serve_parser, True), (demo_parser, False)):
         for config in (*ENGINE_CONFIGS, *SERVER_CONFIGS):
             add_config_options(sub, config, needs_model)
@@ -110,10 +121,12 @@ def add_config_options(parser: argparse.ArgumentParser, config: type, needs_mode
         help_text = docs.get(field.name, "").replace("%", "%%")
         flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
         kwargs = _argument_kwargs(hints[field.name])
+        if "nargs" in field.metadata:  # vLLM's `--served-model-name a b`; repeatable too
+            kwargs.update(action="extend", nargs=field.metadata["nargs"])
         if "metavar" in field.metadata:
             kwargs["metavar"] = field.metadata["metavar"]
-        if field.name == "model" and needs_model:
-            group.add_argument(flag, dest=field.name, required=True, help=help_text, **kwargs)
+        if field.name == "model" and needs_model:  # or positional: `loraserve serve MODEL`
+            group.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, help=help_text)
             continue
         default = field.default if field.default is not dataclasses.MISSING else None
         if default not in (None, ()):
@@ -151,6 +164,16 @@ def _argument_kwargs(hint: Any) -> dict[str, Any]:
     return {"type": hint}
 
 
+def _model_of(options: dict[str, Any]) -> str:
+    """The model given positionally (`serve MODEL`) or as `--model` (not both, unless equal)."""
+    positional, option = options.pop("model_tag", None), options.pop("model", None)
+    if positional is None and option is None:
+        raise ValueError("the following arguments are required: MODEL (or --model MODEL)")
+    if positional is not None and option is not None and positional != option:
+        raise ValueError(f"two models given: {positional!r} and --model {option!r}")
+    return str(positional or option)
+
+
 def _split_options(args: dict[str, Any]) -> tuple[dict[str, Any], ServerConfig, RequestLimits]:
     """Engine options (for `build_config`), the ServerConfig and the RequestLimits, from
     parsed options."""
@@ -182,16 +205,17 @@ def _demo_assets(
     engine_options: dict[str, Any], server_config: ServerConfig
 ) -> tuple[str, dict[str, Path]]:
     """The demo's model folder (built on first use) and adapters; the CPU unless told.
-    Once it serves, a sample exchange is printed (not with --api-keys: it has no key)."""
+    Once it serves, a sample exchange is printed (not with --api-keys or --api-key: it has no
+    key)."""
     from loraserve.demo.assets import BASE_MODEL_NAME, ensure_demo  # no torch: a subprocess
     from loraserve.demo.sample import start_sample
 
     engine_options.setdefault("device", "cpu")
-    engine_options.setdefault("served_model_name", BASE_MODEL_NAME)
+    names = engine_options.setdefault("served_model_name", [BASE_MODEL_NAME])
     # Flushed: stdout may be a pipe or a file, and the first run converts for a while.
     model, adapters = ensure_demo(progress=_print_flushed)
-    if server_config.api_keys is None:
-        models = [engine_options["served_model_name"], *adapters]
+    if server_config.api_keys is None and server_config.api_key is None:
+        models = [names[0], *adapters]
         start_sample(server_config.host, server_config.port, models, _print_flushed)
     return str(model), dict(adapters)
 
@@ -217,7 +241,7 @@ def serve(
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    tenants = Tenants.from_file(config.api_keys) if config.api_keys else None  # fail early
+    tenants = Tenants.from_options(config.api_keys, config.api_key)  # fail early
     sockets = [listen(config.host, config.port)]
     if config.metrics_port is not None:
         sockets.append(listen(config.host, config.metrics_port))
@@ -226,11 +250,13 @@ def serve(
     )
     async_engine.start()  # loads the model and adapters in the engine-core process
     assert async_engine.info is not None
-    names = ", ".join([async_engine.info.served_model_name, *adapters])
+    names = ", ".join([*async_engine.info.served_model_names, *adapters])
     logging.getLogger(__name__).info("serving %s on http://%s:%d", names, config.host, config.port)
     app = create_app(async_engine, config, tenants, limits)
     uvicorn_config = uvicorn.Config(
-        app, log_level=config.log_level, timeout_graceful_shutdown=CUT_GRACE_SECONDS
+        app,
+        log_level=config.uvicorn_log_level or config.log_level,
+        timeout_graceful_shutdown=CUT_GRACE_SECONDS,
     )
     server = DrainingServer(uvicorn_config, app.state.drain)
     # uvicorn raises a caught SIGINT again once it has stopped: Ctrl-C is a clean stop here.

@@ -28,6 +28,7 @@ from loraserve.server.params import (
 )
 from loraserve.server.prompts import Prompt, Tokenizing
 from loraserve.server.protocol import CompletionRequest
+from loraserve.server.request_metrics import Tracker
 from loraserve.server.responses import (
     CompletionChoice,
     CompletionChunk,
@@ -38,7 +39,6 @@ from loraserve.server.responses import (
 from loraserve.server.serving import (
     Served,
     TokenNamer,
-    Tracker,
     collect,
     follow,
     merge_deltas,
@@ -62,7 +62,7 @@ async def create_completion(
 ) -> JSONResponse | EventStreamResponse:
     """Validate, queue every prompt, then stream or wait for the whole answer."""
     arrival = time.perf_counter()
-    model = body.model or served.base_model
+    model = served.model_name(body.model)
     adapter = served.resolve_adapter(body.model, tenant)
     _refuse_unsupported(body)
     n = body.n or 1
@@ -89,8 +89,8 @@ async def create_completion(
     prompts = await served.prompts.completion_prompts(body.prompt, tokenizing)
     request_id = f"cmpl-{body.request_id or uuid.uuid4().hex}"
     streams = await served.start(request_id, prompts, params, adapter, tenant, body.cache_salt)
-    num_prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
-    tracker = Tracker(served.metrics, model, num_prompt_tokens, arrival)
+    prompt_lengths = [len(prompt.token_ids) for prompt in prompts]
+    tracker = Tracker(served.metrics.requests, model, prompt_lengths, arrival)
     view = _View(served, body, model, prompts)
     if body.stream:
         return EventStreamResponse(

@@ -38,6 +38,8 @@ class ServerConfig:
     """A folder /v1/load_lora_adapter may load adapters from (repeatable; --adapter-dir is one too)."""
     api_keys: str | None = field(default=None, metadata={"metavar": "FILE"})
     """YAML/JSON file of API keys -> tenant (name, adapters, requests_per_minute, admin); without it the server is open."""
+    api_key: str | None = field(default=None, metadata={"metavar": "KEY"})
+    """One API key that callers must send as `Authorization: Bearer KEY` (vLLM's simple mode; also read from VLLM_API_KEY): it may do everything, as an admin key of --api-keys; with --api-keys, one key more."""
     max_request_body_bytes: int | None = None
     """Largest request body accepted; larger ones get HTTP 413 (default: 16 bytes per token of the model's context, at least 1 MiB: parsing a body holds the event loop, about 10 ms per MiB)."""
     metrics_key_file: str | None = field(default=None, metadata={"metavar": "FILE"})
@@ -48,6 +50,8 @@ class ServerConfig:
     """On SIGTERM: /health turns 503, new requests get 503, requests in flight get this long to finish before the process exits (keep it below Kubernetes' terminationGracePeriodSeconds minus the preStop hook)."""
     log_level: str = "info"
     """Server log level: critical | error | warning | info | debug."""
+    uvicorn_log_level: str | None = None
+    """uvicorn's log level (its access log lines are at info): critical | error | warning | info | debug | trace (default: --log-level)."""
     tool_call_parser: str | None = None
     """How `tool_choice: auto` finds tool calls in the output: hermes (Hermes, Qwen) | llama3_json | mistral; without it only `required` and named tool choices work."""
     enable_auto_tool_choice: bool = False
@@ -85,6 +89,13 @@ class ServerConfig:
         levels = ("critical", "error", "warning", "info", "debug")
         if self.log_level not in levels:
             raise ValueError(f"log_level must be one of {levels}, got {self.log_level!r}")
+        if self.uvicorn_log_level not in (None, *levels, "trace"):
+            raise ValueError(
+                f"uvicorn_log_level must be one of {(*levels, 'trace')}, "
+                f"got {self.uvicorn_log_level!r}"
+            )
+        if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
+            raise ValueError("api_key must be non-empty, without surrounding spaces")
         for spec in self.adapters:
             name, sep, path = spec.partition("=")
             if not (sep and name and path):

@@ -4,8 +4,8 @@ Two families of names:
 - vLLM's, which Kubernetes' Gateway API Inference Extension reads to route by
   queue length, KV-cache usage and adapter affinity: `vllm:num_requests_running`,
   `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (a fraction, 1 = full,
-  as in vLLM), `vllm:lora_requests_info` (value = now, labels = running/waiting
-  adapters comma-joined, `max_lora`), `vllm:cache_config_info`; and the residency
+  as in vLLM; these three with `model_name`, as vLLM's), `vllm:lora_requests_info`
+  (value = now, labels = running/waiting adapters comma-joined, `max_lora`), `vllm:cache_config_info`; and the residency
   series of vLLM's LoRA metrics stack (vLLM PRs #54830/#54833) that the llm-d
   router's residency scorer reads (llm-d-router #2792): one
   `vllm:lora_adapter_loaded{adapter_name, level, pinned, rank, model_name}` = 1 per
@@ -63,6 +63,8 @@ class StaticInfo:
     dtype: str
     model_name: str = ""
     """The served base model's name (vLLM's `model_name` label)."""
+    max_model_len: int = 2048
+    """The context limit (the top bucket of the token-count histograms)."""
 
 
 class ServerMetrics:
@@ -82,7 +84,7 @@ class ServerMetrics:
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.requests = RequestMetrics(self.registry, info.model_name)
+        self.requests = RequestMetrics(self.registry, info.model_name, info.max_model_len)
 
     def update(self, stats: EngineStats, healthy: bool) -> None:
         """Take a fresh engine picture (call before `render`)."""
@@ -110,12 +112,18 @@ class _EngineCollector(Collector):
         yield from self._prefix_cache(stats)
 
     def _vllm(self, stats: EngineStats) -> Iterator[Metric]:
-        yield _gauge("vllm:num_requests_running", "Requests running.", stats.num_running)
-        yield _gauge("vllm:num_requests_waiting", "Requests waiting.", stats.num_waiting)
         usage = _usage(stats)
-        yield _gauge("vllm:kv_cache_usage_perc", "Pool usage, 1 = full.", usage)
-        # The older name, still read by earlier Gateway API Inference Extension releases.
-        yield _gauge("vllm:gpu_cache_usage_perc", "Pool usage, 1 = full.", usage)
+        for name, documentation, value in (
+            ("vllm:num_requests_running", "Requests running.", stats.num_running),
+            ("vllm:num_requests_waiting", "Requests waiting.", stats.num_waiting),
+            ("vllm:kv_cache_usage_perc", "Pool usage, 1 = full.", usage),
+            # The older name, still read by earlier Gateway API Inference Extension releases.
+            ("vllm:gpu_cache_usage_perc", "Pool usage, 1 = full.", usage),
+        ):
+            # With model_name, as vLLM's: its dashboards select `{model_name="$model_name"}`.
+            gauge = GaugeMetricFamily(name, documentation, labels=["model_name"])
+            gauge.add_metric([self.info.model_name], value)
+            yield gauge
         lora = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Running and waiting adapters (value: time of the reading); "

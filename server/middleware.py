@@ -20,7 +20,7 @@ from loraserve.server.auth import OPEN_TENANT, MetricsAccess, Tenant, Tenants
 from loraserve.server.errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
-PROTECTED_PATHS = ("/tokenize", "/detokenize")
+PROTECTED_PATHS = ("/tokenize", "/detokenize", "/invocations")
 """Outside /v1 but tenants' business too: they name a model."""
 METRICS_PORT_PATHS = ("/metrics", "/health")
 BODILESS_POSTS = ("/ping",)

@@ -77,9 +77,12 @@ async def _tokenize(served: Served, body: TokenizeRequest) -> list[int]:
 
 
 def model_cards(served: Served, tenant: Tenant) -> list[ModelCard]:
-    """The base model and the adapters this tenant may use (adapters name their parent).
+    """The base model (each of its names) and the adapters this tenant may use (adapters name
+    their parent, the base model's first name).
     Only admins see an adapter's folder (`root`): it tells a tenant about the server's disk."""
-    cards = [_card(served, served.base_model, None, tenant)] if tenant.may_use(None) else []
+    cards = []
+    if tenant.may_use(None):  # every name of the base model, as vLLM lists them
+        cards = [_card(served, name, None, tenant) for name in served.base_model_names]
     for name, path in sorted(served.engine.adapters.items()):
         if tenant.may_use(name):
             cards.append(_card(served, name, path, tenant))

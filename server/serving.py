@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from loraserve.server.grammar_check import GrammarChecker
 from loraserve.server.limits import RequestLimits
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.prompts import Prompt, PromptBuilder
-from loraserve.server.responses import PromptLogprobs, TokenLogprobEntry, Usage
+from loraserve.server.request_metrics import Tracker
+from loraserve.server.responses import PromptLogprobs, TokenLogprobEntry
 
 T = TypeVar("T")
 TokenNamer = Callable[[int], str]
@@ -59,13 +59,23 @@ class Served:
     """Whether a request may bring its own `chat_template`."""
     grammars: GrammarChecker = field(init=False)
     """Compiles requests' output constraints in child processes, with the engine's tokenizer."""
+    base_model_names: tuple[str, ...] = field(init=False)
+    """The base model's names that /v1/models lists (`--served-model-name a b`); `base_model`
+    is the first."""
+    accepted_names: frozenset[str] = field(init=False)
+    """Those, and `--model` as given when no name is (vLLM's default name, a path: accepted
+    but not listed, since it would show tenants the server's disk)."""
 
     def __post_init__(self) -> None:
+        info = self.engine.info
+        assert info is not None, "the engine is started"
+        self.base_model_names = tuple(dict.fromkeys((self.base_model, *info.served_model_names)))
+        model = self.engine.config.model
+        path_name = () if model.served_model_name else (model.model,)
+        self.accepted_names = frozenset((*self.base_model_names, *path_name))
         for name in self.engine.adapters:
             self.check_adapter_name(name)
         tokenizer = self.tokenizer
-        info = self.engine.info
-        assert info is not None, "the engine is started"
         vocab_size = max(info.vocab_size, tokenizer.vocab_size)  # as the core's GrammarCompiler
         self.grammars = GrammarChecker(tokenizer.backend.to_str(), vocab_size, info.eos_token_ids)
         # A token's text never changes: logprobs name the same tokens over and over.
@@ -75,7 +85,7 @@ class Served:
 
     def adapter_path(self, name: str) -> Path | None:
         """The folder of adapter `name` (registered, or in the adapter dir); None if none."""
-        return None if name == self.base_model else self.engine.names.folder(name)
+        return None if name in self.accepted_names else self.engine.names.folder(name)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -87,12 +97,17 @@ class Served:
         return () if info is None else info.eos_token_ids
 
     def check_adapter_name(self, name: str) -> None:
-        """An adapter may not take the base model's name: requests for it would never
+        """An adapter may not take a name of the base model: requests for it would never
         reach the adapter, and /v1/models would list the name twice."""
-        if name == self.base_model:
+        if name in self.accepted_names:
             raise InvalidRequestError(
                 f"adapter name {name!r} is the base model's name; choose another", "lora_name"
             )
+
+    def model_name(self, model: str | None) -> str:
+        """The `model` a response names: the base model's first name for any of its names
+        or none (as vLLM answers), else the adapter's."""
+        return self.base_model if model is None or model in self.accepted_names else model
 
     def token_namer(self, as_token_ids: bool) -> TokenNamer:
         if as_token_ids:
@@ -103,7 +118,7 @@ class Served:
         """The adapter `model` names (None = the base model, as is an absent `model`); 404
         if unknown or not the tenant's, with the same message so that other tenants'
         adapters stay unseen."""
-        if model is None or model == self.base_model:
+        if model is None or model in self.accepted_names:
             adapter = None
         elif self.adapter_path(model) is not None:
             adapter = model
@@ -171,54 +186,6 @@ def fields_as_sent(renamed: dict[str, str]) -> Iterator[None]:
         if message.startswith(old):
             message = new + message[len(old) :]
         raise InvalidRequestError(message, new) from None
-
-
-@dataclass
-class Tracker:
-    """Latency and token accounting of one HTTP request, for the metrics."""
-
-    metrics: ServerMetrics
-    model: str
-    num_prompt_tokens: int
-    arrival: float = field(default_factory=time.perf_counter)
-    """When the request came in (`time.perf_counter()`), before tokenizing and queueing."""
-    first_token: float | None = None
-    completions: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)
-    """(prompt, completion) -> (time of its first token, tokens so far)."""
-    finish_reasons: list[str] = field(default_factory=list)
-
-    def observe(self, prompt_index: int, delta: CompletionDelta) -> None:
-        now = time.perf_counter()
-        if self.first_token is None:
-            self.first_token = now
-            self.metrics.requests.first_token(now - self.arrival)
-        key = (prompt_index, delta.index)
-        started, _ = self.completions.get(key, (now, 0))
-        self.completions[key] = (started, delta.num_tokens)
-        if delta.finish_reason is not None:
-            self.finish_reasons.append(delta.finish_reason)
-        if delta.finished and delta.num_tokens > 1:
-            mean = (now - started) / (delta.num_tokens - 1)
-            self.metrics.requests.time_per_output_token(mean)
-
-    def close(self, outcome: str) -> None:
-        """Record the request's end: `finished`, `aborted` (client gone) or `failed`."""
-        self.metrics.requests.finished(
-            time.perf_counter() - self.arrival,
-            self.num_prompt_tokens,
-            sum(count for _, count in self.completions.values()),
-            self.model,
-            outcome,
-            self.finish_reasons if outcome == "finished" else ["abort"],
-        )
-
-    def usage(self) -> Usage:
-        completion_tokens = sum(count for _, count in self.completions.values())
-        return Usage(
-            prompt_tokens=self.num_prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=self.num_prompt_tokens + completion_tokens,
-        )
 
 
 def prompt_logprobs(

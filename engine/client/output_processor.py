@@ -125,6 +125,8 @@ class OutputProcessor:
             num_tokens=completion.num_tokens,
             error=output.error,
             prompt_logprobs=output.prompt_logprobs,
+            queue_seconds=output.queue_seconds,
+            prefill_seconds=output.prefill_seconds,
         )
 
 

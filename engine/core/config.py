@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from loraserve.kernels.constants import KERNEL_BACKENDS
 from loraserve.models.arch import ModelArch
+from loraserve.models.hub import is_repo_id, resolve_model
 from loraserve.scheduler.config import SchedulerConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -40,8 +42,11 @@ class ModelConfig:
     """auto (Triton on CUDA; on a CPU native C kernels for float32 when a C compiler is
     there, else torch) | triton | native (C, CPU float32; compiled on first use) | torch
     (the torch path: torch calls, any dtype) | reference (plain, slow)."""
-    served_model_name: str | None = None
-    """Name of the base model in the API (default: the folder's name)."""
+    served_model_name: tuple[str, ...] = field(
+        default=(), metadata={"nargs": "+", "metavar": "NAME"}
+    )
+    """Names of the base model in the API: requests may use any; responses and metrics say the
+    first (default: the folder's name; `--model` as given, vLLM's default name, is accepted too)."""
     enforce_eager: bool = False
     """On CUDA, run every step eagerly instead of replaying captured decode graphs."""
     cpu_threads: int | None = None
@@ -71,6 +76,21 @@ class ModelConfig:
             self.cpu_threads is None or self.cpu_threads >= 1,
             f"cpu_threads must be >= 1, got {self.cpu_threads}",
         )
+        names = self.served_model_name
+        # One name (as the Python API takes it), or argparse's list of several.
+        object.__setattr__(
+            self, "served_model_name", (names,) if isinstance(names, str) else tuple(names)
+        )
+        _check(
+            all(self.served_model_name),
+            f"served_model_name must not be empty, got {self.served_model_name!r}",
+        )
+
+    def served_model_names(self) -> tuple[str, ...]:
+        """The names /v1/models lists for the base model: as given, else the folder's name."""
+        if self.served_model_name:
+            return tuple(dict.fromkeys(self.served_model_name))
+        return (Path(self.model).resolve().name,)
 
 
 @dataclass(frozen=True)
@@ -185,7 +205,13 @@ class RuntimeInfo:
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
-    served_model_name: str
+    served_model_names: tuple[str, ...]
+    """Every name of the base model in the API (`ModelConfig.served_model_names`)."""
+
+    @property
+    def served_model_name(self) -> str:
+        """The base model's first name: the one responses and metrics say."""
+        return self.served_model_names[0]
 
 
 def with_serving_threads(config: EngineConfig) -> EngineConfig:
@@ -211,7 +237,12 @@ def resolve_max_model_len(arch: ModelArch, requested: int | None) -> int:
 
 
 def build_config(model: str, **options: Any) -> EngineConfig:
-    """An EngineConfig from flat keyword options, each routed to the part that owns it."""
+    """An EngineConfig from flat keyword options, each routed to the part that owns it.
+    A Hugging Face repo id (`org/name`) is resolved to its cached snapshot (models/hub.py),
+    downloaded first if need be, and named by the id unless `served_model_name` says."""
+    if is_repo_id(model):
+        options.setdefault("served_model_name", (model,))
+        model = resolve_model(model)
     parts: dict[str, Any] = {}
     for name, cls in (("cache", CacheConfig), ("lora", LoraConfig), ("scheduler", SchedulerConfig)):
         fields = {f.name for f in dataclasses.fields(cls)}

@@ -27,6 +27,7 @@ stops (`stop`) once its grammar is complete and admits nothing more.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import cached_property
@@ -108,7 +109,7 @@ class EngineCore:
             max_model_len=resolve_max_model_len(self.arch, config.model.max_model_len),
             vocab_size=self.arch.vocab_size,
             eos_token_ids=eos,
-            served_model_name=config.model.served_model_name or Path(folder).resolve().name,
+            served_model_names=config.model.served_model_names(),
         )
         self.admission = Admission(self.arch.vocab_size, self.info, self.geometry.block_size)
         self.requests: dict[str, RequestState] = {}
@@ -270,8 +271,18 @@ class EngineCore:
             return failed
         step = Step(plan, list(self._started.values()), self._finished)
         self._started, self._finished = {}, []
+        self._stamp_scheduled(plan)
         sampled = self.runner.execute(step)
         return failed + self._postprocess(plan, sampled)
+
+    def _stamp_scheduled(self, plan: SchedulerOutput) -> None:
+        """Note when each request first runs: its queue time ends (reported with its first
+        token, for the metrics)."""
+        now = time.monotonic()
+        for chunk in plan.chunks:
+            state = self.requests.get(chunk.seq.request_id)
+            if state is not None and state.scheduled_at is None:
+                state.scheduled_at = now
 
     def _collect_adapter_reads(self) -> list[EngineOutput]:
         """Requests whose adapter's folder was refused fail with its error."""
@@ -312,6 +323,9 @@ class EngineCore:
             state = self.requests[seq.request_id]
             output = EngineOutput(seq.request_id, [token], None if logprobs is None else [logprobs])
             output.prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
+            if seq.num_output_tokens == 1 and state.scheduled_at is not None:
+                output.queue_seconds = state.scheduled_at - state.queued_at
+                output.prefill_seconds = time.monotonic() - state.scheduled_at
             output.finish_reason = self._finish_reason(state, token, output)
             if output.finish_reason is not None:
                 self._finish(state, FINISHED[output.finish_reason])

@@ -49,6 +49,11 @@ class EngineOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """With the first output of a request with `prompt_logprobs`: one entry per prompt token
     (None for the first, which nothing predicts)."""
+    queue_seconds: float | None = None
+    """With a request's first token: seconds from being queued in the core to its first
+    scheduled step (vLLM's `request_queue_time_seconds`)."""
+    prefill_seconds: float | None = None
+    """With a request's first token: seconds from its first scheduled step to that token."""
 
 
 @dataclass
@@ -68,6 +73,10 @@ class CompletionDelta:
     error: str | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """With a completion's first delta, when its request asked for prompt logprobs."""
+    queue_seconds: float | None = None
+    """With a completion's first token: its time queued in the engine core."""
+    prefill_seconds: float | None = None
+    """With a completion's first token: from its first scheduled step to that token."""
 
     @property
     def finished(self) -> bool:

@@ -12,6 +12,7 @@ the last step (as vLLM's `SchedulerOutput.scheduled_new_reqs` / `finished_req_id
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -55,6 +56,10 @@ class RequestState:
     grammar: RequestGrammar | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """Prompt logprobs gathered so far, sent with the request's first output (then None)."""
+    queued_at: float = field(default_factory=time.monotonic)
+    """When the core queued it (`time.monotonic()`)."""
+    scheduled_at: float | None = None
+    """When a step first ran a chunk of it (its queue time ends, its prefill starts)."""
 
     @property
     def params(self) -> SamplingParams:

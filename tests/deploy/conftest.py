@@ -31,7 +31,13 @@ def exposition(assets) -> Iterator[str]:
         client = running.server.client()
         base = running.engine.info.served_model_name
         for model in (next(iter(ADAPTERS)), base):
-            client.completions.create(model=model, prompt="hello", max_tokens=4, temperature=0)
+            client.completions.create(
+                model=model,
+                prompt="hello",
+                max_tokens=4,
+                temperature=0,
+                extra_body={"ignore_eos": True},  # 4 tokens: gaps between tokens to observe
+            )
         headers = {"Authorization": f"Bearer {read_metrics_key(key_file)}"}
         with running.server.http() as http:
             path = scrape.get("metrics_path", "/metrics")

@@ -1,15 +1,19 @@
 """Every metric name the deployment files query is one a live server exports: the Grafana
-dashboard's PromQL, the HPA's metric through the Prometheus adapter's rule, and the vLLM
-names deploy/README.md says the endpoint picker reads."""
+dashboard's PromQL, the HPA's metric through the Prometheus adapter's rule, the vLLM
+names deploy/README.md says the endpoint picker reads, and every panel of vLLM's own
+example dashboard (deploy/grafana/vllm/), fed: its series exist with the `model_name` it
+selects, and its histograms have observations."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 from deploy_files import DEPLOY, K8S
+from server_harness import Assets
 
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool"}
 PROMQL_KEYWORDS |= {"and", "or", "unless", "offset"}
@@ -25,7 +29,14 @@ DASHBOARD_MUST_SHOW = {
     "vllm:num_gpu_loaded_lora_adapters",
     "vllm:num_cpu_loaded_lora_adapters",
     "vllm:lora_adapter_load_seconds_bucket",
+    "vllm:inter_token_latency_seconds_bucket",
+    "vllm:request_queue_time_seconds_bucket",
+    "vllm:request_prefill_time_seconds_bucket",
+    "vllm:request_decode_time_seconds_bucket",
+    "vllm:request_prompt_tokens_bucket",
+    "vllm:request_generation_tokens_bucket",
 }
+VLLM_EXAMPLE_QUERIES = DEPLOY / "grafana" / "vllm" / "example-dashboard-queries.yaml"
 
 
 def exported_names(exposition: str) -> set[str]:
@@ -109,3 +120,61 @@ def test_metrics_the_endpoint_picker_reads_are_exported(exposition: str) -> None
     exported = exported_names(exposition)
     for name in named:  # a histogram is exported as its _bucket, _sum and _count series
         assert name in exported or f"{name}_bucket" in exported, name
+
+
+def samples(exposition: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample in Prometheus text."""
+    found = []
+    for line in exposition.splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)", line)
+        if match and not line.startswith("#"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            found.append((match.group(1), labels, float(match.group(3))))
+    return found
+
+
+def selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
+    """(metric name, its `label="value"` matchers) of each series an expression selects."""
+    found = []
+    for name in metric_names(expr):
+        for match in re.finditer(
+            r"(?<![\w:])" + re.escape(name) + r"(?![\w:])(?:\{([^}]*)\})?", expr
+        ):
+            found.append((name, dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', match.group(1) or ""))))
+    return found
+
+
+def vllm_example_panels() -> dict[str, list[str]]:
+    panels: dict[str, list[str]] = yaml.safe_load(VLLM_EXAMPLE_QUERIES.read_text())["panels"]
+    return panels
+
+
+def test_the_vllm_example_dashboard_is_written_down_whole() -> None:
+    panels = vllm_example_panels()
+    assert len(panels) == 12 and all(panels.values())
+    found = selectors('rate(a_sum{model_name="$model_name"}[1m]) / a + a_sum')
+    assert sorted(found, key=str) == [
+        ("a", {}),
+        ("a_sum", {"model_name": "$model_name"}),
+        ("a_sum", {}),
+    ]
+
+
+@pytest.mark.parametrize("panel", sorted(vllm_example_panels()))
+def test_every_panel_of_vllms_example_dashboard_is_fed(
+    panel: str, exposition: str, assets: Assets
+) -> None:
+    """Each series a panel selects, with $model_name = the served model's name (the value the
+    dashboard's `label_values(model_name)` offers), is exported; a histogram has observations."""
+    model_name = Path(assets.model).name
+    exported = samples(exposition)
+    for expr in vllm_example_panels()[panel]:
+        for name, matchers in selectors(expr.replace("$model_name", model_name)):
+            values = [
+                value
+                for sample, labels, value in exported
+                if sample == name and all(labels.get(k) == v for k, v in matchers.items())
+            ]
+            assert values, f"{panel}: no series {name}{matchers} in /metrics"
+            if name.endswith(("_bucket", "_count")):
+                assert max(values) > 0, f"{panel}: {name} has no observations"

@@ -76,25 +76,27 @@ def free_port() -> int:
 
 
 def start_process(
-    assets: Assets, *options: str, cwd: Path | None = None
+    assets: Assets,
+    *options: str,
+    cwd: Path | None = None,
+    model: tuple[str, ...] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
-    """The installed `loraserve serve` in a process of its own (started in `cwd`), on a free
-    port of 127.0.0.1, serving the tiny model and the adapter folder on the CPU: (the process,
-    its URL) once /health is 200. Its stdout and stderr are one text pipe; the caller stops it."""
+    """The installed `loraserve serve` in a process of its own (started in `cwd`, with `env`
+    added to the environment), on a free port of 127.0.0.1, serving the tiny model (`model`:
+    how the command line names it, `--model DIR` unless given) and the adapter folder on the
+    CPU: (the process, its URL) once /health is 200. Its stdout and stderr are one text pipe;
+    the caller stops it."""
     port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("loraserve")),
-        "serve",
-        "--model",
-        str(assets.model),
-    ]
+    command = [str(Path(sys.executable).with_name("loraserve")), "serve"]
+    command += ["--model", str(assets.model)] if model is None else list(model)
     command += ["--adapter-dir", str(assets.adapter_dir), "--port", str(port), "--device", "cpu"]
     process = subprocess.Popen(
         [*command, "--pool-pages", "64", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         cwd=cwd,
     )
     url = f"http://127.0.0.1:{port}"

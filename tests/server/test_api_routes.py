@@ -115,6 +115,42 @@ def test_vllm_metric_names_carry_the_model_name(running: Running) -> None:
     )
 
 
+def test_vllm_request_histograms_count_each_completion(running: Running) -> None:
+    """One prompt, n=2, 5 tokens each: two completions' queue, prefill, decode times and token
+    counts, one prompt's longest completion, 2 x 4 gaps between tokens."""
+    name = running.app.state.served.base_model
+    counted = (
+        "vllm:request_queue_time_seconds_count",
+        "vllm:request_prefill_time_seconds_count",
+        "vllm:request_decode_time_seconds_count",
+        "vllm:request_inference_time_seconds_count",
+        "vllm:request_prompt_tokens_count",
+        "vllm:request_generation_tokens_count",
+        "vllm:request_max_num_generation_tokens_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:request_generation_tokens_sum",
+        "vllm:request_max_num_generation_tokens_sum",
+    )
+
+    def read() -> dict[str, float]:
+        with running.server.http() as http:
+            text = http.get("/metrics").text
+        return {series: metric(text, series, model_name=name) for series in counted}
+
+    before = read()
+    running.server.client().completions.create(
+        model=name, prompt="hello there", max_tokens=5, n=2, extra_body={"ignore_eos": True}
+    )
+    grown = {series: value - before[series] for series, value in read().items()}
+    assert grown == {
+        **dict.fromkeys(counted[:6], 2),
+        "vllm:request_max_num_generation_tokens_count": 1,
+        "vllm:inter_token_latency_seconds_count": 8,
+        "vllm:request_generation_tokens_sum": 10,
+        "vllm:request_max_num_generation_tokens_sum": 5,
+    }
+
+
 def test_vllm_cli_spellings_are_accepted() -> None:
     args = vars(build_parser().parse_args([
         "serve", "--model", "m", "--enable-lora", "--lora-modules", "a=/x", '{"name": "b", "path": "/y"}',
@@ -124,7 +160,7 @@ def test_vllm_cli_spellings_are_accepted() -> None:
     assert args["adapters"] == ["a=/x", "b=/y"]
     assert args["max_resident_adapters"] == 4 and args["max_lora_rank"] == 16
     assert args["max_cpu_loras"] == 8  # loraserve's own option, spelled as vLLM's
-    assert args["served_model_name"] == "base" and "enable_lora" not in args
+    assert args["served_model_name"] == ["base"] and "enable_lora" not in args
 
 
 def test_unloading_an_adapter_in_use_refuses_new_requests_then_forgets_it(

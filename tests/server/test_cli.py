@@ -170,7 +170,7 @@ def test_demo_serves_the_demo_assets_on_the_cpu(
     assert limits.max_n == 4
     assert engine_config.model.model == str(assets.model)
     assert engine_config.model.device == "cpu"
-    assert engine_config.model.served_model_name == demo_assets.BASE_MODEL_NAME
+    assert engine_config.model.served_model_name == (demo_assets.BASE_MODEL_NAME,)
     assert server_config.port == 8123 and server_config.host == "127.0.0.1"
     assert adapters == assets.adapters
     assert samples == [("127.0.0.1", 8123, [demo_assets.BASE_MODEL_NAME, *assets.adapters])]
