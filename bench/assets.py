@@ -1,6 +1,6 @@
 """The benchmarks' model and adapter folders, built once into a cache and reused.
 
-    $XDG_CACHE_HOME/loraserve/bench/<shape>-<dtype>/   (default ~/.cache/loraserve/bench/...)
+    $XDG_CACHE_HOME/loraserve/bench/<shape>-<dtype>-v<N>/   (default ~/.cache/loraserve/bench/...)
         model/                  a bench/models.py shape, random weights
         adapters/r<rank>/<name> PEFT LoRA adapters of that shape
 
@@ -18,6 +18,10 @@ import torch
 from .models import SHAPES, build_adapter, build_model
 from .trace import adapter_name
 
+ASSETS_VERSION = 2
+"""In the cache folder's name: raised whenever bench/models.py writes other files (2: the
+byte-level tokenizer that structured output can read)."""
+
 
 def default_cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -32,7 +36,7 @@ def ensure_assets(
     Adapter i has rank `ranks[i % len(ranks)]` and seed i, so the first n adapters
     of a bigger set are the n adapters of a smaller one."""
     arch = SHAPES[model_name]
-    root = cache_dir / f"{model_name}-{dtype}"
+    root = cache_dir / f"{model_name}-{dtype}-v{ASSETS_VERSION}"
     model = root / "model"
     torch_dtype = getattr(torch, dtype)
     if not (model / "config.json").is_file():

@@ -88,13 +88,18 @@ def _choices(count: int, width: int) -> dict[str, Any]:
 
 
 def _schema_at_byte_limit() -> dict[str, Any]:
-    """A `tool_choice: required`-like schema of ~60 KiB (just under max_grammar_bytes): the
-    engine core compiles it between two steps."""
-    parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
-    items = [
-        {"type": "object", "properties": {"name": {"const": f"tool_{i}"}, "parameters": parameters}}
-        for i in range(430)
-    ]
+    """A `tool_choice: required`-like schema of ~60 KiB (just under max_grammar_bytes) and
+    128 branches (max_schema_branches): the engine core compiles it between two steps."""
+    items = []
+    for i in range(128):
+        fields = {f"field_{i}_{j}_{'x' * 28}": {"type": "string"} for j in range(6)}
+        parameters = {"type": "object", "properties": fields}
+        items.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": f"tool_{i}"}, "parameters": parameters},
+            }
+        )
     return _grammar({"guided_json": {"type": "array", "items": {"anyOf": items}}})
 
 

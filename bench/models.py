@@ -12,7 +12,10 @@ directly: initialising a 7B model through transformers on a CPU takes minutes, a
     python -m bench.models --shape llama-2-7b --dtype bfloat16 --device cuda --output /data/l2
 
 The folder gets hf_files.MODEL_FILES; its tokenizer.json is a word-level vocabulary of
-the model's size (benchmarks send token ids, text is never compared).
+the model's size (benchmarks send token ids, text is never compared): the 256 characters
+of GPT-2's byte-level alphabet, then words `w259 w260 ...`, decoded byte-level, so that
+structured output (llguidance reads the decoder to know each token's bytes) can spell any
+string with it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
 
 from loraserve.models.arch import ModelArch, linear_parent
@@ -116,12 +119,16 @@ def build_adapter(
 
 
 def _tokenizer(arch: ModelArch) -> Tokenizer:
-    """A word-level vocabulary `w3 w4 ...` of exactly the model's size (decoded text
-    is the words joined by spaces)."""
+    """A word-level vocabulary of exactly the model's size: the special tokens, one token
+    per byte (byte-level characters), then words `w259 ...` (decoded text is the tokens'
+    bytes, joined)."""
     vocab = {"<unk>": UNK_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+    for character in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[character] = len(vocab)
     vocab.update({f"w{index}": index for index in range(len(vocab), arch.vocab_size)})
     tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
 

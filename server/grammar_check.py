@@ -54,10 +54,14 @@ class GrammarChecker:
         self._arguments = (tokenizer_json, vocab_size, tuple(eos_token_ids))
         self._idle: asyncio.Queue[_Child | None] | None = None
         self._children: list[_Child] = []
+        self._unavailable: str | None = None
+        """Why no child can compile anything (llguidance cannot read this tokenizer)."""
 
     async def first_mask(self, constraint: StructuredOutputs, param: str) -> np.ndarray:
         """The bitmask of the tokens `constraint` allows first (see
         `GrammarCompiler.first_mask`); InvalidRequestError naming `param` otherwise."""
+        if self._unavailable is not None:
+            raise InvalidRequestError(self._unavailable, param)
         if self._idle is None:
             self._idle = asyncio.Queue()
             for _ in range(NUM_CHECKERS):
@@ -76,6 +80,10 @@ class GrammarChecker:
                 param,
             )
         kind, value = outcome
+        if kind == "unavailable":
+            logger.error("structured output is unavailable: %s", value)
+            self._unavailable = f"structured output is not available for this model: {value}"
+            raise InvalidRequestError(self._unavailable, param)
         if kind == "error":
             raise InvalidRequestError(f"{param}: {value}", param)
         return value  # type: ignore[no-any-return]
@@ -111,11 +119,16 @@ class _Child:
         return self._process.is_alive()
 
     def check(self, constraint: StructuredOutputs) -> tuple[str, Any] | None:
-        """("ok", mask) or ("error", message); None when the child died or took too long
-        (it is then stopped: the next check starts another)."""
+        """("ok", mask), ("error", message), or ("unavailable", why) when the child could
+        not read the tokenizer; None when the child died or took too long (it is then
+        stopped: the next check starts another)."""
         try:
             if not self._ready:
-                self._ready = self._receive(STARTUP_TIMEOUT_SECONDS) == ("ready", None)
+                started = self._receive(STARTUP_TIMEOUT_SECONDS)
+                if started[0] == "unavailable":
+                    self.stop()
+                    return started  # type: ignore[no-any-return]
+                self._ready = True
             self._connection.send(constraint)
             outcome = self._receive(CHECK_TIMEOUT_SECONDS)
         except (EOFError, OSError, TimeoutError):
@@ -146,7 +159,11 @@ def serve_checks(
 ) -> None:
     """The child's main: read the tokenizer, then compile each constraint received on a
     thread of `CHECK_STACK_BYTES`, until the front end closes the pipe."""
-    compiler = GrammarCompiler(tokenizer_json, vocab_size, eos_token_ids)
+    try:
+        compiler = GrammarCompiler(tokenizer_json, vocab_size, eos_token_ids)
+    except Exception as error:  # llguidance cannot read the tokenizer: nothing will compile
+        connection.send(("unavailable", public_error(str(error))))
+        return
     threading.stack_size(CHECK_STACK_BYTES)
     thread = threading.Thread(target=_check_loop, args=(connection, compiler))
     thread.start()

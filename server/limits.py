@@ -9,9 +9,11 @@ event loop or memory for long. Each field is a `loraserve serve` option.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 from loraserve.engine.sampling.structured import StructuredOutputs
 from loraserve.errors import InvalidRequestError
@@ -45,6 +47,8 @@ class RequestLimits:
     """Most alternatives (`|`) in a Lark or GBNF grammar, for the same reason."""
     max_tools: int = 128
     """Most `tools` in one chat request (OpenAI's own limit)."""
+    max_schema_branches: int = 128
+    """Most branches of one `anyOf` / `oneOf` in a JSON schema: llguidance's parser holds ~15 items a branch in one row and gives up past 2,000, at the token that opens the choice (a failure mid-answer, not a 400, if let through)."""
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -81,6 +85,9 @@ class RequestLimits:
             _at_most(rules, self.max_grammar_rules, param, "grammar rules")
             alternatives = constraint.grammar.count("|")  # in literals too: errs on the safe side
             _at_most(alternatives, self.max_grammar_alternatives, param, "grammar alternatives")
+        if constraint.json is not None:
+            branches = widest_branching(_parsed(constraint.json))
+            _at_most(branches, self.max_schema_branches, param, "anyOf/oneOf branches")
 
     def check_tools(self, tools: Sequence[object] | None) -> None:
         _at_most(len(tools or ()), self.max_tools, "tools", "tools")
@@ -90,6 +97,31 @@ RULE_DEFINITION = re.compile(
     r"^[ \t]*[?!]?[A-Za-z_][\w-]*(?:\.-?\d+)?[ \t]*(?::|::=)", re.MULTILINE
 )
 """The start of a rule (or terminal) definition in Lark (`name:`, `?name.2:`) or GBNF (`name ::=`)."""
+
+
+def _parsed(schema: str | dict[str, Any]) -> object:
+    if not isinstance(schema, str):
+        return schema
+    try:
+        return json.loads(schema)
+    except ValueError:
+        return None  # llguidance refuses it, with its own message
+
+
+def widest_branching(schema: object) -> int:
+    """The most branches of any `anyOf` / `oneOf` list in a JSON schema (walked iteratively:
+    a schema may be nested deeper than Python's recursion allows)."""
+    widest, pending = 0, [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("anyOf", "oneOf") and isinstance(value, list):
+                    widest = max(widest, len(value))
+                pending.append(value)
+        elif isinstance(node, list):
+            pending.extend(node)
+    return widest
 
 
 def _at_most(value: int, limit: int, param: str, what: str) -> None:

@@ -204,6 +204,8 @@ def public_error(message: str) -> str:
     and compiled grammar that follow (those are logged at debug level)."""
     if message.startswith("NoExtensionBias"):
         return "the constraint admits no output (no token, nor the end, can come first)"
+    if "Current row has" in message:  # "... consider making your grammar left-recursive"
+        return "the constraint is too wide for this server's parser (over 2,000 items in a row)"
     first = message.strip().split("\n", 1)[0].split("<state>", 1)[0].strip()
     if len(first) > MAX_ERROR_CHARS:
         first = first[:MAX_ERROR_CHARS] + "..."

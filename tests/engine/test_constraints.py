@@ -274,3 +274,10 @@ def test_client_errors_carry_no_parser_state() -> None:
     assert public_error(dump) == "lexer error: too many expressions constructed"
     assert "admits no output" in public_error("NoExtensionBias\n<state>...")
     assert len(public_error("x" * 10_000)) <= 203
+    row_limit = (
+        "Parser Error: Current row has 6450 items; max is 2000; consider making your grammar "
+        "left-recursive if it's right-recursive"
+    )
+    assert public_error(row_limit) == (
+        "the constraint is too wide for this server's parser (over 2,000 items in a row)"
+    )

@@ -4,9 +4,12 @@ right after. Before the fix the first killed the server (SIGSEGV) and the others
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -107,6 +110,40 @@ def test_what_llguidance_gives_up_on_within_raised_limits_is_400(assets: Assets)
         server.server.stop()
 
 
+def test_a_tokenizer_llguidance_cannot_read_makes_constraints_400_not_too_large(
+    assets: Assets, tmp_path: Path
+) -> None:
+    """A tokenizer.json without a decoder (llguidance cannot tell each token's bytes): the
+    checking child cannot start, which is said as such (a 400 naming the reason, at once for
+    later requests too), not as a constraint "too large"; unconstrained requests are served."""
+    model = tmp_path / "model"
+    shutil.copytree(assets.model, model)
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["decoder"] = None
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    server = start_server(dataclasses.replace(assets, model=model))
+    try:
+        with server.server.http() as http:
+            for _ in range(2):
+                refused = http.post("/v1/chat/completions", json={**CHAT, "guided_choice": ["a"]})
+                assert refused.status_code == 400, refused.text
+                message = refused.json()["error"]["message"]
+                assert "not available for this model" in message and "decoder" in message
+            assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    finally:
+        server.server.stop()
+
+
+def branching(count: int) -> dict[str, Any]:
+    """An array of objects, each one of `count` shapes (as a wide set of tools makes)."""
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+    shapes = [
+        {"type": "object", "properties": {"name": {"const": f"tool_{i}"}, "parameters": parameters}}
+        for i in range(count)
+    ]
+    return {"type": "array", "items": {"anyOf": shapes}}
+
+
 def tools(count: int) -> list[dict[str, Any]]:
     parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
     return [
@@ -129,8 +166,18 @@ def tools(count: int) -> list[dict[str, Any]]:
         ),
         ({"tools": tools(DEFAULTS.max_tools + 1), "tool_choice": "required"}, "tools"),
         ({"tools": tools(2000), "tool_choice": "required"}, "tools"),
+        ({"guided_json": branching(DEFAULTS.max_schema_branches + 1)}, "guided_json"),
+        (
+            {
+                "guided_json": {
+                    "type": "array",
+                    "items": {"oneOf": [{"const": i} for i in range(430)]},
+                }
+            },
+            "guided_json",
+        ),
     ],
-    ids=["choices", "bytes", "rules", "tools", "2000 tools"],
+    ids=["choices", "bytes", "rules", "tools", "2000 tools", "branches", "430 branches"],
 )
 def test_constraints_above_the_limits_are_400(
     http: httpx.Client, extra: dict[str, Any], param: str
@@ -143,6 +190,7 @@ def test_constraints_at_the_limits_are_served(http: httpx.Client) -> None:
     at_limit = [
         {"guided_choice": [str(i) for i in range(DEFAULTS.max_guided_choices)]},
         {"tools": tools(DEFAULTS.max_tools), "tool_choice": "required"},
+        {"guided_json": branching(DEFAULTS.max_schema_branches)},
     ]
     for extra in at_limit:
         response = http.post("/v1/chat/completions", json={**CHAT, **extra})
