@@ -50,10 +50,12 @@ class ModelConfig:
     enforce_eager: bool = False
     """On CUDA, run every step eagerly instead of replaying captured decode graphs."""
     cpu_threads: int | None = None
-    """Threads of the forward pass on a CPU (torch and the native kernels). Default: one
-    per core; under `loraserve serve` on 4 or more cores, one per core less one, left to
-    the HTTP front end (OpenMP threads that fill every core stall whenever another
-    process runs). On 2 cores halving the engine's threads costs more than that."""
+    """Most threads of the forward pass on a CPU (torch and the native kernels). Default:
+    one per core this process may use (its affinity, within a cgroup CPU quota); under
+    `loraserve serve` on 4 or more cores, one per core less one, left to the HTTP front end.
+    Each step runs on these or on one thread, whichever steps of its size measured cheaper
+    (engine/runner/cpu_threads.py: threads stall one another when other processes share the
+    CPU)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -214,6 +216,34 @@ class RuntimeInfo:
         return self.served_model_names[0]
 
 
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity, within its cgroup's CPU quota (a
+    Kubernetes CPU limit of 2 on a 64-core node is 2: more threads only get paused)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = _cgroup_quota()
+    return max(1, min(cores or 1, quota if quota is not None else cores or 1))
+
+
+def _cgroup_quota() -> int | None:
+    """The CPU quota in whole cores (rounded up), or None where none is set or readable."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as file:  # cgroup v2: "max 100000" or "200000 100000"
+            quota, period = file.read().split()[:2]
+        if quota == "max":
+            return None
+        return -(-int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as file:
+            quota_us = int(file.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as file:
+            period_us = int(file.read())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 else -(-quota_us // period_us)
+
+
 def with_serving_threads(config: EngineConfig) -> EngineConfig:
     """`config` for an engine core beside an HTTP front end: unless `cpu_threads` is set,
     on 4 or more cores one is left to the front end (bench/results/README.md, issue 11:
@@ -221,8 +251,7 @@ def with_serving_threads(config: EngineConfig) -> EngineConfig:
     3-5x faster while other processes loaded the machine)."""
     if config.model.cpu_threads is not None:
         return config
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = available_cores()
     model = dataclasses.replace(config.model, cpu_threads=cores - 1 if cores >= 4 else cores)
     return dataclasses.replace(config, model=model)
 

@@ -25,10 +25,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from loraserve.engine.core.config import DTYPES, EngineConfig, resolve_max_model_len
+from loraserve.engine.core.config import (
+    DTYPES,
+    EngineConfig,
+    available_cores,
+    resolve_max_model_len,
+)
 from loraserve.engine.core.request import Step
 from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.engine.runner.batch_metadata import BatchMetadata
+from loraserve.engine.runner.cpu_threads import ThreadGovernor
 from loraserve.engine.runner.cuda_graphs import DecodeGraphs
 from loraserve.engine.runner.device_pool import DevicePool
 from loraserve.engine.sampling.constraints import GrammarMasks
@@ -39,7 +45,7 @@ from loraserve.engine.sampling.prompt_logprobs import (
     plan_prompt_rows,
 )
 from loraserve.engine.sampling.sampler import SamplerOutput, sample
-from loraserve.engine.sampling.sampling_batch import SamplingBatch
+from loraserve.engine.sampling.sampling_batch import SamplingBatch, SamplingRows
 from loraserve.engine.sampling.structured import RequestGrammar, fill_masks
 from loraserve.kernels.dispatch import select_kernels
 from loraserve.memory.geometry import PoolGeometry
@@ -117,8 +123,11 @@ class TorchModelRunner:
     ) -> None:
         self.config, self.arch = config, arch
         self.device = resolve_device(config.model.device)
-        if self.device.type == "cpu" and config.model.cpu_threads is not None:
-            torch.set_num_threads(config.model.cpu_threads)  # the native kernels follow it
+        threads = config.model.cpu_threads or min(torch.get_num_threads(), available_cores())
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)  # the native kernels follow it
+        self.threads = ThreadGovernor(threads if self.device.type == "cpu" else 1)
+        """On a CPU shared with other work, one thread may beat many: measured step by step."""
         self.dtype = resolve_dtype(config.model.dtype, arch.torch_dtype, self.device)
         weights = load_weights(config.model.model, arch, self.dtype, self.device)
         self.kernels = select_kernels(config.model.kernel_backend, self.device, self.dtype)
@@ -187,11 +196,24 @@ class TorchModelRunner:
         rows = self.sampling.rows([chunk.seq for chunk in plan.chunks if chunk.samples])
         masks = self._start_masks(rows.grammars)
         prompt_rows = plan_prompt_rows(plan.chunks, self._prompt_progress)
-        logits = self._logits(plan.chunks, prompt_rows)  # [sampling + prompt rows, vocab]
-        output = sample(logits[: rows.num_rows], rows, None if masks is None else masks.result())
+        num_tokens = sum(chunk.num_tokens for chunk in plan.chunks)
+        output, logits = self.threads.run(
+            num_tokens, lambda: self._forward_and_sample(plan.chunks, prompt_rows, rows, masks)
+        )
         self.sampling.append(rows, output.token_ids)
         output.prompt_logprobs = gather_prompt_logprobs(logits[rows.num_rows :], prompt_rows)
         return output
+
+    def _forward_and_sample(
+        self,
+        chunks: Sequence[ScheduledChunk],
+        prompt_rows: PromptRows,
+        rows: SamplingRows,
+        masks: Future[GrammarMasks] | None,
+    ) -> tuple[SamplerOutput, torch.Tensor]:
+        logits = self._logits(chunks, prompt_rows)  # [sampling + prompt rows, vocab]
+        output = sample(logits[: rows.num_rows], rows, None if masks is None else masks.result())
+        return output, logits
 
     def _start_masks(
         self, grammars: list[tuple[int, RequestGrammar]]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from factories import make_adapter, make_model
 
 from loraserve import LLM, SamplingParams
-from loraserve.engine.core.config import build_config, with_serving_threads
+from loraserve.engine.core.config import available_cores, build_config, with_serving_threads
 from loraserve.errors import AdapterError, InvalidRequestError, QueueFullError, UnknownAdapterError
 
 
@@ -138,7 +136,7 @@ def test_cpu_threads_are_set_and_a_served_engine_leaves_a_core_to_the_front_end_
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     served = with_serving_threads(build_config(str(model)))
     assert served.model.cpu_threads == (cores - 1 if cores >= 4 else cores)
     chosen = build_config(str(model), cpu_threads=3)
