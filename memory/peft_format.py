@@ -42,7 +42,6 @@ PICKLE_FILE = "adapter_model.bin"
 # Config fields that change what an adapter computes in ways loraserve does not
 # implement; each is refused when set (truthy).
 UNSUPPORTED_FEATURES: dict[str, str] = {
-    "use_dora": "DoRA (use_dora) is not supported",
     "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
     "lora_bias": "a bias on lora_B (lora_bias) is not supported",
     "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
@@ -60,8 +59,12 @@ UNSUPPORTED_FEATURES: dict[str, str] = {
 # `lora_A.default.weight`: some tools keep PEFT's in-memory adapter name.
 TENSOR_NAME = re.compile(
     r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)"
-    r"\.(?P<module>\w+)\.lora_(?P<which>[AB])(?:\.default)?\.weight"
+    r"\.(?P<module>\w+)\.(?:lora_(?P<which>[AB])(?:\.default)?\.weight"
+    r"|lora_magnitude_vector(?:\.default)?(?:\.weight)?)"
 )
+"""A/B of a module, or its DoRA magnitude (`...q_proj.lora_magnitude_vector`, as PEFT saves it)."""
+MAGNITUDE = "M"
+"""`pair_tensors`' key of a module's DoRA magnitude vector (beside "A" and "B")."""
 ALL_LINEAR = "all-linear"
 """PEFT's shorthand for every linear layer but the output head."""
 
@@ -82,6 +85,9 @@ class LoraModule:
     """[out_features, rank]; a fused module's rows are its parts' outputs, in order"""
     a_name: str
     b_name: str
+    magnitude: torch.Tensor | None = None
+    """[out_features] DoRA's learned magnitude m (`use_dora`), None for plain LoRA"""
+    magnitude_name: str = ""
 
     @property
     def slots(self) -> tuple[int, ...]:
@@ -106,6 +112,7 @@ def read_peft_lora(folder: Path, arch: ModelArch, max_lora_rank: int) -> list[Lo
     `arch.linear_modules` order); AdapterError if refused."""
     config = read_config(folder)
     check_features(config, folder)
+    use_dora = bool(config.get("use_dora"))
     targets = resolve_targets(config, arch, max_lora_rank, folder)
     tensors = load_tensors(folder)
     pairs = pair_tensors(tensors, arch, folder)
@@ -118,7 +125,7 @@ def read_peft_lora(folder: Path, arch: ModelArch, max_lora_rank: int) -> list[Lo
         key = targets[missing[0]].key
         raise refuse(folder, f"{CONFIG_FILE} targets {key} but the weights have no tensors for it")
     return [
-        _checked_module(folder, arch, where, targets[where], pairs[where], tensors)
+        _checked_module(folder, arch, where, targets[where], pairs[where], tensors, use_dora)
         for where in sorted(targets)
     ]
 
@@ -305,7 +312,8 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def pair_tensors(
     tensors: dict[str, torch.Tensor], arch: ModelArch, folder: Path
 ) -> dict[tuple[int, int], dict[str, str]]:
-    """(layer, module index) -> {"A": tensor name, "B": tensor name}; refuses strays and orphans."""
+    """(layer, module index) -> {"A": name, "B": name[, MAGNITUDE: name]}; refuses strays and
+    orphans."""
     pairs: dict[tuple[int, int], dict[str, str]] = {}
     for name in sorted(tensors):  # sorted: the same message for the same folder
         layer, module, which = _parse_tensor_name(name, arch, folder)
@@ -314,10 +322,11 @@ def pair_tensors(
             raise refuse(folder, f"tensors {pair[which]} and {name} are the same weight")
         pair[which] = name
     for pair in pairs.values():
-        if len(pair) == 1:
-            ((which, name),) = pair.items()
-            partner = "lora_B" if which == "A" else "lora_A"
-            raise refuse(folder, f"tensor {name} has no matching {partner}")
+        for which, partner in (("A", "B"), ("B", "A")):
+            if which in pair and partner not in pair:
+                raise refuse(folder, f"tensor {pair[which]} has no matching lora_{partner}")
+        if "A" not in pair:
+            raise refuse(folder, f"tensor {pair[MAGNITUDE]} has no matching lora_A and lora_B")
     return pairs
 
 
@@ -342,7 +351,7 @@ def _parse_tensor_name(name: str, arch: ModelArch, folder: Path) -> tuple[int, i
         raise refuse(
             folder, f"tensor {name} is for layer {layer}, the model has {arch.num_layers} layers"
         )
-    return layer, arch.linear_modules.index(module), match.group("which")
+    return layer, arch.linear_modules.index(module), match.group("which") or MAGNITUDE
 
 
 def _checked_module(
@@ -352,8 +361,9 @@ def _checked_module(
     target: _Target,
     pair: dict[str, str],
     tensors: dict[str, torch.Tensor],
+    use_dora: bool,
 ) -> LoraModule:
-    """One module's A and B once their shapes, ranks and values are checked."""
+    """One module's A and B (and DoRA magnitude) once their shapes, ranks and values are checked."""
     module = arch.linear_modules[where[1]]
     in_features, out_features = arch.module_dims(module)
     a_name, b_name = pair["A"], pair["B"]
@@ -375,6 +385,7 @@ def _checked_module(
             raise refuse(folder, f"tensor {name} has dtype {tensor.dtype}; expected floats")
         if not torch.isfinite(tensor).all():
             raise refuse(folder, f"tensor {name} contains NaN or inf")
+    magnitude = checked_magnitude(folder, target.key, pair, tensors, out_features, use_dora)
     return LoraModule(
         where[0],
         module,
@@ -384,7 +395,37 @@ def _checked_module(
         lora_b.float(),
         a_name,
         b_name,
+        magnitude,
+        pair.get(MAGNITUDE, ""),
     )
+
+
+def checked_magnitude(
+    folder: Path,
+    key: str,
+    pair: dict[str, str],
+    tensors: dict[str, torch.Tensor],
+    out_features: int,
+    use_dora: bool,
+) -> torch.Tensor | None:
+    """A DoRA module's magnitude vector m ([out_features] float32), None for plain LoRA."""
+    name = pair.get(MAGNITUDE)
+    if not use_dora:
+        if name is not None:
+            raise refuse(folder, f"tensor {name} is a DoRA magnitude but use_dora is not set")
+        return None
+    if name is None:
+        raise refuse(folder, f"use_dora is set but {key} has no lora_magnitude_vector")
+    magnitude = tensors[name]
+    if tuple(magnitude.shape) != (out_features,):
+        raise refuse(
+            folder,
+            f"DoRA magnitude {name} has shape {tuple(magnitude.shape)}, expected "
+            f"({out_features},) (one per output feature of {key})",
+        )
+    if not magnitude.is_floating_point() or not torch.isfinite(magnitude).all():
+        raise refuse(folder, f"DoRA magnitude {name} is not finite floats ({magnitude.dtype})")
+    return magnitude.float()
 
 
 def _check_shape(
