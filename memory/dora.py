@@ -28,6 +28,9 @@ import torch
 
 from loraserve.memory.peft_format import LoraModule, refuse
 
+NORM_CHUNK_ELEMENTS = 1 << 22
+"""Elements of W (and of sBA) in float32 at a time while g is computed: 16 MiB each."""
+
 
 class BaseWeights(Protocol):
     """The base model's linear weights, as the forward computes with them (the runner is one)."""
@@ -46,9 +49,21 @@ def magnitude_scale(module: LoraModule, base: BaseWeights, folder: Path) -> torc
     assert module.magnitude is not None, "magnitude_scale of a plain LoRA module"
     weight = base.base_weight(module.layer, module.name)  # [out, in]
     device = weight.device
-    lora = module.lora_b.to(device) @ module.lora_a.to(device)  # [out, in] float32
-    # PEFT: weight + scaling * lora_weight, then torch.linalg.norm over each row.
-    norm = torch.linalg.norm(weight.float() + module.scaling * lora, dim=1)  # [out]
+    lora_a, lora_b = module.lora_a.to(device), module.lora_b.to(device)  # [r, in], [out, r]
+    # Rows a few at a time: the float32 copy of a whole [out, in] weight (gigabytes at 70B)
+    # must not be needed on a device whose memory the pool has taken.
+    rows = max(1, NORM_CHUNK_ELEMENTS // weight.shape[1])
+    norm = torch.cat(
+        [
+            # PEFT: weight + scaling * lora_weight, then torch.linalg.norm over each row.
+            torch.linalg.norm(
+                weight[first : first + rows].float()
+                + module.scaling * (lora_b[first : first + rows] @ lora_a),
+                dim=1,
+            )
+            for first in range(0, weight.shape[0], rows)
+        ]
+    )  # [out]
     scale = (module.magnitude.to(device) / norm).cpu()
     if not torch.isfinite(scale).all():
         raise refuse(

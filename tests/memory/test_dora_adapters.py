@@ -17,6 +17,7 @@ from factories import make_adapter, make_model, peft_model_for
 from test_adapter_store import Store, assert_refused, copy_adapter, edit_config, edit_tensors
 
 from loraserve.errors import AdapterError
+from loraserve.memory import dora as dora_module
 from loraserve.memory.adapter_store import NOT_TARGETED, AdapterReader, HostAdapter
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.models.arch import FUSED_MODULES, LORA_MODULES, MODULE_INDEX, ModelArch
@@ -197,3 +198,12 @@ def test_refusals(tmp_path) -> None:
     without_model = new_store(arch, None)
     with pytest.raises(AdapterError, match="needs the base model's weights"):
         without_model.register("dora", good)
+
+
+def test_scale_in_row_chunks_is_the_same(family, monkeypatch) -> None:
+    """g is computed a few rows at a time (bounded device memory): the same bits."""
+    model, arch, dora, _ = family
+    whole = new_store(arch, model).register("dora", dora)
+    monkeypatch.setattr(dora_module, "NORM_CHUNK_ELEMENTS", 100)  # one or two rows a time
+    chunked = new_store(arch, model).register("dora", dora)
+    assert torch.equal(whole.pages, chunked.pages)
