@@ -126,23 +126,23 @@ COLUMNS = (  # (header, width, format, where in a summary)
 
 def print_table(points: list[dict]) -> None:
     """One row per (system, number of adapters), and the throughput ratio per point."""
-    print(f"{'system':<10}{'adapters':>9}" + "".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS))
+    print(f"{'system':<15}{'adapters':>9}" + "".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS))
     for point in points:
         for system in ("loraserve", "loraserve-dora", "peft"):
             if system in point:
                 cells = "".join(_cell(point[system], *column[1:]) for column in COLUMNS)
-                print(f"{system:<10}{point['num_adapters']:>9}{cells}")
+                print(f"{system:<15}{point['num_adapters']:>9}{cells}")
         if "peft" in point and point["peft"]["throughput_req_s"] > 0:
             ratio = point["loraserve"]["throughput_req_s"] / point["peft"]["throughput_req_s"]
             point["throughput_ratio"] = ratio
-            print(f"{'':<10}{point['num_adapters']:>9}  loraserve / PEFT throughput: {ratio:.2f}x")
+            print(f"{'':<15}{point['num_adapters']:>9}  loraserve / PEFT throughput: {ratio:.2f}x")
         if "loraserve-dora" in point and point["loraserve"]["throughput_req_s"] > 0:
             dora = (
                 point["loraserve-dora"]["throughput_req_s"] / point["loraserve"]["throughput_req_s"]
             )
             point["dora_throughput_ratio"] = dora
             extra = point["dora"]["magnitude_over_lora"]
-            print(f"{'':<10}{point['num_adapters']:>9}  with DoRA / all LoRA throughput: "
+            print(f"{'':<15}{point['num_adapters']:>9}  with DoRA / all LoRA throughput: "
                   f"{dora:.3f}x; g adds {extra:.1%} to a DoRA adapter's bytes per step")  # fmt: skip
 
 
