@@ -43,7 +43,8 @@ from loraserve.errors import AdapterError
 from loraserve.memory.adapter_dir import is_servable_name
 from loraserve.memory.dora import BaseWeights, magnitude_scale
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
-from loraserve.memory.peft_format import LoraModule, read_peft_lora, refuse
+from loraserve.memory.peft_config import refuse
+from loraserve.memory.peft_format import LoraModule, read_peft_lora
 from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
 
 NOT_TARGETED = -1

@@ -26,7 +26,8 @@ from typing import Protocol
 
 import torch
 
-from loraserve.memory.peft_format import LoraModule, refuse
+from loraserve.memory.peft_config import refuse
+from loraserve.memory.peft_format import LoraModule
 
 NORM_CHUNK_ELEMENTS = 1 << 22
 """Elements of W (and of sBA) in float32 at a time while g is computed: 16 MiB each."""

@@ -15,7 +15,6 @@ Everything is checked before anything is returned, so a refused folder leaves no
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -27,34 +26,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from loraserve.errors import AdapterError
 from loraserve.memory.adapter_dir import CONFIG_FILE
+from loraserve.memory.peft_config import (
+    SAFETENSORS_FILE,
+    check_features,
+    read_config,
+    refuse,
+)
 from loraserve.models.arch import (
     FUSED_MODULES,
     MODULE_INDEX,
     ModelArch,
     linear_parent,
 )
-
-SAFETENSORS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
-
-# Config fields that change what an adapter computes in ways loraserve does not
-# implement; each is refused when set (truthy).
-UNSUPPORTED_FEATURES: dict[str, str] = {
-    "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
-    "lora_bias": "a bias on lora_B (lora_bias) is not supported",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
-    "layer_replication": "layer_replication is not supported",
-    "fan_in_fan_out": "fan_in_fan_out (transposed, Conv1D-style weights) is not supported",
-    "trainable_token_indices": "trainable_token_indices (embedding edits) is not supported",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
-    "use_qalora": "QALoRA (use_qalora) is not supported",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
-    "arrow_config": "Arrow routing (arrow_config) is not supported",
-    "kasa_config": "KaSA (kasa_config) is not supported",
-    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
-}
 
 # `lora_A.default.weight`: some tools keep PEFT's in-memory adapter name.
 TENSOR_NAME = re.compile(
@@ -102,11 +86,6 @@ class _Target:
     scaling: float
 
 
-def refuse(folder: Path, reason: str) -> AdapterError:
-    """The error for a refused folder: names the folder, then the reason."""
-    return AdapterError(f"adapter folder '{folder}': {reason}")
-
-
 def read_peft_lora(folder: Path, arch: ModelArch, max_lora_rank: int) -> list[LoraModule]:
     """Every adapted module of a PEFT LoRA folder, sorted by (layer, module in
     `arch.linear_modules` order); AdapterError if refused."""
@@ -128,45 +107,6 @@ def read_peft_lora(folder: Path, arch: ModelArch, max_lora_rank: int) -> list[Lo
         _checked_module(folder, arch, where, targets[where], pairs[where], tensors, use_dora)
         for where in sorted(targets)
     ]
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """adapter_config.json as a dict, once the folder holds a LoRA config and safetensors weights."""
-    if not folder.exists():
-        raise refuse(folder, "no such folder")
-    if not folder.is_dir():
-        raise refuse(folder, "not a folder")
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise refuse(folder, f"{CONFIG_FILE} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise refuse(folder, f"{CONFIG_FILE} is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise refuse(folder, f"{CONFIG_FILE} is not a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise refuse(folder, f"peft_type is {config.get('peft_type')!r}; only LORA is supported")
-    if not (folder / SAFETENSORS_FILE).is_file():
-        if (folder / PICKLE_FILE).is_file():
-            # Never unpickle: a pickle runs arbitrary code on load.
-            raise refuse(
-                folder,
-                f"only {PICKLE_FILE} found; convert it to {SAFETENSORS_FILE} "
-                "(load it with PEFT where you trust it and save_pretrained again)",
-            )
-        raise refuse(folder, f"{SAFETENSORS_FILE} is missing")
-    return config
-
-
-def check_features(config: dict[str, Any], folder: Path) -> None:
-    """Refuse configs that use a feature loraserve does not compute."""
-    for field, reason in UNSUPPORTED_FEATURES.items():
-        if config.get(field):
-            raise refuse(folder, f"{reason} ({field} = {config[field]!r})")
-    bias = config.get("bias", "none")
-    if bias != "none":
-        raise refuse(folder, f"bias {bias!r} is not supported (only 'none')")
 
 
 def base_module_names(arch: ModelArch) -> Iterator[str]:
