@@ -2,7 +2,7 @@
 
     $XDG_CACHE_HOME/loraserve/bench/<shape>-<dtype>-v<N>/   (default ~/.cache/loraserve/bench/...)
         model/                  a bench/models.py shape, random weights
-        adapters/r<rank>/<name> PEFT LoRA adapters of that shape
+        adapters/r<rank>/<name> PEFT LoRA adapters of that shape (`<name>-dora`: DoRA ones)
 
 Every bench command that needs a model takes `--cache-dir` (default `default_cache_dir()`)
 and asks `ensure_assets` for what it needs: the first run builds, later runs reuse.
@@ -29,12 +29,18 @@ def default_cache_dir() -> Path:
 
 
 def ensure_assets(
-    model_name: str, ranks: tuple[int, ...], num_adapters: int, cache_dir: Path, dtype: str
+    model_name: str,
+    ranks: tuple[int, ...],
+    num_adapters: int,
+    cache_dir: Path,
+    dtype: str,
+    dora_fraction: float = 0.0,
 ) -> tuple[Path, dict[str, Path]]:
     """(model folder, {adapter name: folder}) of a bench/models.py shape, built on first use.
 
     Adapter i has rank `ranks[i % len(ranks)]` and seed i, so the first n adapters
-    of a bigger set are the n adapters of a smaller one."""
+    of a bigger set are the n adapters of a smaller one. `dora_fraction` of them, spread
+    evenly (`is_dora`), are DoRA adapters with the same A and B."""
     arch = SHAPES[model_name]
     root = cache_dir / f"{model_name}-{dtype}-v{ASSETS_VERSION}"
     model = root / "model"
@@ -47,8 +53,14 @@ def ensure_assets(
     for index in range(num_adapters):
         rank = ranks[index % len(ranks)]
         name = adapter_name(index)
-        folder = root / "adapters" / f"r{rank}" / name
+        dora = is_dora(index, dora_fraction)
+        folder = root / "adapters" / f"r{rank}" / (f"{name}-dora" if dora else name)
         if not (folder / "adapter_config.json").is_file():
-            build_adapter(folder, arch, rank, seed=index, dtype=torch_dtype)
+            build_adapter(folder, arch, rank, seed=index, dtype=torch_dtype, dora=dora)
         adapters[name] = folder
     return model, adapters
+
+
+def is_dora(index: int, fraction: float) -> bool:
+    """Whether adapter `index` is one of the `fraction` made DoRA (0.25: indices 3, 7, 11, ...)."""
+    return int((index + 1) * fraction) > int(index * fraction)

@@ -2,6 +2,7 @@
 
     python -m bench.compare --preset cpu-s2                   # one run, both systems
     python -m bench.compare --preset cpu-s2 --sweep 1,8,64,512   # and the adapter sweep
+    python -m bench.compare --preset cpu-s2 --dora-fraction 0.25 --skip-peft  # DoRA's cost
 
 For each number of adapters: build (or reuse, from the cache) the preset's model and
 adapters, draw the trace, start loraserve as a real server process on a free port of
@@ -9,6 +10,12 @@ adapters, draw the trace, start loraserve as a real server process on a free por
 PEFT baseline in this process. Both run one after the other on the same machine,
 never at once. Results go to `bench/results/<date>-compare-<preset>.json`, and a
 sweep also draws `bench/results/<date>-compare-<preset>.png`.
+
+With `--dora-fraction F`, loraserve runs the trace twice: all adapters plain LoRA
+(`loraserve`), then the same adapters with a fraction F of them DoRA (`loraserve-dora`:
+same A and B, plus a magnitude vector each); the point records the throughput ratio and
+the bytes the magnitude vectors add to a step (g of every targeted module, per DoRA
+adapter in the batch, against that adapter's A and B bytes).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 
 from .assets import default_cache_dir, ensure_assets
 from .metrics import run_metadata, summarize
-from .models import SHAPES
+from .models import ATTENTION_MODULES, SHAPES
 from .peft_baseline import PeftBaseline
 from .replay import replay
 from .servers import BASE_MODEL_NAME, loraserve_server
@@ -65,10 +72,34 @@ def run_point(preset: Preset, num_adapters: int, args) -> dict:
     }
     print(f"--- {num_adapters} adapters, {len(requests)} requests: loraserve", flush=True)
     point["loraserve"] = run_loraserve(model, adapters, requests, args)
+    if args.dora_fraction > 0:
+        _, mixed = ensure_assets(
+            preset.model, preset.ranks, num_adapters, args.cache_dir, args.dtype,
+            args.dora_fraction,
+        )  # fmt: skip
+        print(f"--- {num_adapters} adapters, {args.dora_fraction:g} DoRA: loraserve", flush=True)
+        point["loraserve-dora"] = run_loraserve(model, mixed, requests, args)
+        point["dora"] = dora_bytes(preset, args)
     if not args.skip_peft:
         print(f"--- {num_adapters} adapters: PEFT baseline", flush=True)
         point["peft"] = run_peft(model, adapters, requests, args)
     return point
+
+
+def dora_bytes(preset: Preset, args) -> dict:
+    """Bytes one DoRA adapter in a step reads for its g (every layer, every targeted module),
+    beside the bytes of its A and B at the preset's mean rank."""
+    arch, size = SHAPES[preset.model], torch.finfo(getattr(torch, args.dtype)).bits // 8
+    dims = [arch.module_dims(module) for module in ATTENTION_MODULES]  # build_adapter's targets
+    rank = sum(preset.ranks) / len(preset.ranks)
+    magnitude = arch.num_layers * sum(out for _, out in dims) * size
+    lora = arch.num_layers * sum(rank * (inp + out) for inp, out in dims) * size
+    return {
+        "fraction": args.dora_fraction,
+        "magnitude_bytes_per_dora_adapter_step": magnitude,
+        "lora_bytes_per_adapter_step_mean_rank": lora,
+        "magnitude_over_lora": magnitude / lora,
+    }
 
 
 def _overrides(args) -> dict:
@@ -95,16 +126,24 @@ COLUMNS = (  # (header, width, format, where in a summary)
 
 def print_table(points: list[dict]) -> None:
     """One row per (system, number of adapters), and the throughput ratio per point."""
-    print(f"{'system':<10}{'adapters':>9}" + "".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS))
+    print(f"{'system':<15}{'adapters':>9}" + "".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS))
     for point in points:
-        for system in ("loraserve", "peft"):
+        for system in ("loraserve", "loraserve-dora", "peft"):
             if system in point:
                 cells = "".join(_cell(point[system], *column[1:]) for column in COLUMNS)
-                print(f"{system:<10}{point['num_adapters']:>9}{cells}")
+                print(f"{system:<15}{point['num_adapters']:>9}{cells}")
         if "peft" in point and point["peft"]["throughput_req_s"] > 0:
             ratio = point["loraserve"]["throughput_req_s"] / point["peft"]["throughput_req_s"]
             point["throughput_ratio"] = ratio
-            print(f"{'':<10}{point['num_adapters']:>9}  loraserve / PEFT throughput: {ratio:.2f}x")
+            print(f"{'':<15}{point['num_adapters']:>9}  loraserve / PEFT throughput: {ratio:.2f}x")
+        if "loraserve-dora" in point and point["loraserve"]["throughput_req_s"] > 0:
+            dora = (
+                point["loraserve-dora"]["throughput_req_s"] / point["loraserve"]["throughput_req_s"]
+            )
+            point["dora_throughput_ratio"] = dora
+            extra = point["dora"]["magnitude_over_lora"]
+            print(f"{'':<15}{point['num_adapters']:>9}  with DoRA / all LoRA throughput: "
+                  f"{dora:.3f}x; g adds {extra:.1%} to a DoRA adapter's bytes per step")  # fmt: skip
 
 
 def _cell(summary: dict, width: int, spec: str, keys: tuple[str, ...]) -> str:
@@ -168,6 +207,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slo-ttft", type=float, default=6.0, help="TTFT bound of the SLO, s")
     parser.add_argument("--peft-max-batch", type=int, default=32)
     parser.add_argument("--skip-peft", action="store_true", help="loraserve only")
+    parser.add_argument(
+        "--dora-fraction",
+        type=float,
+        default=0.0,
+        help="also run loraserve with this fraction of the adapters DoRA (e.g. 0.25)",
+    )
     parser.add_argument(
         "--server-arg",
         action="append",

@@ -102,8 +102,11 @@ def build_adapter(
     target_modules: tuple[str, ...] = ATTENTION_MODULES,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    dora: bool = False,
 ) -> Path:
-    """Write a random PEFT LoRA adapter (A and B both non-zero) for a model of `arch`."""
+    """Write a random PEFT LoRA adapter (A and B both non-zero) for a model of `arch`; with
+    `dora`, a DoRA one: magnitudes near the norm of build_model's rows (INIT_STD * sqrt(in)),
+    so that g = m / ||W + sBA|| stays near 1 as a trained DoRA's does."""
     generator = torch.Generator().manual_seed(seed)
     weights = {}
     for layer in range(arch.num_layers):
@@ -114,7 +117,11 @@ def build_adapter(
             lora_b = torch.randn(out_features, rank, generator=generator) * INIT_STD
             weights[f"{prefix}.lora_A.weight"] = lora_a.to(dtype)  # [r, in]
             weights[f"{prefix}.lora_B.weight"] = lora_b.to(dtype)  # [out, r]
-    write_adapter(folder, weights, rank, 2 * rank, list(target_modules))
+            if dora:
+                noise = 1 + 0.1 * torch.randn(out_features, generator=generator)
+                magnitude = noise * INIT_STD * in_features**0.5  # [out]
+                weights[f"{prefix}.lora_magnitude_vector"] = magnitude.to(dtype)
+    write_adapter(folder, weights, rank, 2 * rank, list(target_modules), use_dora=dora)
     return folder
 
 

@@ -37,6 +37,8 @@ class TrainingSettings:
     """Peak AdamW learning rate, after a linear warm-up, decayed linearly to a tenth."""
     warmup_steps: int = 10
     seed: int = 0
+    use_dora: bool = False
+    """DoRA (PEFT `use_dora`): a learned magnitude per output feature on top of the LoRA."""
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, question: str) -> list[int]:
@@ -75,6 +77,7 @@ def train_adapter(
         target_modules=list(settings.target_modules),
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
+        use_dora=settings.use_dora,
     )
     model = get_peft_model(base, config)
     model.train()
@@ -153,4 +156,4 @@ def _write_adapter(
     """adapter_model.safetensors (float16) and adapter_config.json, as PEFT names them."""
     halves = {name: tensor.detach().to(torch.float16) for name, tensor in weights.items()}
     modules = sorted(settings.target_modules)
-    write_adapter(folder, halves, settings.rank, settings.lora_alpha, modules)
+    write_adapter(folder, halves, settings.rank, settings.lora_alpha, modules, settings.use_dora)

@@ -8,7 +8,8 @@
 2. Each adapter's rule (`recipes.py`) rewrites the trimmed answers into its own.
 3. A LoRA per adapter learns the rewritten answers with PEFT on the CPU
    (`lora_training.py`: rank 8 on q_proj and v_proj, float32; epochs and learning rate
-   per adapter in `recipes.py`).
+   per adapter in `recipes.py`). With `--dora`, the same recipe trains DoRA adapters
+   (PEFT `use_dora`: a learned magnitude per output feature too), into `<name>-dora`.
 4. loraserve serves every adapter on the held-out questions, never trained on, and the
    command prints how many replies of each (and of the base model) have the adapter's
    property, with one exchange: the figures `recipes.py`'s checks and the slow test use.
@@ -53,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=default_cache_dir() / "demo-training")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
     parser.add_argument("--skip-training", action="store_true", help="only evaluate")
+    parser.add_argument(
+        "--dora",
+        action="store_true",
+        help="train DoRA adapters (PEFT use_dora) with the same recipe, into <output>/<name>-dora",
+    )
     args = parser.parse_args(argv)
     names = args.adapters.split(",")
     unknown = sorted(set(names) - set(RECIPES))
@@ -66,10 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     answers = base_answers(model_dir, args.work_dir / "base_answers.json")
     if not args.skip_training:
         for name in names:
-            train_one(model_dir, name, answers, args.output / name)
-    adapters = {name: args.output / name for name in names}
+            train_one(
+                model_dir, name, answers, args.output / folder_name(name, args.dora), args.dora
+            )
+    adapters = {name: args.output / folder_name(name, args.dora) for name in names}
     evaluate(model_dir, adapters, args.work_dir / "held_out_replies.json")
     return 0
+
+
+def folder_name(name: str, dora: bool) -> str:
+    """An adapter's folder: its recipe's name, `-dora` appended for a DoRA one."""
+    return f"{name}-dora" if dora else name
 
 
 def base_answers(model_dir: Path, path: Path) -> dict[str, str]:
@@ -122,7 +135,9 @@ def training_examples(name: str, answers: dict[str, str]) -> list[tuple[str, str
     return examples
 
 
-def train_one(model_dir: Path, name: str, answers: dict[str, str], output: Path) -> None:
+def train_one(
+    model_dir: Path, name: str, answers: dict[str, str], output: Path, dora: bool = False
+) -> None:
     from loraserve.demo.lora_training import TrainingSettings, encode_examples, train_adapter
     from loraserve.models.tokenizer import Tokenizer
 
@@ -131,7 +146,9 @@ def train_one(model_dir: Path, name: str, answers: dict[str, str], output: Path)
     started = time.monotonic()
     encoded = encode_examples(Tokenizer.from_folder(model_dir), examples)
     recipe = RECIPES[name]
-    settings = TrainingSettings(epochs=recipe.epochs, learning_rate=recipe.learning_rate)
+    settings = TrainingSettings(
+        epochs=recipe.epochs, learning_rate=recipe.learning_rate, use_dora=dora
+    )
     train_adapter(model_dir, encoded, output, settings, log=_flushed)
     size = (output / "adapter_model.safetensors").stat().st_size
     print(f"  trained in {time.monotonic() - started:.0f} s; {size / 1e6:.2f} MB", flush=True)

@@ -51,6 +51,28 @@ def check_expand(out: torch.Tensor, y: torch.Tensor, weights: LoraWeights) -> No
             f"slice_starts {slices.starts} on {slices.tensor.device} must end at out's width "
             f"{out.shape[1]}, on out's device {out.device}"
         )
+    check_dora(out, weights)
+
+
+def check_dora(out: torch.Tensor, weights: LoraWeights) -> None:
+    """DoRA's g offset table (b_offsets' shape) and the bias (`[out_dim]`), when given."""
+    g_offsets, bias = weights.g_offsets, weights.bias
+    if g_offsets is not None and (
+        g_offsets.dtype != torch.int64
+        or g_offsets.shape != weights.b_offsets.shape
+        or g_offsets.device != out.device
+    ):
+        raise ValueError(
+            f"g_offsets must be int64 {tuple(weights.b_offsets.shape)} on {out.device}, "
+            f"got {g_offsets.dtype} {tuple(g_offsets.shape)} on {g_offsets.device}"
+        )
+    if bias is not None and (
+        bias.shape != (out.shape[1],) or bias.device != out.device or not bias.is_contiguous()
+    ):
+        raise ValueError(
+            f"bias must be contiguous [{out.shape[1]}] on {out.device}, "
+            f"got {tuple(bias.shape)} on {bias.device}"
+        )
 
 
 def check_table(offsets: torch.Tensor, ranks: torch.Tensor, device: torch.device) -> None:

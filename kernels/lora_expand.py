@@ -18,6 +18,11 @@ Grid: (virtual token tiles, slice, column tile of the widest slice).
   `OutputSlices` is made once per projection, with the columns on the device).
 The sum is computed in float32 (half-precision B goes through tf32 on the
 tensor cores) and added to `out` in float32, rounded once to out's dtype.
+
+DoRA (kernels/ops.py): a (slot, slice) whose g offset is >= 0 finishes in the epilogue
+with `out + ((g - 1) * (out - bias) + g * acc)`, g read from the pool like a row of B; a
+plain slice pays one scalar load (its g offset) for it, and weights without a DoRA table
+(`HAS_DORA` false) not even that.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ def _lora_expand_kernel(
     segment_starts_ptr,  # [num_segments + 1] token boundaries
     segment_slots_ptr,  # [num_segments] adapter slot of each segment, or NO_ADAPTER
     slice_starts_ptr,  # [num_slices + 1] int64 first column of each slice in out
+    g_offsets_ptr,  # [num_slots, num_slices] int64 offsets of DoRA's g, -1: plain (HAS_DORA)
+    bias_ptr,  # [out_dim] the base projection's bias (HAS_BIAS)
     num_segments,
     stride_out_token,
     stride_y_token,
@@ -57,6 +64,10 @@ def _lora_expand_kernel(
     stride_offset_slice,
     stride_rank_slot,
     stride_rank_slice,
+    stride_g_slot,
+    stride_g_slice,
+    HAS_DORA: tl.constexpr,  # whether g_offsets is a table (else nothing is DoRA)
+    HAS_BIAS: tl.constexpr,  # whether bias_ptr is a bias (DoRA subtracts it from out)
     BLOCK_M: tl.constexpr,  # tokens per program
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_R: tl.constexpr,  # rank step of the reduction loop
@@ -104,7 +115,19 @@ def _lora_expand_kernel(
     out_ptrs = out_ptr + tokens[:, None] * stride_out_token + columns[None, :]
     out_mask = token_mask[:, None] & column_mask[None, :]
     base = tl.load(out_ptrs, mask=out_mask, other=0.0)
-    tl.store(out_ptrs, (base.to(tl.float32) + accumulator).to(base.dtype), mask=out_mask)
+    base32 = base.to(tl.float32)
+    if HAS_DORA:
+        g_offset = tl.load(g_offsets_ptr + slot * stride_g_slot + slice_index * stride_g_slice)
+        if g_offset >= 0:
+            g = tl.load(
+                pool_ptr + g_offset + (columns - first_column), mask=column_mask, other=0.0
+            ).to(tl.float32)
+            without_bias = base32
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + columns, mask=column_mask, other=0.0).to(tl.float32)
+                without_bias = base32 - bias[None, :]
+            accumulator = (g[None, :] - 1.0) * without_bias + g[None, :] * accumulator
+    tl.store(out_ptrs, (base32 + accumulator).to(base.dtype), mask=out_mask)
 
 
 def lora_expand(
@@ -128,6 +151,11 @@ def lora_expand(
     block_m = 16 if num_tokens <= 16 * num_segments else 64  # as in lora_shrink
     block_n = 128  # a 256-byte bf16 row segment of B and out per load
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))  # K of the dot: 16..64
+    g_offsets, bias = weights.g_offsets, weights.bias
+    has_dora = g_offsets is not None
+    has_bias = has_dora and bias is not None
+    if has_dora:
+        check_same_device(out=out, g_offsets=g_offsets)
     grid = (
         num_virtual_tiles(num_tokens, num_segments, block_m),
         num_slices,
@@ -142,6 +170,8 @@ def lora_expand(
         segment_starts,
         segment_slots,
         slices.tensor,
+        g_offsets if has_dora else b_offsets,  # any int64 pointer where unused
+        bias if has_bias else out,
         num_segments,
         out.stride(0),
         y.stride(0),
@@ -150,6 +180,10 @@ def lora_expand(
         b_offsets.stride(1),
         ranks.stride(0),
         ranks.stride(1),
+        g_offsets.stride(0) if has_dora else 0,
+        g_offsets.stride(1) if has_dora else 0,
+        HAS_DORA=has_dora,
+        HAS_BIAS=has_bias,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=block_r,

@@ -55,7 +55,7 @@ LONG_PREFILL_TOKENS = 512
 # p pointer, i int64_t, f float, n int (the number of OpenMP threads).
 _SIGNATURES = {
     "loraserve_lora_shrink": "piiipipiipiiiippiipn",
-    "loraserve_lora_expand": "piipipipiipiiiipppin",
+    "loraserve_lora_expand": "piipipipiipiiiipppipiipn",
     "loraserve_write_kv": "piiiiiiiipiipiipiin",
     "loraserve_paged_attention": "piipiiiiiiiiipiiippiififipiin",
 }
@@ -125,13 +125,20 @@ def lora_expand(
     pool, offsets, ranks = weights.pool, weights.b_offsets, weights.ranks
     checks.check_cpu_float32(out=out, y=y, pool=pool)
     check_expand(out, y, weights)
+    g_offsets, bias = weights.g_offsets, weights.bias
+    if bias is not None:
+        checks.check_cpu_float32(bias=bias)
     num_slots, num_slices = offsets.shape
     starts, slots = checks.segments(segments)
     status = _native().loraserve_lora_expand(
         out.data_ptr(), out.stride(0), out.shape[0], y.data_ptr(), y.shape[2], pool.data_ptr(),
         pool.numel(), offsets.data_ptr(), *offsets.stride(), ranks.data_ptr(),
         *ranks.stride(), num_slots, num_slices, weights.slices.tensor.data_ptr(),
-        starts.data_ptr(), slots.data_ptr(), slots.shape[0], torch.get_num_threads(),
+        starts.data_ptr(), slots.data_ptr(), slots.shape[0],
+        None if g_offsets is None else g_offsets.data_ptr(),
+        *((0, 0) if g_offsets is None else g_offsets.stride()),
+        None if bias is None or g_offsets is None else bias.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     if status:
         checks.raise_lora_error(status, starts, slots, offsets, ranks, y.shape[2], pool)

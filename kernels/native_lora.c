@@ -4,7 +4,9 @@
  *   lora_shrink: y[t, i, :r] = x[t] @ A[slot(t), i].T; y[t, i, r:] = 0; y[t] = 0 when
  *                slot(t) is NO_ADAPTER. r = ranks[slot, i] (0: slice i not targeted).
  *   lora_expand: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i]; NO_ADAPTER tokens and
- *                untargeted slices leave out untouched.
+ *                untargeted slices leave out untouched. A DoRA slice (g offset >= 0) adds
+ *                (g - 1) * (out - bias) + g * (y @ B) instead (kernels/ops.py), its delta
+ *                summed apart in a small buffer first; plain slices take the direct path.
  * A (`[r, in_dim]`) and B (`[r, c_{i+1} - c_i]`, scaling folded in) are row-major at element
  * offsets into the flat pool, found through the offset table of the slot: no gather, no copy.
  *
@@ -198,26 +200,81 @@ static ColumnBlock* column_blocks(const int64_t* slice_starts, int64_t num_slice
     return blocks;
 }
 
+typedef struct {
+    const int64_t* offsets; /* [num_slots, num_slices] element offset of each g; -1: plain LoRA;
+                               NULL: no DoRA table */
+    int64_t slot_stride, slice_stride;
+    const float* bias; /* [out_dim] the base projection's bias, or NULL */
+} DoraTable;
+
+static inline int64_t dora_offset(const DoraTable* dora, int32_t slot, int64_t slice) {
+    if (dora->offsets == NULL) return -1;
+    return dora->offsets[slot * dora->slot_stride + slice * dora->slice_stride];
+}
+
+/* Status of every g the batch reads: inside the pool, its slice's width long. */
+static int check_dora(const int32_t* starts, const int32_t* slots, int64_t num_segments,
+                      const AdapterTable* table, const DoraTable* dora, int64_t num_slices,
+                      const int64_t* slice_starts, int64_t pool_numel) {
+    if (dora->offsets == NULL) return STATUS_OK;
+    for (int64_t s = 0; s < num_segments; s++) {
+        if (slots[s] == NO_ADAPTER || starts[s + 1] == starts[s]) continue;
+        for (int64_t i = 0; i < num_slices; i++) {
+            int64_t offset = dora_offset(dora, slots[s], i);
+            if (table_rank(table, slots[s], i) == 0 || offset < 0) continue;
+            if (offset > pool_numel - (slice_starts[i + 1] - slice_starts[i]))
+                return STATUS_BAD_OFFSET;
+        }
+    }
+    return STATUS_OK;
+}
+
 /* Expand of one chunk and one column block: out rows += y rows @ B[:, block], up to
- * MAX_AXPY_ROWS tokens at a time so that each B vector loaded feeds as many accumulators. */
+ * MAX_AXPY_ROWS tokens at a time so that each B vector loaded feeds as many accumulators.
+ * DoRA (g != NULL, g and bias already at the block's first column): the rows' deltas are
+ * summed in `delta`, then out = out + ((g - 1) * (out - bias) + g * delta). */
+static void expand_rows(float* out, int64_t out_stride, const float* y, int64_t num_slices,
+                        int64_t max_rank, const float* b, int64_t width, int64_t rank,
+                        int64_t column, int64_t slice, int64_t first_token, int num_rows,
+                        int64_t num_columns, const float* g, const float* bias) {
+    float delta[MAX_AXPY_ROWS][COLUMN_BLOCK];
+    float* acc[MAX_AXPY_ROWS];
+    const float* w[MAX_AXPY_ROWS];
+    for (int u = 0; u < num_rows; u++) {
+        acc[u] = out + (first_token + u) * out_stride + column;
+        w[u] = y + ((first_token + u) * num_slices + slice) * max_rank;
+        if (g != NULL) {
+            memset(delta[u], 0, sizeof(float) * (size_t)num_columns);
+            acc[u] = delta[u];
+        }
+    }
+    axpy_rows(acc, w, num_rows, b, width, rank, num_columns);
+    if (g == NULL) return;
+    for (int u = 0; u < num_rows; u++) {
+        float* row = out + (first_token + u) * out_stride + column;
+        for (int64_t c = 0; c < num_columns; c++) {
+            float base = row[c], without_bias = bias ? base - bias[c] : base;
+            row[c] = base + ((g[c] - 1.0f) * without_bias + g[c] * delta[u][c]);
+        }
+    }
+}
+
 static void expand_item(float* out, int64_t out_stride, const float* y, int64_t num_slices,
                         int64_t max_rank, const float* pool, const AdapterTable* table,
-                        const int64_t* slice_starts, const Chunk* chunk,
+                        const DoraTable* dora, const int64_t* slice_starts, const Chunk* chunk,
                         const ColumnBlock* block) {
     int64_t rank = table_rank(table, chunk->slot, block->slice);
     if (rank == 0) return;
     int64_t width = slice_starts[block->slice + 1] - slice_starts[block->slice];
     const float* b = pool + table_offset(table, chunk->slot, block->slice) + block->first;
     int64_t column = slice_starts[block->slice] + block->first;
+    int64_t g_offset = dora_offset(dora, chunk->slot, block->slice);
+    const float* g = g_offset < 0 ? NULL : pool + g_offset + block->first;
+    const float* bias = g != NULL && dora->bias != NULL ? dora->bias + column : NULL;
     for (int64_t t = chunk->first; t < chunk->end; t += MAX_AXPY_ROWS) {
         int num_rows = (int)min_i64(MAX_AXPY_ROWS, chunk->end - t);
-        float* acc[MAX_AXPY_ROWS];
-        const float* w[MAX_AXPY_ROWS];
-        for (int u = 0; u < num_rows; u++) {
-            acc[u] = out + (t + u) * out_stride + column;
-            w[u] = y + ((t + u) * num_slices + block->slice) * max_rank;
-        }
-        axpy_rows(acc, w, num_rows, b, width, rank, block->end - block->first);
+        expand_rows(out, out_stride, y, num_slices, max_rank, b, width, rank, column,
+                    block->slice, t, num_rows, block->end - block->first, g, bias);
     }
 }
 
@@ -241,13 +298,21 @@ int loraserve_lora_expand(
     const int32_t* segment_starts, /* [num_segments + 1] token boundaries, 0 .. num_tokens */
     const int32_t* segment_slots,  /* [num_segments] slot of each segment, or NO_ADAPTER */
     int64_t num_segments,
+    const int64_t* g_offsets,      /* [num_slots, num_slices] DoRA's g offsets, -1: plain; NULL */
+    int64_t g_slot_stride,         /* g_offsets' strides */
+    int64_t g_slice_stride,
+    const float* bias,             /* [slice_starts[num_slices]] base bias (DoRA), or NULL */
     int num_threads)               /* OpenMP threads (torch.get_num_threads()) */
 {
     AdapterTable table = {b_offsets, offset_slot_stride, offset_slice_stride,
                           ranks,     rank_slot_stride,   rank_slice_stride};
+    DoraTable dora = {g_offsets, g_slot_stride, g_slice_stride, bias};
     int64_t fmas, num_chunks, num_blocks;
     int status = check_batch(segment_starts, segment_slots, num_segments, num_tokens, num_slots,
                              &table, num_slices, 0, slice_starts, max_rank, pool_numel, &fmas);
+    if (status == STATUS_OK)
+        status = check_dora(segment_starts, segment_slots, num_segments, &table, &dora,
+                            num_slices, slice_starts, pool_numel);
     if (status != STATUS_OK) return status;
     Chunk* chunks = token_chunks(segment_starts, segment_slots, num_segments, 0, &num_chunks);
     ColumnBlock* blocks = column_blocks(slice_starts, num_slices, &num_blocks);
@@ -260,7 +325,7 @@ int loraserve_lora_expand(
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) \
     if (num_items > 1 && fmas >= PARALLEL_MIN_FMAS)
     for (int64_t item = 0; item < num_items; item++)
-        expand_item(out, out_stride, y, num_slices, max_rank, pool, &table, slice_starts,
+        expand_item(out, out_stride, y, num_slices, max_rank, pool, &table, &dora, slice_starts,
                     &chunks[item / num_blocks], &blocks[item % num_blocks]);
     free(chunks);
     free(blocks);

@@ -13,6 +13,8 @@ Layouts:
 - `kv`: one layer's view of the pool's KV pages, `[num_pages, 2, block_size,
   num_kv_heads, head_dim]` (index 0 of the second axis is K, 1 is V): `kv_pages[:, layer]`
   of the 6-D `[num_pages, num_layers, 2, ...]` view, so its page stride is the pool's.
+- DoRA: a slice whose `g_offsets` entry is >= 0 has its expand finished with DoRA's
+  magnitude scale g = m / ||W + sBA|| (memory/dora.py), one `[out_i]` vector in the pool.
 - Segments: the batch's tokens are grouped into runs that share one adapter:
   `segment_starts` `[num_segments + 1]` token boundaries, `segment_slots`
   `[num_segments]` the adapter slot of each run, or `NO_ADAPTER` (skipped).
@@ -68,6 +70,11 @@ class LoraWeights:
     """[num_slots, num_slices] int32, 0 where the slice is not targeted; any strides."""
     slices: OutputSlices
     """Where each slice's output begins in the projection's output (lora_expand's `out`)."""
+    g_offsets: torch.Tensor | None = None
+    """[num_slots, num_slices] int64, element offset of each DoRA magnitude scale g
+    (`[out_i]`, the pool's dtype), -1 where the slice is plain LoRA; None: no DoRA at all."""
+    bias: torch.Tensor | None = None
+    """[out_dim] the base projection's bias (which DoRA's g does not scale), or None."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,10 @@ class LoraExpand(Protocol):
     def __call__(
         self, out: torch.Tensor, y: torch.Tensor, weights: LoraWeights, segments: Segments
     ) -> None:
-        """Semantics: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i], for each token t and slice i.
+        """Semantics: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i], for each token t and slice i;
+        for a DoRA slice (g_offsets >= 0, g = G[slot(t), i]), with base = out[t, c_i:c_{i+1}]:
+        out = base + ((g - 1) * (base - bias[c_i:c_{i+1}]) + g * (y[t, i, :r] @ B[slot(t), i])),
+        PEFT's `result + (g - 1) * base_result + g * lora_result * scaling` (no bias: 0).
 
         out: [num_tokens, weights.slices.starts[-1]], updated in place; NO_ADAPTER tokens'
              rows are left untouched (bit for bit). c_i = weights.slices.starts[i].

@@ -45,8 +45,10 @@ def lora_shrink(x: torch.Tensor, weights: LoraWeights, segments: Segments) -> to
 def lora_expand(
     out: torch.Tensor, y: torch.Tensor, weights: LoraWeights, segments: Segments
 ) -> None:
-    """ops.LoraExpand: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i], for each token t and slice i."""
+    """ops.LoraExpand: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i], for each token t and slice i
+    (DoRA slices: scaled by g, as ops.LoraExpand says)."""
     offsets, slot_ranks = weights.b_offsets.tolist(), weights.ranks.tolist()
+    g_offsets = dora_offsets(weights)
     columns = weights.slices.starts
     for start, end, slot in adapter_segments(segments):
         for index in range(weights.b_offsets.shape[1]):
@@ -56,7 +58,32 @@ def lora_expand(
             first, last = columns[index], columns[index + 1]
             b = pool_matrix(weights.pool, offsets[slot][index], rank, last - first).float()
             delta = y[start:end, index, :rank].float() @ b  # b: [rank, out_i]
-            out[start:end, first:last] += delta.to(out.dtype)
+            if g_offsets[slot][index] < 0:
+                out[start:end, first:last] += delta.to(out.dtype)
+                continue
+            g = pool_matrix(weights.pool, g_offsets[slot][index], 1, last - first).float()
+            bias = None if weights.bias is None else weights.bias[first:last]
+            out[start:end, first:last] = dora_epilogue(out[start:end, first:last], delta, g, bias)
+
+
+def dora_offsets(weights: LoraWeights) -> list[list[int]]:
+    """g_offsets as lists (every entry -1 when the weights carry no DoRA table)."""
+    if weights.g_offsets is None:
+        return [[-1] * weights.b_offsets.shape[1]] * weights.b_offsets.shape[0]
+    return weights.g_offsets.tolist()
+
+
+def dora_epilogue(
+    base: torch.Tensor, delta: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """DoRA's output in float32, rounded once to base's dtype: PEFT's
+    `base + ((g - 1) * (base - bias) + g * delta)`.
+
+    base: [tokens, out_i] (bias included); delta: [tokens, out_i] float32 (y @ B, scaling
+    folded in); g: [1, out_i]; bias: [out_i] or None."""
+    base32 = base.float()
+    without_bias = base32 if bias is None else base32 - bias.float()
+    return (base32 + ((g - 1) * without_bias + g * delta)).to(base.dtype)
 
 
 def write_kv(

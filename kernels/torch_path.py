@@ -49,9 +49,10 @@ def lora_shrink(x: torch.Tensor, weights: LoraWeights, segments: Segments) -> to
 def lora_expand(
     out: torch.Tensor, y: torch.Tensor, weights: LoraWeights, segments: Segments
 ) -> None:
-    """ops.LoraExpand: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i]."""
+    """ops.LoraExpand: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i] (DoRA slices: scaled by g)."""
     pool, columns = weights.pool, weights.slices.starts
     offsets, slot_ranks = weights.b_offsets.tolist(), weights.ranks.tolist()
+    g_offsets = reference.dora_offsets(weights)
     exact_dtype = out.dtype == torch.float32 and pool.dtype == torch.float32
     for start, end, slot in reference.adapter_segments(segments):
         for index, rank in enumerate(slot_ranks[slot]):
@@ -59,7 +60,13 @@ def lora_expand(
                 continue
             first, last = columns[index], columns[index + 1]
             b = pool_matrix(pool, offsets[slot][index], rank, last - first)  # [rank, out_i]
-            if exact_dtype:
+            if g_offsets[slot][index] >= 0:  # DoRA: the delta alone, then g's epilogue
+                delta = y[start:end, index, :rank] @ b.float()
+                g = pool_matrix(pool, g_offsets[slot][index], 1, last - first).float()
+                bias = None if weights.bias is None else weights.bias[first:last]
+                base = out[start:end, first:last]
+                base.copy_(reference.dora_epilogue(base, delta, g, bias))
+            elif exact_dtype:
                 out[start:end, first:last].addmm_(y[start:end, index, :rank], b)
             else:  # summed in float32, rounded once, as the reference does
                 delta = y[start:end, index, :rank] @ b.float()

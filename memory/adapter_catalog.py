@@ -37,7 +37,7 @@ from loraserve.memory.adapter_dir import CONFIG_FILE
 from loraserve.memory.adapter_loader import AdapterLoader, LoadResult
 from loraserve.memory.adapter_store import AdapterReader, HostAdapter, check_adapter_name
 from loraserve.memory.latency_log import LatencyLog
-from loraserve.memory.peft_format import SAFETENSORS_FILE
+from loraserve.memory.peft_config import SAFETENSORS_FILE
 
 Signature = tuple[tuple[int, int] | None, ...]
 """(mtime_ns, size) of each file that makes an adapter, None for a missing one."""

@@ -20,6 +20,10 @@ rank 7, hidden 64, kv 32, page_numel 768:
 
 Unused elements are zero.
 
+A DoRA module (memory/dora.py) adds its magnitude scale g = m / ||W + sBA||, `[out_i]` per
+slot, stored as one more `[1, out_i]` matrix after its B(s); its offset is the third entry
+of `local_offsets` (NOT_TARGETED for plain LoRA modules, whose expand g never touches).
+
 A fused module's adapter (Phi-3's `qkv_proj`: one A, one B over the q/k/v output) is
 stored as its parts' slices: its A once, its B split by rows into one `[r, out_i]`
 matrix per part, and the parts' A offsets all point at that one A.
@@ -37,8 +41,10 @@ import torch
 
 from loraserve.errors import AdapterError
 from loraserve.memory.adapter_dir import is_servable_name
+from loraserve.memory.dora import BaseWeights, magnitude_scale
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
-from loraserve.memory.peft_format import LoraModule, read_peft_lora, refuse
+from loraserve.memory.peft_config import refuse
+from loraserve.memory.peft_format import LoraModule, read_peft_lora
 from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
 
 NOT_TARGETED = -1
@@ -59,8 +65,9 @@ class HostAdapter:
     pages: torch.Tensor
     """[num_pages, page_numel], pool dtype, CPU (pinned when the store pins)."""
     local_offsets: torch.Tensor
-    """[num_layers, NUM_LORA_MODULES, 2] int64: element offset of A (0) and B (1) from the
-    start of `pages` (page index * page_numel + offset in page); NOT_TARGETED (-1) elsewhere."""
+    """[num_layers, NUM_LORA_MODULES, 3] int64: element offset of A (0), B (1) and DoRA's g (2)
+    from the start of `pages` (page index * page_numel + offset in page); NOT_TARGETED (-1)
+    where the module is not adapted (A, B, g) or not DoRA (g)."""
     ranks: torch.Tensor
     """[num_layers, NUM_LORA_MODULES] int32; 0 where the module is not adapted."""
     max_rank: int
@@ -69,6 +76,11 @@ class HostAdapter:
     digest: bytes
     """SHA-256 of its pages, offsets and ranks: its identity for prefix caching (the KV its
     requests compute depends on exactly these), new when other weights are read under its name."""
+
+    @property
+    def is_dora(self) -> bool:
+        """Whether any module is DoRA (carries a magnitude scale g)."""
+        return bool((self.local_offsets[..., 2] != NOT_TARGETED).any())
 
     @property
     def num_pages(self) -> int:
@@ -120,8 +132,11 @@ class AdapterReader:
         dtype: torch.dtype,
         pin_memory: bool = False,
         max_weight: float = MAX_FOLDED_MAGNITUDE,
+        base_weights: BaseWeights | None = None,
     ) -> None:
-        """`max_weight`: the largest entry of A or scaled B accepted (`max_adapter_weight`)."""
+        """`max_weight`: the largest entry of A or scaled B accepted (`max_adapter_weight`).
+        `base_weights`: the model's linear weights, which DoRA's g is computed from; None
+        (a reader without a model) refuses DoRA folders."""
         assert geometry.page_numel >= max_lora_rank * arch.max_module_dim(), (
             f"page of {geometry.page_numel} elements cannot hold a rank-{max_lora_rank} matrix"
         )
@@ -131,6 +146,7 @@ class AdapterReader:
         self.dtype = dtype
         self.pin_memory = pin_memory
         self.max_weight = max_weight
+        self.base_weights = base_weights
 
     def read(self, name: str, path: str | Path) -> HostAdapter:
         """Load and check a PEFT LoRA folder; AdapterError if refused."""
@@ -142,18 +158,23 @@ class AdapterReader:
     @functools.cached_property
     def max_num_pages(self) -> int:
         """Pages of the largest adapter this reader accepts (every module at max_lora_rank):
-        what a request must leave room for before its adapter is read."""
+        what a request must leave room for before its adapter is read; DoRA's g included."""
         sizes = [
-            self.max_lora_rank * dim
+            size
             for _ in range(self.arch.num_layers)
             for module in LORA_MODULES
-            for dim in self.arch.module_dims(module)
+            for size in (
+                self.max_lora_rank * self.arch.module_dims(module)[0],  # A
+                self.max_lora_rank * self.arch.module_dims(module)[1],  # B
+                self.arch.module_dims(module)[1],  # g
+            )
         ]
         return pack_matrices(sizes, self.geometry.page_numel)[1]
 
     def _pack(self, name: str, folder: Path, modules: list[LoraModule]) -> HostAdapter:
         """Convert every module's matrices to the pool layout and pack them into pages."""
-        # Per module: its A, then one B per slot it fills (one, or a fused module's parts).
+        # Per module: its A, then one B per slot it fills (one, or a fused module's parts),
+        # then for DoRA one g per slot.
         matrices = [matrix for module in modules for matrix in self._host_matrices(folder, module)]
         offsets, num_pages = pack_matrices([m.numel() for m in matrices], self.geometry.page_numel)
         pages = torch.zeros(  # [num_pages, page_numel]
@@ -163,14 +184,17 @@ class AdapterReader:
         for matrix, offset in zip(matrices, offsets, strict=True):
             flat[offset : offset + matrix.numel()] = matrix.reshape(-1)
         shape = (self.arch.num_layers, NUM_LORA_MODULES)
-        local_offsets = torch.full((*shape, 2), NOT_TARGETED, dtype=torch.int64)
+        local_offsets = torch.full((*shape, 3), NOT_TARGETED, dtype=torch.int64)
         ranks = torch.zeros(shape, dtype=torch.int32)
         next_offset = iter(offsets)
         for module in modules:
             a_offset = next(next_offset)
             for slot in module.slots:  # a fused module's parts share its one A
-                local_offsets[module.layer, slot] = torch.tensor([a_offset, next(next_offset)])
+                local_offsets[module.layer, slot, :2] = torch.tensor([a_offset, next(next_offset)])
                 ranks[module.layer, slot] = module.rank
+            if module.magnitude is not None:
+                for slot in module.slots:
+                    local_offsets[module.layer, slot, 2] = next(next_offset)
         targeted = {module.name for module in modules}
         return HostAdapter(
             name=name,
@@ -184,7 +208,8 @@ class AdapterReader:
         )
 
     def _host_matrices(self, folder: Path, module: LoraModule) -> list[torch.Tensor]:
-        """A [r, in], then scaled, transposed B [r, out_i] of each slot, in the pool dtype."""
+        """A [r, in], then scaled, transposed B [r, out_i] of each slot, then (DoRA) g [1, out_i]
+        of each slot, in the pool dtype."""
         lora_a = module.lora_a.to(self.dtype)  # [r, in]
         # Fold the scaling in float32, then round once to the pool dtype.
         lora_b = (module.lora_b * module.scaling).T.to(self.dtype)  # [r, out]
@@ -200,4 +225,19 @@ class AdapterReader:
                     f"{self.max_weight:g}, which no trained adapter comes near",
                 )
         widths = [self.arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
-        return [lora_a, *(part.contiguous() for part in lora_b.split(widths, dim=1))]
+        matrices = [lora_a, *(part.contiguous() for part in lora_b.split(widths, dim=1))]
+        if module.magnitude is None:
+            return matrices
+        scale = self._magnitude_scale(folder, module)  # [1, out]
+        return matrices + [part.contiguous() for part in scale.split(widths, dim=1)]
+
+    def _magnitude_scale(self, folder: Path, module: LoraModule) -> torch.Tensor:
+        """DoRA's g of a module, [1, out_features] in the pool dtype (memory/dora.py)."""
+        if self.base_weights is None:
+            raise refuse(folder, "DoRA (use_dora) needs the base model's weights to serve")
+        scale = magnitude_scale(module, self.base_weights, folder).to(self.dtype)
+        if not torch.isfinite(scale).all():
+            raise refuse(
+                folder, f"DoRA magnitude {module.magnitude_name} overflows {self.dtype} as m / norm"
+            )
+        return scale.view(1, -1)

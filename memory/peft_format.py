@@ -15,7 +15,6 @@ Everything is checked before anything is returned, so a refused folder leaves no
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -27,8 +26,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from loraserve.errors import AdapterError
 from loraserve.memory.adapter_dir import CONFIG_FILE
+from loraserve.memory.peft_config import (
+    SAFETENSORS_FILE,
+    check_features,
+    read_config,
+    refuse,
+)
 from loraserve.models.arch import (
     FUSED_MODULES,
     MODULE_INDEX,
@@ -36,32 +40,15 @@ from loraserve.models.arch import (
     linear_parent,
 )
 
-SAFETENSORS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
-
-# Config fields that change what an adapter computes in ways loraserve does not
-# implement; each is refused when set (truthy).
-UNSUPPORTED_FEATURES: dict[str, str] = {
-    "use_dora": "DoRA (use_dora) is not supported",
-    "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
-    "lora_bias": "a bias on lora_B (lora_bias) is not supported",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
-    "layer_replication": "layer_replication is not supported",
-    "fan_in_fan_out": "fan_in_fan_out (transposed, Conv1D-style weights) is not supported",
-    "trainable_token_indices": "trainable_token_indices (embedding edits) is not supported",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
-    "use_qalora": "QALoRA (use_qalora) is not supported",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
-    "arrow_config": "Arrow routing (arrow_config) is not supported",
-    "kasa_config": "KaSA (kasa_config) is not supported",
-    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
-}
-
 # `lora_A.default.weight`: some tools keep PEFT's in-memory adapter name.
 TENSOR_NAME = re.compile(
     r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)"
-    r"\.(?P<module>\w+)\.lora_(?P<which>[AB])(?:\.default)?\.weight"
+    r"\.(?P<module>\w+)\.(?:lora_(?P<which>[AB])(?:\.default)?\.weight"
+    r"|lora_magnitude_vector(?:\.default)?(?:\.weight)?)"
 )
+"""A/B of a module, or its DoRA magnitude (`...q_proj.lora_magnitude_vector`, as PEFT saves it)."""
+MAGNITUDE = "M"
+"""`pair_tensors`' key of a module's DoRA magnitude vector (beside "A" and "B")."""
 ALL_LINEAR = "all-linear"
 """PEFT's shorthand for every linear layer but the output head."""
 
@@ -82,6 +69,9 @@ class LoraModule:
     """[out_features, rank]; a fused module's rows are its parts' outputs, in order"""
     a_name: str
     b_name: str
+    magnitude: torch.Tensor | None = None
+    """[out_features] DoRA's learned magnitude m (`use_dora`), None for plain LoRA"""
+    magnitude_name: str = ""
 
     @property
     def slots(self) -> tuple[int, ...]:
@@ -96,16 +86,12 @@ class _Target:
     scaling: float
 
 
-def refuse(folder: Path, reason: str) -> AdapterError:
-    """The error for a refused folder: names the folder, then the reason."""
-    return AdapterError(f"adapter folder '{folder}': {reason}")
-
-
 def read_peft_lora(folder: Path, arch: ModelArch, max_lora_rank: int) -> list[LoraModule]:
     """Every adapted module of a PEFT LoRA folder, sorted by (layer, module in
     `arch.linear_modules` order); AdapterError if refused."""
     config = read_config(folder)
     check_features(config, folder)
+    use_dora = bool(config.get("use_dora"))
     targets = resolve_targets(config, arch, max_lora_rank, folder)
     tensors = load_tensors(folder)
     pairs = pair_tensors(tensors, arch, folder)
@@ -118,48 +104,9 @@ def read_peft_lora(folder: Path, arch: ModelArch, max_lora_rank: int) -> list[Lo
         key = targets[missing[0]].key
         raise refuse(folder, f"{CONFIG_FILE} targets {key} but the weights have no tensors for it")
     return [
-        _checked_module(folder, arch, where, targets[where], pairs[where], tensors)
+        _checked_module(folder, arch, where, targets[where], pairs[where], tensors, use_dora)
         for where in sorted(targets)
     ]
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """adapter_config.json as a dict, once the folder holds a LoRA config and safetensors weights."""
-    if not folder.exists():
-        raise refuse(folder, "no such folder")
-    if not folder.is_dir():
-        raise refuse(folder, "not a folder")
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise refuse(folder, f"{CONFIG_FILE} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise refuse(folder, f"{CONFIG_FILE} is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise refuse(folder, f"{CONFIG_FILE} is not a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise refuse(folder, f"peft_type is {config.get('peft_type')!r}; only LORA is supported")
-    if not (folder / SAFETENSORS_FILE).is_file():
-        if (folder / PICKLE_FILE).is_file():
-            # Never unpickle: a pickle runs arbitrary code on load.
-            raise refuse(
-                folder,
-                f"only {PICKLE_FILE} found; convert it to {SAFETENSORS_FILE} "
-                "(load it with PEFT where you trust it and save_pretrained again)",
-            )
-        raise refuse(folder, f"{SAFETENSORS_FILE} is missing")
-    return config
-
-
-def check_features(config: dict[str, Any], folder: Path) -> None:
-    """Refuse configs that use a feature loraserve does not compute."""
-    for field, reason in UNSUPPORTED_FEATURES.items():
-        if config.get(field):
-            raise refuse(folder, f"{reason} ({field} = {config[field]!r})")
-    bias = config.get("bias", "none")
-    if bias != "none":
-        raise refuse(folder, f"bias {bias!r} is not supported (only 'none')")
 
 
 def base_module_names(arch: ModelArch) -> Iterator[str]:
@@ -305,7 +252,8 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def pair_tensors(
     tensors: dict[str, torch.Tensor], arch: ModelArch, folder: Path
 ) -> dict[tuple[int, int], dict[str, str]]:
-    """(layer, module index) -> {"A": tensor name, "B": tensor name}; refuses strays and orphans."""
+    """(layer, module index) -> {"A": name, "B": name[, MAGNITUDE: name]}; refuses strays and
+    orphans."""
     pairs: dict[tuple[int, int], dict[str, str]] = {}
     for name in sorted(tensors):  # sorted: the same message for the same folder
         layer, module, which = _parse_tensor_name(name, arch, folder)
@@ -314,10 +262,11 @@ def pair_tensors(
             raise refuse(folder, f"tensors {pair[which]} and {name} are the same weight")
         pair[which] = name
     for pair in pairs.values():
-        if len(pair) == 1:
-            ((which, name),) = pair.items()
-            partner = "lora_B" if which == "A" else "lora_A"
-            raise refuse(folder, f"tensor {name} has no matching {partner}")
+        for which, partner in (("A", "B"), ("B", "A")):
+            if which in pair and partner not in pair:
+                raise refuse(folder, f"tensor {pair[which]} has no matching lora_{partner}")
+        if "A" not in pair:
+            raise refuse(folder, f"tensor {pair[MAGNITUDE]} has no matching lora_A and lora_B")
     return pairs
 
 
@@ -342,7 +291,7 @@ def _parse_tensor_name(name: str, arch: ModelArch, folder: Path) -> tuple[int, i
         raise refuse(
             folder, f"tensor {name} is for layer {layer}, the model has {arch.num_layers} layers"
         )
-    return layer, arch.linear_modules.index(module), match.group("which")
+    return layer, arch.linear_modules.index(module), match.group("which") or MAGNITUDE
 
 
 def _checked_module(
@@ -352,8 +301,9 @@ def _checked_module(
     target: _Target,
     pair: dict[str, str],
     tensors: dict[str, torch.Tensor],
+    use_dora: bool,
 ) -> LoraModule:
-    """One module's A and B once their shapes, ranks and values are checked."""
+    """One module's A and B (and DoRA magnitude) once their shapes, ranks and values are checked."""
     module = arch.linear_modules[where[1]]
     in_features, out_features = arch.module_dims(module)
     a_name, b_name = pair["A"], pair["B"]
@@ -375,6 +325,7 @@ def _checked_module(
             raise refuse(folder, f"tensor {name} has dtype {tensor.dtype}; expected floats")
         if not torch.isfinite(tensor).all():
             raise refuse(folder, f"tensor {name} contains NaN or inf")
+    magnitude = checked_magnitude(folder, target.key, pair, tensors, out_features, use_dora)
     return LoraModule(
         where[0],
         module,
@@ -384,7 +335,37 @@ def _checked_module(
         lora_b.float(),
         a_name,
         b_name,
+        magnitude,
+        pair.get(MAGNITUDE, ""),
     )
+
+
+def checked_magnitude(
+    folder: Path,
+    key: str,
+    pair: dict[str, str],
+    tensors: dict[str, torch.Tensor],
+    out_features: int,
+    use_dora: bool,
+) -> torch.Tensor | None:
+    """A DoRA module's magnitude vector m ([out_features] float32), None for plain LoRA."""
+    name = pair.get(MAGNITUDE)
+    if not use_dora:
+        if name is not None:
+            raise refuse(folder, f"tensor {name} is a DoRA magnitude but use_dora is not set")
+        return None
+    if name is None:
+        raise refuse(folder, f"use_dora is set but {key} has no lora_magnitude_vector")
+    magnitude = tensors[name]
+    if tuple(magnitude.shape) != (out_features,):
+        raise refuse(
+            folder,
+            f"DoRA magnitude {name} has shape {tuple(magnitude.shape)}, expected "
+            f"({out_features},) (one per output feature of {key})",
+        )
+    if not magnitude.is_floating_point() or not torch.isfinite(magnitude).all():
+        raise refuse(folder, f"DoRA magnitude {name} is not finite floats ({magnitude.dtype})")
+    return magnitude.float()
 
 
 def _check_shape(

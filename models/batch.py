@@ -28,26 +28,29 @@ class LoraTables:
     """The offset and rank tables of one module group of one layer (the model binds each,
     with the pool, into the `kernels.ops.LoraWeights` the LoRA kernels read).
 
-    Views of the runner's `[slots, layers, modules, 2]` offset table and `[slots, layers,
+    Views of the runner's `[slots, layers, modules, 3]` offset table and `[slots, layers,
     modules]` rank table, made once at start-up (the tables never move)."""
 
     a_offsets: torch.Tensor  # [num_slots, num_slices] int64, element offset of each A
     b_offsets: torch.Tensor  # [num_slots, num_slices] int64, element offset of each B
     ranks: torch.Tensor  # [num_slots, num_slices] int32, 0 = slice not adapted
+    g_offsets: torch.Tensor  # [num_slots, num_slices] int64, DoRA's g; -1 = plain LoRA
 
 
 def lora_tables(
     offsets: torch.Tensor, ranks: torch.Tensor, groups: tuple[tuple[int, ...], ...]
 ) -> list[list[LoraTables]]:
-    """`[layer][group]` views of the offset table `[slots, layers, modules, 2]` and the rank
+    """`[layer][group]` views of the offset table `[slots, layers, modules, 3]` and the rank
     table `[slots, layers, modules]`, one per module group (q/k/v, o, gate/up, down)."""
     tables = []
     for layer in range(offsets.shape[1]):
         row = []
         for group in groups:
             first, last = group[0], group[-1] + 1
-            pairs = offsets[:, layer, first:last]  # [slots, num_slices, 2]
-            row.append(LoraTables(pairs[..., 0], pairs[..., 1], ranks[:, layer, first:last]))
+            where = offsets[:, layer, first:last]  # [slots, num_slices, 3]
+            row.append(
+                LoraTables(where[..., 0], where[..., 1], ranks[:, layer, first:last], where[..., 2])
+            )
         tables.append(row)
     return tables
 

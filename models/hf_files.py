@@ -66,16 +66,19 @@ def write_adapter(
     rank: int,
     lora_alpha: int,
     target_modules: list[str],
+    use_dora: bool = False,
 ) -> None:
-    """ADAPTER_FILES of a plain LoRA into `folder` (made if missing): `weights` under PEFT's
-    names (`base_model.model.<module>.lora_A.weight` [r, in], `lora_B.weight` [out, r])."""
+    """ADAPTER_FILES of a LoRA into `folder` (made if missing): `weights` under PEFT's
+    names (`base_model.model.<module>.lora_A.weight` [r, in], `lora_B.weight` [out, r]; with
+    `use_dora`, `<module>.lora_magnitude_vector` [out] too)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().contiguous() for name, tensor in weights.items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     write_json(
-        folder / "adapter_config.json", lora_adapter_config(rank, lora_alpha, target_modules)
+        folder / "adapter_config.json",
+        lora_adapter_config(rank, lora_alpha, target_modules, use_dora),
     )
 
 
@@ -192,8 +195,10 @@ def _eos(arch: ModelArch) -> int:
     return arch.eos_token_ids[0]
 
 
-def lora_adapter_config(rank: int, lora_alpha: int, target_modules: list[str]) -> dict:
-    """adapter_config.json of a plain LoRA (no DoRA, no bias, no patterns)."""
+def lora_adapter_config(
+    rank: int, lora_alpha: int, target_modules: list[str], use_dora: bool = False
+) -> dict:
+    """adapter_config.json of a LoRA (DoRA with `use_dora`; no bias, no patterns)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -205,7 +210,7 @@ def lora_adapter_config(rank: int, lora_alpha: int, target_modules: list[str]) -
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,

@@ -160,12 +160,44 @@ class LlamaModel:
             LayerPool(
                 kv_pages[:, layer],
                 tuple(
-                    LoraWeights(pool, table.a_offsets, table.b_offsets, table.ranks, slices[group])
+                    LoraWeights(
+                        pool,
+                        table.a_offsets,
+                        table.b_offsets,
+                        table.ranks,
+                        slices[group],
+                        table.g_offsets,
+                        self._group_bias(layer, group),
+                    )
                     for group, table in enumerate(tables)
                 ),
             )
             for layer, tables in enumerate(lora_tables)
         ]
+
+    def _group_bias(self, layer: int, group: int) -> torch.Tensor | None:
+        """The bias of a module group's fused projection (which DoRA's g does not scale)."""
+        weights = self.layers[layer]
+        return {QKV: weights.qkv_bias, O_PROJ: weights.o_bias}.get(group)
+
+    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+        """memory.dora.BaseWeights: [out, in] of one linear (`q_proj`, ..., `qkv_proj`), a view
+        of the fused weight the forward computes with."""
+        weights, arch = self.layers[layer], self.arch
+        q, kv, intermediate = arch.q_size, arch.kv_size, arch.intermediate_size
+        rows = {
+            "q_proj": (weights.qkv, 0, q),
+            "k_proj": (weights.qkv, q, q + kv),
+            "v_proj": (weights.qkv, q + kv, q + 2 * kv),
+            "qkv_proj": (weights.qkv, 0, q + 2 * kv),
+            "o_proj": (weights.o, 0, arch.hidden_size),
+            "gate_proj": (weights.gate_up, 0, intermediate),
+            "up_proj": (weights.gate_up, intermediate, 2 * intermediate),
+            "gate_up_proj": (weights.gate_up, 0, 2 * intermediate),
+            "down_proj": (weights.down, 0, arch.hidden_size),
+        }
+        fused, first, last = rows[module]
+        return fused[first:last]
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

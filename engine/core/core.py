@@ -85,6 +85,7 @@ class EngineCore:
             runner.dtype,
             pin_memory=runner.device.type == "cuda",  # host-to-device copies from pinned pages
             max_weight=lora.max_adapter_weight,
+            base_weights=runner,
         )
         self.catalog = AdapterCatalog(
             AdapterLoader(reader, lora.adapter_load_workers),

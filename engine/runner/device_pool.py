@@ -50,9 +50,10 @@ class DevicePool:
             num_pages, *geometry.kv_shape()
         )
         num_layers = geometry.num_layers
-        # [slots, layers, modules, 2]: element offsets of A and B; -1 = not targeted
+        # [slots, layers, modules, 3]: element offsets of A, B and DoRA's g; -1 = not targeted
+        # (g: -1 for plain LoRA)
         self.lora_offsets = torch.full(
-            (max_resident_adapters, num_layers, NUM_LORA_MODULES, 2),
+            (max_resident_adapters, num_layers, NUM_LORA_MODULES, 3),
             -1,
             dtype=torch.int64,
             device=device,
@@ -96,7 +97,7 @@ class DevicePool:
         host, page_numel = load.adapter, self.geometry.page_numel
         pages = torch.tensor(load.pages, dtype=torch.int64, device=self.device)
         self.pages[pages] = host.pages.to(self.device, non_blocking=True)
-        local = host.local_offsets.to(self.device)  # [layers, modules, 2]
+        local = host.local_offsets.to(self.device)  # [layers, modules, 3]
         global_offsets = pages[local.clamp(min=0) // page_numel] * page_numel + local % page_numel
         self.lora_offsets[load.slot] = torch.where(local >= 0, global_offsets, -1)
         self.lora_ranks[load.slot] = host.ranks.to(self.device)

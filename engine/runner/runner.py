@@ -81,6 +81,10 @@ class ModelRunner(Protocol):
         """Adapter copy latencies recorded since the last call (for metrics)."""
         ...
 
+    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+        """memory.dora.BaseWeights: a base linear's weight, which DoRA adapters are read against."""
+        ...
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when there is one; ValueError for a CUDA device this torch cannot use."""
@@ -230,6 +234,10 @@ class TorchModelRunner:
 
     def drain_load_seconds(self) -> list[float]:
         return self.pool.drain_load_seconds()
+
+    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+        # Called from the adapter loader threads: a read of weights that never change.
+        return self.model.base_weight(layer, module)
 
     def _logits(self, chunks: Sequence[ScheduledChunk], prompt_rows: PromptRows) -> torch.Tensor:
         """Logits of the sampling chunks, then of the prompt-logprob rows: a graph replay

@@ -8,8 +8,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from loraserve.bench.assets import is_dora
 from loraserve.bench.kernels_lora import lora_groups
 from loraserve.bench.models import SHAPES, build_adapter, build_model
+from loraserve.memory.adapter_store import AdapterReader
+from loraserve.memory.geometry import PoolGeometry
+from loraserve.models.arch import MODULE_INDEX, linear_parent
 from loraserve.models.hf_config import load_arch
 
 
@@ -35,3 +39,26 @@ def test_the_kernel_benchmark_groups_follow_the_arch() -> None:
         "gate_up": (4096, (14336, 14336)),
         "down": (14336, (4096,)),
     }
+
+
+def test_a_dora_bench_adapter_reads_back_with_g_near_one(tmp_path: Path) -> None:
+    """bench.compare --dora-fraction: DoRA adapters of the bench shape, g = m / ||W + sBA||
+    near 1 as a trained one's (the throughput figures are of a realistic computation)."""
+    arch = SHAPES["cpu"]
+    build_model(tmp_path / "model", arch, torch.float32)
+    build_adapter(tmp_path / "dora", arch, rank=8, dora=True)
+    weights = load_file(tmp_path / "model" / "model.safetensors")
+
+    class Weights:
+        def base_weight(self, layer: int, module: str) -> torch.Tensor:
+            return weights[f"model.layers.{layer}.{linear_parent(module)}.{module}.weight"]
+
+    geometry = PoolGeometry.for_model(arch, block_size=16, max_lora_rank=8)
+    reader = AdapterReader(arch, geometry, 8, torch.float32, base_weights=Weights())
+    host = reader.read("dora", tmp_path / "dora")
+    assert host.is_dora
+    offset = int(host.local_offsets[0, MODULE_INDEX["o_proj"], 2])
+    g = host.pages.view(-1)[offset : offset + arch.hidden_size]
+    assert float(g.min()) > 0.5 and float(g.max()) < 1.5 and float((g - 1).abs().max()) > 0.01
+    assert [index for index in range(12) if is_dora(index, 0.25)] == [3, 7, 11]
+    assert not any(is_dora(index, 0.0) for index in range(12))

@@ -3,7 +3,8 @@
 For each model family, one `generate` call mixes adapters of different ranks
 (odd, rsLoRA, rank_pattern/alpha_pattern, different target subsets) with base-model
 requests; every request must produce the tokens PEFT produces for that adapter
-alone, with logprobs equal to 1e-4. Also under a pool so small that requests are
+alone, with logprobs equal to 1e-4. DoRA adapters (PEFT `use_dora=True`, unmerged) are
+among them. Also under a pool so small that requests are
 preempted and recomputed, and with prompts chunked by a tiny token budget.
 
 Families with sliding windows have windows of 12 tokens, so every prompt and its 32
@@ -40,6 +41,19 @@ ADAPTERS = {
         rank_pattern={"v_proj": 12},
         alpha_pattern={"down_proj": 3},
     ),
+    # DoRA (g = m / ||W + sBA|| per output feature), beside the plain ones in the same batch.
+    "dora-attn": dict(
+        r=6, lora_alpha=12, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj"]
+    ),
+    "dora-all": dict(
+        r=5,
+        lora_alpha=7,
+        use_dora=True,
+        use_rslora=True,
+        target_modules=list(LORA_MODULES),
+        rank_pattern={"k_proj": 9},
+        alpha_pattern={"up_proj": 4},
+    ),
 }
 # (adapter, prompt text); None = base model. Adapters appear twice so segments repeat.
 REQUESTS = [
@@ -51,6 +65,9 @@ REQUESTS = [
     ("all7", "this is a tiny corpus"),
     (None, "hello"),
     ("pattern", "0123456789 SELECT id FROM users WHERE id = 42; Bonjour"),
+    ("dora-attn", "hello world"),
+    ("dora-all", "The quick brown fox jumps over the lazy dog"),
+    ("dora-all", "LoRA adapters share"),
 ]
 
 

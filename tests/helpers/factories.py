@@ -203,7 +203,9 @@ def make_adapter(base_model, folder: Path, seed: int = 0, **lora_config: Any) ->
     """Write a PEFT LoRA adapter for `base_model` with random (non-zero) A and B.
 
     `lora_config` goes to `peft.LoraConfig` (r, lora_alpha, target_modules,
-    use_rslora, rank_pattern, alpha_pattern, ...)."""
+    use_rslora, rank_pattern, alpha_pattern, use_dora, ...). A DoRA adapter's magnitude m,
+    which PEFT starts at ||W + sBA|| (g = 1: plain LoRA's output), is scaled by random
+    factors in [0.5, 1.5] per output feature, as training moves it."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -213,6 +215,8 @@ def make_adapter(base_model, folder: Path, seed: int = 0, **lora_config: Any) ->
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:  # scale up so adapters visibly change greedy outputs
                 param.mul_(4.0)
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.rand(param.shape) + 0.5)
     peft_model.save_pretrained(folder)
     return folder
 

@@ -275,7 +275,7 @@ def refusal(base, adapter_folder, tmp_path):
 
 CONFIG_REFUSALS: list[tuple[dict[str, Any], str]] = [
     ({"peft_type": "IA3"}, "peft_type is 'IA3'; only LORA"),
-    ({"use_dora": True}, "DoRA"),
+    ({"use_dora": True}, "use_dora is set but .*q_proj has no lora_magnitude_vector"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "all"}, "bias 'all' is not supported"),
     ({"bias": "lora_only"}, "bias 'lora_only' is not supported"),
@@ -337,7 +337,7 @@ TENSOR_REFUSALS: list[tuple[Callable[[dict[str, torch.Tensor]], Any], str]] = [
     ),
     (
         lambda t: t.update({f"{LAYER_0_Q}.lora_magnitude_vector": torch.ones(64)}),
-        "unexpected tensor .*q_proj.lora_magnitude_vector",
+        "q_proj.lora_magnitude_vector is a DoRA magnitude but use_dora is not set",
     ),
     (
         lambda t: [t.pop(f"{LAYER_0_Q}.lora_{which}.weight") for which in "AB"],

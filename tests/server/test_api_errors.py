@@ -17,7 +17,7 @@ from factories import make_adapter
 from safetensors.torch import load_file, save_file
 from server_harness import Assets, Running, start_server
 
-BAD_ADAPTERS = ("missing-weights", "bad-config", "rank-too-high", "wrong-shapes")
+BAD_ADAPTERS = ("missing-weights", "bad-config", "rank-too-high", "wrong-shapes", "dora-short-m")
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
@@ -64,6 +64,14 @@ def bad_adapters(assets: Assets) -> Path:
     name = next(key for key in tensors if "lora_A" in key)
     tensors[name] = tensors[name][:, :-1].contiguous()  # one input feature short
     save_file(tensors, weights)
+    dora = root / "dora-short-m"  # a DoRA magnitude one output feature short
+    make_adapter(
+        assets.base_model, dora, r=4, lora_alpha=8, use_dora=True, target_modules=["o_proj"]
+    )
+    tensors = load_file(dora / "adapter_model.safetensors")
+    name = next(key for key in tensors if "lora_magnitude_vector" in key)
+    tensors[name] = tensors[name][:-1].contiguous()
+    save_file(tensors, dora / "adapter_model.safetensors")
     return root
 
 
@@ -194,6 +202,33 @@ def test_load_use_and_unload_an_adapter(running: Running, assets: Assets) -> Non
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="extra", prompt="hello", max_tokens=2)
     assert_error(post(running, "/v1/unload_lora_adapter", {"lora_name": "extra"}), 404)
+
+
+def test_a_dora_adapter_loads_and_serves_beside_the_others(
+    running: Running, assets: Assets
+) -> None:
+    make_adapter(
+        assets.base_model,
+        assets.spare_dir / "dora",
+        seed=5,
+        r=6,
+        lora_alpha=12,
+        use_dora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    )
+    body = {"lora_name": "dora", "lora_path": str(assets.spare_dir / "dora")}
+    response = post(running, "/v1/load_lora_adapter", body)
+    assert response.status_code == 200, response.text
+    assert_still_serving(running, "dora")
+    assert_still_serving(running)
+    assert post(running, "/v1/unload_lora_adapter", {"lora_name": "dora"}).status_code == 200
+
+
+def test_a_dora_magnitude_of_the_wrong_shape_says_so(running: Running, bad_adapters: Path) -> None:
+    body = {"lora_name": "dora-bad", "lora_path": str(bad_adapters / "dora-short-m")}
+    error = assert_error(post(running, "/v1/load_lora_adapter", body), 400)
+    assert "dora-short-m" in error["message"] and "lora_magnitude_vector" in error["message"]
+    assert "shape (63,), expected (64,)" in error["message"]
 
 
 def test_a_relative_path_is_taken_under_the_root(running: Running) -> None:
