@@ -187,6 +187,11 @@ class AdapterCatalog:
         """The adapter's largest rank, once read."""
         return self._entry(name).max_rank
 
+    def fit_budget(self) -> None:
+        """Drop idle adapters from host RAM, least recently used first, until within budget:
+        after a read, and when an adapter's last request ends (it was kept while in use)."""
+        self._fit_budget(keep=set())
+
     def drain_load_seconds(self) -> list[float]:
         return self.load_seconds.drain()
 

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loraserve.errors import AdapterError
@@ -172,67 +173,64 @@ class AdapterReader:
         return pack_matrices(sizes, self.geometry.page_numel)[1]
 
     def _pack(self, name: str, folder: Path, modules: list[LoraModule]) -> HostAdapter:
-        """Convert every module's matrices to the pool layout and pack them into pages."""
-        # Per module: its A, then one B per slot it fills (one, or a fused module's parts),
-        # then for DoRA one g per slot.
-        matrices = [matrix for module in modules for matrix in self._host_matrices(folder, module)]
-        offsets, num_pages = pack_matrices([m.numel() for m in matrices], self.geometry.page_numel)
+        """Copy every module's matrices from the mapped file into page-sized slabs, in the
+        pool's dtype and layout (one copy each, the scaling folded into B as it is copied):
+        per module its A, then one B per slot it fills (one, or a fused module's parts),
+        then for DoRA one g per slot; then check the slabs' values in one pass."""
+        widths = [self._part_widths(module) for module in modules]
+        sizes = [
+            size
+            for module, parts in zip(modules, widths, strict=True)
+            for size in (
+                module.lora_a.numel(),
+                *(module.rank * width for width in parts),
+                *(parts if module.magnitude is not None else ()),
+            )
+        ]
+        offsets, num_pages = pack_matrices(sizes, self.geometry.page_numel)
         pages = torch.zeros(  # [num_pages, page_numel]
             num_pages, self.geometry.page_numel, dtype=self.dtype, pin_memory=self.pin_memory
         )
         flat = pages.view(-1)
-        for matrix, offset in zip(matrices, offsets, strict=True):
-            flat[offset : offset + matrix.numel()] = matrix.reshape(-1)
         shape = (self.arch.num_layers, NUM_LORA_MODULES)
-        local_offsets = torch.full((*shape, 3), NOT_TARGETED, dtype=torch.int64)
-        ranks = torch.zeros(shape, dtype=torch.int32)
+        local_offsets = np.full((*shape, 3), NOT_TARGETED, dtype=np.int64)
+        ranks = np.zeros(shape, dtype=np.int32)
         next_offset = iter(offsets)
-        for module in modules:
-            a_offset = next(next_offset)
-            for slot in module.slots:  # a fused module's parts share its one A
-                local_offsets[module.layer, slot, :2] = torch.tensor([a_offset, next(next_offset)])
-                ranks[module.layer, slot] = module.rank
+        for module, parts in zip(modules, widths, strict=True):
+            rank, a_offset = module.rank, next(next_offset)
+            flat[a_offset : a_offset + module.lora_a.numel()].view(module.lora_a.shape).copy_(
+                module.lora_a
+            )
+            row = 0
+            for slot, width in zip(module.slots, parts, strict=True):  # parts share the one A
+                b_offset = next(next_offset)
+                target = flat[b_offset : b_offset + rank * width].view(rank, width)
+                _scaled_copy(target, module.lora_b[row : row + width].T, module.scaling)
+                row += width
+                local_offsets[module.layer, slot, :2] = a_offset, b_offset
+                ranks[module.layer, slot] = rank
             if module.magnitude is not None:
-                for slot in module.slots:
-                    local_offsets[module.layer, slot, 2] = next(next_offset)
+                scale = self._magnitude_scale(folder, module)  # [out], pool dtype
+                for slot, part in zip(module.slots, scale.split(parts), strict=True):
+                    g_offset = next(next_offset)
+                    flat[g_offset : g_offset + part.numel()].copy_(part)
+                    local_offsets[module.layer, slot, 2] = g_offset
+        self._check_values(folder, modules, flat, offsets)
         targeted = {module.name for module in modules}
+        offsets_tensor, ranks_tensor = torch.from_numpy(local_offsets), torch.from_numpy(ranks)
         return HostAdapter(
             name=name,
             path=str(folder),
             pages=pages,
-            local_offsets=local_offsets,
-            ranks=ranks,
+            local_offsets=offsets_tensor,
+            ranks=ranks_tensor,
             max_rank=max(module.rank for module in modules),
             target_modules=tuple(m for m in self.arch.linear_modules if m in targeted),
-            digest=weights_digest(pages, local_offsets, ranks),
+            digest=weights_digest(pages, offsets_tensor, ranks_tensor),
         )
 
-    def _host_matrices(self, folder: Path, module: LoraModule) -> list[torch.Tensor]:
-        """A [r, in], then scaled, transposed B [r, out_i] of each slot, then (DoRA) g [1, out_i]
-        of each slot, in the pool dtype."""
-        lora_a = module.lora_a.to(self.dtype)  # [r, in]
-        # Fold the scaling in float32, then round once to the pool dtype.
-        lora_b = (module.lora_b * module.scaling).T.to(self.dtype)  # [r, out]
-        for tensor_name, matrix in ((module.a_name, lora_a), (module.b_name, lora_b)):
-            if not torch.isfinite(matrix).all():
-                raise refuse(folder, f"tensor {tensor_name} overflows {self.dtype} once scaled")
-            largest = float(matrix.abs().max())
-            if largest > self.max_weight:
-                raise refuse(
-                    folder,
-                    f"tensor {tensor_name} has entries of magnitude {largest:.3g} once scaled "
-                    f"(scaling {module.scaling:.3g}); past max_adapter_weight "
-                    f"{self.max_weight:g}, which no trained adapter comes near",
-                )
-        widths = [self.arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
-        matrices = [lora_a, *(part.contiguous() for part in lora_b.split(widths, dim=1))]
-        if module.magnitude is None:
-            return matrices
-        scale = self._magnitude_scale(folder, module)  # [1, out]
-        return matrices + [part.contiguous() for part in scale.split(widths, dim=1)]
-
     def _magnitude_scale(self, folder: Path, module: LoraModule) -> torch.Tensor:
-        """DoRA's g of a module, [1, out_features] in the pool dtype (memory/dora.py)."""
+        """DoRA's g of a module, [out_features] in the pool dtype (memory/dora.py)."""
         if self.base_weights is None:
             raise refuse(folder, "DoRA (use_dora) needs the base model's weights to serve")
         scale = magnitude_scale(module, self.base_weights, folder).to(self.dtype)
@@ -240,4 +238,65 @@ class AdapterReader:
             raise refuse(
                 folder, f"DoRA magnitude {module.magnitude_name} overflows {self.dtype} as m / norm"
             )
-        return scale.view(1, -1)
+        return scale
+
+    def _part_widths(self, module: LoraModule) -> list[int]:
+        """Output widths of the slots `module` fills (one, or a fused module's parts)."""
+        return [self.arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
+
+    def _check_values(
+        self, folder: Path, modules: list[LoraModule], flat: torch.Tensor, offsets: list[int]
+    ) -> None:
+        """Refuse an adapter with a value that is not finite, or past `max_weight`, once in
+        the pool's dtype. One pass over the slabs; only a refusal looks for the culprit,
+        in the order the file's modules come (its values first, then the converted ones)."""
+        smallest, largest = torch.aminmax(flat)  # NaN if any is NaN
+        if -float(smallest) <= self.max_weight and float(largest) <= self.max_weight:
+            return
+        for module in modules:
+            for tensor_name, tensor in (
+                (module.a_name, module.lora_a),
+                (module.b_name, module.lora_b),
+            ):
+                if not torch.isfinite(tensor).all():
+                    raise refuse(folder, f"tensor {tensor_name} contains NaN or inf")
+        next_offset = iter(offsets)
+        for module in modules:
+            a_offset = next(next_offset)
+            b_offsets = [next(next_offset) for _ in module.slots]
+            if module.magnitude is not None:  # g: checked finite as it was computed
+                for _ in module.slots:
+                    next(next_offset)
+            matrices = [(module.a_name, flat[a_offset : a_offset + module.lora_a.numel()])]
+            matrices += [
+                (module.b_name, flat[b : b + module.rank * width])
+                for b, width in zip(b_offsets, self._part_widths(module), strict=True)
+            ]
+            for tensor_name, matrix in matrices:
+                self._check_matrix(folder, module, tensor_name, matrix)
+        raise AssertionError("a value past the limit was not found in any matrix")
+
+    def _check_matrix(
+        self, folder: Path, module: LoraModule, tensor_name: str, matrix: torch.Tensor
+    ) -> None:
+        if not torch.isfinite(matrix).all():
+            raise refuse(folder, f"tensor {tensor_name} overflows {self.dtype} once scaled")
+        largest = float(matrix.abs().max())
+        if largest > self.max_weight:
+            raise refuse(
+                folder,
+                f"tensor {tensor_name} has entries of magnitude {largest:.3g} once scaled "
+                f"(scaling {module.scaling:.3g}); past max_adapter_weight "
+                f"{self.max_weight:g}, which no trained adapter comes near",
+            )
+
+
+def _scaled_copy(target: torch.Tensor, source: torch.Tensor, scaling: float) -> None:
+    """target = scaling * source, multiplied in float32 and rounded once to target's dtype
+    (as converting the file's tensor to float32, scaling, then to the pool's dtype would)."""
+    if source.dtype == torch.float32:
+        torch.mul(source, scaling, out=target)
+    elif target.dtype == torch.float32:
+        target.copy_(source).mul_(scaling)  # exact: a float32 holds any narrower float
+    else:
+        torch.mul(source.float(), scaling, out=target)

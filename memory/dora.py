@@ -50,7 +50,8 @@ def magnitude_scale(module: LoraModule, base: BaseWeights, folder: Path) -> torc
     assert module.magnitude is not None, "magnitude_scale of a plain LoRA module"
     weight = base.base_weight(module.layer, module.name)  # [out, in]
     device = weight.device
-    lora_a, lora_b = module.lora_a.to(device), module.lora_b.to(device)  # [r, in], [out, r]
+    # [r, in], [out, r]: views of the mapped file, in float32 as PEFT's float32 model holds them
+    lora_a, lora_b = (t.to(device, torch.float32) for t in (module.lora_a, module.lora_b))
     # Rows a few at a time: the float32 copy of a whole [out, in] weight (gigabytes at 70B)
     # must not be needed on a device whose memory the pool has taken.
     rows = max(1, NORM_CHUNK_ELEMENTS // weight.shape[1])

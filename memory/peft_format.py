@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from loraserve.memory.adapter_dir import CONFIG_FILE
 from loraserve.memory.peft_config import (
@@ -33,6 +31,7 @@ from loraserve.memory.peft_config import (
     read_config,
     refuse,
 )
+from loraserve.memory.safetensors_map import SafetensorsFormatError, map_tensors
 from loraserve.models.arch import (
     FUSED_MODULES,
     MODULE_INDEX,
@@ -55,7 +54,9 @@ ALL_LINEAR = "all-linear"
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted linear layer of one decoder layer, as the file holds it (float32)."""
+    """One adapted linear layer of one decoder layer, as the file holds it: views of the
+    mapped file in its dtype (a float), shapes checked; values are checked once converted
+    (memory/adapter_store.py)."""
 
     layer: int
     name: str
@@ -242,10 +243,10 @@ def _pattern(config: dict[str, Any], field: str, folder: Path) -> dict[str, Any]
 
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of adapter_model.safetensors (CPU)."""
+    """Every tensor of adapter_model.safetensors: views of the mapped file (CPU), nothing copied."""
     try:
-        return load_file(folder / SAFETENSORS_FILE, device="cpu")
-    except (SafetensorError, OSError) as error:
+        return map_tensors(folder / SAFETENSORS_FILE)
+    except (SafetensorsFormatError, OSError) as error:
         raise refuse(folder, f"cannot read {SAFETENSORS_FILE} ({error})") from None
 
 
@@ -323,16 +324,14 @@ def _checked_module(
     for name, tensor in ((a_name, lora_a), (b_name, lora_b)):
         if not tensor.is_floating_point():
             raise refuse(folder, f"tensor {name} has dtype {tensor.dtype}; expected floats")
-        if not torch.isfinite(tensor).all():
-            raise refuse(folder, f"tensor {name} contains NaN or inf")
     magnitude = checked_magnitude(folder, target.key, pair, tensors, out_features, use_dora)
     return LoraModule(
         where[0],
         module,
         target.rank,
         target.scaling,
-        lora_a.float(),
-        lora_b.float(),
+        lora_a,
+        lora_b,
         a_name,
         b_name,
         magnitude,

@@ -125,6 +125,7 @@ class AdapterManager:
             if not self.users[name]:
                 del self.users[name]
                 self._retire_if_idle(name)
+                self.catalog.fit_budget()  # it may have been kept in host RAM past the budget
 
     def is_ready(self, name: str | None) -> bool:
         return self.pool.adapter_ready(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,28 @@ def with_serving_threads(config: EngineConfig) -> EngineConfig:
     cores = available_cores()
     model = dataclasses.replace(config.model, cpu_threads=cores - 1 if cores >= 4 else cores)
     return dataclasses.replace(config, model=model)
+
+
+OPENMP_SPIN_COUNT = "100"
+"""GOMP_SPINCOUNT of the engine-core process: busy-wait iterations of an OpenMP thread at
+a barrier before it sleeps (libgomp's own value when it runs more threads than CPUs)."""
+
+
+def serving_openmp_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Variables for an engine-core process beside a front end: a short OpenMP busy-wait,
+    unless `environ` (the user's) chooses one (GOMP_SPINCOUNT or OMP_WAIT_POLICY).
+
+    libgomp (torch's OpenMP, which the native kernels share) reads them once, when torch is
+    first imported, and otherwise spins 300,000 times at each barrier before sleeping, or
+    100 times once it runs more threads than there are CPUs. An adapter read on a loader
+    thread used to decide which: its torch calls start a second OpenMP team, so a server
+    that read adapters from disk ran with 100 spins, and one whose adapters were all pinned
+    (read at start, on the main thread) spun 300,000 times while its own team and the front
+    end wanted the same cores: pinning cost ~40% of throughput (issue 27). Now every engine
+    core spins briefly, whatever it reads, and pinned runs as unpinned."""
+    if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ:
+        return {}
+    return {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
 
 
 def resolve_max_model_len(arch: ModelArch, requested: int | None) -> int:

@@ -20,12 +20,13 @@ import os
 import signal
 import threading
 import traceback
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import zmq
 
 from loraserve.engine.core import ipc
-from loraserve.engine.core.config import EngineConfig
+from loraserve.engine.core.config import EngineConfig, serving_openmp_environment
 from loraserve.engine.core.service import CoreService, start_core
 
 if TYPE_CHECKING:
@@ -43,38 +44,44 @@ def spawn_engine_core(
     to_front_end_address: str,
     log_level: str,
 ) -> multiprocessing.process.BaseProcess:
-    """Start the engine-core process (`spawn`, a daemon of this one) running `run_engine_core`."""
+    """Start the engine-core process (`spawn`, a daemon of this one) running `run_engine_core`,
+    with a short OpenMP busy-wait (`serving_openmp_environment`): it shares the cores."""
     process = multiprocessing.get_context("spawn").Process(
         target=run_engine_core,
         args=(config, adapters, to_core_address, to_front_end_address, os.getpid(), log_level),
         name="loraserve-engine-core",
         daemon=True,
     )
-    start_without_current_folder(process)
+    start_without_current_folder(process, serving_openmp_environment(os.environ))
     return process
 
 
 _ENVIRONMENT_LOCK = threading.Lock()
 
 
-def start_without_current_folder(process: multiprocessing.process.BaseProcess) -> None:
-    """Start a `spawn` process with the current folder off its import path.
+def start_without_current_folder(
+    process: multiprocessing.process.BaseProcess, environment: Mapping[str, str] | None = None
+) -> None:
+    """Start a `spawn` process with the current folder off its import path, and the
+    variables of `environment` set in its environment (this process's is left as it was).
 
     `spawn` starts `python -c ...`, which puts the current folder first on sys.path, and the
     child imports the standard library (`struct`, `pickle`...) before multiprocessing gives it
     this process's path: a `struct.py` or a `kernels/` folder where `loraserve serve` was
     started would be imported in place of the real module. PYTHONSAFEPATH keeps it off.
     """
-    with _ENVIRONMENT_LOCK:  # two threads starting processes would restore each other's value
-        previous = os.environ.get("PYTHONSAFEPATH")
-        os.environ["PYTHONSAFEPATH"] = "1"
+    variables = {**(environment or {}), "PYTHONSAFEPATH": "1"}
+    with _ENVIRONMENT_LOCK:  # two threads starting processes would restore each other's values
+        previous = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
         try:
             process.start()
         finally:
-            if previous is None:
-                del os.environ["PYTHONSAFEPATH"]
-            else:
-                os.environ["PYTHONSAFEPATH"] = previous
+            for name, value in previous.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
 
 def run_engine_core(

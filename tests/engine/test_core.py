@@ -158,3 +158,20 @@ def test_a_group_of_completions_is_added_whole_or_not_at_all(assets) -> None:
     assert sorted(core.requests) == ["g-0", "g-1"]
     run(core)
     core.memory.check_invariants()
+
+
+def test_host_ram_holds_its_budget_once_the_requests_end(assets) -> None:
+    """Adapters in use are kept in host RAM past `max_cpu_loras`; when their last request
+    ends, the budget holds again, without waiting for another read."""
+    model, adapters = assets
+    config = build_config(str(model), device="cpu", max_cpu_loras=1, adapter_load_workers=0)
+    core = EngineCore(config, runner_factory=FakeRunner)
+    for index, name in enumerate(["a", "b", "c"]):
+        request = EngineRequest(
+            f"r{index}", [5, 6], GREEDY(max_tokens=2), name, str(adapters[name])
+        )
+        core.add_request(request)
+    core.step()  # collects the three reads: kept, all three in use
+    assert len(core.catalog.host_adapters()) == 3
+    run(core)
+    assert len(core.catalog.host_adapters()) == 1
