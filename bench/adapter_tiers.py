@@ -101,8 +101,8 @@ def _sweep_point(
         )
         text = httpx.get(f"{url}/metrics", timeout=30).text
     point = {"num_adapters": count, "pinned": len(pins), **summarize(records, duration)}
-    point["disk_reads"] = _series(text, "vllm:lora_adapter_load_seconds_count", "disk")
-    point["pool_copies"] = _series(text, "vllm:lora_adapter_load_seconds_count", "cpu")
+    point["disk_reads"] = _series(text, "vllm:lora_adapter_load_seconds_count", "load")
+    point["pool_copies"] = _series(text, "vllm:lora_adapter_load_seconds_count", "activate")
     return point
 
 
@@ -264,8 +264,9 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def _series(text: str, name: str, source: str) -> float:
-    match = re.search(rf'^{re.escape(name)}\{{source="{source}"\}} (\S+)$', text, re.MULTILINE)
+def _series(text: str, name: str, transition: str) -> float:
+    pattern = rf'^{re.escape(name)}\{{transition="{transition}"\}} (\S+)$'
+    match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
