@@ -6,6 +6,7 @@ The images themselves cannot be built here (no daemon, no registry): deploy/READ
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -151,6 +152,21 @@ def test_cuda_image_can_compile_tritons_launcher() -> None:
     assert {"python3", "python3-dev", "gcc", "libc6-dev"} <= apt_installs(final)
     (run,) = [args for name, args in final if name == "RUN" and "python3-dev" in args]
     assert "--no-install-recommends" in run
+
+
+def test_cpu_image_leaves_triton_out_and_the_cuda_image_gets_it_from_torch() -> None:
+    """Triton is a gigabyte that a CPU never runs: neither the base requirements nor the demo
+    extra name it, torch's CPU build (this machine's) does not require it, and the CUDA lock
+    has it through torch."""
+    project = pyproject()["project"]
+    image_requirements = project["dependencies"] + project["optional-dependencies"]["demo"]
+    assert not [r for r in image_requirements if r.lower().startswith("triton")]
+    assert "triton" in project["optional-dependencies"]["test"], "the interpreter tests"
+    torch_requires = importlib.metadata.requires("torch") or []
+    if importlib.metadata.version("torch").endswith("+cpu"):
+        assert not [r for r in torch_requires if r.lower().startswith("triton")]
+    cuda_lock = (REPO / "requirements/cuda.txt").read_text()
+    assert re.search(r"^triton==.*\n(?:\s+#.*\n)*?\s+#\s+torch$", cuda_lock, re.M)
 
 
 def test_cpu_image_can_compile_the_native_kernels() -> None:
