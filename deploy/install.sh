@@ -1,8 +1,8 @@
 #!/bin/sh
-# Install loraserve into a new virtual environment: the one recipe that both the README's
-# `make setup` (deploy/install.sh .venv -e '.[test,demo]') and the Dockerfile's builder stage
-# (deploy/install.sh /opt/venv .) run, so that the image is installed the way a clone is.
-# tests/deploy/test_dockerfile.py checks that both still call it.
+# Install loraserve into a new virtual environment: the one recipe that the README's
+# `make setup` (deploy/install.sh .venv -e '.[test,demo]') and the builder stages of both
+# images, Dockerfile and Dockerfile.cpu (deploy/install.sh /opt/venv .), run, so that an image
+# is installed the way a clone is. tests/deploy/test_dockerfile.py checks that all still call it.
 #
 # usage: [LORASERVE_LOCK=FILE] deploy/install.sh VENV PIP_INSTALL_ARGUMENTS...
 #
