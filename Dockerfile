@@ -33,9 +33,14 @@ FROM ${CUDA_IMAGE}
 # One writable folder, /cache (HOME, the demo's converted model, Triton's kernel cache), open to every user
 # like /tmp: the server runs as any UID you give it, so that it can read model and adapter
 # files that safetensors wrote with mode 0600 (docker run --user "$(id -u):$(id -g)").
+# gcc, libc6-dev and python3-dev stay in this stage on purpose: Triton compiles a small C
+# launcher (its driver's cuda_utils.c, then one per kernel signature) the first time a process
+# uses it, with gcc (or $CC) against the headers of the Python that runs it (sysconfig's
+# include folder: python3-dev is those of this python3, 3.12 on Ubuntu 24.04). Without them
+# every Triton kernel fails at its first launch. The CPU kernels (--device cpu) use gcc too.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
+    && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --no-log-init --system --uid 10001 --gid 0 --home-dir /cache --no-create-home loraserve \
     && mkdir -m 1777 /cache

@@ -115,8 +115,8 @@ def _sweep_point(
     point = {"num_adapters": count, "pinned": len(pins), **summarize(records, duration)}
     point["offered_req_s"] = round(len(records) / args.duration, 2)
     point["at_capacity"] = point["throughput_req_s"] < AT_CAPACITY * point["offered_req_s"]
-    point["disk_reads"] = _series(text, "vllm:lora_adapter_load_seconds_count", "disk")
-    point["pool_copies"] = _series(text, "vllm:lora_adapter_load_seconds_count", "cpu")
+    point["disk_reads"] = _series(text, "vllm:lora_adapter_load_seconds_count", "load")
+    point["pool_copies"] = _series(text, "vllm:lora_adapter_load_seconds_count", "activate")
     return point
 
 
@@ -278,8 +278,9 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def _series(text: str, name: str, source: str) -> float:
-    match = re.search(rf'^{re.escape(name)}\{{source="{source}"\}} (\S+)$', text, re.MULTILINE)
+def _series(text: str, name: str, transition: str) -> float:
+    pattern = rf'^{re.escape(name)}\{{transition="{transition}"\}} (\S+)$'
+    match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 

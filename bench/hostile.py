@@ -13,12 +13,18 @@ streams' worst gap between two chunks and /health's worst latency, before the ho
 request (baseline) and from its sending to `--settle` seconds after its answer.
 
 Cases (what issue 10 found): `prompt-5mib` (a 5 MiB text prompt), `token-ids-14mb` (a
-14 MB JSON list of token ids), `n-20000` (n=20000 completions of a short prompt); issue 24's
+14 MB JSON list of token ids), `n-20000` (n=20000 completions of a short prompt); issue 25's
+`n-x-prompts` (256 prompts with n=128: each limit passed alone, 32,768 sequences together;
+target: a 4xx at once, before anything is queued); issue 24's
 grammar path: `grammar-chain-3000` (the Lark chain that killed the server), `grammar-chain-900`
 (within the limits, too deep for the checking child's stack), `choice-600kb`, and two
 constraints at the limits that the core compiles between steps (`choice-at-limit`,
 `schema-at-byte-limit`); target: a worst gap within 2x the baseline's.
 The client runs in this process: its threads share this process's GIL, not the server's.
+
+`tenant-timing` (bench/tenant_probe.py, three servers of its own): the prefix cache as a
+timing channel between tenants, a 660-token prompt sent by tenant A then by tenant B, open,
+isolated by `--api-keys` and shared by a `prefix_cache_group`; TTFT and the hit counters.
 
 `tokenizer` (in-process, no server): the event loop's worst stall while the server's
 prompt code tokenizes a 5 MiB text and renders a 5 MiB chat message in its worker
@@ -48,6 +54,7 @@ from loraserve.server.prompts import PromptBuilder
 from .assets import default_cache_dir, ensure_assets
 from .metrics import run_metadata
 from .servers import BASE_MODEL_NAME, loraserve_server
+from .tenant_probe import run as tenant_timing
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 """The benchmark model has no chat template; this one renders every message in full."""
@@ -71,6 +78,12 @@ def _token_ids_14mb() -> dict[str, Any]:
 
 def _n_20000() -> dict[str, Any]:
     return {"model": BASE_MODEL_NAME, "prompt": "hello", "n": 20000, "max_tokens": 1}
+
+
+def _n_times_prompts(num_prompts: int, n: int) -> dict[str, Any]:
+    """Issue 25: many prompts times n, each within its own limit, 32,768 sequences together."""
+    prompts = [f"hello {index}" for index in range(num_prompts)]
+    return {"model": BASE_MODEL_NAME, "prompt": prompts, "n": n, "max_tokens": 1}
 
 
 def _grammar(guided: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +120,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "prompt-5mib": _prompt_5mib,
     "token-ids-14mb": _token_ids_14mb,
     "n-20000": _n_20000,
+    # issue 25: the sequences of one request are prompts x n (x best_of), bounded together
+    "n-x-prompts": lambda: _n_times_prompts(256, 128),
     # issue 24: the grammar path
     "grammar-chain-3000": lambda: _lark_chain(3000),  # refused by max_grammar_rules
     "grammar-chain-900": lambda: _lark_chain(900),  # within the limits: its checker dies
@@ -279,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
             result = run_case(name, url, args)
         print(json.dumps(result), flush=True)
         results.append(result)
+    if args.case in ("all", "tenant-timing"):
+        for result in tenant_timing(model, server_args):
+            print(json.dumps(result), flush=True)
+            results.append(result)
     if args.case in ("all", "tokenizer"):
         for result in tokenizer_stalls(model):
             print(json.dumps(result), flush=True)
@@ -291,7 +310,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", choices=["all", *CASES, "tokenizer"], default="all")
+    parser.add_argument(
+        "--case", choices=["all", *CASES, "tenant-timing", "tokenizer"], default="all"
+    )
     parser.add_argument("--streams", type=int, default=4, help="background streams")
     parser.add_argument("--baseline", type=float, default=2.0, help="seconds watched before")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds watched after")

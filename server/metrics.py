@@ -14,8 +14,9 @@ Two families of names:
   "true"/"false" (--pin-adapter); `vllm:num_gpu_loaded_lora_adapters`,
   `vllm:num_cpu_loaded_lora_adapters` (adapters in host RAM, whether or not also in
   the pool), `vllm:max_gpu_lora_adapters` (adapter slots of the pool), and the
-  `vllm:lora_adapter_load_seconds` histogram by `source` tier (`disk`: a folder read
-  into host RAM; `cpu`: host RAM copied into the pool); and vLLM's prefix-cache
+  `vllm:lora_adapter_load_seconds` histogram by `transition` (`load`: a folder read
+  into host RAM; `activate`: host RAM copied into the pool; the label and values the
+  residency scorer prices misses with); and vLLM's prefix-cache
   counters in tokens, `vllm:prefix_cache_queries_total` (prompt tokens looked up when
   requests are admitted) and `vllm:prefix_cache_hits_total` (of those, tokens found
   cached), with `model_name`.
@@ -78,9 +79,9 @@ class ServerMetrics:
         self.registry.register(_EngineCollector(self, info))
         self.adapter_load_seconds = Histogram(
             "vllm:lora_adapter_load_seconds",
-            "Time to load an adapter, by source tier: disk (read into host RAM), "
-            "cpu (copied from host RAM into the pool).",
-            ["source"],
+            "Time to load an adapter, by transition: load (read from disk into host RAM), "
+            "activate (copied from host RAM into the pool).",
+            ["transition"],
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -90,8 +91,8 @@ class ServerMetrics:
         """Take a fresh engine picture (call before `render`)."""
         self.stats = stats
         self.healthy = healthy
-        for source, seconds in stats.new_adapter_load_seconds:
-            self.adapter_load_seconds.labels(source=source).observe(seconds)
+        for transition, seconds in stats.new_adapter_load_seconds:
+            self.adapter_load_seconds.labels(transition=transition).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

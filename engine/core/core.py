@@ -38,7 +38,12 @@ import msgspec
 from loraserve.engine.core.adapter_manager import AdapterManager, Waiter
 from loraserve.engine.core.admission import Admission
 from loraserve.engine.core.config import EngineConfig, RuntimeInfo, resolve_max_model_len
-from loraserve.engine.core.outputs import EngineOutput, EngineStats
+from loraserve.engine.core.outputs import (
+    ACTIVATE_TRANSITION,
+    LOAD_TRANSITION,
+    EngineOutput,
+    EngineStats,
+)
 from loraserve.engine.core.request import EngineRequest, RequestState, Step
 from loraserve.engine.runner.runner import ModelRunner, TorchModelRunner
 from loraserve.engine.sampling.sampler import SamplerOutput
@@ -385,7 +390,7 @@ class EngineCore:
             prefix_cache_queries=memory.stats.prefix_cache_queries,
             prefix_cache_hits=memory.stats.prefix_cache_hits,
             new_adapter_load_seconds=tuple(
-                [("disk", seconds) for seconds in self.catalog.drain_load_seconds()]
-                + [("cpu", seconds) for seconds in self.runner.drain_load_seconds()]
+                [(LOAD_TRANSITION, seconds) for seconds in self.catalog.drain_load_seconds()]
+                + [(ACTIVATE_TRANSITION, seconds) for seconds in self.runner.drain_load_seconds()]
             ),
         )

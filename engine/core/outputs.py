@@ -16,6 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# An adapter's two load steps, as the `transition` label of vllm:lora_adapter_load_seconds
+# names them (the values the llm-d router's residency scorer, llm-d-router PR #2792, reads).
+LOAD_TRANSITION = "load"
+"""Its folder read from disk into host RAM."""
+ACTIVATE_TRANSITION = "activate"
+"""Its host-RAM copy brought into the pool, where requests can use it."""
+
 
 @dataclass
 class TokenLogprobs:
@@ -169,5 +176,6 @@ class EngineStats:
     prefix_cache_hits: int = 0
     """Of those, tokens found cached."""
     new_adapter_load_seconds: tuple[tuple[str, float], ...] = ()
-    """(source tier, seconds) of the loads since the previous reading, each reported once:
-    `disk` (a folder read into host RAM), `cpu` (host RAM copied into the pool)."""
+    """(transition, seconds) of the loads since the previous reading, each reported once:
+    `LOAD_TRANSITION` (a folder read into host RAM), `ACTIVATE_TRANSITION` (host RAM copied
+    into the pool)."""

@@ -50,11 +50,14 @@ def test_structure() -> None:
             assert port.startswith("127.0.0.1:"), "a demo listens on this machine only"
 
 
-def test_loraserve_runs_the_demo_from_the_repository_image() -> None:
+def test_loraserve_runs_the_demo_from_the_repository_cpu_image() -> None:
     service = compose()["services"]["loraserve"]
+    # The CPU demo builds the CPU image, not the multi-gigabyte CUDA one, for the platform
+    # its lock file is resolved for.
     assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).resolve() == (
-        REPO / "Dockerfile"
+        REPO / "Dockerfile.cpu"
     )
+    assert service["platform"] == "linux/amd64"
     assert service["entrypoint"][1] == "demo"
     assert service["build"]["args"]["EXTRAS"] == "[demo]", "the image needs the demo extra"
     options = vars(build_parser().parse_args([service["entrypoint"][1], *service["command"]]))

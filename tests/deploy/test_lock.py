@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import re
+import shutil
 import tomllib
+import warnings
+from pathlib import Path
 
 import pytest
 from deploy_files import REPO
@@ -43,3 +46,32 @@ def test_make_setup_installs_the_cpu_lock() -> None:
     script = (REPO / "deploy/install.sh").read_text()
     assert "lock=${LORASERVE_LOCK-requirements/cpu.txt}" in script
     assert pins("requirements/cpu.txt")["torch"] == "2.13.0+cpu"
+
+
+def _setuptools_warnings(pyproject: Path) -> list[str]:
+    """What setuptools warns while reading a pyproject.toml's metadata (as every install does)."""
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), pyproject)
+    return [f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught]
+
+
+def test_the_metadata_reads_without_setuptools_warnings(tmp_path: Path) -> None:
+    """`make setup` printed setuptools' license deprecation box on every install: the license
+    is an SPDX expression with its file, and the old table form is what warned."""
+    assert _setuptools_warnings(REPO / "pyproject.toml") == []
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert all((REPO / name).is_file() for name in project["license-files"])
+    for name in ("README.md", *project["license-files"]):
+        shutil.copy(REPO / name, tmp_path / name)
+    old = (REPO / "pyproject.toml").read_text()
+    old = old.replace('license = "Apache-2.0"', 'license = { text = "Apache-2.0" }')
+    old = re.sub(r"^license-files = .*\n", "", old, flags=re.MULTILINE)
+    (tmp_path / "pyproject.toml").write_text(old)
+    assert any(
+        "license" in warning for warning in _setuptools_warnings(tmp_path / "pyproject.toml")
+    )

@@ -178,3 +178,77 @@ def test_every_panel_of_vllms_example_dashboard_is_fed(
             assert values, f"{panel}: no series {name}{matchers} in /metrics"
             if name.endswith(("_bucket", "_count")):
                 assert max(values) > 0, f"{panel}: {name} has no observations"
+
+
+# What the llm-d router v0.10.0 (the version k8s/inference/epp.yaml pins) reads from a pod
+# labelled llm-d.ai/engine-type: vllm, from its source on the release-0.10 branch:
+# core-metrics-extractor's default vLLM engine config (datalayer/extractor/metrics/
+# factories.go) and the labels extractor.go parses. series -> labels read (none: the value).
+ROUTER_V0_10_READS: dict[str, set[str]] = {
+    "vllm:num_requests_waiting": set(),
+    "vllm:num_requests_running": set(),
+    "vllm:kv_cache_usage_perc": set(),
+    "vllm:lora_requests_info": {"running_lora_adapters", "waiting_lora_adapters", "max_lora"},
+    "vllm:cache_config_info": {"block_size", "num_gpu_blocks"},
+}
+# The scorers of v0.10.0 that read those series (the rest of epp.yaml's plugins read none).
+ROUTER_V0_10_SCORERS = {"lora-affinity-scorer", "queue-scorer", "kv-cache-utilization-scorer"}
+
+
+def epp_plugins() -> set[str]:
+    documents = yaml.safe_load_all((K8S / "inference" / "epp.yaml").read_text())
+    (config_map,) = [d for d in documents if d["kind"] == "ConfigMap"]
+    config = yaml.safe_load(config_map["data"]["epp.yaml"])
+    return {plugin["type"] for plugin in config["plugins"]}
+
+
+def test_what_the_pinned_router_reads_is_exported_as_it_parses_it(exposition: str) -> None:
+    """Each series v0.10.0 reads is there once, with the labels it parses in the form it
+    parses them: integers where it calls Atoi, and the LoRA info's value a recent Unix time
+    (it keeps the series with the largest value)."""
+    exported = samples(exposition)
+    for name, labels in ROUTER_V0_10_READS.items():
+        series = [found for sample, found, _ in exported if sample == name]
+        assert len(series) == 1, f"{name}: {len(series)} series"
+        (found,) = series
+        assert labels <= set(found), f"{name} lacks {labels - set(found)}"
+        for label in labels & {"max_lora", "block_size", "num_gpu_blocks"}:
+            assert int(found[label]) > 0, (name, label, found[label])
+    (reading,) = [value for name, _, value in exported if name == "vllm:lora_requests_info"]
+    assert reading > 1.7e9, "the value is the time of the reading"
+    assert epp_plugins() >= ROUTER_V0_10_SCORERS
+
+
+def test_the_readme_names_as_readers_only_scorers_the_manifests_run() -> None:
+    """deploy/README.md's table says which plugin reads each series: a scorer it names as a
+    reader is one epp.yaml configures, unless the row says it is not in v0.10.0."""
+    readme = (DEPLOY / "README.md").read_text()
+    rows = re.findall(r"^\| `(vllm:[^|]*)\|[^|]*\| ([^|]*) \|$", readme, re.MULTILINE)
+    assert len(rows) >= len(ROUTER_V0_10_READS)
+    configured = epp_plugins()
+    for metric, readers in rows:
+        for scorer in re.findall(r"`([a-z-]+-scorer)`", readers):
+            assert scorer in configured or "not v0.10.0" in readers, (metric, scorer)
+    for metric in ROUTER_V0_10_READS:
+        assert any(row.startswith(f"{metric}`") for row, _ in rows), metric
+
+
+def test_load_time_histogram_is_labelled_by_transition_as_the_residency_scorer_reads_it(
+    exposition: str,
+) -> None:
+    """llm-d-router PR #2792 reads vllm:lora_adapter_load_seconds by its `transition` label,
+    `load` (disk into the host cache) and `activate` (host cache into a GPU slot). The
+    fixture's adapter request did both once."""
+    counts = {
+        labels.get("transition"): value
+        for name, labels, value in samples(exposition)
+        if name == "vllm:lora_adapter_load_seconds_count"
+    }
+    assert set(counts) == {"load", "activate"}
+    assert counts["load"] >= 1 and counts["activate"] >= 1
+    buckets = [
+        labels
+        for name, labels, _ in samples(exposition)
+        if name == "vllm:lora_adapter_load_seconds_bucket"
+    ]
+    assert buckets and all(set(labels) == {"le", "transition"} for labels in buckets)

@@ -94,15 +94,15 @@ def test_residency_series_follow_loads_evictions_pins_and_host_evictions(
         response = http.post("/v1/load_lora_adapter", json=body)
         assert response.status_code == 400 and "slots" in response.json()["error"]["message"]
     text = check(server, {"attn8": pinned, "all6": idle}, num_cpu=0)  # no trace of it
-    assert metric(text, "vllm:lora_adapter_load_seconds_count", source="disk") == 5
-    assert metric(text, "vllm:lora_adapter_load_seconds_count", source="cpu") == 3
+    assert metric(text, "vllm:lora_adapter_load_seconds_count", transition="load") == 5
+    assert metric(text, "vllm:lora_adapter_load_seconds_count", transition="activate") == 3
 
 
 def test_a_broken_folder_is_a_400_naming_the_adapter_and_is_remembered(
     server: ServerThread,
 ) -> None:
     before, text = residency(server)
-    reads = [metric(text, "vllm:lora_adapter_load_seconds_count", source="disk")]
+    reads = [metric(text, "vllm:lora_adapter_load_seconds_count", transition="load")]
     for _ in range(2):
         with server.http() as http:
             body = {"model": "broken", "prompt": "hello", "max_tokens": 2}
@@ -114,6 +114,6 @@ def test_a_broken_folder_is_a_400_naming_the_adapter_and_is_remembered(
         assert "/dir/" not in error["message"]  # the folder is not named
         loaded, text = residency(server)
         assert loaded == before
-        reads.append(metric(text, "vllm:lora_adapter_load_seconds_count", source="disk"))
+        reads.append(metric(text, "vllm:lora_adapter_load_seconds_count", transition="load"))
     assert reads[1] == reads[0] + 1 and reads[2] == reads[1]  # read once, then remembered
     complete(server, "mlp4")  # the others still serve
