@@ -24,6 +24,10 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+ONE_THREAD_MARGIN = 0.75
+"""One thread is chosen only when its steps cost under this fraction of many threads' steps:
+on a quiet machine, one step's noise must not move the engine to one thread (a contended
+machine makes one thread several times cheaper, not a little)."""
 PROBE_BUDGET = 20
 """A probe of the other choice runs once the steps on the current one have taken this many
 times what the probe is expected to cost: at most ~5% of the time goes to probing."""
@@ -77,7 +81,7 @@ class ThreadGovernor:
             return self.threads, False
         if one is None:
             return 1, True
-        best, other = (self.threads, 1) if many <= one else (1, self.threads)
+        best, other = (1, self.threads) if one < ONE_THREAD_MARGIN * many else (self.threads, 1)
         if size.since_probe >= PROBE_BUDGET * size.cost[other]:
             return other, True
         return best, False
