@@ -4,8 +4,8 @@ server's is `CoreClient`, to a process of its own).
 The same messages as over `CoreClient` (engine/core/ipc.py), handled by the same
 `CoreService` (engine/core/service.py) with nothing between: `send` hands a message to the
 service at once; `run_turn` runs one turn of the loop the core process runs, waiting (when
-the core hints so) on adapter reads instead of on a socket; whatever the core says goes to
-`on_message`, in order, before the call that made it returns.
+the core hints so) on adapter reads or grammar compiles instead of on a socket; whatever the
+core says goes to `on_message`, in order, before the call that made it returns.
 """
 
 from __future__ import annotations
@@ -44,8 +44,15 @@ class InprocClient:
         return next(self._call_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
+        return self.service.has_unfinished_requests()
 
     def run_turn(self) -> None:
-        """One turn of the core's loop: a step, or a short wait for adapter reads."""
-        self.service.turn(self.core.wait_for_adapter_reads)
+        """One turn of the core's loop: a step, or a short wait for adapter reads or for
+        grammars being compiled (the core process waits on its inbox instead)."""
+        self.service.turn(self._wait)
+
+    def _wait(self, seconds: float) -> None:
+        if self.core.is_reading_adapters():
+            self.core.wait_for_adapter_reads(seconds)
+        else:
+            self.service.wait_for_compiles(seconds)

@@ -36,6 +36,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -257,20 +258,25 @@ class GrammarCompiler:
             tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids)
         )
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        """The engine core compiles on a thread of its own (llguidance lets the GIL go)."""
         self._executor = llguidance.LLExecutor()
 
     def grammar_for(self, constraint: StructuredOutputs) -> RequestGrammar:
-        """A fresh matcher for `constraint`; InvalidRequestError if it does not compile."""
+        """A fresh matcher for `constraint`; InvalidRequestError if it does not compile.
+        Compiled once (cached); safe to call from two threads."""
         grammar = constraint.to_grammar()
-        initial = self._cache.get(grammar)
+        with self._cache_lock:
+            initial = self._cache.get(grammar)
         if initial is None:
             initial = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
             if initial.is_error():
                 raise _refused(constraint, initial.get_error())
+        with self._cache_lock:
             self._cache[grammar] = initial
+            self._cache.move_to_end(grammar)
             if len(self._cache) > MAX_CACHED_GRAMMARS:
                 self._cache.popitem(last=False)
-        self._cache.move_to_end(grammar)
         return RequestGrammar(initial.deep_copy(), self)
 
     def first_mask(self, constraint: StructuredOutputs) -> np.ndarray:
