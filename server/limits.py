@@ -13,7 +13,6 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
 
 from loraserve.engine.sampling.structured import StructuredOutputs
 from loraserve.errors import InvalidRequestError
@@ -99,13 +98,13 @@ RULE_DEFINITION = re.compile(
 """The start of a rule (or terminal) definition in Lark (`name:`, `?name.2:`) or GBNF (`name ::=`)."""
 
 
-def _parsed(schema: str | dict[str, Any]) -> object:
-    if not isinstance(schema, str):
-        return schema
+def _parsed(schema: str) -> object:
+    """A JSON schema's text (StructuredOutputs keeps it as text), parsed; None if it is not
+    JSON (llguidance refuses it then, with its own message)."""
     try:
         return json.loads(schema)
     except ValueError:
-        return None  # llguidance refuses it, with its own message
+        return None
 
 
 def widest_branching(schema: object) -> int:

@@ -125,7 +125,7 @@ class AsyncEngine:
         at_start = adapters_read_at_start(adapters or {}, pinned, self.names.listed())
         self.client = CoreClient(self.config, at_start, self._on_message, self._on_death)
         self.tokenizer = Tokenizer.from_folder(config.model.model)
-        self.processor = OutputProcessor(self.tokenizer)
+        self.processor = OutputProcessor(self.tokenizer, self._abort_in_core)
         self.info: RuntimeInfo | None = None
         self._running: dict[str, _Running] = {}
 
@@ -269,10 +269,7 @@ class AsyncEngine:
             self._on_death("the engine failed")
 
     def _on_outputs(self, message: ipc.Outputs) -> None:
-        processed = self.processor.process(message.outputs)
-        if processed.aborts:
-            self.client.send(ipc.Abort(processed.aborts))
-        for request_id, delta in processed.deltas:
+        for request_id, delta in self.processor.process(message.outputs):
             running = self._running.get(request_id)
             if running is None:
                 continue
@@ -285,6 +282,9 @@ class AsyncEngine:
                 running.num_unfinished -= 1
                 if running.num_unfinished == 0:
                     del self._running[request_id]
+
+    def _abort_in_core(self, sub_ids: list[str]) -> None:
+        self.client.send(ipc.Abort(sub_ids))
 
     def _on_death(self, reason: str) -> None:
         self._fail_all(EngineError(reason))

@@ -80,7 +80,9 @@ class LLM:
         at_start = adapters_read_at_start(adapters or {}, pinned_adapters, self.names.listed())
         self.client = InprocClient(config, at_start, self._on_message)
         self.tokenizer = Tokenizer.from_folder(model)
-        self._processor = OutputProcessor(self.tokenizer)
+        self._processor = OutputProcessor(
+            self.tokenizer, lambda sub_ids: self.client.send(ipc.Abort(sub_ids))
+        )
         self._ids = itertools.count()
         self._results: dict[str, RequestOutput] = {}
         """The running `generate` call's outputs, by request id."""
@@ -225,10 +227,7 @@ class LLM:
             if message.error is not None and self._refusal is None:
                 self._refusal = ipc.rebuild_error(*message.error)
         elif isinstance(message, ipc.Outputs):
-            processed = self._processor.process(message.outputs)
-            if processed.aborts:
-                self.client.send(ipc.Abort(processed.aborts))
-            for request_id, delta in processed.deltas:
+            for request_id, delta in self._processor.process(message.outputs):
                 result = self._results.get(request_id)
                 if result is None:
                     continue

@@ -11,8 +11,8 @@ nothing of text, is then told to abort it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import msgspec
 
@@ -37,21 +37,14 @@ class _Completion:
     num_tokens: int = 0
 
 
-@dataclass
-class Processed:
-    """One batch of engine outputs, as the front end hands them on."""
-
-    deltas: list[tuple[str, CompletionDelta]] = field(default_factory=list)
-    """(request id, delta of one of its completions), in the order the core reported them."""
-    aborts: list[str] = field(default_factory=list)
-    """Engine-core ids that a stop string ended: abort them in the core."""
-
-
 class OutputProcessor:
     """Text deltas of every running completion."""
 
-    def __init__(self, tokenizer: TokenDecoder) -> None:
+    def __init__(self, tokenizer: TokenDecoder, abort: Callable[[list[str]], None]) -> None:
+        """`abort(engine-core ids)`: tell the core to stop completions this side ended (a stop
+        string, a failure), which the core cannot know of."""
         self.tokenizer = tokenizer
+        self.abort = abort
         self._completions: dict[str, _Completion] = {}  # engine-core id -> its state
 
     def add_request(self, request: EngineRequest) -> list[EngineRequest]:
@@ -73,10 +66,12 @@ class OutputProcessor:
         for sub_id in sub_ids:
             self._completions.pop(sub_id, None)
 
-    def process(self, outputs: Iterable[EngineOutput]) -> Processed:
-        """The text deltas of a step's outputs; outputs of forgotten completions are skipped
-        (a completion the front end ended may still advance one step in the core)."""
-        processed = Processed()
+    def process(self, outputs: Iterable[EngineOutput]) -> list[tuple[str, CompletionDelta]]:
+        """(request id, delta of one of its completions) of a step's outputs, in the order the
+        core reported them; outputs of forgotten completions are skipped (a completion the
+        front end ended may still advance one step in the core). Completions ended here
+        are aborted in the core through `abort`."""
+        deltas, aborts = [], []
         for output in outputs:
             completion = self._completions.get(output.request_id)
             if completion is None:
@@ -89,9 +84,11 @@ class OutputProcessor:
             if delta.finished:
                 del self._completions[output.request_id]
                 if output.finish_reason is None:  # a stop string or a failure: tell the core
-                    processed.aborts.append(output.request_id)
-            processed.deltas.append((completion.request_id, delta))
-        return processed
+                    aborts.append(output.request_id)
+            deltas.append((completion.request_id, delta))
+        if aborts:
+            self.abort(aborts)
+        return deltas
 
     def _delta(self, completion: _Completion, output: EngineOutput) -> CompletionDelta:
         detokenizer = completion.detokenizer

@@ -286,6 +286,8 @@ class EngineCore:
         token, for the metrics)."""
         now = time.monotonic()
         for chunk in plan.chunks:
+            if chunk.seq.num_output_tokens:  # decoding: scheduled long ago (most chunks)
+                continue
             state = self.requests.get(chunk.seq.request_id)
             if state is not None and state.scheduled_at is None:
                 state.scheduled_at = now

@@ -17,10 +17,11 @@ large schema, with the GIL released): the steps of everyone else go on meanwhile
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +66,8 @@ class CoreService:
     def wait_for_compiles(self, timeout: float) -> None:
         """Block until a grammar being compiled is ready (at most `timeout` seconds)."""
         if self._compiling:
-            wait([future for future, _ in self._compiling], timeout, FIRST_COMPLETED)
+            futures = [future for future, _ in self._compiling]
+            concurrent.futures.wait(futures, timeout, concurrent.futures.FIRST_COMPLETED)
 
     def turn(self, wait: Callable[[float], object]) -> None:
         """One turn of the loop: the requests whose grammars are compiled queued, then a step

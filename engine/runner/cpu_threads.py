@@ -57,7 +57,9 @@ class ThreadGovernor:
         a step of `num_tokens` tokens; its time is recorded."""
         if self.threads == 1:
             return work()
-        size = self._classes.setdefault(num_tokens.bit_length(), _SizeClass({}))
+        size = self._classes.get(num_tokens.bit_length())
+        if size is None:
+            size = self._classes[num_tokens.bit_length()] = _SizeClass({})
         threads, probing = self._choose(size)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)

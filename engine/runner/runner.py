@@ -200,9 +200,9 @@ class TorchModelRunner:
         rows = self.sampling.rows([chunk.seq for chunk in plan.chunks if chunk.samples])
         masks = self._start_masks(rows.grammars)
         prompt_rows = plan_prompt_rows(plan.chunks, self._prompt_progress)
-        num_tokens = sum(chunk.num_tokens for chunk in plan.chunks)
         output, logits = self.threads.run(
-            num_tokens, lambda: self._forward_and_sample(plan.chunks, prompt_rows, rows, masks)
+            plan.num_batched_tokens,
+            lambda: self._forward_and_sample(plan.chunks, prompt_rows, rows, masks),
         )
         self.sampling.append(rows, output.token_ids)
         output.prompt_logprobs = gather_prompt_logprobs(logits[rows.num_rows :], prompt_rows)
