@@ -93,6 +93,7 @@ class BatchMetadata:
         adapters: DevicePool,
         pad_to: int | None = None,
         extra_logits: Sequence[int] = (),
+        with_lora: bool = False,
     ) -> ForwardBatch:
         """The forward batch of `chunks`, in their order (the scheduler grouped them by slot).
 
@@ -101,8 +102,10 @@ class BatchMetadata:
 
         `pad_to` (CUDA-graph replay of a decode batch): fill the batch up to that many
         one-token sequences whose results are never read (no adapter, KV writes skipped,
-        context 1), give every table its full static width and LoRA the largest rank,
-        so that every shape is the captured graph's."""
+        context 1), give every table its full static width and LoRA, when any chunk has
+        an adapter, the largest rank, so that every shape is the captured graph's. A batch
+        without adapters has no LoRA at all (`lora` None: the graph set without LoRA
+        launches); `with_lora` gives it the LoRA tensors anyway (capturing the other set)."""
         num_seqs = len(chunks)
         lens = np.fromiter((chunk.num_tokens for chunk in chunks), np.int64, num_seqs)
         starts = np.fromiter((chunk.start for chunk in chunks), np.int64, num_seqs)
@@ -125,9 +128,10 @@ class BatchMetadata:
             num_seqs, num_tokens, num_segments, num_logits, width = self._pad(
                 num_seqs, num_segments, num_logits, pad_to
             )
-            max_rank = self.max_lora_rank  # the captured graph's shapes
+            if max_rank > 0 or with_lora:
+                max_rank = self.max_lora_rank  # the captured graph's shapes
         lora_batch = None
-        if max_rank > 0 or pad_to is not None:
+        if max_rank > 0 or with_lora:
             lora_batch = LoraBatch(
                 self.segment_starts.view(num_segments + 1),
                 self.segment_slots.view(num_segments),

@@ -12,6 +12,10 @@ step costs one launch. What makes replay valid:
 - the forward pass has no data-dependent Python control flow and no host syncs
   (models/llama.py); sampling happens after the replay, outside the graph.
 
+Two graph sets, each with every bucket: one for batches in which some sequence uses an
+adapter, one for batches with none, whose forward makes no LoRA launch at all (its
+batch's `lora` is None). The batch the metadata builder made says which set replays it.
+
 Only steps where every sequence computes one token and samples it are replayed;
 prefill and mixed steps run eagerly.
 """
@@ -39,7 +43,8 @@ class DecodeGraphs:
     def __init__(self, buckets: Sequence[int], forward: Callable[[Any], torch.Tensor]) -> None:
         self.buckets = sorted(buckets)
         self._forward = forward
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, with LoRA) -> the graph and its logits buffer
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._memory_pool: Any = None
 
     @classmethod
@@ -65,18 +70,21 @@ class DecodeGraphs:
         return next(size for size in self.buckets if size >= len(chunks))
 
     def capture_all(self, metadata: BatchMetadata, adapters: DevicePool) -> None:
-        """Capture every bucket, largest first (the largest sets the shared memory pool)."""
+        """Capture every bucket of both sets, largest first (the largest sets the shared
+        memory pool)."""
         for bucket in reversed(self.buckets):
-            self._capture(bucket, metadata.build([], adapters, pad_to=bucket))
+            for with_lora in (True, False):
+                batch = metadata.build([], adapters, pad_to=bucket, with_lora=with_lora)
+                self._capture((bucket, with_lora), batch)
 
     def replay(self, bucket: int, batch: Any) -> torch.Tensor:
-        """The logits `[bucket, vocab]` of `batch` (already written into the static buffers)."""
-        graph, logits = self._graphs[bucket]
-        del batch  # its tensors are the captured graph's inputs, refilled in place
-        graph.replay()
+        """The logits `[bucket, vocab]` of `batch` (already written into the static buffers):
+        the graph of its bucket in the set its LoRA (or lack of it) picks."""
+        graph, logits = self._graphs[bucket, batch.lora is not None]
+        graph.replay()  # the batch's tensors are the captured inputs, refilled in place
         return logits
 
-    def _capture(self, bucket: int, batch: Any) -> None:
+    def _capture(self, key: tuple[int, bool], batch: Any) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up: Triton compiles, allocator settles
@@ -88,4 +96,4 @@ class DecodeGraphs:
             logits = self._forward(batch)
         if self._memory_pool is None:
             self._memory_pool = graph.pool()
-        self._graphs[bucket] = (graph, logits)
+        self._graphs[key] = (graph, logits)
