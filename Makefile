@@ -1,6 +1,8 @@
 # One command each, from a fresh clone:
 #   make test   set up .venv, install, lint, type-check, run the tests
 #   make demo   set up .venv, install, convert the demo model (once), serve it and its adapters
+#   make gpu-wheels  loraserve's wheel and those a bare GPU machine lacks, for an offline install
+#                     there (bench/README.md: the device check)
 # On purpose, now and then:
 #   make lock         refresh the lock files to the newest releases (requirements/README.md)
 #   make test-latest  the tests against the newest releases, ignoring the lock
@@ -14,7 +16,7 @@ TORCH_CPU_WHEELS ?= --find-links /opt/wheels
 COMPILE = $(LOCK_VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --upgrade \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
-.PHONY: test demo setup lint typecheck pytest lock test-latest clean
+.PHONY: test demo setup lint typecheck pytest lock test-latest clean gpu-wheels
 
 test: setup lint typecheck pytest
 
@@ -58,6 +60,26 @@ test-latest:
 	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | $(NAMES) \
 		| comm -23 - $(LATEST_VENV)/locked.txt
 	$(LATEST_VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# The GPU machines' image (Python 3.12 with torch, triton, transformers, peft, pytest, numpy,
+# httpx, safetensors, tokenizers...) lacks these of the lock; they go at the lock's versions,
+# with loraserve's own wheel, into one folder that installs offline (--no-deps: torch stays).
+GPU_WHEELS = fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection \
+	msgspec llguidance pyzmq jsonschema jsonschema-specifications referencing rpds-py
+GPU_PYTHON ?= 3.12
+GPU_WHEELS_DIR ?= dist/gpu-wheels
+GPU_PLATFORMS = $(foreach n,2_17 2_24 2_27 2_28 2_31 2_34 2_35,--platform manylinux_$(n)_x86_64) \
+	--platform manylinux2014_x86_64
+
+gpu-wheels: setup
+	rm -rf $(GPU_WHEELS_DIR)
+	$(VENV)/bin/python -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS_DIR) .
+	@for name in $(GPU_WHEELS); do grep -E "^$$name==" requirements/cpu.txt; done \
+		> $(GPU_WHEELS_DIR)/requirements.txt
+	$(VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON) $(GPU_PLATFORMS) -d $(GPU_WHEELS_DIR) \
+		-r $(GPU_WHEELS_DIR)/requirements.txt
+	@du -sh $(GPU_WHEELS_DIR)
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -14,11 +14,14 @@ it has anything (rewritten after every measurement, so a run cut short keeps wha
   adapters on q,k,v,o and on all 7 modules, eager and as a CUDA-graph replay, each against
   its byte floor at the copy ceiling, and LoRA's overhead over base;
 - profile: kernels per step and per layer, by kernel class (torch.profiler), at batch 32 of
-  the same model, base and 7-module LoRA, eager and graph (tables in `profile-*.txt`);
+  the same model, base and 7-module LoRA, eager and graph, with the profiler's table;
 - gpu-tests: `pytest -m gpu` over tests/engine and tests/kernels (from the working
   directory: the repository's root), its summary and the tail of its output;
 - decode-llama-3-8b: as for Llama-2-7B;
 - s2-vs-peft: bench/compare.py's S2 preset on this card, loraserve then PEFT.
+
+The files are the sections' and `summary.json`: 8 in all, as many as a device run brings
+back from its $OUT (bench/README.md); nothing else is written there.
 
 A section that fails records its exception and traceback, and the next one runs. A
 section starts only while the time budget (`--budget-s`) has room for it; the decode
@@ -31,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -152,7 +157,7 @@ def run_sections(plan: Plan, out: Path, budget: Budget) -> dict[str, str]:
         ("environment", lambda s: environment(s), 0),
         ("ceilings", lambda s: ceilings(s, plan), 10),
         (f"decode-{first}", lambda s: decode(s, plan, first, budget, benches), 60),
-        ("profile", lambda s: profile(s, plan, benches.pop(first, None), out), 30),
+        ("profile", lambda s: profile(s, plan, benches.pop(first, None)), 30),
         ("gpu-tests", lambda s: gpu_tests(s, plan, budget), 30),
     ]
     for name in others:
@@ -317,7 +322,7 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def profile(section: Section, plan: Plan, bench: DecodeBench | None, out: Path) -> None:
+def profile(section: Section, plan: Plan, bench: DecodeBench | None) -> None:
     """Launches per step and per layer, by kernel class, at the profile batch, on the
     decode section's bench (its graphs included)."""
     from torch.profiler import ProfilerActivity
@@ -339,10 +344,10 @@ def profile(section: Section, plan: Plan, bench: DecodeBench | None, out: Path) 
                 if on_cuda:
                     torch.cuda.synchronize()
             label = f"{targets}-{'graph' if graph else 'eager'}"
-            section.record(label, _kernel_table(profiler, on_cuda, steps, bench.arch.num_layers))
+            counts = _kernel_table(profiler, on_cuda, steps, bench.arch.num_layers)
             sort = "cuda_time_total" if on_cuda else "cpu_time_total"
             table = profiler.key_averages().table(sort_by=sort, row_limit=30)
-            (out / f"profile-{label}.txt").write_text(table + "\n")
+            section.record(label, {**counts, "table": table.splitlines()})
 
 
 def _kernel_table(profiler: Any, on_cuda: bool, steps: int, num_layers: int) -> dict:
@@ -400,20 +405,24 @@ def s2_vs_peft(section: Section, plan: Plan, budget: Budget) -> None:
 
 
 def _command(command: list[str], timeout: int) -> dict:
-    """Run a command; its exit code, the last lines of its output and pytest's summary."""
+    """Run a command in its own process group (a server it starts is ended with it at the
+    timeout); its exit code, the last lines of its output and pytest's summary line."""
     try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=max(timeout, 1), check=False
-        )
-    except subprocess.TimeoutExpired as expired:
-        output = expired.stdout or ""
-        text = output.decode() if isinstance(output, bytes) else output
-        return {"returncode": None, "timeout_s": timeout, "tail": text[-4000:]}
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
     except OSError as error:
         return {"returncode": None, "error": str(error)}
-    lines = (done.stdout + done.stderr).strip().splitlines()
+    try:
+        output, _ = process.communicate(timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        return {"returncode": None, "timeout_s": timeout, "tail": output[-6000:]}
+    lines = output.strip().splitlines()
     summary = next((line for line in reversed(lines) if _is_summary(line)), "")
-    return {"returncode": done.returncode, "summary": summary, "tail": "\n".join(lines[-60:])}
+    return {"returncode": process.returncode, "summary": summary, "tail": "\n".join(lines[-60:])}
 
 
 def _is_summary(line: str) -> bool:

@@ -20,6 +20,7 @@ def test_the_dry_run_runs_every_section(tmp_path: Path, monkeypatch: pytest.Monk
     assert summary["statuses"] == dict.fromkeys(summary["statuses"], "ok"), summary
     files = {path.name: json.loads(path.read_text()) for path in tmp_path.glob("0*.json")}
     assert len(files) == len(summary["statuses"]) == 7
+    assert len(list(tmp_path.iterdir())) == 8, "a device run brings back 8 files of $OUT"
     decode = files["03-decode-tiny.json"]
     batches = gpu_check.DRY_RUN.batches
     assert [(p["batch"], p["adapters"]) for p in decode["points"]] == [

@@ -98,3 +98,14 @@ def test_a_decode_batch_padded_to_its_bucket() -> None:
     # The real tokens keep their segments; one NO_ADAPTER segment takes the padding.
     assert batch.lora.segment_starts.tolist() == [0, 1, 2, 4, 4]
     assert batch.lora.segment_slots.tolist() == [NO_ADAPTER, 0, NO_ADAPTER, NO_ADAPTER]
+
+
+def test_a_padded_batch_without_adapters_has_no_lora_unless_asked() -> None:
+    """The graph set without adapters makes no LoRA launch: its batches carry no LoraBatch;
+    `with_lora` gives one anyway (capturing the other set) at the graph's largest rank."""
+    chunks = [Chunk(seq("A", 6, 5, [7, 2]), 1, NO_ADAPTER)]
+    metadata = builder()
+    assert metadata.build(chunks, Adapters(), pad_to=4).lora is None
+    forced = metadata.build([], Adapters(), pad_to=4, with_lora=True).lora
+    assert forced is not None and forced.max_rank == 16
+    assert forced.segment_slots.tolist() == [NO_ADAPTER] * 4
