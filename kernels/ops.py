@@ -141,6 +141,12 @@ class Sequences(Protocol):
         """[num_seqs, max_blocks] int32, the pages of each sequence in order."""
         ...
 
+    @property
+    def max_context_len(self) -> torch.Tensor | None:
+        """[1] int32, at least max(context_lens), on their device (the Triton attention's
+        partition length; a CUDA graph reads it at replay); None: computed there."""
+        ...
+
 
 @dataclass(frozen=True)
 class SequenceBatch:
@@ -149,6 +155,7 @@ class SequenceBatch:
     query_starts: torch.Tensor
     context_lens: torch.Tensor
     block_tables: torch.Tensor
+    max_context_len: torch.Tensor | None = None
 
 
 class LoraShrink(Protocol):

@@ -24,8 +24,14 @@ Grid: (query tiles, KV head, KV partition).
 - Partitions: when (query tiles x KV heads) would not fill the GPU (small decode
   batches, long contexts), the keys are cut into partitions of equal length,
   each program writes an unnormalised partial result, and
-  `paged_attention_combine` merges them (flash-decoding). The partition length
-  comes from `block_tables.shape[1]` (the padded context), not from a sync.
+  `paged_attention_combine` merges them (flash-decoding). The grid's partition
+  count comes from `block_tables.shape[1]` (the padded context: in a CUDA graph,
+  the bucket's full width); the partition length from the batch's real longest
+  context, a device scalar (`Sequences.max_context_len`), read by every program:
+  the keys are spread over as many partitions as they need (each of at least
+  `min_partition` keys), and the programs of partitions past them find no key,
+  load nothing and leave weight 0 for the combine. No host sync, and one graph
+  serves every context length.
 """
 
 from __future__ import annotations
@@ -76,11 +82,13 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks] int32 pages of each sequence
     query_starts_ptr,  # [num_seqs + 1] first query token of each sequence
     context_lens_ptr,  # [num_seqs] tokens of each sequence in the pool, new ones included
+    max_context_ptr,  # [1] int32, the longest context of the batch (sets the partition length)
     num_seqs,
     num_tokens,
     num_heads,
     head_dim,
-    partition_size,  # keys per partition (a multiple of BLOCK_N)
+    num_splits,  # partitions in the grid: at least as many as the keys need
+    min_partition,  # fewest keys worth a partition of their own
     qk_scale,  # scale * log2(e)
     scale,  # the softmax scale (natural units), for SOFTCAP
     softcap,  # scores -> softcap * tanh(score / softcap) when SOFTCAP
@@ -122,6 +130,11 @@ def _paged_attention_kernel(
     first_position = tl.load(context_lens_ptr + seq) - (
         tl.load(query_starts_ptr + seq + 1) - first_token
     )
+    # Keys per partition, a multiple of BLOCK_N: the batch's keys over the partitions they
+    # need; partitions past them find no key.
+    max_context = tl.load(max_context_ptr)
+    used_splits = tl.maximum(tl.minimum(num_splits, tl.cdiv(max_context, min_partition)), 1)
+    partition_size = tl.cdiv(tl.cdiv(max_context, used_splits), BLOCK_N) * BLOCK_N
     table = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
     kv_head_ptr = kv_ptr + kv_head * stride_kv_head
     rows = tl.arange(0, BLOCK_M)  # row = (token of the tile, head of the group)
@@ -260,11 +273,14 @@ def paged_attention(
     else:
         num_tiles = num_virtual_tiles(num_tokens, num_seqs, block_m // group)
     max_keys = block_tables.shape[1] * block_size
+    min_partition = block_n  # as asked
     if num_splits is None:
         wanted = triton.cdiv(programs_to_fill(query.device), num_tiles * num_kv_heads)
-        num_splits = max(1, min(wanted, max_keys // MIN_PARTITION))
-    partition_size = triton.cdiv(triton.cdiv(max_keys, max(1, num_splits)), block_n) * block_n
-    num_splits = max(1, triton.cdiv(max_keys, partition_size))
+        num_splits, min_partition = min(wanted, triton.cdiv(max_keys, MIN_PARTITION)), MIN_PARTITION
+    num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n)))
+    max_context = seqs.max_context_len
+    if max_context is None:  # one reduction on the device, no sync
+        max_context = context_lens.max().reshape(1)
     partials = _partials(num_splits, query)
     scale, softcap, window = scores.scale, scores.softcap, scores.window
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
@@ -275,11 +291,13 @@ def paged_attention(
         block_tables,
         query_starts,
         context_lens,
+        max_context,
         num_seqs,
         num_tokens,
         num_heads,
         head_dim,
-        partition_size,
+        num_splits,
+        min_partition,
         scale * math.log2(math.e),
         scale,
         softcap,

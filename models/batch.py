@@ -79,3 +79,4 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [num_tokens] int64
     logits_indices: torch.Tensor  # [num_logits] int64
     lora: LoraBatch | None  # None when no token of the batch uses an adapter
+    max_context_len: torch.Tensor | None = None  # [1] int32, max(context_lens) (attention)

@@ -2,10 +2,18 @@
 
 The scheduler's chunks (already grouped by adapter slot) become the flat tensors the
 forward pass and its kernels read (models/batch.py). Every tensor is a view of a
-buffer sized by the limits of the configuration, so its address never changes: a
-captured CUDA graph can replay over them, and on a CPU no step allocates. The host
-side is numpy over (pinned, on CUDA) torch memory; on CUDA each step copies the
-used part of each host buffer to its device twin, on a CPU the two are one.
+buffer sized by the limits of the configuration, allocated once: on a CPU no step
+allocates, and a CUDA graph can replay over them. The host side is numpy over torch
+memory, and on a CPU the forward pass reads it directly.
+
+On CUDA a step makes one host-to-device copy (`_Upload`): the used part of every host
+array is packed, one after the other, into one pinned staging buffer, copied at once into
+its device twin, and the batch's tensors are views of that twin. Their addresses follow
+from the batch's sizes alone, so every batch padded to one CUDA-graph bucket (with or
+without LoRA) sees the addresses its graph captured. The block table goes last, packed to
+its used width; one device copy then spreads it into the static `[max_num_seqs,
+max_blocks_per_seq]` table that the kernels read (only the used columns move; columns past
+a table's width are never read).
 
 Worked example, block size 4, three chunks in slot order:
 
@@ -23,6 +31,7 @@ Worked example, block size 4, three chunks in slot order:
     logits_indices  [0, 3, 4]                         (every chunk reaches its end)
                     + any `extra_logits` after them   (prompt logprobs: engine/sampling/prompt_logprobs.py)
     segment_starts  [0, 1, 5]    segment_slots [NO_ADAPTER, 0]   (B and C share slot 0)
+    max_context_len [9]                               (the attention's partition length)
 """
 
 from __future__ import annotations
@@ -41,23 +50,52 @@ if TYPE_CHECKING:
     from loraserve.engine.runner.device_pool import DevicePool
 
 
+UPLOAD_ALIGNMENT = 16
+"""Bytes: where each array starts in the packed upload (a multiple of every element size)."""
+
+
 class _Buffer:
-    """One metadata buffer: a host array and its device twin (the same memory on a CPU)."""
+    """One metadata array on the host (numpy over torch memory)."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-        on_cuda = device.type == "cuda"
-        self.host_tensor = torch.zeros(shape, dtype=dtype, pin_memory=on_cuda)
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.host_tensor = torch.zeros(shape, dtype=dtype)
         self.host = self.host_tensor.numpy()
-        self.device = torch.zeros(shape, dtype=dtype, device=device) if on_cuda else None
 
-    def view(self, *sizes: int) -> torch.Tensor:
-        """The first `sizes` of the device buffer, after copying that part from the host."""
-        index = tuple(slice(0, size) for size in sizes)
-        if self.device is None:
-            return self.host_tensor[index]
-        target = self.device[index]
-        target.copy_(self.host_tensor[index], non_blocking=True)
-        return target
+    @property
+    def num_bytes(self) -> int:
+        return self.host.nbytes + UPLOAD_ALIGNMENT
+
+
+class _Upload:
+    """A step's host arrays packed into one pinned buffer, sent in one host-to-device copy."""
+
+    def __init__(self, num_bytes: int, device: torch.device) -> None:
+        on_cuda = device.type == "cuda"
+        self.staging = torch.zeros(num_bytes, dtype=torch.uint8, pin_memory=on_cuda)
+        self.device_bytes = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
+        self._staged = self.staging.numpy()
+        self._cursor = 0
+        self._sent: torch.cuda.Event | None = None
+
+    def stage(self, buffer: _Buffer, *sizes: int) -> torch.Tensor:
+        """Pack the first `sizes` of `buffer`; their device view (filled by `send`)."""
+        if self._cursor == 0 and self._sent is not None:
+            self._sent.synchronize()  # the last step's copy has read the staging buffer
+        part = np.ascontiguousarray(buffer.host[tuple(slice(0, size) for size in sizes)])
+        start = -(-self._cursor // UPLOAD_ALIGNMENT) * UPLOAD_ALIGNMENT
+        end = start + part.nbytes
+        self._staged[start:end] = part.reshape(-1).view(np.uint8)
+        self._cursor = end
+        return self.device_bytes[start:end].view(buffer.host_tensor.dtype).view(part.shape)
+
+    def send(self) -> None:
+        """The one copy of everything staged since the last `send`."""
+        used = self._cursor
+        self.device_bytes[:used].copy_(self.staging[:used], non_blocking=True)
+        self._cursor = 0
+        if self.device_bytes.is_cuda:
+            self._sent = torch.cuda.Event()
+            self._sent.record()
 
 
 class BatchMetadata:
@@ -71,21 +109,34 @@ class BatchMetadata:
         block_size: int,
         max_lora_rank: int,
         device: torch.device,
+        packed: bool | None = None,
     ) -> None:
+        """`packed`: send the step in one packed copy (`_Upload`); by default on CUDA only
+        (a CPU's forward pass reads the host arrays; tests pack there too)."""
         self.block_size = block_size
         self.max_lora_rank = max_lora_rank
         self.max_blocks_per_seq = max_blocks_per_seq
         int32, int64 = torch.int32, torch.int64
-        self.input_ids = _Buffer((max_num_tokens,), int64, device)
-        self.positions = _Buffer((max_num_tokens,), int64, device)
-        self.slot_mapping = _Buffer((max_num_tokens,), int64, device)
-        self.query_starts = _Buffer((max_num_seqs + 1,), int32, device)
-        self.context_lens = _Buffer((max_num_seqs,), int32, device)
-        self.block_tables = _Buffer((max_num_seqs, max_blocks_per_seq), int32, device)
+        self.input_ids = _Buffer((max_num_tokens,), int64)
+        self.positions = _Buffer((max_num_tokens,), int64)
+        self.slot_mapping = _Buffer((max_num_tokens,), int64)
+        self.query_starts = _Buffer((max_num_seqs + 1,), int32)
+        self.context_lens = _Buffer((max_num_seqs,), int32)
+        self.max_context_len = _Buffer((1,), int32)
+        self.block_tables = _Buffer((max_num_seqs, max_blocks_per_seq), int32)
         # A sampling row per sequence, then at most one extra row per token (prompt logprobs).
-        self.logits_indices = _Buffer((max_num_seqs + max_num_tokens,), int64, device)
-        self.segment_starts = _Buffer((max_num_seqs + 1,), int32, device)
-        self.segment_slots = _Buffer((max_num_seqs,), int32, device)
+        self.logits_indices = _Buffer((max_num_seqs + max_num_tokens,), int64)
+        self.segment_starts = _Buffer((max_num_seqs + 1,), int32)
+        self.segment_slots = _Buffer((max_num_seqs,), int32)
+        self.upload: _Upload | None = None
+        self.device_block_tables: torch.Tensor | None = None
+        if device.type == "cuda" if packed is None else packed:
+            buffers = [value for value in vars(self).values() if isinstance(value, _Buffer)]
+            self.upload = _Upload(sum(buffer.num_bytes for buffer in buffers), device)
+            # [max_num_seqs, max_blocks_per_seq]: the table the kernels read, static
+            self.device_block_tables = torch.zeros_like(
+                self.block_tables.host_tensor, device=device
+            )
 
     def build(
         self,
@@ -113,7 +164,7 @@ class BatchMetadata:
         query_starts[0] = 0
         np.cumsum(lens, out=query_starts[1 : num_seqs + 1])
         num_tokens = int(query_starts[num_seqs])
-        width = self._fill_block_tables(chunks)
+        width = used_width = self._fill_block_tables(chunks)
         self._fill_tokens(chunks, lens, starts, num_tokens)
         self.context_lens.host[:num_seqs] = starts + lens
         samples = np.fromiter((chunk.samples for chunk in chunks), np.bool_, num_seqs)
@@ -130,23 +181,44 @@ class BatchMetadata:
             )
             if max_rank > 0 or with_lora:
                 max_rank = self.max_lora_rank  # the captured graph's shapes
-        lora_batch = None
+        self.max_context_len.host[0] = self.context_lens.host[:num_seqs].max(initial=1)
+        view = self._view  # in a fixed order, the block table (of varying width) last
+        batch = ForwardBatch(
+            input_ids=view(self.input_ids, num_tokens),
+            positions=view(self.positions, num_tokens),
+            query_starts=view(self.query_starts, num_seqs + 1),
+            context_lens=view(self.context_lens, num_seqs),
+            max_context_len=view(self.max_context_len, 1),
+            slot_mapping=view(self.slot_mapping, num_tokens),
+            logits_indices=view(self.logits_indices, num_logits),
+            lora=None,
+            block_tables=self.block_tables.host_tensor,  # set below
+        )
         if max_rank > 0 or with_lora:
-            lora_batch = LoraBatch(
-                self.segment_starts.view(num_segments + 1),
-                self.segment_slots.view(num_segments),
+            batch.lora = LoraBatch(
+                view(self.segment_starts, num_segments + 1),
+                view(self.segment_slots, num_segments),
                 max(max_rank, 1),
             )
-        return ForwardBatch(
-            input_ids=self.input_ids.view(num_tokens),
-            positions=self.positions.view(num_tokens),
-            query_starts=self.query_starts.view(num_seqs + 1),
-            context_lens=self.context_lens.view(num_seqs),
-            block_tables=self.block_tables.view(num_seqs, width),
-            slot_mapping=self.slot_mapping.view(num_tokens),
-            logits_indices=self.logits_indices.view(num_logits),
-            lora=lora_batch,
-        )
+        batch.block_tables = self._block_tables(num_seqs, used_width, width)
+        return batch
+
+    def _view(self, buffer: _Buffer, *sizes: int) -> torch.Tensor:
+        """The first `sizes` of `buffer` as the forward pass reads them: the host tensor on a
+        CPU, on CUDA a view of the upload (its data arrives with the step's one copy)."""
+        if self.upload is None:
+            return buffer.host_tensor[tuple(slice(0, size) for size in sizes)]
+        return self.upload.stage(buffer, *sizes)
+
+    def _block_tables(self, num_seqs: int, used_width: int, width: int) -> torch.Tensor:
+        """[num_seqs, width] of the table the kernels read. On CUDA: its used columns staged
+        last, packed, then the step's one copy, then one device copy into the static table."""
+        if self.upload is None or self.device_block_tables is None:
+            return self.block_tables.host_tensor[:num_seqs, :width]
+        packed = self.upload.stage(self.block_tables, num_seqs, used_width)
+        self.upload.send()
+        self.device_block_tables[:num_seqs, :used_width].copy_(packed)
+        return self.device_block_tables[:num_seqs, :width]
 
     def _fill_tokens(
         self,

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 import torch
+from graph_harness import batch_tensors
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loraserve.engine.runner.batch_metadata import BatchMetadata
 from loraserve.kernels.constants import NO_ADAPTER
@@ -47,7 +50,8 @@ def example() -> list[Chunk]:
     ]
 
 
-def builder() -> BatchMetadata:
+def builder(packed: bool = False) -> BatchMetadata:
+    """On a CPU; `packed`: through the packed upload that CUDA uses."""
     return BatchMetadata(
         max_num_tokens=32,
         max_num_seqs=8,
@@ -55,11 +59,13 @@ def builder() -> BatchMetadata:
         block_size=4,
         max_lora_rank=16,
         device=torch.device("cpu"),
+        packed=packed,
     )
 
 
-def test_the_worked_example() -> None:
-    batch = builder().build(example(), Adapters())
+@pytest.mark.parametrize("packed", [False, True], ids=["host", "packed"])
+def test_the_worked_example(packed: bool) -> None:
+    batch = builder(packed).build(example(), Adapters())
     assert batch.input_ids.tolist() == [105, 200, 201, 202, 308]
     assert batch.positions.tolist() == [5, 0, 1, 2, 8]
     assert batch.query_starts.tolist() == [0, 1, 4, 5]
@@ -71,6 +77,7 @@ def test_the_worked_example() -> None:
     assert batch.lora.segment_starts.tolist() == [0, 1, 5]
     assert batch.lora.segment_slots.tolist() == [NO_ADAPTER, 0]
     assert batch.lora.max_rank == 8
+    assert batch.max_context_len is not None and batch.max_context_len.tolist() == [9]
 
 
 def test_buffers_keep_their_addresses_and_stale_rows_are_overwritten() -> None:
@@ -86,9 +93,10 @@ def test_buffers_keep_their_addresses_and_stale_rows_are_overwritten() -> None:
     assert second.lora is None  # no adapter in the batch: LoRA is skipped
 
 
-def test_a_decode_batch_padded_to_its_bucket() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["host", "packed"])
+def test_a_decode_batch_padded_to_its_bucket(packed: bool) -> None:
     chunks = [Chunk(seq("A", 6, 5, [7, 2]), 1, NO_ADAPTER), Chunk(seq("C", 9, 8, [1, 4, 6]), 1, 0)]
-    batch = builder().build(chunks, Adapters(), pad_to=4)
+    batch = builder(packed).build(chunks, Adapters(), pad_to=4)
     assert batch.input_ids.shape == (4,) and batch.block_tables.shape == (4, 6)
     assert batch.slot_mapping.tolist()[2:] == [-1, -1]  # padding writes no KV
     assert batch.context_lens.tolist() == [6, 9, 1, 1]
@@ -109,3 +117,31 @@ def test_a_padded_batch_without_adapters_has_no_lora_unless_asked() -> None:
     forced = metadata.build([], Adapters(), pad_to=4, with_lora=True).lora
     assert forced is not None and forced.max_rank == 16
     assert forced.segment_slots.tolist() == [NO_ADAPTER] * 4
+
+
+class CountCopies(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func.overloadpacket is torch.ops.aten.copy_
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_packed_step_is_one_upload_and_one_table_spread_at_its_buckets_addresses() -> None:
+    """Packed (as on CUDA): one copy of every small array, one spreading the block table's
+    used columns into the static table; two batches padded to one bucket, of other sizes
+    and table widths, see the same addresses and shapes (a graph's inputs)."""
+    metadata = builder(packed=True)
+    wide = [Chunk(seq("C", 9, 8, [1, 4, 6]), 1, 0), Chunk(seq("A", 6, 5, [7, 2]), 1, 0)]
+    with CountCopies() as counter:
+        first = metadata.build(wide, Adapters(), pad_to=4)
+    assert counter.copies == 2
+    narrow = [Chunk(seq("E", 2, 1, [3]), 1, 0)]
+    second = metadata.build(narrow, Adapters(), pad_to=4)
+    for name, tensor in batch_tensors(first).items():
+        other = batch_tensors(second)[name]
+        assert (tensor.data_ptr(), tensor.shape) == (other.data_ptr(), other.shape), name
+    assert second.block_tables[0, 0] == 3 and second.context_lens.tolist() == [2, 1, 1, 1]
+    assert second.max_context_len is not None and second.max_context_len.tolist() == [2]

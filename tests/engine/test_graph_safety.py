@@ -111,16 +111,26 @@ def varied_batches(chunks: list) -> list[list]:
 def fresh_forward(llm: LLM, chunks: list, pad_to: int | None) -> torch.Tensor:
     """An eager forward of `chunks` built by a new builder (no earlier step's rows anywhere)."""
     runner = llm.engine.runner
-    metadata = BatchMetadata(
-        BUCKET * 4, BUCKET, runner.metadata.max_blocks_per_seq, runner.metadata.block_size,
-        runner.metadata.max_lora_rank, runner.device,
-    )  # fmt: skip
+    metadata = new_metadata(runner)
     return runner.model.forward(metadata.build(chunks, runner.pool, pad_to=pad_to))
 
 
-def test_replays_over_refilled_buffers_equal_fresh_eager_forwards(assets) -> None:
+def new_metadata(runner, packed: bool = False) -> BatchMetadata:
+    old = runner.metadata
+    return BatchMetadata(
+        old.input_ids.host.shape[0], old.context_lens.host.shape[0], old.max_blocks_per_seq,
+        old.block_size, old.max_lora_rank, runner.device, packed,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["host", "packed"])
+def test_replays_over_refilled_buffers_equal_fresh_eager_forwards(assets, packed: bool) -> None:
+    """`packed`: the metadata as CUDA builds it (one packed upload, the block table spread
+    into its static twin), whose addresses must be the same for every batch of a bucket."""
     llm = make_llm(assets)
     runner = llm.engine.runner
+    if packed:
+        runner.metadata = new_metadata(runner, packed=True)
     graphs = EmulatedGraphs(runner.model.forward, runner.metadata, runner.pool)
     graphs.capture(BUCKET)
     chunks = decode_plan(llm, REQUESTS)

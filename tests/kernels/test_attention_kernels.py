@@ -289,3 +289,25 @@ def test_cpu_path_window_and_softcap_match_reference(kind: str, scores, path, ge
     args = attention_inputs(batch, (8, 2), LAYOUTS[0], dtype, generator)
     out = implementation.paged_attention(*args, Scores(0.125, window, softcap))
     assert_close(out, reference.paged_attention(*args, Scores(0.125, window, softcap)), dtype)
+
+
+def test_split_kv_over_a_graph_wide_table_spreads_the_real_context(generator):
+    """As in a CUDA graph: the block table has the bucket's full width (far more columns
+    than any sequence uses) and the grid as many partitions as that width allows; the
+    partition length comes from the device scalar max_context_len, so the real keys are
+    spread over the partitions they need and the rest find none. Same result as the
+    reference, and as the table cut to its used width."""
+    query, kv, seqs = attention_inputs(
+        BATCHES["decode"], (8, 2), (64, 16), torch.float32, generator
+    )
+    used = seqs.block_tables.shape[1]
+    wide = torch.zeros(seqs.block_tables.shape[0], 4 * used + 3, dtype=torch.int32)
+    wide[:, :used] = seqs.block_tables.cpu()
+    max_context = seqs.context_lens.max().reshape(1)
+    graph_like = SequenceBatch(seqs.query_starts, seqs.context_lens, wide.to(DEVICE), max_context)
+    scores = Scores(64**-0.5)
+    expected = reference.paged_attention(query, kv, seqs, scores)
+    for num_splits in (1, 3, 4 * used):
+        out = torch.full_like(query, float("nan"))
+        paged_attention(query, kv, graph_like, scores, out=out, num_splits=num_splits)
+        assert_close(out, expected, torch.float32)
