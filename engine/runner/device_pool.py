@@ -3,8 +3,10 @@
 The bookkeeping (which page holds what) is memory/pool.py's, in pure Python; this
 class owns the tensors and makes the copies the bookkeeping decided, as the model
 runner applies a step's plan: each `AdapterLoad` copies the adapter's host pages
-into its pool pages (one copy per page, from pinned memory on CUDA) and points its
-slot's rows of the offset and rank tables at them. A slot's rows are rewritten by
+straight into its pool pages (one copy per run of consecutive pages, non-blocking, from
+the host store's pinned memory on CUDA: no temporary on the device) and points its slot's
+rows of the offset and rank tables at them (computed on the host, staged in pinned memory,
+copied the same way). A slot's rows are rewritten by
 every load into it, so rows of evicted adapters need no clearing: no batch names
 a slot that was not loaded before the forward pass that reads it.
 
@@ -74,11 +76,13 @@ class DevicePool:
         """Copy each adapter's host pages into its pool pages and write its table rows
         (on CUDA: queue the copies on the side stream)."""
         for load in loads:
-            if self.copies is not None:
-                self.copies.run(load.slot, lambda load=load: self._load(load), keep=load.adapter)
+            tables = self._table_rows(load)
+            if self.copies is not None:  # the pinned sources live until the copies are done
+                copy = lambda load=load, tables=tables: self._load(load, *tables)  # noqa: E731
+                self.copies.run(load.slot, copy, keep=(load.adapter, tables))
                 continue
             started = time.perf_counter()
-            self._load(load)
+            self._load(load, *tables)
             self.load_seconds.record(time.perf_counter() - started)
 
     def wait_for(self, slots: Collection[int]) -> None:
@@ -93,12 +97,38 @@ class DevicePool:
             self.load_seconds.extend(self.copies.drain_seconds())
         return self.load_seconds.drain()
 
-    def _load(self, load: AdapterLoad) -> None:
+    def _table_rows(self, load: AdapterLoad) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's rows of the offset table ([layers, modules, 3], pool offsets) and of the
+        rank table, on the host (pinned on CUDA)."""
         host, page_numel = load.adapter, self.geometry.page_numel
-        pages = torch.tensor(load.pages, dtype=torch.int64, device=self.device)
-        self.pages[pages] = host.pages.to(self.device, non_blocking=True)
-        local = host.local_offsets.to(self.device)  # [layers, modules, 3]
+        pages = torch.tensor(load.pages, dtype=torch.int64)
+        local = host.local_offsets  # [layers, modules, 3], from the start of its host pages
         global_offsets = pages[local.clamp(min=0) // page_numel] * page_numel + local % page_numel
-        self.lora_offsets[load.slot] = torch.where(local >= 0, global_offsets, -1)
-        self.lora_ranks[load.slot] = host.ranks.to(self.device)
-        self.slot_max_rank[load.slot] = host.max_rank
+        offsets = torch.where(local >= 0, global_offsets, -1)
+        if self.device.type != "cuda":
+            return offsets, host.ranks
+        return offsets.pin_memory(), host.ranks.pin_memory()
+
+    def _load(self, load: AdapterLoad, offsets: torch.Tensor, ranks: torch.Tensor) -> None:
+        host_pages = load.adapter.pages  # [num_pages, page_numel]
+        for pool_page, host_page, count in page_runs(load.pages):
+            self.pages[pool_page : pool_page + count].copy_(
+                host_pages[host_page : host_page + count], non_blocking=True
+            )
+        self.lora_offsets[load.slot].copy_(offsets, non_blocking=True)
+        self.lora_ranks[load.slot].copy_(ranks, non_blocking=True)
+        self.slot_max_rank[load.slot] = load.adapter.max_rank
+
+
+def page_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first pool page, first host page, count) of each run of consecutive pool pages.
+
+    Example: pool pages [7, 8, 9, 2, 3] -> [(7, 0, 3), (2, 3, 2)]."""
+    runs: list[tuple[int, int, int]] = []
+    for host_page, pool_page in enumerate(pages):
+        if runs and runs[-1][0] + runs[-1][2] == pool_page:
+            first, start, count = runs[-1]
+            runs[-1] = (first, start, count + 1)
+        else:
+            runs.append((pool_page, host_page, 1))
+    return runs
