@@ -139,7 +139,9 @@ class DecodeBench:
         metadata = BatchMetadata(
             max_batch, max_batch, -(-(context + 1) // BLOCK_SIZE), BLOCK_SIZE, rank, torch_device
         )
-        slots, loads, page = {"base": []}, [], 0
+        slots: dict[str, list[int]] = {"base": []}
+        loads: list[AdapterLoad] = []
+        page = 0
         for targets, group in adapters.items():
             slots[targets] = []
             for adapter in group:

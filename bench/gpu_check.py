@@ -161,7 +161,7 @@ def run_sections(plan: Plan, out: Path, budget: Budget) -> dict[str, str]:
         ("gpu-tests", lambda s: gpu_tests(s, plan, budget), 30),
     ]
     for name in others:
-        sections.append((f"decode-{name}", lambda s, n=name: decode(s, plan, n, budget, {}), 60))
+        sections.append((f"decode-{name}", _decode_section(plan, name, budget), 60))
     sections.append(("s2-vs-peft", lambda s: s2_vs_peft(s, plan, budget), 60))
     statuses = {}
     for index, (name, run, needs_s) in enumerate(sections, 1):
@@ -169,6 +169,10 @@ def run_sections(plan: Plan, out: Path, budget: Budget) -> dict[str, str]:
         statuses[name] = _run_section(section, run, budget, needs_s)
         print(f"gpu_check: {name}: {statuses[name]}", flush=True)
     return statuses
+
+
+def _decode_section(plan: Plan, shape: str, budget: Budget) -> Callable[[Section], None]:
+    return lambda section: decode(section, plan, shape, budget, {})
 
 
 def _run_section(

@@ -210,6 +210,8 @@ class RuntimeInfo:
     eos_token_ids: tuple[int, ...]
     served_model_names: tuple[str, ...]
     """Every name of the base model in the API (`ModelConfig.served_model_names`)."""
+    warmup_seconds: float = 0.0
+    """The runner's start-up warm-up: decode graph captures and prefill compiles."""
 
     @property
     def served_model_name(self) -> str:

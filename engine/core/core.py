@@ -116,6 +116,7 @@ class EngineCore:
             vocab_size=self.arch.vocab_size,
             eos_token_ids=eos,
             served_model_names=config.model.served_model_names(),
+            warmup_seconds=self.runner.warmup_seconds,
         )
         self.admission = Admission(self.arch.vocab_size, self.info, self.geometry.block_size)
         self.requests: dict[str, RequestState] = {}

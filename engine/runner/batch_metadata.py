@@ -156,7 +156,8 @@ class BatchMetadata:
         context 1), give every table its full static width and LoRA, when any chunk has
         an adapter, the largest rank, so that every shape is the captured graph's. A batch
         without adapters has no LoRA at all (`lora` None: the graph set without LoRA
-        launches); `with_lora` gives it the LoRA tensors anyway (capturing the other set)."""
+        launches); `with_lora` gives any batch the LoRA tensors at the largest rank (capturing
+        the other set, warming the kernels up)."""
         num_seqs = len(chunks)
         lens = np.fromiter((chunk.num_tokens for chunk in chunks), np.int64, num_seqs)
         starts = np.fromiter((chunk.start for chunk in chunks), np.int64, num_seqs)
@@ -179,8 +180,8 @@ class BatchMetadata:
             num_seqs, num_tokens, num_segments, num_logits, width = self._pad(
                 num_seqs, num_segments, num_logits, pad_to
             )
-            if max_rank > 0 or with_lora:
-                max_rank = self.max_lora_rank  # the captured graph's shapes
+        if with_lora or (pad_to is not None and max_rank > 0):
+            max_rank = self.max_lora_rank  # a captured graph's shapes, or a warm-up's
         self.max_context_len.host[0] = self.context_lens.host[:num_seqs].max(initial=1)
         view = self._view  # in a fixed order, the block table (of varying width) last
         batch = ForwardBatch(
@@ -194,11 +195,11 @@ class BatchMetadata:
             lora=None,
             block_tables=self.block_tables.host_tensor,  # set below
         )
-        if max_rank > 0 or with_lora:
+        if max_rank > 0:
             batch.lora = LoraBatch(
                 view(self.segment_starts, num_segments + 1),
                 view(self.segment_slots, num_segments),
-                max(max_rank, 1),
+                max_rank,
             )
         batch.block_tables = self._block_tables(num_seqs, used_width, width)
         return batch

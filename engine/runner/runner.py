@@ -18,6 +18,8 @@ its sequence's end. The step is its only input: nothing else tells it of request
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
@@ -47,14 +49,21 @@ from loraserve.engine.sampling.prompt_logprobs import (
 from loraserve.engine.sampling.sampler import SamplerOutput, sample
 from loraserve.engine.sampling.sampling_batch import SamplingBatch, SamplingRows
 from loraserve.engine.sampling.structured import RequestGrammar, fill_masks
+from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.kernels.dispatch import select_kernels
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.models.arch import ModelArch
 from loraserve.models.llama import LlamaModel
 from loraserve.models.weights import load_weights
+from loraserve.scheduler.request import SequenceState
 from loraserve.scheduler.scheduler import ScheduledChunk
 
+logger = logging.getLogger(__name__)
+
 CPU_DEFAULT_POOL_GIB = 1.0
+PREFILL_WARMUP_TOKENS = (1, 17, 128)
+"""Prompt lengths run once at start-up on CUDA (besides the longest the token budget allows),
+so that the prefill kernels compile before the first request, not during it."""
 MAX_GRAPH_BATCH_SIZE = 512  # larger decode batches run eagerly (their launch cost is amortized)
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
@@ -69,6 +78,8 @@ class ModelRunner(Protocol):
     device: torch.device
     dtype: torch.dtype
     """The pool's and the activations' dtype (the adapter store converts to it)."""
+    warmup_seconds: float
+    """How long the start-up warm-up took (graph captures, Triton compiles)."""
 
     def execute(self, step: Step) -> SamplerOutput:
         """Run one step: forget the requests that ended, set up those that start (the
@@ -166,7 +177,7 @@ class TorchModelRunner:
             min(scheduler.max_num_seqs, MAX_GRAPH_BATCH_SIZE),
             self.model.forward,
         )
-        self.graphs.capture_all(self.metadata, self.pool)
+        self.warmup_seconds = self._warm_up()
         self._prompt_progress: dict[str, PromptProgress] = {}
         # Grammar masks are computed here while the forward pass runs (llguidance lets go
         # of the GIL), so that structured output costs the step only their application.
@@ -248,6 +259,39 @@ class TorchModelRunner:
             batch = self.metadata.build(chunks, self.pool, pad_to=bucket)
             return self.graphs.replay(bucket, batch)[: sum(chunk.samples for chunk in chunks)]
         return self.model.forward(self.metadata.build(chunks, self.pool, extra_logits=extra))
+
+    def _warm_up(self) -> float:
+        """Before the first request: capture every decode bucket of both graph sets and, on
+        CUDA, run prefill batches of a few lengths, with and without LoRA (Triton compiles
+        each shape once, here, not in a request's step). Logs and returns the seconds."""
+        started = time.perf_counter()
+        self.graphs.capture_all(self.metadata, self.pool)
+        if self.device.type == "cuda":
+            for chunks in self._prefill_warmup_chunks():
+                for with_lora in (False, True):
+                    self.model.forward(self.metadata.build(chunks, self.pool, with_lora=with_lora))
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        logger.info(
+            "warm-up: %d decode graphs and the prefill shapes in %.1f s",
+            2 * len(self.graphs.buckets), seconds,
+        )  # fmt: skip
+        return seconds
+
+    def _prefill_warmup_chunks(self) -> list[list[ScheduledChunk]]:
+        """One prompt of each warm-up length, in pages the pool has not handed out yet (at
+        start-up every page is free; the K/V written there is overwritten before any read)."""
+        block_size = self.metadata.block_size
+        budget = min(self.config.scheduler.max_num_batched_tokens, self.num_pages * block_size)
+        budget = min(budget, self.metadata.max_blocks_per_seq * block_size)
+        batches = []
+        for length in sorted({*PREFILL_WARMUP_TOKENS, budget}):
+            if length > budget:
+                continue
+            seq = SequenceState("warm-up", None, [0] * length)
+            seq.block_table = list(range(-(-length // block_size)))
+            batches.append([ScheduledChunk(seq, length, NO_ADAPTER)])
+        return batches
 
     def _num_pages(self, geometry: PoolGeometry) -> int:
         """Pages in the pool: as configured, or what memory allows."""

@@ -25,6 +25,7 @@ class FakeRunner:
     eos_token_ids: tuple[int, ...]
     num_pages: int = 0
     kernel_backend: str = "fake"
+    warmup_seconds: float = 0.0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     requests: dict[str, SamplingParams] = field(default_factory=dict)

@@ -174,3 +174,18 @@ def test_batch_tensors_lists_every_static_input(assets) -> None:
     runner = llm.engine.runner
     names = set(batch_tensors(runner.metadata.build([], runner.pool, pad_to=4)))
     assert {"input_ids", "block_tables", "lora.segment_starts", "lora.segment_slots"} <= names
+
+
+def test_the_prefill_warm_up_batches_run_and_the_warm_up_is_reported(assets) -> None:
+    """The warm-up runs its prefill batches on CUDA only (compiles are a GPU's cost): here
+    they run once each, with and without LoRA, and the runner reports its warm-up time."""
+    llm = make_llm(assets, "torch")
+    runner = llm.engine.runner
+    assert llm.engine.info.warmup_seconds == runner.warmup_seconds >= 0
+    batches = runner._prefill_warmup_chunks()
+    assert [chunks[0].num_tokens for chunks in batches][:3] == [1, 17, 128]
+    for chunks in batches:
+        for with_lora in (False, True):
+            batch = runner.metadata.build(chunks, runner.pool, with_lora=with_lora)
+            assert (batch.lora is not None) == with_lora
+            assert torch.isfinite(runner.model.forward(batch)).all()
