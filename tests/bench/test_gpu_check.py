@@ -13,6 +13,7 @@ from loraserve.bench import gpu_check
 REPOSITORY = Path(__file__).parents[2]
 
 
+@pytest.mark.slow
 def test_the_dry_run_runs_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPOSITORY)  # the GPU tests' paths are the repository's
     gpu_check.main(["--out", str(tmp_path), "--dry-run"])

@@ -123,6 +123,7 @@ def new_metadata(runner, packed: bool = False) -> BatchMetadata:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed", [False, True], ids=["host", "packed"])
 def test_replays_over_refilled_buffers_equal_fresh_eager_forwards(assets, packed: bool) -> None:
     """`packed`: the metadata as CUDA builds it (one packed upload, the block table spread
