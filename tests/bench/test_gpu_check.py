@@ -4,6 +4,7 @@ writes its file, so that the script a GPU machine runs once cannot have rotted."
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,19 @@ def test_kernel_classes() -> None:
     assert gpu_check.kernel_class("void at::native::vectorized_elementwise_kernel") == (
         "elementwise"
     )
+
+
+def test_a_command_past_its_timeout_is_ended_with_its_children(tmp_path: Path) -> None:
+    """A timed-out section (a server under bench.compare, say) leaves no process behind."""
+    marker = tmp_path / "child-pid"
+    script = f"sleep 30 & echo $! > {marker}; echo started; wait"
+    result = gpu_check._command(["sh", "-c", script], timeout=2)
+    assert result["returncode"] is None and result["timeout_s"] == 2
+    assert "started" in result["tail"]
+    status = Path(f"/proc/{int(marker.read_text())}/status")
+    for _ in range(50):  # killed: gone, or a zombie until its new parent reaps it
+        if not status.exists() or "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the command's child outlived its timeout")
