@@ -48,10 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.autograd import DeviceType
 
 from .bandwidth import copy_bandwidth
 from .decode_step import TARGETS, DecodeBench
+from .kernel_profile import kernel_table
 from .models import SHAPES
 
 
@@ -302,30 +302,6 @@ def _record_overheads(section: Section, points: list[dict]) -> None:
     )
 
 
-KERNEL_CLASSES = (
-    ("lora_shrink", ("lora_shrink", "shrink")),
-    ("lora_expand", ("lora_expand", "expand")),
-    ("attention", ("paged_attention", "attention_kernel")),
-    ("attention_combine", ("combine",)),
-    ("kv_write", ("write_kv", "kv_write")),
-    ("norm", ("rms", "norm")),
-    ("rope", ("rope", "rotary")),
-    ("gemm", ("gemm", "gemv", "cutlass", "sm90", "sm80", "nvjet", "cublas", "addmm", "aten::mm")),
-    ("copy", ("copy", "memcpy", "memset", "fill")),
-    ("reduce", ("reduce",)),
-    ("elementwise", ("elementwise", "vectorized", "unrolled", "aten::")),
-)
-"""Kernel classes by name fragments, first match wins (CPU dry runs see aten ops instead)."""
-
-
-def kernel_class(name: str) -> str:
-    lowered = name.lower()
-    for label, fragments in KERNEL_CLASSES:
-        if any(fragment in lowered for fragment in fragments):
-            return label
-    return "other"
-
-
 def profile(section: Section, plan: Plan, bench: DecodeBench | None) -> None:
     """Launches per step and per layer, by kernel class, at the profile batch, on the
     decode section's bench (its graphs included)."""
@@ -348,30 +324,10 @@ def profile(section: Section, plan: Plan, bench: DecodeBench | None) -> None:
                 if on_cuda:
                     torch.cuda.synchronize()
             label = f"{targets}-{'graph' if graph else 'eager'}"
-            counts = _kernel_table(profiler, on_cuda, steps, bench.arch.num_layers)
+            counts = kernel_table(profiler, on_cuda, steps, bench.arch.num_layers)
             sort = "cuda_time_total" if on_cuda else "cpu_time_total"
             table = profiler.key_averages().table(sort_by=sort, row_limit=30)
             section.record(label, {**counts, "table": table.splitlines()})
-
-
-def _kernel_table(profiler: Any, on_cuda: bool, steps: int, num_layers: int) -> dict:
-    """Per kernel class: launches and device microseconds per step; and the totals."""
-    classes: dict[str, dict[str, float]] = {}
-    for event in profiler.events():
-        if on_cuda and event.device_type != DeviceType.CUDA:
-            continue
-        if not on_cuda and event.cpu_parent is not None:
-            continue
-        time_us = getattr(event, "device_time", None) if on_cuda else event.cpu_time
-        entry = classes.setdefault(kernel_class(event.name), {"launches": 0, "us": 0.0})
-        entry["launches"] += 1 / steps
-        entry["us"] += (time_us or 0.0) / steps
-    launches = sum(entry["launches"] for entry in classes.values())
-    return {
-        "launches_per_step": launches,
-        "launches_per_layer": launches / num_layers,
-        "by_class": classes,
-    }
 
 
 def gpu_tests(section: Section, plan: Plan, budget: Budget) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from loraserve.bench import gpu_check
+from loraserve.bench.kernel_profile import kernel_class
 
 REPOSITORY = Path(__file__).parents[2]
 
@@ -51,12 +52,10 @@ def test_sections_record_their_failure_and_the_run_goes_on(tmp_path: Path) -> No
 
 
 def test_kernel_classes() -> None:
-    assert gpu_check.kernel_class("_lora_shrink_kernel") == "lora_shrink"
-    assert gpu_check.kernel_class("_paged_attention_kernel") == "attention"
-    assert gpu_check.kernel_class("nvjet_tst_128x64_64x4") == "gemm"
-    assert gpu_check.kernel_class("void at::native::vectorized_elementwise_kernel") == (
-        "elementwise"
-    )
+    assert kernel_class("_lora_shrink_kernel") == "lora_shrink"
+    assert kernel_class("_paged_attention_kernel") == "attention"
+    assert kernel_class("nvjet_tst_128x64_64x4") == "gemm"
+    assert kernel_class("void at::native::vectorized_elementwise_kernel") == ("elementwise")
 
 
 def test_a_command_past_its_timeout_is_ended_with_its_children(tmp_path: Path) -> None:
