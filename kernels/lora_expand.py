@@ -38,8 +38,8 @@ import triton.language as tl
 
 from loraserve.kernels.checks import FLOAT_DTYPES, check_expand, check_same_device, check_segments
 from loraserve.kernels.constants import NO_ADAPTER
-from loraserve.kernels.ops import LoraWeights, Segments
 from loraserve.kernels.lora_tiles import DECODE_TILE_TOKENS, TILE_COLUMNS, tiles_for
+from loraserve.kernels.ops import LoraWeights, Segments
 from loraserve.kernels.triton_utils import dot_precision
 
 NO_ADAPTER_SLOT: tl.constexpr = tl.constexpr(NO_ADAPTER)

@@ -76,8 +76,8 @@ def fill_tile_map(
 
     segment_starts: [num_segments + 1] token boundaries; segment_slots: [num_segments].
     The module docstring walks through an example."""
-    lengths = np.diff(segment_starts.astype(np.int64))  # [num_segments]
-    tiles_per_segment = -(-lengths // tile_tokens)  # ceil; 0 for an empty segment
+    lengths = np.diff(segment_starts).astype(np.int64)  # [num_segments]
+    tiles_per_segment = (lengths + tile_tokens - 1) // tile_tokens  # 0 for an empty segment
     num_tiles = int(tiles_per_segment.sum())
     segment_of_tile = np.repeat(np.arange(len(lengths)), tiles_per_segment)  # [num_tiles]
     first_tile = np.cumsum(tiles_per_segment) - tiles_per_segment  # [num_segments]
