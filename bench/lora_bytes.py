@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -81,19 +82,28 @@ def base_step_bytes(arch: ModelArch, num_seqs: int, context: int, element_bytes:
 
 
 def triton_grid(arch: ModelArch, num_tokens: int, rank: int, element_bytes: int) -> list[dict]:
-    """Programs per launch of the Triton kernels on a decode batch (1-token tiles, BGMV) of
-    distinct adapters, and the adapter bytes each program streams (lora_shrink/expand)."""
-    shrink_rows, expand_columns = 8, 512  # the launchers' decode block sizes
+    """Per launch of the Triton kernels on a decode batch (1-token tiles, BGMV) of distinct
+    adapters: the bytes it must move, its floor on each card, its programs and the adapter
+    bytes each program streams (the launchers' decode block sizes)."""
+    shrink_rows, expand_columns = 8, 512
     launches = []
     for name, in_dim, widths in group_dims(arch):
-        rank_blocks = -(-rank // shrink_rows)
-        column_blocks = -(-max(widths) // expand_columns)
+        slices, out_dim = len(widths), sum(widths)
+        y_bytes = num_tokens * slices * rank * 4
+        shrink_bytes = (num_tokens * rank * slices + num_tokens) * in_dim * element_bytes + y_bytes
+        expand_bytes = (num_tokens * rank + 2 * num_tokens) * out_dim * element_bytes + y_bytes
         launches.append(
             dict(
                 group=name,
-                shrink_programs=num_tokens * len(widths) * rank_blocks,
+                shrink_bytes=shrink_bytes,
+                expand_bytes=expand_bytes,
+                floor_us={
+                    card: [shrink_bytes / bandwidth * 1e6, expand_bytes / bandwidth * 1e6]
+                    for card, bandwidth in GPU_BANDWIDTH.items()
+                },
+                shrink_programs=num_tokens * slices * -(-rank // shrink_rows),
                 shrink_bytes_per_program=min(rank, shrink_rows) * in_dim * element_bytes,
-                expand_programs=num_tokens * len(widths) * column_blocks,
+                expand_programs=num_tokens * slices * -(-max(widths) // expand_columns),
                 expand_bytes_per_program=rank * min(expand_columns, max(widths)) * element_bytes,
             )
         )
@@ -174,6 +184,28 @@ def gpu_arithmetic(lora_bytes: int, base_bytes: int) -> dict[str, dict[str, floa
     return cards
 
 
+def summary(result: dict[str, Any], num_layers: int) -> str:
+    """The figures of a result in a few lines."""
+    gpu, cpu = result["gpu_bf16_step_bytes"], result["cpu_native"]
+    lines = [
+        f"LoRA bytes per decode step (bf16): {gpu['total'] / 1e9:.3f} GB "
+        f"(adapter weights {gpu['adapter_weights'] / 1e9:.3f} GB), "
+        f"{result['lora_over_base']:.1%} of the base step's {result['base_step_bytes_bf16'] / 1e9:.2f} GB",
+        f"CPU native (float32, {result['threads']} threads): {cpu['seconds_per_step']:.2f} s/step, "
+        f"{cpu['bytes_per_second'] / 1e9:.2f} GB/s = {cpu['fraction_of_copy']:.0%} of a copy's "
+        f"{cpu['copy_bytes_per_second'] / 1e9:.2f} GB/s (best pass {cpu['best_fraction_of_copy']:.0%})",
+    ]
+    launches = 2 * len(result["triton_decode_grid"]) * num_layers
+    for card, figures in result["gpu"].items():
+        lines.append(
+            f"{card}: floor {figures['lora_floor_ms']:.3f} ms, target <= "
+            f"{figures['lora_target_ms']:.3f} ms (+{figures['lora_target_over_base']:.1%} of a "
+            f"{figures['base_step_floor_ms']:.2f} ms base floor) = "
+            f"{figures['lora_target_ms'] * 1e3 / launches:.2f} us per launch over {launches}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-2-7b", choices=sorted(SHAPES))
@@ -197,7 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     copy = copy_bandwidth("cpu", numel=2**28)
     result = dict(
         **run_metadata(),
-        command="python -P -m loraserve.bench.lora_bytes " + " ".join(argv or []),
+        command=" ".join(
+            ["python -P -m loraserve.bench.lora_bytes", *(sys.argv[1:] if argv is None else argv)]
+        ),
         shape=args.shape,
         batch=args.batch,
         rank=args.rank,
@@ -219,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         triton_decode_grid=triton_grid(arch, args.batch, args.rank, element_bytes=2),
     )
     print(json.dumps(result, indent=2))
+    print(summary(result, arch.num_layers))
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
 
