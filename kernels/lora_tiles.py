@@ -89,14 +89,18 @@ def fill_tile_map(
     return num_tiles
 
 
-def tiles_of(segment_starts: torch.Tensor, segment_slots: torch.Tensor) -> LoraTiles:
+def tiles_of(
+    segment_starts: torch.Tensor, segment_slots: torch.Tensor, decode: bool | None = None
+) -> LoraTiles:
     """The tile map of segments that come without one (tests, benchmarks): built on the host,
     so on CUDA this reads the segments back (a synchronisation; never inside a graph).
-    Decode (1-token tiles) when every segment holds one token."""
+    `decode` (1-token tiles): as given, else when every segment holds one token."""
     starts = segment_starts.cpu().numpy()
     slots = segment_slots.cpu().numpy()
     num_tokens, num_segments = int(starts[-1]), len(slots)
-    tile_tokens = choose_tile_tokens(num_tokens, num_segments, num_tokens == num_segments)
+    if decode is None:
+        decode = num_tokens == num_segments
+    tile_tokens = choose_tile_tokens(num_tokens, num_segments, decode)
     table = np.zeros((max(1, tile_bound(num_tokens, num_segments, tile_tokens)), 3), np.int32)
     num_tiles = fill_tile_map(starts, slots, tile_tokens, table)
     device = segment_starts.device
