@@ -34,6 +34,13 @@ import numpy as np
 import torch
 
 from loraserve.kernels.constants import NO_ADAPTER
+from loraserve.kernels.lora_tiles import (
+    TILE_COLUMNS,
+    LoraTiles,
+    choose_tile_tokens,
+    fill_tile_map,
+    tile_bound,
+)
 from loraserve.models.batch import ForwardBatch, LoraBatch
 from loraserve.scheduler.scheduler import ScheduledChunk
 
@@ -86,6 +93,10 @@ class BatchMetadata:
         self.logits_indices = _Buffer((max_num_seqs + max_num_tokens,), int64, device)
         self.segment_starts = _Buffer((max_num_seqs + 1,), int32, device)
         self.segment_slots = _Buffer((max_num_seqs,), int32, device)
+        # The LoRA kernels' tile map (kernels/lora_tiles.py): never more tiles than tokens.
+        max_tiles = max(max_num_tokens, max_num_seqs)
+        self.lora_tiles = _Buffer((max_tiles, TILE_COLUMNS), int32, device)
+        self.lora_num_tiles = _Buffer((1,), int32, device)
 
     def build(
         self,
@@ -121,6 +132,7 @@ class BatchMetadata:
             self.logits_indices.host[num_logits : num_logits + len(extra_logits)] = extra_logits
             num_logits += len(extra_logits)
         num_segments, max_rank = self._fill_segments(chunks, adapters.slot_max_rank)
+        decode = num_tokens == num_seqs  # every sequence brings one token (and every graph batch)
         if pad_to is not None:
             num_seqs, num_tokens, num_segments, num_logits, width = self._pad(
                 num_seqs, num_segments, num_logits, pad_to
@@ -132,6 +144,7 @@ class BatchMetadata:
                 self.segment_starts.view(num_segments + 1),
                 self.segment_slots.view(num_segments),
                 max(max_rank, 1),
+                self._fill_lora_tiles(num_tokens, num_segments, decode, pad_to is not None),
             )
         return ForwardBatch(
             input_ids=self.input_ids.view(num_tokens),
@@ -200,6 +213,20 @@ class BatchMetadata:
             if chunk.slot != NO_ADAPTER:
                 max_rank = max(max_rank, slot_max_rank[chunk.slot])
         return num_segments, max_rank
+
+    def _fill_lora_tiles(
+        self, num_tokens: int, num_segments: int, decode: bool, padded: bool
+    ) -> LoraTiles:
+        """The tile map of the segments just filled. A padded (graph) batch launches the
+        bucket's bound of tiles, the same for every batch of the bucket."""
+        tile_tokens = choose_tile_tokens(num_tokens, num_segments, decode)
+        starts = self.segment_starts.host[: num_segments + 1]
+        slots = self.segment_slots.host[:num_segments]
+        num_tiles = fill_tile_map(starts, slots, tile_tokens, self.lora_tiles.host)
+        self.lora_num_tiles.host[0] = num_tiles
+        max_tiles = tile_bound(num_tokens, num_segments, tile_tokens) if padded else num_tiles
+        table = self.lora_tiles.view(max(max_tiles, 1), TILE_COLUMNS)
+        return LoraTiles(table, self.lora_num_tiles.view(1), max_tiles, tile_tokens)
 
     def _pad(
         self, num_seqs: int, num_segments: int, num_logits: int, pad_to: int
