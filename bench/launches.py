@@ -122,8 +122,9 @@ class LaunchCount:
         }
 
 
-class _Recorder:
-    """The state the patched entry points share while a count runs."""
+class LaunchRecorder:
+    """The state the patched entry points share while a count runs (`counting_launches`):
+    what was counted, and the decoder layer launches are attributed to (None: outside)."""
 
     def __init__(self) -> None:
         self.count = LaunchCount()
@@ -134,7 +135,7 @@ class _Recorder:
 class _AtenLaunches(TorchDispatchMode):
     """Records every ATen operator that would launch a device kernel."""
 
-    def __init__(self, recorder: _Recorder) -> None:
+    def __init__(self, recorder: LaunchRecorder) -> None:
         super().__init__()
         self.recorder = recorder
 
@@ -161,7 +162,7 @@ def _moves_nothing(func: torch._ops.OpOverload, name: str, args: tuple, out: Any
 
 
 @contextlib.contextmanager
-def _triton_launches(recorder: _Recorder) -> Iterator[None]:
+def _triton_launches(recorder: LaunchRecorder) -> Iterator[None]:
     """Patch the launch of every Triton kernel (compiled, or interpreted on a CPU)."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
@@ -192,6 +193,15 @@ def _triton_launches(recorder: _Recorder) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def counting_launches(recorder: LaunchRecorder | None = None) -> Iterator[LaunchRecorder]:
+    """Count the launches made inside the block into `recorder` (a fresh one by default),
+    each attributed to `recorder.layer` as it is when the launch happens."""
+    recorder = recorder or LaunchRecorder()
+    with _triton_launches(recorder), _AtenLaunches(recorder):
+        yield recorder
+
+
+@contextlib.contextmanager
 def count_forward_launches(model: Any) -> Iterator[list[LaunchCount]]:
     """Count the launches of every `model.forward` call made inside the block: one
     LaunchCount per call, appended to the yielded list as each call ends.
@@ -202,7 +212,7 @@ def count_forward_launches(model: Any) -> Iterator[list[LaunchCount]]:
     forward, layer_fn = model.forward, model._layer
 
     def counted_forward(batch):
-        recorder = _Recorder()
+        recorder = LaunchRecorder()
         layer_index = iter(range(len(model.layers)))
 
         def counted_layer(*args, **kwargs):
@@ -214,7 +224,7 @@ def count_forward_launches(model: Any) -> Iterator[list[LaunchCount]]:
 
         model._layer = counted_layer
         try:
-            with _triton_launches(recorder), _AtenLaunches(recorder):
+            with counting_launches(recorder):
                 logits = forward(batch)
         finally:
             del model._layer
