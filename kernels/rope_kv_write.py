@@ -75,18 +75,18 @@ def _rope_kv_write_kernel(
     page, position = slot // block_size, slot % block_size
     pool_rows = kv_ptr + page * stride_kv_page + (which - 1) * stride_kv_which
     pool_rows += position * stride_kv_position + heads * stride_kv_head
+    # Outside the branches: Triton may make an argument equal to 1 a constant, whose type
+    # differs from an int's, and a variable must have one type in every branch.
+    num_rows = tl.where(which == 0, num_heads, num_kv_heads)
     if which == 0:
         rows = query_ptr + token * stride_query_token + heads * stride_query_head
         targets = out_ptr + (token * num_heads + heads) * head_dim
-        num_rows = num_heads
     elif which == 1:
         rows = key_ptr + token * stride_key_token + heads * stride_key_head
         targets = pool_rows
-        num_rows = num_kv_heads
     else:
         rows = value_ptr + token * stride_value_token + heads * stride_value_head
         targets = pool_rows
-        num_rows = num_kv_heads
     dtype = out_ptr.dtype.element_ty
     dims = tl.arange(0, BLOCK_D)[None, :]
     if which == 2:  # v: copied as it is

@@ -55,6 +55,14 @@ def test_the_count_sees_every_kernel_of_a_layer(launches) -> None:
     assert launches["no_adapter"].outside["aten.index"] >= 1
 
 
+def test_the_decode_forward_never_waits_for_the_device(launches) -> None:
+    """No operator that copies a device value to the host (it would break graph capture)."""
+    syncs = {"aten._local_scalar_dense", "aten.nonzero"}  # .item(), boolean masks
+    for count in launches.values():
+        for counter in [*count.layers, count.outside]:
+            assert not syncs & set(counter), counter
+
+
 def test_counter_counts_torch_kernels_and_triton_launches_not_views() -> None:
     """An unfused half-precision RMSNorm is eight kernels (two casts, pow, mean, add, rsqrt,
     two products); the fused Triton one is one launch, whatever torch work the interpreter
