@@ -66,7 +66,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 # -- add + RMSNorm -----------------------------------------------------------------------------
 
-NORM_SHAPES = [(1, 37), (5, 96), (3, 4096), (17, 5120)]  # (tokens, hidden): odd and real widths
+NORM_SHAPES = [(1, 37), (5, 96), (3, 4096), (17, 5120), (2, 8192)]  # (tokens, hidden)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,9 +118,15 @@ def test_add_rms_norm_rejects_bad_arguments(generator):
 
 # -- RoPE + KV write ---------------------------------------------------------------------------
 
-# (heads, kv_heads, head_dim, rotary_dim): MHA, GQA, Phi-4-mini's partial rotary (0.75 of
-# 128), an odd head_dim with a partial rotary of odd half.
-ROPE_SHAPES = [(4, 4, 64, 64), (8, 2, 128, 128), (6, 2, 128, 96), (3, 1, 40, 22)]
+# (heads, kv_heads, head_dim, rotary_dim): MHA, GQA, Llama-3-8B's, Phi-4-mini's partial
+# rotary (0.75 of 128), an odd head_dim with a partial rotary of odd half (and MQA).
+ROPE_SHAPES = [
+    (4, 4, 64, 64),
+    (8, 2, 128, 128),
+    (32, 8, 128, 128),
+    (6, 2, 128, 96),
+    (3, 1, 40, 22),
+]
 BLOCK_SIZE, NUM_PAGES = 16, 6
 
 
@@ -182,7 +188,9 @@ def test_rope_write_kv_rejects_bad_arguments(generator):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("shape", [(1, 45), (7, 688), (3, 2731)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(
+    "shape", [(1, 45), (7, 688), (3, 2731), (2, 11008), (1, 14336)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
 def test_gated_activation_matches_reference(shape, activation, dtype, generator):
     num_tokens, intermediate = shape
     # gate_up is a column slice of a wider buffer; large values reach the tails of exp.
