@@ -184,8 +184,9 @@ def rope_write_kv(
     slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     """ops.RopeWriteKV: the rotation in torch (reference.rope), the write in C (write_kv)."""
-    write_kv(kv, reference.rope(key, cos_sin), value, slot_mapping)
-    return reference.rope(query, cos_sin)
+    cos, sin = reference.angles(cos_sin)
+    write_kv(kv, reference.rope(key, cos, sin), value, slot_mapping)
+    return reference.rope(query, cos, sin)
 
 
 def paged_attention(

@@ -153,12 +153,11 @@ def add_rms_norm(
     return rms_norm(hidden, weight, eps)
 
 
-def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head's first `rotary_dim` dimensions:
     [x1, x2, rest] -> [x1 cos - x2 sin, x2 cos + x1 sin, rest] (rest: partial rotary).
 
-    x: [num_tokens, heads, head_dim]; cos_sin: [num_tokens, 2, rotary_dim // 2]."""
-    cos, sin = cos_sin.unsqueeze(1).unbind(2)  # [num_tokens, 1, rotary_dim // 2] each
+    x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, 1, rotary_dim // 2] (`angles`)."""
     rotary_dim = 2 * cos.shape[-1]
     if rotary_dim == x.shape[-1]:
         x1, x2 = x.chunk(2, dim=-1)
@@ -166,6 +165,13 @@ def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     rotated, rest = x.split([rotary_dim, x.shape[-1] - rotary_dim], dim=-1)
     x1, x2 = rotated.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def angles(cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ops.RopeWriteKV's `cos_sin` as `rope` takes them: views
+    [num_tokens, 1, rotary_dim // 2] each, broadcast over the heads."""
+    cos, sin = cos_sin.unsqueeze(1).unbind(2)
+    return cos, sin
 
 
 def rope_write_kv(
@@ -177,8 +183,9 @@ def rope_write_kv(
     slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     """ops.RopeWriteKV: the rotated key and the value into the pool; returns rope(query)."""
-    write_kv(kv, rope(key, cos_sin), value, slot_mapping)
-    return rope(query, cos_sin)
+    cos, sin = angles(cos_sin)
+    write_kv(kv, rope(key, cos, sin), value, slot_mapping)
+    return rope(query, cos, sin)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -154,13 +154,13 @@ def test_rope_write_kv_matches_reference(shape, dtype, generator):
     expected_kv = kv.clone()
     kept = slots >= 0
     reference.write_kv(
-        expected_kv, reference.rope(key, cos_sin)[kept], value[kept], slots[kept]
+        expected_kv, reference.rope(key, *reference.angles(cos_sin))[kept], value[kept], slots[kept]
     )  # the reference writes every slot it is given: only the kept ones
     before = qkv.clone()
     out = rope_write_kv(query, key, value, cos_sin, kv, slots)
     exact = dtype != torch.float32  # rounded step by step as torch rounds
     tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(out, reference.rope(query, cos_sin), **tolerance)
+    torch.testing.assert_close(out, reference.rope(query, *reference.angles(cos_sin)), **tolerance)
     torch.testing.assert_close(kv, expected_kv, equal_nan=True, **tolerance)
     torch.testing.assert_close(kv_pages[:, 0], torch.full_like(kv, float("nan")), equal_nan=True)
     torch.testing.assert_close(qkv, before, rtol=0, atol=0)  # inputs untouched
