@@ -98,13 +98,17 @@ def make_lora_case(
     )
 
 
-def lora_functions(case: LoraCase) -> dict[str, Callable[[], None]]:
-    """shrink + expand of one group: Triton, torch reference, and a per-adapter dense loop."""
+def lora_functions(case: LoraCase, decode: bool) -> dict[str, Callable[[], None]]:
+    """shrink + expand of one group: Triton, torch reference, and a per-adapter dense loop.
+    `decode`: one token per sequence (the kernels' 1-token tiles, as the engine runs it)."""
     from loraserve.kernels import reference
     from loraserve.kernels.lora_expand import lora_expand
     from loraserve.kernels.lora_shrink import lora_shrink
+    from loraserve.kernels.lora_tiles import tiles_of
 
-    segments = LoraBatch(case.segment_starts, case.segment_slots, case.max_rank)
+    # The tile map built once, as the engine builds it once per step (not timed).
+    tiles = tiles_of(case.segment_starts, case.segment_slots, decode)
+    segments = LoraBatch(case.segment_starts, case.segment_slots, case.max_rank, tiles)
     a_offsets, b_offsets = case.offsets[..., 0], case.offsets[..., 1]
     weights = LoraWeights(case.pool, a_offsets, b_offsets, case.ranks, case.slices)
 
@@ -143,7 +147,7 @@ def bench_lora(
     for group, (in_dim, widths) in lora_groups(model).items():
         for num_tokens, num_adapters in shapes:
             case = make_lora_case(in_dim, widths, num_tokens, num_adapters)
-            times = timer.measure(lora_functions(case))
+            times = timer.measure(lora_functions(case, decode=num_tokens in DECODE_BATCHES))
             y_bytes = num_tokens * len(widths) * case.max_rank * 4 * 2  # written, read back
             activation_bytes = (case.x.numel() + 2 * case.out.numel()) * case.x.element_size()
             total_bytes = case.weight_bytes + activation_bytes + y_bytes

@@ -6,3 +6,6 @@ NO_ADAPTER = -1
 KERNEL_BACKENDS = ("auto", "triton", "native", "torch", "reference")
 """`auto`: Triton on CUDA, the native C kernels on a CPU (the torch path where they cannot be
 built); each other name forces one. See kernels/dispatch.py."""
+
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+"""The gated MLP's activations (transformers' ACT2FN names): SwiGLU's SiLU, GeGLU's tanh GELU."""

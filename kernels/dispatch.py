@@ -12,13 +12,17 @@ from loraserve.kernels import native, native_build, reference, torch_path
 from loraserve.kernels.constants import KERNEL_BACKENDS
 from loraserve.kernels.ops import Kernels
 
-# The native backend: C kernels for float32 on the CPU (kernels/native.py), built on first use.
+# The native backend: C kernels for float32 on the CPU (kernels/native.py), built on first use;
+# the glue ops in torch, as the torch path runs them.
 NATIVE_KERNELS = Kernels(
     "native",
     native.lora_shrink,
     native.lora_expand,
     native.write_kv,
     native.paged_attention,
+    add_rms_norm=reference.add_rms_norm,
+    rope_write_kv=native.rope_write_kv,
+    gated_activation=reference.gated_activation,
 )
 # The torch backend: the references' semantics with fewer calls per step (kernels/torch_path.py),
 # for CPUs without a C compiler and dtypes other than float32.
@@ -28,6 +32,9 @@ TORCH_KERNELS = Kernels(
     torch_path.lora_expand,
     torch_path.write_kv,
     torch_path.paged_attention,
+    add_rms_norm=torch_path.add_rms_norm,
+    rope_write_kv=torch_path.rope_write_kv,
+    gated_activation=torch_path.gated_activation,
 )
 # The plain references themselves: the yardstick, for checking and measuring the others.
 REFERENCE_KERNELS = Kernels(
@@ -36,6 +43,9 @@ REFERENCE_KERNELS = Kernels(
     reference.lora_expand,
     reference.write_kv,
     reference.paged_attention,
+    add_rms_norm=reference.add_rms_norm,
+    rope_write_kv=reference.rope_write_kv,
+    gated_activation=reference.gated_activation,
 )
 
 
@@ -72,9 +82,21 @@ def select_kernels(
 def _triton_kernels() -> Kernels:
     # Imported here, not at the top: Triton reads TRITON_INTERPRET when a kernel is
     # defined, and the torch backend must work where Triton is not even importable.
+    from loraserve.kernels.add_rms_norm import add_rms_norm
+    from loraserve.kernels.gated_activation import gated_activation
     from loraserve.kernels.kv_write import write_kv
     from loraserve.kernels.lora_expand import lora_expand
     from loraserve.kernels.lora_shrink import lora_shrink
     from loraserve.kernels.paged_attention import paged_attention
+    from loraserve.kernels.rope_kv_write import rope_write_kv
 
-    return Kernels("triton", lora_shrink, lora_expand, write_kv, paged_attention)
+    return Kernels(
+        "triton",
+        lora_shrink,
+        lora_expand,
+        write_kv,
+        paged_attention,
+        add_rms_norm=add_rms_norm,
+        rope_write_kv=rope_write_kv,
+        gated_activation=gated_activation,
+    )

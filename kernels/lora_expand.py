@@ -1,4 +1,4 @@
-"""LoRA expand (SGMV): add each token's shrunk vector times its adapter's B, all slices in one launch.
+"""LoRA expand (SGMV/BGMV): add each token's shrunk vector times its adapter's B, all slices in one launch.
 
 Semantics: out[t, c_i:c_{i+1}] += y[t, i, :r] @ B[slot(t), i], for each token t and slice i.
 
@@ -8,14 +8,19 @@ per (slot, slice): the reduction loop runs `cdiv(r, BLOCK_R)` steps, so a rank-8
 segment costs a rank-8 read even when the batch's max_rank is 128, and rows of B
 past r are masked, never read.
 
-Grid: (virtual token tiles, slice, column tile of the widest slice).
-- Axis 0: (segment, token tile) pairs found on the device, as in lora_shrink
-  (`triton_utils.segment_tile`); spare tiles and NO_ADAPTER segments return
-  before touching memory, so `out` rows of base-model tokens stay bit-identical.
+Grid: (tiles, slice, column block of the widest slice).
+- Axis 0: one program per tile of the step's tile map (kernels/lora_tiles.py): up to
+  BLOCK_M tokens of one segment, found with one row load (slot, first, end). The grid
+  is the map's `max_tiles`; programs past the device scalar `num_tiles`, and NO_ADAPTER
+  tiles, return before touching memory, so `out` rows of base-model tokens stay
+  bit-identical. Each program reads its column block of B once for all its tokens.
 - Axes 1, 2: every slice in the same launch. Slices narrower than the widest
-  (k/v beside q under GQA) leave their last column tiles empty: those programs
-  return after three scalar loads (the widest slice is known on the host:
-  `OutputSlices` is made once per projection, with the columns on the device).
+  (k/v beside q under GQA) leave their last column blocks empty: those programs
+  return after a few scalar loads.
+- Decode tiles (BLOCK_M = 1, BGMV-style): 512 columns per program (16 KB of a rank-16
+  bf16 B), a vector-matrix product; prefill tiles (16 or 64 tokens) use tl.dot on 128
+  columns. Every element of out is one program's sum in a fixed order: no atomics, the
+  same bits run to run and in a CUDA graph.
 The sum is computed in float32 (half-precision B goes through tf32 on the
 tensor cores) and added to `out` in float32, rounded once to out's dtype.
 
@@ -33,30 +38,31 @@ import triton.language as tl
 
 from loraserve.kernels.checks import FLOAT_DTYPES, check_expand, check_same_device, check_segments
 from loraserve.kernels.constants import NO_ADAPTER
+from loraserve.kernels.lora_tiles import DECODE_TILE_TOKENS, TILE_COLUMNS, tiles_for
 from loraserve.kernels.ops import LoraWeights, Segments
-from loraserve.kernels.triton_utils import (
-    dot_precision,
-    num_virtual_tiles,
-    search_block,
-    segment_tile,
-)
+from loraserve.kernels.triton_utils import dot_precision
 
 NO_ADAPTER_SLOT: tl.constexpr = tl.constexpr(NO_ADAPTER)
+TILE_ROW: tl.constexpr = tl.constexpr(TILE_COLUMNS)
 
 
-@triton.jit
+@triton.jit(
+    # y's strides follow the step's max_rank: they must not multiply the compiled variants.
+    do_not_specialize=["stride_y_token", "stride_y_slice"],
+    # Per-layer views of the runner's tables start at any 8-byte boundary.
+    do_not_specialize_on_alignment=["b_offsets_ptr", "ranks_ptr", "g_offsets_ptr"],
+)
 def _lora_expand_kernel(
     out_ptr,  # [num_tokens, slice_starts[-1]] base layer output, updated in place
     y_ptr,  # [num_tokens, num_slices, max_rank] float32 from lora_shrink
     pool_ptr,  # flat unified pool; B of (slot, slice) starts at b_offsets[slot, slice]
     b_offsets_ptr,  # [num_slots, num_slices] int64 element offsets (a strided view)
     ranks_ptr,  # [num_slots, num_slices] int32 ranks, 0 = slice not targeted
-    segment_starts_ptr,  # [num_segments + 1] token boundaries
-    segment_slots_ptr,  # [num_segments] adapter slot of each segment, or NO_ADAPTER
+    tiles_ptr,  # [max_tiles, 3] int32 tile map rows: slot, first token, end token
+    num_tiles_ptr,  # [1] int32 tiles that hold tokens
     slice_starts_ptr,  # [num_slices + 1] int64 first column of each slice in out
     g_offsets_ptr,  # [num_slots, num_slices] int64 offsets of DoRA's g, -1: plain (HAS_DORA)
     bias_ptr,  # [out_dim] the base projection's bias (HAS_BIAS)
-    num_segments,
     stride_out_token,
     stride_y_token,
     stride_y_slice,
@@ -68,18 +74,19 @@ def _lora_expand_kernel(
     stride_g_slice,
     HAS_DORA: tl.constexpr,  # whether g_offsets is a table (else nothing is DoRA)
     HAS_BIAS: tl.constexpr,  # whether bias_ptr is a bias (DoRA subtracts it from out)
-    BLOCK_M: tl.constexpr,  # tokens per program
+    BLOCK_M: tl.constexpr,  # tokens per tile (1: BGMV decode)
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_R: tl.constexpr,  # rank step of the reduction loop
-    SEARCH_BLOCK: tl.constexpr,  # see segment_tile
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 weights
 ):
-    segment, tile_start, tile_end = segment_tile(
-        tl.program_id(0), segment_starts_ptr, num_segments, BLOCK_M, SEARCH_BLOCK
-    )
-    slot = tl.load(segment_slots_ptr + segment).to(tl.int64)
-    if (tile_start >= tile_end) | (slot == NO_ADAPTER_SLOT):
+    tile = tl.program_id(0)
+    if tile >= tl.load(num_tiles_ptr):  # past the batch's tiles (a graph's spare programs)
         return
+    slot = tl.load(tiles_ptr + tile * TILE_ROW).to(tl.int64)
+    if slot == NO_ADAPTER_SLOT:
+        return
+    tile_start = tl.load(tiles_ptr + tile * TILE_ROW + 1)
+    tile_end = tl.load(tiles_ptr + tile * TILE_ROW + 2)
     slice_index = tl.program_id(1)
     rank = tl.load(ranks_ptr + slot * stride_rank_slot + slice_index * stride_rank_slice)
     first_column = tl.load(slice_starts_ptr + slice_index).to(tl.int32)
@@ -110,7 +117,10 @@ def _lora_expand_kernel(
             mask=rank_mask[:, None] & column_mask[None, :],
             other=0.0,
         )
-        accumulator = tl.dot(y, b.to(tl.float32), accumulator, input_precision=DOT_PRECISION)
+        if BLOCK_M == 1:  # one token: y [1, BLOCK_R] against BLOCK_R rows of B
+            accumulator += tl.sum(tl.trans(y) * b.to(tl.float32), axis=0)[None, :]
+        else:
+            accumulator = tl.dot(y, b.to(tl.float32), accumulator, input_precision=DOT_PRECISION)
 
     out_ptrs = out_ptr + tokens[:, None] * stride_out_token + columns[None, :]
     out_mask = token_mask[:, None] & column_mask[None, :]
@@ -134,7 +144,8 @@ def lora_expand(
     out: torch.Tensor, y: torch.Tensor, weights: LoraWeights, segments: Segments
 ) -> None:
     """ops.LoraExpand. out (unit column stride) and the contiguous pool of a float dtype;
-    segments int32 or int64; all on one device."""
+    segments int32 or int64; all on one device. The tile map is the one `segments`
+    carries (models.batch.LoraBatch), else one built from them (kernels/lora_tiles.py)."""
     pool, b_offsets, ranks, slices = weights.pool, weights.b_offsets, weights.ranks, weights.slices
     segment_starts, segment_slots = segments.segment_starts, segments.segment_slots
     check_same_device(out=out, y=y, pool=pool, starts=segment_starts, slots=segment_slots)
@@ -145,19 +156,20 @@ def lora_expand(
     if not pool.is_contiguous():
         raise ValueError("pool must be contiguous: offsets are flat element offsets")
     num_tokens, num_slices, max_rank = y.shape
-    num_segments = segment_slots.shape[0]
-    if num_tokens == 0 or max_rank == 0:
+    tiles = tiles_for(segments)
+    if num_tokens == 0 or max_rank == 0 or tiles.max_tiles == 0:
         return
-    block_m = 16 if num_tokens <= 16 * num_segments else 64  # as in lora_shrink
-    block_n = 128  # a 256-byte bf16 row segment of B and out per load
-    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))  # K of the dot: 16..64
+    # Decode: 512 columns of B (16 KB at rank 16, bf16) per program; prefill tiles: 128
+    # columns (a 256-byte bf16 row segment per load) of 16 or 64 tokens through tl.dot.
+    block_n = 512 if tiles.tile_tokens == DECODE_TILE_TOKENS else 128
+    block_r = 16  # the rank step (tl.dot's minimum K): one compiled variant for every rank
     g_offsets, bias = weights.g_offsets, weights.bias
     has_dora = g_offsets is not None
     has_bias = has_dora and bias is not None
     if has_dora:
         check_same_device(out=out, g_offsets=g_offsets)
     grid = (
-        num_virtual_tiles(num_tokens, num_segments, block_m),
+        tiles.max_tiles,
         num_slices,
         triton.cdiv(slices.widest, block_n),
     )
@@ -167,12 +179,11 @@ def lora_expand(
         pool,
         b_offsets,
         ranks,
-        segment_starts,
-        segment_slots,
+        tiles.table,
+        tiles.num_tiles,
         slices.tensor,
         g_offsets if has_dora else b_offsets,  # any int64 pointer where unused
         bias if has_bias else out,
-        num_segments,
         out.stride(0),
         y.stride(0),
         y.stride(1),
@@ -184,10 +195,9 @@ def lora_expand(
         g_offsets.stride(1) if has_dora else 0,
         HAS_DORA=has_dora,
         HAS_BIAS=has_bias,
-        BLOCK_M=block_m,
+        BLOCK_M=tiles.tile_tokens,
         BLOCK_N=block_n,
         BLOCK_R=block_r,
-        SEARCH_BLOCK=search_block(num_segments),
         DOT_PRECISION=dot_precision(pool.dtype),
         num_warps=4,
         num_stages=2,

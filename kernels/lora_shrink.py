@@ -1,4 +1,4 @@
-"""LoRA shrink (SGMV): every token times the A matrix of its adapter, all slices in one launch.
+"""LoRA shrink (SGMV/BGMV): every token times the A matrix of its adapter, all slices in one launch.
 
 Semantics: y[t, i, :r] = x[t] @ A[slot(t), i].T, for each token t and slice i.
 
@@ -8,18 +8,20 @@ row-major) lives in the unified pool at the element offset `a_offsets[slot, i]`:
 the kernel reads it there, no gather copy, and masks rows beyond r, so padded
 weights never exist and are never read.
 
-Grid: (virtual token tiles, slice x rank tile, split of in_dim).
-- Axis 0 maps programs to (segment, token tile) without a host sync
-  (`triton_utils.segment_tile`): `num_tokens // BLOCK_M + num_segments`
-  programs, at most one or two per segment empty. Cost: each program reads
-  `segment_starts` once (one vector load for up to 256 segments) before work.
-- Axis 1 runs every slice (q/k/v or gate/up) in the same launch, and cuts the
-  rank into BLOCK_R columns; a rank tile past the segment's rank only writes zeros.
-- Axis 2 splits the reduction over in_dim when the other two axes give too few
-  programs to fill the GPU (small decode batches): partial sums are then added
-  with float32 atomics into a zeroed y (order of the sum then varies run to run).
-NO_ADAPTER segments and untargeted slices cost one program that stores zeros
-(the result must be 0 there), and read no weight.
+Grid: (tiles, slice x rank block). No split of in_dim, no atomics: every element of y
+is one program's sum over in_dim in a fixed order, so the bits are the same run to run,
+in a CUDA graph and eagerly; no zeroing launch either, y comes from torch.empty.
+- Axis 0: one program per tile of the step's tile map (kernels/lora_tiles.py), up to
+  BLOCK_M tokens of ONE segment, read as one row (slot, first, end). The grid is the
+  map's `max_tiles`; programs past the device scalar `num_tiles` return at once. Each
+  program reads its BLOCK_R rows of A once for all its tokens.
+- Axis 1 runs every slice (q/k/v or gate/up) in the same launch, and cuts max_rank
+  into BLOCK_R rows of A; a rank block past the tile's rank only stores zeros, as do
+  NO_ADAPTER tiles and untargeted slices (the result must be 0 there): no weight read.
+- Decode tiles (BLOCK_M = 1, BGMV-style): a matrix-vector product per token with rank
+  blocks of 8, so a decode batch of 32 rank-16 adapters runs 2 programs per token and
+  slice, each streaming 8 rows of A; prefill tiles (16 or 64 tokens) go through tl.dot
+  with rank blocks of 16 (its minimum).
 """
 
 from __future__ import annotations
@@ -30,31 +32,30 @@ import triton.language as tl
 
 from loraserve.kernels.checks import FLOAT_DTYPES, check_same_device, check_segments, check_shrink
 from loraserve.kernels.constants import NO_ADAPTER
+from loraserve.kernels.lora_tiles import DECODE_TILE_TOKENS, TILE_COLUMNS, tiles_for
 from loraserve.kernels.ops import LoraWeights, Segments
-from loraserve.kernels.triton_utils import (
-    dot_precision,
-    num_virtual_tiles,
-    programs_to_fill,
-    search_block,
-    segment_tile,
-)
+from loraserve.kernels.triton_utils import dot_precision
 
 NO_ADAPTER_SLOT: tl.constexpr = tl.constexpr(NO_ADAPTER)
+TILE_ROW: tl.constexpr = tl.constexpr(TILE_COLUMNS)
 
 
-@triton.jit
+@triton.jit(
+    # Values that change from step to step must not multiply the compiled variants.
+    do_not_specialize=["max_rank", "stride_y_token", "stride_y_slice"],
+    # Per-layer views of the runner's tables start at any 8-byte boundary.
+    do_not_specialize_on_alignment=["a_offsets_ptr", "ranks_ptr"],
+)
 def _lora_shrink_kernel(
     x_ptr,  # [num_tokens, in_dim] activations
     pool_ptr,  # flat unified pool; A of (slot, slice) starts at a_offsets[slot, slice]
     a_offsets_ptr,  # [num_slots, num_slices] int64 element offsets (a strided view)
     ranks_ptr,  # [num_slots, num_slices] int32 ranks, 0 = slice not targeted
-    segment_starts_ptr,  # [num_segments + 1] token boundaries
-    segment_slots_ptr,  # [num_segments] adapter slot of each segment, or NO_ADAPTER
+    tiles_ptr,  # [max_tiles, 3] int32 tile map rows: slot, first token, end token
+    num_tiles_ptr,  # [1] int32 tiles that hold tokens
     y_ptr,  # [num_tokens, num_slices, max_rank] float32 output
-    num_segments,
     in_dim,
     max_rank,
-    k_per_split,  # in_dim columns each program of axis 2 reduces (a multiple of BLOCK_K)
     stride_x_token,
     stride_offset_slot,
     stride_offset_slice,
@@ -62,23 +63,20 @@ def _lora_shrink_kernel(
     stride_rank_slice,
     stride_y_token,
     stride_y_slice,
-    BLOCK_M: tl.constexpr,  # tokens per program
-    BLOCK_R: tl.constexpr,  # rank columns per program
+    BLOCK_M: tl.constexpr,  # tokens per tile (1: BGMV decode)
+    BLOCK_R: tl.constexpr,  # rows of A (rank columns of y) per program
     BLOCK_K: tl.constexpr,  # in_dim step of the reduction loop
-    SEARCH_BLOCK: tl.constexpr,  # see segment_tile
-    ATOMIC: tl.constexpr,  # True when in_dim is split: add partial sums into a zeroed y
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs
 ):
-    segment, tile_start, tile_end = segment_tile(
-        tl.program_id(0), segment_starts_ptr, num_segments, BLOCK_M, SEARCH_BLOCK
-    )
-    if tile_start >= tile_end:  # a spare virtual tile
+    tile = tl.program_id(0)
+    if tile >= tl.load(num_tiles_ptr):  # past the batch's tiles (a graph's spare programs)
         return
-    num_rank_tiles = tl.cdiv(max_rank, BLOCK_R)
-    slice_index = tl.program_id(1) // num_rank_tiles
-    rank_start = (tl.program_id(1) % num_rank_tiles) * BLOCK_R
-
-    slot = tl.load(segment_slots_ptr + segment).to(tl.int64)
+    slot = tl.load(tiles_ptr + tile * TILE_ROW).to(tl.int64)
+    tile_start = tl.load(tiles_ptr + tile * TILE_ROW + 1)
+    tile_end = tl.load(tiles_ptr + tile * TILE_ROW + 2)
+    num_rank_blocks = tl.cdiv(max_rank, BLOCK_R)
+    slice_index = tl.program_id(1) // num_rank_blocks
+    rank_start = (tl.program_id(1) % num_rank_blocks) * BLOCK_R
     has_adapter = slot != NO_ADAPTER_SLOT
     rank = tl.load(
         ranks_ptr + slot * stride_rank_slot + slice_index * stride_rank_slice,
@@ -86,38 +84,32 @@ def _lora_shrink_kernel(
         other=0,
     )
     tokens = (tile_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    token_mask = tokens < tile_end
     columns = rank_start + tl.arange(0, BLOCK_R)
     y_ptrs = y_ptr + tokens[:, None] * stride_y_token + slice_index * stride_y_slice + columns
-    y_mask = (tokens < tile_end)[:, None] & (columns < max_rank)[None, :]
+    y_mask = token_mask[:, None] & (columns < max_rank)[None, :]
     if rank_start >= rank:  # no adapter, slice not targeted, or past this rank
-        if not ATOMIC:
-            tl.store(y_ptrs, tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), mask=y_mask)
+        tl.store(y_ptrs, tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), mask=y_mask)
         return
 
     a_offset = tl.load(
         a_offsets_ptr + slot * stride_offset_slot + slice_index * stride_offset_slice
     )
     a_rows = pool_ptr + a_offset + columns.to(tl.int64)[:, None] * in_dim  # row c of A: rank c
+    a_row_mask = columns < rank
     x_rows = x_ptr + tokens[:, None] * stride_x_token
-    k_start = tl.program_id(2) * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, in_dim)
     accumulator = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
+    for k in range(0, in_dim, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_rows + ks[None, :],
-            mask=(tokens < tile_end)[:, None] & (ks < k_end)[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            a_rows + ks[None, :], mask=(columns < rank)[:, None] & (ks < k_end)[None, :], other=0.0
-        )
-        accumulator = tl.dot(x, tl.trans(a), accumulator, input_precision=DOT_PRECISION)
+        k_mask = ks < in_dim
+        x = tl.load(x_rows + ks[None, :], mask=token_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(a_rows + ks[None, :], mask=a_row_mask[:, None] & k_mask[None, :], other=0.0)
+        if BLOCK_M == 1:  # one token: x [1, BLOCK_K] against every row of A
+            accumulator += tl.sum(a.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        else:
+            accumulator = tl.dot(x, tl.trans(a), accumulator, input_precision=DOT_PRECISION)
     # Columns in [rank, rank_start + BLOCK_R) hold exact zeros (their A rows were masked).
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, accumulator, mask=y_mask)
-    else:
-        tl.store(y_ptrs, accumulator, mask=y_mask)
+    tl.store(y_ptrs, accumulator, mask=y_mask)
 
 
 def lora_shrink(
@@ -126,13 +118,12 @@ def lora_shrink(
     segments: Segments,
     *,
     out: torch.Tensor | None = None,
-    split_k: int | None = None,
 ) -> torch.Tensor:
     """ops.LoraShrink. x (unit stride along in_dim) and the contiguous pool share a float
-    dtype; segments int32 or int64; all on one device.
+    dtype; segments int32 or int64; all on one device. The tile map is the one `segments`
+    carries (models.batch.LoraBatch), else one built from them (kernels/lora_tiles.py).
 
-    out:     optional [num_tokens, num_slices, max_rank] float32 contiguous buffer for y
-    split_k: programs per (token tile, slice) along in_dim; None picks one
+    out: optional [num_tokens, num_slices, max_rank] float32 contiguous buffer for y
     """
     pool, a_offsets, ranks = weights.pool, weights.a_offsets, weights.ranks
     segment_starts, segment_slots = segments.segment_starts, segments.segment_slots
@@ -145,42 +136,32 @@ def lora_shrink(
     if not pool.is_contiguous():
         raise ValueError("pool must be contiguous: offsets are flat element offsets")
     num_tokens, in_dim = x.shape
-    num_slices, num_segments = a_offsets.shape[1], segment_slots.shape[0]
+    num_slices = a_offsets.shape[1]
     shape = (num_tokens, num_slices, max_rank)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=x.device)
     elif out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor {shape}, got {out.shape}")
-    if out.numel() == 0:
+    tiles = tiles_for(segments)
+    if out.numel() == 0 or tiles.max_tiles == 0:
         return out
-    # Segments of a decode batch hold one token or a few: small tiles waste less of
-    # the tl.dot minimum (16 rows); prefill segments get 64-token tiles.
-    block_m = 16 if num_tokens <= 16 * num_segments else 64
-    # Ranks above 64 take two column tiles rather than one large accumulator.
-    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
-    block_k = 128  # 256 B of bf16 per row and step: full-width coalesced loads
-    num_rank_tiles = triton.cdiv(max_rank, block_r)
-    tiles = num_virtual_tiles(num_tokens, num_segments, block_m)
-    if split_k is None:
-        split_k = triton.cdiv(programs_to_fill(x.device), tiles * num_slices * num_rank_tiles)
-    k_blocks = triton.cdiv(in_dim, block_k)
-    k_per_split = triton.cdiv(k_blocks, max(1, min(split_k, k_blocks))) * block_k
-    split_k = triton.cdiv(in_dim, k_per_split)
-    if split_k > 1:
-        out.zero_()
-    grid = (tiles, num_slices * num_rank_tiles, split_k)
+    if tiles.tile_tokens == DECODE_TILE_TOKENS:
+        # 8 rows of A x 512 columns per step: 8 KB of bf16 in flight, 2 programs per rank 16.
+        block_r, block_k = 8, 512
+    else:
+        # tl.dot's minimum K is 16; 128 columns = 256 B of bf16 per row and step, coalesced.
+        block_r, block_k = 16, 128
+    grid = (tiles.max_tiles, num_slices * triton.cdiv(max_rank, block_r))
     _lora_shrink_kernel[grid](
         x,
         pool,
         a_offsets,
         ranks,
-        segment_starts,
-        segment_slots,
+        tiles.table,
+        tiles.num_tiles,
         out,
-        num_segments,
         in_dim,
         max_rank,
-        k_per_split,
         x.stride(0),
         a_offsets.stride(0),
         a_offsets.stride(1),
@@ -188,11 +169,9 @@ def lora_shrink(
         ranks.stride(1),
         out.stride(0),
         out.stride(1),
-        BLOCK_M=block_m,
+        BLOCK_M=tiles.tile_tokens,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
-        SEARCH_BLOCK=search_block(num_segments),
-        ATOMIC=split_k > 1,
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=4,
         num_stages=3,

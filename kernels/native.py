@@ -1,5 +1,9 @@
 """The native CPU kernels: C (OpenMP) LoRA shrink/expand, KV write and paged attention.
 
+The glue between projections (add + RMSNorm, the gated activation, RoPE before the C KV
+write) is the references' torch code: on a CPU a launch costs no device time, and those
+ops are a small part of a step.
+
 Semantics, arguments and results are those of the ops of kernels/ops.py; these
 wrappers check shapes, dtypes and devices (ValueError) and hand pointers and strides
 to the C code (`native_lora.c`, `native_attention.c`), which reads adapter weights
@@ -33,7 +37,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from loraserve.kernels import native_build
+from loraserve.kernels import native_build, reference
 from loraserve.kernels import native_checks as checks
 from loraserve.kernels.checks import (
     check_attention,
@@ -44,7 +48,14 @@ from loraserve.kernels.checks import (
 )
 from loraserve.kernels.ops import LoraWeights, Scores, Segments, Sequences
 
-__all__ = ["available", "lora_expand", "lora_shrink", "paged_attention", "write_kv"]
+__all__ = [
+    "available",
+    "lora_expand",
+    "lora_shrink",
+    "paged_attention",
+    "rope_write_kv",
+    "write_kv",
+]
 
 # Queries of one sequence above which torch's SDPA (its flash kernel) beats the C loop, the
 # gather of that sequence's K/V included: measured crossovers 512-1024 at head_dim 64 and 128
@@ -162,6 +173,20 @@ def write_kv(
             f"slot_mapping must be < num_pages * block_size = "
             f"{kv.shape[0] * kv.shape[2]}, got max {int(slot_mapping.max())}"
         )
+
+
+def rope_write_kv(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin: torch.Tensor,
+    kv: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """ops.RopeWriteKV: the rotation in torch (reference.rope), the write in C (write_kv)."""
+    cos, sin = reference.angles(cos_sin)
+    write_kv(kv, reference.rope(key, cos, sin), value, slot_mapping)
+    return reference.rope(query, cos, sin)
 
 
 def paged_attention(

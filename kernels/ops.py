@@ -1,7 +1,9 @@
 """The kernel seam: one protocol per op the forward pass calls, and the records they take.
 
-Every backend (kernels/dispatch.py picks one) implements the four ops with these
-signatures; kernels/reference.py is each op's executable definition, the yardstick the
+Every backend (kernels/dispatch.py picks one) implements the ops with these signatures:
+the LoRA shrink and expand, the KV write and paged attention, and the glue between the
+projections that a decode step would otherwise launch as many small kernels (the fused
+residual add + RMSNorm, RoPE with the KV write, the gated activation); kernels/reference.py is each op's executable definition, the yardstick the
 other backends are tested against. An op's arguments come in two kinds: what a layer
 binds once (`LoraWeights`, `Scores`, its view of the KV pool) and what a step brings
 (activations, `Segments`, `Sequences`).
@@ -211,6 +213,64 @@ class PagedAttention(Protocol):
         ...
 
 
+class AddRMSNorm(Protocol):
+    def __call__(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """Semantics: hidden += delta (in place; skipped when delta is None), then return
+        norm(hidden) = h * rsqrt(mean(h ** 2) + eps) * weight per row of the last axis, with
+        h = hidden in float32, rounded where transformers rounds:
+
+        - weight of hidden's dtype (Llama's `weight * normed.to(dtype)`): the normed row is
+          rounded to hidden's dtype, then scaled in that dtype;
+        - float32 weight (Gemma's 1 + w, `(normed * weight).to(dtype)`): scaled in float32,
+          then rounded once.
+        In float32 the two coincide. The add is rounded to hidden's dtype before the norm.
+
+        hidden:  [num_tokens, dim] or [num_tokens, num_heads, dim] (per-head q/k norms),
+                 unit stride on dim; updated in place when delta is given
+        delta:   hidden's shape and dtype, or None
+        weight:  [dim], hidden's dtype or float32
+        returns: hidden's shape (contiguous) and dtype"""
+        ...
+
+
+class RopeWriteKV(Protocol):
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos_sin: torch.Tensor,
+        kv: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """Semantics: return rope(query); kv[s // B, 0, s % B] = rope(key[t]) and
+        kv[s // B, 1, s % B] = value[t], s = slot_mapping[t], where rope rotates the two
+        halves of each head's first rotary_dim dimensions, [x1, x2, rest] ->
+        [x1 cos - x2 sin, x2 cos + x1 sin, rest] (rest: partial rotary), each product and
+        sum rounded to query's dtype as torch rounds them (transformers' apply_rotary_pos_emb).
+
+        query:        [num_tokens, num_heads, head_dim] (any token and head strides)
+        key, value:   [num_tokens, num_kv_heads, head_dim] (any token and head strides)
+        cos_sin:      [num_tokens, 2, rotary_dim // 2], each token's cos then sin (query's dtype)
+        slot_mapping: [num_tokens] int64 (ops.WriteKV); the Triton and native kernels skip
+                      a slot < 0 (a padding token), whose query is still rotated
+        returns:      [num_tokens, num_heads, head_dim] contiguous, query's dtype"""
+        ...
+
+
+class GatedActivation(Protocol):
+    def __call__(self, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+        """Semantics: out = act(gate) * up, gate and up the two halves of gate_up's columns,
+        act(gate) rounded to gate_up's dtype before the product (torch's `act(gate).mul_(up)`).
+
+        gate_up:    [num_tokens, 2 * intermediate], unit column stride
+        activation: `silu` (SwiGLU) or `gelu_pytorch_tanh` (GeGLU), kernels.constants.ACTIVATIONS
+        returns:    [num_tokens, intermediate] contiguous, gate_up's dtype"""
+        ...
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The kernels the forward pass calls: one backend's implementation of each op."""
@@ -220,3 +280,6 @@ class Kernels:
     lora_expand: LoraExpand
     write_kv: WriteKV
     paged_attention: PagedAttention
+    add_rms_norm: AddRMSNorm
+    rope_write_kv: RopeWriteKV
+    gated_activation: GatedActivation

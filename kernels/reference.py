@@ -6,9 +6,10 @@ These are the `reference` backend (kernels/dispatch.py) and the yardstick of the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.kernels.ops import LoraWeights, Scores, Segments, Sequences
@@ -127,3 +128,78 @@ def paged_attention(
             query.dtype
         )
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """A family's RMSNorm of the last axis, as transformers computes it (ops.AddRMSNorm).
+
+    Llama's (weight of x's dtype): normalize in float32, round, then scale in x's dtype.
+    Gemma's (float32 weight, its 1 + w): scale in float32, then round."""
+    if x.dtype == torch.float32:  # one call; the same float32 math for both kinds
+        return F.rms_norm(x, weight.shape, weight, eps)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype == torch.float32:
+        return (x32 * weight).to(x.dtype)
+    return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(
+    hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """ops.AddRMSNorm: hidden += delta (in place, unless None); return rms_norm(hidden)."""
+    if delta is not None:
+        hidden.add_(delta)
+    return rms_norm(hidden, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head's first `rotary_dim` dimensions:
+    [x1, x2, rest] -> [x1 cos - x2 sin, x2 cos + x1 sin, rest] (rest: partial rotary).
+
+    x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, 1, rotary_dim // 2] (`angles`)."""
+    rotary_dim = 2 * cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    rotated, rest = x.split([rotary_dim, x.shape[-1] - rotary_dim], dim=-1)
+    x1, x2 = rotated.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def angles(cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ops.RopeWriteKV's `cos_sin` as `rope` takes them: views
+    [num_tokens, 1, rotary_dim // 2] each, broadcast over the heads."""
+    cos, sin = cos_sin.unsqueeze(1).unbind(2)
+    return cos, sin
+
+
+def rope_write_kv(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin: torch.Tensor,
+    kv: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """ops.RopeWriteKV: the rotated key and the value into the pool; returns rope(query)."""
+    cos, sin = angles(cos_sin)
+    write_kv(kv, rope(key, cos, sin), value, slot_mapping)
+    return rope(query, cos, sin)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,  # SwiGLU: Llama, Mistral, Qwen, Phi-3
+    "gelu_pytorch_tanh": _gelu_tanh,  # GeGLU: Gemma
+}
+"""constants.ACTIVATIONS -> the function (transformers' ACT2FN entry of that name)."""
+
+
+def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """ops.GatedActivation: act(gate) * up, the activation rounded before the product."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return ACTIVATION_FUNCTIONS[activation](gate).mul_(up)

@@ -5,6 +5,8 @@ where the native kernels (kernels/native.py) cannot be built, or a dtype they do
   gather copy), one BLAS call per (segment, slice) writing into its place
   (`mm(..., out=)`, `addmm_`). Its cost grows with the number of distinct adapters
   (a Python loop over segments): the native kernels do not have that loop.
+- The glue between projections (add + RMSNorm, RoPE with the KV write, the gated
+  activation) is the references' own torch code: a few torch calls each.
 - Decode attention (one query per sequence) runs as a few batched SDPA calls, over
   K/V gathered through the block tables of sequences of similar context length (a
   sliding window is one more mask; soft-capped scores, which SDPA cannot cap, take a
@@ -24,9 +26,23 @@ import torch.nn.functional as F
 
 from loraserve.kernels import reference
 from loraserve.kernels.ops import LoraWeights, Scores, Segments, SequenceBatch, Sequences
-from loraserve.kernels.reference import pool_matrix, write_kv
+from loraserve.kernels.reference import (
+    add_rms_norm,
+    gated_activation,
+    pool_matrix,
+    rope_write_kv,
+    write_kv,
+)
 
-__all__ = ["lora_expand", "lora_shrink", "paged_attention", "write_kv"]
+__all__ = [
+    "add_rms_norm",
+    "gated_activation",
+    "lora_expand",
+    "lora_shrink",
+    "paged_attention",
+    "rope_write_kv",
+    "write_kv",
+]
 
 MAX_DECODE_GROUPS, MIN_DECODE_GROUP = 4, 32  # decode attention batches (see _context_groups)
 

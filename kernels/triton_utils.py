@@ -1,7 +1,8 @@
 """Tile helpers shared by the Triton kernels: mapping programs to segments' token tiles.
 
-The LoRA kernels and prefill attention run one program per tile of `BLOCK_M`
-tokens of one segment (one adapter's run, or one sequence's query tokens). How
+Prefill attention runs one program per tile of `BLOCK_M` tokens of one segment (one
+sequence's query tokens); the LoRA kernels read a tile map built on the host instead
+(kernels/lora_tiles.py). How
 many tiles each segment needs is only known on the device, and asking the host
 would cost a synchronisation per launch. Instead every launch gets
 

@@ -50,8 +50,6 @@ def linear_parent(module: str) -> str:
 
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "dynamic", "longrope")
 """`rope_type`s models/rope.py implements."""
-ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_pytorch_tanh")
-"""MLP activations the forward implements (SwiGLU, and GeGLU with tanh-approximated GELU)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,7 @@ class ModelArch:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     hidden_act: str = "silu"
-    """The MLP's gate activation, one of ACTIVATIONS."""
+    """The MLP's gate activation, one of kernels.constants.ACTIVATIONS."""
     fused_projections: bool = False
     """The checkpoint holds q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3)."""
     qk_norm: bool = False

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.kernels.lora_tiles import LoraTiles
+
 
 @dataclass(frozen=True)
 class LoraTables:
@@ -60,11 +62,14 @@ class LoraBatch:
     """Which adapter each token uses (the adapters' weights and tables are bound to the model).
 
     Example: 4 sequences with adapter slots [-1, 0, 2, 1] and 3, 10, 5, 2 tokens ->
-    segment_starts [0, 3, 13, 18, 20], segment_slots [-1, 0, 2, 1]."""
+    segment_starts [0, 3, 13, 18, 20], segment_slots [-1, 0, 2, 1]; with 4-token tiles
+    the tile map (kernels/lora_tiles.py) is (-1, 0, 3) (0, 3, 7) (0, 7, 11) (0, 11, 13)
+    (2, 13, 17) (2, 17, 18) (1, 18, 20)."""
 
     segment_starts: torch.Tensor  # [num_segments + 1] int32
     segment_slots: torch.Tensor  # [num_segments] int32, NO_ADAPTER for base-model runs
     max_rank: int  # largest rank among the batch's adapters
+    tiles: LoraTiles | None = None  # the Triton kernels' tile map; None: they build one
 
 
 @dataclass

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from loraserve.errors import ModelLoadError
-from loraserve.models.arch import ACTIVATIONS, ModelArch
+from loraserve.kernels.constants import ACTIVATIONS
+from loraserve.models.arch import ModelArch
 from loraserve.models.families import FAMILIES, FAMILY_OF_MODEL_TYPE, FULL, SLIDING, Family
 from loraserve.models.rope_config import read_rope
 

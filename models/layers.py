@@ -1,4 +1,6 @@
-"""The pieces a decoder layer is built from, in each family's numerics.
+"""The pieces a decoder layer is built from besides its kernels, in each family's numerics:
+norm weights, RoPE tables, the embedding scale, soft-capping. (The norms, RoPE and the
+gated activation themselves are kernel ops, kernels/ops.py, fused for the GPU.)
 
 Each follows its transformers modeling file operation for operation where the order
 changes the rounding (norms in half precision, the embedding scale rounded to the
@@ -8,64 +10,30 @@ round where transformers rounds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from loraserve.models.arch import ModelArch
 from loraserve.models.rope import rope_attention_scaling, rope_inv_freq, use_long_rope
 
 
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,  # SwiGLU: Llama, Mistral, Qwen, Phi-3
-    "gelu_pytorch_tanh": _gelu_tanh,  # GeGLU: Gemma
-}
-"""models.arch.ACTIVATIONS -> the function (transformers' ACT2FN entry of that name)."""
-
-
 @dataclass(frozen=True)
 class RMSNorm:
-    """A family's RMSNorm over the last dimension.
+    """A family's RMSNorm over the last dimension, computed by the kernels' `add_rms_norm`.
 
     Llama's: normalize in float32, round to the input dtype, then scale by the weight.
     Gemma's (`unit_offset`): scale by (1 + weight) in float32, then round. `weight()`
-    prepares a checkpoint's norm weight once, at load time, for `__call__`."""
+    prepares a checkpoint's norm weight once, at load time, in the form that tells the
+    kernels which rounding order to follow (ops.AddRMSNorm): Llama's in the model's dtype,
+    Gemma's 1 + w in float32."""
 
     eps: float
     unit_offset: bool
 
     def weight(self, stored: torch.Tensor) -> torch.Tensor:
-        """The tensor `__call__` scales by: the stored weight, or 1 + weight in float32."""
+        """The tensor the norm scales by: the stored weight, or 1 + weight in float32."""
         return 1.0 + stored.float() if self.unit_offset else stored
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one call; the same float32 math for both kinds
-            return F.rms_norm(x, weight.shape, weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (x32 * weight).to(x.dtype)
-        return weight * x32.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head's first `2 * cos.shape[-1]` dimensions:
-    [x1, x2, rest] -> [x1 cos - x2 sin, x2 cos + x1 sin, rest] (rest: partial rotary).
-
-    x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, 1, rotary_dim // 2]."""
-    rotary_dim = 2 * cos.shape[-1]
-    if rotary_dim == x.shape[-1]:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    rotated, rest = x.split([rotary_dim, x.shape[-1] - rotary_dim], dim=-1)
-    x1, x2 = rotated.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

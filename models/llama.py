@@ -13,6 +13,14 @@ Every sequence's new tokens are concatenated into one batch; attention reads eac
 sequence's K/V out of the unified pool through its block table, and LoRA adds each
 segment's adapter delta through the SGMV kernels. q/k/v and gate/up run as one
 fused matmul each, their LoRA as slices of one shrink/expand launch.
+
+A decode step is a launch budget (bench/launches.py counts it): between the matmuls a
+layer calls three fused glue ops. The residual stream `hidden` is updated in place by
+the norms: each residual add is folded into the RMSNorm that follows it (a layer's MLP
+output into the next layer's input norm, the last one's into the final norm; the
+attention output into the post-attention norm); RoPE on q and k is one op with the KV
+write; the activation and its product with `up` are one op. Llama's layer is then nine
+launches, plus a shrink and an expand per adapted projection group.
 """
 
 from __future__ import annotations
@@ -25,14 +33,7 @@ import torch.nn.functional as F
 from loraserve.kernels.ops import Kernels, LoraWeights, OutputSlices, Scores
 from loraserve.models.arch import DOWN, GATE_UP, O_PROJ, QKV, ModelArch
 from loraserve.models.batch import ForwardBatch, LoraBatch, LoraTables
-from loraserve.models.layers import (
-    ACTIVATION_FUNCTIONS,
-    RMSNorm,
-    apply_rope,
-    embedding_scale,
-    rope_tables,
-    softcap,
-)
+from loraserve.models.layers import RMSNorm, embedding_scale, rope_tables, softcap
 
 
 @dataclass
@@ -126,7 +127,6 @@ class LlamaModel:
         self.arch = arch
         self.kernels = kernels
         self.norm_fn = RMSNorm(arch.rms_norm_eps, unit_offset=arch.gemma_norms)
-        self.activation = ACTIVATION_FUNCTIONS[arch.hidden_act]
         self.embed = weights["model.embed_tokens.weight"]  # [vocab, hidden]
         self.embed_scale = embedding_scale(arch, self.embed.dtype)  # Gemma's, else None
         self.norm = self.norm_fn.weight(weights["model.norm.weight"])
@@ -202,66 +202,72 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of the batch's `logits_indices` tokens, float32 `[num_logits, vocab]`."""
-        hidden = self.embed[batch.input_ids]  # [num_tokens, hidden]
+        hidden = self.embed[batch.input_ids]  # [num_tokens, hidden], the residual stream
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
-        # per table: cos, sin [num_tokens, 1, rotary_dim // 2] each, broadcast over heads
-        rotations = [table[batch.positions].unsqueeze(1).unbind(2) for table in self.cos_sin]
+        # per table: [num_tokens, 2, rotary_dim // 2], each token's cos and sin
+        cos_sin = [table[batch.positions] for table in self.cos_sin]
+        mlp_out = None  # the previous layer's MLP output, which the next norm adds
         for layer, pool in zip(self.layers, self.pools, strict=True):
-            cos, sin = rotations[layer.rope]
-            hidden = self._layer(layer, pool, hidden, cos, sin, batch)
-        hidden = self.norm_fn(hidden[batch.logits_indices], self.norm)
-        logits = softcap(hidden @ self.lm_head.T, self.arch.final_logit_softcapping)
-        return logits.float()
+            mlp_out = self._layer(layer, pool, hidden, mlp_out, cos_sin[layer.rope], batch)
+        hidden = self._norm(hidden, mlp_out, self.norm)
+        logits = hidden[batch.logits_indices] @ self.lm_head.T
+        return softcap(logits, self.arch.final_logit_softcapping).float()
 
     def _layer(
         self,
         layer: LayerWeights,
         pool: LayerPool,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        mlp_out: torch.Tensor | None,
+        cos_sin: torch.Tensor,
         batch: ForwardBatch,
     ) -> torch.Tensor:
-        norm, lora, adapters = self.norm_fn, batch.lora, pool.lora
-        x = norm(hidden, layer.input_norm)
+        """One decoder layer. `hidden` is the residual stream, updated in place: the
+        previous layer's `mlp_out` (None before the first layer) is added by this layer's
+        input norm, its attention output by its post-attention norm. Returns the layer's
+        MLP output, for the next norm to add. [num_tokens, hidden] each."""
+        lora, adapters = batch.lora, pool.lora
+        x = self._norm(hidden, mlp_out, layer.input_norm)
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [num_tokens, q_size + 2 * kv_size]
         self._add_lora(lora, adapters[QKV], x, qkv)
-        attn = self._attention(layer, pool.kv, qkv, cos, sin, batch)  # [tokens, q_size]
+        attn = self._attention(layer, pool.kv, qkv, cos_sin, batch)  # [tokens, q_size]
         out = F.linear(attn, layer.o, layer.o_bias)
         self._add_lora(lora, adapters[O_PROJ], attn, out)
         if layer.attention_out_norm is not None:
-            out = norm(out, layer.attention_out_norm)
-        hidden = hidden + out
-        x = norm(hidden, layer.post_norm)
+            out = self._norm(out, None, layer.attention_out_norm)
+        x = self._norm(hidden, out, layer.post_norm)
         gate_up = F.linear(x, layer.gate_up)  # [num_tokens, 2 * intermediate]
         self._add_lora(lora, adapters[GATE_UP], x, gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = self.activation(gate).mul_(up)  # [num_tokens, intermediate]
+        act = self.kernels.gated_activation(gate_up, self.arch.hidden_act)  # [tokens, inter]
         down = F.linear(act, layer.down)
         self._add_lora(lora, adapters[DOWN], act, down)
         if layer.mlp_out_norm is not None:
-            down = norm(down, layer.mlp_out_norm)
-        return hidden.add_(down)
+            down = self._norm(down, None, layer.mlp_out_norm)
+        return down
+
+    def _norm(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden += delta (in place, unless None); the family's RMSNorm of the sum."""
+        return self.kernels.add_rms_norm(hidden, delta, weight, self.norm_fn.eps)
 
     def _attention(
         self,
         layer: LayerWeights,
         kv: torch.Tensor,
         qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos_sin: torch.Tensor,
         batch: ForwardBatch,
     ) -> torch.Tensor:
         arch = self.arch
         q, k, v = qkv.split(self.qkv_split, dim=-1)
-        q = q.view(-1, arch.num_heads, arch.head_dim)  # [tokens, heads, dim]
+        q = q.view(-1, arch.num_heads, arch.head_dim)  # [tokens, heads, dim], views of qkv
         k = k.view(-1, arch.num_kv_heads, arch.head_dim)
+        v = v.view(-1, arch.num_kv_heads, arch.head_dim)
         if layer.q_norm is not None and layer.k_norm is not None:  # per head, before RoPE
-            q, k = self.norm_fn(q, layer.q_norm), self.norm_fn(k, layer.k_norm)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = v.view(-1, arch.num_kv_heads, arch.head_dim)  # a view of qkv
-        self.kernels.write_kv(kv, k, v, batch.slot_mapping)
+            q, k = self._norm(q, None, layer.q_norm), self._norm(k, None, layer.k_norm)
+        q = self.kernels.rope_write_kv(q, k, v, cos_sin, kv, batch.slot_mapping)
         out = self.kernels.paged_attention(q, kv, batch, layer.scores)
         return out.view(-1, arch.q_size)
 

@@ -112,7 +112,7 @@ def _served(engine: AsyncEngine, config: ServerConfig, limits: RequestLimits) ->
     static = StaticInfo(
         block_size=engine_config.cache.block_size,
         num_pages=info.num_pages,
-        max_lora=engine_config.lora.max_resident_adapters,
+        max_lora=engine_config.resident_adapter_slots,
         gpu_memory_utilization=engine_config.cache.gpu_memory_utilization,
         dtype=str(info.dtype).removeprefix("torch."),
         model_name=info.served_model_name,

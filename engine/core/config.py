@@ -20,6 +20,10 @@ from loraserve.models.hub import is_repo_id, resolve_model
 from loraserve.scheduler.config import SchedulerConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
+RESIDENT_HEADROOM = 128
+"""Adapter slots beyond a full batch's (`LoraConfig.max_resident_adapters` unset): room for
+pinned adapters and those brought in ahead of their requests. A slot costs one row of the
+offset tables (layers x 7 x 3 int64), nothing per step."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -138,8 +142,10 @@ class LoraConfig:
 
     max_lora_rank: int = 64
     """Largest adapter rank accepted; sizes the pool's pages."""
-    max_resident_adapters: int = 128
-    """Adapters that may hold pool pages at once (rows of the offset table)."""
+    max_resident_adapters: int | None = None
+    """Adapters that may hold pool pages at once (rows of the offset table), so the most
+    distinct adapters one step can run; unset: max_num_seqs + RESIDENT_HEADROOM, enough for
+    a batch whose every sequence names its own adapter beside pinned and prefetched ones."""
     max_cpu_loras: int | None = None
     """Adapters kept in host RAM once read from disk (least recently used dropped first;
     unlimited if unset). Adapters of unfinished requests are always kept."""
@@ -159,7 +165,7 @@ class LoraConfig:
             f"max_lora_rank must be in 1..512, got {self.max_lora_rank}",
         )
         _check(
-            self.max_resident_adapters >= 1,
+            self.max_resident_adapters is None or self.max_resident_adapters >= 1,
             f"max_resident_adapters must be >= 1, got {self.max_resident_adapters}",
         )
         _check(
@@ -193,6 +199,12 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def resident_adapter_slots(self) -> int:
+        """`lora.max_resident_adapters`, or its default from the scheduler's batch limit."""
+        chosen = self.lora.max_resident_adapters
+        return self.scheduler.max_num_seqs + RESIDENT_HEADROOM if chosen is None else chosen
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ class EngineCore:
         self.memory = UnifiedPool(
             self.runner.num_pages,
             config.cache.block_size,
-            lora.max_resident_adapters,
+            config.resident_adapter_slots,
             self.catalog,
             enable_prefix_caching=config.cache.enable_prefix_caching,
         )

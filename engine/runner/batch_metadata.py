@@ -43,6 +43,13 @@ import numpy as np
 import torch
 
 from loraserve.kernels.constants import NO_ADAPTER
+from loraserve.kernels.lora_tiles import (
+    TILE_COLUMNS,
+    LoraTiles,
+    choose_tile_tokens,
+    fill_tile_map,
+    tile_bound,
+)
 from loraserve.models.batch import ForwardBatch, LoraBatch
 from loraserve.scheduler.scheduler import ScheduledChunk
 
@@ -128,6 +135,10 @@ class BatchMetadata:
         self.logits_indices = _Buffer((max_num_seqs + max_num_tokens,), int64)
         self.segment_starts = _Buffer((max_num_seqs + 1,), int32)
         self.segment_slots = _Buffer((max_num_seqs,), int32)
+        # The LoRA kernels' tile map (kernels/lora_tiles.py): never more tiles than tokens.
+        max_tiles = max(max_num_tokens, max_num_seqs)
+        self.lora_tiles = _Buffer((max_tiles, TILE_COLUMNS), int32)
+        self.lora_num_tiles = _Buffer((1,), int32)
         self.upload: _Upload | None = None
         self.device_block_tables: torch.Tensor | None = None
         if device.type == "cuda" if packed is None else packed:
@@ -176,6 +187,7 @@ class BatchMetadata:
             self.logits_indices.host[num_logits : num_logits + len(extra_logits)] = extra_logits
             num_logits += len(extra_logits)
         num_segments, max_rank = self._fill_segments(chunks, adapters.slot_max_rank)
+        decode = num_tokens == num_seqs  # every sequence brings one token (and every graph batch)
         if pad_to is not None:
             num_seqs, num_tokens, num_segments, num_logits, width = self._pad(
                 num_seqs, num_segments, num_logits, pad_to
@@ -200,6 +212,7 @@ class BatchMetadata:
                 view(self.segment_starts, num_segments + 1),
                 view(self.segment_slots, num_segments),
                 max_rank,
+                self._fill_lora_tiles(num_tokens, num_segments, decode, pad_to is not None),
             )
         batch.block_tables = self._block_tables(num_seqs, used_width, width)
         return batch
@@ -277,6 +290,20 @@ class BatchMetadata:
             if chunk.slot != NO_ADAPTER:
                 max_rank = max(max_rank, slot_max_rank[chunk.slot])
         return num_segments, max_rank
+
+    def _fill_lora_tiles(
+        self, num_tokens: int, num_segments: int, decode: bool, padded: bool
+    ) -> LoraTiles:
+        """The tile map of the segments just filled. A padded (graph) batch launches the
+        bucket's bound of tiles, the same for every batch of the bucket."""
+        tile_tokens = choose_tile_tokens(num_tokens, num_segments, decode)
+        starts = self.segment_starts.host[: num_segments + 1]
+        slots = self.segment_slots.host[:num_segments]
+        num_tiles = fill_tile_map(starts, slots, tile_tokens, self.lora_tiles.host)
+        self.lora_num_tiles.host[0] = num_tiles
+        max_tiles = tile_bound(num_tokens, num_segments, tile_tokens) if padded else num_tiles
+        table = self._view(self.lora_tiles, max(max_tiles, 1), TILE_COLUMNS)
+        return LoraTiles(table, self._view(self.lora_num_tiles, 1), max_tiles, tile_tokens)
 
     def _pad(
         self, num_seqs: int, num_segments: int, num_logits: int, pad_to: int

@@ -158,7 +158,7 @@ class TorchModelRunner:
         self.num_pages = self._num_pages(geometry)
         lora = config.lora
         self.pool = DevicePool(
-            geometry, self.num_pages, lora.max_resident_adapters, self.dtype, self.device
+            geometry, self.num_pages, config.resident_adapter_slots, self.dtype, self.device
         )
         self.model.bind(self.pool.kv_pages, self.pool.pages, self.pool.lora)
         max_blocks = -(-max_model_len // geometry.block_size)

@@ -135,15 +135,24 @@ def _host_reads(originals: dict[str, Any]) -> Iterator[None]:
 
 
 def batch_tensors(batch: Any) -> dict[str, torch.Tensor]:
-    """Every tensor of a ForwardBatch (its LoraBatch's too), by field name."""
-    tensors = {}
-    for field in fields(batch):
-        value = getattr(batch, field.name)
-        if isinstance(value, torch.Tensor):
-            tensors[field.name] = value
-        elif value is not None and hasattr(value, "__dataclass_fields__"):
-            tensors.update({f"{field.name}.{k}": v for k, v in batch_tensors(value).items()})
-    return tensors
+    """Every tensor of a ForwardBatch (its LoraBatch's and tile map's too), by field name."""
+    return {name: value for name, value in _fields(batch) if isinstance(value, torch.Tensor)}
+
+
+def batch_scalars(batch: Any) -> dict[str, int]:
+    """Every int of a ForwardBatch, nested ones too (launch shapes: max rank, tile bounds)."""
+    return {name: value for name, value in _fields(batch) if isinstance(value, int)}
+
+
+def _fields(record: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    found = []
+    for field in fields(record):
+        value = getattr(record, field.name)
+        if value is not None and hasattr(value, "__dataclass_fields__"):
+            found += _fields(value, f"{prefix}{field.name}.")
+        else:
+            found.append((prefix + field.name, value))
+    return found
 
 
 class EmulatedGraphs:
@@ -172,6 +181,5 @@ class EmulatedGraphs:
             assert where == (captured.data_ptr(), tuple(captured.shape), captured.stride()), (
                 f"{name} moved or changed shape: a graph would read the captured buffer"
             )
-        if static.lora is not None:
-            assert refilled.lora.max_rank == static.lora.max_rank, "a launch's shape changed"
+        assert batch_scalars(refilled) == batch_scalars(static), "a launch's shape changed"
         return self.forward(static)

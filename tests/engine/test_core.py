@@ -11,7 +11,7 @@ import pytest
 from factories import make_adapter, make_model
 from fake_runner import FakeRunner
 
-from loraserve.engine.core.config import build_config
+from loraserve.engine.core.config import RESIDENT_HEADROOM, build_config
 from loraserve.engine.core.core import EngineCore
 from loraserve.engine.core.request import EngineRequest
 from loraserve.engine.core.sampling_params import SamplingParams
@@ -77,6 +77,29 @@ def test_a_step_runs_chunks_grouped_by_adapter_and_loads_each_adapter_once(asset
     core.step()
     assert set(runner.requests) == {"next"}
     assert core.memory.num_kv_pages == 0
+
+
+def test_a_full_batch_may_name_as_many_adapters_as_it_has_sequences(assets) -> None:
+    """By default the adapter slots cover a whole batch of distinct adapters (the slot table
+    capped a 2000-adapter trace's batches at 128 sequences of 256: issue 27)."""
+    model, adapters = assets
+    num_seqs = 160  # past the old fixed 128 slots
+    core = EngineCore(
+        build_config(str(model), device="cpu", max_num_seqs=num_seqs, pool_pages=4096),
+        runner_factory=FakeRunner,
+    )
+    assert core.config.resident_adapter_slots == num_seqs + RESIDENT_HEADROOM
+    for index in range(num_seqs):
+        core.register_adapter(f"tenant-{index}", adapters["a"])
+    for index in range(num_seqs):
+        core.add_request(
+            EngineRequest(f"r{index}", [5, 6, 7], GREEDY(max_tokens=2), f"tenant-{index}")
+        )
+    run(core)
+    runner = core.runner
+    assert isinstance(runner, FakeRunner)
+    widest = max(len({chunk.slot for chunk in plan.chunks}) for plan in runner.plans)
+    assert widest == num_seqs, "every sequence ran beside every other, each with its adapter"
 
 
 def test_outputs_are_deltas_with_finish_reasons(assets) -> None:

@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from factories import make_model
-from graph_harness import DeviceSyncError, EmulatedGraphs, batch_tensors, no_device_sync
+from graph_harness import (
+    DeviceSyncError,
+    EmulatedGraphs,
+    batch_scalars,
+    batch_tensors,
+    no_device_sync,
+)
 from test_exactness import REQUESTS, make_adapters
 
 from loraserve import LLM, SamplingParams
@@ -173,8 +179,11 @@ def test_the_emulation_fails_on_a_reallocated_buffer(assets) -> None:
 def test_batch_tensors_lists_every_static_input(assets) -> None:
     llm = make_llm(assets, "torch")
     runner = llm.engine.runner
-    names = set(batch_tensors(runner.metadata.build([], runner.pool, pad_to=4)))
-    assert {"input_ids", "block_tables", "lora.segment_starts", "lora.segment_slots"} <= names
+    batch = runner.metadata.build([], runner.pool, pad_to=4, with_lora=True)
+    names = set(batch_tensors(batch))
+    assert {"input_ids", "block_tables", "lora.segment_starts", "lora.tiles.table"} <= names
+    assert {"max_context_len", "lora.tiles.num_tiles"} <= names
+    assert {"lora.max_rank", "lora.tiles.max_tiles"} <= set(batch_scalars(batch))
 
 
 def test_the_prefill_warm_up_batches_run_and_the_warm_up_is_reported(assets) -> None:
