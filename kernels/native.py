@@ -32,6 +32,7 @@ element is computed by one thread: results do not depend on the thread count.
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 
 import torch
@@ -175,18 +176,8 @@ def write_kv(
         )
 
 
-def rope_write_kv(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos_sin: torch.Tensor,
-    kv: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> torch.Tensor:
-    """ops.RopeWriteKV: the rotation in torch (reference.rope), the write in C (write_kv)."""
-    cos, sin = reference.angles(cos_sin)
-    write_kv(kv, reference.rope(key, cos, sin), value, slot_mapping)
-    return reference.rope(query, cos, sin)
+rope_write_kv = functools.partial(reference.rope_write_kv, write=write_kv)
+"""ops.RopeWriteKV: the rotation in torch (reference.rope), the write in C (write_kv)."""
 
 
 def paged_attention(

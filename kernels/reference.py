@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.kernels.constants import NO_ADAPTER
-from loraserve.kernels.ops import LoraWeights, Scores, Segments, Sequences
+from loraserve.kernels.ops import LoraWeights, Scores, Segments, Sequences, WriteKV
 
 
 def adapter_segments(segments: Segments) -> Iterator[tuple[int, int, int]]:
@@ -181,10 +181,12 @@ def rope_write_kv(
     cos_sin: torch.Tensor,
     kv: torch.Tensor,
     slot_mapping: torch.Tensor,
+    write: WriteKV = write_kv,
 ) -> torch.Tensor:
-    """ops.RopeWriteKV: the rotated key and the value into the pool; returns rope(query)."""
+    """ops.RopeWriteKV: the rotated key and the value into the pool (by `write`, this
+    module's write_kv or a backend's); returns rope(query)."""
     cos, sin = angles(cos_sin)
-    write_kv(kv, rope(key, cos, sin), value, slot_mapping)
+    write(kv, rope(key, cos, sin), value, slot_mapping)
     return rope(query, cos, sin)
 
 
