@@ -117,13 +117,9 @@ class BatchMetadata:
         max_lora_rank: int,
         device: torch.device,
         packed: bool | None = None,
-        tile_map: bool = True,
     ) -> None:
         """`packed`: send the step in one packed copy (`_Upload`); by default on CUDA only
-        (a CPU's forward pass reads the host arrays; tests pack there too). `tile_map`:
-        whether the kernels read the LoRA tile map (Triton's do; the native and torch
-        kernels read the segments alone, so their steps build none)."""
-        self.tile_map = tile_map
+        (a CPU's forward pass reads the host arrays; tests pack there too)."""
         self.block_size = block_size
         self.max_lora_rank = max_lora_rank
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -216,9 +212,7 @@ class BatchMetadata:
                 view(self.segment_starts, num_segments + 1),
                 view(self.segment_slots, num_segments),
                 max_rank,
-                self._fill_lora_tiles(num_tokens, num_segments, decode, pad_to is not None)
-                if self.tile_map
-                else None,
+                self._fill_lora_tiles(num_tokens, num_segments, decode, pad_to is not None),
             )
         batch.block_tables = self._block_tables(num_seqs, used_width, width)
         return batch

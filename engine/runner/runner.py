@@ -169,7 +169,6 @@ class TorchModelRunner:
             geometry.block_size,
             lora.max_lora_rank,
             self.device,
-            tile_map=self.kernels.name == "triton",
         )
         self.graphs = DecodeGraphs.for_device(
             self.device,
