@@ -96,7 +96,9 @@ def random_adapter(
             local_offsets[layer, index, 0] = next(next_offset)  # A
             local_offsets[layer, index, 1] = next(next_offset)  # B
             ranks[layer, index] = rank
-    return HostAdapter(name, "", pages, local_offsets, ranks, rank, modules, name.encode())
+    return HostAdapter(
+        name, "", pages.unsqueeze(0), local_offsets, ranks, rank, modules, name.encode()
+    )
 
 
 @dataclass

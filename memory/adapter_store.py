@@ -47,6 +47,7 @@ from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
 from loraserve.memory.peft_config import refuse
 from loraserve.memory.peft_format import LoraModule, read_peft_lora
 from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
+from loraserve.models.tensor_parallel import Shard, shard_arch, shard_linear
 
 NOT_TARGETED = -1
 """`local_offsets` entry of a module the adapter does not adapt."""
@@ -64,7 +65,8 @@ class HostAdapter:
     name: str
     path: str
     pages: torch.Tensor
-    """[num_pages, page_numel], pool dtype, CPU (pinned when the store pins)."""
+    """[shards, num_pages, page_numel], pool dtype, CPU (pinned when the store pins): one slab
+    set per tensor-parallel rank, each that rank's shard in the same layout (1 on one device)."""
     local_offsets: torch.Tensor
     """[num_layers, NUM_LORA_MODULES, 3] int64: element offset of A (0), B (1) and DoRA's g (2)
     from the start of `pages` (page index * page_numel + offset in page); NOT_TARGETED (-1)
@@ -86,7 +88,7 @@ class HostAdapter:
     @property
     def num_pages(self) -> int:
         """Pages the adapter takes in the pool."""
-        return int(self.pages.shape[0])
+        return int(self.pages.shape[1])
 
     @property
     def num_bytes(self) -> int:
@@ -134,13 +136,19 @@ class AdapterReader:
         pin_memory: bool = False,
         max_weight: float = MAX_FOLDED_MAGNITUDE,
         base_weights: BaseWeights | None = None,
+        shards: int = 1,
     ) -> None:
         """`max_weight`: the largest entry of A or scaled B accepted (`max_adapter_weight`).
-        `base_weights`: the model's linear weights, which DoRA's g is computed from; None
-        (a reader without a model) refuses DoRA folders."""
-        assert geometry.page_numel >= max_lora_rank * arch.max_module_dim(), (
+        `base_weights`: the model's linear weights (whole, under tensor parallelism too),
+        which DoRA's g is computed from; None (a reader without a model) refuses DoRA
+        folders. `shards`: the tensor-parallel ranks, each of which gets its shard of every
+        adapter (models/tensor_parallel.py); `geometry` is then a rank's."""
+        self.rank_arch = shard_arch(arch, shards)
+        """The architecture of one rank's shard (`arch` itself on one device)."""
+        assert geometry.page_numel >= max_lora_rank * self.rank_arch.max_module_dim(), (
             f"page of {geometry.page_numel} elements cannot hold a rank-{max_lora_rank} matrix"
         )
+        self.shards = [Shard(rank, shards) for rank in range(shards)]
         self.arch = arch
         self.geometry = geometry
         self.max_lora_rank = max_lora_rank
@@ -160,14 +168,15 @@ class AdapterReader:
     def max_num_pages(self) -> int:
         """Pages of the largest adapter this reader accepts (every module at max_lora_rank):
         what a request must leave room for before its adapter is read; DoRA's g included."""
+        dims = self.rank_arch.module_dims
         sizes = [
             size
             for _ in range(self.arch.num_layers)
             for module in LORA_MODULES
             for size in (
-                self.max_lora_rank * self.arch.module_dims(module)[0],  # A
-                self.max_lora_rank * self.arch.module_dims(module)[1],  # B
-                self.arch.module_dims(module)[1],  # g
+                self.max_lora_rank * dims(module)[0],  # A
+                self.max_lora_rank * dims(module)[1],  # B
+                dims(module)[1],  # g
             )
         ]
         return pack_matrices(sizes, self.geometry.page_numel)[1]
@@ -176,46 +185,57 @@ class AdapterReader:
         """Copy every module's matrices from the mapped file into page-sized slabs, in the
         pool's dtype and layout (one copy each, the scaling folded into B as it is copied):
         per module its A, then one B per slot it fills (one, or a fused module's parts),
-        then for DoRA one g per slot; then check the slabs' values in one pass."""
+        then for DoRA one g per slot; then check the slabs' values in one pass. Under tensor
+        parallelism each rank's slabs hold its shard of every matrix, in the same places."""
+        scales = {  # DoRA's g, [out] in the pool dtype, from the whole module
+            index: self._magnitude_scale(folder, module)
+            for index, module in enumerate(modules)
+            if module.magnitude is not None
+        }
         widths = [self._part_widths(module) for module in modules]
         sizes = [
             size
             for module, parts in zip(modules, widths, strict=True)
             for size in (
-                module.lora_a.numel(),
+                module.rank * self.rank_arch.module_dims(module.name)[0],  # A
                 *(module.rank * width for width in parts),
                 *(parts if module.magnitude is not None else ()),
             )
         ]
         offsets, num_pages = pack_matrices(sizes, self.geometry.page_numel)
-        pages = torch.zeros(  # [num_pages, page_numel]
-            num_pages, self.geometry.page_numel, dtype=self.dtype, pin_memory=self.pin_memory
+        pages = torch.zeros(  # [shards, num_pages, page_numel]
+            len(self.shards),
+            num_pages,
+            self.geometry.page_numel,
+            dtype=self.dtype,
+            pin_memory=self.pin_memory,
         )
-        flat = pages.view(-1)
         shape = (self.arch.num_layers, NUM_LORA_MODULES)
         local_offsets = np.full((*shape, 3), NOT_TARGETED, dtype=np.int64)
         ranks = np.zeros(shape, dtype=np.int32)
-        next_offset = iter(offsets)
-        for module, parts in zip(modules, widths, strict=True):
-            rank, a_offset = module.rank, next(next_offset)
-            flat[a_offset : a_offset + module.lora_a.numel()].view(module.lora_a.shape).copy_(
-                module.lora_a
-            )
-            row = 0
-            for slot, width in zip(module.slots, parts, strict=True):  # parts share the one A
-                b_offset = next(next_offset)
-                target = flat[b_offset : b_offset + rank * width].view(rank, width)
-                _scaled_copy(target, module.lora_b[row : row + width].T, module.scaling)
-                row += width
-                local_offsets[module.layer, slot, :2] = a_offset, b_offset
-                ranks[module.layer, slot] = rank
-            if module.magnitude is not None:
-                scale = self._magnitude_scale(folder, module)  # [out], pool dtype
-                for slot, part in zip(module.slots, scale.split(parts), strict=True):
-                    g_offset = next(next_offset)
-                    flat[g_offset : g_offset + part.numel()].copy_(part)
-                    local_offsets[module.layer, slot, 2] = g_offset
-        self._check_values(folder, modules, flat, offsets)
+        for shard in self.shards:
+            flat = pages[shard.rank].view(-1)
+            next_offset = iter(offsets)
+            for index, (module, parts) in enumerate(zip(modules, widths, strict=True)):
+                rank, a_offset = module.rank, next(next_offset)
+                lora_a = shard_linear(self.arch, module.name, module.lora_a, shard, "in")
+                lora_b = shard_linear(self.arch, module.name, module.lora_b, shard, "out")
+                flat[a_offset : a_offset + lora_a.numel()].view(lora_a.shape).copy_(lora_a)
+                row = 0
+                for slot, width in zip(module.slots, parts, strict=True):  # parts share one A
+                    b_offset = next(next_offset)
+                    target = flat[b_offset : b_offset + rank * width].view(rank, width)
+                    _scaled_copy(target, lora_b[row : row + width].T, module.scaling)
+                    row += width
+                    local_offsets[module.layer, slot, :2] = a_offset, b_offset
+                    ranks[module.layer, slot] = rank
+                if index in scales:
+                    scale = shard_linear(self.arch, module.name, scales[index], shard, "out")
+                    for slot, part in zip(module.slots, scale.split(parts), strict=True):
+                        g_offset = next(next_offset)
+                        flat[g_offset : g_offset + part.numel()].copy_(part)
+                        local_offsets[module.layer, slot, 2] = g_offset
+            self._check_values(folder, modules, flat, offsets)
         targeted = {module.name for module in modules}
         offsets_tensor, ranks_tensor = torch.from_numpy(local_offsets), torch.from_numpy(ranks)
         return HostAdapter(
@@ -242,7 +262,7 @@ class AdapterReader:
 
     def _part_widths(self, module: LoraModule) -> list[int]:
         """Output widths of the slots `module` fills (one, or a fused module's parts)."""
-        return [self.arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
+        return [self.rank_arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
 
     def _check_values(
         self, folder: Path, modules: list[LoraModule], flat: torch.Tensor, offsets: list[int]
@@ -267,7 +287,8 @@ class AdapterReader:
             if module.magnitude is not None:  # g: checked finite as it was computed
                 for _ in module.slots:
                     next(next_offset)
-            matrices = [(module.a_name, flat[a_offset : a_offset + module.lora_a.numel()])]
+            a_numel = module.rank * self.rank_arch.module_dims(module.name)[0]
+            matrices = [(module.a_name, flat[a_offset : a_offset + a_numel])]
             matrices += [
                 (module.b_name, flat[b : b + module.rank * width])
                 for b, width in zip(b_offsets, self._part_widths(module), strict=True)

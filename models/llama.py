@@ -34,6 +34,7 @@ from loraserve.kernels.ops import Kernels, LoraWeights, OutputSlices, Scores
 from loraserve.models.arch import DOWN, GATE_UP, O_PROJ, QKV, ModelArch
 from loraserve.models.batch import ForwardBatch, LoraBatch, LoraTables
 from loraserve.models.layers import RMSNorm, embedding_scale, rope_tables, softcap
+from loraserve.models.tensor_parallel import Collectives, vocab_rows
 
 
 @dataclass
@@ -123,9 +124,16 @@ class LlamaModel:
         weights: dict[str, torch.Tensor],
         kernels: Kernels,
         max_model_len: int | None = None,
+        collectives: Collectives | None = None,
     ) -> None:
+        """Under tensor parallelism `arch` and `weights` are the rank's shard
+        (models/tensor_parallel.py) and `collectives` completes its partial results."""
         self.arch = arch
         self.kernels = kernels
+        self.collectives = collectives
+        self.vocab_first = (
+            0 if collectives is None else vocab_rows(arch.vocab_size, collectives.shard)[0]
+        )
         self.norm_fn = RMSNorm(arch.rms_norm_eps, unit_offset=arch.gemma_norms)
         self.embed = weights["model.embed_tokens.weight"]  # [vocab, hidden]
         self.embed_scale = embedding_scale(arch, self.embed.dtype)  # Gemma's, else None
@@ -202,7 +210,7 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of the batch's `logits_indices` tokens, float32 `[num_logits, vocab]`."""
-        hidden = self.embed[batch.input_ids]  # [num_tokens, hidden], the residual stream
+        hidden = self._embed(batch.input_ids)  # [num_tokens, hidden], the residual stream
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
         # per table: [num_tokens, 2, rotary_dim // 2], each token's cos and sin
@@ -212,7 +220,22 @@ class LlamaModel:
             mlp_out = self._layer(layer, pool, hidden, mlp_out, cos_sin[layer.rope], batch)
         hidden = self._norm(hidden, mlp_out, self.norm)
         logits = hidden[batch.logits_indices] @ self.lm_head.T
+        if self.collectives is not None:  # each rank's slice of the vocabulary, in rank order
+            logits = self.collectives.all_gather(logits)[:, : self.arch.vocab_size]
         return softcap(logits, self.arch.final_logit_softcapping).float()
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of `input_ids`; under tensor parallelism each rank gathers the
+        rows of its vocabulary slice, zeros elsewhere, and one all-reduce adds them up
+        (exactly: every other term is zero)."""
+        if self.collectives is None:
+            return self.embed[input_ids]
+        local = input_ids - self.vocab_first
+        inside = (local >= 0) & (local < self.embed.shape[0])
+        rows = self.embed[local.clamp(0, self.embed.shape[0] - 1)]
+        hidden = torch.where(inside.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype))
+        self.collectives.all_reduce(hidden)
+        return hidden
 
     def _layer(
         self,
@@ -234,6 +257,7 @@ class LlamaModel:
         attn = self._attention(layer, pool.kv, qkv, cos_sin, batch)  # [tokens, q_size]
         out = F.linear(attn, layer.o, layer.o_bias)
         self._add_lora(lora, adapters[O_PROJ], attn, out)
+        self._complete(out)
         if layer.attention_out_norm is not None:
             out = self._norm(out, None, layer.attention_out_norm)
         x = self._norm(hidden, out, layer.post_norm)
@@ -242,9 +266,16 @@ class LlamaModel:
         act = self.kernels.gated_activation(gate_up, self.arch.hidden_act)  # [tokens, inter]
         down = F.linear(act, layer.down)
         self._add_lora(lora, adapters[DOWN], act, down)
+        self._complete(down)
         if layer.mlp_out_norm is not None:
             down = self._norm(down, None, layer.mlp_out_norm)
         return down
+
+    def _complete(self, out: torch.Tensor) -> None:
+        """Under tensor parallelism: a row-parallel projection's output (base and LoRA) is
+        each rank's partial sum; one all-reduce makes it whole on every rank."""
+        if self.collectives is not None:
+            self.collectives.all_reduce(out)
 
     def _norm(
         self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor

@@ -120,6 +120,7 @@ def add_config_options(parser: argparse.ArgumentParser, config: type, needs_mode
             continue
         help_text = docs.get(field.name, "").replace("%", "%%")
         flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+        flags = (flag, *field.metadata.get("aliases", ()))  # vLLM's short `-tp`
         kwargs = _argument_kwargs(hints[field.name])
         if "nargs" in field.metadata:  # vLLM's `--served-model-name a b`; repeatable too
             kwargs.update(action="extend", nargs=field.metadata["nargs"])
@@ -132,7 +133,7 @@ def add_config_options(parser: argparse.ArgumentParser, config: type, needs_mode
         if default not in (None, ()):
             help_text += f" (default: {default})"
         group.add_argument(
-            flag, dest=field.name, default=argparse.SUPPRESS, help=help_text, **kwargs
+            *flags, dest=field.name, default=argparse.SUPPRESS, help=help_text, **kwargs
         )
 
 

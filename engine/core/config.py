@@ -52,6 +52,11 @@ class ModelConfig:
     )
     """Names of the base model in the API: requests may use any; responses and metrics say the
     first (default: the folder's name; `--model` as given, vLLM's default name, is accepted too)."""
+    tensor_parallel_size: int = field(default=1, metadata={"aliases": ("-tp",)})
+    """Devices (ranks) the model is split over (`-tp`; vLLM's name): each rank holds its
+    share of the attention heads, of the MLP and of every adapter; one engine core drives
+    one process per rank. On CUDA one GPU each (cuda:0 on); on a CPU, processes sharing
+    the cores (gloo; for tests)."""
     enforce_eager: bool = False
     """On CUDA, run every step eagerly instead of replaying captured decode graphs."""
     cpu_threads: int | None = None
@@ -78,6 +83,10 @@ class ModelConfig:
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        _check(
+            self.tensor_parallel_size >= 1,
+            f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
         )
         _check(
             self.cpu_threads is None or self.cpu_threads >= 1,

@@ -46,6 +46,7 @@ from loraserve.engine.core.outputs import (
 )
 from loraserve.engine.core.request import EngineRequest, RequestState, Step
 from loraserve.engine.runner.runner import ModelRunner, TorchModelRunner
+from loraserve.engine.runner.tensor_parallel import TensorParallelRunner
 from loraserve.engine.sampling.sampler import SamplerOutput
 from loraserve.engine.sampling.structured import GrammarCompiler
 from loraserve.errors import InvalidRequestError, QueueFullError
@@ -56,6 +57,7 @@ from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.pool import UnifiedPool
 from loraserve.models.arch import ModelArch
 from loraserve.models.hf_config import load_arch
+from loraserve.models.tensor_parallel import shard_arch
 from loraserve.models.tokenizer import Tokenizer
 from loraserve.scheduler.request import SequenceState, SequenceStatus
 from loraserve.scheduler.scheduler import Scheduler, SchedulerOutput
@@ -78,9 +80,12 @@ class EngineCore:
         tokenizer = self.tokenizer = Tokenizer.from_folder(folder)
         eos = tuple(sorted({*self.arch.eos_token_ids, *tokenizer.eos_token_ids}))
         lora = config.lora
-        self.geometry = PoolGeometry.for_model(
-            self.arch, config.cache.block_size, lora.max_lora_rank
+        ranks = config.model.tensor_parallel_size
+        self.geometry = PoolGeometry.for_model(  # every rank's: its shard of a page
+            shard_arch(self.arch, ranks), config.cache.block_size, lora.max_lora_rank
         )
+        if ranks > 1 and runner_factory is TorchModelRunner:
+            runner_factory = TensorParallelRunner
         self.runner = runner_factory(config, self.arch, self.geometry, eos)
         runner = self.runner
         reader = AdapterReader(
@@ -91,6 +96,7 @@ class EngineCore:
             pin_memory=runner.device.type == "cuda",  # host-to-device copies from pinned pages
             max_weight=lora.max_adapter_weight,
             base_weights=runner,
+            shards=ranks,
         )
         self.catalog = AdapterCatalog(
             AdapterLoader(reader, lora.adapter_load_workers),
@@ -255,6 +261,10 @@ class EngineCore:
         in-process driver's wait in `step_or_wait`, which calls it only when nothing runs."""
         if self.is_reading_adapters():
             self.catalog.loader.wait(timeout)
+
+    def check(self) -> None:
+        """EngineError when the engine can no longer step (a tensor-parallel rank died)."""
+        self.runner.check()
 
     def step_or_wait(self, wait: Callable[[float], object]) -> list[EngineOutput]:
         """One turn of the loop that every driver runs (the core process's, `LLM`'s): a step;

@@ -5,8 +5,9 @@ with `spawn`; here the core loads the model and adapters, says `Ready` (or
 `StartupFailed`), then loops: handle every message that has arrived, run one step
 if any request is unfinished, send the step's outputs as one message. With nothing
 to do it blocks on its inbox, waking every `PARENT_CHECK_MS` to exit if the
-front end is gone. A step that raises is an engine fault: the core sends `Fatal`
-and exits, and the front end fails what is in flight and reports itself unhealthy.
+front end is gone, or to fail if a tensor-parallel rank has died. A step that raises is
+an engine fault: the core sends `Fatal` and exits, and the front end fails what is in
+flight and reports itself unhealthy.
 
 The messages are handled by `CoreService` (service.py), which `LLM` uses in its own process.
 """
@@ -135,10 +136,10 @@ class CoreLoop:
 
     def run(self) -> None:
         while not self.stopping:
-            self._receive(wait=not self.service.busy())
-            if self.stopping or not self.service.busy():
-                continue
             try:
+                self._receive(wait=not self.service.busy())
+                if self.stopping or not self.service.busy():
+                    continue
                 self.service.turn(self._wait_for_messages)
             except Exception:
                 logger.exception("engine step failed; the engine core exits")
@@ -155,6 +156,7 @@ class CoreLoop:
             if os.getppid() != self.parent_pid:  # the front end is gone: nobody to serve
                 self.stopping = True
                 return
+            self.service.core.check()  # idle, a tensor-parallel rank may still die
         while not self.stopping:
             try:
                 data = self.inbox.recv(zmq.NOBLOCK)

@@ -20,8 +20,9 @@ import msgspec
 from loraserve.engine.core.outputs import TokenLogprobs
 from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.engine.sampling.structured import RequestGrammar
+from loraserve.memory.residency import AdapterLoad
 from loraserve.scheduler.request import SequenceState
-from loraserve.scheduler.scheduler import SchedulerOutput
+from loraserve.scheduler.scheduler import ScheduledChunk, SchedulerOutput
 
 
 class EngineRequest(msgspec.Struct):
@@ -75,3 +76,15 @@ class Step:
     """Requests whose chunks may run from this step on (set up their sampling state)."""
     finished: list[str] = field(default_factory=list)
     """Requests the runner knew that ended since its last step (forget their state)."""
+
+
+@dataclass
+class ShardStep:
+    """What a tensor-parallel rank other than 0 executes of a step (rank 0 samples): the
+    chunks, the adapter copies, and the prompt-logprob rows whose logits the batch adds (so
+    that every rank's batch has rank 0's shapes). Pickled once per step for every rank."""
+
+    chunks: list[ScheduledChunk]
+    adapter_loads: list[AdapterLoad]
+    extra_logits: list[int]
+    """Flat token indices of the prompt-logprob rows, after the sampling rows."""

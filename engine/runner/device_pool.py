@@ -42,8 +42,11 @@ class DevicePool:
         max_resident_adapters: int,
         dtype: torch.dtype,
         device: torch.device,
+        rank: int = 0,
     ) -> None:
+        """`rank`: the tensor-parallel rank whose shard of each adapter this pool holds."""
         self.geometry = geometry
+        self.rank = rank
         self.device = device
         # [num_pages, page_numel]: the one device allocation (untouched pages cost nothing on CPU)
         self.pages = torch.empty(num_pages, geometry.page_numel, dtype=dtype, device=device)
@@ -110,7 +113,7 @@ class DevicePool:
         return offsets.pin_memory(), host.ranks.pin_memory()
 
     def _load(self, load: AdapterLoad, offsets: torch.Tensor, ranks: torch.Tensor) -> None:
-        host_pages = load.adapter.pages  # [num_pages, page_numel]
+        host_pages = load.adapter.pages[self.rank]  # [num_pages, page_numel], this rank's
         for pool_page, host_page, count in page_runs(load.pages):
             self.pages[pool_page : pool_page + count].copy_(
                 host_pages[host_page : host_page + count], non_blocking=True

@@ -33,9 +33,10 @@ from loraserve.engine.core.config import (
     available_cores,
     resolve_max_model_len,
 )
-from loraserve.engine.core.request import Step
+from loraserve.engine.core.request import ShardStep, Step
 from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.engine.runner.batch_metadata import BatchMetadata
+from loraserve.engine.runner.collectives import RankCollectives
 from loraserve.engine.runner.cpu_threads import ThreadGovernor
 from loraserve.engine.runner.cuda_graphs import DecodeGraphs
 from loraserve.engine.runner.device_pool import DevicePool
@@ -54,6 +55,7 @@ from loraserve.kernels.dispatch import select_kernels
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.models.arch import ModelArch
 from loraserve.models.llama import LlamaModel
+from loraserve.models.tensor_parallel import shard_arch, shard_weights
 from loraserve.models.weights import load_weights
 from loraserve.scheduler.request import SequenceState
 from loraserve.scheduler.scheduler import ScheduledChunk
@@ -96,6 +98,10 @@ class ModelRunner(Protocol):
         """memory.dora.BaseWeights: a base linear's weight, which DoRA adapters are read against."""
         ...
 
+    def check(self) -> None:
+        """EngineError when the device side can no longer run (a tensor-parallel rank died)."""
+        ...
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when there is one; ValueError for a CUDA device this torch cannot use."""
@@ -135,20 +141,28 @@ class TorchModelRunner:
         arch: ModelArch,
         geometry: PoolGeometry,
         eos_token_ids: tuple[int, ...],
+        collectives: RankCollectives | None = None,
     ) -> None:
+        """`collectives`: under tensor parallelism, this rank's group; the runner then holds
+        the rank's shard of the model (models/tensor_parallel.py) and of every adapter, and
+        `geometry` is a rank's page geometry."""
         self.config, self.arch = config, arch
-        self.device = resolve_device(config.model.device)
+        self.collectives = collectives
+        self.device = (
+            collectives.device if collectives is not None else resolve_device(config.model.device)
+        )
         threads = config.model.cpu_threads or min(torch.get_num_threads(), available_cores())
         if self.device.type == "cpu":
             torch.set_num_threads(threads)  # the native kernels follow it
         self.threads = ThreadGovernor(threads if self.device.type == "cpu" else 1)
         """On a CPU shared with other work, one thread may beat many: measured step by step."""
         self.dtype = resolve_dtype(config.model.dtype, arch.torch_dtype, self.device)
-        weights = load_weights(config.model.model, arch, self.dtype, self.device)
+        weights = self._load_weights()
         self.kernels = select_kernels(config.model.kernel_backend, self.device, self.dtype)
         self.kernel_backend = self.kernels.name
         max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
-        self.model = LlamaModel(arch, weights, self.kernels, max_model_len)
+        model_arch = arch if collectives is None else shard_arch(arch, collectives.shard.size)
+        self.model = LlamaModel(model_arch, weights, self.kernels, max_model_len, collectives)
         del weights
         scheduler = config.scheduler
         # Before the pool is sized, so that on CUDA the free memory it measures excludes it.
@@ -156,9 +170,16 @@ class TorchModelRunner:
             scheduler.max_num_seqs, arch.vocab_size, eos_token_ids, self.device
         )
         self.num_pages = self._num_pages(geometry)
+        if collectives is not None:  # one page accounting for every rank: the smallest pool
+            self.num_pages = collectives.agree_min(self.num_pages)
         lora = config.lora
         self.pool = DevicePool(
-            geometry, self.num_pages, config.resident_adapter_slots, self.dtype, self.device
+            geometry,
+            self.num_pages,
+            config.resident_adapter_slots,
+            self.dtype,
+            self.device,
+            rank=0 if collectives is None else collectives.shard.rank,
         )
         self.model.bind(self.pool.kv_pages, self.pool.pages, self.pool.lora)
         max_blocks = -(-max_model_len // geometry.block_size)
@@ -173,7 +194,10 @@ class TorchModelRunner:
         self.graphs = DecodeGraphs.for_device(
             self.device,
             # The torch paths read metadata on the host (syncs): only Triton can be captured.
-            not config.model.enforce_eager and self.kernel_backend == "triton",
+            # Collectives inside a graph are not yet verified on a device: ranks run eagerly.
+            not config.model.enforce_eager
+            and self.kernel_backend == "triton"
+            and collectives is None,
             min(scheduler.max_num_seqs, MAX_GRAPH_BATCH_SIZE),
             self.model.forward,
         )
@@ -204,13 +228,14 @@ class TorchModelRunner:
         for state in step.started:
             self._start(state.request.request_id, state.params, state.grammar)
         plan = step.plan
+        prompt_rows = plan_prompt_rows(plan.chunks, self._prompt_progress)
+        self._share(ShardStep(plan.chunks, plan.adapter_loads, prompt_rows.flat_indices))
         self.pool.load(plan.adapter_loads)
         if not plan.chunks:  # copies only
             return SamplerOutput([], [], [])
         self.pool.wait_for({chunk.slot for chunk in plan.chunks})
         rows = self.sampling.rows([chunk.seq for chunk in plan.chunks if chunk.samples])
         masks = self._start_masks(rows.grammars)
-        prompt_rows = plan_prompt_rows(plan.chunks, self._prompt_progress)
         output, logits = self.threads.run(
             plan.num_batched_tokens,
             lambda: self._forward_and_sample(plan.chunks, prompt_rows, rows, masks),
@@ -219,6 +244,22 @@ class TorchModelRunner:
         output.prompt_logprobs = gather_prompt_logprobs(logits[rows.num_rows :], prompt_rows)
         return output
 
+    def _share(self, step: ShardStep) -> None:
+        """Under tensor parallelism, rank 0 hands the step to the other ranks here, before
+        its own copies and forward pass (engine/runner/tensor_parallel.py); else nothing."""
+
+    def execute_shard(self, step: ShardStep) -> None:
+        """A rank other than 0: the step's copies and forward pass, in step with rank 0's
+        (the collectives meet); its logits are rank 0's to sample."""
+        self.pool.load(step.adapter_loads)
+        if not step.chunks:
+            return
+        self.pool.wait_for({chunk.slot for chunk in step.chunks})
+        self.threads.run(
+            sum(chunk.num_tokens for chunk in step.chunks),
+            lambda: self._logits(step.chunks, step.extra_logits),
+        )
+
     def _forward_and_sample(
         self,
         chunks: Sequence[ScheduledChunk],
@@ -226,7 +267,7 @@ class TorchModelRunner:
         rows: SamplingRows,
         masks: Future[GrammarMasks] | None,
     ) -> tuple[SamplerOutput, torch.Tensor]:
-        logits = self._logits(chunks, prompt_rows)  # [sampling + prompt rows, vocab]
+        logits = self._logits(chunks, prompt_rows.flat_indices)  # [sampling + prompt rows, vocab]
         output = sample(logits[: rows.num_rows], rows, None if masks is None else masks.result())
         return output, logits
 
@@ -246,14 +287,16 @@ class TorchModelRunner:
     def drain_load_seconds(self) -> list[float]:
         return self.pool.drain_load_seconds()
 
+    def check(self) -> None:
+        pass
+
     def base_weight(self, layer: int, module: str) -> torch.Tensor:
         # Called from the adapter loader threads: a read of weights that never change.
         return self.model.base_weight(layer, module)
 
-    def _logits(self, chunks: Sequence[ScheduledChunk], prompt_rows: PromptRows) -> torch.Tensor:
-        """Logits of the sampling chunks, then of the prompt-logprob rows: a graph replay
-        for a decode batch it covers (which has no prompt rows)."""
-        extra = prompt_rows.flat_indices
+    def _logits(self, chunks: Sequence[ScheduledChunk], extra: list[int]) -> torch.Tensor:
+        """Logits of the sampling chunks, then of the prompt-logprob rows (`extra`, flat
+        token indices): a graph replay for a decode batch it covers (which has no prompt rows)."""
         bucket = None if extra else self.graphs.bucket_for(chunks)
         if bucket is not None:
             batch = self.metadata.build(chunks, self.pool, pad_to=bucket)
@@ -292,6 +335,17 @@ class TorchModelRunner:
             seq.block_table = list(range(-(-length // block_size)))
             batches.append([ScheduledChunk(seq, length, NO_ADAPTER)])
         return batches
+
+    def _load_weights(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors in the model's dtype on the device: the rank's shard
+        under tensor parallelism (the whole read on the CPU, then sliced)."""
+        folder = self.config.model.model
+        if self.collectives is None:
+            return load_weights(folder, self.arch, self.dtype, self.device)
+        whole = load_weights(folder, self.arch, self.dtype, "cpu")
+        shard = shard_weights(whole, self.arch, self.collectives.shard)
+        del whole
+        return {name: tensor.to(self.device) for name, tensor in shard.items()}
 
     def _num_pages(self, geometry: PoolGeometry) -> int:
         """Pages in the pool: as configured, or what memory allows."""

@@ -56,6 +56,9 @@ class FakeRunner:
     def drain_load_seconds(self) -> list[float]:
         return []
 
+    def check(self) -> None:
+        pass
+
     def base_weight(self, layer: int, module: str) -> torch.Tensor:
         """A fixed stand-in weight (ones): DoRA folders read, their g well defined."""
         return torch.ones(tuple(reversed(self.arch.module_dims(module))))

@@ -38,6 +38,9 @@ class BrokenCore:
     def is_reading_adapters(self) -> bool:
         return False
 
+    def check(self) -> None:
+        pass
+
     def step_or_wait(self, wait: Any) -> list[Any]:
         raise RuntimeError("a kernel failed")
 

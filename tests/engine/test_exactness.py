@@ -118,12 +118,17 @@ def make_adapters(base, root: Path, fused: bool = False) -> dict[str, Path]:
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """A tiny model of one family, its adapters, and PEFT's answer for every request."""
-    kind, overrides = FAMILIES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
+    return prepare_family(request.param, tmp_path_factory)
+
+
+def prepare_family(name: str, tmp_path_factory: pytest.TempPathFactory):
+    """(root, LLM options, prompts, PEFT's (tokens, logits) by request) of family `name`."""
+    kind, overrides = FAMILIES[name]
+    root = tmp_path_factory.mktemp(name)
     base = make_model(root / "model", kind, seed=1, **overrides)
     folders = make_adapters(base, root, fused=kind.startswith("phi"))
     options = dict(adapters=folders, device="cpu", dtype="float32")
-    options.update(LLM_OPTIONS.get(request.param, {}))
+    options.update(LLM_OPTIONS.get(name, {}))
     llm = LLM(root / "model", **options)
     prompts = [llm.tokenizer.encode(text) for _, text in REQUESTS]
     references = {}
