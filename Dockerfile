@@ -1,5 +1,7 @@
-# loraserve on one NVIDIA GPU. Build from the repository root, then mount the model and the
-# adapters read-only (they are never baked in); deploy/README.md has the details:
+# loraserve on one NVIDIA GPU, or on several of one machine with --tensor-parallel-size (NCCL,
+# from torch's wheel; give the container a larger /dev/shm, e.g. --shm-size=4g). Build from the
+# repository root, then mount the model and the adapters read-only (they are never baked in);
+# deploy/README.md has the details:
 #   docker build -t loraserve:0.1.0 .
 #   docker run --gpus all -p 8000:8000 --user "$(id -u):$(id -g)" \
 #     -v "$PWD/model:/model:ro" -v "$PWD/adapters:/adapters:ro" loraserve:0.1.0

@@ -1,9 +1,11 @@
-"""deploy/k8s: the GPU overlay, rendered by the real kubectl; its core objects pass
+"""deploy/k8s: the GPU overlays (one GPU a pod, and two with tensor parallelism), each
+rendered by the real kubectl and checked alike; their core objects pass
 `kubernetes-validate --strict`; its InferencePool and InferenceModelRewrites match strict
 schemas generated from the current CRDs (tests/deploy/crds: Gateway API Inference Extension
 v1.6.0, llm-d router v0.10.0), its HTTPRoute and PodMonitor schemas written from Gateway
 API's and Prometheus Operator's; the endpoint picker's config matches the llm-d router's
-EndpointPickerConfig schema; and the objects refer to each other and to loraserve's CLI."""
+EndpointPickerConfig schema; the objects refer to each other and to loraserve's CLI; and a
+pod has as many GPUs as tensor-parallel ranks, with a /dev/shm for NCCL past one."""
 
 from __future__ import annotations
 
@@ -35,6 +37,12 @@ CRD_GROUPS = {
 }
 ENGINE_TYPE_LABEL = "llm-d.ai/engine-type"
 """The pod label the llm-d router's metrics extractor reads (vllm: vLLM's metric names)."""
+GPU_OVERLAYS = ("overlays/gpu", "overlays/gpu-tp2")
+"""What deploy/README.md says to apply: one GPU a pod, or two tensor-parallel ranks a pod."""
+TENSOR_PARALLEL_SIZE = "--tensor-parallel-size"
+"""Issue 23's option, which overlays/gpu-tp2 gives. Until loraserve's parser has it,
+serve_options reads it in the parser's place and
+test_loraserve_parses_the_tensor_parallel_size xfails; once it lands, both stand-ins go."""
 
 
 def shape(required: list[str], **properties: Any) -> dict[str, Any]:
@@ -102,9 +110,9 @@ SPEC_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def objects() -> list[Object]:
-    return render(K8S / "overlays" / "gpu")
+@pytest.fixture(scope="module", params=GPU_OVERLAYS)
+def objects(request: pytest.FixtureRequest) -> list[Object]:
+    return render(K8S / request.param)
 
 
 def api_group(obj: Object) -> str:
@@ -120,8 +128,31 @@ def pod_spec(objects: list[Object], name: str) -> dict[str, Any]:
 
 
 def serve_options(args: list[str]) -> dict[str, Any]:
-    """The options of `loraserve serve ARGS`, parsed by loraserve's own parser."""
-    return vars(build_parser().parse_args(["serve", *args]))
+    """The options of `loraserve serve ARGS`, parsed by loraserve's own parser (but for
+    TENSOR_PARALLEL_SIZE while the parser lacks it)."""
+    options, unknown = build_parser().parse_known_args(["serve", *args])
+    pending = dict(arg.partition("=")[::2] for arg in unknown)
+    assert set(pending) <= {TENSOR_PARALLEL_SIZE}, f"loraserve serve refuses {unknown}"
+    if pending:
+        options.tensor_parallel_size = int(pending[TENSOR_PARALLEL_SIZE])
+    return vars(options)
+
+
+def gpu_count(container: dict[str, Any]) -> int:
+    """The GPUs a container gets: its limit, which a request must equal where there is one."""
+    resources = container["resources"]
+    count = resources["limits"]["nvidia.com/gpu"]
+    assert resources.get("requests", {}).get("nvidia.com/gpu", count) == count
+    return int(count)
+
+
+def quantity(text: str | int) -> int:
+    """A Kubernetes quantity written as a whole number, with a binary suffix or none (`4Gi`,
+    `16`)."""
+    found = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", str(text))
+    assert found is not None, f"not a whole-number quantity: {text!r}"
+    number, suffix = found.groups()
+    return int(number) * {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[suffix]
 
 
 def epp_config(objects: list[Object]) -> dict[str, Any]:
@@ -129,9 +160,10 @@ def epp_config(objects: list[Object]) -> dict[str, Any]:
     return yaml.safe_load(text)  # type: ignore[no-any-return]
 
 
-def test_images_are_set_as_kustomize_edit_writes_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_images_are_set_as_kustomize_edit_writes_them(overlay: str, tmp_path: Path) -> None:
     image = {"name": "loraserve", "newName": "registry.example/loraserve", "newTag": "1.2"}
-    resource = os.path.relpath(K8S / "overlays" / "gpu", tmp_path)
+    resource = os.path.relpath(K8S / overlay, tmp_path)
     (tmp_path / "kustomization.yaml").write_text(
         yaml.safe_dump({"resources": [resource], "images": [image]})
     )
@@ -265,12 +297,46 @@ def test_route_and_rewrites_name_the_pool(objects: list[Object]) -> None:
 
 
 def test_gpu_pod(objects: list[Object]) -> None:
+    """One GPU per tensor-parallel rank (one rank unless the option says more); past one, a
+    memory-backed /dev/shm that NCCL's segments fit in, inside the memory limit."""
     spec = pod_spec(objects, "loraserve")
     (container,) = spec["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     options = serve_options(container["args"])
     assert (options["device"], options["host"]) == ("cuda", "0.0.0.0")
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    ranks = options.get("tensor_parallel_size", 1)
+    assert gpu_count(container) == ranks
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    if ranks == 1:
+        return
+    (shm,) = [v["emptyDir"] for v in spec["volumes"] if v["name"] == mounts["/dev/shm"]]
+    assert shm["medium"] == "Memory"
+    # At least 1 GiB for NCCL's segments; a small part of the memory limit, which the tmpfs
+    # pages count against.
+    memory = quantity(container["resources"]["limits"]["memory"])
+    assert 2**30 <= quantity(shm["sizeLimit"]) <= memory // 8
+
+
+def test_the_tensor_parallel_overlay_runs_two_ranks_on_two_gpus() -> None:
+    (container,) = pod_spec(render(K8S / "overlays" / "gpu-tp2"), "loraserve")["containers"]
+    assert serve_options(container["args"])["tensor_parallel_size"] == 2 == gpu_count(container)
+    assert container["args"].count(f"{TENSOR_PARALLEL_SIZE}=2") == 1
+    # Everything else per GPU as the one-GPU pod has it (deployment-tp2.yaml says why).
+    (one,) = pod_spec(render(K8S / "overlays" / "gpu"), "loraserve")["containers"]
+    assert container["args"][:-1] == one["args"]
+    for kind in ("requests", "limits"):
+        for name in ("cpu", "memory"):
+            if name in one["resources"][kind]:
+                per_gpu = quantity(one["resources"][kind][name])
+                assert quantity(container["resources"][kind][name]) == 2 * per_gpu
+
+
+def test_loraserve_parses_the_tensor_parallel_size() -> None:
+    """loraserve's own parser reads the option overlays/gpu-tp2 gives (issue 23)."""
+    options, unknown = build_parser().parse_known_args(["serve", f"{TENSOR_PARALLEL_SIZE}=2"])
+    if unknown:
+        pytest.xfail(f"{TENSOR_PARALLEL_SIZE} lands with issue 23's tensor parallelism")
+    assert options.tensor_parallel_size == 2
 
 
 def test_base_alone_serves_on_the_cpu() -> None:
@@ -358,7 +424,7 @@ def test_the_endpoint_picker_alone_reads_the_keyless_metrics_port(objects: list[
             assert port["port"] == "http" and "from" not in rule  # the API: from anywhere
 
 
-@pytest.mark.parametrize("folder", ["base", "overlays/gpu"])
+@pytest.mark.parametrize("folder", ["base", *GPU_OVERLAYS])
 def test_the_drain_fits_the_grace_period(folder: str) -> None:
     """preStop, then SIGTERM and loraserve's drain, all before Kubernetes kills the pod."""
     spec = pod_spec(render(K8S / folder), "loraserve")

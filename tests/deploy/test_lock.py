@@ -42,6 +42,19 @@ def test_the_lock_pins_every_requirement_of_pyproject(lock: str) -> None:
     assert locked["torch"].startswith("2.13.0")
 
 
+def test_the_cuda_lock_brings_nccl_for_tensor_parallelism() -> None:
+    """`--tensor-parallel-size` runs its ranks over NCCL, which the CUDA image has only as
+    torch's Linux wheel's nvidia-nccl dependency, built for the CUDA of the image's base:
+    with none, or one for another CUDA, the image's ranks cannot start."""
+    base = re.search(
+        r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.", (REPO / "Dockerfile").read_text(), re.M
+    )
+    assert base is not None
+    locked = pins("requirements/cuda.txt")
+    nccl = [name for name in locked if name.startswith("nvidia-nccl-")]
+    assert nccl == [f"nvidia-nccl-cu{base.group(1)}"]
+
+
 def test_make_setup_installs_the_cpu_lock() -> None:
     script = (REPO / "deploy/install.sh").read_text()
     assert "lock=${LORASERVE_LOCK-requirements/cpu.txt}" in script
