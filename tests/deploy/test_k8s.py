@@ -40,9 +40,7 @@ ENGINE_TYPE_LABEL = "llm-d.ai/engine-type"
 GPU_OVERLAYS = ("overlays/gpu", "overlays/gpu-tp2")
 """What deploy/README.md says to apply: one GPU a pod, or two tensor-parallel ranks a pod."""
 TENSOR_PARALLEL_SIZE = "--tensor-parallel-size"
-"""Issue 23's option, which overlays/gpu-tp2 gives. Until loraserve's parser has it,
-serve_options reads it in the parser's place and
-test_loraserve_parses_the_tensor_parallel_size xfails; once it lands, both stand-ins go."""
+"""The option overlays/gpu-tp2 gives."""
 
 
 def shape(required: list[str], **properties: Any) -> dict[str, Any]:
@@ -128,13 +126,9 @@ def pod_spec(objects: list[Object], name: str) -> dict[str, Any]:
 
 
 def serve_options(args: list[str]) -> dict[str, Any]:
-    """The options of `loraserve serve ARGS`, parsed by loraserve's own parser (but for
-    TENSOR_PARALLEL_SIZE while the parser lacks it)."""
+    """The options of `loraserve serve ARGS`, parsed by loraserve's own parser."""
     options, unknown = build_parser().parse_known_args(["serve", *args])
-    pending = dict(arg.partition("=")[::2] for arg in unknown)
-    assert set(pending) <= {TENSOR_PARALLEL_SIZE}, f"loraserve serve refuses {unknown}"
-    if pending:
-        options.tensor_parallel_size = int(pending[TENSOR_PARALLEL_SIZE])
+    assert not unknown, f"loraserve serve refuses {unknown}"
     return vars(options)
 
 
@@ -334,9 +328,8 @@ def test_the_tensor_parallel_overlay_runs_two_ranks_on_two_gpus() -> None:
 def test_loraserve_parses_the_tensor_parallel_size() -> None:
     """loraserve's own parser reads the option overlays/gpu-tp2 gives (issue 23)."""
     options, unknown = build_parser().parse_known_args(["serve", f"{TENSOR_PARALLEL_SIZE}=2"])
-    if unknown:
-        pytest.xfail(f"{TENSOR_PARALLEL_SIZE} lands with issue 23's tensor parallelism")
-    assert options.tensor_parallel_size == 2
+    assert not unknown and options.tensor_parallel_size == 2
+    assert build_parser().parse_args(["serve", "-tp", "2"]).tensor_parallel_size == 2
 
 
 def test_base_alone_serves_on_the_cpu() -> None:

@@ -281,3 +281,29 @@ def test_client_errors_carry_no_parser_state() -> None:
     assert public_error(row_limit) == (
         "the constraint is too wide for this server's parser (over 2,000 items in a row)"
     )
+
+
+@pytest.mark.slow
+def test_structured_output_and_prompt_logprobs_on_two_ranks_as_on_one(setup) -> None:
+    """Tensor parallelism (2 ranks, gloo): rank 0 keeps the grammars and samples; the other
+    rank's batch carries the prompt-logprob rows too. Same answers, schema-valid."""
+    constraint = StructuredOutputs(json=SCHEMA)
+    params = SamplingParams(
+        max_tokens=200, temperature=0.0, structured_outputs=constraint, prompt_logprobs=2
+    )
+    adapters = [a for a, _ in REQUESTS]
+    prompts = [text for _, text in REQUESTS]
+    one = make_llm(setup).generate(prompts, params, adapter=adapters)
+    two = make_llm(setup, tensor_parallel_size=2).generate(prompts, params, adapter=adapters)
+    for ours, theirs in zip(two, one, strict=True):
+        assert ours.finish_reason == "stop", (ours.text, ours.outputs[0].error)
+        jsonschema.validate(json.loads(ours.text), SCHEMA)
+        assert ours.token_ids == theirs.token_ids
+        mine_all, theirs_all = ours.outputs[0].prompt_logprobs, theirs.outputs[0].prompt_logprobs
+        assert mine_all is not None and theirs_all is not None
+        for mine, reference in zip(mine_all, theirs_all, strict=True):
+            if reference is None:  # the first prompt token has none
+                assert mine is None
+                continue
+            assert mine.token_id == reference.token_id
+            assert mine.logprob == pytest.approx(reference.logprob, abs=1e-4)

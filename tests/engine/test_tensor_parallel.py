@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from factories import make_model
 from test_exactness import check_against_peft, prepare_family
 
@@ -75,13 +76,26 @@ def test_two_ranks_read_adapters_at_run_time(family) -> None:
         **family_options,
         **TP,
         adapter_dir=root,
+        pinned_adapters=["pattern"],
         max_cpu_loras=1,
         max_resident_adapters=2,
         adapter_load_workers=1,
     )
-    assert llm.engine.catalog.names() == []
+    assert llm.engine.catalog.names() == ["pattern"]  # pinned; the others read when named
     check_against_peft(llm, prompts, references, num_logprobs=5)
-    assert llm.engine.memory.stats.adapter_evictions > 0, "two slots were meant to be too few"
+    memory = llm.engine.memory
+    assert memory.stats.adapter_evictions > 0, "two slots were meant to be too few"
+    assert memory.pinned_adapters() == ["pattern"]
+    memory.check_invariants()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_gpus_equal_peft(family) -> None:
+    """The same on 2 GPUs over NCCL (Triton kernels, float32, eager: no graphs under TP)."""
+    root, options, prompts, references = family
+    llm = LLM(root / "model", **dict(options, device="cuda"), **TP)
+    check_against_peft(llm, prompts, references)
     llm.engine.memory.check_invariants()
 
 
