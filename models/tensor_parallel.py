@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -136,16 +136,15 @@ def fused_part_rows(arch: ModelArch, fused: str, shard: Shard) -> list[slice]:
     return rows
 
 
-def shard_linear(
-    arch: ModelArch, module: str, tensor: torch.Tensor, shard: Shard, axis: str
-) -> torch.Tensor:
+def shard_linear(arch: ModelArch, module: str, tensor: Any, shard: Shard, axis: str) -> Any:
     """The rank's part of a tensor laid out along `module`'s output rows (`axis` "out": a
     weight's rows, a bias, a LoRA B, DoRA's g) or its input columns (`axis` "in": a weight's
-    or a LoRA A's columns). A tensor on an axis the module does not split is returned whole."""
+    or a LoRA A's columns, of a 2-d tensor). A tensor on an axis the module does not split
+    is returned whole. `tensor`: a torch tensor or a safetensors slice."""
     if axis == "in":
         if module not in ROW_PARALLEL:
             return tensor
-        return tensor[..., input_columns(arch, module, shard)]
+        return tensor[:, input_columns(arch, module, shard)]
     if module in ROW_PARALLEL:
         return tensor
     if module in FUSED_MODULES:
@@ -153,34 +152,25 @@ def shard_linear(
     return tensor[output_rows(arch, module, shard)]
 
 
-def shard_weights(
-    weights: dict[str, torch.Tensor], arch: ModelArch, shard: Shard
-) -> dict[str, torch.Tensor]:
-    """The rank's checkpoint tensors, by Hugging Face name and in its layout, so that the
-    model is built from them as from a checkpoint of `shard_arch(arch, size)` (contiguous
-    copies: the whole tensors can be freed)."""
-    sharded: dict[str, torch.Tensor] = {}
-    first, rows = vocab_rows(arch.vocab_size, shard)
-    for name, tensor in weights.items():
-        if name in (EMBEDDING, LM_HEAD):
-            part = tensor[first : first + rows]
-            if part.shape[0] < rows:  # the last slice: zero rows past the vocabulary
-                padding = part.new_zeros(rows - part.shape[0], part.shape[1])
-                part = torch.cat([part, padding])
-            sharded[name] = part
-            continue
-        module = name.rsplit(".", 2)[-2] if ".layers." in name else ""
-        if module in ROW_PARALLEL and name.endswith(".bias"):
-            sharded[name] = tensor if shard.rank == 0 else torch.zeros_like(tensor)
-        elif module in COLUMN_PARALLEL or module in FUSED_MODULES:
-            sharded[name] = shard_linear(arch, module, tensor, shard, "out")
-        elif module in ROW_PARALLEL:
-            sharded[name] = shard_linear(arch, module, tensor, shard, "in")
-        else:
-            sharded[name] = tensor
-    if weights.get(LM_HEAD) is weights.get(EMBEDDING):  # tied: still one tensor
-        sharded[LM_HEAD] = sharded[EMBEDDING]
-    return {name: _own(tensor) for name, tensor in sharded.items()}
+def shard_tensor(name: str, tensor: Any, arch: ModelArch, shard: Shard) -> torch.Tensor:
+    """The rank's part of checkpoint tensor `name`, in storage of its own (a copy, not a view
+    of the whole). `tensor` is a torch tensor or anything sliced like one: a safetensors
+    slice, so that a rank reads from the file only the rows and columns it keeps."""
+    if name in (EMBEDDING, LM_HEAD):
+        first, rows = vocab_rows(arch.vocab_size, shard)
+        part = tensor[first : first + rows]
+        if part.shape[0] < rows:  # the last slice: zero rows past the vocabulary
+            part = torch.cat([part, part.new_zeros(rows - part.shape[0], part.shape[1])])
+        return _own(part)
+    module = name.rsplit(".", 2)[-2] if ".layers." in name else ""
+    if module in ROW_PARALLEL and name.endswith(".bias"):
+        whole = tensor[:]
+        return whole if shard.rank == 0 else torch.zeros_like(whole)
+    if module in COLUMN_PARALLEL or module in FUSED_MODULES:
+        return _own(shard_linear(arch, module, tensor, shard, "out"))
+    if module in ROW_PARALLEL:
+        return _own(shard_linear(arch, module, tensor, shard, "in"))
+    return _own(tensor[:])
 
 
 def _own(tensor: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from loraserve.errors import ModelLoadError
 from loraserve.models.arch import ModelArch, linear_parent
 from loraserve.models.hf_config import model_folder, read_json
+from loraserve.models.tensor_parallel import Shard, shard_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -57,9 +58,14 @@ def layer_weight_shapes(arch: ModelArch, prefix: str) -> dict[str, tuple[int, ..
 
 
 def load_weights(
-    folder: str | Path, arch: ModelArch, dtype: torch.dtype, device: torch.device | str
+    folder: str | Path,
+    arch: ModelArch,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    shard: Shard | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors by HF name, converted to `dtype` on `device`.
+    """The checkpoint's tensors by HF name, converted to `dtype` on `device`; with `shard`,
+    only a tensor-parallel rank's part of each (models/tensor_parallel.py), read as such.
 
     With tied embeddings and no `lm_head.weight` in the checkpoint, lm_head is the
     embedding tensor itself. A tied checkpoint that does hold an lm_head keeps it
@@ -77,7 +83,7 @@ def load_weights(
         by_file[files[name]].append(name)
     weights: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
-        weights.update(_read_file(file, names, dtype, device))
+        weights.update(_read_file(file, names, dtype, device, arch, shard))
     if tied or (arch.tie_word_embeddings and torch.equal(weights[LM_HEAD], weights[EMBEDDING])):
         weights[LM_HEAD] = weights[EMBEDDING]  # one tensor: no second vocab x hidden copy
     return weights
@@ -149,15 +155,22 @@ def _read_file(
     names: list[str],
     dtype: torch.dtype,
     device: torch.device | str,
+    arch: ModelArch,
+    shard: Shard | None,
 ) -> dict[str, torch.Tensor]:
-    """The named tensors of one safetensors file, as `dtype` on `device`."""
+    """The named tensors of one safetensors file (a rank's part of each, with `shard`), as
+    `dtype` on `device`."""
     tensors: dict[str, torch.Tensor] = {}
     with _open(file) as handle:
         available = set(handle.keys())
         for name in names:
             if name not in available:  # an index that points to the wrong shard
                 raise ModelLoadError(f"{file} does not hold {name}, though the index says it does")
-            tensors[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
+            if shard is None:
+                tensor = handle.get_tensor(name)
+            else:
+                tensor = shard_tensor(name, handle.get_slice(name), arch, shard)
+            tensors[name] = tensor.to(device=device, dtype=dtype)
     return tensors
 
 

@@ -55,7 +55,7 @@ from loraserve.kernels.dispatch import select_kernels
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.models.arch import ModelArch
 from loraserve.models.llama import LlamaModel
-from loraserve.models.tensor_parallel import shard_arch, shard_weights
+from loraserve.models.tensor_parallel import shard_arch
 from loraserve.models.weights import load_weights
 from loraserve.scheduler.request import SequenceState
 from loraserve.scheduler.scheduler import ScheduledChunk
@@ -157,7 +157,8 @@ class TorchModelRunner:
         self.threads = ThreadGovernor(threads if self.device.type == "cpu" else 1)
         """On a CPU shared with other work, one thread may beat many: measured step by step."""
         self.dtype = resolve_dtype(config.model.dtype, arch.torch_dtype, self.device)
-        weights = self._load_weights()
+        shard = None if collectives is None else collectives.shard  # read: the rank's part
+        weights = load_weights(config.model.model, arch, self.dtype, self.device, shard)
         self.kernels = select_kernels(config.model.kernel_backend, self.device, self.dtype)
         self.kernel_backend = self.kernels.name
         max_model_len = resolve_max_model_len(arch, config.model.max_model_len)
@@ -335,17 +336,6 @@ class TorchModelRunner:
             seq.block_table = list(range(-(-length // block_size)))
             batches.append([ScheduledChunk(seq, length, NO_ADAPTER)])
         return batches
-
-    def _load_weights(self) -> dict[str, torch.Tensor]:
-        """The checkpoint's tensors in the model's dtype on the device: the rank's shard
-        under tensor parallelism (the whole read on the CPU, then sliced)."""
-        folder = self.config.model.model
-        if self.collectives is None:
-            return load_weights(folder, self.arch, self.dtype, self.device)
-        whole = load_weights(folder, self.arch, self.dtype, "cpu")
-        shard = shard_weights(whole, self.arch, self.collectives.shard)
-        del whole
-        return {name: tensor.to(self.device) for name, tensor in shard.items()}
 
     def _num_pages(self, geometry: PoolGeometry) -> int:
         """Pages in the pool: as configured, or what memory allows."""
