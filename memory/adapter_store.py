@@ -31,6 +31,7 @@ matrix per part, and the parts' A offsets all point at that one A.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from collections.abc import Sequence
@@ -66,7 +67,8 @@ class HostAdapter:
     path: str
     pages: torch.Tensor
     """[shards, num_pages, page_numel], pool dtype, CPU (pinned when the store pins): one slab
-    set per tensor-parallel rank, each that rank's shard in the same layout (1 on one device)."""
+    set per tensor-parallel rank, each that rank's shard in the same layout (1 on one device;
+    1, its own, in what a rank's process is sent: `rank_slabs`)."""
     local_offsets: torch.Tensor
     """[num_layers, NUM_LORA_MODULES, 3] int64: element offset of A (0), B (1) and DoRA's g (2)
     from the start of `pages` (page index * page_numel + offset in page); NOT_TARGETED (-1)
@@ -79,6 +81,11 @@ class HostAdapter:
     digest: bytes
     """SHA-256 of its pages, offsets and ranks: its identity for prefix caching (the KV its
     requests compute depends on exactly these), new when other weights are read under its name."""
+
+    def rank_slabs(self, rank: int) -> HostAdapter:
+        """The same adapter with only tensor-parallel rank `rank`'s slabs (`pages` of one shard,
+        a copy: what is sent to that rank's process)."""
+        return dataclasses.replace(self, pages=self.pages[rank : rank + 1].clone())
 
     @property
     def is_dora(self) -> bool:

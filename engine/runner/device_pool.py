@@ -113,7 +113,8 @@ class DevicePool:
         return offsets.pin_memory(), host.ranks.pin_memory()
 
     def _load(self, load: AdapterLoad, offsets: torch.Tensor, ranks: torch.Tensor) -> None:
-        host_pages = load.adapter.pages[self.rank]  # [num_pages, page_numel], this rank's
+        slabs = load.adapter.pages  # [shards, num_pages, page_numel]: every rank's, or its own
+        host_pages = slabs[self.rank if slabs.shape[0] > 1 else 0]
         for pool_page, host_page, count in page_runs(load.pages):
             self.pages[pool_page : pool_page + count].copy_(
                 host_pages[host_page : host_page + count], non_blocking=True

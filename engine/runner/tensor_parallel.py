@@ -5,9 +5,9 @@ process. Rank 0's runner lives in it (`TensorParallelRunner`): it keeps every re
 sampling state (grammars, seeded generators, penalties) where the core advances them, and
 samples from the whole logits. Ranks 1..N-1 are worker processes (`python -P -m
 loraserve.engine.runner.tp_worker`), each a `TorchModelRunner` of its shard. Each step,
-rank 0 pickles what the other ranks need (`ShardStep`: the chunks, the adapter copies with
-every rank's shard, the prompt-logprob rows) once and sends the same bytes to every worker,
-then runs its own copies and forward; the collectives inside the forward pass keep the
+rank 0 pickles what the other ranks need (`ShardStep`: the chunks and the prompt-logprob
+rows) once and sends the same bytes to every worker, then each worker its adapter copies
+(only its own slabs of each adapter), then runs its own copies and forward; the collectives inside the forward pass keep the
 ranks in step. Ranks never decide anything: they cannot disagree about what runs.
 
     core process                      worker 1 .. N-1
@@ -66,6 +66,7 @@ WATCH_INTERVAL_S = 0.2
 STUCK_STEP_S = 30.0
 """After a rank died, how long a step may still wait in a collective before the process exits."""
 STARTUP_TIMEOUT_S = 600.0
+PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def rank_devices(device: str, size: int) -> list[torch.device]:
@@ -221,9 +222,16 @@ class TensorParallelRunner(TorchModelRunner):
             self._step_started = None
 
     def _share(self, step: ShardStep) -> None:
-        data = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
-        for connection in self.connections:
-            connection.send_bytes(data)
+        """Two messages to each worker: the step without its copies (pickled once, the same
+        bytes for all), then its copies with only that rank's slabs of each adapter."""
+        common = pickle.dumps(dataclasses.replace(step, adapter_loads=[]), PICKLE_PROTOCOL)
+        for rank, connection in enumerate(self.connections, start=1):
+            loads = [
+                dataclasses.replace(load, adapter=load.adapter.rank_slabs(rank))
+                for load in step.adapter_loads
+            ]
+            connection.send_bytes(common)
+            connection.send_bytes(pickle.dumps(loads, PICKLE_PROTOCOL))
 
     def check(self) -> None:
         if self.failure is not None:

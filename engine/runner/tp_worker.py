@@ -45,7 +45,9 @@ def main(host: str, port: int) -> int:
                 data = connection.recv_bytes()
             except EOFError:  # rank 0 closed: the engine stopped
                 return 0
-            runner.execute_shard(pickle.loads(data))
+            step = pickle.loads(data)
+            step.adapter_loads = pickle.loads(connection.recv_bytes())  # this rank's slabs
+            runner.execute_shard(step)
     except Exception:
         logger.exception("tensor-parallel rank %d failed; it exits", shard.rank)
         return 1
