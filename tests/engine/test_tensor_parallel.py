@@ -1,8 +1,8 @@
 """Tensor parallelism on the CPU: 2 ranks over gloo (rank 0 in this process, rank 1 a worker
 process), greedy tokens equal to PEFT's on one process.
 
-Two families: Llama with GQA (2 KV heads over 2 ranks: one each) and Phi-3 (fused qkv and
-gate/up checkpoints and adapters). The adapters are test_exactness's: ranks 4-16, rsLoRA,
+Two families throughout: Llama with GQA (2 KV heads over 2 ranks: one each) and Phi-3 (fused
+qkv and gate/up checkpoints and adapters); Qwen2 and Gemma 3 for the mixed batch. The adapters are test_exactness's: ranks 4-16, rsLoRA,
 rank/alpha patterns, DoRA, beside base-model requests in the same batch. Also with prefix
 cache hits, under preemption and chunked prefill, with adapters read from disk at run time;
 a model whose heads do not divide, and a rank that dies.
@@ -47,6 +47,19 @@ def test_mixed_adapters_equal_peft_on_two_ranks(family) -> None:
     hits = llm.engine.memory.stats.prefix_cache_hits
     check_against_peft(llm, prompts, references, num_logprobs=5)
     assert llm.engine.memory.stats.prefix_cache_hits > hits
+
+
+@pytest.fixture(scope="module", params=["qwen2", "gemma3"])
+def other_family(request, tmp_path_factory):
+    """Families whose pieces the split touches otherwise: q/k/v biases (Qwen2); scaled
+    embeddings, q/k norms, sliding-window layers with their own RoPE, soft-capped logits and
+    Gemma's four norms (Gemma 3)."""
+    return prepare_family(request.param, tmp_path_factory)
+
+
+def test_other_families_equal_peft_on_two_ranks(other_family) -> None:
+    root, options, prompts, references = other_family
+    check_against_peft(LLM(root / "model", **options, **TP), prompts, references)
 
 
 def test_two_ranks_under_preemption_and_chunked_prefill(family) -> None:
