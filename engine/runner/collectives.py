@@ -47,6 +47,7 @@ class RankCollectives:
         # ProcessGroupNCCL or ProcessGroupGloo: torch's stubs omit their collectives' methods.
         self.group: Any
         if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's communicators follow the current device
             self.group = dist.ProcessGroupNCCL(
                 store, shard.rank, shard.size, dist.ProcessGroupNCCL.Options()
             )
