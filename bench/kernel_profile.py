@@ -12,6 +12,10 @@ from typing import Any
 from torch.autograd import DeviceType
 
 KERNEL_CLASSES = (
+    # The glue ops that also run a LoRA shrink (kernels/add_rms_norm_shrink.py, ...), before
+    # the plain shrink's fragment matches them.
+    ("norm_shrink", ("rms_norm_shrink",)),
+    ("activation_shrink", ("activation_shrink",)),
     ("lora_shrink", ("lora_shrink", "shrink")),
     ("lora_expand", ("lora_expand", "expand")),
     ("attention", ("paged_attention", "attention_kernel")),

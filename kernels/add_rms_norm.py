@@ -44,23 +44,48 @@ def _add_rms_norm_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     token, head = row // num_heads, row % num_heads
+    add_rms_norm_row(
+        hidden_ptr + token * stride_hidden_token + head * stride_hidden_head,
+        delta_ptr + token * stride_delta_token + head * stride_delta_head,
+        weight_ptr,
+        out_ptr + row * dim,
+        dim,
+        eps,
+        HAS_DELTA,
+        SCALE_IN_FLOAT32,
+        BLOCK_N,
+    )
+
+
+@triton.jit
+def add_rms_norm_row(
+    hidden_row,  # pointer to the row of hidden, updated in place when HAS_DELTA
+    delta_row,  # pointer to the row of delta (unread when not HAS_DELTA)
+    weight_ptr,  # [dim]
+    out_row,  # pointer to the row of out
+    dim,
+    eps,
+    HAS_DELTA: tl.constexpr,
+    SCALE_IN_FLOAT32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One row of the op, held whole in registers (this kernel's and the fused
+    add_rms_norm_shrink's, kernels/add_rms_norm_shrink.py: the same bits)."""
     columns = tl.arange(0, BLOCK_N)
     mask = columns < dim
-    hidden_ptrs = hidden_ptr + token * stride_hidden_token + head * stride_hidden_head + columns
-    hidden = tl.load(hidden_ptrs, mask=mask, other=0.0)
-    dtype = hidden_ptr.dtype.element_ty
+    hidden = tl.load(hidden_row + columns, mask=mask, other=0.0)
+    dtype = hidden_row.dtype.element_ty
     if HAS_DELTA:
-        delta_ptrs = delta_ptr + token * stride_delta_token + head * stride_delta_head + columns
-        delta = tl.load(delta_ptrs, mask=mask, other=0.0)
+        delta = tl.load(delta_row + columns, mask=mask, other=0.0)
         hidden = (hidden.to(tl.float32) + delta.to(tl.float32)).to(dtype)
-        tl.store(hidden_ptrs, hidden, mask=mask)
+        tl.store(hidden_row + columns, hidden, mask=mask)
     x = hidden.to(tl.float32)
     mean_square = tl.sum(x * x, axis=0) / dim
     normed = x * tl.rsqrt(mean_square + eps)
     weight = tl.load(weight_ptr + columns, mask=mask, other=0.0).to(tl.float32)
     if not SCALE_IN_FLOAT32:  # Llama: round the normed row, then the (exact) product again
         normed = normed.to(dtype).to(tl.float32)
-    tl.store(out_ptr + row * dim + columns, (normed * weight).to(dtype), mask=mask)
+    tl.store(out_row + columns, (normed * weight).to(dtype), mask=mask)
 
 
 def add_rms_norm(
@@ -69,7 +94,7 @@ def add_rms_norm(
     """ops.AddRMSNorm. hidden (2-D or 3-D, unit stride on its last axis) and delta share a
     float dtype; weight is hidden's dtype or float32; all on one device."""
     check_same_device(hidden=hidden, weight=weight, **({} if delta is None else {"delta": delta}))
-    _check(hidden, delta, weight)
+    check_add_rms_norm(hidden, delta, weight)
     view = _per_head(hidden)  # [num_tokens, num_heads, dim]
     delta_view = view if delta is None else _per_head(delta)
     num_tokens, num_heads, dim = view.shape
@@ -92,10 +117,16 @@ def add_rms_norm(
         HAS_DELTA=delta is not None,
         SCALE_IN_FLOAT32=weight.dtype == torch.float32,
         BLOCK_N=block_n,
-        # About 8 elements per thread: a 4096-wide row takes 16 warps' worth of lanes at most.
-        num_warps=min(16, max(1, block_n // 256)),
+        num_warps=row_warps(block_n),
     )
     return out
+
+
+def row_warps(block_n: int) -> int:
+    """Warps of a program that holds a row of `block_n` columns: about 8 elements per thread,
+    a 4096-wide row takes 16 warps' worth of lanes at most. The fused add_rms_norm_shrink
+    runs with as many, so that its sum of squares adds in this kernel's order."""
+    return min(16, max(1, block_n // 256))
 
 
 def _per_head(tensor: torch.Tensor) -> torch.Tensor:
@@ -103,7 +134,9 @@ def _per_head(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dim() == 3 else tensor.unsqueeze(1)
 
 
-def _check(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> None:
+def check_add_rms_norm(
+    hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+) -> None:
     if hidden.dim() not in (2, 3) or hidden.stride(-1) != 1:
         raise ValueError(
             f"hidden must be [num_tokens, dim] or [num_tokens, num_heads, dim] with unit "

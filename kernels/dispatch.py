@@ -23,6 +23,8 @@ NATIVE_KERNELS = Kernels(
     add_rms_norm=reference.add_rms_norm,
     rope_write_kv=native.rope_write_kv,
     gated_activation=reference.gated_activation,
+    add_rms_norm_shrink=native.add_rms_norm_shrink,
+    gated_activation_shrink=native.gated_activation_shrink,
 )
 # The torch backend: the references' semantics with fewer calls per step (kernels/torch_path.py),
 # for CPUs without a C compiler and dtypes other than float32.
@@ -35,6 +37,8 @@ TORCH_KERNELS = Kernels(
     add_rms_norm=torch_path.add_rms_norm,
     rope_write_kv=torch_path.rope_write_kv,
     gated_activation=torch_path.gated_activation,
+    add_rms_norm_shrink=torch_path.add_rms_norm_shrink,
+    gated_activation_shrink=torch_path.gated_activation_shrink,
 )
 # The plain references themselves: the yardstick, for checking and measuring the others.
 REFERENCE_KERNELS = Kernels(
@@ -46,6 +50,8 @@ REFERENCE_KERNELS = Kernels(
     add_rms_norm=reference.add_rms_norm,
     rope_write_kv=reference.rope_write_kv,
     gated_activation=reference.gated_activation,
+    add_rms_norm_shrink=reference.add_rms_norm_shrink,
+    gated_activation_shrink=reference.gated_activation_shrink,
 )
 
 
@@ -83,7 +89,9 @@ def _triton_kernels() -> Kernels:
     # Imported here, not at the top: Triton reads TRITON_INTERPRET when a kernel is
     # defined, and the torch backend must work where Triton is not even importable.
     from loraserve.kernels.add_rms_norm import add_rms_norm
+    from loraserve.kernels.add_rms_norm_shrink import add_rms_norm_shrink
     from loraserve.kernels.gated_activation import gated_activation
+    from loraserve.kernels.gated_activation_shrink import gated_activation_shrink
     from loraserve.kernels.kv_write import write_kv
     from loraserve.kernels.lora_expand import lora_expand
     from loraserve.kernels.lora_shrink import lora_shrink
@@ -99,4 +107,6 @@ def _triton_kernels() -> Kernels:
         add_rms_norm=add_rms_norm,
         rope_write_kv=rope_write_kv,
         gated_activation=gated_activation,
+        add_rms_norm_shrink=add_rms_norm_shrink,
+        gated_activation_shrink=gated_activation_shrink,
     )

@@ -35,11 +35,31 @@ def _gated_activation_kernel(
     BLOCK_N: tl.constexpr,  # columns per program
 ):
     token = tl.program_id(0).to(tl.int64)
-    columns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gated_activation_block(
+        gate_up_ptr + token * stride_gate_up_token,
+        out_ptr + token * intermediate,
+        tl.program_id(1) * BLOCK_N,
+        intermediate,
+        GELU_TANH,
+        BLOCK_N,
+    )
+
+
+@triton.jit
+def gated_activation_block(
+    gate_up_row,  # pointer to the token's row of gate_up
+    out_row,  # pointer to the token's row of out
+    first_column,  # of the block, in gate (and up, and out)
+    intermediate,
+    GELU_TANH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """BLOCK_N columns of one token's row (this kernel's and the fused
+    gated_activation_shrink's, kernels/gated_activation_shrink.py: the same bits)."""
+    columns = first_column + tl.arange(0, BLOCK_N)
     mask = columns < intermediate
-    row = gate_up_ptr + token * stride_gate_up_token
-    gate = tl.load(row + columns, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(row + intermediate + columns, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_up_row + columns, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_row + intermediate + columns, mask=mask, other=0.0).to(tl.float32)
     if GELU_TANH:
         inner = SQRT_2_OVER_PI * (gate + 0.044715 * gate * gate * gate)
         decay = tl.exp(-2.0 * tl.abs(inner))  # in (0, 1]: no overflow
@@ -47,29 +67,19 @@ def _gated_activation_kernel(
         activated = 0.5 * gate * (1.0 + tanh)
     else:
         activated = gate / (1.0 + tl.exp(-gate))
-    dtype = out_ptr.dtype.element_ty
+    dtype = out_row.dtype.element_ty
     out = activated.to(dtype).to(tl.float32) * up
-    tl.store(out_ptr + token * intermediate + columns, out.to(dtype), mask=mask)
+    tl.store(out_row + columns, out.to(dtype), mask=mask)
 
 
 def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """ops.GatedActivation. gate_up of a float dtype, unit column stride."""
-    check_same_device(gate_up=gate_up)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
-        raise ValueError(
-            f"gate_up must be [num_tokens, 2 * intermediate] with unit column stride, got "
-            f"{tuple(gate_up.shape)} strides {gate_up.stride()}"
-        )
-    if gate_up.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"gate_up must be a float tensor, got {gate_up.dtype}")
+    check_gated_activation(gate_up, activation)
     num_tokens, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(num_tokens, intermediate, dtype=gate_up.dtype, device=gate_up.device)
     if out.numel() == 0:
         return out
-    # 1024 columns (2 KB of bf16 out) per program: 4 warps, 8 elements per thread.
-    block_n = min(1024, triton.next_power_of_2(intermediate))
+    block_n = column_block(intermediate)
     grid = (num_tokens, triton.cdiv(intermediate, block_n))
     _gated_activation_kernel[grid](
         gate_up,
@@ -81,3 +91,21 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
         num_warps=4,
     )
     return out
+
+
+def column_block(intermediate: int) -> int:
+    """1024 columns (2 KB of bf16 out) per program or step: 4 warps, 8 elements per thread."""
+    return min(1024, triton.next_power_of_2(intermediate))
+
+
+def check_gated_activation(gate_up: torch.Tensor, activation: str) -> None:
+    check_same_device(gate_up=gate_up)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
+        raise ValueError(
+            f"gate_up must be [num_tokens, 2 * intermediate] with unit column stride, got "
+            f"{tuple(gate_up.shape)} strides {gate_up.stride()}"
+        )
+    if gate_up.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"gate_up must be a float tensor, got {gate_up.dtype}")

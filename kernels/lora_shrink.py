@@ -32,12 +32,15 @@ import triton.language as tl
 
 from loraserve.kernels.checks import FLOAT_DTYPES, check_same_device, check_segments, check_shrink
 from loraserve.kernels.constants import NO_ADAPTER
-from loraserve.kernels.lora_tiles import DECODE_TILE_TOKENS, TILE_COLUMNS, tiles_for
+from loraserve.kernels.lora_tiles import DECODE_TILE_TOKENS, TILE_COLUMNS, LoraTiles, tiles_for
 from loraserve.kernels.ops import LoraWeights, Segments
 from loraserve.kernels.triton_utils import dot_precision
 
 NO_ADAPTER_SLOT: tl.constexpr = tl.constexpr(NO_ADAPTER)
 TILE_ROW: tl.constexpr = tl.constexpr(TILE_COLUMNS)
+# Decode tiles: 8 rows of A x 512 columns per step, 8 KB of bf16 in flight, 2 programs per
+# rank 16 (the fused shrinks run the same blocks one after the other).
+DECODE_BLOCK_R, DECODE_BLOCK_K = 8, 512
 
 
 @triton.jit(
@@ -96,8 +99,30 @@ def _lora_shrink_kernel(
         a_offsets_ptr + slot * stride_offset_slot + slice_index * stride_offset_slice
     )
     a_rows = pool_ptr + a_offset + columns.to(tl.int64)[:, None] * in_dim  # row c of A: rank c
-    a_row_mask = columns < rank
     x_rows = x_ptr + tokens[:, None] * stride_x_token
+    accumulator = shrink_block(
+        x_rows, a_rows, token_mask, columns < rank, in_dim, BLOCK_M, BLOCK_R, BLOCK_K, DOT_PRECISION
+    )
+    # Columns in [rank, rank_start + BLOCK_R) hold exact zeros (their A rows were masked).
+    tl.store(y_ptrs, accumulator, mask=y_mask)
+
+
+@triton.jit
+def shrink_block(
+    x_rows,  # [BLOCK_M, 1] pointers to the first element of each token's x
+    a_rows,  # [BLOCK_R, 1] pointers to the first element of each row of A
+    token_mask,  # [BLOCK_M] tokens of the tile
+    a_row_mask,  # [BLOCK_R] rows below the rank
+    in_dim,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_R] float32 x @ A.T of one tile and one rank block: in_dim in steps of
+    BLOCK_K, each step's products summed, the steps added in order. The one accumulation of
+    every shrink (this kernel's and the fused ones', kernels/add_rms_norm_shrink.py and
+    gated_activation_shrink.py), so that they agree."""
     accumulator = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k in range(0, in_dim, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
@@ -108,8 +133,63 @@ def _lora_shrink_kernel(
             accumulator += tl.sum(a.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
         else:
             accumulator = tl.dot(x, tl.trans(a), accumulator, input_precision=DOT_PRECISION)
-    # Columns in [rank, rank_start + BLOCK_R) hold exact zeros (their A rows were masked).
-    tl.store(y_ptrs, accumulator, mask=y_mask)
+    return accumulator
+
+
+@triton.jit
+def shrink_token(
+    token,  # int64 index of the token (its row of x and of y)
+    x_ptr,  # [num_tokens, in_dim] contiguous activations
+    pool_ptr,  # flat unified pool
+    a_offsets_ptr,  # [num_slots, num_slices] int64 element offsets
+    ranks_ptr,  # [num_slots, num_slices] int32 ranks, 0 = slice not targeted
+    tiles_ptr,  # [>= num_tiles, 3] int32 decode tile map: row t is token t's (slot, t, t + 1)
+    num_tiles_ptr,  # [1] int32 tiles that hold tokens
+    y_ptr,  # [num_tokens, num_slices, max_rank] float32 output
+    in_dim,
+    max_rank,
+    num_slices,
+    stride_offset_slot,
+    stride_offset_slice,
+    stride_rank_slot,
+    stride_rank_slice,
+    stride_y_token,
+    stride_y_slice,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """y[token] for every slice of the token's adapter, in one program: the decode shrink's
+    rank blocks one after the other, each the same sum as lora_shrink's decode program
+    (`shrink_block` with BLOCK_M = 1). Zeros past each rank, for untargeted slices, and for
+    tokens past the tile map or of NO_ADAPTER. A decode tile map holds one token per row, in
+    token order, so the token's row is its slot's: no search."""
+    slot = tl.load(
+        tiles_ptr + token * TILE_ROW, mask=token < tl.load(num_tiles_ptr), other=NO_ADAPTER_SLOT
+    ).to(tl.int64)
+    has_adapter = slot != NO_ADAPTER_SLOT
+    token_mask = tl.full([1], 1, tl.int1)
+    x_rows = (x_ptr + token * in_dim + tl.zeros([1], dtype=tl.int64))[:, None]
+    for slice_index in range(num_slices):
+        rank = tl.load(
+            ranks_ptr + slot * stride_rank_slot + slice_index * stride_rank_slice,
+            mask=has_adapter,
+            other=0,
+        )
+        a_offset = tl.load(
+            a_offsets_ptr + slot * stride_offset_slot + slice_index * stride_offset_slice,
+            mask=rank > 0,
+            other=0,
+        )
+        y_row = y_ptr + token * stride_y_token + slice_index * stride_y_slice
+        for rank_start in range(0, max_rank, BLOCK_R):
+            columns = rank_start + tl.arange(0, BLOCK_R)
+            accumulator = tl.zeros([1, BLOCK_R], dtype=tl.float32)
+            if rank_start < rank:
+                a_rows = pool_ptr + a_offset + columns.to(tl.int64)[:, None] * in_dim
+                accumulator = shrink_block(
+                    x_rows, a_rows, token_mask, columns < rank, in_dim, 1, BLOCK_R, BLOCK_K, "ieee"
+                )
+            tl.store(y_row + columns[None, :], accumulator, mask=(columns < max_rank)[None, :])
 
 
 def lora_shrink(
@@ -126,15 +206,8 @@ def lora_shrink(
     out: optional [num_tokens, num_slices, max_rank] float32 contiguous buffer for y
     """
     pool, a_offsets, ranks = weights.pool, weights.a_offsets, weights.ranks
-    segment_starts, segment_slots = segments.segment_starts, segments.segment_slots
     max_rank = segments.max_rank
-    check_same_device(x=x, pool=pool, starts=segment_starts, slots=segment_slots)
-    check_shrink(x, weights)
-    check_segments(segment_starts, segment_slots)
-    if x.dtype != pool.dtype or x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x and pool must share a float dtype, got {x.dtype} and {pool.dtype}")
-    if not pool.is_contiguous():
-        raise ValueError("pool must be contiguous: offsets are flat element offsets")
+    check_triton_shrink(x, weights, segments)
     num_tokens, in_dim = x.shape
     num_slices = a_offsets.shape[1]
     shape = (num_tokens, num_slices, max_rank)
@@ -146,8 +219,7 @@ def lora_shrink(
     if out.numel() == 0 or tiles.max_tiles == 0:
         return out
     if tiles.tile_tokens == DECODE_TILE_TOKENS:
-        # 8 rows of A x 512 columns per step: 8 KB of bf16 in flight, 2 programs per rank 16.
-        block_r, block_k = 8, 512
+        block_r, block_k = DECODE_BLOCK_R, DECODE_BLOCK_K
     else:
         # tl.dot's minimum K is 16; 128 columns = 256 B of bf16 per row and step, coalesced.
         block_r, block_k = 16, 128
@@ -177,3 +249,43 @@ def lora_shrink(
         num_stages=3,
     )
     return out
+
+
+def check_triton_shrink(x: torch.Tensor, weights: LoraWeights, segments: Segments) -> None:
+    """The Triton shrink's arguments (lora_shrink's, and the fused shrinks' x)."""
+    pool, segment_starts, segment_slots = (
+        weights.pool,
+        segments.segment_starts,
+        segments.segment_slots,
+    )
+    check_same_device(x=x, pool=pool, starts=segment_starts, slots=segment_slots)
+    check_shrink(x, weights)
+    check_segments(segment_starts, segment_slots)
+    if x.dtype != pool.dtype or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x and pool must share a float dtype, got {x.dtype} and {pool.dtype}")
+    if not pool.is_contiguous():
+        raise ValueError("pool must be contiguous: offsets are flat element offsets")
+
+
+def token_shrink_arguments(
+    weights: LoraWeights, tiles: LoraTiles, y: torch.Tensor
+) -> tuple[torch.Tensor | int, ...]:
+    """The fused kernels' shrink parameters, pool_ptr to stride_y_slice in `shrink_token`'s
+    order, in_dim left out (theirs): y is `[num_tokens, num_slices, max_rank]` float32."""
+    a_offsets, ranks = weights.a_offsets, weights.ranks
+    return (
+        weights.pool,
+        a_offsets,
+        ranks,
+        tiles.table,
+        tiles.num_tiles,
+        y,
+        y.shape[2],
+        y.shape[1],
+        a_offsets.stride(0),
+        a_offsets.stride(1),
+        ranks.stride(0),
+        ranks.stride(1),
+        y.stride(0),
+        y.stride(1),
+    )

@@ -50,7 +50,9 @@ from loraserve.kernels.checks import (
 from loraserve.kernels.ops import LoraWeights, Scores, Segments, Sequences
 
 __all__ = [
+    "add_rms_norm_shrink",
     "available",
+    "gated_activation_shrink",
     "lora_expand",
     "lora_shrink",
     "paged_attention",
@@ -178,6 +180,13 @@ def write_kv(
 
 rope_write_kv = functools.partial(reference.rope_write_kv, write=write_kv)
 """ops.RopeWriteKV: the rotation in torch (reference.rope), the write in C (write_kv)."""
+
+add_rms_norm_shrink = functools.partial(reference.add_rms_norm_shrink, shrink=lora_shrink)
+"""ops.AddRMSNormShrink: the norm in torch (reference.add_rms_norm), the shrink in C."""
+
+gated_activation_shrink = functools.partial(reference.gated_activation_shrink, shrink=lora_shrink)
+"""ops.GatedActivationShrink: the activation in torch (reference.gated_activation), the
+shrink in C."""
 
 
 def paged_attention(

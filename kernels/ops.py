@@ -3,10 +3,12 @@
 Every backend (kernels/dispatch.py picks one) implements the ops with these signatures:
 the LoRA shrink and expand, the KV write and paged attention, and the glue between the
 projections that a decode step would otherwise launch as many small kernels (the fused
-residual add + RMSNorm, RoPE with the KV write, the gated activation); kernels/reference.py is each op's executable definition, the yardstick the
-other backends are tested against. An op's arguments come in two kinds: what a layer
-binds once (`LoraWeights`, `Scores`, its view of the KV pool) and what a step brings
-(activations, `Segments`, `Sequences`).
+residual add + RMSNorm, RoPE with the KV write, the gated activation), and that glue with
+the next projection group's LoRA shrink (`add_rms_norm_shrink`, `gated_activation_shrink`:
+one launch on Triton, the two ops one after the other elsewhere); kernels/reference.py is
+each op's executable definition, the yardstick the other backends are tested against. An
+op's arguments come in two kinds: what a layer binds once (`LoraWeights`, `Scores`, its
+view of the KV pool) and what a step brings (activations, `Segments`, `Sequences`).
 
 Layouts:
 - `pool`: the unified page pool, `[num_pages, page_numel]`. An adapter matrix is
@@ -271,6 +273,41 @@ class GatedActivation(Protocol):
         ...
 
 
+class AddRMSNormShrink(Protocol):
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        delta: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        weights: LoraWeights,
+        segments: Segments,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Semantics: x = add_rms_norm(hidden, delta, weight, eps); y = lora_shrink(x, weights,
+        segments); return (x, y): the norm before a projection group and that group's LoRA
+        shrink of its output, as AddRMSNorm and LoraShrink define them. x and hidden have
+        the bits the two ops give; the shrink reads x as they do, rounded to hidden's dtype.
+
+        hidden:  [num_tokens, in_dim], updated in place when delta is given
+        returns: x [num_tokens, in_dim] contiguous, hidden's dtype;
+                 y [num_tokens, num_slices, segments.max_rank] float32"""
+        ...
+
+
+class GatedActivationShrink(Protocol):
+    def __call__(
+        self, gate_up: torch.Tensor, activation: str, weights: LoraWeights, segments: Segments
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Semantics: act = gated_activation(gate_up, activation); y = lora_shrink(act,
+        weights, segments); return (act, y): the down projection's input and its LoRA shrink,
+        as GatedActivation and LoraShrink define them; act has the bits the two ops give, and
+        the shrink reads it as they do, rounded to gate_up's dtype.
+
+        returns: act [num_tokens, intermediate] contiguous, gate_up's dtype;
+                 y [num_tokens, num_slices, segments.max_rank] float32"""
+        ...
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The kernels the forward pass calls: one backend's implementation of each op."""
@@ -283,3 +320,5 @@ class Kernels:
     add_rms_norm: AddRMSNorm
     rope_write_kv: RopeWriteKV
     gated_activation: GatedActivation
+    add_rms_norm_shrink: AddRMSNormShrink
+    gated_activation_shrink: GatedActivationShrink

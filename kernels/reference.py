@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.kernels.constants import NO_ADAPTER
-from loraserve.kernels.ops import LoraWeights, Scores, Segments, Sequences, WriteKV
+from loraserve.kernels.ops import (
+    AddRMSNorm,
+    GatedActivation,
+    LoraShrink,
+    LoraWeights,
+    Scores,
+    Segments,
+    Sequences,
+    WriteKV,
+)
 
 
 def adapter_segments(segments: Segments) -> Iterator[tuple[int, int, int]]:
@@ -205,3 +214,33 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """ops.GatedActivation: act(gate) * up, the activation rounded before the product."""
     gate, up = gate_up.chunk(2, dim=-1)
     return ACTIVATION_FUNCTIONS[activation](gate).mul_(up)
+
+
+def add_rms_norm_shrink(
+    hidden: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    weights: LoraWeights,
+    segments: Segments,
+    norm: AddRMSNorm = add_rms_norm,
+    shrink: LoraShrink = lora_shrink,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.AddRMSNormShrink: x = add_rms_norm(...), then lora_shrink(x, ...), by `norm` and
+    `shrink` (this module's, or a backend's own: the native and torch backends compose theirs)."""
+    x = norm(hidden, delta, weight, eps)
+    return x, shrink(x, weights, segments)
+
+
+def gated_activation_shrink(
+    gate_up: torch.Tensor,
+    activation: str,
+    weights: LoraWeights,
+    segments: Segments,
+    activate: GatedActivation = gated_activation,
+    shrink: LoraShrink = lora_shrink,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.GatedActivationShrink: act = gated_activation(...), then lora_shrink(act, ...), by
+    `activate` and `shrink` (this module's, or a backend's own)."""
+    act = activate(gate_up, activation)
+    return act, shrink(act, weights, segments)

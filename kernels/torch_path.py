@@ -6,7 +6,8 @@ where the native kernels (kernels/native.py) cannot be built, or a dtype they do
   (`mm(..., out=)`, `addmm_`). Its cost grows with the number of distinct adapters
   (a Python loop over segments): the native kernels do not have that loop.
 - The glue between projections (add + RMSNorm, RoPE with the KV write, the gated
-  activation) is the references' own torch code: a few torch calls each.
+  activation) is the references' own torch code: a few torch calls each; the glue fused
+  with a LoRA shrink on Triton is that code, then this path's shrink.
 - Decode attention (one query per sequence) runs as a few batched SDPA calls, over
   K/V gathered through the block tables of sequences of similar context length (a
   sliding window is one more mask; soft-capped scores, which SDPA cannot cap, take a
@@ -19,6 +20,7 @@ hold these to the references.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +38,9 @@ from loraserve.kernels.reference import (
 
 __all__ = [
     "add_rms_norm",
+    "add_rms_norm_shrink",
     "gated_activation",
+    "gated_activation_shrink",
     "lora_expand",
     "lora_shrink",
     "paged_attention",
@@ -60,6 +64,13 @@ def lora_shrink(x: torch.Tensor, weights: LoraWeights, segments: Segments) -> to
                 a = pool_matrix(pool, offsets[slot][index], rank, x.shape[1])  # [rank, in]
                 torch.mm(x_segment, a.t().float(), out=y[start:end, index, :rank])
     return y
+
+
+add_rms_norm_shrink = functools.partial(reference.add_rms_norm_shrink, shrink=lora_shrink)
+"""ops.AddRMSNormShrink: the reference's norm, then this path's shrink."""
+
+gated_activation_shrink = functools.partial(reference.gated_activation_shrink, shrink=lora_shrink)
+"""ops.GatedActivationShrink: the reference's activation, then this path's shrink."""
 
 
 def lora_expand(

@@ -20,7 +20,11 @@ the norms: each residual add is folded into the RMSNorm that follows it (a layer
 output into the next layer's input norm, the last one's into the final norm; the
 attention output into the post-attention norm); RoPE on q and k is one op with the KV
 write; the activation and its product with `up` are one op. Llama's layer is then nine
-launches, plus a shrink and an expand per adapted projection group.
+launches. With LoRA (`batch.lora` not None, a choice made per CUDA-graph set, never inside
+one) the glue op before a projection group also computes that group's LoRA shrink
+(`add_rms_norm_shrink` before q/k/v and gate/up, `gated_activation_shrink` before down:
+one launch each on Triton for a decode step, the two ops elsewhere), so a layer adds an
+expand per adapted group and the o group's shrink: 14 launches with all seven modules.
 """
 
 from __future__ import annotations
@@ -251,21 +255,22 @@ class LlamaModel:
         input norm, its attention output by its post-attention norm. Returns the layer's
         MLP output, for the next norm to add. [num_tokens, hidden] each."""
         lora, adapters = batch.lora, pool.lora
-        x = self._norm(hidden, mlp_out, layer.input_norm)
+        # y: [num_tokens, num_slices, max_rank], each group's LoRA shrink (None without LoRA)
+        x, y = self._norm_shrink(hidden, mlp_out, layer.input_norm, lora, adapters[QKV])
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [num_tokens, q_size + 2 * kv_size]
-        self._add_lora(lora, adapters[QKV], x, qkv)
+        self._expand(lora, adapters[QKV], y, qkv)
         attn = self._attention(layer, pool.kv, qkv, cos_sin, batch)  # [tokens, q_size]
         out = F.linear(attn, layer.o, layer.o_bias)
-        self._add_lora(lora, adapters[O_PROJ], attn, out)
+        self._add_lora(lora, adapters[O_PROJ], attn, out)  # no glue op before o to fuse into
         self._complete(out)
         if layer.attention_out_norm is not None:
             out = self._norm(out, None, layer.attention_out_norm)
-        x = self._norm(hidden, out, layer.post_norm)
+        x, y = self._norm_shrink(hidden, out, layer.post_norm, lora, adapters[GATE_UP])
         gate_up = F.linear(x, layer.gate_up)  # [num_tokens, 2 * intermediate]
-        self._add_lora(lora, adapters[GATE_UP], x, gate_up)
-        act = self.kernels.gated_activation(gate_up, self.arch.hidden_act)  # [tokens, inter]
+        self._expand(lora, adapters[GATE_UP], y, gate_up)
+        act, y = self._activation_shrink(gate_up, lora, adapters[DOWN])  # act: [tokens, inter]
         down = F.linear(act, layer.down)
-        self._add_lora(lora, adapters[DOWN], act, down)
+        self._expand(lora, adapters[DOWN], y, down)
         self._complete(down)
         if layer.mlp_out_norm is not None:
             down = self._norm(down, None, layer.mlp_out_norm)
@@ -302,11 +307,45 @@ class LlamaModel:
         out = self.kernels.paged_attention(q, kv, batch, layer.scores)
         return out.view(-1, arch.q_size)
 
+    def _norm_shrink(
+        self,
+        hidden: torch.Tensor,
+        delta: torch.Tensor | None,
+        weight: torch.Tensor,
+        lora: LoraBatch | None,
+        weights: LoraWeights,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_norm`, and with LoRA the shrink of its output for the group it feeds (one op)."""
+        if lora is None:
+            return self._norm(hidden, delta, weight), None
+        eps = self.norm_fn.eps
+        return self.kernels.add_rms_norm_shrink(hidden, delta, weight, eps, weights, lora)
+
+    def _activation_shrink(
+        self, gate_up: torch.Tensor, lora: LoraBatch | None, weights: LoraWeights
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """act(gate) * up, and with LoRA the down group's shrink of it (one op)."""
+        activation = self.arch.hidden_act
+        if lora is None:
+            return self.kernels.gated_activation(gate_up, activation), None
+        return self.kernels.gated_activation_shrink(gate_up, activation, weights, lora)
+
     def _add_lora(
         self, lora: LoraBatch | None, weights: LoraWeights, x: torch.Tensor, out: torch.Tensor
     ) -> None:
-        """out[:, slice i] += x @ A_i.T @ B_i for each token's adapter (all slices in one launch)."""
-        if lora is None:
-            return
-        y = self.kernels.lora_shrink(x, weights, lora)  # [num_tokens, num_slices, max_rank]
-        self.kernels.lora_expand(out, y, weights, lora)
+        """out[:, slice i] += x @ A_i.T @ B_i for each token's adapter: a shrink, an expand."""
+        if lora is not None:
+            y = self.kernels.lora_shrink(x, weights, lora)  # [num_tokens, num_slices, max_rank]
+            self._expand(lora, weights, y, out)
+
+    def _expand(
+        self,
+        lora: LoraBatch | None,
+        weights: LoraWeights,
+        y: torch.Tensor | None,
+        out: torch.Tensor,
+    ) -> None:
+        """out[:, slice i] += y[:, i] @ B_i for each token's adapter (all slices in one launch);
+        nothing without LoRA."""
+        if lora is not None and y is not None:
+            self.kernels.lora_expand(out, y, weights, lora)

@@ -53,6 +53,8 @@ def test_sections_record_their_failure_and_the_run_goes_on(tmp_path: Path) -> No
 
 def test_kernel_classes() -> None:
     assert kernel_class("_lora_shrink_kernel") == "lora_shrink"
+    assert kernel_class("_add_rms_norm_shrink_kernel") == "norm_shrink"
+    assert kernel_class("_gated_activation_shrink_kernel") == "activation_shrink"
     assert kernel_class("_paged_attention_kernel") == "attention"
     assert kernel_class("nvjet_tst_128x64_64x4") == "gemm"
     assert kernel_class("void at::native::vectorized_elementwise_kernel") == ("elementwise")
