@@ -109,4 +109,5 @@ def _triton_kernels() -> Kernels:
         gated_activation=gated_activation,
         add_rms_norm_shrink=add_rms_norm_shrink,
         gated_activation_shrink=gated_activation_shrink,
+        reads_tile_map=True,
     )

@@ -322,3 +322,6 @@ class Kernels:
     gated_activation: GatedActivation
     add_rms_norm_shrink: AddRMSNormShrink
     gated_activation_shrink: GatedActivationShrink
+    reads_tile_map: bool = False
+    """Whether the LoRA ops read the step's tile map (`LoraBatch.tiles`, kernels/lora_tiles.py):
+    Triton's do; the others read the segments alone, so a runner of theirs builds none."""

@@ -117,9 +117,15 @@ class BatchMetadata:
         max_lora_rank: int,
         device: torch.device,
         packed: bool | None = None,
+        tile_map: bool = True,
     ) -> None:
         """`packed`: send the step in one packed copy (`_Upload`); by default on CUDA only
-        (a CPU's forward pass reads the host arrays; tests pack there too)."""
+        (a CPU's forward pass reads the host arrays; tests pack there too). `tile_map`:
+        build the LoRA tile map into `LoraBatch.tiles`; the runner asks for it when its
+        kernels read it (`Kernels.reads_tile_map`: Triton's), the native and torch kernels
+        read the segments alone, so their steps skip it (~15 numpy calls). A harness that
+        checks a graph's static inputs on those kernels asks for it itself."""
+        self.tile_map = tile_map
         self.block_size = block_size
         self.max_lora_rank = max_lora_rank
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -212,7 +218,9 @@ class BatchMetadata:
                 view(self.segment_starts, num_segments + 1),
                 view(self.segment_slots, num_segments),
                 max_rank,
-                self._fill_lora_tiles(num_tokens, num_segments, decode, pad_to is not None),
+                self._fill_lora_tiles(num_tokens, num_segments, decode, pad_to is not None)
+                if self.tile_map
+                else None,
             )
         batch.block_tables = self._block_tables(num_seqs, used_width, width)
         return batch

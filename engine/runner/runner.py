@@ -191,6 +191,7 @@ class TorchModelRunner:
             geometry.block_size,
             lora.max_lora_rank,
             self.device,
+            tile_map=self.kernels.reads_tile_map,
         )
         self.graphs = DecodeGraphs.for_device(
             self.device,

@@ -50,8 +50,9 @@ def example() -> list[Chunk]:
     ]
 
 
-def builder(packed: bool = False) -> BatchMetadata:
-    """On a CPU; `packed`: through the packed upload that CUDA uses."""
+def builder(packed: bool = False, tile_map: bool = True) -> BatchMetadata:
+    """On a CPU; `packed`: through the packed upload that CUDA uses; `tile_map`: for
+    kernels that read the LoRA tile map (Triton's)."""
     return BatchMetadata(
         max_num_tokens=32,
         max_num_seqs=8,
@@ -60,6 +61,7 @@ def builder(packed: bool = False) -> BatchMetadata:
         max_lora_rank=16,
         device=torch.device("cpu"),
         packed=packed,
+        tile_map=tile_map,
     )
 
 

@@ -72,6 +72,7 @@ def test_the_captured_decode_forward_makes_no_host_sync(assets, with_adapters: b
     assert any(chunk.slot != NO_ADAPTER for chunk in chunks) == with_adapters
     batch = runner.metadata.build(chunks, runner.pool, pad_to=8)
     assert (batch.lora is not None) == with_adapters, "no adapter: no LoRA launch at all"
+    assert batch.lora is None or batch.lora.tiles is not None  # Triton's kernels read the map
     with no_device_sync():
         logits = runner.model.forward(batch)
     assert logits.shape == (8, llm.engine.runner.arch.vocab_size)
@@ -121,11 +122,14 @@ def fresh_forward(llm: LLM, chunks: list, pad_to: int | None) -> torch.Tensor:
     return runner.model.forward(metadata.build(chunks, runner.pool, pad_to=pad_to))
 
 
-def new_metadata(runner, packed: bool = False) -> BatchMetadata:
+def new_metadata(runner, packed: bool = False, tile_map: bool | None = None) -> BatchMetadata:
+    """A builder like the runner's; `tile_map`: whether it builds the LoRA tile map (by
+    default as the runner's does: when its kernels read one)."""
     old = runner.metadata
     return BatchMetadata(
         old.input_ids.host.shape[0], old.context_lens.host.shape[0], old.max_blocks_per_seq,
         old.block_size, old.max_lora_rank, runner.device, packed,
+        old.tile_map if tile_map is None else tile_map,
     )  # fmt: skip
 
 
@@ -177,9 +181,12 @@ def test_the_emulation_fails_on_a_reallocated_buffer(assets) -> None:
 
 
 def test_batch_tensors_lists_every_static_input(assets) -> None:
+    """Every static input a captured graph reads, the Triton kernels' LoRA tile map included:
+    the torch kernels' runner builds no map (they never read it), so this asks for one."""
     llm = make_llm(assets, "torch")
     runner = llm.engine.runner
-    batch = runner.metadata.build([], runner.pool, pad_to=4, with_lora=True)
+    assert not runner.metadata.tile_map
+    batch = new_metadata(runner, tile_map=True).build([], runner.pool, pad_to=4, with_lora=True)
     names = set(batch_tensors(batch))
     assert {"input_ids", "block_tables", "lora.segment_starts", "lora.tiles.table"} <= names
     assert {"max_context_len", "lora.tiles.num_tiles"} <= names

@@ -40,3 +40,10 @@ def test_a_padded_decode_batch_launches_the_buckets_tiles() -> None:
     ]
     assert tiles.table.data_ptr() == eager.lora.tiles.table.data_ptr()  # a static buffer
     assert tiles.num_tiles.data_ptr() == eager.lora.tiles.num_tiles.data_ptr()
+
+
+def test_kernels_that_read_no_tile_map_get_none_built() -> None:
+    """The native and torch kernels read the segments alone: their steps skip the map."""
+    batch = builder(tile_map=False).build(example(), Adapters())
+    assert batch.lora is not None and batch.lora.tiles is None
+    assert batch.lora.segment_slots.tolist() == [NO_ADAPTER, 0]

@@ -295,7 +295,7 @@ def test_launchers_reject_bad_inputs(generator):
 
 def test_dispatch_selects_these_kernels():
     kernels = select_kernels("triton", DEVICE)
-    assert kernels.name == "triton"
+    assert kernels.name == "triton" and kernels.reads_tile_map
     assert kernels.lora_shrink is lora_shrink and kernels.lora_expand is lora_expand
 
 
@@ -344,4 +344,5 @@ def test_cpu_path_reads_what_the_pool_holds_now(implementation, generator):
 def test_dispatch_selects_the_cpu_path_on_cpu():
     kernels = select_kernels("auto", "cpu")
     assert kernels.name == "torch" and kernels.lora_shrink is torch_path.lora_shrink
+    assert not kernels.reads_tile_map  # the CPU kernels read the segments alone
     assert select_kernels("reference", "cpu").lora_shrink is reference.lora_shrink
