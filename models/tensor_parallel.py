@@ -140,7 +140,10 @@ def shard_linear(arch: ModelArch, module: str, tensor: Any, shard: Shard, axis: 
     """The rank's part of a tensor laid out along `module`'s output rows (`axis` "out": a
     weight's rows, a bias, a LoRA B, DoRA's g) or its input columns (`axis` "in": a weight's
     or a LoRA A's columns, of a 2-d tensor). A tensor on an axis the module does not split
-    is returned whole. `tensor`: a torch tensor or a safetensors slice."""
+    is returned whole, and so is every tensor on one rank. `tensor`: a torch tensor or a
+    safetensors slice."""
+    if shard.size == 1:
+        return tensor
     if axis == "in":
         if module not in ROW_PARALLEL:
             return tensor
