@@ -162,7 +162,9 @@ def _assert_writes_only_to(
 ) -> None:
     """The replay wrote K/V in its own sequences' pages only (a stale slot mapping of an
     earlier, larger batch would write in another sequence's)."""
-    changed = (kv_pool != before).flatten(1).any(1).nonzero().flatten().tolist()
+    # Bits, not values: pages never written hold whatever the allocator left, NaNs included.
+    changed = (kv_pool.view(torch.uint8) != before.view(torch.uint8)).flatten(1).any(1)
+    changed = changed.nonzero().flatten().tolist()
     own_pages = {chunk.seq.block_table[chunk.start // block_size] for chunk in chunks}
     assert set(changed) <= own_pages, f"pages {set(changed) - own_pages} were written"
 
