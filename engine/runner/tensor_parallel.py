@@ -150,6 +150,10 @@ class TensorParallelRunner(TorchModelRunner):
             self.close()
             raise
         self.base_weights = CheckpointWeights(config.model.model, self.dtype)
+        logger.info(
+            "tensor parallelism: %d ranks on %s, %s",
+            size, ", ".join(str(device) for device in devices), collectives.group.name(),
+        )  # fmt: skip
         self._watchdog = threading.Thread(  # holding no reference to the runner
             target=_watch,
             args=(weakref.ref(self), self.processes, self._closed),
