@@ -212,6 +212,7 @@ class BatchMetadata:
             logits_indices=view(self.logits_indices, num_logits),
             lora=None,
             block_tables=self.block_tables.host_tensor,  # set below
+            decode=decode,
         )
         if max_rank > 0:
             batch.lora = LoraBatch(
