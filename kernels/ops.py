@@ -196,8 +196,8 @@ class WriteKV(Protocol):
         """Semantics: kv[s // B, 0, s % B] = key[t]; the same for value at 1; s = slot_mapping[t].
 
         key, value:   [num_tokens, num_kv_heads, head_dim] (any row stride: views of qkv)
-        slot_mapping: [num_tokens] int64, page * block_size + position in the page; the
-                      Triton and native kernels skip a slot < 0 (a padding token)"""
+        slot_mapping: [num_tokens] int64, page * block_size + position in the page; every
+                      backend skips a slot < 0 (a padding token)"""
         ...
 
 

@@ -101,11 +101,14 @@ def dora_epilogue(
 def write_kv(
     kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """ops.WriteKV: kv[s // B, 0, s % B] = key[t]; the same for value at 1; s = slot_mapping[t]."""
+    """ops.WriteKV: kv[s // B, 0, s % B] = key[t]; the same for value at 1; s = slot_mapping[t];
+    a slot < 0 (a padding token) is skipped, as the Triton and native kernels skip it."""
     block_size = kv.shape[2]
-    pages, positions = slot_mapping // block_size, slot_mapping % block_size
-    kv[pages, 0, positions] = key.to(kv.dtype)
-    kv[pages, 1, positions] = value.to(kv.dtype)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    pages, positions = slots // block_size, slots % block_size
+    kv[pages, 0, positions] = key[keep].to(kv.dtype)
+    kv[pages, 1, positions] = value[keep].to(kv.dtype)
 
 
 def paged_attention(

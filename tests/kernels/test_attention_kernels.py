@@ -311,3 +311,12 @@ def test_split_kv_over_a_graph_wide_table_spreads_the_real_context(generator):
         out = torch.full_like(query, float("nan"))
         paged_attention(query, kv, graph_like, scores, out=out, num_splits=num_splits)
         assert_close(out, expected, torch.float32)
+
+
+def test_the_reference_kv_write_skips_padding_slots() -> None:
+    """A slot < 0 (graph padding) writes nowhere: not, by wrapping around, in the last page."""
+    kv = torch.zeros(3, 2, 4, 1, 2)  # [pages, K/V, block_size, kv_heads, head_dim]
+    key, value = torch.ones(2, 1, 2), torch.full((2, 1, 2), 2.0)
+    reference.write_kv(kv, key, value, torch.tensor([5, -1]))
+    assert kv[1, 0, 1].tolist() == [[1.0, 1.0]] and kv[1, 1, 1].tolist() == [[2.0, 2.0]]
+    assert int((kv != 0).sum()) == 4, "only slot 5 (page 1, position 1) was written"
