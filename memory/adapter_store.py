@@ -34,9 +34,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
+import json
+import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +50,9 @@ from loraserve.errors import AdapterError
 from loraserve.memory.adapter_dir import is_servable_name
 from loraserve.memory.dora import BaseWeights, magnitude_scale
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
-from loraserve.memory.peft_config import refuse
-from loraserve.memory.peft_format import LoraModule, read_peft_lora
+from loraserve.memory.peft_config import SAFETENSORS_FILE, check_features, read_config, refuse
+from loraserve.memory.peft_format import LoraModule, check_peft_lora, layout_config, load_tensors
+from loraserve.memory.safetensors_map import SafetensorsFile, SafetensorsFormatError
 from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
 from loraserve.models.tensor_parallel import Shard, shard_arch, shard_linear
 
@@ -57,6 +63,10 @@ MAX_FOLDED_MAGNITUDE = 1e4
 ±1/sqrt(in_features) and B at zero, and trained adapters' scaled entries stay within ~10;
 an adapter past this bound (`lora_alpha: 1e38`, weights of 60,000) is a corrupt or absurd
 file whose output would be overflow or noise: it is refused, naming the tensor."""
+HELD_BY_FLOAT32 = frozenset({torch.float32, torch.float16, torch.bfloat16})
+"""File dtypes whose every value a float32 holds: copied into float32, nothing rounds."""
+MAX_CACHED_LAYOUTS = 64
+"""Layouts a reader keeps (`_LayoutCache`): thousands of adapters trained alike share a few."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,67 @@ class HostAdapter:
     def num_bytes(self) -> int:
         """Host RAM its pages take (what the host tier's byte budget counts)."""
         return self.pages.numel() * self.pages.element_size()
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """One matrix copied from the mapped file into the pages: `shape` elements read at
+    `stride` from element `source` of the file's data (as `dtype`), written row-major from
+    element `target` of the pages."""
+
+    dtype: torch.dtype
+    shape: tuple[int, int]
+    stride: tuple[int, int]
+    source: int
+    target: int
+
+
+@dataclass(frozen=True)
+class _Copies:
+    """Every copy of an adapter: the A's, then the B's (transposed reads), and the scaling
+    the B's get (one float when all share it, else one per B). A pool dtype narrower than
+    float32 has the B's scaled in a float32 buffer, `staging[i]` the offset of B i in it,
+    then rounded once into the pages (as `_scaled_copy` does)."""
+
+    copies: tuple[_Copy, ...]
+    num_a: int
+    scalings: float | list[float]
+    dtypes: frozenset[torch.dtype]
+    staging: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where an adapter's matrices go (what `HostAdapter` records of it but its pages): the
+    same for every folder whose safetensors header, file size and `layout_config` are equal."""
+
+    offsets: list[int]
+    """Of every matrix in pack order (`pack_matrices`)."""
+    num_pages: int
+    local_offsets: np.ndarray
+    ranks: np.ndarray
+    max_rank: int
+    target_modules: tuple[str, ...]
+    copies: _Copies | None
+    """None where the pages are filled module by module (`AdapterReader._pack`)."""
+
+
+class _LayoutCache:
+    """The layouts of the last MAX_CACHED_LAYOUTS distinct (header, size, config) keys read,
+    shared by the loader threads; a layout is stored only once its folder passed every check."""
+
+    def __init__(self) -> None:
+        self._layouts: dict[tuple[bytes, int, str], _Layout] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[bytes, int, str]) -> _Layout | None:
+        return self._layouts.get(key)
+
+    def put(self, key: tuple[bytes, int, str], layout: _Layout) -> None:
+        with self._lock:
+            if len(self._layouts) >= MAX_CACHED_LAYOUTS:
+                del self._layouts[next(iter(self._layouts))]  # the oldest
+            self._layouts[key] = layout
 
 
 def pack_matrices(sizes: Sequence[int], page_numel: int) -> tuple[list[int], int]:
@@ -163,13 +234,32 @@ class AdapterReader:
         self.pin_memory = pin_memory
         self.max_weight = max_weight
         self.base_weights = base_weights
+        self._layouts = _LayoutCache()
 
     def read(self, name: str, path: str | Path) -> HostAdapter:
         """Load and check a PEFT LoRA folder; AdapterError if refused."""
         check_adapter_name(name)
         folder = Path(path)
-        modules = read_peft_lora(folder, self.arch, self.max_lora_rank)
-        return self._pack(name, folder, modules)
+        config = read_config(folder)
+        check_features(config, folder)
+        fields = layout_config(config)
+        try:
+            file: SafetensorsFile | None = SafetensorsFile.open(folder / SAFETENSORS_FILE)
+        except (SafetensorsFormatError, OSError):
+            file = None  # refused by the checks below, in their order
+        key = None if file is None else (file.header_bytes, file.data_size, json.dumps(fields))
+        layout = self._layouts.get(key) if key is not None else None
+        if layout is not None and file is not None:
+            return self._pack_planned(name, folder, fields, file, layout)
+        modules = check_peft_lora(
+            folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank
+        )
+        layout = self._layout(modules, file)
+        if key is not None and layout.copies is not None:
+            self._layouts.put(key, layout)
+            assert file is not None
+            return self._pack_planned(name, folder, fields, file, layout)
+        return self._pack(name, folder, modules, layout)
 
     @functools.cached_property
     def max_num_pages(self) -> int:
@@ -188,17 +278,10 @@ class AdapterReader:
         ]
         return pack_matrices(sizes, self.geometry.page_numel)[1]
 
-    def _pack(self, name: str, folder: Path, modules: list[LoraModule]) -> HostAdapter:
-        """Copy every module's matrices from the mapped file into page-sized slabs, in the
-        pool's dtype and layout (one copy each, the scaling folded into B as it is copied):
-        per module its A, then one B per slot it fills (one, or a fused module's parts),
-        then for DoRA one g per slot; then check the slabs' values in one pass. Under tensor
-        parallelism each rank's slabs hold its shard of every matrix, in the same places."""
-        scales = {  # DoRA's g, [out] in the pool dtype, from the whole module
-            index: self._magnitude_scale(folder, module)
-            for index, module in enumerate(modules)
-            if module.magnitude is not None
-        }
+    def _layout(self, modules: list[LoraModule], file: SafetensorsFile | None) -> _Layout:
+        """Where `modules`' matrices go in the pages (per module its A, then one B per slot
+        it fills: one, or a fused module's parts; then for DoRA one g per slot), and, when
+        every copy can be one `_foreach` op (`_Layout.copies`), the copies."""
         widths = [self._part_widths(module) for module in modules]
         sizes = [
             size
@@ -210,51 +293,173 @@ class AdapterReader:
             )
         ]
         offsets, num_pages = pack_matrices(sizes, self.geometry.page_numel)
-        pages = torch.zeros(  # [shards, num_pages, page_numel]
+        shape = (self.arch.num_layers, NUM_LORA_MODULES)
+        local_offsets = np.full((*shape, 3), NOT_TARGETED, dtype=np.int64)
+        ranks = np.zeros(shape, dtype=np.int32)
+        next_offset = iter(offsets)
+        for module in modules:
+            a_offset = next(next_offset)
+            for slot in module.slots:
+                local_offsets[module.layer, slot, :2] = a_offset, next(next_offset)
+                ranks[module.layer, slot] = module.rank
+            if module.magnitude is not None:
+                for slot in module.slots:
+                    local_offsets[module.layer, slot, 2] = next(next_offset)
+        targeted = {module.name for module in modules}
+        return _Layout(
+            offsets=offsets,
+            num_pages=num_pages,
+            local_offsets=local_offsets,
+            ranks=ranks,
+            max_rank=max(module.rank for module in modules),
+            target_modules=tuple(m for m in self.arch.linear_modules if m in targeted),
+            copies=self._planned_copies(modules, widths, offsets, file),
+        )
+
+    def _planned_copies(
+        self,
+        modules: list[LoraModule],
+        widths: list[list[int]],
+        offsets: list[int],
+        file: SafetensorsFile | None,
+    ) -> _Copies | None:
+        """The copies of `_pack_planned`, or None where they would not give `_pack`'s values
+        or are not written for: under tensor parallelism, for DoRA, for tensors not aligned
+        in the file or in a dtype float32 does not hold (float64)."""
+        if file is None or len(self.shards) > 1 or any(m.magnitude is not None for m in modules):
+            return None
+        entries = file.entries
+        sources = [entries[name] for m in modules for name in (m.a_name, m.b_name)]
+        if not all(file.is_aligned(entry) for entry in sources):
+            return None
+        if not all(entry.dtype in HELD_BY_FLOAT32 for entry in sources):
+            return None
+        a_copies, b_copies, scalings = [], [], []
+        next_offset = iter(offsets)
+        for module, parts in zip(modules, widths, strict=True):
+            rank, a_entry, b_entry = module.rank, entries[module.a_name], entries[module.b_name]
+            in_features = self.rank_arch.module_dims(module.name)[0]
+            a_begin = a_entry.begin // a_entry.dtype.itemsize
+            # A: [rank, in] from the file as it is; B: [out, rank] read transposed, one
+            # [rank, width] slice per part (rows `row` on), its scaling applied in the pages.
+            a_copies.append(
+                _Copy(
+                    a_entry.dtype, (rank, in_features), (in_features, 1), a_begin, next(next_offset)
+                )
+            )
+            b_begin, row = b_entry.begin // b_entry.dtype.itemsize, 0
+            for width in parts:
+                source = (b_entry.dtype, (rank, width), (1, rank), b_begin + row * rank)
+                b_copies.append(_Copy(*source, next(next_offset)))
+                scalings.append(module.scaling)
+                row += width
+        numels = [math.prod(copy.shape) for copy in b_copies]
+        return _Copies(
+            tuple(a_copies + b_copies),
+            len(a_copies),
+            scalings[0] if len(set(scalings)) == 1 else scalings,
+            frozenset(copy.dtype for copy in a_copies + b_copies),
+            None if self.dtype == torch.float32 else tuple(itertools.accumulate(numels, initial=0)),
+        )
+
+    def _pack_planned(
+        self,
+        name: str,
+        folder: Path,
+        fields: dict[str, Any],
+        file: SafetensorsFile,
+        layout: _Layout,
+    ) -> HostAdapter:
+        """`_pack` with every A and B copied by one `_foreach_copy_` from the mapped file and
+        every B scaled by one `_foreach_mul_`, in float32: the values of `_scaled_copy`."""
+        copies = layout.copies
+        assert copies is not None and len(self.shards) == 1
+        pages = self._new_pages(layout.num_pages)
+        flat = pages[0].view(-1)
+        data = {dtype: file.data(dtype) for dtype in copies.dtypes}
+        sources = [data[c.dtype].as_strided(c.shape, c.stride, c.source) for c in copies.copies]
+        targets = [flat.as_strided(c.shape, (c.shape[1], 1), c.target) for c in copies.copies]
+        num_a = copies.num_a
+        if copies.staging is None:  # float32 pool: every file value is one, scaled in place
+            torch._foreach_copy_(targets, sources)
+            torch._foreach_mul_(targets[num_a:], copies.scalings)
+        else:  # narrower pool: B scaled in float32 first, then rounded once
+            staging = torch.empty(copies.staging[-1], dtype=torch.float32)
+            scaled = [
+                staging.as_strided(c.shape, (c.shape[1], 1), offset)
+                for c, offset in zip(copies.copies[num_a:], copies.staging, strict=False)
+            ]
+            torch._foreach_copy_(scaled, sources[num_a:])
+            torch._foreach_mul_(scaled, copies.scalings)
+            torch._foreach_copy_(targets, sources[:num_a] + scaled)
+        if not self._values_fit(flat):  # find the culprit as `_pack` does
+            modules = check_peft_lora(
+                folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank
+            )
+            self._check_values(folder, modules, flat, layout.offsets)
+        return self._host_adapter(name, folder, pages, layout)
+
+    def _new_pages(self, num_pages: int) -> torch.Tensor:
+        return torch.zeros(  # [shards, num_pages, page_numel]
             len(self.shards),
             num_pages,
             self.geometry.page_numel,
             dtype=self.dtype,
             pin_memory=self.pin_memory,
         )
-        shape = (self.arch.num_layers, NUM_LORA_MODULES)
-        local_offsets = np.full((*shape, 3), NOT_TARGETED, dtype=np.int64)
-        ranks = np.zeros(shape, dtype=np.int32)
-        for shard in self.shards:
-            flat = pages[shard.rank].view(-1)
-            next_offset = iter(offsets)
-            for index, (module, parts) in enumerate(zip(modules, widths, strict=True)):
-                rank, a_offset = module.rank, next(next_offset)
-                lora_a = shard_linear(self.arch, module.name, module.lora_a, shard, "in")
-                lora_b = shard_linear(self.arch, module.name, module.lora_b, shard, "out")
-                flat[a_offset : a_offset + lora_a.numel()].view(lora_a.shape).copy_(lora_a)
-                row = 0
-                for slot, width in zip(module.slots, parts, strict=True):  # parts share one A
-                    b_offset = next(next_offset)
-                    target = flat[b_offset : b_offset + rank * width].view(rank, width)
-                    _scaled_copy(target, lora_b[row : row + width].T, module.scaling)
-                    row += width
-                    local_offsets[module.layer, slot, :2] = a_offset, b_offset
-                    ranks[module.layer, slot] = rank
-                if index in scales:
-                    scale = shard_linear(self.arch, module.name, scales[index], shard, "out")
-                    for slot, part in zip(module.slots, scale.split(parts), strict=True):
-                        g_offset = next(next_offset)
-                        flat[g_offset : g_offset + part.numel()].copy_(part)
-                        local_offsets[module.layer, slot, 2] = g_offset
-            self._check_values(folder, modules, flat, offsets)
-        targeted = {module.name for module in modules}
-        offsets_tensor, ranks_tensor = torch.from_numpy(local_offsets), torch.from_numpy(ranks)
+
+    def _host_adapter(
+        self, name: str, folder: Path, pages: torch.Tensor, layout: _Layout
+    ) -> HostAdapter:
+        offsets_tensor = torch.from_numpy(layout.local_offsets.copy())
+        ranks_tensor = torch.from_numpy(layout.ranks.copy())
         return HostAdapter(
             name=name,
             path=str(folder),
             pages=pages,
             local_offsets=offsets_tensor,
             ranks=ranks_tensor,
-            max_rank=max(module.rank for module in modules),
-            target_modules=tuple(m for m in self.arch.linear_modules if m in targeted),
+            max_rank=layout.max_rank,
+            target_modules=layout.target_modules,
             digest=weights_digest(pages, offsets_tensor, ranks_tensor),
         )
+
+    def _pack(
+        self, name: str, folder: Path, modules: list[LoraModule], layout: _Layout
+    ) -> HostAdapter:
+        """Copy every module's matrices from the mapped file into page-sized slabs, in the
+        pool's dtype and layout (one copy each, the scaling folded into B as it is copied),
+        where `layout` places them; then check the slabs' values in one pass. Under tensor
+        parallelism each rank's slabs hold its shard of every matrix, in the same places."""
+        scales = {  # DoRA's g, [out] in the pool dtype, from the whole module
+            index: self._magnitude_scale(folder, module)
+            for index, module in enumerate(modules)
+            if module.magnitude is not None
+        }
+        pages = self._new_pages(layout.num_pages)
+        for shard in self.shards:
+            flat = pages[shard.rank].view(-1)
+            next_offset = iter(layout.offsets)
+            for index, module in enumerate(modules):
+                rank, a_offset = module.rank, next(next_offset)
+                lora_a = shard_linear(self.arch, module.name, module.lora_a, shard, "in")
+                lora_b = shard_linear(self.arch, module.name, module.lora_b, shard, "out")
+                flat[a_offset : a_offset + lora_a.numel()].view(lora_a.shape).copy_(lora_a)
+                row = 0
+                parts = self._part_widths(module)
+                for width in parts:  # parts share one A
+                    b_offset = next(next_offset)
+                    target = flat[b_offset : b_offset + rank * width].view(rank, width)
+                    _scaled_copy(target, lora_b[row : row + width].T, module.scaling)
+                    row += width
+                if index in scales:
+                    scale = shard_linear(self.arch, module.name, scales[index], shard, "out")
+                    for part in scale.split(parts):
+                        g_offset = next(next_offset)
+                        flat[g_offset : g_offset + part.numel()].copy_(part)
+            if not self._values_fit(flat):
+                self._check_values(folder, modules, flat, layout.offsets)
+        return self._host_adapter(name, folder, pages, layout)
 
     def _magnitude_scale(self, folder: Path, module: LoraModule) -> torch.Tensor:
         """DoRA's g of a module, [out_features] in the pool dtype (memory/dora.py)."""
@@ -271,15 +476,17 @@ class AdapterReader:
         """Output widths of the slots `module` fills (one, or a fused module's parts)."""
         return [self.rank_arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
 
+    def _values_fit(self, flat: torch.Tensor) -> bool:
+        """Whether every value of the slabs is finite and within `max_weight`: one pass."""
+        smallest, largest = torch.aminmax(flat)  # NaN if any is NaN
+        return -float(smallest) <= self.max_weight and float(largest) <= self.max_weight
+
     def _check_values(
         self, folder: Path, modules: list[LoraModule], flat: torch.Tensor, offsets: list[int]
     ) -> None:
-        """Refuse an adapter with a value that is not finite, or past `max_weight`, once in
-        the pool's dtype. One pass over the slabs; only a refusal looks for the culprit,
-        in the order the file's modules come (its values first, then the converted ones)."""
-        smallest, largest = torch.aminmax(flat)  # NaN if any is NaN
-        if -float(smallest) <= self.max_weight and float(largest) <= self.max_weight:
-            return
+        """Refuse the adapter whose slabs `_values_fit` did not accept, once in the pool's
+        dtype, naming the culprit: the first found in the order the file's modules come
+        (its values first, then the converted ones)."""
         for module in modules:
             for tensor_name, tensor in (
                 (module.a_name, module.lora_a),
