@@ -20,6 +20,12 @@ rank 7, hidden 64, kv 32, page_numel 768:
 
 Unused elements are zero.
 
+A read works out the layout of its folder's matrices from the safetensors header and the
+config's targeting fields, and keeps it (memory/adapter_layout.py): the next folder with
+the same header, file size and fields, as thousands of adapters trained alike have, skips
+every per-tensor check and has its matrices copied in a few ops; only its values are
+checked (`_values_fit`) and hashed.
+
 A DoRA module (memory/dora.py) adds its magnitude scale g = m / ||W + sBA||, `[out_i]` per
 slot, stored as one more `[1, out_i]` matrix after its B(s); its offset is the third entry
 of `local_offsets` (NOT_TARGETED for plain LoRA modules, whose expand g never touches).
@@ -34,10 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
-import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +51,7 @@ import torch
 
 from loraserve.errors import AdapterError
 from loraserve.memory.adapter_dir import is_servable_name
+from loraserve.memory.adapter_layout import Layout, LayoutCache, copy_planned, plan_copies
 from loraserve.memory.dora import BaseWeights, magnitude_scale
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
 from loraserve.memory.peft_config import SAFETENSORS_FILE, check_features, read_config, refuse
@@ -63,10 +67,6 @@ MAX_FOLDED_MAGNITUDE = 1e4
 ±1/sqrt(in_features) and B at zero, and trained adapters' scaled entries stay within ~10;
 an adapter past this bound (`lora_alpha: 1e38`, weights of 60,000) is a corrupt or absurd
 file whose output would be overflow or noise: it is refused, naming the tensor."""
-HELD_BY_FLOAT32 = frozenset({torch.float32, torch.float16, torch.bfloat16})
-"""File dtypes whose every value a float32 holds: copied into float32, nothing rounds."""
-MAX_CACHED_LAYOUTS = 64
-"""Layouts a reader keeps (`_LayoutCache`): thousands of adapters trained alike share a few."""
 
 
 @dataclass(frozen=True)
@@ -111,67 +111,6 @@ class HostAdapter:
     def num_bytes(self) -> int:
         """Host RAM its pages take (what the host tier's byte budget counts)."""
         return self.pages.numel() * self.pages.element_size()
-
-
-@dataclass(frozen=True)
-class _Copy:
-    """One matrix copied from the mapped file into the pages: `shape` elements read at
-    `stride` from element `source` of the file's data (as `dtype`), written row-major from
-    element `target` of the pages."""
-
-    dtype: torch.dtype
-    shape: tuple[int, int]
-    stride: tuple[int, int]
-    source: int
-    target: int
-
-
-@dataclass(frozen=True)
-class _Copies:
-    """Every copy of an adapter: the A's, then the B's (transposed reads), and the scaling
-    the B's get (one float when all share it, else one per B). A pool dtype narrower than
-    float32 has the B's scaled in a float32 buffer, `staging[i]` the offset of B i in it,
-    then rounded once into the pages (as `_scaled_copy` does)."""
-
-    copies: tuple[_Copy, ...]
-    num_a: int
-    scalings: float | list[float]
-    dtypes: frozenset[torch.dtype]
-    staging: tuple[int, ...] | None
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where an adapter's matrices go (what `HostAdapter` records of it but its pages): the
-    same for every folder whose safetensors header, file size and `layout_config` are equal."""
-
-    offsets: list[int]
-    """Of every matrix in pack order (`pack_matrices`)."""
-    num_pages: int
-    local_offsets: np.ndarray
-    ranks: np.ndarray
-    max_rank: int
-    target_modules: tuple[str, ...]
-    copies: _Copies | None
-    """None where the pages are filled module by module (`AdapterReader._pack`)."""
-
-
-class _LayoutCache:
-    """The layouts of the last MAX_CACHED_LAYOUTS distinct (header, size, config) keys read,
-    shared by the loader threads; a layout is stored only once its folder passed every check."""
-
-    def __init__(self) -> None:
-        self._layouts: dict[tuple[bytes, int, str], _Layout] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[bytes, int, str]) -> _Layout | None:
-        return self._layouts.get(key)
-
-    def put(self, key: tuple[bytes, int, str], layout: _Layout) -> None:
-        with self._lock:
-            if len(self._layouts) >= MAX_CACHED_LAYOUTS:
-                del self._layouts[next(iter(self._layouts))]  # the oldest
-            self._layouts[key] = layout
 
 
 def pack_matrices(sizes: Sequence[int], page_numel: int) -> tuple[list[int], int]:
@@ -234,7 +173,7 @@ class AdapterReader:
         self.pin_memory = pin_memory
         self.max_weight = max_weight
         self.base_weights = base_weights
-        self._layouts = _LayoutCache()
+        self._layouts = LayoutCache()
 
     def read(self, name: str, path: str | Path) -> HostAdapter:
         """Load and check a PEFT LoRA folder; AdapterError if refused."""
@@ -247,19 +186,21 @@ class AdapterReader:
             file: SafetensorsFile | None = SafetensorsFile.open(folder / SAFETENSORS_FILE)
         except (SafetensorsFormatError, OSError):
             file = None  # refused by the checks below, in their order
-        key = None if file is None else (file.header_bytes, file.data_size, json.dumps(fields))
-        layout = self._layouts.get(key) if key is not None else None
-        if layout is not None and file is not None:
-            return self._pack_planned(name, folder, fields, file, layout)
+        key = None
+        if file is not None:
+            key = (file.header_bytes, file.data_size, json.dumps(fields))
+            layout = self._layouts.get(key)
+            if layout is not None:  # a folder like this one passed every check
+                return self._pack_planned(name, folder, fields, file, layout)
         modules = check_peft_lora(
             folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank
         )
         layout = self._layout(modules, file)
-        if key is not None and layout.copies is not None:
-            self._layouts.put(key, layout)
-            assert file is not None
-            return self._pack_planned(name, folder, fields, file, layout)
-        return self._pack(name, folder, modules, layout)
+        if layout.copies is None:
+            return self._pack(name, folder, modules, layout)
+        assert file is not None and key is not None, "copies are planned from a mapped file"
+        self._layouts.put(key, layout)
+        return self._pack_planned(name, folder, fields, file, layout)
 
     @functools.cached_property
     def max_num_pages(self) -> int:
@@ -278,10 +219,11 @@ class AdapterReader:
         ]
         return pack_matrices(sizes, self.geometry.page_numel)[1]
 
-    def _layout(self, modules: list[LoraModule], file: SafetensorsFile | None) -> _Layout:
+    def _layout(self, modules: list[LoraModule], file: SafetensorsFile | None) -> Layout:
         """Where `modules`' matrices go in the pages (per module its A, then one B per slot
-        it fills: one, or a fused module's parts; then for DoRA one g per slot), and, when
-        every copy can be one `_foreach` op (`_Layout.copies`), the copies."""
+        it fills: one, or a fused module's parts; then for DoRA one g per slot), and the
+        copies that fill them in a few ops, except under tensor parallelism and for DoRA
+        (filled module by module, `_pack`)."""
         widths = [self._part_widths(module) for module in modules]
         sizes = [
             size
@@ -306,60 +248,16 @@ class AdapterReader:
                 for slot in module.slots:
                     local_offsets[module.layer, slot, 2] = next(next_offset)
         targeted = {module.name for module in modules}
-        return _Layout(
+        return Layout(
             offsets=offsets,
             num_pages=num_pages,
             local_offsets=local_offsets,
             ranks=ranks,
             max_rank=max(module.rank for module in modules),
             target_modules=tuple(m for m in self.arch.linear_modules if m in targeted),
-            copies=self._planned_copies(modules, widths, offsets, file),
-        )
-
-    def _planned_copies(
-        self,
-        modules: list[LoraModule],
-        widths: list[list[int]],
-        offsets: list[int],
-        file: SafetensorsFile | None,
-    ) -> _Copies | None:
-        """The copies of `_pack_planned`, or None where they would not give `_pack`'s values
-        or are not written for: under tensor parallelism, for DoRA, for tensors not aligned
-        in the file or in a dtype float32 does not hold (float64)."""
-        if file is None or len(self.shards) > 1 or any(m.magnitude is not None for m in modules):
-            return None
-        entries = file.entries
-        sources = [entries[name] for m in modules for name in (m.a_name, m.b_name)]
-        if not all(file.is_aligned(entry) for entry in sources):
-            return None
-        if not all(entry.dtype in HELD_BY_FLOAT32 for entry in sources):
-            return None
-        a_copies, b_copies, scalings = [], [], []
-        next_offset = iter(offsets)
-        for module, parts in zip(modules, widths, strict=True):
-            rank, a_entry, b_entry = module.rank, entries[module.a_name], entries[module.b_name]
-            in_features = self.rank_arch.module_dims(module.name)[0]
-            a_begin = a_entry.begin // a_entry.dtype.itemsize
-            # A: [rank, in] from the file as it is; B: [out, rank] read transposed, one
-            # [rank, width] slice per part (rows `row` on), its scaling applied in the pages.
-            a_copies.append(
-                _Copy(
-                    a_entry.dtype, (rank, in_features), (in_features, 1), a_begin, next(next_offset)
-                )
-            )
-            b_begin, row = b_entry.begin // b_entry.dtype.itemsize, 0
-            for width in parts:
-                source = (b_entry.dtype, (rank, width), (1, rank), b_begin + row * rank)
-                b_copies.append(_Copy(*source, next(next_offset)))
-                scalings.append(module.scaling)
-                row += width
-        numels = [math.prod(copy.shape) for copy in b_copies]
-        return _Copies(
-            tuple(a_copies + b_copies),
-            len(a_copies),
-            scalings[0] if len(set(scalings)) == 1 else scalings,
-            frozenset(copy.dtype for copy in a_copies + b_copies),
-            None if self.dtype == torch.float32 else tuple(itertools.accumulate(numels, initial=0)),
+            copies=None
+            if file is None or len(self.shards) > 1 or any(m.magnitude is not None for m in modules)
+            else plan_copies(modules, widths, offsets, file, self.rank_arch, self.dtype),
         )
 
     def _pack_planned(
@@ -368,30 +266,13 @@ class AdapterReader:
         folder: Path,
         fields: dict[str, Any],
         file: SafetensorsFile,
-        layout: _Layout,
+        layout: Layout,
     ) -> HostAdapter:
-        """`_pack` with every A and B copied by one `_foreach_copy_` from the mapped file and
-        every B scaled by one `_foreach_mul_`, in float32: the values of `_scaled_copy`."""
-        copies = layout.copies
-        assert copies is not None and len(self.shards) == 1
+        """`_pack` by `layout.copies` (memory/adapter_layout.py): the same values."""
+        assert layout.copies is not None and len(self.shards) == 1
         pages = self._new_pages(layout.num_pages)
         flat = pages[0].view(-1)
-        data = {dtype: file.data(dtype) for dtype in copies.dtypes}
-        sources = [data[c.dtype].as_strided(c.shape, c.stride, c.source) for c in copies.copies]
-        targets = [flat.as_strided(c.shape, (c.shape[1], 1), c.target) for c in copies.copies]
-        num_a = copies.num_a
-        if copies.staging is None:  # float32 pool: every file value is one, scaled in place
-            torch._foreach_copy_(targets, sources)
-            torch._foreach_mul_(targets[num_a:], copies.scalings)
-        else:  # narrower pool: B scaled in float32 first, then rounded once
-            staging = torch.empty(copies.staging[-1], dtype=torch.float32)
-            scaled = [
-                staging.as_strided(c.shape, (c.shape[1], 1), offset)
-                for c, offset in zip(copies.copies[num_a:], copies.staging, strict=False)
-            ]
-            torch._foreach_copy_(scaled, sources[num_a:])
-            torch._foreach_mul_(scaled, copies.scalings)
-            torch._foreach_copy_(targets, sources[:num_a] + scaled)
+        copy_planned(flat, file, layout.copies)
         if not self._values_fit(flat):  # find the culprit as `_pack` does
             modules = check_peft_lora(
                 folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank
@@ -409,7 +290,7 @@ class AdapterReader:
         )
 
     def _host_adapter(
-        self, name: str, folder: Path, pages: torch.Tensor, layout: _Layout
+        self, name: str, folder: Path, pages: torch.Tensor, layout: Layout
     ) -> HostAdapter:
         offsets_tensor = torch.from_numpy(layout.local_offsets.copy())
         ranks_tensor = torch.from_numpy(layout.ranks.copy())
@@ -425,7 +306,7 @@ class AdapterReader:
         )
 
     def _pack(
-        self, name: str, folder: Path, modules: list[LoraModule], layout: _Layout
+        self, name: str, folder: Path, modules: list[LoraModule], layout: Layout
     ) -> HostAdapter:
         """Copy every module's matrices from the mapped file into page-sized slabs, in the
         pool's dtype and layout (one copy each, the scaling folded into B as it is copied),
