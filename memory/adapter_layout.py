@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from loraserve.memory.peft_format import LoraModule
-from loraserve.memory.safetensors_map import SafetensorsFile
+from loraserve.memory.safetensors_map import SafetensorsFile, TensorEntry
 from loraserve.models.arch import ModelArch
 
 HELD_BY_FLOAT32 = frozenset({torch.float32, torch.float16, torch.bfloat16})
@@ -111,7 +111,7 @@ def plan_copies(
     dtype float32 does not hold: float64)."""
     entries = file.entries
     sources = [entries[name] for m in modules for name in (m.a_name, m.b_name)]
-    if not all(file.is_aligned(entry) and entry.dtype in HELD_BY_FLOAT32 for entry in sources):
+    if not all(_in_data(file, entry) and entry.dtype in HELD_BY_FLOAT32 for entry in sources):
         return None
     a_copies, b_copies, scalings = [], [], []
     next_offset = iter(offsets)
@@ -141,6 +141,12 @@ def plan_copies(
         if pool_dtype == torch.float32
         else tuple(itertools.accumulate(numels, initial=0)),
     )
+
+
+def _in_data(file: SafetensorsFile, entry: TensorEntry) -> bool:
+    """Whether the entry is whole elements of `file.data(entry.dtype)` (as safetensors writes
+    files: a header padded to 8 bytes, each tensor aligned)."""
+    return file.data_start % entry.dtype.itemsize == 0 and file.is_aligned(entry)
 
 
 def copy_planned(flat: torch.Tensor, file: SafetensorsFile, copies: Copies) -> None:

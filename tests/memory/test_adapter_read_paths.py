@@ -6,6 +6,7 @@ does the module-by-module path that tensor parallelism and DoRA take."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,31 @@ def test_fast_and_module_paths_give_the_reference_bits(
     modules = read_peft_lora(folder, arch, MAX_RANK)
     by_module = reader._pack("c", folder, modules, reader._layout(modules, None))
     assert_same(by_module, expected)
+
+
+def test_a_header_not_padded_to_the_dtype_reads_module_by_module(base, tmp_path) -> None:
+    """Tensors aligned in the file but not in the data after a header of odd length: the
+    planned copies (views of the data as one dtype) do not apply; the read is still exact."""
+    _, arch, _ = base
+    source = adapter_in(base, "odd_rank_all_modules", torch.float32)
+    folder = tmp_path / "odd-header"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    raw = (source / "adapter_model.safetensors").read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    for name, entry in header.items():
+        if name != "__metadata__":
+            entry["data_offsets"] = [offset + 2 for offset in entry["data_offsets"]]
+    encoded = json.dumps(header).encode()
+    encoded += b" " * ((2 - len(encoded)) % 4)  # 8 + header + 2 bytes of padding: aligned data
+    assert (8 + len(encoded)) % 4 == 2
+    data = b"\0\0" + raw[8 + length :]
+    (folder / "adapter_model.safetensors").write_bytes(
+        len(encoded).to_bytes(8, "little") + encoded + data
+    )
+    geometry = PoolGeometry.for_model(arch, block_size=1, max_lora_rank=MAX_RANK)
+    expected = reference(source, arch, geometry, torch.float32)
+    reader = AdapterReader(arch, geometry, MAX_RANK, torch.float32)
+    assert_same(reader.read("a", folder), expected)
+    assert_same(reader.read("b", folder), expected)
