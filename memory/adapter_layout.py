@@ -81,7 +81,8 @@ class Layout:
 
 class LayoutCache:
     """The layouts of the last MAX_CACHED_LAYOUTS distinct (header, size, config) keys, shared
-    by the loader threads; the reader stores one only once its folder passed every check."""
+    by the loader threads; the reader stores one once its folder passed every check but that
+    of its values, which every read makes."""
 
     def __init__(self) -> None:
         self._layouts: dict[tuple[bytes, int, str], Layout] = {}

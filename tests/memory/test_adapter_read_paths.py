@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 from factories import make_adapter, make_model
 from safetensors.torch import load_file, save_file
 
+from loraserve.errors import AdapterError
 from loraserve.memory.adapter_store import NOT_TARGETED, AdapterReader, HostAdapter, pack_matrices
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.peft_format import read_peft_lora
@@ -137,3 +140,34 @@ def test_a_header_not_padded_to_the_dtype_reads_module_by_module(base, tmp_path)
     reader = AdapterReader(arch, geometry, MAX_RANK, torch.float32)
     assert_same(reader.read("a", folder), expected)
     assert_same(reader.read("b", folder), expected)
+
+
+@pytest.mark.parametrize(
+    ("which", "value", "match"),
+    [
+        ("lora_B", float("inf"), "lora_B.weight contains NaN or inf"),
+        ("lora_A", 60_000.0, r"lora_A.weight has entries of magnitude 6e\+04 once scaled"),
+    ],
+)
+def test_a_cached_layout_still_checks_values(
+    base, tmp_path, which: str, value: float, match: str
+) -> None:
+    """A folder whose header and config a read already worked out is refused for its
+    values as any other, with the same message."""
+    _, arch, _ = base
+    good = adapter_in(base, "odd_rank_all_modules", torch.float32)
+    geometry = PoolGeometry.for_model(arch, block_size=1, max_lora_rank=MAX_RANK)
+    reader = AdapterReader(arch, geometry, MAX_RANK, torch.float32)
+    reader.read("good", good)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    raw = bytearray((bad / "adapter_model.safetensors").read_bytes())
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    name = min(name for name in header if f".{which}." in name)
+    begin = 8 + length + header[name]["data_offsets"][0]
+    raw[begin : begin + 4] = struct.pack("<f", value)  # the header as it was: the same layout
+    (bad / "adapter_model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(AdapterError, match=match):
+        reader.read("bad", bad)
+    assert_same(reader.read("good-again", good), reference(good, arch, geometry, torch.float32))
