@@ -160,3 +160,41 @@ def check_sequences(
             f"query_starts must be [num_seqs + 1] with context_lens [num_seqs], got "
             f"{tuple(query_starts.shape)} and {tuple(context_lens.shape)}"
         )
+
+
+def check_rope(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin: torch.Tensor,
+    kv: torch.Tensor,
+) -> tuple[int, int, int, int]:
+    """rope_write_kv's query, key, value, cos_sin and kv (write_kv's checks aside);
+    (num_tokens, num_heads, head_dim, half) once they agree."""
+    if query.dim() != 3 or query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"query must be [{key.shape[0]}, num_heads, {key.shape[2]}], got {tuple(query.shape)}"
+        )
+    num_tokens, num_heads, head_dim = query.shape
+    if query.stride(2) != 1 or num_heads % kv.shape[3] != 0:
+        raise ValueError(
+            f"query {tuple(query.shape)} needs unit stride on head_dim and a multiple of "
+            f"kv's {kv.shape[3]} heads"
+        )
+    if (
+        cos_sin.dim() != 3
+        or cos_sin.shape[:2] != (num_tokens, 2)
+        or not 0 < 2 * cos_sin.shape[2] <= head_dim
+        or cos_sin.stride(2) != 1
+    ):
+        raise ValueError(
+            f"cos_sin must be [{num_tokens}, 2, rotary_dim // 2] with rotary_dim <= {head_dim}"
+            f" and unit stride on its last axis, got {tuple(cos_sin.shape)}"
+        )
+    dtypes = {query.dtype, key.dtype, value.dtype, cos_sin.dtype, kv.dtype}
+    if len(dtypes) != 1 or query.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"query, key, value, cos_sin and kv must share a float dtype, got {query.dtype}, "
+            f"{key.dtype}, {value.dtype}, {cos_sin.dtype}, kv {kv.dtype}"
+        )
+    return num_tokens, num_heads, head_dim, cos_sin.shape[2]

@@ -25,6 +25,7 @@ NATIVE_KERNELS = Kernels(
     gated_activation=reference.gated_activation,
     add_rms_norm_shrink=native.add_rms_norm_shrink,
     gated_activation_shrink=native.gated_activation_shrink,
+    rope_write_kv_attention=native.rope_write_kv_attention,
 )
 # The torch backend: the references' semantics with fewer calls per step (kernels/torch_path.py),
 # for CPUs without a C compiler and dtypes other than float32.
@@ -39,6 +40,7 @@ TORCH_KERNELS = Kernels(
     gated_activation=torch_path.gated_activation,
     add_rms_norm_shrink=torch_path.add_rms_norm_shrink,
     gated_activation_shrink=torch_path.gated_activation_shrink,
+    rope_write_kv_attention=torch_path.rope_write_kv_attention,
 )
 # The plain references themselves: the yardstick, for checking and measuring the others.
 REFERENCE_KERNELS = Kernels(
@@ -52,6 +54,7 @@ REFERENCE_KERNELS = Kernels(
     gated_activation=reference.gated_activation,
     add_rms_norm_shrink=reference.add_rms_norm_shrink,
     gated_activation_shrink=reference.gated_activation_shrink,
+    rope_write_kv_attention=reference.rope_write_kv_attention,
 )
 
 
@@ -96,6 +99,7 @@ def _triton_kernels() -> Kernels:
     from loraserve.kernels.lora_expand import lora_expand
     from loraserve.kernels.lora_shrink import lora_shrink
     from loraserve.kernels.paged_attention import paged_attention
+    from loraserve.kernels.rope_kv_attention import rope_write_kv_attention
     from loraserve.kernels.rope_kv_write import rope_write_kv
 
     return Kernels(
@@ -109,5 +113,6 @@ def _triton_kernels() -> Kernels:
         gated_activation=gated_activation,
         add_rms_norm_shrink=add_rms_norm_shrink,
         gated_activation_shrink=gated_activation_shrink,
+        rope_write_kv_attention=rope_write_kv_attention,
         reads_tile_map=True,
     )

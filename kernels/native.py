@@ -57,6 +57,7 @@ __all__ = [
     "lora_shrink",
     "paged_attention",
     "rope_write_kv",
+    "rope_write_kv_attention",
     "write_kv",
 ]
 
@@ -226,6 +227,12 @@ def paged_attention(
     if num_tokens > max_query_len:
         _long_prefills(query, kv, tables, starts.tolist(), lens.tolist(), scores, out)
     return out
+
+
+rope_write_kv_attention = functools.partial(
+    reference.rope_write_kv_attention, rope_write=rope_write_kv, attention=paged_attention
+)
+"""ops.RopeWriteKVAttention: this module's rope_write_kv, then its paged_attention."""
 
 
 def _long_prefills(

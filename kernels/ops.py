@@ -5,7 +5,8 @@ the LoRA shrink and expand, the KV write and paged attention, and the glue betwe
 projections that a decode step would otherwise launch as many small kernels (the fused
 residual add + RMSNorm, RoPE with the KV write, the gated activation), and that glue with
 the next projection group's LoRA shrink (`add_rms_norm_shrink`, `gated_activation_shrink`:
-one launch on Triton, the two ops one after the other elsewhere); kernels/reference.py is
+one launch on Triton, the two ops one after the other elsewhere), and a decode step's RoPE
+with the KV write and attention (`rope_write_kv_attention`: likewise); kernels/reference.py is
 each op's executable definition, the yardstick the other backends are tested against. An
 op's arguments come in two kinds: what a layer binds once (`LoraWeights`, `Scores`, its
 view of the KV pool) and what a step brings (activations, `Segments`, `Sequences`).
@@ -262,6 +263,32 @@ class RopeWriteKV(Protocol):
         ...
 
 
+class RopeWriteKVAttention(Protocol):
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos_sin: torch.Tensor,
+        kv: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        seqs: Sequences,
+        scores: Scores,
+    ) -> torch.Tensor:
+        """Semantics: q = rope_write_kv(query, key, value, cos_sin, kv, slot_mapping); return
+        paged_attention(q, kv, seqs, scores): RoPE, the KV write and attention of a decode
+        batch (every sequence brings one token, num_tokens == num_seqs), as RopeWriteKV and
+        PagedAttention define them (one launch on Triton, the two ops elsewhere).
+
+        query, key, value, cos_sin, slot_mapping: as RopeWriteKV takes them (views of qkv);
+                 slot_mapping[t] is the slot of the token's position, context_lens[s] - 1
+                 (the fused kernel takes the token's own k and v from `key` and `value`,
+                 never from that slot), or < 0 for a padding token (not written; its row
+                 is never read)
+        returns: [num_tokens, num_heads, head_dim], query's dtype"""
+        ...
+
+
 class GatedActivation(Protocol):
     def __call__(self, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
         """Semantics: out = act(gate) * up, gate and up the two halves of gate_up's columns,
@@ -322,6 +349,7 @@ class Kernels:
     gated_activation: GatedActivation
     add_rms_norm_shrink: AddRMSNormShrink
     gated_activation_shrink: GatedActivationShrink
+    rope_write_kv_attention: RopeWriteKVAttention
     reads_tile_map: bool = False
     """Whether the LoRA ops read the step's tile map (`LoraBatch.tiles`, kernels/lora_tiles.py):
     Triton's do; the others read the segments alone, so a runner of theirs builds none."""

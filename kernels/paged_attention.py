@@ -32,11 +32,16 @@ Grid: (query tiles, KV head, KV partition).
   `min_partition` keys), and the programs of partitions past them find no key,
   load nothing and leave weight 0 for the combine. No host sync, and one graph
   serves every context length.
+
+With ROPE (decode only, rope_kv_attention.py's launch) the query and the new token's k
+and v arrive raw: each program rotates them itself, the first partition writes k and v
+into the pool, and the token's own key is taken from registers, never from the pool.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -54,6 +59,7 @@ from loraserve.kernels.triton_utils import (
     dot_precision,
     num_virtual_tiles,
     programs_to_fill,
+    rope_rows,
     search_block,
     segment_tile,
 )
@@ -73,7 +79,11 @@ def _tanh(x):
 
 @triton.jit
 def _paged_attention_kernel(
-    query_ptr,  # [num_tokens, num_heads, head_dim]
+    query_ptr,  # [num_tokens, num_heads, head_dim] (ROPE: not yet rotated)
+    key_ptr,  # ROPE: [num_tokens, num_kv_heads, head_dim], the new tokens' k, not yet rotated
+    value_ptr,  # ROPE: [num_tokens, num_kv_heads, head_dim], the new tokens' v
+    cos_sin_ptr,  # ROPE: [num_tokens, 2, half], cos then sin of each token's position
+    slot_mapping_ptr,  # ROPE: [num_tokens] int64, where each new token's k/v go; < 0: nowhere
     out_ptr,  # [num_tokens, num_heads, head_dim], written unless SPLIT_KV
     partial_out_ptr,  # [num_splits, num_tokens, num_heads, head_dim] float32 if SPLIT_KV
     partial_max_ptr,  # [num_splits, num_tokens, num_heads] float32 (log2 units)
@@ -93,8 +103,15 @@ def _paged_attention_kernel(
     scale,  # the softmax scale (natural units), for SOFTCAP
     softcap,  # scores -> softcap * tanh(score / softcap) when SOFTCAP
     reach,  # keys a query sees, itself included: the sliding window, or NO_WINDOW_REACH
+    half,  # ROPE: rotary_dim // 2
     stride_query_token,
     stride_query_head,
+    stride_key_token,
+    stride_key_head,
+    stride_value_token,
+    stride_value_head,
+    stride_cos_sin_token,
+    stride_cos_sin_which,  # between cos and sin
     stride_out_token,
     stride_out_head,
     stride_table_seq,
@@ -112,6 +129,7 @@ def _paged_attention_kernel(
     PER_SEQUENCE: tl.constexpr,  # True: axis 0 is the sequence (decode)
     SPLIT_KV: tl.constexpr,  # True: axis 2 cuts the keys into partitions, write partials
     SOFTCAP: tl.constexpr,  # True: soft-cap the scores
+    ROPE: tl.constexpr,  # True (decode only): rotate q and k here, write k/v, attend
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
@@ -148,14 +166,37 @@ def _paged_attention_kernel(
         tokens = (tile_start + rows // GROUP).to(tl.int64)
         row_mask = tokens < tile_end
         positions = first_position + (tokens - first_token)  # [BLOCK_M]
-        query = tl.load(
-            query_ptr
-            + tokens[:, None] * stride_query_token
-            + heads[:, None] * stride_query_head
-            + dims[None, :],
-            mask=row_mask[:, None] & dim_mask[None, :],
-            other=0.0,
+        query_rows = (
+            query_ptr + tokens[:, None] * stride_query_token + heads[:, None] * stride_query_head
         )
+        query_mask = row_mask[:, None] & dim_mask[None, :]
+        if ROPE:  # decode: the tile is the sequence's one token, its rows the GROUP heads
+            dtype = out_ptr.dtype.element_ty
+            token = first_token.to(tl.int64)  # the tile's one token
+            angles = cos_sin_ptr + token * stride_cos_sin_token
+            query = rope_rows(
+                query_rows, dims[None, :], query_mask, angles, stride_cos_sin_which, half, dtype
+            )
+            # This KV head's rotated k and v of the token: written to the pool once (by the
+            # first partition), and the token's own key everywhere, from registers.
+            key_row = key_ptr + token * stride_key_token + kv_head * stride_key_head
+            new_key = rope_rows(
+                key_row, dims, dim_mask, angles, stride_cos_sin_which, half, dtype
+            )  # [BLOCK_D]
+            value_row = value_ptr + token * stride_value_token + kv_head * stride_value_head
+            new_value = tl.load(value_row + dims, mask=dim_mask, other=0.0)  # [BLOCK_D]
+            slot = tl.load(slot_mapping_ptr + token)
+            if (split == 0) & (slot >= 0):
+                target = (
+                    kv_head_ptr
+                    + (slot // BLOCK_SIZE) * stride_kv_page
+                    + (slot % BLOCK_SIZE) * stride_kv_position
+                    + dims
+                )
+                tl.store(target, new_key, mask=dim_mask)
+                tl.store(target + stride_kv_which, new_value, mask=dim_mask)
+        else:
+            query = tl.load(query_rows + dims[None, :], mask=query_mask, other=0.0)
         # Keys of this partition that any row of the tile may see: from the window of its
         # first row (or the partition's start) up to its last row (causal).
         tile_position = first_position + (tile_start - first_token)
@@ -178,11 +219,18 @@ def _paged_attention_kernel(
                 + pages.to(tl.int64) * stride_kv_page
                 + (keys % BLOCK_SIZE) * stride_kv_position
             )
-            kv_mask = key_mask[:, None] & dim_mask[None, :]
+            pool_mask = key_mask
+            if ROPE:  # the new token's slot is never read: its write may not have landed
+                is_new = key_mask & (keys == tile_position)
+                pool_mask = key_mask & (keys != tile_position)
+            kv_mask = pool_mask[:, None] & dim_mask[None, :]
             key_tile = tl.load(key_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
             value_tile = tl.load(
                 key_rows[:, None] + stride_kv_which + dims[None, :], mask=kv_mask, other=0.0
             )
+            if ROPE:
+                key_tile = tl.where(is_new[:, None], new_key[None, :], key_tile)
+                value_tile = tl.where(is_new[:, None], new_value[None, :], value_tile)
             scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION)
             if SOFTCAP:  # in natural units, as the reference, then to log2 units
                 scores = _tanh(scores * scale / softcap) * softcap * 1.4426950408889634
@@ -238,25 +286,50 @@ def paged_attention(
     out:        optional [num_tokens, num_heads, head_dim] buffer, query's dtype
     num_splits: KV partitions per query tile; None picks enough to fill the GPU
     """
-    block_tables, query_starts, context_lens = (
-        seqs.block_tables,
-        seqs.query_starts,
-        seqs.context_lens,
-    )
     check_same_device(
-        query=query, kv=kv, tables=block_tables, starts=query_starts, lens=context_lens
+        query=query,
+        kv=kv,
+        tables=seqs.block_tables,
+        starts=seqs.query_starts,
+        lens=seqs.context_lens,
     )
-    num_tokens, num_heads, head_dim = check_attention(query, kv)
-    check_sequences(block_tables, query_starts, context_lens)
+    check_attention(query, kv)
+    check_sequences(seqs.block_tables, seqs.query_starts, seqs.context_lens)
     if not query.is_contiguous() or query.dtype not in FLOAT_DTYPES or kv.dtype != query.dtype:
         raise ValueError(
             f"query must be contiguous and of a float dtype that kv shares, got "
             f"{query.dtype} and kv {kv.dtype}"
         )
-    num_seqs, block_size, num_kv_heads = context_lens.shape[0], kv.shape[2], kv.shape[3]
+    return launch_attention(query, kv, seqs, scores, out, num_splits)
+
+
+@dataclass(frozen=True)
+class NewTokens:
+    """A decode step's new tokens, for the kernel to rotate and write itself (ROPE):
+    rope_kv_attention.py's arguments, checked there."""
+
+    key: torch.Tensor  # [num_tokens, num_kv_heads, head_dim], not yet rotated
+    value: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin: torch.Tensor  # [num_tokens, 2, rotary_dim // 2]
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+
+
+def launch_attention(
+    query: torch.Tensor,
+    kv: torch.Tensor,
+    seqs: Sequences,
+    scores: Scores,
+    out: torch.Tensor | None,
+    num_splits: int | None,
+    new_tokens: NewTokens | None = None,
+) -> torch.Tensor:
+    """The kernel's launch (and the combine's), on arguments its callers checked: `query`
+    rotated already, or, with `new_tokens`, raw (a decode batch: one token per sequence)."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs, block_size, num_kv_heads = seqs.context_lens.shape[0], kv.shape[2], kv.shape[3]
     group = num_heads // num_kv_heads
     if out is None:
-        out = torch.empty_like(query)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
         raise ValueError(
             f"out must be {tuple(query.shape)} {query.dtype}, got {out.shape} {out.dtype}"
@@ -272,7 +345,7 @@ def paged_attention(
         num_tiles = num_seqs
     else:
         num_tiles = num_virtual_tiles(num_tokens, num_seqs, block_m // group)
-    max_keys = block_tables.shape[1] * block_size
+    max_keys = seqs.block_tables.shape[1] * block_size
     min_partition = block_n  # as asked
     if num_splits is None:
         wanted = triton.cdiv(programs_to_fill(query.device), num_tiles * num_kv_heads)
@@ -280,17 +353,26 @@ def paged_attention(
     num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n)))
     max_context = seqs.max_context_len
     if max_context is None:  # one reduction on the device, no sync
-        max_context = context_lens.max().reshape(1)
+        max_context = seqs.context_lens.max().reshape(1)
     partials = _partials(num_splits, query)
+    # Without new tokens their pointers are never read: query stands in for each.
+    key, value, cos_sin, slot_mapping = (query, query, query, query)
+    if new_tokens is not None:
+        key, value = new_tokens.key, new_tokens.value
+        cos_sin, slot_mapping = new_tokens.cos_sin, new_tokens.slot_mapping
     scale, softcap, window = scores.scale, scores.softcap, scores.window
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         query,
+        key,
+        value,
+        cos_sin,
+        slot_mapping,
         out,
         *partials,
         kv,
-        block_tables,
-        query_starts,
-        context_lens,
+        seqs.block_tables,
+        seqs.query_starts,
+        seqs.context_lens,
         max_context,
         num_seqs,
         num_tokens,
@@ -302,12 +384,19 @@ def paged_attention(
         scale,
         softcap,
         window if window > 0 else NO_WINDOW_REACH,
+        cos_sin.shape[2],  # half (ROPE)
         query.stride(0),
         query.stride(1),
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        cos_sin.stride(0),
+        cos_sin.stride(1),
         out.stride(0),
         out.stride(1),
-        block_tables.stride(0),
-        block_tables.stride(1),
+        seqs.block_tables.stride(0),
+        seqs.block_tables.stride(1),
         kv.stride(0),
         kv.stride(1),
         kv.stride(2),
@@ -321,6 +410,7 @@ def paged_attention(
         PER_SEQUENCE=per_sequence,
         SPLIT_KV=num_splits > 1,
         SOFTCAP=softcap > 0,
+        ROPE=new_tokens is not None,
         DOT_PRECISION=dot_precision(query.dtype),
         num_warps=4,
         num_stages=2,

@@ -17,6 +17,8 @@ from loraserve.kernels.ops import (
     GatedActivation,
     LoraShrink,
     LoraWeights,
+    PagedAttention,
+    RopeWriteKV,
     Scores,
     Segments,
     Sequences,
@@ -197,6 +199,25 @@ def rope_write_kv(
     cos, sin = angles(cos_sin)
     write(kv, rope(key, cos, sin), value, slot_mapping)
     return rope(query, cos, sin)
+
+
+def rope_write_kv_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin: torch.Tensor,
+    kv: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    seqs: Sequences,
+    scores: Scores,
+    rope_write: RopeWriteKV = rope_write_kv,
+    attention: PagedAttention = paged_attention,
+) -> torch.Tensor:
+    """ops.RopeWriteKVAttention: rope_write_kv, then paged_attention of the rotated query, by
+    `rope_write` and `attention` (this module's, or a backend's own: the native and torch
+    backends compose theirs)."""
+    rotated = rope_write(query, key, value, cos_sin, kv, slot_mapping)
+    return attention(rotated, kv, seqs, scores)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

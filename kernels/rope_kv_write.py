@@ -14,7 +14,9 @@ Grid: (token, q or k or v). One program moves one token's heads of one of the th
 `[heads, head_dim]` (a few KB): q rotated into `out`, k rotated and v copied into their
 page of the pool through `kv`'s strides (one layer's view, whose page stride is the page
 size). Rotated k never goes back to memory other than the pool: attention reads it from
-there. Inputs are read through their token and head strides (views of the fused qkv
+there. This is the prefill path: a decode step rotates and writes inside its attention
+launch instead (rope_kv_attention.py), through the same rounding helper
+(triton_utils.rope_rotate). Inputs are read through their token and head strides (views of the fused qkv
 output, or the normed q and k of Qwen3 and Gemma 3). A slot < 0 marks a padding token:
 its K and V are not written; its q is still rotated (attention reads it, then it is
 discarded).
@@ -26,13 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from loraserve.kernels.checks import FLOAT_DTYPES, check_same_device, check_write_kv
-
-
-@triton.jit
-def _rounded(x, DTYPE: tl.constexpr):
-    """x (float32) rounded to DTYPE and back: where a torch op in DTYPE rounds."""
-    return x.to(DTYPE).to(tl.float32)
+from loraserve.kernels.checks import check_rope, check_same_device, check_write_kv
+from loraserve.kernels.triton_utils import rope_rotate
 
 
 @triton.jit
@@ -100,8 +97,8 @@ def _rope_kv_write_kernel(
         angles = cos_sin_ptr + token * stride_cos_sin_token + halves
         cos = tl.load(angles, mask=halves < half).to(tl.float32)  # [1, BLOCK_HALF]
         sin = tl.load(angles + stride_cos_sin_which, mask=halves < half).to(tl.float32)
-        first = _rounded(x1 * cos, dtype) - _rounded(x2 * sin, dtype)
-        second = _rounded(x2 * cos, dtype) + _rounded(x1 * sin, dtype)
+        first = rope_rotate(x1, x2, cos, -sin, dtype)
+        second = rope_rotate(x2, x1, cos, sin, dtype)
         tl.store(targets + halves, first.to(dtype), mask=mask)
         tl.store(targets + half + halves, second.to(dtype), mask=mask)
         if PARTIAL:  # the dimensions past rotary_dim, copied
@@ -121,7 +118,7 @@ def rope_write_kv(
     their last axis); all on one device."""
     check_same_device(query=query, key=key, value=value, cos_sin=cos_sin, kv=kv)
     check_write_kv(kv, key, value, slot_mapping)
-    num_tokens, num_heads, head_dim, half = _check(query, key, value, cos_sin, kv)
+    num_tokens, num_heads, head_dim, half = check_rope(query, key, value, cos_sin, kv)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0:
         return out
@@ -161,40 +158,3 @@ def rope_write_kv(
         num_warps=8 if block_h * block_d >= 4096 else 4,
     )
     return out
-
-
-def _check(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos_sin: torch.Tensor,
-    kv: torch.Tensor,
-) -> tuple[int, int, int, int]:
-    """(num_tokens, num_heads, head_dim, half) once the arguments agree."""
-    if query.dim() != 3 or query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
-        raise ValueError(
-            f"query must be [{key.shape[0]}, num_heads, {key.shape[2]}], got {tuple(query.shape)}"
-        )
-    num_tokens, num_heads, head_dim = query.shape
-    if query.stride(2) != 1 or num_heads % kv.shape[3] != 0:
-        raise ValueError(
-            f"query {tuple(query.shape)} needs unit stride on head_dim and a multiple of "
-            f"kv's {kv.shape[3]} heads"
-        )
-    if (
-        cos_sin.dim() != 3
-        or cos_sin.shape[:2] != (num_tokens, 2)
-        or not 0 < 2 * cos_sin.shape[2] <= head_dim
-        or cos_sin.stride(2) != 1
-    ):
-        raise ValueError(
-            f"cos_sin must be [{num_tokens}, 2, rotary_dim // 2] with rotary_dim <= {head_dim}"
-            f" and unit stride on its last axis, got {tuple(cos_sin.shape)}"
-        )
-    dtypes = {query.dtype, key.dtype, value.dtype, cos_sin.dtype, kv.dtype}
-    if len(dtypes) != 1 or query.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"query, key, value, cos_sin and kv must share a float dtype, got {query.dtype}, "
-            f"{key.dtype}, {value.dtype}, {cos_sin.dtype}, kv {kv.dtype}"
-        )
-    return num_tokens, num_heads, head_dim, cos_sin.shape[2]

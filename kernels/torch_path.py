@@ -45,6 +45,7 @@ __all__ = [
     "lora_shrink",
     "paged_attention",
     "rope_write_kv",
+    "rope_write_kv_attention",
     "write_kv",
 ]
 
@@ -116,6 +117,12 @@ def paged_attention(
         )
         out[start:end] = reference.paged_attention(query[start:end], kv, one, scores)
     return out
+
+
+rope_write_kv_attention = functools.partial(
+    reference.rope_write_kv_attention, rope_write=rope_write_kv, attention=paged_attention
+)
+"""ops.RopeWriteKVAttention: the reference's rope_write_kv, then this path's attention."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Tile helpers shared by the Triton kernels: mapping programs to segments' token tiles.
+"""Tile helpers shared by the Triton kernels: mapping programs to segments' token tiles
+(and the RoPE rounding that two kernels share).
 
 Prefill attention runs one program per tile of `BLOCK_M` tokens of one segment (one
 sequence's query tokens); the LoRA kernels read a tile map built on the host instead
@@ -81,6 +82,41 @@ def programs_to_fill(device: torch.device) -> int:
 @functools.cache
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@triton.jit
+def rounded(x, DTYPE: tl.constexpr):
+    """x (float32) rounded to DTYPE and back: where a torch op in DTYPE rounds."""
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def rope_rotate(x, partner, cos, signed_sin, DTYPE: tl.constexpr):
+    """One half of RoPE as transformers' `q * cos + rotate_half(q) * sin` rounds it in DTYPE:
+    x cos + partner sin, each product rounded, then the sum (still float32: the caller rounds).
+
+    First half: x = x1, partner = x2, signed_sin = -sin (x1 cos - x2 sin, exactly: rounding
+    is symmetric); second half: x = x2, partner = x1, signed_sin = sin. Every kernel that
+    rotates (rope_kv_write.py, paged_attention.py) calls this, so they round alike."""
+    return rounded(x * cos, DTYPE) + rounded(partner * signed_sin, DTYPE)
+
+
+@triton.jit
+def rope_rows(rows, dims, mask, angles, stride_which, half, DTYPE: tl.constexpr):
+    """Rows of head_dim values at `rows` (pointers, broadcast against `dims`) rotated as
+    rope_kv_write.py rotates them (`rope_rotate`), rounded to DTYPE; dims past
+    rotary_dim = 2 * half are copied, masked elements are 0. `angles`: the token's cos row,
+    its sin row `stride_which` further."""
+    first = dims < half
+    rotary = dims < 2 * half
+    partner_dims = tl.where(first, dims + half, dims - half)  # rotate_half's partner
+    angle = tl.where(first, dims, dims - half)
+    x = tl.load(rows + dims, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(rows + partner_dims, mask=mask & rotary, other=0.0).to(tl.float32)
+    cos = tl.load(angles + angle, mask=rotary, other=0.0).to(tl.float32)
+    sin = tl.load(angles + stride_which + angle, mask=rotary, other=0.0).to(tl.float32)
+    rotated = rope_rotate(x, partner, cos, tl.where(first, -sin, sin), DTYPE)
+    return tl.where(rotary, rotated, x).to(DTYPE)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

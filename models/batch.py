@@ -85,3 +85,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [num_logits] int64
     lora: LoraBatch | None  # None when no token of the batch uses an adapter
     max_context_len: torch.Tensor | None = None  # [1] int32, max(context_lens) (attention)
+    decode: bool = False
+    """Every sequence brings one token (num_tokens == num_seqs, every CUDA-graph batch): the
+    forward pass then rotates, writes the KV and attends in one op. Known from the batch's
+    sizes on the host, so a graph set (all decode) captures that one path."""

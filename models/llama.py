@@ -18,13 +18,19 @@ A decode step is a launch budget (bench/launches.py counts it): between the matm
 layer calls three fused glue ops. The residual stream `hidden` is updated in place by
 the norms: each residual add is folded into the RMSNorm that follows it (a layer's MLP
 output into the next layer's input norm, the last one's into the final norm; the
-attention output into the post-attention norm); RoPE on q and k is one op with the KV
-write; the activation and its product with `up` are one op. Llama's layer is then nine
-launches. With LoRA (`batch.lora` not None, a choice made per CUDA-graph set, never inside
-one) the glue op before a projection group also computes that group's LoRA shrink
-(`add_rms_norm_shrink` before q/k/v and gate/up, `gated_activation_shrink` before down:
-one launch each on Triton for a decode step, the two ops elsewhere), so a layer adds an
-expand per adapted group and the o group's shrink: 14 launches with all seven modules.
+attention output into the post-attention norm); the activation and its product with `up`
+are one op. In a decode batch (`batch.decode`: every sequence brings one token, as in
+every CUDA graph) RoPE on q and k, the KV write and attention are one op
+(`rope_write_kv_attention`); a prefill or mixed batch calls `rope_write_kv`, then
+`paged_attention`. Llama's decode layer is then eight launches (add + norm, qkv GEMM,
+RoPE + KV write + attention, o GEMM, add + norm, gate_up GEMM, SiLU * up, down GEMM),
+plus the split-KV combine on a GPU when a small batch's long contexts are partitioned;
+Qwen3's and Gemma 3's q/k norms add a launch each. With LoRA (`batch.lora` not None, a
+choice made per CUDA-graph set, never inside one) the glue op before a projection group
+also computes that group's LoRA shrink (`add_rms_norm_shrink` before q/k/v and gate/up,
+`gated_activation_shrink` before down: one launch each on Triton for a decode step, the
+two ops elsewhere), so a layer adds an expand per adapted group and the o group's shrink:
+13 launches with all seven modules.
 """
 
 from __future__ import annotations
@@ -114,9 +120,10 @@ class LlamaModel:
     """Weights plus the forward pass; stateless across steps (the KV lives in the pool).
 
     The device state every step reads besides its batch is bound once (`bind`), so that
-    `forward(batch)` takes the step's batch alone. A layer is a fixed sequence of calls
-    whatever the batch: no data-dependent Python control flow, no host syncs, so that a
-    decode step can be captured as a CUDA graph.
+    `forward(batch)` takes the step's batch alone. A layer's calls depend on two host facts
+    of the batch alone, each the same for every batch of a CUDA-graph set (`batch.lora`
+    present, `batch.decode`): no data-dependent Python control flow, no host syncs, so that
+    a decode step can be captured as a CUDA graph.
     """
 
     pools: list[LayerPool]
@@ -303,8 +310,12 @@ class LlamaModel:
         v = v.view(-1, arch.num_kv_heads, arch.head_dim)
         if layer.q_norm is not None and layer.k_norm is not None:  # per head, before RoPE
             q, k = self._norm(q, None, layer.q_norm), self._norm(k, None, layer.k_norm)
-        q = self.kernels.rope_write_kv(q, k, v, cos_sin, kv, batch.slot_mapping)
-        out = self.kernels.paged_attention(q, kv, batch, layer.scores)
+        kernels, slots, scores = self.kernels, batch.slot_mapping, layer.scores
+        if batch.decode:  # one op (one launch on Triton); fixed per graph set, as `lora` is
+            out = kernels.rope_write_kv_attention(q, k, v, cos_sin, kv, slots, batch, scores)
+        else:
+            q = kernels.rope_write_kv(q, k, v, cos_sin, kv, slots)
+            out = kernels.paged_attention(q, kv, batch, scores)
         return out.view(-1, arch.q_size)
 
     def _norm_shrink(

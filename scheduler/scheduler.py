@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
+from typing import Any, Protocol
 
 from loraserve.scheduler.config import SchedulerConfig
 from loraserve.scheduler.interfaces import PoolAccounting
@@ -75,6 +75,36 @@ class ScheduledChunk:
     def token_ids(self) -> list[int]:
         """The chunk's input tokens."""
         return self.seq.token_ids[self.start : self.start + self.num_tokens]
+
+    @property
+    def first_token(self) -> int:
+        """The chunk's first input token (a decode chunk's only one)."""
+        return self.seq.token_ids[self.start]
+
+    @property
+    def block_table(self) -> list[int]:
+        """Its sequence's pages, in token order."""
+        return self.seq.block_table
+
+
+class PlannedChunk(Protocol):
+    """What the model runner reads of a chunk to build its batch: a `ScheduledChunk`, or
+    the copy a tensor-parallel rank is sent (engine/core/request.ShardChunk)."""
+
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def samples(self) -> bool: ...
+    @property
+    def slot(self) -> int: ...
+    @property
+    def token_ids(self) -> list[int]: ...
+    @property
+    def first_token(self) -> int: ...
+    @property
+    def block_table(self) -> list[int]: ...
 
 
 @dataclass

@@ -78,13 +78,37 @@ class Step:
     """Requests the runner knew that ended since its last step (forget their state)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ShardChunk:
+    """A `ScheduledChunk` as a tensor-parallel rank is sent it: what the runner reads to
+    build its batch (scheduler.PlannedChunk), its own tokens only, not its sequence's."""
+
+    num_tokens: int
+    start: int
+    samples: bool
+    slot: int
+    token_ids: list[int]
+    block_table: list[int]
+
+    @classmethod
+    def of(cls, chunk: ScheduledChunk) -> ShardChunk:
+        return cls(
+            chunk.num_tokens, chunk.start, chunk.samples, chunk.slot, chunk.token_ids,
+            chunk.block_table,
+        )  # fmt: skip
+
+    @property
+    def first_token(self) -> int:
+        return self.token_ids[0]
+
+
 @dataclass
 class ShardStep:
     """What a tensor-parallel rank other than 0 executes of a step (rank 0 samples): the
     chunks, the adapter copies, and the prompt-logprob rows whose logits the batch adds (so
-    that every rank's batch has rank 0's shapes). Pickled once per step for every rank."""
+    that every rank's batch has rank 0's shapes)."""
 
-    chunks: list[ScheduledChunk]
+    chunks: list[ShardChunk]
     adapter_loads: list[AdapterLoad]
     extra_logits: list[int]
     """Flat token indices of the prompt-logprob rows, after the sampling rows."""

@@ -51,7 +51,7 @@ from loraserve.kernels.lora_tiles import (
     tile_bound,
 )
 from loraserve.models.batch import ForwardBatch, LoraBatch
-from loraserve.scheduler.scheduler import ScheduledChunk
+from loraserve.scheduler.scheduler import PlannedChunk
 
 if TYPE_CHECKING:
     from loraserve.engine.runner.device_pool import DevicePool
@@ -157,7 +157,7 @@ class BatchMetadata:
 
     def build(
         self,
-        chunks: Sequence[ScheduledChunk],
+        chunks: Sequence[PlannedChunk],
         adapters: DevicePool,
         pad_to: int | None = None,
         extra_logits: Sequence[int] = (),
@@ -212,6 +212,7 @@ class BatchMetadata:
             logits_indices=view(self.logits_indices, num_logits),
             lora=None,
             block_tables=self.block_tables.host_tensor,  # set below
+            decode=decode,
         )
         if max_rank > 0:
             batch.lora = LoraBatch(
@@ -244,7 +245,7 @@ class BatchMetadata:
 
     def _fill_tokens(
         self,
-        chunks: Sequence[ScheduledChunk],
+        chunks: Sequence[PlannedChunk],
         lens: np.ndarray,
         starts: np.ndarray,
         num_tokens: int,
@@ -252,14 +253,12 @@ class BatchMetadata:
         """input_ids, positions and slot_mapping of every token."""
         input_ids = self.input_ids.host
         if num_tokens == len(chunks):  # decode: one token each, read in one pass
-            input_ids[:num_tokens] = [chunk.seq.token_ids[chunk.start] for chunk in chunks]
+            input_ids[:num_tokens] = [chunk.first_token for chunk in chunks]
         else:
             offset = 0
             for chunk in chunks:
                 end = offset + chunk.num_tokens
-                input_ids[offset:end] = chunk.seq.token_ids[
-                    chunk.start : chunk.start + chunk.num_tokens
-                ]
+                input_ids[offset:end] = chunk.token_ids
                 offset = end
         seq_of_token = np.repeat(np.arange(len(chunks)), lens)  # [num_tokens]
         token_offsets = np.arange(num_tokens) - np.repeat(
@@ -270,18 +269,18 @@ class BatchMetadata:
         pages = self.block_tables.host[seq_of_token, positions // self.block_size]
         self.slot_mapping.host[:num_tokens] = pages * self.block_size + positions % self.block_size
 
-    def _fill_block_tables(self, chunks: Sequence[ScheduledChunk]) -> int:
+    def _fill_block_tables(self, chunks: Sequence[PlannedChunk]) -> int:
         """Each sequence's pages, in order; returns the widest table's width."""
         tables = self.block_tables.host
         width = 1
         for row, chunk in enumerate(chunks):
-            table = chunk.seq.block_table
+            table = chunk.block_table
             tables[row, : len(table)] = table
             width = max(width, len(table))
         return width
 
     def _fill_segments(
-        self, chunks: Sequence[ScheduledChunk], slot_max_rank: list[int]
+        self, chunks: Sequence[PlannedChunk], slot_max_rank: list[int]
     ) -> tuple[int, int]:
         """Runs of consecutive chunks of one slot; returns (segments, largest adapter rank)."""
         starts, slots = self.segment_starts.host, self.segment_slots.host

@@ -30,7 +30,7 @@ import torch
 if TYPE_CHECKING:
     from loraserve.engine.runner.batch_metadata import BatchMetadata
     from loraserve.engine.runner.device_pool import DevicePool
-    from loraserve.scheduler.scheduler import ScheduledChunk
+    from loraserve.scheduler.scheduler import PlannedChunk
 
 BUCKET_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 WARMUP_RUNS = 2
@@ -61,7 +61,7 @@ class DecodeGraphs:
         buckets = [size for size in BUCKET_SIZES if size < max_batch_size] + [max_batch_size]
         return cls(sorted(set(buckets)), forward)
 
-    def bucket_for(self, chunks: Sequence[ScheduledChunk]) -> int | None:
+    def bucket_for(self, chunks: Sequence[PlannedChunk]) -> int | None:
         """The smallest bucket holding this batch, if it is a decode batch; else None."""
         if not self.buckets or len(chunks) > self.buckets[-1]:
             return None

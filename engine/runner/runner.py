@@ -53,12 +53,13 @@ from loraserve.engine.sampling.structured import RequestGrammar, fill_masks
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.kernels.dispatch import select_kernels
 from loraserve.memory.geometry import PoolGeometry
+from loraserve.memory.residency import AdapterLoad
 from loraserve.models.arch import ModelArch
 from loraserve.models.llama import LlamaModel
 from loraserve.models.tensor_parallel import shard_arch
 from loraserve.models.weights import load_weights
 from loraserve.scheduler.request import SequenceState
-from loraserve.scheduler.scheduler import ScheduledChunk
+from loraserve.scheduler.scheduler import PlannedChunk, ScheduledChunk
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class TorchModelRunner:
             self._start(state.request.request_id, state.params, state.grammar)
         plan = step.plan
         prompt_rows = plan_prompt_rows(plan.chunks, self._prompt_progress)
-        self._share(ShardStep(plan.chunks, plan.adapter_loads, prompt_rows.flat_indices))
+        self._share(plan.chunks, plan.adapter_loads, prompt_rows.flat_indices)
         self.pool.load(plan.adapter_loads)
         if not plan.chunks:  # copies only
             return SamplerOutput([], [], [])
@@ -246,7 +247,9 @@ class TorchModelRunner:
         output.prompt_logprobs = gather_prompt_logprobs(logits[rows.num_rows :], prompt_rows)
         return output
 
-    def _share(self, step: ShardStep) -> None:
+    def _share(
+        self, chunks: list[ScheduledChunk], loads: list[AdapterLoad], extra_logits: list[int]
+    ) -> None:
         """Under tensor parallelism, rank 0 hands the step to the other ranks here, before
         its own copies and forward pass (engine/runner/tensor_parallel.py); else nothing."""
 
@@ -296,7 +299,7 @@ class TorchModelRunner:
         # Called from the adapter loader threads: a read of weights that never change.
         return self.model.base_weight(layer, module)
 
-    def _logits(self, chunks: Sequence[ScheduledChunk], extra: list[int]) -> torch.Tensor:
+    def _logits(self, chunks: Sequence[PlannedChunk], extra: list[int]) -> torch.Tensor:
         """Logits of the sampling chunks, then of the prompt-logprob rows (`extra`, flat
         token indices): a graph replay for a decode batch it covers (which has no prompt rows)."""
         bucket = None if extra else self.graphs.bucket_for(chunks)

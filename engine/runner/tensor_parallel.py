@@ -5,8 +5,8 @@ process. Rank 0's runner lives in it (`TensorParallelRunner`): it keeps every re
 sampling state (grammars, seeded generators, penalties) where the core advances them, and
 samples from the whole logits. Ranks 1..N-1 are worker processes (`python -P -m
 loraserve.engine.runner.tp_worker`), each a `TorchModelRunner` of its shard. Each step,
-rank 0 pickles what the other ranks need (`ShardStep`: the chunks and the prompt-logprob
-rows) once and sends the same bytes to every worker, then each worker its adapter copies
+rank 0 pickles what the other ranks need (`ShardStep`: the chunks, each with its own
+tokens and block table, and the prompt-logprob rows) once and sends the same bytes to every worker, then each worker its adapter copies
 (only its own slabs of each adapter), then runs its own copies and forward; the collectives inside the forward pass keep the
 ranks in step. Ranks never decide anything: they cannot disagree about what runs.
 
@@ -48,16 +48,18 @@ import torch
 from safetensors import safe_open
 
 from loraserve.engine.core.config import EngineConfig, available_cores
-from loraserve.engine.core.request import ShardStep, Step
+from loraserve.engine.core.request import ShardChunk, ShardStep, Step
 from loraserve.engine.runner.collectives import RankCollectives, host_store
 from loraserve.engine.runner.runner import TorchModelRunner, resolve_device
 from loraserve.engine.sampling.sampler import SamplerOutput
 from loraserve.errors import EngineError
 from loraserve.memory.geometry import PoolGeometry
+from loraserve.memory.residency import AdapterLoad
 from loraserve.models.arch import ModelArch
 from loraserve.models.hf_config import model_folder
 from loraserve.models.tensor_parallel import Shard, check_divisible, checkpoint_name
 from loraserve.models.weights import checkpoint_files
+from loraserve.scheduler.scheduler import ScheduledChunk
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +152,10 @@ class TensorParallelRunner(TorchModelRunner):
             self.close()
             raise
         self.base_weights = CheckpointWeights(config.model.model, self.dtype)
+        logger.info(
+            "tensor parallelism: %d ranks on %s, %s",
+            size, ", ".join(str(device) for device in devices), collectives.group.name(),
+        )  # fmt: skip
         self._watchdog = threading.Thread(  # holding no reference to the runner
             target=_watch,
             args=(weakref.ref(self), self.processes, self._closed),
@@ -221,17 +227,20 @@ class TensorParallelRunner(TorchModelRunner):
         finally:
             self._step_started = None
 
-    def _share(self, step: ShardStep) -> None:
-        """Two messages to each worker: the step without its copies (pickled once, the same
-        bytes for all), then its copies with only that rank's slabs of each adapter."""
-        common = pickle.dumps(dataclasses.replace(step, adapter_loads=[]), PICKLE_PROTOCOL)
+    def _share(
+        self, chunks: list[ScheduledChunk], loads: list[AdapterLoad], extra_logits: list[int]
+    ) -> None:
+        """Two messages to each worker: the step without its copies (its chunks' own tokens
+        and tables, pickled once, the same bytes for all), then its copies with only that
+        rank's slabs of each adapter."""
+        step = ShardStep([ShardChunk.of(chunk) for chunk in chunks], [], extra_logits)
+        common = pickle.dumps(step, PICKLE_PROTOCOL)
         for rank, connection in enumerate(self.connections, start=1):
-            loads = [
-                dataclasses.replace(load, adapter=load.adapter.rank_slabs(rank))
-                for load in step.adapter_loads
+            rank_loads = [
+                dataclasses.replace(load, adapter=load.adapter.rank_slabs(rank)) for load in loads
             ]
             connection.send_bytes(common)
-            connection.send_bytes(pickle.dumps(loads, PICKLE_PROTOCOL))
+            connection.send_bytes(pickle.dumps(rank_loads, PICKLE_PROTOCOL))
 
     def check(self) -> None:
         if self.failure is not None:

@@ -13,19 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from loraserve.engine.runner.batch_metadata import BatchMetadata
 from loraserve.kernels.constants import NO_ADAPTER
 from loraserve.scheduler.request import SequenceState
+from loraserve.scheduler.scheduler import ScheduledChunk
 
-
-@dataclass
-class Chunk:
-    seq: SequenceState
-    num_tokens: int
-    slot: int
-    start: int = field(init=False)
-    samples: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.start = self.seq.num_computed_tokens
-        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+Chunk = ScheduledChunk  # (seq, num_tokens, slot), as the scheduler makes them
 
 
 @dataclass

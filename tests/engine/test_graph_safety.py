@@ -146,7 +146,10 @@ def test_replays_over_refilled_buffers_equal_fresh_eager_forwards(assets, packed
     graphs.capture(BUCKET)
     chunks = decode_plan(llm, REQUESTS)
     kv_pool = runner.pool.kv_pages
-    for batch in varied_batches(chunks):
+    # The host layout has no upload to get wrong: the first three batches (the full one, then
+    # smaller ones over its stale rows) test it; the packed layout gets every batch.
+    batches = varied_batches(chunks) if packed else varied_batches(chunks)[:3]
+    for batch in batches:
         num_seqs = len(batch)
         before = kv_pool.clone()
         replayed = graphs.replay(BUCKET, batch)[:num_seqs].clone()

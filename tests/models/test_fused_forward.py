@@ -1,8 +1,8 @@
 """The forward pass with the fused Triton glue (kernels/add_rms_norm.py, rope_kv_write.py,
-gated_activation.py) against the torch path's, in the families whose pieces the
-exactness suite's Triton runs (Llama with GQA, Gemma 2) do not reach: Qwen3's per-head
-q/k norms, Gemma 3's (1 + w) q/k and output norms with a local RoPE base, Phi-4-mini's
-partial rotary and fused projections. float32 and float16, an adapter on every module,
+gated_activation.py; rope_kv_attention.py in decode steps) against the torch path's, in
+the families whose pieces the exactness suite's Triton runs (Llama with GQA, Gemma 2) do
+not reach: Qwen3's per-head q/k norms, Gemma 3's (1 + w) q/k and output norms with a local
+RoPE base, Phi-4-mini's partial rotary and fused projections. float32 and float16, an adapter on every module,
 mixed with base-model requests; greedy tokens must agree and logprobs be close.
 """
 

@@ -116,18 +116,29 @@ def test_the_installed_command_serves_a_folder_and_its_adapters(assets: Assets) 
     assert "open" in output  # it said it runs without API keys
 
 
+def descendant_commands(pid: int) -> list[str]:
+    """The command lines of a process's descendants (Linux /proc)."""
+    commands = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        commands.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        commands += descendant_commands(int(child))
+    return commands
+
+
+@pytest.mark.parametrize("ranks", ["1", "2"])
 def test_serve_ignores_modules_in_the_folder_it_is_started_from(
-    assets: Assets, tmp_path: Path
+    assets: Assets, tmp_path: Path, ranks: str
 ) -> None:
     """A `struct.py` and folders named like ours or like installed packages, where the user
     runs `loraserve serve`, are never imported: not by the front end, not by the engine core
-    (which `spawn` starts as `python -c`, the current folder first on its path)."""
+    (which `spawn` starts as `python -c`, the current folder first on its path), not by a
+    tensor-parallel worker (`-tp 2`: `python -P -m ...`)."""
     junk = "raise SystemExit('imported from the current folder')\n"
     (tmp_path / "struct.py").write_text(junk)
     for name in ("kernels", "server", "engine", "memory", "models", "scheduler", "loraserve"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(junk)
-    process, url = start_process(assets, "--log-level", "warning", cwd=tmp_path)
+    process, url = start_process(assets, "--log-level", "warning", "-tp", ranks, cwd=tmp_path)
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         answer = client.completions.create(
@@ -140,6 +151,8 @@ def test_serve_ignores_modules_in_the_folder_it_is_started_from(
             model="mlp4", prompt="hello", max_tokens=3, extra_body=choice
         )
         assert constrained.choices[0].text in ("yes", "no")
+        workers = [c for c in descendant_commands(process.pid) if "tp_worker" in c]
+        assert len(workers) == int(ranks) - 1, workers
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=30)
