@@ -1,7 +1,7 @@
 """What reading one adapter into host RAM costs, per read and per MB, against a plain copy.
 
     python -m bench.adapter_read
-    python -m bench.adapter_read --reads 200 --threads 1
+    python -m bench.adapter_read --reads 200 --threads 1 --json out.json
 
 A read is what the engine's loader thread does for an adapter on disk
 (memory/adapter_store.AdapterReader.read): its PEFT folder parsed and checked, its
@@ -15,13 +15,16 @@ on every module).
 Reported per adapter: the median microseconds per read, the safetensors file's size,
 µs per MB of it, and the same for one copy of that many bytes in RAM (`torch`'s copy
 of a buffer already allocated, the floor a read could reach): the ratio says how many
-copies a read costs.
+copies a read costs; and the Python function calls one read makes (cProfile's count, after
+the timed reads: the reader's per-tensor and per-module overhead, independent of the machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ from loraserve.memory.peft_format import SAFETENSORS_FILE
 from loraserve.models.hf_config import load_arch
 
 from .assets import default_cache_dir, ensure_assets
+from .metrics import run_metadata
 from .models import SHAPES, build_adapter
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,6 +71,7 @@ def measure(reader: AdapterReader, folder: Path, repeats: int) -> dict[str, floa
     target = torch.empty_like(source)
     copy = _median_seconds(lambda: target.copy_(source), repeats)
     return {
+        "python_calls_per_read": _calls(lambda: reader.read("bench", folder)),
         "file_mb": round(megabytes, 3),
         "read_us": round(read * 1e6, 1),
         "read_us_per_mb": round(read * 1e6 / megabytes, 1),
@@ -75,11 +80,18 @@ def measure(reader: AdapterReader, folder: Path, repeats: int) -> dict[str, floa
     }
 
 
+def _calls(work) -> int:  # type: ignore[no-untyped-def]
+    profile = cProfile.Profile()
+    profile.runcall(work)
+    return int(pstats.Stats(profile).total_calls)  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reads", type=int, default=100, help="timed reads per adapter")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--json", type=Path, help="write the rows and the machine here too")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,9 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     arch = load_arch(model)
     geometry = PoolGeometry.for_model(arch, BLOCK_SIZE, MAX_LORA_RANK)
     reader = AdapterReader(arch, geometry, MAX_LORA_RANK, torch.float32)
+    rows = []
     for label, folder in adapters.items():
         row = {"adapter": label, "threads": torch.get_num_threads()}
-        print(json.dumps(row | measure(reader, folder, args.reads)), flush=True)
+        rows.append(row | measure(reader, folder, args.reads))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json is not None:
+        results = {"run": run_metadata(), "reads": args.reads, "rows": rows}
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ rank 7, hidden 64, kv 32, page_numel 768:
 
 Unused elements are zero.
 
+A read works out the layout of its folder's matrices from the safetensors header and the
+config's targeting fields, and keeps it (memory/adapter_layout.py): the next folder with
+the same header, file size and fields, as thousands of adapters trained alike have, skips
+every per-tensor check and has its matrices copied in a few ops; only its values are
+checked (`_values_fit`) and hashed.
+
 A DoRA module (memory/dora.py) adds its magnitude scale g = m / ||W + sBA||, `[out_i]` per
 slot, stored as one more `[1, out_i]` matrix after its B(s); its offset is the third entry
 of `local_offsets` (NOT_TARGETED for plain LoRA modules, whose expand g never touches).
@@ -34,19 +40,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from loraserve.errors import AdapterError
 from loraserve.memory.adapter_dir import is_servable_name
+from loraserve.memory.adapter_layout import Layout, LayoutCache, copy_planned, plan_copies
 from loraserve.memory.dora import BaseWeights, magnitude_scale
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
-from loraserve.memory.peft_config import refuse
-from loraserve.memory.peft_format import LoraModule, read_peft_lora
+from loraserve.memory.peft_config import SAFETENSORS_FILE, check_features, read_config, refuse
+from loraserve.memory.peft_format import LoraModule, check_peft_lora, layout_config, load_tensors
+from loraserve.memory.safetensors_map import SafetensorsFile, SafetensorsFormatError
 from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
 from loraserve.models.tensor_parallel import Shard, shard_arch, shard_linear
 
@@ -163,13 +173,34 @@ class AdapterReader:
         self.pin_memory = pin_memory
         self.max_weight = max_weight
         self.base_weights = base_weights
+        self._layouts = LayoutCache()
 
     def read(self, name: str, path: str | Path) -> HostAdapter:
         """Load and check a PEFT LoRA folder; AdapterError if refused."""
         check_adapter_name(name)
         folder = Path(path)
-        modules = read_peft_lora(folder, self.arch, self.max_lora_rank)
-        return self._pack(name, folder, modules)
+        config = read_config(folder)
+        check_features(config, folder)
+        fields = layout_config(config)
+        try:
+            file: SafetensorsFile | None = SafetensorsFile.open(folder / SAFETENSORS_FILE)
+        except (SafetensorsFormatError, OSError):
+            file = None  # refused by the checks below, in their order
+        key = None
+        if file is not None:
+            key = (file.header_bytes, file.data_size, json.dumps(fields))
+            layout = self._layouts.get(key)
+            if layout is not None:  # a folder like this one passed every check
+                return self._pack_planned(name, folder, fields, file, layout)
+        modules = check_peft_lora(
+            folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank
+        )
+        layout = self._layout(modules, file)
+        if layout.copies is None:
+            return self._pack(name, folder, modules, layout)
+        assert file is not None and key is not None, "copies are planned from a mapped file"
+        self._layouts.put(key, layout)
+        return self._pack_planned(name, folder, fields, file, layout)
 
     @functools.cached_property
     def max_num_pages(self) -> int:
@@ -188,17 +219,11 @@ class AdapterReader:
         ]
         return pack_matrices(sizes, self.geometry.page_numel)[1]
 
-    def _pack(self, name: str, folder: Path, modules: list[LoraModule]) -> HostAdapter:
-        """Copy every module's matrices from the mapped file into page-sized slabs, in the
-        pool's dtype and layout (one copy each, the scaling folded into B as it is copied):
-        per module its A, then one B per slot it fills (one, or a fused module's parts),
-        then for DoRA one g per slot; then check the slabs' values in one pass. Under tensor
-        parallelism each rank's slabs hold its shard of every matrix, in the same places."""
-        scales = {  # DoRA's g, [out] in the pool dtype, from the whole module
-            index: self._magnitude_scale(folder, module)
-            for index, module in enumerate(modules)
-            if module.magnitude is not None
-        }
+    def _layout(self, modules: list[LoraModule], file: SafetensorsFile | None) -> Layout:
+        """Where `modules`' matrices go in the pages (per module its A, then one B per slot
+        it fills: one, or a fused module's parts; then for DoRA one g per slot), and the
+        copies that fill them in a few ops, except under tensor parallelism and for DoRA
+        (filled module by module, `_pack`)."""
         widths = [self._part_widths(module) for module in modules]
         sizes = [
             size
@@ -210,51 +235,112 @@ class AdapterReader:
             )
         ]
         offsets, num_pages = pack_matrices(sizes, self.geometry.page_numel)
-        pages = torch.zeros(  # [shards, num_pages, page_numel]
+        shape = (self.arch.num_layers, NUM_LORA_MODULES)
+        local_offsets = np.full((*shape, 3), NOT_TARGETED, dtype=np.int64)
+        ranks = np.zeros(shape, dtype=np.int32)
+        next_offset = iter(offsets)
+        for module in modules:
+            a_offset = next(next_offset)
+            for slot in module.slots:
+                local_offsets[module.layer, slot, :2] = a_offset, next(next_offset)
+                ranks[module.layer, slot] = module.rank
+            if module.magnitude is not None:
+                for slot in module.slots:
+                    local_offsets[module.layer, slot, 2] = next(next_offset)
+        targeted = {module.name for module in modules}
+        return Layout(
+            offsets=offsets,
+            num_pages=num_pages,
+            local_offsets=local_offsets,
+            ranks=ranks,
+            max_rank=max(module.rank for module in modules),
+            target_modules=tuple(m for m in self.arch.linear_modules if m in targeted),
+            copies=None
+            if file is None or len(self.shards) > 1 or any(m.magnitude is not None for m in modules)
+            else plan_copies(modules, widths, offsets, file, self.rank_arch, self.dtype),
+        )
+
+    def _pack_planned(
+        self,
+        name: str,
+        folder: Path,
+        fields: dict[str, Any],
+        file: SafetensorsFile,
+        layout: Layout,
+    ) -> HostAdapter:
+        """`_pack` by `layout.copies` (memory/adapter_layout.py): the same values."""
+        assert layout.copies is not None and len(self.shards) == 1
+        pages = self._new_pages(layout.num_pages)
+        flat = pages[0].view(-1)
+        copy_planned(flat, file, layout.copies)
+        if not self._values_fit(flat):  # find the culprit as `_pack` does
+            modules = check_peft_lora(
+                folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank
+            )
+            self._check_values(folder, modules, flat, layout.offsets)
+        return self._host_adapter(name, folder, pages, layout)
+
+    def _new_pages(self, num_pages: int) -> torch.Tensor:
+        return torch.zeros(  # [shards, num_pages, page_numel]
             len(self.shards),
             num_pages,
             self.geometry.page_numel,
             dtype=self.dtype,
             pin_memory=self.pin_memory,
         )
-        shape = (self.arch.num_layers, NUM_LORA_MODULES)
-        local_offsets = np.full((*shape, 3), NOT_TARGETED, dtype=np.int64)
-        ranks = np.zeros(shape, dtype=np.int32)
-        for shard in self.shards:
-            flat = pages[shard.rank].view(-1)
-            next_offset = iter(offsets)
-            for index, (module, parts) in enumerate(zip(modules, widths, strict=True)):
-                rank, a_offset = module.rank, next(next_offset)
-                lora_a = shard_linear(self.arch, module.name, module.lora_a, shard, "in")
-                lora_b = shard_linear(self.arch, module.name, module.lora_b, shard, "out")
-                flat[a_offset : a_offset + lora_a.numel()].view(lora_a.shape).copy_(lora_a)
-                row = 0
-                for slot, width in zip(module.slots, parts, strict=True):  # parts share one A
-                    b_offset = next(next_offset)
-                    target = flat[b_offset : b_offset + rank * width].view(rank, width)
-                    _scaled_copy(target, lora_b[row : row + width].T, module.scaling)
-                    row += width
-                    local_offsets[module.layer, slot, :2] = a_offset, b_offset
-                    ranks[module.layer, slot] = rank
-                if index in scales:
-                    scale = shard_linear(self.arch, module.name, scales[index], shard, "out")
-                    for slot, part in zip(module.slots, scale.split(parts), strict=True):
-                        g_offset = next(next_offset)
-                        flat[g_offset : g_offset + part.numel()].copy_(part)
-                        local_offsets[module.layer, slot, 2] = g_offset
-            self._check_values(folder, modules, flat, offsets)
-        targeted = {module.name for module in modules}
-        offsets_tensor, ranks_tensor = torch.from_numpy(local_offsets), torch.from_numpy(ranks)
+
+    def _host_adapter(
+        self, name: str, folder: Path, pages: torch.Tensor, layout: Layout
+    ) -> HostAdapter:
+        offsets_tensor = torch.from_numpy(layout.local_offsets.copy())
+        ranks_tensor = torch.from_numpy(layout.ranks.copy())
         return HostAdapter(
             name=name,
             path=str(folder),
             pages=pages,
             local_offsets=offsets_tensor,
             ranks=ranks_tensor,
-            max_rank=max(module.rank for module in modules),
-            target_modules=tuple(m for m in self.arch.linear_modules if m in targeted),
+            max_rank=layout.max_rank,
+            target_modules=layout.target_modules,
             digest=weights_digest(pages, offsets_tensor, ranks_tensor),
         )
+
+    def _pack(
+        self, name: str, folder: Path, modules: list[LoraModule], layout: Layout
+    ) -> HostAdapter:
+        """Copy every module's matrices from the mapped file into page-sized slabs, in the
+        pool's dtype and layout (one copy each, the scaling folded into B as it is copied),
+        where `layout` places them; then check the slabs' values in one pass. Under tensor
+        parallelism each rank's slabs hold its shard of every matrix, in the same places."""
+        scales = {  # DoRA's g, [out] in the pool dtype, from the whole module
+            index: self._magnitude_scale(folder, module)
+            for index, module in enumerate(modules)
+            if module.magnitude is not None
+        }
+        pages = self._new_pages(layout.num_pages)
+        for shard in self.shards:
+            flat = pages[shard.rank].view(-1)
+            next_offset = iter(layout.offsets)
+            for index, module in enumerate(modules):
+                rank, a_offset = module.rank, next(next_offset)
+                lora_a = shard_linear(self.arch, module.name, module.lora_a, shard, "in")
+                lora_b = shard_linear(self.arch, module.name, module.lora_b, shard, "out")
+                flat[a_offset : a_offset + lora_a.numel()].view(lora_a.shape).copy_(lora_a)
+                row = 0
+                parts = self._part_widths(module)
+                for width in parts:  # parts share one A
+                    b_offset = next(next_offset)
+                    target = flat[b_offset : b_offset + rank * width].view(rank, width)
+                    _scaled_copy(target, lora_b[row : row + width].T, module.scaling)
+                    row += width
+                if index in scales:
+                    scale = shard_linear(self.arch, module.name, scales[index], shard, "out")
+                    for part in scale.split(parts):
+                        g_offset = next(next_offset)
+                        flat[g_offset : g_offset + part.numel()].copy_(part)
+            if not self._values_fit(flat):
+                self._check_values(folder, modules, flat, layout.offsets)
+        return self._host_adapter(name, folder, pages, layout)
 
     def _magnitude_scale(self, folder: Path, module: LoraModule) -> torch.Tensor:
         """DoRA's g of a module, [out_features] in the pool dtype (memory/dora.py)."""
@@ -271,15 +357,17 @@ class AdapterReader:
         """Output widths of the slots `module` fills (one, or a fused module's parts)."""
         return [self.rank_arch.module_dims(LORA_MODULES[slot])[1] for slot in module.slots]
 
+    def _values_fit(self, flat: torch.Tensor) -> bool:
+        """Whether every value of the slabs is finite and within `max_weight`: one pass."""
+        smallest, largest = torch.aminmax(flat)  # NaN if any is NaN
+        return -float(smallest) <= self.max_weight and float(largest) <= self.max_weight
+
     def _check_values(
         self, folder: Path, modules: list[LoraModule], flat: torch.Tensor, offsets: list[int]
     ) -> None:
-        """Refuse an adapter with a value that is not finite, or past `max_weight`, once in
-        the pool's dtype. One pass over the slabs; only a refusal looks for the culprit,
-        in the order the file's modules come (its values first, then the converted ones)."""
-        smallest, largest = torch.aminmax(flat)  # NaN if any is NaN
-        if -float(smallest) <= self.max_weight and float(largest) <= self.max_weight:
-            return
+        """Refuse the adapter whose slabs `_values_fit` did not accept, once in the pool's
+        dtype, naming the culprit: the first found in the order the file's modules come
+        (its values first, then the converted ones)."""
         for module in modules:
             for tensor_name, tensor in (
                 (module.a_name, module.lora_a),

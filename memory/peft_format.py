@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,11 @@ from loraserve.memory.peft_config import (
     read_config,
     refuse,
 )
-from loraserve.memory.safetensors_map import SafetensorsFormatError, map_tensors
+from loraserve.memory.safetensors_map import (
+    SafetensorsFile,
+    SafetensorsFormatError,
+    map_tensors,
+)
 from loraserve.models.arch import (
     FUSED_MODULES,
     MODULE_INDEX,
@@ -87,14 +91,50 @@ class _Target:
     scaling: float
 
 
+LAYOUT_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+)
+"""The config fields that decide which tensors a folder must hold and how they are read
+(`check_peft_lora` sees only these): folders whose headers and these fields are equal read
+alike, so a reader may reuse what it worked out for one (memory/adapter_store.py)."""
+
+
 def read_peft_lora(folder: Path, arch: ModelArch, max_lora_rank: int) -> list[LoraModule]:
     """Every adapted module of a PEFT LoRA folder, sorted by (layer, module in
     `arch.linear_modules` order); AdapterError if refused."""
     config = read_config(folder)
     check_features(config, folder)
+    return check_peft_lora(
+        folder, layout_config(config), lambda: load_tensors(folder), arch, max_lora_rank
+    )
+
+
+def layout_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The LAYOUT_FIELDS of `config` that it sets."""
+    return {field: config[field] for field in LAYOUT_FIELDS if field in config}
+
+
+def check_peft_lora(
+    folder: Path,
+    config: dict[str, Any],
+    load: Callable[[], dict[str, torch.Tensor]],
+    arch: ModelArch,
+    max_lora_rank: int,
+) -> list[LoraModule]:
+    """`read_peft_lora` once the config is read and its features checked: `config` its
+    `layout_config`, `load` the tensors (`load_tensors`), called once the targets resolve."""
     use_dora = bool(config.get("use_dora"))
     targets = resolve_targets(config, arch, max_lora_rank, folder)
-    tensors = load_tensors(folder)
+    tensors = load()
     pairs = pair_tensors(tensors, arch, folder)
     strays = sorted(pairs.keys() - targets.keys())
     if strays:
@@ -242,9 +282,12 @@ def _pattern(config: dict[str, Any], field: str, folder: Path) -> dict[str, Any]
     return pattern
 
 
-def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of adapter_model.safetensors: views of the mapped file (CPU), nothing copied."""
+def load_tensors(folder: Path, file: SafetensorsFile | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of adapter_model.safetensors (`file`, that file already opened): views of
+    the mapped file (CPU), nothing copied."""
     try:
+        if file is not None:
+            return file.tensors()
         return map_tensors(folder / SAFETENSORS_FILE)
     except (SafetensorsFormatError, OSError) as error:
         raise refuse(folder, f"cannot read {SAFETENSORS_FILE} ({error})") from None

@@ -12,10 +12,12 @@ by mistake never reaches the file; it is unmapped once the last view is dropped.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
 
@@ -43,30 +45,93 @@ class SafetensorsFormatError(ValueError):
 def map_tensors(path: Path) -> dict[str, torch.Tensor]:
     """name -> tensor of `path`, a view of its memory map (CPU); SafetensorsFormatError for
     a malformed file, OSError for one that cannot be opened."""
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size < HEADER_LENGTH_BYTES:
-            raise SafetensorsFormatError(f"{size} bytes: shorter than a header")
-        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-    header_length = int.from_bytes(mapped[:HEADER_LENGTH_BYTES], "little")
-    data_start = HEADER_LENGTH_BYTES + header_length
-    if data_start > size:
-        raise SafetensorsFormatError(f"a header of {header_length} bytes in a {size}-byte file")
-    try:
-        header = json.loads(mapped[HEADER_LENGTH_BYTES:data_start])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SafetensorsFormatError(f"the header is not JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsFormatError("the header is not a JSON object")
-    return {
-        name: _view(mapped, name, entry, data_start, size - data_start)
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
+    return SafetensorsFile.open(path).tensors()
 
 
-def _view(mapped: mmap.mmap, name: str, entry: object, start: int, data_size: int) -> torch.Tensor:
-    """Tensor `name` of the header's `entry`, checked against the data's `data_size` bytes."""
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the header, checked against the file: its bytes are data[begin:end]."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+
+
+class SafetensorsFile:
+    """A mapped safetensors file whose header is read (`header_bytes`) but not yet parsed:
+    what an adapter read keys its cached layout on (memory/adapter_store.py)."""
+
+    def __init__(self, mapped: mmap.mmap, data_start: int, size: int) -> None:
+        self.mapped = mapped
+        self.data_start = data_start
+        self.data_size = size - data_start
+        """Bytes after the header."""
+        self.header_bytes = bytes(mapped[HEADER_LENGTH_BYTES:data_start])
+        """The JSON header as written: equal headers and sizes give equal `entries`."""
+
+    @staticmethod
+    def open(path: Path) -> SafetensorsFile:
+        """Map `path` and read its header's length; SafetensorsFormatError if it does not fit
+        the file, OSError if the file cannot be opened."""
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size < HEADER_LENGTH_BYTES:
+                raise SafetensorsFormatError(f"{size} bytes: shorter than a header")
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        header_length = int.from_bytes(mapped[:HEADER_LENGTH_BYTES], "little")
+        data_start = HEADER_LENGTH_BYTES + header_length
+        if data_start > size:
+            raise SafetensorsFormatError(f"a header of {header_length} bytes in a {size}-byte file")
+        return SafetensorsFile(mapped, data_start, size)
+
+    @functools.cached_property
+    def entries(self) -> dict[str, TensorEntry]:
+        """name -> its checked header entry, in the header's order; SafetensorsFormatError
+        for a malformed header."""
+        try:
+            header = json.loads(self.header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SafetensorsFormatError(f"the header is not JSON ({error})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsFormatError("the header is not a JSON object")
+        return {
+            name: _entry(name, entry, self.data_size)
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """name -> tensor, a view of the map (a copy for a tensor not aligned to its dtype)."""
+        return {name: self._view(entry) for name, entry in self.entries.items()}
+
+    def is_aligned(self, entry: TensorEntry) -> bool:
+        """Whether the entry's data starts at a multiple of its element size (as
+        safetensors writes it), so that `data(dtype)` holds it."""
+        return (self.data_start + entry.begin) % entry.dtype.itemsize == 0
+
+    def data(self, dtype: torch.dtype) -> torch.Tensor:
+        """The data after the header as one 1-d tensor of `dtype`, a view of the map: an
+        aligned entry of that dtype is its elements from `begin // itemsize`."""
+        assert self.data_start % dtype.itemsize == 0, "the header does not end aligned"
+        count = self.data_size // dtype.itemsize
+        if count == 0:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(self.mapped, dtype=dtype, count=count, offset=self.data_start)
+
+    def _view(self, entry: TensorEntry) -> torch.Tensor:
+        numel = math.prod(entry.shape)
+        if numel == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        start = self.data_start + entry.begin
+        if not self.is_aligned(entry):  # (not as safetensors writes): copied
+            data = bytearray(self.mapped[start : start + numel * entry.dtype.itemsize])
+            return torch.frombuffer(data, dtype=entry.dtype).view(entry.shape)
+        view = torch.frombuffer(self.mapped, dtype=entry.dtype, count=numel, offset=start)
+        return view.view(entry.shape)
+
+
+def _entry(name: str, entry: object, data_size: int) -> TensorEntry:
+    """Tensor `name`'s header `entry`, checked against the data's `data_size` bytes."""
     if not isinstance(entry, dict):
         raise SafetensorsFormatError(f"tensor {name}: its header entry is not an object")
     dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
@@ -81,12 +146,7 @@ def _view(mapped: mmap.mmap, name: str, entry: object, start: int, data_size: in
         raise SafetensorsFormatError(
             f"tensor {name}: data_offsets {offsets} do not hold {dtype} {shape} in {data_size} bytes"
         )
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    if (start + begin) % dtype.itemsize:  # unaligned (not as safetensors writes): copied
-        data = bytearray(mapped[start + begin : start + end])
-        return torch.frombuffer(data, dtype=dtype).view(shape)
-    return torch.frombuffer(mapped, dtype=dtype, count=numel, offset=start + begin).view(shape)
+    return TensorEntry(dtype, tuple(shape), begin)
 
 
 def _ints(values: object) -> TypeGuard[list[int]]:
