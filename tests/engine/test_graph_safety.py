@@ -100,19 +100,16 @@ def test_the_sync_guard_catches_each_kind_of_sync() -> None:
         torch.where(x > 2, x, 0.0).cumsum(0)[torch.tensor([1, 3])]
 
 
-def varied_batches(chunks: list) -> list[list]:
-    """Decode batches of the same sequences, of other sizes (all below the bucket), mixes of
-    adapters and orders of slots (every subset keeps the plan's grouping by slot)."""
-    return [
-        chunks,
-        chunks[:1],
-        chunks[1:4],
-        chunks[::2],
-        chunks[-3:],
-        [chunk for chunk in chunks if chunk.slot == NO_ADAPTER],
-        [chunk for chunk in chunks if chunk.slot != NO_ADAPTER][:5],
-        chunks[2:],
-    ]
+def varied_batches(chunks: list, packed: bool) -> list[list]:
+    """Decode batches of the same sequences: the full one, then a smaller one over its stale
+    rows. The packed layout (an upload to get wrong) also gets the two that change which LoRA
+    launches run: no adapter, then adapters only, in the plan's order (grouped by slot). Each
+    batch is a few seconds of interpreted Triton."""
+    batches = [chunks, chunks[1:4]]
+    if packed:
+        batches.append([chunk for chunk in chunks if chunk.slot == NO_ADAPTER])
+        batches.append([chunk for chunk in chunks if chunk.slot != NO_ADAPTER][:5])
+    return batches
 
 
 def fresh_forward(llm: LLM, chunks: list, pad_to: int | None) -> torch.Tensor:
@@ -146,18 +143,17 @@ def test_replays_over_refilled_buffers_equal_fresh_eager_forwards(assets, packed
     graphs.capture(BUCKET)
     chunks = decode_plan(llm, REQUESTS)
     kv_pool = runner.pool.kv_pages
-    # The host layout has no upload to get wrong: the first three batches (the full one, then
-    # smaller ones over its stale rows) test it; the packed layout gets every batch.
-    batches = varied_batches(chunks) if packed else varied_batches(chunks)[:3]
-    for batch in batches:
+    batches = varied_batches(chunks, packed)
+    for index, batch in enumerate(batches):
         num_seqs = len(batch)
         before = kv_pool.clone()
         replayed = graphs.replay(BUCKET, batch)[:num_seqs].clone()
         _assert_writes_only_to(kv_pool, before, batch, runner.metadata.block_size)
         expected = fresh_forward(llm, batch, pad_to=BUCKET)[:num_seqs]
         assert torch.equal(replayed, expected), f"a replay of {num_seqs} sequences differs"
-        unpadded = fresh_forward(llm, batch, pad_to=None)
-        torch.testing.assert_close(replayed, unpadded, rtol=1e-5, atol=1e-5)
+        if index == 0:  # padding changes no row (the bucket's spare rows are ignored)
+            unpadded = fresh_forward(llm, batch, pad_to=None)
+            torch.testing.assert_close(replayed, unpadded, rtol=1e-5, atol=1e-5)
 
 
 def _assert_writes_only_to(

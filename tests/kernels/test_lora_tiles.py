@@ -150,19 +150,18 @@ def test_same_bits_run_to_run_and_whatever_the_padding(lengths, dtype: torch.dty
     before = torch.randn(num_tokens + padding, sum(group.widths), generator=generator)
     before = before.to(DEVICE, dtype)
 
-    runs = []
-    for segments, rows in (
-        (plain, num_tokens),
-        (plain, num_tokens),
-        (padded, num_tokens + padding),
-    ):
+    def run(segments: LoraBatch, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.full((rows, num_slices, batch.max_rank), float("nan"), device=DEVICE)
         lora_shrink(x[:rows], weights, segments, out=y)
         out = before[:rows].clone()
         lora_expand(out, y, weights, segments)
-        runs.append((y, out))
-    (y, out), (y_again, out_again), (y_padded, out_padded) = runs
-    assert torch.equal(y, y_again) and torch.equal(out, out_again)
+        return y, out
+
+    y, out = run(plain, num_tokens)
+    if DEVICE.type == "cuda":  # the interpreter's numpy is the same run to run by construction
+        y_again, out_again = run(plain, num_tokens)
+        assert torch.equal(y, y_again) and torch.equal(out, out_again)
+    y_padded, out_padded = run(padded, num_tokens + padding)
     assert torch.equal(y_padded[:num_tokens], y) and torch.equal(out_padded[:num_tokens], out)
     assert torch.equal(y_padded[num_tokens:], torch.zeros_like(y_padded[num_tokens:]))
     assert torch.equal(out_padded[num_tokens:], before[num_tokens:])  # padding: untouched
