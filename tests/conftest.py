@@ -29,7 +29,19 @@ sys.path[:0] = [
 ]
 
 
+# The files of tests/demo that start the real demo (demo_harness.py's session fixtures).
+REAL_DEMO = {"test_demo.py", "test_demo_agents.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `make test` (pytest-xdist, --dist loadgroup): each file's tests run on one worker,
+    so a module's fixtures are built once, and the real demo's files share one (it converts
+    the model and starts the server once per worker). CUDA-only tests are skipped on a CPU."""
+    for item in items:
+        path = item.path.relative_to(TESTS)
+        group = "real-demo" if path.name in REAL_DEMO else path.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
