@@ -176,11 +176,16 @@ def test_mixed_batch_equals_peft(family, kernel_backend: str) -> None:
 
 
 def test_exact_under_preemption_and_chunked_prefill(family) -> None:
+    check_under_preemption_and_chunked_prefill(family)
+
+
+def check_under_preemption_and_chunked_prefill(family, **engine_options) -> None:
     """A pool of a few pages forces preemption (recompute); a budget of 8 tokens chunks prompts."""
     root, options, prompts, references = family
     llm = LLM(
         root / "model",
         **options,
+        **engine_options,
         block_size=8,
         pool_pages=14,
         max_num_batched_tokens=8,

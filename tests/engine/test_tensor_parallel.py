@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from factories import make_model
-from test_exactness import check_against_peft, prepare_family
+from test_exactness import (
+    check_against_peft,
+    check_under_preemption_and_chunked_prefill,
+    prepare_family,
+)
 
 from loraserve import LLM, SamplingParams
 from loraserve.errors import EngineError
@@ -63,20 +67,7 @@ def test_other_families_equal_peft_on_two_ranks(other_family) -> None:
 
 
 def test_two_ranks_under_preemption_and_chunked_prefill(family) -> None:
-    """A pool of a few pages forces preemption (recompute); a budget of 8 tokens chunks prompts."""
-    root, options, prompts, references = family
-    llm = LLM(
-        root / "model",
-        **options,
-        **TP,
-        block_size=8,
-        pool_pages=14,
-        max_num_batched_tokens=8,
-        max_num_seqs=8,
-    )
-    check_against_peft(llm, prompts, references, num_logprobs=5)
-    assert llm.engine.num_preemptions > 0, "the pool was meant to be too small"
-    llm.engine.memory.check_invariants()
+    check_under_preemption_and_chunked_prefill(family, **TP)
 
 
 def test_two_ranks_read_adapters_at_run_time(family) -> None:
