@@ -153,7 +153,7 @@ class TensorParallelRunner(TorchModelRunner):
             raise
         self.base_weights = CheckpointWeights(config.model.model, self.dtype)
         logger.info(
-            "tensor parallelism: %d ranks on %s, %s",
+            "tensor parallelism: %d ranks on %s, %s; eager (no CUDA graphs under it yet)",
             size, ", ".join(str(device) for device in devices), collectives.group.name(),
         )  # fmt: skip
         self._watchdog = threading.Thread(  # holding no reference to the runner
