@@ -20,7 +20,6 @@ import msgspec
 from loraserve.engine.core.outputs import TokenLogprobs
 from loraserve.engine.core.sampling_params import SamplingParams
 from loraserve.engine.sampling.structured import RequestGrammar
-from loraserve.memory.residency import AdapterLoad
 from loraserve.scheduler.request import SequenceState
 from loraserve.scheduler.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -104,11 +103,10 @@ class ShardChunk:
 
 @dataclass
 class ShardStep:
-    """What a tensor-parallel rank other than 0 executes of a step (rank 0 samples): the
-    chunks, the adapter copies, and the prompt-logprob rows whose logits the batch adds (so
-    that every rank's batch has rank 0's shapes)."""
+    """What a tensor-parallel rank other than 0 executes of a step besides its adapter copies
+    (sent apart: each rank its own slabs): the chunks, and the prompt-logprob rows whose
+    logits the batch adds (so that every rank's batch has rank 0's shapes). Rank 0 samples."""
 
     chunks: list[ShardChunk]
-    adapter_loads: list[AdapterLoad]
     extra_logits: list[int]
     """Flat token indices of the prompt-logprob rows, after the sampling rows."""

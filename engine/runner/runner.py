@@ -253,10 +253,10 @@ class TorchModelRunner:
         """Under tensor parallelism, rank 0 hands the step to the other ranks here, before
         its own copies and forward pass (engine/runner/tensor_parallel.py); else nothing."""
 
-    def execute_shard(self, step: ShardStep) -> None:
-        """A rank other than 0: the step's copies and forward pass, in step with rank 0's
-        (the collectives meet); its logits are rank 0's to sample."""
-        self.pool.load(step.adapter_loads)
+    def execute_shard(self, step: ShardStep, loads: list[AdapterLoad]) -> None:
+        """A rank other than 0: the step's copies (`loads`: this rank's slabs) and forward
+        pass, in step with rank 0's (the collectives meet); its logits are rank 0's to sample."""
+        self.pool.load(loads)
         if not step.chunks:
             return
         self.pool.wait_for({chunk.slot for chunk in step.chunks})

@@ -5,10 +5,11 @@ process. Rank 0's runner lives in it (`TensorParallelRunner`): it keeps every re
 sampling state (grammars, seeded generators, penalties) where the core advances them, and
 samples from the whole logits. Ranks 1..N-1 are worker processes (`python -P -m
 loraserve.engine.runner.tp_worker`), each a `TorchModelRunner` of its shard. Each step,
-rank 0 pickles what the other ranks need (`ShardStep`: the chunks, each with its own
-tokens and block table, and the prompt-logprob rows) once and sends the same bytes to every worker, then each worker its adapter copies
-(only its own slabs of each adapter), then runs its own copies and forward; the collectives inside the forward pass keep the
-ranks in step. Ranks never decide anything: they cannot disagree about what runs.
+rank 0 pickles what the other ranks need (`ShardStep`: the chunks, each with its own tokens
+and block table, and the prompt-logprob rows) once and sends the same bytes to every
+worker, then each worker its adapter copies (only its own slabs of each adapter); every
+rank then runs its copies and forward pass, and the collectives inside the forward pass
+keep the ranks in step. Ranks never decide anything: they cannot disagree about what runs.
 
     core process                      worker 1 .. N-1
     scheduler -> Step                 recv ShardStep
@@ -233,7 +234,7 @@ class TensorParallelRunner(TorchModelRunner):
         """Two messages to each worker: the step without its copies (its chunks' own tokens
         and tables, pickled once, the same bytes for all), then its copies with only that
         rank's slabs of each adapter."""
-        step = ShardStep([ShardChunk.of(chunk) for chunk in chunks], [], extra_logits)
+        step = ShardStep([ShardChunk.of(chunk) for chunk in chunks], extra_logits)
         common = pickle.dumps(step, PICKLE_PROTOCOL)
         for rank, connection in enumerate(self.connections, start=1):
             rank_loads = [

@@ -45,9 +45,8 @@ def main(host: str, port: int) -> int:
                 data = connection.recv_bytes()
             except EOFError:  # rank 0 closed: the engine stopped
                 return 0
-            step = pickle.loads(data)
-            step.adapter_loads = pickle.loads(connection.recv_bytes())  # this rank's slabs
-            runner.execute_shard(step)
+            loads = pickle.loads(connection.recv_bytes())  # this rank's slabs of the copies
+            runner.execute_shard(pickle.loads(data), loads)
     except Exception:
         logger.exception("tensor-parallel rank %d failed; it exits", shard.rank)
         return 1
