@@ -7,7 +7,9 @@ A read is what the engine's loader thread does for an adapter on disk
 (memory/adapter_store.AdapterReader.read): its PEFT folder parsed and checked, its
 matrices converted into the pool's layout (scaling folded into B) in page-sized slabs,
 and the digest that names its KV. The folder's files are in the page cache after the
-warm-up read, so what is timed is CPU work, not the disk. Two adapters of the bench's
+warm-up read, so what is timed is CPU work, not the disk; and the reader's layout cache
+holds the folder's layout, as it holds that of the sweep's 2000 adapters trained alike after
+the first: what is timed is a read through the cached layout (memory/adapter_layout.py). Two adapters of the bench's
 CPU model (bench/models.py), float32 pool: the sweep's (rank 8 on q/k/v/o, the S1 point
 of `bench.adapter_tiers sweep`) and the cold one of `bench.adapter_tiers cold` (rank 64
 on every module).
@@ -34,13 +36,13 @@ import torch
 from loraserve.memory.adapter_store import AdapterReader
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.peft_format import SAFETENSORS_FILE
+from loraserve.models.arch import LORA_MODULES
 from loraserve.models.hf_config import load_arch
 
 from .assets import default_cache_dir, ensure_assets
 from .metrics import run_metadata
 from .models import SHAPES, build_adapter
 
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BLOCK_SIZE = 16
 MAX_LORA_RANK = 64
 
@@ -50,7 +52,7 @@ def _adapters(cache_dir: Path) -> tuple[Path, dict[str, Path]]:
     model, sweep = ensure_assets("cpu", (8,), 1, cache_dir, "float32")
     cold = cache_dir / "cpu-float32" / "adapters-cold" / "cold-0000"  # bench.adapter_tiers'
     if not (cold / "adapter_config.json").is_file():
-        build_adapter(cold, SHAPES["cpu"], 64, ALL_MODULES, seed=1000)
+        build_adapter(cold, SHAPES["cpu"], 64, LORA_MODULES, seed=1000)
     return model, {"rank 8, q/k/v/o": next(iter(sweep.values())), "rank 64, all modules": cold}
 
 

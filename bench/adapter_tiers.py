@@ -54,6 +54,8 @@ from typing import Any
 
 import httpx
 
+from loraserve.models.arch import LORA_MODULES
+
 from .assets import default_cache_dir, ensure_assets
 from .hostile import Watch
 from .metrics import run_metadata, summarize
@@ -63,7 +65,6 @@ from .servers import BASE_MODEL_NAME, loraserve_server
 from .trace import PRESETS, adapter_name, generate_trace
 
 RESULTS = Path(__file__).parent / "results"
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PINNED = 64
 AT_CAPACITY = 0.9
 """A sweep point served under this fraction of the offered rate: it measured capacity."""
@@ -133,7 +134,7 @@ def _cold_adapters(args: argparse.Namespace) -> Path:
     for index in range(args.num_cold + 4):
         path = folder / f"cold-{index:04d}"
         if not (path / "adapter_config.json").is_file():
-            build_adapter(path, SHAPES["cpu"], 64, ALL_MODULES, seed=1000 + index)
+            build_adapter(path, SHAPES["cpu"], 64, LORA_MODULES, seed=1000 + index)
     return folder
 
 

@@ -25,14 +25,12 @@ from typing import Any
 
 import torch
 
-from loraserve.models.arch import ModelArch
+from loraserve.models.arch import LORA_MODULES, ModelArch
 from loraserve.models.tensor_parallel import ROW_PARALLEL, shard_arch
 
 from .assets import default_cache_dir, ensure_assets
 from .metrics import run_metadata
 from .models import ATTENTION_MODULES, SHAPES
-
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def arithmetic(arch: ModelArch, size: int, batch: int, rank: int, element: int) -> dict[str, Any]:
@@ -42,7 +40,7 @@ def arithmetic(arch: ModelArch, size: int, batch: int, rank: int, element: int) 
     vocab_slice = -(-arch.vocab_size // size)
     per_rank = shard_arch(arch, size)
     lora_per_rank = lora_even = 0
-    for module in ALL_MODULES:
+    for module in LORA_MODULES:
         in_features, out_features = arch.module_dims(module)
         rank_in, rank_out = per_rank.module_dims(module)
         if module in ROW_PARALLEL:  # A split by input columns, B whole
