@@ -42,11 +42,8 @@ class DevicePool:
         max_resident_adapters: int,
         dtype: torch.dtype,
         device: torch.device,
-        rank: int = 0,
     ) -> None:
-        """`rank`: the tensor-parallel rank whose shard of each adapter this pool holds."""
         self.geometry = geometry
-        self.rank = rank
         self.device = device
         # [num_pages, page_numel]: the one device allocation (untouched pages cost nothing on CPU)
         self.pages = torch.empty(num_pages, geometry.page_numel, dtype=dtype, device=device)
@@ -113,8 +110,9 @@ class DevicePool:
         return offsets.pin_memory(), host.ranks.pin_memory()
 
     def _load(self, load: AdapterLoad, offsets: torch.Tensor, ranks: torch.Tensor) -> None:
-        slabs = load.adapter.pages  # [shards, num_pages, page_numel]: every rank's, or its own
-        host_pages = slabs[self.rank if slabs.shape[0] > 1 else 0]
+        # [shards, num_pages, page_numel]: rank 0's process holds every rank's slabs, its own
+        # first; a tensor-parallel worker is sent only its own (HostAdapter.rank_slabs)
+        host_pages = load.adapter.pages[0]
         for pool_page, host_page, count in page_runs(load.pages):
             self.pages[pool_page : pool_page + count].copy_(
                 host_pages[host_page : host_page + count], non_blocking=True

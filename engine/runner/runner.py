@@ -176,12 +176,7 @@ class TorchModelRunner:
             self.num_pages = collectives.agree_min(self.num_pages)
         lora = config.lora
         self.pool = DevicePool(
-            geometry,
-            self.num_pages,
-            config.resident_adapter_slots,
-            self.dtype,
-            self.device,
-            rank=0 if collectives is None else collectives.shard.rank,
+            geometry, self.num_pages, config.resident_adapter_slots, self.dtype, self.device
         )
         self.model.bind(self.pool.kv_pages, self.pool.pages, self.pool.lora)
         max_blocks = -(-max_model_len // geometry.block_size)
