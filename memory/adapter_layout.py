@@ -6,7 +6,7 @@ values (which tensors fill which modules, their shapes and checks, the offsets i
 is the same for all of them. `AdapterReader` (memory/adapter_store.py) keeps it per
 (header, file size, `peft_format.layout_config`) as a `Layout`, and fills the pages of the
 next such folder with `copy_planned`: every A and B in one `torch._foreach_copy_` straight
-from the mapped file, every B scaled by one `_foreach_mul_`. Example, two q/k/v/o layers
+from the mapped file, every B scaled by one `_foreach_mul_`. Example, four q/k/v/o layers
 at rank 8: 32 copies in 2 ops (3 for a half-precision pool) instead of 32 per-matrix copies
 and their ~3,500 Python calls of per-tensor checks.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,22 +81,27 @@ class Layout:
 
 
 class LayoutCache:
-    """The layouts of the last MAX_CACHED_LAYOUTS distinct (header, size, config) keys, shared
-    by the loader threads; the reader stores one once its folder passed every check but that
-    of its values, which every read makes."""
+    """The layouts of the MAX_CACHED_LAYOUTS (header, size, config) keys used last, shared by
+    the loader threads; the reader stores one once its folder passed every check but that of
+    its values, which every read makes."""
 
     def __init__(self) -> None:
-        self._layouts: dict[tuple[bytes, int, str], Layout] = {}
+        self._layouts: OrderedDict[tuple[bytes, int, str], Layout] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: tuple[bytes, int, str]) -> Layout | None:
-        return self._layouts.get(key)
+        with self._lock:
+            layout = self._layouts.get(key)
+            if layout is not None:
+                self._layouts.move_to_end(key)  # a layout thousands of adapters share stays
+            return layout
 
     def put(self, key: tuple[bytes, int, str], layout: Layout) -> None:
         with self._lock:
-            if len(self._layouts) >= MAX_CACHED_LAYOUTS:
-                del self._layouts[next(iter(self._layouts))]  # the oldest
             self._layouts[key] = layout
+            self._layouts.move_to_end(key)
+            if len(self._layouts) > MAX_CACHED_LAYOUTS:
+                self._layouts.popitem(last=False)  # the least recently used
 
 
 def plan_copies(

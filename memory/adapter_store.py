@@ -81,7 +81,7 @@ class HostAdapter:
     1, its own, in what a rank's process is sent: `rank_slabs`)."""
     local_offsets: torch.Tensor
     """[num_layers, NUM_LORA_MODULES, 3] int64: element offset of A (0), B (1) and DoRA's g (2)
-    from the start of `pages` (page index * page_numel + offset in page); NOT_TARGETED (-1)
+    from the start of each shard's slab `pages[s]` (page index * page_numel + offset in page); NOT_TARGETED (-1)
     where the module is not adapted (A, B, g) or not DoRA (g)."""
     ranks: torch.Tensor
     """[num_layers, NUM_LORA_MODULES] int32; 0 where the module is not adapted."""
@@ -188,7 +188,7 @@ class AdapterReader:
             file = None  # refused by the checks below, in their order
         key = None
         if file is not None:
-            key = (file.header_bytes, file.data_size, json.dumps(fields))
+            key = (file.header_bytes, file.data_size, json.dumps(fields, sort_keys=True))
             layout = self._layouts.get(key)
             if layout is not None:  # a folder like this one passed every check
                 return self._pack_planned(name, folder, fields, file, layout)

@@ -66,7 +66,7 @@ class SafetensorsFile:
         self.data_start = data_start
         self.data_size = size - data_start
         """Bytes after the header."""
-        self.header_bytes = bytes(mapped[HEADER_LENGTH_BYTES:data_start])
+        self.header_bytes = mapped[HEADER_LENGTH_BYTES:data_start]  # a slice of a map: bytes
         """The JSON header as written: equal headers and sizes give equal `entries`."""
 
     @staticmethod

@@ -18,6 +18,7 @@ from factories import make_adapter, make_model
 from safetensors.torch import load_file, save_file
 
 from loraserve.errors import AdapterError
+from loraserve.memory import adapter_layout
 from loraserve.memory.adapter_store import NOT_TARGETED, AdapterReader, HostAdapter, pack_matrices
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.peft_format import read_peft_lora
@@ -171,3 +172,18 @@ def test_a_cached_layout_still_checks_values(
     with pytest.raises(AdapterError, match=match):
         reader.read("bad", bad)
     assert_same(reader.read("good-again", good), reference(good, arch, geometry, torch.float32))
+
+
+def test_the_layout_cache_keeps_the_layouts_used_last(monkeypatch) -> None:
+    """Least recently used out: a layout thousands of adapters share stays however many
+    others pass through."""
+    monkeypatch.setattr(adapter_layout, "MAX_CACHED_LAYOUTS", 2)
+    cache = adapter_layout.LayoutCache()
+    shared, other, third = (object() for _ in range(3))  # stand-ins: the cache never reads them
+    cache.put((b"shared", 1, ""), shared)  # type: ignore[arg-type]
+    cache.put((b"other", 1, ""), other)  # type: ignore[arg-type]
+    assert cache.get((b"shared", 1, "")) is shared
+    cache.put((b"third", 1, ""), third)  # type: ignore[arg-type]
+    assert cache.get((b"shared", 1, "")) is shared
+    assert cache.get((b"other", 1, "")) is None
+    assert cache.get((b"third", 1, "")) is third
