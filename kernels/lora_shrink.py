@@ -122,7 +122,8 @@ def shrink_block(
     """[BLOCK_M, BLOCK_R] float32 x @ A.T of one tile and one rank block: in_dim in steps of
     BLOCK_K, each step's products summed, the steps added in order. The one accumulation of
     every shrink (this kernel's and the fused ones', kernels/add_rms_norm_shrink.py and
-    gated_activation_shrink.py), so that they agree."""
+    gated_activation_shrink.py), so that they agree: bit for bit at the same number of warps,
+    to float32 rounding otherwise (the fused norm runs more)."""
     accumulator = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k in range(0, in_dim, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)

@@ -243,8 +243,8 @@ class LlamaModel:
             return self.embed[input_ids]
         local = input_ids - self.vocab_first
         inside = (local >= 0) & (local < self.embed.shape[0])
-        rows = self.embed[local.clamp(0, self.embed.shape[0] - 1)]
-        hidden = torch.where(inside.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype))
+        hidden = self.embed[local.clamp(0, self.embed.shape[0] - 1)]  # a copy: gathered rows
+        hidden.masked_fill_(~inside.unsqueeze(-1), 0)
         self.collectives.all_reduce(hidden)
         return hidden
 
@@ -358,5 +358,5 @@ class LlamaModel:
     ) -> None:
         """out[:, slice i] += y[:, i] @ B_i for each token's adapter (all slices in one launch);
         nothing without LoRA."""
-        if lora is not None and y is not None:
+        if lora is not None and y is not None:  # y is None exactly when lora is (for mypy)
             self.kernels.lora_expand(out, y, weights, lora)
