@@ -16,6 +16,10 @@ compares capacities only where both points fell behind the offered rate: a serve
 keeps up serves the offered rate whatever it could do. So the default rate (200 req/s)
 is above what the CPU model sustains on two cores, each point says whether it was
 `at_capacity` (served under 90% of the offered rate), and the sweep warns when one was not.
+A single run moves by about ±5% on a shared 2-core machine: `--repeats N` runs every point
+N times, in turn, and reports each point's median run, the median of the per-repeat ratios
+(each repeat's point against the same repeat's smallest count, and a pinned point against
+the same count unpinned) and every run's row.
 
 `cold`: four background greedy streams on the base model; once they flow, a short
 request naming a cold adapter (rank 64 on every module: about 5 MB to read) is sent
@@ -74,24 +78,52 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     counts = [int(count) for count in args.counts.split(",")]
     model, adapters = ensure_assets("cpu", (8,), max(counts), args.cache_dir, "float32")
     folder = next(iter(adapters.values())).parent  # holds every built rank-8 adapter
-    points = []
-    for pinned in (False, True):
-        for count in counts:
-            pins = [adapter_name(i) for i in range(min(PINNED, count))] if pinned else []
-            point = _sweep_point(model, folder, count, pins, args)
-            print(json.dumps(_row(point)), flush=True)
-            points.append(point)
+    runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    for repeat in range(args.repeats):
+        for pinned in (False, True):
+            for count in counts:
+                pins = [adapter_name(i) for i in range(min(PINNED, count))] if pinned else []
+                point = _sweep_point(model, folder, count, pins, args)
+                point["repeat"] = repeat
+                print(json.dumps(_row(point)), flush=True)
+                runs.setdefault((count, pinned), []).append(point)
+    points = [_median_point(same) for same in runs.values()]
     for point in points:
-        smallest = next(p for p in points if bool(p["pinned"]) == bool(point["pinned"]))
-        ratio = point["throughput_req_s"] / smallest["throughput_req_s"]
-        point["throughput_vs_smallest"] = round(ratio, 3)
-    if not all(point["at_capacity"] for point in points):
+        key = (point["num_adapters"], bool(point["pinned"]))
+        ratios = _ratios(runs[key], runs[(counts[0], key[1])])
+        point["throughput_vs_smallest"] = round(statistics.median(ratios), 3)
+        point["throughput_vs_smallest_runs"] = [round(ratio, 3) for ratio in ratios]
+        if key[1]:  # what pinning costs: against the same count unpinned
+            ratios = _ratios(runs[key], runs[(key[0], False)])
+            point["throughput_vs_unpinned"] = round(statistics.median(ratios), 3)
+    if not all(run["at_capacity"] for same in runs.values() for run in same):
         print(
             "warning: some points kept up with the offered rate; their ratios say 'keeps up', "
             "not capacity: raise --req-rate",
             flush=True,
         )
     return points
+
+
+def _ratios(runs: list[dict[str, Any]], against: list[dict[str, Any]]) -> list[float]:
+    """Each repeat's throughput over the same repeat's of `against`."""
+    return [
+        run["throughput_req_s"] / other["throughput_req_s"]
+        for run, other in zip(runs, against, strict=True)
+    ]
+
+
+def _median_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median throughput among `runs` of one point (the middle one of an odd
+    number, the lower middle of an even), with every run's row beside it: a single run on
+    a shared 2-core machine moves by ±5%, so `--repeats` runs the points in turn and each
+    point reports its median."""
+    ordered = sorted(runs, key=lambda run: run["throughput_req_s"])
+    point = dict(ordered[(len(ordered) - 1) // 2])
+    point.pop("repeat", None)
+    point["errors"] = sum(run["errors"] for run in runs)
+    point["runs"] = [_row(run) for run in runs]
+    return point
 
 
 def _sweep_point(
@@ -309,6 +341,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--req-rate", type=float, default=200.0, help="sweep: requests/s offered (above capacity)"
     )
     parser.add_argument("--max-cpu-loras", type=int, default=256, help="sweep: host budget")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="sweep: runs of every point, in turn (medians)"
+    )
     parser.add_argument("--num-cold", type=int, default=12, help="cold: cold requests sent")
     parser.add_argument("--interval", type=float, default=0.3, help="cold: s between them")
     parser.add_argument("--baseline", type=float, default=2.0, help="cold: s watched before")
