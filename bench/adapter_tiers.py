@@ -10,12 +10,14 @@ against a `loraserve serve` process that *lists* an adapter folder (`--adapter-d
 and reads each adapter on first use, with host RAM for `--max-cpu-loras` adapters
 (fewer than the larger sets). Each count runs twice: as is, and with the first 64
 adapters (or all, if fewer) pinned in the pool. Reported per point: throughput, TTFT
-p50/p99, failed requests, adapters read from disk, and the throughput against the
-smallest count's (the target: at least 0.9x at 2000 adapters against 5). The ratio
-compares capacities only where both points fell behind the offered rate: a server that
-keeps up serves the offered rate whatever it could do. So the default rate (200 req/s)
-is above what the CPU model sustains on two cores, each point says whether it was
-`at_capacity` (served under 90% of the offered rate), and the sweep warns when one was not.
+p50/p99, failed requests, adapters read from disk and copied into the pool (how many, and
+their summed seconds, from the server's `vllm:lora_adapter_load_seconds`), and the
+throughput against the smallest count's (the target: at least 0.9x at 2000 adapters
+against 5). The ratio compares capacities only where both points fell behind the offered
+rate: a server that keeps up serves the offered rate whatever it could do. So the default
+rate (200 req/s) is above what the CPU model sustains on two cores, each point says whether
+it was `at_capacity` (served under 90% of the offered rate), and the sweep warns when one
+was not.
 A single run moves by about ±5% on a shared 2-core machine: `--repeats N` runs every point
 N times, in turn, and reports each point's median run, the median of the per-repeat ratios
 (each repeat's point against the same repeat's smallest count, and a pinned point against
@@ -148,8 +150,12 @@ def _sweep_point(
     point = {"num_adapters": count, "pinned": len(pins), **summarize(records, duration)}
     point["offered_req_s"] = round(len(records) / args.duration, 2)
     point["at_capacity"] = point["throughput_req_s"] < AT_CAPACITY * point["offered_req_s"]
-    point["disk_reads"] = _series(text, "vllm:lora_adapter_load_seconds_count", "load")
-    point["pool_copies"] = _series(text, "vllm:lora_adapter_load_seconds_count", "activate")
+    for key, transition in (("disk_reads", "load"), ("pool_copies", "activate")):
+        point[key] = _series(text, "vllm:lora_adapter_load_seconds_count", transition)
+        # their summed seconds: the reads' (on the loader thread, beside the steps) and the
+        # copies' (inside the steps)
+        seconds = _series(text, "vllm:lora_adapter_load_seconds_sum", transition)
+        point[f"{key}_seconds"] = round(seconds, 3)
     return point
 
 
