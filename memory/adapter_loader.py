@@ -20,8 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from loraserve.errors import AdapterError
 from loraserve.memory.adapter_store import AdapterReader, HostAdapter
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    """A worker thread's first act. torch's thread count is the calling thread's (OpenMP's
+    per-thread setting); torch also keeps the value for threads that start using torch
+    later, and the engine thread, which sets its own each step, started long before."""
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,12 @@ class LoadResult:
 class AdapterLoader:
     """Reads folders on `num_workers` threads; results come back through `poll`."""
 
-    def __init__(self, reader: AdapterReader, num_workers: int) -> None:
+    def __init__(
+        self, reader: AdapterReader, num_workers: int, torch_threads: int | None = None
+    ) -> None:
+        """`torch_threads`: threads of each worker's torch ops (None: torch's default). An
+        engine computing on the CPU reads on one, so that a read beside a step does not
+        start a second team of threads on the cores the step's team runs on."""
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.reader = reader
@@ -48,7 +63,12 @@ class AdapterLoader:
         self.num_in_flight = 0
         """Reads submitted and not yet collected by `poll` (engine thread only)."""
         self._pool = (
-            ThreadPoolExecutor(num_workers, thread_name_prefix="loraserve-adapter-loader")
+            ThreadPoolExecutor(
+                num_workers,
+                thread_name_prefix="loraserve-adapter-loader",
+                initializer=_set_torch_threads,
+                initargs=(torch_threads,),
+            )
             if num_workers
             else None
         )

@@ -99,7 +99,11 @@ class EngineCore:
             shards=ranks,
         )
         self.catalog = AdapterCatalog(
-            AdapterLoader(reader, lora.adapter_load_workers),
+            AdapterLoader(
+                reader,
+                lora.adapter_load_workers,
+                torch_threads=1 if runner.device.type == "cpu" else None,
+            ),
             lora.max_cpu_loras,
             lora.max_cpu_lora_bytes,
         )

@@ -14,7 +14,7 @@ On CUDA the copies run on a side stream (engine/runner/copy_stream.py), so that 
 step does not need yet (an adapter brought in ahead of its request) overlaps the
 forward pass; `wait_for` makes the forward wait for exactly the copies it reads, and
 for any copy left from an earlier step (whose pages may hold KV now). On a CPU every
-copy is done when `load` returns.
+copy is done when `load` returns, on one thread (`cpu_threads.one_thread`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from loraserve.engine.runner.copy_stream import SideStreamCopies
+from loraserve.engine.runner.cpu_threads import one_thread
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.latency_log import LatencyLog
 from loraserve.memory.residency import AdapterLoad
@@ -75,15 +76,20 @@ class DevicePool:
     def load(self, loads: Sequence[AdapterLoad]) -> None:
         """Copy each adapter's host pages into its pool pages and write its table rows
         (on CUDA: queue the copies on the side stream)."""
-        for load in loads:
+        if not loads:
+            return
+        if self.copies is None:
+            with one_thread():  # a CPU's copies: a few hundred KB each (cpu_threads.one_thread)
+                for load in loads:
+                    started = time.perf_counter()
+                    self._load(load, *self._table_rows(load))
+                    self.load_seconds.record(time.perf_counter() - started)
+            return
+        copies = self.copies
+        for load in loads:  # the pinned sources live until the copies are done
             tables = self._table_rows(load)
-            if self.copies is not None:  # the pinned sources live until the copies are done
-                copy = lambda load=load, tables=tables: self._load(load, *tables)  # noqa: E731
-                self.copies.run(load.slot, copy, keep=(load.adapter, tables))
-                continue
-            started = time.perf_counter()
-            self._load(load, *tables)
-            self.load_seconds.record(time.perf_counter() - started)
+            copy = lambda load=load, tables=tables: self._load(load, *tables)  # noqa: E731
+            copies.run(load.slot, copy, keep=(load.adapter, tables))
 
     def wait_for(self, slots: Collection[int]) -> None:
         """Before a forward pass that reads the adapters in `slots`: order it after their

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loraserve.engine.core.config import available_cores
-from loraserve.engine.runner.cpu_threads import PROBE_BUDGET, ThreadGovernor
+from loraserve.engine.runner.cpu_threads import PROBE_BUDGET, ThreadGovernor, one_thread
 
 
 class Machine:
@@ -80,3 +80,21 @@ def test_available_cores_are_within_the_affinity() -> None:
     import os
 
     assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_one_thread_inside_the_block_and_the_count_restored_after() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_thread():
+            raise RuntimeError("a failed copy")
+        assert torch.get_num_threads() == 2  # restored on the way out of an error too
+        torch.set_num_threads(1)
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -67,6 +67,37 @@ def test_registering_reads_nothing_and_a_request_reads_on_a_thread(folders) -> N
     assert catalog.max_rank("a") == 4 and catalog.drain_load_seconds() == [result.seconds]
 
 
+class ThreadCountingReader(AdapterReader):
+    """The real reader, noting the torch thread count each read runs with."""
+
+    seen: list[int]
+
+    def read(self, name: str, path: str | Path):  # type: ignore[no-untyped-def]
+        self.seen.append(torch.get_num_threads())
+        return super().read(name, path)
+
+
+@pytest.mark.parametrize("torch_threads", [1, None])
+def test_a_loader_thread_reads_on_the_torch_threads_it_is_given(folders, torch_threads) -> None:
+    arch = load_arch(folders["model"])
+    geometry = PoolGeometry.for_model(arch, block_size=8, max_lora_rank=8)
+    reader = ThreadCountingReader(arch, geometry, 8, torch.float32)
+    reader.seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the engine thread's, here; a loader thread must not take it
+    try:
+        loader = AdapterLoader(reader, 1, torch_threads=torch_threads)
+        loader.submit("a", folders["a"])
+        assert loader.wait(20.0)
+        (result,) = loader.poll()
+        assert result.error is None and result.host is not None
+        # None: torch's count for a thread that starts using it, the last one set (2)
+        assert reader.seen == ([1] if torch_threads == 1 else [2])
+        assert torch.get_num_threads() == 2  # the calling thread's own count is untouched
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_budget_drops_the_least_recently_used_idle_adapter(folders) -> None:
     in_use = {"a"}
     catalog = catalog_for(folders, max_cpu_loras=1)
