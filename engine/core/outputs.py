@@ -164,10 +164,10 @@ class EngineStats:
     """Pages of resident adapters that running requests use or that are pinned (not
     reclaimable now)."""
     loaded_adapters: tuple[tuple[str, str, bool, int], ...] = ()
-    num_host_adapters: int = 0
-    """Adapters in host RAM (some of which may be in the pool too)."""
     """(name, level, pinned, rank) of every adapter in the pool (level `gpu`) or only in
     host RAM (`cpu`), sorted by name."""
+    num_host_adapters: int = 0
+    """Adapters in host RAM (some of which may be in the pool too)."""
     num_adapter_loads: int = 0
     num_adapter_evictions: int = 0
     num_preemptions: int = 0
