@@ -11,8 +11,9 @@ and reads each adapter on first use, with host RAM for `--max-cpu-loras` adapter
 (fewer than the larger sets). Each count runs twice: as is, and with the first 64
 adapters (or all, if fewer) pinned in the pool. Reported per point: throughput, TTFT
 p50/p99, failed requests, adapters read from disk and copied into the pool (how many, and
-their summed seconds, from the server's `vllm:lora_adapter_load_seconds`), and the
-throughput against the smallest count's (the target: at least 0.9x at 2000 adapters
+their summed seconds, from the server's `vllm:lora_adapter_load_seconds`), the engine's
+steps and their mean wall time (`loraserve_engine_step_seconds`), and the throughput
+against the smallest count's (the target: at least 0.9x at 2000 adapters
 against 5). The ratio compares capacities only where both points fell behind the offered
 rate: a server that keeps up serves the offered rate whatever it could do. So the default
 rate (200 req/s) is above what the CPU model sustains on two cores, each point says whether
@@ -156,6 +157,10 @@ def _sweep_point(
         # copies' (inside the steps)
         seconds = _series(text, "vllm:lora_adapter_load_seconds_sum", transition)
         point[f"{key}_seconds"] = round(seconds, 3)
+    steps = _series(text, "loraserve_engine_step_seconds_count")
+    step_seconds = _series(text, "loraserve_engine_step_seconds_sum")
+    point["engine_steps"] = steps
+    point["engine_step_ms"] = round(1000 * step_seconds / steps, 2) if steps else None
     return point
 
 
@@ -317,8 +322,9 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def _series(text: str, name: str, transition: str) -> float:
-    pattern = rf'^{re.escape(name)}\{{transition="{transition}"\}} (\S+)$'
+def _series(text: str, name: str, transition: str | None = None) -> float:
+    labels = "" if transition is None else rf'\{{transition="{transition}"\}}'
+    pattern = rf"^{re.escape(name)}{labels} (\S+)$"
     match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 

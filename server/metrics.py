@@ -22,8 +22,9 @@ Two families of names:
   cached), with `model_name`.
 - loraserve's own `loraserve_*`: pool pages by use (`kv`: read by running requests;
   `kv_cached`: cached blocks nothing reads, reclaimable; `adapter`; `free`: the four sum
-  to `loraserve_pool_pages_total`), adapter loads/evictions,
-  request latency histograms, token counters, requests per model (adapter).
+  to `loraserve_pool_pages_total`), adapter loads/evictions, the engine step's wall time
+  (`loraserve_engine_step_seconds`), request latency histograms, token counters,
+  requests per model (adapter).
 - request latencies and tokens under vLLM's names too, with `model_name`
   (server/request_metrics.py), so that vLLM's dashboards work.
 
@@ -85,6 +86,13 @@ class ServerMetrics:
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.step_seconds = Histogram(
+            "loraserve_engine_step_seconds",
+            "Wall time of each engine step: schedule, adapter copies, forward pass and "
+            "sampling, postprocess.",
+            buckets=TOKEN_LATENCY_BUCKETS,  # a decode step is one token of each request
+            registry=self.registry,
+        )
         self.requests = RequestMetrics(self.registry, info.model_name, info.max_model_len)
 
     def update(self, stats: EngineStats, healthy: bool) -> None:
@@ -93,6 +101,8 @@ class ServerMetrics:
         self.healthy = healthy
         for transition, seconds in stats.new_adapter_load_seconds:
             self.adapter_load_seconds.labels(transition=transition).observe(seconds)
+        for seconds in stats.new_step_seconds:
+            self.step_seconds.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

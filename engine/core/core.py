@@ -54,6 +54,7 @@ from loraserve.memory.adapter_catalog import AdapterCatalog
 from loraserve.memory.adapter_loader import AdapterLoader
 from loraserve.memory.adapter_store import AdapterReader
 from loraserve.memory.geometry import PoolGeometry
+from loraserve.memory.latency_log import LatencyLog
 from loraserve.memory.pool import UnifiedPool
 from loraserve.models.arch import ModelArch
 from loraserve.models.hf_config import load_arch
@@ -135,6 +136,8 @@ class EngineCore:
         self._finished: list[str] = []
         """Requests the runner knows that ended since its last step."""
         self.num_preemptions = 0
+        self.step_seconds = LatencyLog()
+        """Wall time of each step that ran a plan, since the stats were last read."""
         """Preemptions since start (each one recomputes a request's KV later)."""
 
     @cached_property
@@ -286,6 +289,7 @@ class EngineCore:
     def step(self) -> list[EngineOutput]:
         """Take the adapter reads that finished, then run one forward pass over the
         scheduled chunks; outputs of requests that advanced (or failed)."""
+        started = time.perf_counter()
         failed = self._collect_adapter_reads()
         plan = self.scheduler.schedule()
         if plan.is_empty:
@@ -294,7 +298,9 @@ class EngineCore:
         self._started, self._finished = {}, []
         self._stamp_scheduled(plan)
         sampled = self.runner.execute(step)
-        return failed + self._postprocess(plan, sampled)
+        outputs = failed + self._postprocess(plan, sampled)
+        self.step_seconds.record(time.perf_counter() - started)
+        return outputs
 
     def _stamp_scheduled(self, plan: SchedulerOutput) -> None:
         """Note when each request first runs: its queue time ends (reported with its first
@@ -410,4 +416,5 @@ class EngineCore:
                 [(LOAD_TRANSITION, seconds) for seconds in self.catalog.drain_load_seconds()]
                 + [(ACTIVATE_TRANSITION, seconds) for seconds in self.runner.drain_load_seconds()]
             ),
+            new_step_seconds=tuple(self.step_seconds.drain()),
         )

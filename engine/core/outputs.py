@@ -179,3 +179,6 @@ class EngineStats:
     """(transition, seconds) of the loads since the previous reading, each reported once:
     `LOAD_TRANSITION` (a folder read into host RAM), `ACTIVATE_TRANSITION` (host RAM copied
     into the pool)."""
+    new_step_seconds: tuple[float, ...] = ()
+    """Wall time of each engine step since the previous reading (schedule, the copies, the
+    forward pass and sampling, postprocess), each reported once."""

@@ -35,6 +35,7 @@ DASHBOARD_MUST_SHOW = {
     "vllm:request_decode_time_seconds_bucket",
     "vllm:request_prompt_tokens_bucket",
     "vllm:request_generation_tokens_bucket",
+    "loraserve_engine_step_seconds_bucket",
 }
 VLLM_EXAMPLE_QUERIES = DEPLOY / "grafana" / "vllm" / "example-dashboard-queries.yaml"
 

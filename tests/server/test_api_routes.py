@@ -151,6 +151,27 @@ def test_vllm_request_histograms_count_each_completion(running: Running) -> None
     }
 
 
+def test_engine_steps_are_timed_one_observation_each(running: Running) -> None:
+    """A lone request of 5 tokens runs 5 steps (its prefill samples the first): 5 step times."""
+
+    def read() -> tuple[float, float]:
+        with running.server.http() as http:
+            text = http.get("/metrics").text
+        count = metric(text, "loraserve_engine_step_seconds_count")
+        return count, metric(text, "loraserve_engine_step_seconds_sum")
+
+    count, total = read()
+    running.server.client().completions.create(
+        model=running.app.state.served.base_model,
+        prompt="hello there",
+        max_tokens=5,
+        extra_body={"ignore_eos": True},
+    )
+    grown_count, grown_total = read()
+    assert grown_count - count == 5
+    assert grown_total > total
+
+
 def test_vllm_cli_spellings_are_accepted() -> None:
     args = vars(build_parser().parse_args([
         "serve", "--model", "m", "--enable-lora", "--lora-modules", "a=/x", '{"name": "b", "path": "/y"}',
