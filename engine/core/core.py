@@ -136,9 +136,9 @@ class EngineCore:
         self._finished: list[str] = []
         """Requests the runner knows that ended since its last step."""
         self.num_preemptions = 0
+        """Preemptions since start (each one recomputes a request's KV later)."""
         self.step_seconds = LatencyLog()
         """Wall time of each step that ran a plan, since the stats were last read."""
-        """Preemptions since start (each one recomputes a request's KV later)."""
 
     @cached_property
     def grammars(self) -> GrammarCompiler:
