@@ -9,10 +9,10 @@ matrices converted into the pool's layout (scaling folded into B) in page-sized 
 and the digest that names its KV. The folder's files are in the page cache after the
 warm-up read, so what is timed is CPU work, not the disk; and the reader's layout cache
 holds the folder's layout, as it holds that of the sweep's 2000 adapters trained alike after
-the first: what is timed is a read through the cached layout (memory/adapter_layout.py). Two adapters of the bench's
-CPU model (bench/models.py), float32 pool: the sweep's (rank 8 on q/k/v/o, the S1 point
-of `bench.adapter_tiers sweep`) and the cold one of `bench.adapter_tiers cold` (rank 64
-on every module).
+the first: what is timed is a read through the cached layout (memory/adapter_layout.py).
+Two adapters of the bench's CPU model (bench/models.py), float32 pool: the sweep's (rank 8
+on q/k/v/o, the S1 point of `bench.adapter_tiers sweep`) and the cold one of
+`bench.adapter_tiers cold` (rank 64 on every module).
 
 Reported per adapter: the median microseconds per read, the safetensors file's size,
 µs per MB of it, and the same for one copy of that many bytes in RAM (`torch`'s copy

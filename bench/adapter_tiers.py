@@ -13,12 +13,13 @@ adapters (or all, if fewer) pinned in the pool. Reported per point: throughput, 
 p50/p99, failed requests, adapters read from disk and copied into the pool (how many, and
 their summed seconds, from the server's `vllm:lora_adapter_load_seconds`), the engine's
 steps and their mean wall time (`loraserve_engine_step_seconds`), and the throughput
-against the smallest count's (the target: at least 0.9x at 2000 adapters
-against 5). The ratio compares capacities only where both points fell behind the offered
-rate: a server that keeps up serves the offered rate whatever it could do. So the default
-rate (200 req/s) is above what the CPU model sustains on two cores, each point says whether
-it was `at_capacity` (served under 90% of the offered rate), and the sweep warns when one
-was not.
+against the smallest count's (the target: at least 0.9x at 2000 adapters against 5). The
+ratio compares capacities only where both points fell behind the offered rate: a server
+that keeps up serves the offered rate whatever it could do. So the default rate (200
+req/s) is above what the CPU model sustains on two cores, each point says whether it was
+`at_capacity` (served under 90% of the offered rate), and the sweep warns when one was
+not.
+
 A single run moves by about ±5% on a shared 2-core machine: `--repeats N` runs every point
 N times, in turn, and reports each point's median run, the median of the per-repeat ratios
 (each repeat's point against the same repeat's smallest count, and a pinned point against

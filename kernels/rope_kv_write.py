@@ -16,11 +16,10 @@ page of the pool through `kv`'s strides (one layer's view, whose page stride is 
 size). Rotated k never goes back to memory other than the pool: attention reads it from
 there. This is the prefill path: a decode step rotates and writes inside its attention
 launch instead (rope_kv_attention.py), through the same rounding helper
-(triton_utils.rope_rotate).
-Inputs are read through their token and head strides (views of the fused qkv
-output, or the normed q and k of Qwen3 and Gemma 3). A slot < 0 marks a padding token:
-its K and V are not written; its q is still rotated (attention reads it, then it is
-discarded).
+(triton_utils.rope_rotate). Inputs are read through their token and head strides (views of
+the fused qkv output, or the normed q and k of Qwen3 and Gemma 3). A slot < 0 marks a
+padding token: its K and V are not written; its q is still rotated (attention reads it,
+then it is discarded).
 """
 
 from __future__ import annotations

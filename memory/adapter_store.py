@@ -81,8 +81,8 @@ class HostAdapter:
     1, its own, in what a rank's process is sent: `rank_slabs`)."""
     local_offsets: torch.Tensor
     """[num_layers, NUM_LORA_MODULES, 3] int64: element offset of A (0), B (1) and DoRA's g (2)
-    from the start of each shard's slab `pages[s]` (page index * page_numel + offset in page); NOT_TARGETED (-1)
-    where the module is not adapted (A, B, g) or not DoRA (g)."""
+    from the start of each shard's slab `pages[s]` (page index * page_numel + offset in
+    page); NOT_TARGETED (-1) where the module is not adapted (A, B, g) or not DoRA (g)."""
     ranks: torch.Tensor
     """[num_layers, NUM_LORA_MODULES] int32; 0 where the module is not adapted."""
     max_rank: int

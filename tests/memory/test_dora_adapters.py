@@ -201,8 +201,9 @@ def test_refusals(tmp_path) -> None:
 
 
 def test_scale_in_row_chunks_is_the_same(family, monkeypatch) -> None:
-    """g is computed a few rows at a time (bounded device memory): the same values, to float32
-    rounding (BLAS may block a 2-row product differently from a 64-row one: on AMD EPYC it does)."""
+    """g is computed a few rows at a time (bounded device memory): the same values, to
+    float32 rounding (BLAS may block a 2-row product differently from a 64-row one: on AMD
+    EPYC it does)."""
     model, arch, dora, _ = family
     whole = new_store(arch, model).register("dora", dora)
     monkeypatch.setattr(dora_module, "NORM_CHUNK_ELEMENTS", 100)  # one or two rows a time
