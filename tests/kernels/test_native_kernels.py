@@ -257,6 +257,32 @@ def test_same_results_on_one_thread(generator):
         assert torch.equal(many, one)
 
 
+@pytest.mark.parametrize("threads", [2, 1])
+def test_lora_decode_of_many_segments_runs_every_item_once(threads, generator):
+    """A decode step of many one-token segments (and a prefill chunk) is many small work
+    items, which the threads claim one ahead of the one they run (prefetching its weights):
+    every y row written once (no NaN of the poisoned buffer left) and every expand added
+    once, on two threads as on one."""
+    group = ODD_GROUPS[1]
+    lengths = (1,) * 61 + (40,)
+    batch = make_batch(group, lengths, "uniform", F32, generator)
+    x, weights = shrink_inputs(group, batch, generator)
+    y = torch.full((x.shape[0], len(group.widths), batch.max_rank), float("nan"))
+    out = wide_view(x.shape[0], sum(group.widths), generator)
+    expected = out.clone()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native.lora_shrink(x, weights, batch, out=y)
+        native.lora_expand(out, y, weights, batch)
+    finally:
+        torch.set_num_threads(before)
+    expected_y = reference.lora_shrink(x, weights, batch)
+    assert_close(y, expected_y, F32)
+    reference.lora_expand(expected, expected_y, weights, batch)
+    assert_close(out, expected, F32)
+
+
 def test_attention_nan_query_stays_its_own(generator):
     """A NaN in one token's query makes that token's output NaN (as the reference), no other."""
     args = attention_inputs([(1, 20), (1, 7), (3, 9)], (4, 2), (64, 16), F32, generator)
