@@ -165,6 +165,14 @@ static void shrink_item(const float* x, int64_t x_stride, int64_t in_dim, const 
                      chunk->end - chunk->first);
 }
 
+/* Into L2, the A that shrink_item(chunk, slice) will read. */
+static void prefetch_a(const float* pool, const AdapterTable* table, const Chunk* chunk,
+                       int64_t slice, int64_t in_dim) {
+    int64_t rank = chunk->slot == NO_ADAPTER ? 0 : table_rank(table, chunk->slot, slice);
+    if (rank > 0)
+        prefetch_rows(pool + table_offset(table, chunk->slot, slice), 1, 0, rank * in_dim);
+}
+
 int loraserve_lora_shrink(
     const float* x,                /* [num_tokens, in_dim], row stride x_stride, unit columns */
     int64_t x_stride,              /* elements between consecutive tokens of x */
@@ -201,14 +209,8 @@ int loraserve_lora_shrink(
         int64_t item = claim_item(&next_item);
         while (item < num_items) {
             int64_t next = claim_item(&next_item);
-            if (next < num_items) {
-                const Chunk* chunk = &chunks[next / num_slices];
-                int64_t slice = next % num_slices;
-                int64_t rank = chunk->slot == NO_ADAPTER ? 0 : table_rank(&table, chunk->slot, slice);
-                if (rank > 0)
-                    prefetch_rows(pool + table_offset(&table, chunk->slot, slice), 1, 0,
-                                  rank * in_dim);
-            }
+            if (next < num_items)
+                prefetch_a(pool, &table, &chunks[next / num_slices], next % num_slices, in_dim);
             shrink_item(x, x_stride, in_dim, pool, &table, &chunks[item / num_slices],
                         item % num_slices, num_slices, max_rank, y);
             item = next;
@@ -318,6 +320,16 @@ static void expand_item(float* out, int64_t out_stride, const float* y, int64_t 
     }
 }
 
+/* Into L2, the rows of B that expand_item(chunk, block) will read. */
+static void prefetch_b(const float* pool, const AdapterTable* table, const int64_t* slice_starts,
+                       const Chunk* chunk, const ColumnBlock* block) {
+    int64_t rank = table_rank(table, chunk->slot, block->slice);
+    if (rank == 0) return;
+    int64_t width = slice_starts[block->slice + 1] - slice_starts[block->slice];
+    prefetch_rows(pool + table_offset(table, chunk->slot, block->slice) + block->first, rank,
+                  width, block->end - block->first);
+}
+
 int loraserve_lora_expand(
     float* out,                    /* [num_tokens, slice_starts[num_slices]], row stride */
     int64_t out_stride,            /* elements between consecutive tokens of out */
@@ -367,16 +379,9 @@ int loraserve_lora_expand(
         int64_t item = claim_item(&next_item);
         while (item < num_items) {
             int64_t next = claim_item(&next_item);
-            if (next < num_items) {
-                const Chunk* chunk = &chunks[next / num_blocks];
-                const ColumnBlock* block = &blocks[next % num_blocks];
-                int64_t rank = table_rank(&table, chunk->slot, block->slice);
-                int64_t width = slice_starts[block->slice + 1] - slice_starts[block->slice];
-                if (rank > 0)
-                    prefetch_rows(pool + table_offset(&table, chunk->slot, block->slice) +
-                                      block->first,
-                                  rank, width, block->end - block->first);
-            }
+            if (next < num_items)
+                prefetch_b(pool, &table, slice_starts, &chunks[next / num_blocks],
+                           &blocks[next % num_blocks]);
             expand_item(out, out_stride, y, num_slices, max_rank, pool, &table, &dora,
                         slice_starts, &chunks[item / num_blocks], &blocks[item % num_blocks]);
             item = next;
