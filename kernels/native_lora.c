@@ -70,10 +70,26 @@ static inline int64_t table_offset(const AdapterTable* table, int32_t slot, int6
     return table->offsets[slot * table->offset_slot_stride + slice * table->offset_slice_stride];
 }
 
-/* The next unclaimed item of a parallel loop (`*counter` counts the items claimed so far;
- * past the last it returns num_items or more, which ends every thread's loop). */
-static inline int64_t claim_item(int64_t* counter) {
-    return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+/* One work item of a kernel (`work`: its arguments), to prefetch or to run. */
+typedef void (*ItemFunction)(const void* work, int64_t item);
+
+/* Items [0, num_items) over `num_threads` threads (one, unless `parallel`), handed out one
+ * at a time (a thread the OS delays takes fewer); each thread claims its next item before
+ * it runs the one in hand, and prefetches that next item's weights meanwhile. Inlined with
+ * its functions, so that each kernel's prefetch stays in its loop (see prefetch_rows). */
+ALWAYS_INLINE void run_items(int64_t num_items, int parallel, int num_threads, const void* work,
+                             ItemFunction prefetch, ItemFunction run) {
+    int64_t claimed = 0; /* items claimed so far, by every thread */
+#pragma omp parallel num_threads(num_threads) if (parallel)
+    {
+        int64_t item = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+        while (item < num_items) {
+            int64_t next = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+            if (next < num_items) prefetch(work, next);
+            run(work, item);
+            item = next;
+        }
+    }
 }
 
 /* Status of segment bounds and slots; *fmas gets the batch's multiply-adds (for the
@@ -167,12 +183,31 @@ static void shrink_item(const float* x, int64_t x_stride, int64_t in_dim, const 
                      chunk->end - chunk->first);
 }
 
-/* Into L2, the A that shrink_item(chunk, slice) will read. */
-ALWAYS_INLINE void prefetch_a(const float* pool, const AdapterTable* table,
-                             const Chunk* chunk, int64_t slice, int64_t in_dim) {
-    int64_t rank = chunk->slot == NO_ADAPTER ? 0 : table_rank(table, chunk->slot, slice);
+typedef struct {
+    const float* x;
+    int64_t x_stride, in_dim;
+    const float* pool;
+    const AdapterTable* table;
+    const Chunk* chunks;
+    int64_t num_slices, max_rank;
+    float* y;
+} ShrinkWork; /* loraserve_lora_shrink's arguments; item = chunk * num_slices + slice */
+
+ALWAYS_INLINE void shrink_run(const void* work, int64_t item) {
+    const ShrinkWork* w = work;
+    shrink_item(w->x, w->x_stride, w->in_dim, w->pool, w->table, &w->chunks[item / w->num_slices],
+                item % w->num_slices, w->num_slices, w->max_rank, w->y);
+}
+
+/* Into L2, the A that shrink_run(item) will read. */
+ALWAYS_INLINE void shrink_prefetch(const void* work, int64_t item) {
+    const ShrinkWork* w = work;
+    const Chunk* chunk = &w->chunks[item / w->num_slices];
+    int64_t slice = item % w->num_slices;
+    int64_t rank = chunk->slot == NO_ADAPTER ? 0 : table_rank(w->table, chunk->slot, slice);
     if (rank > 0)
-        prefetch_rows(pool + table_offset(table, chunk->slot, slice), 1, 0, rank * in_dim);
+        prefetch_rows(w->pool + table_offset(w->table, chunk->slot, slice), 1, 0,
+                      rank * w->in_dim);
 }
 
 int loraserve_lora_shrink(
@@ -205,19 +240,10 @@ int loraserve_lora_shrink(
     if (status != STATUS_OK) return status;
     Chunk* chunks = token_chunks(segment_starts, segment_slots, num_segments, 1, &num_chunks);
     if (chunks == NULL) return STATUS_NO_MEMORY;
-    int64_t num_items = num_chunks * num_slices, next_item = 0;
-#pragma omp parallel num_threads(num_threads) if (num_items > 1 && fmas >= PARALLEL_MIN_FMAS)
-    {
-        int64_t item = claim_item(&next_item);
-        while (item < num_items) {
-            int64_t next = claim_item(&next_item);
-            if (next < num_items)
-                prefetch_a(pool, &table, &chunks[next / num_slices], next % num_slices, in_dim);
-            shrink_item(x, x_stride, in_dim, pool, &table, &chunks[item / num_slices],
-                        item % num_slices, num_slices, max_rank, y);
-            item = next;
-        }
-    }
+    ShrinkWork work = {x, x_stride, in_dim, pool, &table, chunks, num_slices, max_rank, y};
+    int64_t num_items = num_chunks * num_slices;
+    run_items(num_items, num_items > 1 && fmas >= PARALLEL_MIN_FMAS, num_threads, &work,
+              shrink_prefetch, shrink_run);
     free(chunks);
     return STATUS_OK;
 }
@@ -322,15 +348,37 @@ static void expand_item(float* out, int64_t out_stride, const float* y, int64_t 
     }
 }
 
-/* Into L2, the rows of B that expand_item(chunk, block) will read. */
-ALWAYS_INLINE void prefetch_b(const float* pool, const AdapterTable* table,
-                             const int64_t* slice_starts, const Chunk* chunk,
-                             const ColumnBlock* block) {
-    int64_t rank = table_rank(table, chunk->slot, block->slice);
+typedef struct {
+    float* out;
+    int64_t out_stride;
+    const float* y;
+    int64_t num_slices, max_rank;
+    const float* pool;
+    const AdapterTable* table;
+    const DoraTable* dora;
+    const int64_t* slice_starts;
+    const Chunk* chunks;
+    const ColumnBlock* blocks;
+    int64_t num_blocks;
+} ExpandWork; /* loraserve_lora_expand's arguments; item = chunk * num_blocks + block */
+
+ALWAYS_INLINE void expand_run(const void* work, int64_t item) {
+    const ExpandWork* w = work;
+    expand_item(w->out, w->out_stride, w->y, w->num_slices, w->max_rank, w->pool, w->table,
+                w->dora, w->slice_starts, &w->chunks[item / w->num_blocks],
+                &w->blocks[item % w->num_blocks]);
+}
+
+/* Into L2, the rows of B that expand_run(item) will read. */
+ALWAYS_INLINE void expand_prefetch(const void* work, int64_t item) {
+    const ExpandWork* w = work;
+    const Chunk* chunk = &w->chunks[item / w->num_blocks];
+    const ColumnBlock* block = &w->blocks[item % w->num_blocks];
+    int64_t rank = table_rank(w->table, chunk->slot, block->slice);
     if (rank == 0) return;
-    int64_t width = slice_starts[block->slice + 1] - slice_starts[block->slice];
-    prefetch_rows(pool + table_offset(table, chunk->slot, block->slice) + block->first, rank,
-                  width, block->end - block->first);
+    int64_t width = w->slice_starts[block->slice + 1] - w->slice_starts[block->slice];
+    prefetch_rows(w->pool + table_offset(w->table, chunk->slot, block->slice) + block->first,
+                  rank, width, block->end - block->first);
 }
 
 int loraserve_lora_expand(
@@ -376,20 +424,11 @@ int loraserve_lora_expand(
         free(blocks);
         return STATUS_NO_MEMORY;
     }
-    int64_t num_items = num_chunks * num_blocks, next_item = 0;
-#pragma omp parallel num_threads(num_threads) if (num_items > 1 && fmas >= PARALLEL_MIN_FMAS)
-    {
-        int64_t item = claim_item(&next_item);
-        while (item < num_items) {
-            int64_t next = claim_item(&next_item);
-            if (next < num_items)
-                prefetch_b(pool, &table, slice_starts, &chunks[next / num_blocks],
-                           &blocks[next % num_blocks]);
-            expand_item(out, out_stride, y, num_slices, max_rank, pool, &table, &dora,
-                        slice_starts, &chunks[item / num_blocks], &blocks[item % num_blocks]);
-            item = next;
-        }
-    }
+    ExpandWork work = {out,  out_stride,   y,      num_slices, max_rank,  pool,
+                       &table, &dora, slice_starts, chunks, blocks,     num_blocks};
+    int64_t num_items = num_chunks * num_blocks;
+    run_items(num_items, num_items > 1 && fmas >= PARALLEL_MIN_FMAS, num_threads, &work,
+              expand_prefetch, expand_run);
     free(chunks);
     free(blocks);
     return STATUS_OK;
