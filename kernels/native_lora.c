@@ -424,8 +424,8 @@ int loraserve_lora_expand(
         free(blocks);
         return STATUS_NO_MEMORY;
     }
-    ExpandWork work = {out,  out_stride,   y,      num_slices, max_rank,  pool,
-                       &table, &dora, slice_starts, chunks, blocks,     num_blocks};
+    ExpandWork work = {out, out_stride, y, num_slices, max_rank, pool, &table, &dora,
+                       slice_starts, chunks, blocks, num_blocks};
     int64_t num_items = num_chunks * num_blocks;
     run_items(num_items, num_items > 1 && fmas >= PARALLEL_MIN_FMAS, num_threads, &work,
               expand_prefetch, expand_run);
