@@ -21,6 +21,7 @@ Reported per thread count and adapter count: the median and best milliseconds of
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -82,9 +83,7 @@ def step_batch(adapters: list[int]) -> LoraBatch:
     lengths = [PREFILL_TOKENS if index < PREFILL_CHUNKS else 0 for index in range(len(adapters))]
     for token in range(DECODE_TOKENS):
         lengths[token % len(adapters)] += 1
-    starts = [0]
-    for length in lengths:
-        starts.append(starts[-1] + length)
+    starts = list(itertools.accumulate(lengths, initial=0))
     return LoraBatch(
         torch.tensor(starts, dtype=torch.int32), torch.tensor(adapters, dtype=torch.int32), RANK
     )

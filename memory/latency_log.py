@@ -1,8 +1,9 @@
 """Durations recorded between two reads of the engine's stats, bounded.
 
-The engine records how long each adapter read (memory/adapter_catalog.py) and each copy
-into the pool (engine/runner/device_pool.py) took; /metrics takes them for its histograms. With
-nobody reading the stats (the `LLM` class), only the latest `MAX_RECORDED` are kept.
+The engine records how long each adapter read (memory/adapter_catalog.py), each copy into
+the pool (engine/runner/device_pool.py) and each step (engine/core/core.py) took; /metrics
+takes them for its histograms. With nobody reading the stats (the `LLM` class), only the
+latest `MAX_RECORDED` are kept.
 """
 
 from __future__ import annotations
