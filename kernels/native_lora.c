@@ -194,20 +194,21 @@ typedef struct {
 } ShrinkWork; /* loraserve_lora_shrink's arguments; item = chunk * num_slices + slice */
 
 ALWAYS_INLINE void shrink_run(const void* work, int64_t item) {
-    const ShrinkWork* w = work;
-    shrink_item(w->x, w->x_stride, w->in_dim, w->pool, w->table, &w->chunks[item / w->num_slices],
-                item % w->num_slices, w->num_slices, w->max_rank, w->y);
+    const ShrinkWork* job = work;
+    shrink_item(job->x, job->x_stride, job->in_dim, job->pool, job->table,
+                &job->chunks[item / job->num_slices], item % job->num_slices, job->num_slices,
+                job->max_rank, job->y);
 }
 
 /* Into L2, the A that shrink_run(item) will read. */
 ALWAYS_INLINE void shrink_prefetch(const void* work, int64_t item) {
-    const ShrinkWork* w = work;
-    const Chunk* chunk = &w->chunks[item / w->num_slices];
-    int64_t slice = item % w->num_slices;
-    int64_t rank = chunk->slot == NO_ADAPTER ? 0 : table_rank(w->table, chunk->slot, slice);
+    const ShrinkWork* job = work;
+    const Chunk* chunk = &job->chunks[item / job->num_slices];
+    int64_t slice = item % job->num_slices;
+    int64_t rank = chunk->slot == NO_ADAPTER ? 0 : table_rank(job->table, chunk->slot, slice);
     if (rank > 0)
-        prefetch_rows(w->pool + table_offset(w->table, chunk->slot, slice), 1, 0,
-                      rank * w->in_dim);
+        prefetch_rows(job->pool + table_offset(job->table, chunk->slot, slice), 1, 0,
+                      rank * job->in_dim);
 }
 
 int loraserve_lora_shrink(
@@ -363,21 +364,21 @@ typedef struct {
 } ExpandWork; /* loraserve_lora_expand's arguments; item = chunk * num_blocks + block */
 
 ALWAYS_INLINE void expand_run(const void* work, int64_t item) {
-    const ExpandWork* w = work;
-    expand_item(w->out, w->out_stride, w->y, w->num_slices, w->max_rank, w->pool, w->table,
-                w->dora, w->slice_starts, &w->chunks[item / w->num_blocks],
-                &w->blocks[item % w->num_blocks]);
+    const ExpandWork* job = work;
+    expand_item(job->out, job->out_stride, job->y, job->num_slices, job->max_rank, job->pool,
+                job->table, job->dora, job->slice_starts, &job->chunks[item / job->num_blocks],
+                &job->blocks[item % job->num_blocks]);
 }
 
 /* Into L2, the rows of B that expand_run(item) will read. */
 ALWAYS_INLINE void expand_prefetch(const void* work, int64_t item) {
-    const ExpandWork* w = work;
-    const Chunk* chunk = &w->chunks[item / w->num_blocks];
-    const ColumnBlock* block = &w->blocks[item % w->num_blocks];
-    int64_t rank = table_rank(w->table, chunk->slot, block->slice);
+    const ExpandWork* job = work;
+    const Chunk* chunk = &job->chunks[item / job->num_blocks];
+    const ColumnBlock* block = &job->blocks[item % job->num_blocks];
+    int64_t rank = table_rank(job->table, chunk->slot, block->slice);
     if (rank == 0) return;
-    int64_t width = w->slice_starts[block->slice + 1] - w->slice_starts[block->slice];
-    prefetch_rows(w->pool + table_offset(w->table, chunk->slot, block->slice) + block->first,
+    int64_t width = job->slice_starts[block->slice + 1] - job->slice_starts[block->slice];
+    prefetch_rows(job->pool + table_offset(job->table, chunk->slot, block->slice) + block->first,
                   rank, width, block->end - block->first);
 }
 
