@@ -14,7 +14,9 @@ Two adapters of the bench's CPU model (bench/models.py), float32 pool: the sweep
 on q/k/v/o, the S1 point of `bench.adapter_tiers sweep`) and the cold one of
 `bench.adapter_tiers cold` (rank 64 on every module).
 
-Reported per adapter: the median microseconds per read, the safetensors file's size,
+Each adapter is read twice over: its copies done by torch's ops, and in C (the
+`native_copies` of a CPU engine running the native kernels; skipped where they cannot be
+built). Reported per adapter and way: the median microseconds per read, the safetensors file's size,
 µs per MB of it, and the same for one copy of that many bytes in RAM (`torch`'s copy
 of a buffer already allocated, the floor a read could reach): the ratio says how many
 copies a read costs; and the Python function calls one read makes (cProfile's count, after
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from loraserve.kernels import native
 from loraserve.memory.adapter_store import AdapterReader
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.peft_format import SAFETENSORS_FILE
@@ -100,12 +103,19 @@ def main(argv: list[str] | None = None) -> None:
     model, adapters = _adapters(args.cache_dir)
     arch = load_arch(model)
     geometry = PoolGeometry.for_model(arch, BLOCK_SIZE, MAX_LORA_RANK)
-    reader = AdapterReader(arch, geometry, MAX_LORA_RANK, torch.float32)
     rows = []
-    for label, folder in adapters.items():
-        row = {"adapter": label, "threads": torch.get_num_threads()}
-        rows.append(row | measure(reader, folder, args.reads))
-        print(json.dumps(rows[-1]), flush=True)
+    for native_copies in (False, True) if native.available() else (False,):
+        reader = AdapterReader(
+            arch, geometry, MAX_LORA_RANK, torch.float32, native_copies=native_copies
+        )
+        for label, folder in adapters.items():
+            row: dict[str, object] = {
+                "adapter": label,
+                "copies": "native" if native_copies else "torch",
+                "threads": torch.get_num_threads(),
+            }
+            rows.append(row | measure(reader, folder, args.reads))
+            print(json.dumps(rows[-1]), flush=True)
     if args.json is not None:
         results = {"run": run_metadata(), "reads": args.reads, "rows": rows}
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,5 +1,8 @@
 """The native CPU kernels: C (OpenMP) LoRA shrink/expand, KV write and paged attention.
 
+Also the copies of an adapter read into its pages (`pack_copies`, native_pack.c): the
+loader's work, not a step's, done in C where the engine runs these kernels.
+
 The glue between projections (add + RMSNorm, the gated activation, RoPE before the C KV
 write) is the references' torch code: on a CPU a launch costs no device time, and those
 ops are a small part of a step.
@@ -55,6 +58,7 @@ __all__ = [
     "gated_activation_shrink",
     "lora_expand",
     "lora_shrink",
+    "pack_copies",
     "paged_attention",
     "rope_write_kv",
     "rope_write_kv_attention",
@@ -73,6 +77,7 @@ _SIGNATURES = {
     "loraserve_lora_expand": "piipipipiipiiiipppipiipn",
     "loraserve_write_kv": "piiiiiiiipiipiipiin",
     "loraserve_paged_attention": "piipiiiiiiiiipiiippiififipiin",
+    "loraserve_pack_copies": "pipippi",
 }
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float, "n": ctypes.c_int}
 _library: ctypes.CDLL | None = None
@@ -157,6 +162,36 @@ def lora_expand(
     )  # fmt: skip
     if status:
         checks.raise_lora_error(status, starts, slots, offsets, ranks, y.shape[2], pool)
+
+
+def pack_copies(
+    source: torch.Tensor, target: torch.Tensor, table: torch.Tensor, scales: torch.Tensor
+) -> None:
+    """Semantics (native_pack.c): for every copy i, (s, rs, cs, t, rows, cols) = table[i],
+    target[t + r * cols + c] = scales[i] * source[s + r * rs + c * cs] for r < rows, c < cols.
+
+    source: [source elements] float32, contiguous (a read file's data)
+    target: [target elements] float32, contiguous (an adapter's pages)
+    table: [num_copies, 6] int64, contiguous; scales: [num_copies] float32, contiguous
+    ValueError, with nothing written, when a copy reaches outside source or target."""
+    checks.check_cpu_float32(source=source, target=target, scales=scales)
+    if table.dtype != torch.int64 or table.dim() != 2 or table.shape[1] != 6:
+        raise ValueError(f"table must be [num_copies, 6] int64, got {table.dtype} {table.shape}")
+    if scales.shape != table.shape[:1]:
+        raise ValueError(f"scales must be [{table.shape[0]}], got {list(scales.shape)}")
+    for name, tensor in (("source", source), ("target", target), ("table", table)):
+        if not tensor.is_contiguous() or not tensor.is_cpu:
+            raise ValueError(f"{name} must be a contiguous CPU tensor")
+    scales = scales.contiguous()
+    status = _native().loraserve_pack_copies(
+        source.data_ptr(), source.numel(), target.data_ptr(), target.numel(),
+        table.data_ptr(), scales.data_ptr(), table.shape[0],
+    )  # fmt: skip
+    if status:
+        raise ValueError(
+            f"a copy of the table reaches outside the source ({source.numel()} elements) "
+            f"or the target ({target.numel()})"
+        )
 
 
 def write_kv(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from loraserve.kernels.constants import NO_ADAPTER
 
-SOURCES = ("native_lora.c", "native_attention.c")
+SOURCES = ("native_lora.c", "native_attention.c", "native_pack.c")
 HEADERS = ("native_common.h", "native_tiles.h")
 COMMON_FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC", f"-DNO_ADAPTER={NO_ADAPTER}")
 FLAG_SETS = (  # tried in order

@@ -29,6 +29,7 @@ enum native_status {
     STATUS_BAD_OFFSET = 5,  /* an adapter matrix that does not lie inside the pool */
     STATUS_BAD_CONTEXT = 6, /* a context shorter than its queries or longer than its table */
     STATUS_BAD_PAGE = 7,    /* a page index outside [0, num_pages) */
+    STATUS_BAD_COPY = 8,    /* a copy reading or writing outside its source or target */
 };
 
 #endif

@@ -6,9 +6,11 @@ values (which tensors fill which modules, their shapes and checks, the offsets i
 is the same for all of them. `AdapterReader` (memory/adapter_store.py) keeps it per
 (header, file size, `peft_format.layout_config`) as a `Layout`, and fills the pages of the
 next such folder with `copy_planned`: every A and B in one `torch._foreach_copy_` straight
-from the mapped file, every B scaled by one `_foreach_mul_`. Example, four q/k/v/o layers
+from the file's bytes, every B scaled by one `_foreach_mul_`. Example, four q/k/v/o layers
 at rank 8: 32 copies in 2 ops (3 for a half-precision pool) instead of 32 per-matrix copies
-and their ~3,500 Python calls of per-tensor checks.
+and their ~3,500 Python calls of per-tensor checks. Where the file and the pool are float32
+and the engine runs the native kernels, one C call does them all (`kernels.native.pack_copies`:
+no view per matrix, each transposed B walked along the file's rows).
 
 The values are those of the module-by-module copy (`adapter_store._scaled_copy`): B is
 scaled in float32, which holds every value of the float16/bfloat16/float32 files it applies
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loraserve.kernels import native
 from loraserve.memory.peft_format import LoraModule
 from loraserve.memory.safetensors_map import SafetensorsFile, TensorEntry
 from loraserve.models.arch import ModelArch
@@ -61,6 +64,10 @@ class Copies:
     scalings: float | list[float]
     dtypes: frozenset[torch.dtype]
     staging: tuple[int, ...] | None
+    native: tuple[torch.Tensor, torch.Tensor] | None
+    """The same copies for `kernels.native.pack_copies`, float32 file and pool only: [copies, 6]
+    int64 (source, row stride, column stride, target, rows, columns), [copies] float32 scales
+    (1 for an A)."""
 
 
 @dataclass(frozen=True)
@@ -139,15 +146,25 @@ def plan_copies(
             scalings.append(module.scaling)
             row += width
     numels = [math.prod(copy.shape) for copy in b_copies]
+    dtypes = frozenset(copy.dtype for copy in a_copies + b_copies)
     return Copies(
         copies=tuple(a_copies + b_copies),
         num_a=len(a_copies),
         scalings=scalings[0] if len(set(scalings)) == 1 else scalings,
-        dtypes=frozenset(copy.dtype for copy in a_copies + b_copies),
+        dtypes=dtypes,
         staging=None
         if pool_dtype == torch.float32
         else tuple(itertools.accumulate(numels, initial=0)),
+        native=_native_table(a_copies + b_copies, [1.0] * len(a_copies) + scalings)
+        if pool_dtype == torch.float32 and dtypes == {torch.float32}
+        else None,
     )
+
+
+def _native_table(copies: list[Copy], scales: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Copies.native` of `copies`."""
+    rows = [(c.source, *c.stride, c.target, *c.shape) for c in copies]
+    return torch.tensor(rows, dtype=torch.int64), torch.tensor(scales, dtype=torch.float32)
 
 
 def _in_data(file: SafetensorsFile, entry: TensorEntry) -> bool:
@@ -156,9 +173,15 @@ def _in_data(file: SafetensorsFile, entry: TensorEntry) -> bool:
     return file.data_start % entry.dtype.itemsize == 0 and file.is_aligned(entry)
 
 
-def copy_planned(flat: torch.Tensor, file: SafetensorsFile, copies: Copies) -> None:
-    """Write `copies` from `file` into `flat` (the pages, [num_pages * page_numel], zeros)."""
-    data = {dtype: file.data(dtype) for dtype in copies.dtypes}  # [elements], views of the map
+def copy_planned(
+    flat: torch.Tensor, file: SafetensorsFile, copies: Copies, native_copies: bool = False
+) -> None:
+    """Write `copies` from `file` into `flat` (the pages, [num_pages * page_numel], zeros);
+    with `native_copies`, in C where the copies allow it (`Copies.native`)."""
+    if native_copies and copies.native is not None:
+        native.pack_copies(file.data(torch.float32), flat, *copies.native)
+        return
+    data = {dtype: file.data(dtype) for dtype in copies.dtypes}  # [elements], views of the file
     sources = [data[c.dtype].as_strided(c.shape, c.stride, c.source) for c in copies.copies]
     targets = [flat.as_strided(c.shape, (c.shape[1], 1), c.target) for c in copies.copies]
     num_a = copies.num_a

@@ -56,7 +56,7 @@ from loraserve.memory.dora import BaseWeights, magnitude_scale
 from loraserve.memory.geometry import MATRIX_ALIGNMENT, PoolGeometry, round_up
 from loraserve.memory.peft_config import SAFETENSORS_FILE, check_features, read_config, refuse
 from loraserve.memory.peft_format import LoraModule, check_peft_lora, layout_config, load_tensors
-from loraserve.memory.safetensors_map import SafetensorsFile, SafetensorsFormatError
+from loraserve.memory.safetensors_map import ReadBuffers, SafetensorsFile, SafetensorsFormatError
 from loraserve.models.arch import LORA_MODULES, NUM_LORA_MODULES, ModelArch
 from loraserve.models.tensor_parallel import Shard, shard_arch, shard_linear
 
@@ -154,12 +154,15 @@ class AdapterReader:
         max_weight: float = MAX_FOLDED_MAGNITUDE,
         base_weights: BaseWeights | None = None,
         shards: int = 1,
+        native_copies: bool = False,
     ) -> None:
         """`max_weight`: the largest entry of A or scaled B accepted (`max_adapter_weight`).
         `base_weights`: the model's linear weights (whole, under tensor parallelism too),
         which DoRA's g is computed from; None (a reader without a model) refuses DoRA
         folders. `shards`: the tensor-parallel ranks, each of which gets its shard of every
-        adapter (models/tensor_parallel.py); `geometry` is then a rank's."""
+        adapter (models/tensor_parallel.py); `geometry` is then a rank's. `native_copies`:
+        fill float32 pages from float32 files in C (kernels/native.py), where the engine
+        runs the native kernels (whose library is then built)."""
         self.rank_arch = shard_arch(arch, shards)
         """The architecture of one rank's shard (`arch` itself on one device)."""
         assert geometry.page_numel >= max_lora_rank * self.rank_arch.max_module_dim(), (
@@ -173,7 +176,11 @@ class AdapterReader:
         self.pin_memory = pin_memory
         self.max_weight = max_weight
         self.base_weights = base_weights
+        self.native_copies = native_copies
         self._layouts = LayoutCache()
+        self._buffers = ReadBuffers()
+        """Each loader thread's buffer its files are read into: what a read takes from its
+        file is copied into the adapter's pages before it returns."""
 
     def read(self, name: str, path: str | Path) -> HostAdapter:
         """Load and check a PEFT LoRA folder; AdapterError if refused."""
@@ -183,7 +190,9 @@ class AdapterReader:
         check_features(config, folder)
         fields = layout_config(config)
         try:
-            file: SafetensorsFile | None = SafetensorsFile.open(folder / SAFETENSORS_FILE)
+            file: SafetensorsFile | None = SafetensorsFile.open(
+                folder / SAFETENSORS_FILE, self._buffers
+            )
         except (SafetensorsFormatError, OSError):
             file = None  # refused by the checks below, in their order
         key = None
@@ -272,7 +281,7 @@ class AdapterReader:
         assert layout.copies is not None and len(self.shards) == 1
         pages = self._new_pages(layout.num_pages)
         flat = pages[0].view(-1)
-        copy_planned(flat, file, layout.copies)
+        copy_planned(flat, file, layout.copies, self.native_copies)
         if not self._values_fit(flat):  # find the culprit as `_pack` does
             modules = check_peft_lora(
                 folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank

@@ -98,6 +98,7 @@ class EngineCore:
             max_weight=lora.max_adapter_weight,
             base_weights=runner,
             shards=ranks,
+            native_copies=runner.kernel_backend == "native",
         )
         self.catalog = AdapterCatalog(
             AdapterLoader(

@@ -292,3 +292,44 @@ def test_attention_nan_query_stays_its_own(generator):
     expected = reference.paged_attention(query, *args[1:], Scores(0.125))
     assert out[1, 0].isnan().all() and expected[1, 0].isnan().all()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+def test_pack_copies_writes_straight_and_transposed_scaled_matrices(generator):
+    """An adapter read's copies (memory/adapter_layout.py): A's as the file holds them, B's
+    read transposed and scaled, at odd sizes and offsets, into a NaN-poisoned target; the
+    elements no copy writes keep their poison."""
+    source = torch.randn(5_000, generator=generator)
+    target = torch.full((4_000,), float("nan"))
+    # (source, row stride, column stride, target, rows, columns), scale
+    copies = [
+        ((3, 37, 1, 0, 7, 37), 1.0),  # an A [7, 37]
+        ((300, 1, 7, 259, 7, 67), 0.37),  # a B [67, 7] in the file, [7, 67] in the pages
+        ((1_000, 1, 16, 900, 16, 129), 2.0),  # rank 16, 129 wide
+        ((4_000, 1, 1, 3_000, 1, 1), -1.5),  # rank 1, one column
+    ]
+    table = torch.tensor([copy for copy, _ in copies], dtype=torch.int64)
+    scales = torch.tensor([scale for _, scale in copies], dtype=F32)
+    native.pack_copies(source, target, table, scales)
+    expected = torch.full_like(target, float("nan"))
+    for (start, row_stride, column_stride, at, rows, columns), scale in copies:
+        read = source.as_strided((rows, columns), (row_stride, column_stride), start)
+        expected[at : at + rows * columns] = (read * scale).reshape(-1)
+    assert torch.equal(target.nan_to_num(7.0), expected.nan_to_num(7.0))  # bits, poison kept
+
+
+@pytest.mark.parametrize(
+    "copy",
+    [
+        (4_985, 1, 4, 0, 4, 4),  # its last read one past the source
+        (0, 4, 1, 3_985, 4, 4),  # its last write one past the target
+        (-1, 4, 1, 0, 4, 4),  # before the source
+        (0, 4, 1, 0, -4, 4),  # a negative size
+    ],
+)
+def test_pack_copies_rejects_a_copy_out_of_bounds_and_writes_nothing(copy, generator):
+    source = torch.randn(5_000, generator=generator)
+    target = torch.full((4_000,), float("nan"))
+    table = torch.tensor([(0, 4, 1, 0, 4, 4), copy], dtype=torch.int64)  # a good one first
+    with pytest.raises(ValueError, match="reaches outside the source"):
+        native.pack_copies(source, target, table, torch.ones(2))
+    assert target.isnan().all()

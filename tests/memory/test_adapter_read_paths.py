@@ -1,7 +1,9 @@
 """An adapter read the fast way (its layout cached, every matrix copied by one `_foreach` op)
 gives the very bits of a plain reference: the same pages, offsets, ranks and digest, for
 every file dtype into every pool dtype, on the first read and on the cached ones, and so
-does the module-by-module path that tensor parallelism and DoRA take."""
+does the module-by-module path that tensor parallelism and DoRA take; as do the copies in C
+(`native_copies`, float32 into float32), and no read's pages share memory with the buffer
+the next read fills."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from factories import make_adapter, make_model
 from safetensors.torch import load_file, save_file
 
 from loraserve.errors import AdapterError
+from loraserve.kernels import native
 from loraserve.memory import adapter_layout
 from loraserve.memory.adapter_store import NOT_TARGETED, AdapterReader, HostAdapter, pack_matrices
 from loraserve.memory.geometry import PoolGeometry
@@ -143,6 +146,43 @@ def test_a_header_not_padded_to_the_dtype_reads_module_by_module(base, tmp_path)
     assert_same(reader.read("b", folder), expected)
 
 
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler")
+
+
+@needs_native
+@pytest.mark.parametrize("case", list(CASES))
+def test_copies_in_c_give_the_reference_bits(base, case: str, monkeypatch) -> None:
+    _, arch, _ = base
+    folder = adapter_in(base, case, torch.float32)
+    geometry = PoolGeometry.for_model(arch, block_size=1, max_lora_rank=MAX_RANK)
+    packed = []
+    pack = native.pack_copies
+    monkeypatch.setattr(native, "pack_copies", lambda *args: packed.append(pack(*args)))
+    reader = AdapterReader(arch, geometry, MAX_RANK, torch.float32, native_copies=True)
+    expected = reference(folder, arch, geometry, torch.float32)
+    assert_same(reader.read("a", folder), expected)  # works out the layout, then copies
+    assert_same(reader.read("b", folder), expected)  # the layout cached
+    assert len(packed) == 2  # both reads' copies went through C
+
+
+@pytest.mark.parametrize("native_copies", [False, pytest.param(True, marks=needs_native)])
+def test_a_read_keeps_its_pages_when_the_next_read_reuses_the_buffer(
+    base, native_copies: bool
+) -> None:
+    """Files are read into the reading thread's reused buffer: what a read returns holds
+    copies, not views of it, so a second folder read on the same thread leaves the first
+    adapter's pages as they were."""
+    _, arch, _ = base
+    geometry = PoolGeometry.for_model(arch, block_size=1, max_lora_rank=MAX_RANK)
+    reader = AdapterReader(arch, geometry, MAX_RANK, torch.float32, native_copies=native_copies)
+    folders = [adapter_in(base, case, torch.float32) for case in CASES]
+    hosts = [reader.read(f"a{index}", folder) for index, folder in enumerate(folders)]
+    hosts += [reader.read(f"b{index}", folder) for index, folder in enumerate(folders)]
+    for host, folder in zip(hosts, folders * 2, strict=True):
+        assert_same(host, reference(folder, arch, geometry, torch.float32))
+
+
+@pytest.mark.parametrize("native_copies", [False, pytest.param(True, marks=needs_native)])
 @pytest.mark.parametrize(
     ("which", "value", "match"),
     [
@@ -151,14 +191,14 @@ def test_a_header_not_padded_to_the_dtype_reads_module_by_module(base, tmp_path)
     ],
 )
 def test_a_cached_layout_still_checks_values(
-    base, tmp_path, which: str, value: float, match: str
+    base, tmp_path, which: str, value: float, match: str, native_copies: bool
 ) -> None:
     """A folder whose header and config a read already worked out is refused for its
     values as any other, with the same message."""
     _, arch, _ = base
     good = adapter_in(base, "odd_rank_all_modules", torch.float32)
     geometry = PoolGeometry.for_model(arch, block_size=1, max_lora_rank=MAX_RANK)
-    reader = AdapterReader(arch, geometry, MAX_RANK, torch.float32)
+    reader = AdapterReader(arch, geometry, MAX_RANK, torch.float32, native_copies=native_copies)
     reader.read("good", good)
     bad = tmp_path / "bad"
     shutil.copytree(good, bad)

@@ -1,18 +1,26 @@
 """Tensors of a safetensors file as views of its memory map: the same values safetensors reads,
 no copy (every tensor lies where the file puts it), the file never written, and malformed
-headers refused with a reason."""
+headers refused with a reason. Read into a thread's buffer instead (`ReadBuffers`): the same
+values, one buffer per thread reused, large files still mapped."""
 
 from __future__ import annotations
 
 import json
+import mmap
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraserve.memory.safetensors_map import SafetensorsFormatError, map_tensors
+from loraserve.memory.safetensors_map import (
+    ReadBuffers,
+    SafetensorsFile,
+    SafetensorsFormatError,
+    map_tensors,
+)
 
 
 def saved(path: Path) -> dict[str, torch.Tensor]:
@@ -85,3 +93,45 @@ def test_short_files_and_broken_headers_are_refused(tmp_path) -> None:
     path.write_bytes(struct.pack("<Q", 4) + b"{not")
     with pytest.raises(SafetensorsFormatError, match="not JSON"):
         map_tensors(path)
+
+
+def test_a_file_read_into_a_buffer_holds_what_safetensors_reads(tmp_path) -> None:
+    path = tmp_path / "w.safetensors"
+    saved(path)
+    buffers = ReadBuffers()
+    file = SafetensorsFile.open(path, buffers)
+    assert isinstance(file.mapped, memoryview)  # read, not mapped
+    reference = load_file(path)
+    tensors = file.tensors()
+    assert tensors.keys() == reference.keys()
+    for name, tensor in tensors.items():
+        assert tensor.dtype == reference[name].dtype and torch.equal(tensor, reference[name])
+    assert file.header_bytes == path.read_bytes()[8 : file.data_start]
+
+
+def test_a_thread_reuses_its_buffer_and_threads_do_not_share(tmp_path) -> None:
+    small, large = tmp_path / "small.safetensors", tmp_path / "large.safetensors"
+    save_file({"x": torch.arange(10.0)}, small)
+    save_file({"x": torch.arange(1000.0)}, large)
+    buffers = ReadBuffers()
+
+    def address(path: Path) -> int:
+        mapped = SafetensorsFile.open(path, buffers).mapped  # the file's bytes: where held
+        return torch.frombuffer(mapped, dtype=torch.uint8).data_ptr()
+
+    first = address(large)
+    assert address(small) == address(large) == first  # grown once, then reused
+    on_other_thread: list[int] = []
+    thread = threading.Thread(target=lambda: on_other_thread.append(address(large)))
+    thread.start()
+    thread.join()
+    assert on_other_thread[0] != first
+    assert torch.equal(map_tensors(large)["x"], torch.arange(1000.0))
+
+
+def test_a_file_past_the_buffer_limit_is_mapped(tmp_path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.arange(100.0)}, path)
+    file = SafetensorsFile.open(path, ReadBuffers(max_bytes=path.stat().st_size - 1))
+    assert isinstance(file.mapped, mmap.mmap)
+    assert torch.equal(file.tensors()["x"], torch.arange(100.0))
