@@ -7,7 +7,7 @@
  * float32 tensor by a Python float; x * 1 is x for every finite x and infinity.
  *
  * Why C: torch does these copies in two ops, but a read makes two views per matrix for them
- * (~60 us of Python for 32 matrices) and copies a transposed B element by element; here one
+ * (~70 us of Python for 32 matrices) and copies a transposed B element by element; here one
  * call walks each B along the file's rows. One thread: the loader thread reading the adapter.
  */
 #include "native_common.h"

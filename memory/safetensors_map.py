@@ -11,9 +11,9 @@ once the last view is dropped.
 Reading an adapter (memory/adapter_store.py) copies each matrix once into its place in the
 pool's layout. Its file, a few hundred KB to a few MB, is read instead into a buffer the
 reading thread keeps (`ReadBuffers`): one copy out of the page cache, cheaper than mapping
-it, which costs a page fault per few pages touched and, once unmapped, a TLB shootdown that
-interrupts every other thread of the process on its core: the engine's step among them. A
-file read so is valid until the next read into the same thread's buffer.
+it, which costs a page fault per few pages touched and, once unmapped, a TLB shootdown: an
+interrupt to every core that runs another thread of the process, the engine's step among
+them. A file read so is valid until the next read into the same thread's buffer.
 """
 
 from __future__ import annotations
