@@ -9,8 +9,10 @@ registration that must succeed or fail at once (start-up, `LLM`) reads synchrono
 
 Host RAM is a budget (`max_cpu_loras` adapters and/or `max_cpu_bytes`): after each
 read, the least recently used adapters are dropped from host RAM until the budget
-holds. An adapter that an unfinished request names (`in_use`) is never dropped: its
-request needs the host copy to be brought into the pool. So the budget bounds idle
+holds. An adapter that an unfinished request names (`set_in_use`) is never dropped: its
+request needs the host copy to be brought into the pool. The catalog keeps the idle ones apart,
+in the same order, so that fitting the budget looks at those alone: with a thousand adapters
+named by waiting requests, every request's end would otherwise scan them all. So the budget bounds idle
 adapters; with more distinct adapters in flight than it allows, host RAM holds those
 too until their requests finish. An adapter dropped from host RAM stays registered
 and is read again from its folder when next needed.
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,15 +77,16 @@ class AdapterCatalog:
         loader: AdapterLoader,
         max_cpu_loras: int | None = None,
         max_cpu_bytes: int | None = None,
-        in_use: Callable[[str], bool] = lambda name: False,
     ) -> None:
         self.loader = loader
         self.max_cpu_loras = max_cpu_loras
         self.max_cpu_bytes = max_cpu_bytes
-        self.in_use = in_use
-        """Whether an unfinished request names the adapter (the engine core's answer)."""
         self._entries: dict[str, _Entry] = {}
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # least recently used first
+        self._in_use: set[str] = set()
+        """Adapters an unfinished request names (the engine core says so: `set_in_use`)."""
+        self._idle: OrderedDict[str, None] = OrderedDict()
+        """The host adapters not in use, least recently used first: what the budget drops."""
         self._host_bytes = 0
         self.load_seconds = LatencyLog()
         """Durations of reads from disk not yet taken by `drain_load_seconds`."""
@@ -173,6 +175,19 @@ class AdapterCatalog:
         """Mark `name` as just used (it is dropped from host RAM last)."""
         if name in self._host:
             self._host.move_to_end(name)
+            if name in self._idle:
+                self._idle.move_to_end(name)
+
+    def set_in_use(self, name: str, in_use: bool) -> None:
+        """An unfinished request names `name` now (it is never dropped), or none does any more
+        (it becomes the most recently used idle adapter; `fit_budget` may drop it later)."""
+        if in_use:
+            self._in_use.add(name)
+            self._idle.pop(name, None)
+        else:
+            self._in_use.discard(name)
+            if name in self._host:
+                self._idle[name] = None
 
     def host_adapters(self) -> list[str]:
         """Adapters in host RAM, least recently used first."""
@@ -218,12 +233,15 @@ class AdapterCatalog:
         self._drop_host(result.name)
         self._host[result.name] = result.host
         self._host_bytes += result.host.num_bytes
+        if result.name not in self._in_use:
+            self._idle[result.name] = None
         return True
 
     def _drop_host(self, name: str) -> None:
         host = self._host.pop(name, None)
         if host is not None:
             self._host_bytes -= host.num_bytes
+            self._idle.pop(name, None)
 
     def _over_budget(self) -> bool:
         count, limit_bytes = len(self._host), self.max_cpu_bytes
@@ -236,7 +254,7 @@ class AdapterCatalog:
         used first, until within budget."""
         if not self._over_budget():
             return
-        for name in [name for name in self._host if name not in keep and not self.in_use(name)]:
+        for name in [name for name in self._idle if name not in keep]:
             self._drop_host(name)
             if not self._over_budget():
                 return

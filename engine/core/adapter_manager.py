@@ -52,7 +52,6 @@ class AdapterManager:
         self._waiters: dict[str, list[Waiter]] = {}
         self._pin_when_read: dict[str, bool] = {}  # registrations waiting for their read
         self._refused: list[tuple[str, AdapterError]] = []
-        catalog.in_use = lambda name: self.users[name] > 0
         pool.on_evict = self._on_evict
 
     # -- registration --------------------------------------------------------------------
@@ -116,6 +115,8 @@ class AdapterManager:
 
     def hold(self, name: str | None) -> None:
         if name is not None:
+            if not self.users[name]:
+                self.catalog.set_in_use(name, True)  # its host copy is kept
             self.users[name] += 1
 
     def release(self, name: str | None) -> None:
@@ -124,6 +125,7 @@ class AdapterManager:
             self.users[name] -= 1
             if not self.users[name]:
                 del self.users[name]
+                self.catalog.set_in_use(name, False)
                 self._retire_if_idle(name)
                 self.catalog.fit_budget()  # it may have been kept in host RAM past the budget
 

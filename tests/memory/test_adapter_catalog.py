@@ -99,18 +99,36 @@ def test_a_loader_thread_reads_on_the_torch_threads_it_is_given(folders, torch_t
 
 
 def test_the_budget_drops_the_least_recently_used_idle_adapter(folders) -> None:
-    in_use = {"a"}
     catalog = catalog_for(folders, max_cpu_loras=1)
-    catalog.in_use = in_use.__contains__
+    catalog.set_in_use("a", True)
     for name in NAMES:
         catalog.request(name)
         catalog.poll()
     assert catalog.host_adapters() == ["a", "c"]  # a is in use: kept over the budget
-    in_use.clear()
+    catalog.set_in_use("a", False)
     catalog.touch("a")
     catalog.request("b")
     catalog.poll()
     assert catalog.host_adapters() == ["b"]
+
+
+def test_an_adapter_whose_last_request_ends_is_the_last_idle_one_dropped(folders) -> None:
+    catalog = catalog_for(folders, max_cpu_loras=2)
+    catalog.set_in_use("a", True)
+    for name in NAMES:  # a in use; b dropped for c
+        catalog.request(name)
+        catalog.poll()
+    assert catalog.host_adapters() == ["a", "c"]
+    catalog.set_in_use("c", True)
+    catalog.set_in_use("c", False)
+    catalog.set_in_use("a", False)  # a's request ended last: c, read after a, goes first
+    catalog.request("b")
+    catalog.poll()
+    assert catalog.host_adapters() == ["a", "b"]
+    catalog.set_in_use("b", True)
+    catalog.request("c")
+    catalog.poll()  # over the budget: the one idle adapter but the one just read goes
+    assert catalog.host_adapters() == ["b", "c"]
 
 
 def test_the_byte_budget(folders) -> None:
