@@ -10,11 +10,12 @@ registration that must succeed or fail at once (start-up, `LLM`) reads synchrono
 Host RAM is a budget (`max_cpu_loras` adapters and/or `max_cpu_bytes`): after each
 read, the least recently used adapters are dropped from host RAM until the budget
 holds. An adapter that an unfinished request names (`set_in_use`) is never dropped: its
-request needs the host copy to be brought into the pool. The catalog keeps the idle ones apart,
-in the same order, so that fitting the budget looks at those alone: with a thousand adapters
-named by waiting requests, every request's end would otherwise scan them all. So the budget bounds idle
+request needs the host copy to be brought into the pool. So the budget bounds idle
 adapters; with more distinct adapters in flight than it allows, host RAM holds those
-too until their requests finish. An adapter dropped from host RAM stays registered
+too until their requests finish. The idle ones are kept apart, least recently used first
+(one whose last request just ended counts as just used), and fitting the budget looks at
+those alone: with a thousand adapters named by waiting requests, every request's end would
+otherwise scan them all. An adapter dropped from host RAM stays registered
 and is read again from its folder when next needed.
 
 A folder that fails to read is remembered: later requests for it fail at once with
@@ -84,7 +85,8 @@ class AdapterCatalog:
         self._entries: dict[str, _Entry] = {}
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # least recently used first
         self._in_use: set[str] = set()
-        """Adapters an unfinished request names (the engine core says so: `set_in_use`)."""
+        """Adapters an unfinished request names: the engine core's count of them
+        (`AdapterManager.users`) says when one starts or stops being (`set_in_use`)."""
         self._idle: OrderedDict[str, None] = OrderedDict()
         """The host adapters not in use, least recently used first: what the budget drops."""
         self._host_bytes = 0
