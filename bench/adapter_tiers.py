@@ -70,7 +70,7 @@ from .metrics import run_metadata, summarize
 from .models import SHAPES, build_adapter
 from .replay import replay
 from .servers import BASE_MODEL_NAME, loraserve_server
-from .trace import PRESETS, adapter_name, generate_trace
+from .trace import PRESETS, TraceParams, adapter_name, generate_trace
 
 RESULTS = Path(__file__).parent / "results"
 PINNED = 64
@@ -78,10 +78,26 @@ AT_CAPACITY = 0.9
 """A sweep point served under this fraction of the offered rate: it measured capacity."""
 
 
+def sweep_assets(count: int, cache_dir: Path) -> tuple[Path, Path]:
+    """The sweep's model, and the folder of its first `count` rank-8 adapters (built once)."""
+    model, adapters = ensure_assets("cpu", (8,), count, cache_dir, "float32")
+    return model, next(iter(adapters.values())).parent  # holds every built rank-8 adapter
+
+
+def sweep_trace(count: int, req_rate: float, duration: float) -> TraceParams:
+    """The sweep's S1-like trace over `count` adapters."""
+    return replace(
+        PRESETS["cpu-s1"].trace,
+        num_adapters=count,
+        req_rate=req_rate,
+        duration=duration,
+        vocab_size=SHAPES["cpu"].vocab_size,
+    )
+
+
 def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     counts = [int(count) for count in args.counts.split(",")]
-    model, adapters = ensure_assets("cpu", (8,), max(counts), args.cache_dir, "float32")
-    folder = next(iter(adapters.values())).parent  # holds every built rank-8 adapter
+    model, folder = sweep_assets(max(counts), args.cache_dir)
     runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
     for repeat in range(args.repeats):
         for pinned in (False, True):
@@ -134,13 +150,7 @@ def _sweep_point(
     model: Path, folder: Path, count: int, pins: list[str], args: argparse.Namespace
 ) -> dict[str, Any]:
     """One replay of the S1-like trace with `count` adapters listed and `pins` pinned."""
-    params = replace(
-        PRESETS["cpu-s1"].trace,
-        num_adapters=count,
-        req_rate=args.req_rate,
-        duration=args.duration,
-        vocab_size=SHAPES["cpu"].vocab_size,
-    )
+    params = sweep_trace(count, args.req_rate, args.duration)
     server_args = [*common_args(args), "--adapter-dir", str(folder)]
     server_args += ["--max-cpu-loras", str(args.max_cpu_loras)]
     server_args += [arg for name in pins for arg in ("--pin-adapter", name)]

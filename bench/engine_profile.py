@@ -21,30 +21,21 @@ import cProfile
 import json
 import pstats
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .assets import default_cache_dir, ensure_assets
+from .adapter_tiers import sweep_assets, sweep_trace
+from .assets import default_cache_dir
 from .metrics import run_metadata
-from .models import SHAPES
-from .trace import PRESETS, generate_trace
+from .trace import generate_trace
 
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     from loraserve import LLM, SamplingParams
     from loraserve.engine.core.request import EngineRequest
 
-    model, adapters = ensure_assets("cpu", (8,), args.count, args.cache_dir, "float32")
-    folder = next(iter(adapters.values())).parent
-    params = replace(
-        PRESETS["cpu-s1"].trace,
-        num_adapters=args.count,
-        req_rate=args.req_rate,
-        duration=args.duration,
-        vocab_size=SHAPES["cpu"].vocab_size,
-    )
-    trace = generate_trace(params)
+    model, folder = sweep_assets(args.count, args.cache_dir)
+    trace = generate_trace(sweep_trace(args.count, args.req_rate, args.duration))
     options = {"device": "cpu", "dtype": "float32", "max_cpu_loras": args.max_cpu_loras}
     llm = LLM(str(model), adapter_dir=folder, **options)
     engine = llm.engine
