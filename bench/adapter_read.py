@@ -6,7 +6,7 @@
 A read is what the engine's loader thread does for an adapter on disk
 (memory/adapter_store.AdapterReader.read): its PEFT folder parsed and checked, its
 matrices converted into the pool's layout (scaling folded into B) in page-sized slabs,
-and the digest that names its KV. The folder's files are in the page cache after the
+and the identity that names its KV (the file's version: the bench's folders have settled). The folder's files are in the page cache after the
 warm-up read, so what is timed is CPU work, not the disk; and the reader's layout cache
 holds the folder's layout, as it holds that of the sweep's 2000 adapters trained alike after
 the first: what is timed is a read through the cached layout (memory/adapter_layout.py).

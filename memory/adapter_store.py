@@ -24,7 +24,17 @@ A read works out the layout of its folder's matrices from the safetensors header
 config's targeting fields, and keeps it (memory/adapter_layout.py): the next folder with
 the same header, file size and fields, as thousands of adapters trained alike have, skips
 every per-tensor check and has its matrices copied in a few ops; only its values are
-checked (`_values_fit`) and hashed.
+checked (`_values_fit`).
+
+An adapter's identity (`HostAdapter.identity`, the seed of its KV blocks' names in the prefix
+cache) names the weights its pages hold. Hashing the pages costs a read twice what the rest
+of it does (SHA-256 runs at a tenth of a copy's rate), so a folder whose file has settled
+is named by its file's version instead (`file_identity`): its device, inode, size and
+modification and change times, with the config fields and the layout read. Any write to a
+file changes its change time, which no one can set back; a write in the same clock tick as
+the one before it may not, so a file changed in the last `SETTLED_SECONDS`, or while it was
+read, is named by the SHA-256 of its pages as read, as git names a "racily clean" file by
+its content.
 
 A DoRA module (memory/dora.py) adds its magnitude scale g = m / ||W + sBA||, `[out_i]` per
 slot, stored as one more `[1, out_i]` matrix after its B(s); its offset is the third entry
@@ -41,6 +51,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +100,10 @@ class HostAdapter:
     max_rank: int
     target_modules: tuple[str, ...]
     """Names (the model's `linear_modules` order) of the modules adapted in at least one layer."""
-    digest: bytes
-    """SHA-256 of its pages, offsets and ranks: its identity for prefix caching (the KV its
-    requests compute depends on exactly these), new when other weights are read under its name."""
+    identity: bytes
+    """Its name for prefix caching: the KV its requests compute depends on its weights, so
+    other weights read under its name get another identity, and a read of the same file
+    version the same one (`file_identity`, else `weights_digest`)."""
 
     def rank_slabs(self, rank: int) -> HostAdapter:
         """The same adapter with only tensor-parallel rank `rank`'s slabs (`pages` of one shard,
@@ -127,11 +140,38 @@ def pack_matrices(sizes: Sequence[int], page_numel: int) -> tuple[list[int], int
     return offsets, page + 1 if sizes else 0
 
 
+SETTLED_SECONDS = 2.0
+"""How long ago a file must have last changed for its version (`file_identity`) to name the
+weights read from it: longer than a clock tick of any local file system's timestamps, and
+than the 2 s of the coarsest (FAT's)."""
+
+
 def weights_digest(*tensors: torch.Tensor) -> bytes:
     """SHA-256 of the tensors' bytes, in order."""
     digest = hashlib.sha256()
     for tensor in tensors:
         digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.digest()
+
+
+def file_identity(
+    opened: os.stat_result, after: os.stat_result, *parts: bytes, now_ns: int | None = None
+) -> bytes | None:
+    """SHA-256 of a file's version (`opened`: its status when it was opened; `after`: once
+    what was read from it is in place) and `parts`; None if the file changed in between,
+    or in the last SETTLED_SECONDS (before `now_ns`, default now): then only the bytes read
+    name what was read."""
+    version = tuple(
+        (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+        for status in (opened, after)
+    )
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    last_change = max(after.st_mtime_ns, after.st_ctime_ns)
+    if version[0] != version[1] or now_ns - last_change <= SETTLED_SECONDS * 1e9:
+        return None
+    digest = hashlib.sha256(b"loraserve adapter file %d %d %d %d %d" % version[0])
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little") + part)
     return digest.digest()
 
 
@@ -206,7 +246,7 @@ class AdapterReader:
         )
         layout = self._layout(modules, file)
         if layout.copies is None:
-            return self._pack(name, folder, modules, layout)
+            return self._pack(name, folder, modules, layout, file, fields)
         assert file is not None and key is not None, "copies are planned from a mapped file"
         self._layouts.put(key, layout)
         return self._pack_planned(name, folder, fields, file, layout)
@@ -287,7 +327,7 @@ class AdapterReader:
                 folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank
             )
             self._check_values(folder, modules, flat, layout.offsets)
-        return self._host_adapter(name, folder, pages, layout)
+        return self._host_adapter(name, folder, pages, layout, file, fields)
 
     def _new_pages(self, num_pages: int) -> torch.Tensor:
         return torch.zeros(  # [shards, num_pages, page_numel]
@@ -299,10 +339,21 @@ class AdapterReader:
         )
 
     def _host_adapter(
-        self, name: str, folder: Path, pages: torch.Tensor, layout: Layout
+        self,
+        name: str,
+        folder: Path,
+        pages: torch.Tensor,
+        layout: Layout,
+        file: SafetensorsFile | None,
+        fields: dict[str, Any] | None,
     ) -> HostAdapter:
+        """The adapter read from `file` (None: its status unknown) into `pages` by `layout`
+        (`fields`: its config's LAYOUT_FIELDS), named by the file's version if it has settled."""
         offsets_tensor = torch.from_numpy(layout.local_offsets.copy())
         ranks_tensor = torch.from_numpy(layout.ranks.copy())
+        identity = None
+        if file is not None and fields is not None:
+            identity = self._file_identity(folder, file, fields, layout)
         return HostAdapter(
             name=name,
             path=str(folder),
@@ -311,16 +362,39 @@ class AdapterReader:
             ranks=ranks_tensor,
             max_rank=layout.max_rank,
             target_modules=layout.target_modules,
-            digest=weights_digest(pages, offsets_tensor, ranks_tensor),
+            identity=identity or weights_digest(pages, offsets_tensor, ranks_tensor),
         )
 
+    @staticmethod
+    def _file_identity(
+        folder: Path, file: SafetensorsFile, fields: dict[str, Any], layout: Layout
+    ) -> bytes | None:
+        """`file_identity` of `file`, read by `fields` into `layout`; None if it changed."""
+        try:
+            after = os.stat(folder / SAFETENSORS_FILE)
+        except OSError:  # gone since it was read: named by what was read
+            return None
+        if file.status is None:
+            return None
+        read_as = json.dumps(fields, sort_keys=True).encode()
+        offsets, ranks = layout.local_offsets.tobytes(), layout.ranks.tobytes()
+        return file_identity(file.status, after, read_as, offsets, ranks)
+
     def _pack(
-        self, name: str, folder: Path, modules: list[LoraModule], layout: Layout
+        self,
+        name: str,
+        folder: Path,
+        modules: list[LoraModule],
+        layout: Layout,
+        file: SafetensorsFile | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> HostAdapter:
         """Copy every module's matrices from the mapped file into page-sized slabs, in the
         pool's dtype and layout (one copy each, the scaling folded into B as it is copied),
         where `layout` places them; then check the slabs' values in one pass. Under tensor
-        parallelism each rank's slabs hold its shard of every matrix, in the same places."""
+        parallelism each rank's slabs hold its shard of every matrix, in the same places.
+        `file` (the modules' file) and `fields` (its config's LAYOUT_FIELDS) name the
+        adapter by its file's version; without them, by its pages' digest."""
         scales = {  # DoRA's g, [out] in the pool dtype, from the whole module
             index: self._magnitude_scale(folder, module)
             for index, module in enumerate(modules)
@@ -349,7 +423,7 @@ class AdapterReader:
                         flat[g_offset : g_offset + part.numel()].copy_(part)
             if not self._values_fit(flat):
                 self._check_values(folder, modules, flat, layout.offsets)
-        return self._host_adapter(name, folder, pages, layout)
+        return self._host_adapter(name, folder, pages, layout, file, fields)
 
     def _magnitude_scale(self, folder: Path, module: LoraModule) -> torch.Tensor:
         """DoRA's g of a module, [out_features] in the pool dtype (memory/dora.py)."""

@@ -38,15 +38,19 @@ def refuse(folder: Path, reason: str) -> AdapterError:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """adapter_config.json as a dict, once the folder holds a LoRA config and safetensors weights."""
-    if not folder.exists():
-        raise refuse(folder, "no such folder")
-    if not folder.is_dir():
-        raise refuse(folder, "not a folder")
     config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise refuse(folder, f"{CONFIG_FILE} is missing")
+    try:  # one open for a folder that reads (thousands of adapters are read at run time)
+        text = config_path.read_text()
+    except OSError:
+        if not folder.exists():
+            raise refuse(folder, "no such folder") from None
+        if not folder.is_dir():
+            raise refuse(folder, "not a folder") from None
+        if not config_path.is_file():
+            raise refuse(folder, f"{CONFIG_FILE} is missing") from None
+        raise  # unreadable (permissions, I/O): the loader says so
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise refuse(folder, f"{CONFIG_FILE} is not valid JSON ({error})") from None
     if not isinstance(config, dict):

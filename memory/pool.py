@@ -320,7 +320,7 @@ class UnifiedPool:
                 self._evict_holder(least_recent)
             self._reclaim(host.num_pages)
         pages = self.allocator.allocate(host.num_pages)
-        resident = ResidentAdapter(name, self._free_slots.pop(), pages, host.digest)
+        resident = ResidentAdapter(name, self._free_slots.pop(), pages, host.identity)
         self._resident[name] = resident
         self._pending_loads.append(AdapterLoad(name, resident.slot, tuple(pages), host))
         return resident
@@ -351,7 +351,7 @@ class UnifiedPool:
         if adapter is None:
             return BASE_MODEL_IDENTITY
         resident = self._resident.get(adapter)
-        return self.adapters.host(adapter).digest if resident is None else resident.identity
+        return self.adapters.host(adapter).identity if resident is None else resident.identity
 
     def _evict(self, resident: ResidentAdapter) -> None:
         del self._resident[resident.name]

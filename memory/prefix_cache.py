@@ -7,10 +7,12 @@ the adapter that computed it and every token up to its end:
     hash[i] = H(hash[i-1]  || tokens of block i)      H = SHA-256 (collision-resistant: tenants
                                                        must not be able to forge another's block)
 
-The identity is the digest of the adapter's weights as they sit in the pool
-(`HostAdapter.digest`), so a folder loaded again under the same name after an unload
-(or edited on disk and read again) gets new names for its blocks, while the same weights
-under two names share them. The base model has its own fixed identity.
+The identity names the adapter's weights as read (`HostAdapter.identity`,
+memory/adapter_store.py): its file's version (device, inode, size, modification and change
+times) with its config's fields, or the SHA-256 of its pages for a file changed too
+recently to trust its times. So another folder loaded under the same name after an unload
+(or the folder edited on disk and read again) gets new names for its blocks, while the
+same folder under two names shares them. The base model has its own fixed identity.
 
 A new request takes the longest chain of cached blocks that starts its tokens (never all
 of them: at least one token is computed, so there is a logit to sample) and computes

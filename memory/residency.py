@@ -13,7 +13,7 @@ class HostTier(Protocol):
     def in_host(self, name: str | None) -> bool: ...
 
     def host(self, name: str) -> Any:
-        """The host copy (a `HostAdapter`, with `num_pages` and `digest`)."""
+        """The host copy (a `HostAdapter`, with `num_pages` and `identity`)."""
         ...
 
     def touch(self, name: str) -> None: ...
@@ -38,7 +38,7 @@ class ResidentAdapter:
     slot: int
     pages: list[int]
     identity: bytes
-    """The digest of its weights (`HostAdapter.digest`): the seed of its KV blocks' hashes."""
+    """Its weights' name (`HostAdapter.identity`): the seed of its KV blocks' hashes."""
     num_users: int = 0
     pinned: bool = False
     """Kept resident until unregistered (--pin-adapter): never reclaimable."""

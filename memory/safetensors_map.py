@@ -92,9 +92,17 @@ class SafetensorsFile:
     (`header_bytes`) but not yet parsed: what an adapter read keys its cached layout on
     (memory/adapter_store.py)."""
 
-    def __init__(self, mapped: mmap.mmap | memoryview, data_start: int, size: int) -> None:
+    def __init__(
+        self,
+        mapped: mmap.mmap | memoryview,
+        data_start: int,
+        size: int,
+        status: os.stat_result | None = None,
+    ) -> None:
         self.mapped = mapped
         """The file's bytes."""
+        self.status = status
+        """The file's status when it was opened, before its bytes were read or mapped."""
         self.data_start = data_start
         self.data_size = size - data_start
         """Bytes after the header."""
@@ -107,7 +115,8 @@ class SafetensorsFile:
         its header's length; SafetensorsFormatError if it does not fit the file, OSError if
         the file cannot be read."""
         with open(path, "rb", buffering=0) as file:
-            size = os.fstat(file.fileno()).st_size
+            status = os.fstat(file.fileno())
+            size = status.st_size
             if size < HEADER_LENGTH_BYTES:
                 raise SafetensorsFormatError(f"{size} bytes: shorter than a header")
             buffer = None if buffers is None else buffers.get(size)
@@ -122,7 +131,7 @@ class SafetensorsFile:
         data_start = HEADER_LENGTH_BYTES + header_length
         if data_start > size:
             raise SafetensorsFormatError(f"a header of {header_length} bytes in a {size}-byte file")
-        return SafetensorsFile(mapped, data_start, size)
+        return SafetensorsFile(mapped, data_start, size, status)
 
     @functools.cached_property
     def entries(self) -> dict[str, TensorEntry]:

@@ -13,6 +13,7 @@ import pytest
 from factories import greedy_reference, make_adapter, make_model, peft_model_for
 
 from loraserve import LLM, SamplingParams
+from loraserve.memory import adapter_store
 
 NEW_TOKENS = 16
 BLOCK = 8
@@ -23,6 +24,15 @@ ADAPTERS = {
     "b": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     "c": dict(r=6, lora_alpha=6, target_modules=["k_proj", "v_proj", "up_proj"]),
 }
+
+
+@pytest.fixture(autouse=True)
+def named_by_file_version(monkeypatch) -> None:
+    """Every adapter file counts as settled: a folder read again is named as it was the first
+    time (a file read while it is still new is named by its pages' digest, and by its
+    version once it has settled: a folder first read within memory/adapter_store.py's
+    SETTLED_SECONDS of being written would miss its old blocks once)."""
+    monkeypatch.setattr(adapter_store, "SETTLED_SECONDS", 0.0)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A host tier of fake adapters for the pool's tests: pages and a weights digest per name."""
+"""A host tier of fake adapters for the pool's tests: pages and an identity per name."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 @dataclass
 class FakeHost:
     num_pages: int
-    digest: bytes
+    identity: bytes
 
 
 class FakeTier:
@@ -24,12 +24,12 @@ class FakeTier:
         return name in self.pages
 
     def host(self, name: str) -> FakeHost:
-        digest = hashlib.sha256(f"{name}/{self.loads[name]}".encode()).digest()
-        return FakeHost(self.pages[name], digest)
+        identity = hashlib.sha256(f"{name}/{self.loads[name]}".encode()).digest()
+        return FakeHost(self.pages[name], identity)
 
     def touch(self, name: str) -> None:
         self.touched.append(name)
 
     def reload(self, name: str) -> None:
-        """Another folder is read under `name`: other weights, another digest."""
+        """Another folder is read under `name`: other weights, another identity."""
         self.loads[name] += 1

@@ -1,5 +1,6 @@
 """An adapter read the fast way (its layout cached, every matrix copied by one `_foreach` op)
-gives the very bits of a plain reference: the same pages, offsets, ranks and digest, for
+gives the very bits of a plain reference: the same pages, offsets, ranks and digest (every
+file here counts as just written, so each read is named by its pages' digest), for
 every file dtype into every pool dtype, on the first read and on the cached ones, and so
 does the module-by-module path that tensor parallelism and DoRA take; as do the copies in C
 (`native_copies`, float32 into float32), and no read's pages share memory with the buffer
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import struct
 from pathlib import Path
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from loraserve.errors import AdapterError
 from loraserve.kernels import native
-from loraserve.memory import adapter_layout
+from loraserve.memory import adapter_layout, adapter_store
 from loraserve.memory.adapter_store import NOT_TARGETED, AdapterReader, HostAdapter, pack_matrices
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.peft_format import read_peft_lora
@@ -41,6 +43,13 @@ CASES: dict[str, dict[str, Any]] = {
     "rslora_subset": dict(r=8, lora_alpha=3, use_rslora=True, target_modules=["k_proj", "up_proj"]),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def named_by_digest(monkeypatch) -> None:
+    """No file settles: a read is named by its pages' digest (tests/memory/test_adapter_identity.py
+    reads settled files)."""
+    monkeypatch.setattr(adapter_store, "SETTLED_SECONDS", math.inf)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +105,7 @@ def assert_same(host: HostAdapter, expected: tuple[torch.Tensor, ...]) -> None:
     assert torch.equal(host.pages.view(width), pages.view(width))  # bits: -0.0 and NaN too
     assert torch.equal(host.local_offsets, local_offsets)
     assert torch.equal(host.ranks, ranks)
-    assert host.digest == digest
+    assert host.identity == digest
 
 
 @pytest.mark.parametrize("pool_dtype", DTYPES)

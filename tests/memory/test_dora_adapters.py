@@ -8,6 +8,7 @@ computes (`magnitude / get_weight_norm(W, B @ A, scaling)`).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from factories import make_adapter, make_model, peft_model_for
 from test_adapter_store import Store, assert_refused, copy_adapter, edit_config, edit_tensors
 
 from loraserve.errors import AdapterError
+from loraserve.memory import adapter_store
 from loraserve.memory import dora as dora_module
 from loraserve.memory.adapter_store import NOT_TARGETED, AdapterReader, HostAdapter
 from loraserve.memory.geometry import PoolGeometry
@@ -137,15 +139,17 @@ def test_plain_adapter_has_no_scale_and_pages_fit_the_worst_case(family) -> None
     assert plain_host.num_pages < dora_host.num_pages <= reader.max_num_pages
 
 
-def test_scale_is_part_of_the_identity(family, tmp_path) -> None:
-    """Same A and B, another magnitude: another digest (prefix caching keys on it)."""
+def test_scale_is_part_of_the_identity(family, tmp_path, monkeypatch) -> None:
+    """Same A and B, another magnitude: another digest (prefix caching keys on it), the
+    files named by what they hold, not by their versions."""
+    monkeypatch.setattr(adapter_store, "SETTLED_SECONDS", math.inf)
     model, arch, dora, _ = family
     store = new_store(arch, model)
     first = store.register("first", dora)
     moved = copy_adapter(dora, tmp_path / "moved")
     edit_tensors(moved, lambda t: [v.mul_(1.5) for k, v in t.items() if "magnitude" in k])
     second = store.register("second", moved)
-    assert first.digest != second.digest
+    assert first.identity != second.identity
     assert torch.equal(first.ranks, second.ranks) and torch.equal(
         first.local_offsets, second.local_offsets
     )

@@ -90,7 +90,7 @@ class Shadow:
         self.slots: dict[tuple[int, int], tuple[bytes, tuple[int, ...]]] = {}
 
     def identity(self, seq: SequenceState) -> bytes:
-        return BASE_MODEL_IDENTITY if seq.adapter is None else self.tier.host(seq.adapter).digest
+        return BASE_MODEL_IDENTITY if seq.adapter is None else self.tier.host(seq.adapter).identity
 
     def compute(self, seq: SequenceState, start: int, num_tokens: int) -> None:
         """Check what the chunk reads, then write what it computes."""
