@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Sequence
 
+import numpy as np
 import torch
 
 from loraserve.engine.runner.copy_stream import SideStreamCopies
@@ -107,10 +108,11 @@ class DevicePool:
         """The slot's rows of the offset table ([layers, modules, 3], pool offsets) and of the
         rank table, on the host (pinned on CUDA)."""
         host, page_numel = load.adapter, self.geometry.page_numel
-        pages = torch.tensor(load.pages, dtype=torch.int64)
-        local = host.local_offsets  # [layers, modules, 3], from the start of its host pages
-        global_offsets = pages[local.clamp(min=0) // page_numel] * page_numel + local % page_numel
-        offsets = torch.where(local >= 0, global_offsets, -1)
+        pages = np.array(load.pages, dtype=np.int64)
+        local = host.local_offsets.numpy()  # [layers, modules, 3], from its host pages' start
+        global_offsets = pages[np.maximum(local, 0) // page_numel] * page_numel + local % page_numel
+        # numpy: a few µs for these small arrays, where torch's ops each cost more than that
+        offsets = torch.from_numpy(np.where(local >= 0, global_offsets, -1))
         if self.device.type != "cuda":
             return offsets, host.ranks
         return offsets.pin_memory(), host.ranks.pin_memory()

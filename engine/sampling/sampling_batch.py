@@ -227,13 +227,20 @@ class SamplingBatch:
             outputs.append(seq.output_token_ids if self._host.penalized[slot] else ())
             self._host.num_outputs[slot] = len(seq.output_token_ids)
         new_slots = slots[rows]
-        slot_index, prompt_slots, prompt_tokens, output_slots, output_tokens = to_device(
-            [new_slots, *flatten(new_slots, prompts), *flatten(new_slots, outputs)], self.device
+        # Only the penalties read a slot's counts: an unpenalized request leaves them stale.
+        penalized = new_slots[self._host.penalized[new_slots]]
+        slot_index, penalized_index, prompt_slots, prompt_tokens, output_slots, output_tokens = (
+            to_device(
+                [new_slots, penalized, *flatten(new_slots, prompts), *flatten(new_slots, outputs)],
+                self.device,
+            )
         )
         self._values[slot_index] = torch.tensor(values, device=self.device)  # [rows, NUM_VALUES]
-        self._in_prompt[slot_index] = False
+        if not len(penalized):
+            return
+        self._in_prompt[penalized_index] = False
         self._in_prompt[prompt_slots, prompt_tokens] = True
-        self._output_counts[slot_index] = 0
+        self._output_counts[penalized_index] = 0
         ones = torch.ones(len(output_tokens), dtype=torch.int32, device=self.device)
         self._output_counts.index_put_((output_slots, output_tokens), ones, accumulate=True)
 

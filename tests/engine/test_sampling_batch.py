@@ -37,32 +37,41 @@ def recounted(seq: SequenceTokens) -> tuple[torch.Tensor, torch.Tensor]:
 def test_rows_follow_plan_order_and_counts_follow_the_tokens() -> None:
     """Requests wait, start, are preempted (skipped by steps), finish: each step's rows hold
     the right request's values and the counts of its tokens so far, while more requests
-    have been seen than there are slots."""
+    have been seen than there are slots. Some requests have no penalties (nothing counts
+    their tokens): a penalized request in a slot one of them held counts only its own."""
     rng = random.Random(0)
     max_num_seqs = 4
     batch = SamplingBatch(max_num_seqs, VOCAB_SIZE, (1,), CPU)
     live: dict[str, tuple[int, SequenceTokens]] = {}
+    unpenalized: set[str] = set()
     next_index = 0
-    for _ in range(60):
+    for _ in range(80):
         while len(live) < 7:  # more than max_num_seqs: some wait or are preempted
             request_id = f"r{next_index}"
             prompt = [rng.randrange(VOCAB_SIZE) for _ in range(rng.randrange(1, 6))]
             live[request_id] = (next_index, SequenceTokens(prompt, [], request_id))
-            batch.add(request_id, penalized(next_index))
+            if rng.random() < 0.3:
+                unpenalized.add(request_id)
+                batch.add(request_id, SamplingParams(temperature=0.5))
+            else:
+                batch.add(request_id, penalized(next_index))
             next_index += 1
         step = rng.sample(sorted(live), rng.randrange(1, max_num_seqs + 1))
         rows = batch.rows([live[request_id][1] for request_id in step])
-        assert rows.penalized is not None and rows.penalized.index.tolist() == list(
-            range(len(step))
-        )
-        for row, request_id in enumerate(step):
-            index, seq = live[request_id]
-            values = rows.penalized.values[row]
+        counted = [row for row, request_id in enumerate(step) if request_id not in unpenalized]
+        if not counted:
+            assert rows.penalized is None
+        else:
+            assert rows.penalized is not None and rows.penalized.index.tolist() == counted
+        for position, row in enumerate(counted):
+            assert rows.penalized is not None
+            index, seq = live[step[row]]
+            values = rows.penalized.values[position]
             assert values[FREQUENCY].item() == torch.tensor(index / 100).item()
             assert values[REPETITION].item() == 1.5
             counts, in_prompt = recounted(seq)
-            assert torch.equal(rows.penalized.output_counts[row], counts)
-            assert torch.equal(rows.penalized.in_prompt[row], in_prompt)
+            assert torch.equal(rows.penalized.output_counts[position], counts)
+            assert torch.equal(rows.penalized.in_prompt[position], in_prompt)
         drawn = [rng.randrange(VOCAB_SIZE) for _ in step]
         batch.append(rows, drawn)
         for request_id, token in zip(step, drawn, strict=True):
