@@ -9,8 +9,9 @@ under the sweep's host budget (`--max-cpu-loras`): each request is added when it
 time has passed, and the engine steps until every one has finished. Adapters are read on
 the loader thread, as in the server, so the profile (of the engine thread alone) shows what
 the steps, the scheduling, the copies into the pool and the host-RAM bookkeeping cost, and
-not the reads themselves. Reported: requests/s, forward passes, and the `--top` functions by
-own time. cProfile slows the Python side, not the kernels: compare two points profiled alike,
+not the reads themselves (at this process's GIL switch interval, CPython's 5 ms unless
+changed; the server's core process switches after 0.2 ms, engine/core/core_process.py).
+Reported: requests/s, forward passes, and the `--top` functions by own time. cProfile slows the Python side, not the kernels: compare two points profiled alike,
 not with the sweep's figures.
 """
 
