@@ -10,7 +10,7 @@ import socket
 import pytest
 from server_harness import Running, metric, series_labels, wait_for
 
-LONG_BODY = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+LONG_BODY = {"max_tokens": 500, "temperature": 0, "ignore_eos": True}  # near the model's 512
 GATEWAY_METRICS = (
     "vllm:num_requests_running",
     "vllm:num_requests_waiting",
@@ -71,7 +71,7 @@ def test_a_dropped_stream_is_aborted_and_its_pages_freed(running: Running, route
         lines = response.iter_lines()  # kept: dropping the iterator would close the connection
         assert next(line for line in lines if line.startswith("data:"))
         assert kv_pages(running) > baseline  # it holds pages while it runs
-    # The connection is closed here, long before 400 tokens could be generated.
+    # The connection is closed here, long before 500 tokens could be generated.
     assert wait_for(lambda: settled(running, baseline))
     assert aborted(running, "attn8") == before + 1
 
@@ -87,7 +87,7 @@ def test_a_dropped_plain_request_is_aborted_and_its_pages_freed(running: Running
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        # closed as soon as it holds pages, long before 400 tokens are generated
+        # closed as soon as it holds pages, long before 500 tokens are generated
         assert wait_for(lambda: kv_pages(running) > baseline, interval_s=0.002)
     assert wait_for(lambda: settled(running, baseline))
     assert aborted(running, "mlp4") == before + 1
