@@ -11,8 +11,9 @@ the loader thread, as in the server, so the profile (of the engine thread alone)
 the steps, the scheduling, the copies into the pool and the host-RAM bookkeeping cost, and
 not the reads themselves (at this process's GIL switch interval, CPython's 5 ms unless
 changed; the server's core process switches after 0.2 ms, engine/core/core_process.py).
-Reported: requests/s, forward passes, and the `--top` functions by own time. cProfile slows the Python side, not the kernels: compare two points profiled alike,
-not with the sweep's figures.
+Reported: requests/s, forward passes, and the `--top` functions by own time. cProfile
+slows the Python side, not the kernels: compare two points profiled alike, not with the
+sweep's figures.
 """
 
 from __future__ import annotations

@@ -229,6 +229,7 @@ class AdapterReader:
         config = read_config(folder)
         check_features(config, folder)
         fields = layout_config(config)
+        read_as = json.dumps(fields, sort_keys=True)  # in the layout's key and the identity
         try:
             file: SafetensorsFile | None = SafetensorsFile.open(
                 folder / SAFETENSORS_FILE, self._buffers
@@ -237,19 +238,19 @@ class AdapterReader:
             file = None  # refused by the checks below, in their order
         key = None
         if file is not None:
-            key = (file.header_bytes, file.data_size, json.dumps(fields, sort_keys=True))
+            key = (file.header_bytes, file.data_size, read_as)
             layout = self._layouts.get(key)
             if layout is not None:  # a folder like this one passed every check
-                return self._pack_planned(name, folder, fields, file, layout)
+                return self._pack_planned(name, folder, fields, file, layout, read_as)
         modules = check_peft_lora(
             folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank
         )
         layout = self._layout(modules, file)
         if layout.copies is None:
-            return self._pack(name, folder, modules, layout, file, fields)
+            return self._pack(name, folder, modules, layout, file, read_as)
         assert file is not None and key is not None, "copies are planned from a mapped file"
         self._layouts.put(key, layout)
-        return self._pack_planned(name, folder, fields, file, layout)
+        return self._pack_planned(name, folder, fields, file, layout, read_as)
 
     @functools.cached_property
     def max_num_pages(self) -> int:
@@ -316,6 +317,7 @@ class AdapterReader:
         fields: dict[str, Any],
         file: SafetensorsFile,
         layout: Layout,
+        read_as: str,
     ) -> HostAdapter:
         """`_pack` by `layout.copies` (memory/adapter_layout.py): the same values."""
         assert layout.copies is not None and len(self.shards) == 1
@@ -327,7 +329,7 @@ class AdapterReader:
                 folder, fields, lambda: load_tensors(folder, file), self.arch, self.max_lora_rank
             )
             self._check_values(folder, modules, flat, layout.offsets)
-        return self._host_adapter(name, folder, pages, layout, file, fields)
+        return self._host_adapter(name, folder, pages, layout, file, read_as)
 
     def _new_pages(self, num_pages: int) -> torch.Tensor:
         return torch.zeros(  # [shards, num_pages, page_numel]
@@ -345,15 +347,16 @@ class AdapterReader:
         pages: torch.Tensor,
         layout: Layout,
         file: SafetensorsFile | None,
-        fields: dict[str, Any] | None,
+        read_as: str | None,
     ) -> HostAdapter:
-        """The adapter read from `file` (None: its status unknown) into `pages` by `layout`
-        (`fields`: its config's LAYOUT_FIELDS), named by the file's version if it has settled."""
+        """The adapter read from `file` (None: not known) into `pages` by `layout`, `read_as`
+        its config's LAYOUT_FIELDS as JSON: named by the file's version if it has settled,
+        else by its pages' digest."""
         offsets_tensor = torch.from_numpy(layout.local_offsets.copy())
         ranks_tensor = torch.from_numpy(layout.ranks.copy())
         identity = None
-        if file is not None and fields is not None:
-            identity = self._file_identity(folder, file, fields, layout)
+        if file is not None and read_as is not None:
+            identity = self._file_identity(folder, file, read_as, layout)
         return HostAdapter(
             name=name,
             path=str(folder),
@@ -367,18 +370,15 @@ class AdapterReader:
 
     @staticmethod
     def _file_identity(
-        folder: Path, file: SafetensorsFile, fields: dict[str, Any], layout: Layout
+        folder: Path, file: SafetensorsFile, read_as: str, layout: Layout
     ) -> bytes | None:
-        """`file_identity` of `file`, read by `fields` into `layout`; None if it changed."""
+        """`file_identity` of `file`, read as `read_as` into `layout`; None if it changed."""
         try:
             after = os.stat(folder / SAFETENSORS_FILE)
         except OSError:  # gone since it was read: named by what was read
             return None
-        if file.status is None:
-            return None
-        read_as = json.dumps(fields, sort_keys=True).encode()
         offsets, ranks = layout.local_offsets.tobytes(), layout.ranks.tobytes()
-        return file_identity(file.status, after, read_as, offsets, ranks)
+        return file_identity(file.status, after, read_as.encode(), offsets, ranks)
 
     def _pack(
         self,
@@ -387,14 +387,14 @@ class AdapterReader:
         modules: list[LoraModule],
         layout: Layout,
         file: SafetensorsFile | None = None,
-        fields: dict[str, Any] | None = None,
+        read_as: str | None = None,
     ) -> HostAdapter:
         """Copy every module's matrices from the mapped file into page-sized slabs, in the
         pool's dtype and layout (one copy each, the scaling folded into B as it is copied),
         where `layout` places them; then check the slabs' values in one pass. Under tensor
         parallelism each rank's slabs hold its shard of every matrix, in the same places.
-        `file` (the modules' file) and `fields` (its config's LAYOUT_FIELDS) name the
-        adapter by its file's version; without them, by its pages' digest."""
+        `file` (the modules' file) and `read_as` (its config's LAYOUT_FIELDS as JSON) name
+        the adapter by its file's version; without them, by its pages' digest."""
         scales = {  # DoRA's g, [out] in the pool dtype, from the whole module
             index: self._magnitude_scale(folder, module)
             for index, module in enumerate(modules)
@@ -423,7 +423,7 @@ class AdapterReader:
                         flat[g_offset : g_offset + part.numel()].copy_(part)
             if not self._values_fit(flat):
                 self._check_values(folder, modules, flat, layout.offsets)
-        return self._host_adapter(name, folder, pages, layout, file, fields)
+        return self._host_adapter(name, folder, pages, layout, file, read_as)
 
     def _magnitude_scale(self, folder: Path, module: LoraModule) -> torch.Tensor:
         """DoRA's g of a module, [out_features] in the pool dtype (memory/dora.py)."""

@@ -97,7 +97,7 @@ class SafetensorsFile:
         mapped: mmap.mmap | memoryview,
         data_start: int,
         size: int,
-        status: os.stat_result | None = None,
+        status: os.stat_result,
     ) -> None:
         self.mapped = mapped
         """The file's bytes."""
