@@ -167,7 +167,11 @@ def test_streamed_tool_calls_add_up_to_valid_calls(running: Running) -> None:
                     entry["id"], entry["name"] = delta.id, delta.function.name  # type: ignore[union-attr]
                 entry["arguments"] += delta.function.arguments or ""  # type: ignore[union-attr]
     assert list(calls) == [0]
-    assert pieces > 2  # named once, then the arguments as the model wrote them
+    # Named once, then the arguments. How many pieces they come in depends on timing: a
+    # client slower than the engine gets one event for several steps (merge_deltas), and on
+    # a loaded machine that can be all of them. tests/server/test_tools.py checks that the
+    # arguments stream as written, token by token.
+    assert pieces >= 2
     assert finish_reasons[-1] == "tool_calls"
     jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMETERS[calls[0]["name"]])
 
