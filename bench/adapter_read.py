@@ -6,8 +6,11 @@
 A read is what the engine's loader thread does for an adapter on disk
 (memory/adapter_store.AdapterReader.read): its PEFT folder parsed and checked, its
 matrices converted into the pool's layout (scaling folded into B) in page-sized slabs,
-and the identity that names its KV (the file's version: the bench's folders have settled). The folder's files are in the page cache after the
-warm-up read, so what is timed is CPU work, not the disk; and the reader's layout cache
+and the identity that names its KV: the file's version, once the file has settled (the
+bench waits for adapters it has just built, as a server's have long settled; a file
+changed in the last `SETTLED_SECONDS` would be named by SHA-256 of its pages). The
+folder's files are in the page cache after the warm-up read, so what is timed is CPU
+work, not the disk; and the reader's layout cache
 holds the folder's layout, as it holds that of the sweep's 2000 adapters trained alike after
 the first: what is timed is a read through the cached layout (memory/adapter_layout.py).
 Two adapters of the bench's CPU model (bench/models.py), float32 pool: the sweep's (rank 8
@@ -36,7 +39,7 @@ from pathlib import Path
 import torch
 
 from loraserve.kernels import native
-from loraserve.memory.adapter_store import AdapterReader
+from loraserve.memory.adapter_store import SETTLED_SECONDS, AdapterReader
 from loraserve.memory.geometry import PoolGeometry
 from loraserve.memory.peft_format import SAFETENSORS_FILE
 from loraserve.models.arch import LORA_MODULES
@@ -56,7 +59,10 @@ def _adapters(cache_dir: Path) -> tuple[Path, dict[str, Path]]:
     cold = cache_dir / "cpu-float32" / "adapters-cold" / "cold-0000"  # bench.adapter_tiers'
     if not (cold / "adapter_config.json").is_file():
         build_adapter(cold, SHAPES["cpu"], 64, LORA_MODULES, seed=1000)
-    return model, {"rank 8, q/k/v/o": next(iter(sweep.values())), "rank 64, all modules": cold}
+    adapters = {"rank 8, q/k/v/o": next(iter(sweep.values())), "rank 64, all modules": cold}
+    last_change = max((folder / SAFETENSORS_FILE).stat().st_ctime for folder in adapters.values())
+    time.sleep(max(0.0, last_change + SETTLED_SECONDS + 0.1 - time.time()))  # settled
+    return model, adapters
 
 
 def _median_seconds(work, repeats: int) -> float:  # type: ignore[no-untyped-def]
